@@ -1,0 +1,131 @@
+"""The `gputwin` command. Argument parsing only: each command lives in its own module and is
+imported when used, so `gputwin status` never pays for torch and `gputwin --help` is instant."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import sys
+from typing import Callable, Sequence
+
+from .errors import UserError
+
+# command -> "module:function"; each function takes the parsed args and returns an exit code.
+HANDLERS = {
+    "run": "gputwin.launcher:cmd_run",
+    "attach": "gputwin.launcher:cmd_attach",
+    "demo": "gputwin.launcher:cmd_demo",
+    "status": "gputwin.status:cmd_status",
+    "stop": "gputwin.launcher:cmd_stop",
+    "extend": "gputwin.launcher:cmd_extend",
+    "validate-now": "gputwin.launcher:cmd_validate_now",
+    "resume": "gputwin.launcher:cmd_resume",
+    "validate": "gputwin.validate:cmd_validate",
+    "report": "gputwin.report:cmd_report",
+    "check": "gputwin.plan:cmd_check",
+    "data": "gputwin.data.synth:cmd_data",
+}
+
+
+def _arm_command(sub: argparse._SubParsersAction, name: str, help: str) -> argparse.ArgumentParser:
+    p = sub.add_parser(name, help=help, description=help)
+    p.add_argument("arm", help="arm name (as shown by `gputwin status`)")
+    p.add_argument("-x", "--experiment", help="experiment name (default: the most recent one)")
+    return p
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="gputwin",
+        description="Run LoRA fine-tuning arms side by side, watch them live, and get a verdict on which to keep. "
+        "With no command: attach to the most recent experiment.",
+    )
+    parser.add_argument("--version", action="version", version=f"gputwin {_version()}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    p = sub.add_parser("run", help="start the arms of an experiment (detached) and watch them",
+                       description="Start one trainer per arm, detached from this terminal, and open the UI. "
+                       "Quitting the UI or losing the terminal never stops training.")
+    p.add_argument("paths", nargs="+", metavar="EXPERIMENT_OR_PROFILES", help="an experiment .toml, or two or more arm profiles")
+    p.add_argument("--name", help="experiment name (default: from the experiment file or the arm names)")
+    p.add_argument("--headless", action="store_true", help="print progress lines and the verdict instead of the UI; exit when all arms end")
+
+    p = sub.add_parser("attach", help="open the UI on a running or finished experiment")
+    p.add_argument("name", nargs="?", help="experiment name (default: the most recent one)")
+
+    p = sub.add_parser("demo", help="the embedded CPU demo: two arms to a verdict in a few minutes")
+    p.add_argument("--headless", action="store_true", help="print progress lines instead of the UI")
+
+    p = sub.add_parser("status", help="one-shot summary of an experiment (for scripts, cron and SSH)")
+    p.add_argument("name", nargs="?", help="experiment name (default: the most recent one)")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+
+    _arm_command(sub, "stop", "stop an arm: it finishes its step, checkpoints and exits")
+    p = _arm_command(sub, "extend", "train an arm for more epochs (also after it finished)")
+    p.add_argument("--epochs", type=int, default=1, help="epochs to add (default 1)")
+    _arm_command(sub, "validate-now", "validate an arm's current adapter without stopping it")
+    _arm_command(sub, "resume", "restart a stopped or crashed arm from its last checkpoint")
+
+    p = sub.add_parser("validate", help="validate an adapter or model on held-out PII samples (P/R/F1)")
+    p.add_argument("--model", required=True, help="adapter folder (adapter_config.json) or model folder")
+    p.add_argument("--test-data", required=True, help="JSONL test file")
+    p.add_argument("--sample-size", type=int, default=500, help="number of test samples (default 500)")
+    p.add_argument("--seed", type=int, default=1234, help="seed for the sample (same seed = same samples)")
+    p.add_argument("--base", help="base model when the adapter does not name a reachable one")
+    p.add_argument("--task", choices=["generate", "tag"], help="task head (default: read from the adapter)")
+    p.add_argument("--batch-size", type=int, default=0, help="samples per batch (default: chosen for the device)")
+    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto")
+    p.add_argument("--json", dest="json_out", help="write the full result to this file")
+
+    p = sub.add_parser("report", help="write comparison.md and verdict.json for an experiment")
+    p.add_argument("name", nargs="?", help="experiment name or folder (default: the most recent one)")
+
+    p = sub.add_parser("check", help="validate profiles and print the figures to plan with, side by side")
+    p.add_argument("profiles", nargs="+", help="arm profiles or an experiment file")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+
+    p = sub.add_parser("data", help="datasets: make a synthetic PII corpus, inspect a file")
+    dsub = p.add_subparsers(dest="data_command", metavar="DATA_COMMAND", required=True)
+    s = dsub.add_parser("synth", help="generate a synthetic PII corpus with Faker")
+    s.add_argument("--out", required=True, help="output folder (train.jsonl and test.jsonl are written there)")
+    s.add_argument("--train", type=int, default=3516, help="training samples (default 3516 = 879 steps x batch 4)")
+    s.add_argument("--test", type=int, default=600, help="test samples (default 600)")
+    s.add_argument("--locales", default="en_US,zh_CN", help="comma-separated Faker locales (default en_US,zh_CN)")
+    s.add_argument("--seed", type=int, default=0, help="seed; the same seed gives the same files")
+    s = dsub.add_parser("inspect", help="read a dataset file and report its layout, entity types and bad lines")
+    s.add_argument("path", help="JSONL file")
+    return parser
+
+
+def _version() -> str:
+    from . import __version__
+
+    return __version__
+
+
+def _handler(command: str) -> Callable[[argparse.Namespace], int]:
+    module, func = HANDLERS[command].split(":")
+    return getattr(importlib.import_module(module), func)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    command = args.command or "attach"
+    if command == "attach" and not hasattr(args, "name"):
+        args.name = None
+    try:
+        return int(_handler(command)(args) or 0)
+    except UserError as exc:
+        print(f"gputwin: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+    except BrokenPipeError:  # `gputwin status | head`
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

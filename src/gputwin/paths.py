@@ -1,0 +1,167 @@
+"""Where things live on disk. One experiment is one folder; one arm is one sub-folder.
+
+logs/<experiment>/
+    experiment.json        resolved experiment (arms, rules) written by `gputwin run`
+    run.lock               held while a launcher is starting arms
+    comparison.md, verdict.json
+    <arm>/
+        profile.toml       the user's profile as given (snapshot)
+        profile.json       the resolved profile the trainer reads
+        events.jsonl       the event log (docs/events.md)
+        stdout.log, stderr.log
+        pid                "<pid> <start time>" of the trainer process
+        exit               exit status written by the trainer wrapper when it ends
+        control/           requests to the trainer (atomic files, see control.py)
+        checkpoints/step-000200/ ...
+        validation/step-000200.json
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+NAME_HINT = "use letters, digits, '.', '_' or '-' (at most 64, starting with a letter or digit)"
+
+
+def valid_name(name: str) -> bool:
+    """Arm and experiment names become folder names: no path tricks allowed."""
+    return bool(NAME_RE.match(name)) and name not in {".", ".."}
+
+
+def logs_root() -> Path:
+    """GPUTWIN_LOGS overrides the default ./logs (tests point it at a temporary folder)."""
+    return Path(os.environ.get("GPUTWIN_LOGS", "logs")).resolve()
+
+
+def make_private_dir(path: Path) -> Path:
+    path.mkdir(parents=True, exist_ok=True)
+    os.chmod(path, 0o700)
+    return path
+
+
+@dataclass(frozen=True)
+class ArmPaths:
+    root: Path
+
+    @property
+    def name(self) -> str:
+        return self.root.name
+
+    @property
+    def profile_toml(self) -> Path:
+        return self.root / "profile.toml"
+
+    @property
+    def profile_json(self) -> Path:
+        return self.root / "profile.json"
+
+    @property
+    def events(self) -> Path:
+        return self.root / "events.jsonl"
+
+    @property
+    def stdout(self) -> Path:
+        return self.root / "stdout.log"
+
+    @property
+    def stderr(self) -> Path:
+        return self.root / "stderr.log"
+
+    @property
+    def pid(self) -> Path:
+        return self.root / "pid"
+
+    @property
+    def exit(self) -> Path:
+        return self.root / "exit"
+
+    @property
+    def control(self) -> Path:
+        return self.root / "control"
+
+    @property
+    def checkpoints(self) -> Path:
+        return self.root / "checkpoints"
+
+    @property
+    def validation(self) -> Path:
+        return self.root / "validation"
+
+    def validation_file(self, step: int) -> Path:
+        return self.validation / f"step-{step:06d}.json"
+
+    def checkpoint_dir(self, step: int) -> Path:
+        return self.checkpoints / f"step-{step:06d}"
+
+
+@dataclass(frozen=True)
+class ExperimentPaths:
+    root: Path
+
+    @property
+    def name(self) -> str:
+        return self.root.name
+
+    @property
+    def experiment_json(self) -> Path:
+        return self.root / "experiment.json"
+
+    @property
+    def lock(self) -> Path:
+        return self.root / "run.lock"
+
+    @property
+    def comparison(self) -> Path:
+        return self.root / "comparison.md"
+
+    @property
+    def verdict(self) -> Path:
+        return self.root / "verdict.json"
+
+    def arm(self, name: str) -> ArmPaths:
+        if not valid_name(name):
+            raise ValueError(f"invalid arm name {name!r}: {NAME_HINT}")
+        return ArmPaths(self.root / name)
+
+    def arms(self) -> list[ArmPaths]:
+        """Arm folders in a stable order (the experiment file's order when known)."""
+        import json
+
+        try:
+            names = json.loads(self.experiment_json.read_text())["arm_names"]
+            return [self.arm(n) for n in names if (self.root / n).is_dir()]
+        except (OSError, ValueError, KeyError, TypeError):
+            return sorted(
+                (ArmPaths(p) for p in self.root.iterdir() if p.is_dir() and (p / "profile.json").exists()),
+                key=lambda a: a.name,
+            )
+
+
+def experiment(name: str, root: Path | None = None) -> ExperimentPaths:
+    if not valid_name(name):
+        raise ValueError(f"invalid experiment name {name!r}: {NAME_HINT}")
+    return ExperimentPaths((root or logs_root()) / name)
+
+
+def latest_experiment(root: Path | None = None) -> ExperimentPaths | None:
+    """The experiment whose files changed last: what `gputwin` with no arguments attaches to."""
+    root = root or logs_root()
+    if not root.is_dir():
+        return None
+    candidates = [p for p in root.iterdir() if (p / "experiment.json").exists()]
+    if not candidates:
+        return None
+
+    def last_change(p: Path) -> float:
+        times = [p.stat().st_mtime]
+        for arm in p.iterdir():
+            events = arm / "events.jsonl"
+            if events.exists():
+                times.append(events.stat().st_mtime)
+        return max(times)
+
+    return ExperimentPaths(max(candidates, key=last_change))

