@@ -1,0 +1,194 @@
+"""The figures a user plans with, derived from profiles without training anything:
+samples, steps per epoch, total steps, milestone step and LoRA trainable parameters.
+
+Trainable parameters come from the model's config alone: the model is built on PyTorch's "meta"
+device (no weights, no memory) and every targeted linear layer contributes r x (in + out).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from .errors import UserError
+from .profiles import Profile, ProfileError, differing_keys, flatten, load_any
+
+BUNDLED_CONFIGS = Path(__file__).parent / "model_configs"
+
+
+@dataclass(frozen=True)
+class Plan:
+    samples: int
+    steps_per_epoch: int
+    total_steps: int
+    milestone_step: int
+    trainable_params: int | None
+    base_params: int | None
+    samples_note: str = ""
+
+
+def steps_for(samples: int, batch_size: int, epochs: float) -> tuple[int, int]:
+    """(steps per epoch, total steps); the last partial batch of an epoch is a step too."""
+    per_epoch = max(1, math.ceil(samples / batch_size))
+    return per_epoch, max(1, math.ceil(per_epoch * epochs))
+
+
+def milestone_step(profile: Profile, steps_per_epoch: int) -> int:
+    if profile.milestone.step is not None:
+        return profile.milestone.step
+    return max(1, round((profile.milestone.epoch or 1.0) * steps_per_epoch))
+
+
+def count_samples(profile: Profile) -> tuple[int, str]:
+    """Valid training samples; for data made on first use, the size it will be made with."""
+    path = Path(profile.data.train)
+    if not path.is_file():
+        if profile.data.synth_if_missing:
+            return profile.data.synth_train, "synthetic, made on first run"
+        raise ProfileError(profile.source, "data.train", f"data file {path} does not exist",
+                           "make one with `gputwin data synth --out DIR` or set synth_if_missing = true")
+    from .data import load_dataset
+
+    dataset = load_dataset(path)
+    note = f"{len(dataset.bad_lines)} bad lines skipped" if dataset.bad_lines else ""
+    return len(dataset.samples), note
+
+
+def load_model_config(base: str, trust_remote_code: bool = False) -> Any:
+    """A local folder, the local Hugging Face cache, or a config bundled with gputwin. Never the network."""
+    from transformers import AutoConfig
+
+    folder = Path(base)
+    if folder.is_dir():
+        return AutoConfig.from_pretrained(folder, trust_remote_code=trust_remote_code)
+    try:
+        return AutoConfig.from_pretrained(base, local_files_only=True, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError):
+        bundled = BUNDLED_CONFIGS / (base.replace("/", "--") + ".json")
+        if bundled.is_file():
+            data = json.loads(bundled.read_text())
+            return AutoConfig.for_model(data.pop("model_type"), **data)
+    raise UserError(f"model {base!r}: no config.json in a local folder, the Hugging Face cache or gputwin's bundled configs",
+                    "download the model once (huggingface-cli download ...) or point model.base at a local folder")
+
+
+def lora_params(profile: Profile, num_labels: int = 19) -> tuple[int, int]:
+    """(LoRA trainable parameters, base parameters) for the profile's model, computed on the meta device.
+
+    For the `tag` task the classifier head trains too; num_labels is its width (B/I per type + O).
+    """
+    import torch
+    from transformers import AutoModelForCausalLM, AutoModelForTokenClassification
+    from transformers.pytorch_utils import Conv1D
+
+    config = load_model_config(profile.model.base, profile.model.trust_remote_code)
+    with torch.device("meta"):
+        if profile.model.task == "tag":
+            config.num_labels = num_labels
+            model = AutoModelForTokenClassification.from_config(config, trust_remote_code=profile.model.trust_remote_code)
+        else:
+            model = AutoModelForCausalLM.from_config(config, trust_remote_code=profile.model.trust_remote_code)
+    targets = set(profile.lora.target_modules)
+    trainable = 0
+    matched = 0
+    for name, module in model.named_modules():
+        if name.rsplit(".", 1)[-1] not in targets:
+            continue
+        if isinstance(module, torch.nn.Linear):
+            trainable += profile.lora.r * (module.in_features + module.out_features)
+        elif isinstance(module, Conv1D):
+            fan_in, fan_out = module.weight.shape
+            trainable += profile.lora.r * (fan_in + fan_out)
+        else:
+            continue
+        matched += 1
+    if matched == 0:
+        linear_names = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)})
+        raise ProfileError(profile.source, "lora.target_modules",
+                           f"none of {list(profile.lora.target_modules)} is a linear layer of {profile.model.base}",
+                           f"this model's linear layers are named: {', '.join(linear_names)}")
+    if profile.model.task == "tag":
+        head = getattr(model, "classifier", None) or getattr(model, "score", None)
+        if head is not None:
+            trainable += sum(p.numel() for p in head.parameters())
+    base_params = sum(p.numel() for p in model.parameters())
+    return trainable, base_params
+
+
+def plan_profile(profile: Profile, *, with_params: bool = True) -> Plan:
+    samples, note = count_samples(profile)
+    per_epoch, total = steps_for(samples, profile.train.batch_size, profile.train.epochs)
+    milestone = milestone_step(profile, per_epoch)
+    if milestone > total:
+        key = "milestone.step" if profile.milestone.step is not None else "milestone.epoch"
+        raise ProfileError(profile.source, key,
+                           f"milestone at step {milestone} comes after the last step ({total} = "
+                           f"{profile.train.epochs:g} epochs x {per_epoch} steps)",
+                           "move the milestone earlier or train more epochs")
+    trainable = base = None
+    if with_params:
+        trainable, base = lora_params(profile)
+    return Plan(samples, per_epoch, total, milestone, trainable, base, note)
+
+
+# ---------------------------------------------------------------- `gputwin check`
+
+DERIVED_ROWS = [
+    ("samples", "samples (train)"),
+    ("steps_per_epoch", "steps per epoch"),
+    ("total_steps", "total steps"),
+    ("milestone_step", "milestone step"),
+    ("trainable_params", "LoRA trainable params"),
+    ("base_params", "base model params"),
+]
+
+
+def _fmt(value: Any, *, commas: bool = False) -> str:
+    if isinstance(value, bool) or value is None:
+        return str(value).lower() if isinstance(value, bool) else "-"
+    if isinstance(value, int):
+        return f"{value:,}" if commas else str(value)
+    if isinstance(value, float):
+        return f"{value:g}"
+    if isinstance(value, (list, tuple)):
+        return ", ".join(map(str, value))
+    return str(value)
+
+
+def cmd_check(args: Any) -> int:
+    from rich.console import Console
+    from rich.table import Table
+
+    experiment = load_any(args.profiles, check_files=True)
+    arms = list(experiment.arms)
+    plans = [plan_profile(a) for a in arms]
+    differ = set(differing_keys(arms))
+    if getattr(args, "json", False):
+        print(json.dumps({"experiment": experiment.name, "differing_keys": sorted(differ),
+                          "arms": [{"profile": a.to_dict(), "plan": asdict(p)} for a, p in zip(arms, plans)]}, indent=2))
+        return 0
+    console = Console()
+    table = Table(title=f"gputwin check: {experiment.name}", title_justify="left", show_lines=False)
+    table.add_column("key", style="dim", no_wrap=True)
+    for arm in arms:
+        table.add_column(arm.name + (" (baseline)" if arm.name == experiment.rules.baseline else ""))
+    flats = [flatten(a) for a in arms]
+    for key in [k for k in flats[0] if k not in {"name", "source"}]:
+        marker = "≠ " if key in differ else "  "
+        style = "bold yellow" if key in differ else None
+        cells = ["cpu" if key == "device" and f.get(key) is None else _fmt(f.get(key)) for f in flats]
+        table.add_row(marker + key, *cells, style=style)
+    table.add_section()
+    for attr, label in DERIVED_ROWS:
+        values = [getattr(p, attr) for p in plans]
+        marker = "≠ " if len(set(values)) > 1 else "  "
+        table.add_row(marker + label, *[_fmt(v, commas=True) for v in values], style="bold" if marker.strip() else None)
+    console.print(table)
+    notes = [f"{a.name}: {p.samples_note}" for a, p in zip(arms, plans) if p.samples_note]
+    for note in notes:
+        console.print(f"note: {note}")
+    console.print("≠ marks the keys that differ between arms.", style="dim")
+    return 0
