@@ -1,0 +1,467 @@
+"""The terminal UI: one pane per arm, the verdict, keys that stop/extend/validate/resume arms.
+
+The app only reads files (through ExperimentWatcher, in a worker thread) and asks the launcher to
+act; it never writes control files itself. Training runs in other processes, so quitting here
+never stops it.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import threading
+import time
+from pathlib import Path
+from typing import Any, Callable, Protocol
+
+from textual import work
+from textual.app import App, ComposeResult
+from textual.binding import Binding
+from textual.containers import Container
+from textual.widgets import Footer, Static
+from textual.worker import Worker, WorkerState, get_current_worker
+
+from . import launcher
+from .errors import UserError
+from .headless import AUTO
+from .paths import ExperimentPaths
+from .state import ArmState, ExperimentState
+from .tailer import ExperimentWatcher
+from .widgets.arm_pane import ArmPane
+from .widgets.log_view import LogView
+from .widgets.messages import LogTailRead, StateUpdated
+from .widgets.modals import ConfirmScreen, HelpScreen
+from .widgets.prompts import apply_prompt, extend_prompt, stop_prompt, why_not
+from .widgets.verdict_pane import VerdictPane, changing_actions
+
+POLL_S = 0.3  # how often the watcher reads the files (the screen updates only when they changed)
+DEVICE_S = 1.0  # device panels follow the sampler's 1 Hz
+LOG_LINES = 200  # stderr lines the log view shows
+LOG_TAIL_BYTES = 64 * 1024
+PANE_MIN_WIDTH = 48  # columns an arm pane needs before another fits beside it
+BY = "ui"  # who asked, as recorded in control files and actions.jsonl
+
+
+class SamplerLike(Protocol):
+    """What the app reads from gputwin.gpu.Sampler (tests pass an object with fixed samples)."""
+
+    def latest_gpus(self) -> dict[int, Any]: ...
+    def latest_cpus(self) -> dict[int, Any]: ...
+    def gpu_history(self, index: int) -> list[Any]: ...
+    def cpu_history(self, pid: int) -> list[Any]: ...
+    def set_pids(self, pids: Any) -> None: ...
+
+
+def read_tail(path: Path, lines: int = LOG_LINES) -> list[str]:
+    """The last `lines` lines of a text file that may be growing; [] when it is not there."""
+    try:
+        with open(path, "rb") as fh:
+            size = fh.seek(0, 2)
+            fh.seek(max(0, size - LOG_TAIL_BYTES))
+            data = fh.read()
+    except FileNotFoundError:
+        return []
+    text = data.decode("utf-8", errors="replace").splitlines()
+    if size > LOG_TAIL_BYTES and text:
+        text = text[1:]  # the first line is probably cut
+    return text[-lines:]
+
+
+def _action_line(entry: dict[str, Any]) -> str:
+    epochs = f" by {entry['epochs']} epoch(s)" if entry.get("action") == "extend" and entry.get("epochs") else ""
+    return f"{entry.get('action')} {entry.get('arm')}{epochs} (by {entry.get('by')})"
+
+
+class GputwinApp(App[None]):
+    """Watches one experiment folder."""
+
+    TITLE = "gputwin"
+    CSS_PATH = "widgets/gputwin.tcss"
+    BINDINGS = [
+        Binding("s", "stop", "Stop"),
+        Binding("e", "extend", "Extend +1 epoch"),
+        Binding("v", "validate", "Validate now"),
+        Binding("a", "apply", "Apply verdict"),
+        Binding("r", "report", "Report"),
+        Binding("l", "toggle_log", "Log"),
+        Binding("R", "resume", "Resume"),
+        Binding("tab", "focus_next", "Next arm", show=False),
+        Binding("question_mark", "help", "Help"),
+        Binding("q", "quit", "Detach"),
+        *(Binding(str(n), f"focus_arm({n})", f"Focus arm {n}", show=False) for n in range(1, 10)),
+    ]
+    KEY_HELP = [
+        ("s", "stop the focused arm (asks first): it finishes its step, saves a checkpoint and exits"),
+        ("e", "extend the focused arm by one epoch (shows the new end step, ETA and LR plan; asks first)"),
+        ("v", "validate the focused arm's current adapter now, without stopping it"),
+        ("a", "apply the verdict's recommended actions (asks first)"),
+        ("r", "write the comparison report (comparison.md, verdict.json)"),
+        ("l", "show or hide the focused arm's stderr log"),
+        ("R", "resume a stopped or crashed arm from its last checkpoint"),
+        ("tab, 1-9", "focus the next arm, or arm number N"),
+        ("?", "this help"),
+        ("q", "detach: close this screen; training continues (`gputwin attach` comes back)"),
+    ]
+
+    def __init__(self, exp: ExperimentPaths, *, clock: Callable[[], float] = time.time,
+                 sampler: SamplerLike | None = None, own_sampler: bool = False) -> None:
+        super().__init__()
+        self.exp = exp
+        self.clock = clock
+        self.sampler = sampler
+        self._own_sampler = own_sampler
+        self.state: ExperimentState | None = None  # the UI thread's copy; replaced on every update
+        self.updates = 0  # state updates shown so far (tests wait on it)
+        self.applied: list[str] = []  # verdict actions taken, as lines for the verdict pane
+        self._focused_arm: str | None = None
+        self._log_arm: str | None = None  # read by the watch thread: whose stderr to tail
+        self._update_pending = threading.Event()  # an update is posted and not yet shown
+        self._stop_polling = threading.Event()
+        self._auto_started = False
+        self._sampler_failure_shown = False
+
+    # ------------------------------------------------------------ layout
+
+    def compose(self) -> ComposeResult:
+        yield Static(f"gputwin · {self.exp.name} · {self.exp.root}", id="top-bar")
+        with Container(id="arms"):
+            yield Static(f"Reading {self.exp.root} …", id="loading")
+        yield VerdictPane(id="verdict", can_focus=False)
+        yield LogView(id="log")
+        yield Footer()
+
+    def on_mount(self) -> None:
+        self.query_one(LogView).can_focus = False
+        if self._own_sampler and self.sampler is not None:
+            self.sampler.start()  # type: ignore[attr-defined]
+        self.watch_files()
+        self.set_interval(DEVICE_S, self.refresh_devices)
+
+    def on_unmount(self) -> None:
+        self._stop_polling.set()
+        if self._own_sampler and self.sampler is not None:
+            self.sampler.stop()  # type: ignore[attr-defined]
+
+    def on_resize(self) -> None:
+        self._arrange()
+
+    def _arrange(self) -> None:
+        panes = len(self.query(ArmPane))
+        columns = max(1, min(panes or 1, self.size.width // PANE_MIN_WIDTH))
+        self.query_one("#arms").styles.grid_size_columns = columns
+        self.query_one("#arms").styles.grid_size_rows = max(1, math.ceil((panes or 1) / columns))
+
+    # ------------------------------------------------------------ reading the files (worker thread)
+
+    @work(thread=True, exclusive=True, exit_on_error=False, group="watch", name="watch experiment")
+    def watch_files(self) -> None:
+        """Poll the watcher; post a copy of the state when something changed and the last one was shown."""
+        worker = get_current_worker()
+        watcher = ExperimentWatcher(self.exp, self.clock)
+        changed: set[str] = set()
+        first = True
+        actions_mtime: float | None = None
+        applied: list[str] = []
+        log_key: tuple[str, int, float] | None = None
+        while not worker.is_cancelled and not self._stop_polling.is_set():
+            changed |= watcher.poll()
+            if watcher.state.verdict is not None:
+                mtime = _mtime(self.exp.root / launcher.ACTIONS_FILE)
+                if mtime != actions_mtime:
+                    actions_mtime = mtime
+                    applied = [_action_line(a) for a in launcher.read_actions(self.exp)]
+                    changed.add("")
+            if (changed or first) and not self._update_pending.is_set():
+                self._update_pending.set()
+                self.post_message(StateUpdated(copy.deepcopy(watcher.state), frozenset(changed), list(applied)))
+                changed, first = set(), False
+            log_key = self._tail_log(log_key)
+            self._stop_polling.wait(POLL_S)
+
+    def _tail_log(self, last: tuple[str, int, float] | None) -> tuple[str, int, float] | None:
+        arm = self._log_arm
+        if arm is None:
+            return None
+        path = self.exp.arm(arm).stderr
+        try:
+            info = path.stat()
+            key = (arm, info.st_size, info.st_mtime)
+        except FileNotFoundError:
+            key = (arm, -1, 0.0)
+        if key != last:
+            self.post_message(LogTailRead(arm, path, read_tail(path)))
+        return key
+
+    # ------------------------------------------------------------ showing the state
+
+    def on_state_updated(self, message: StateUpdated) -> None:
+        previous, state = self.state, message.state
+        self.state = state
+        self.applied = message.applied or self.applied
+        self._ensure_panes(state)
+        now = self.clock()
+        with self.batch_update():
+            for pane in self.query(ArmPane):
+                arm = state.arms.get(pane.arm_name)
+                if arm is not None:
+                    pane.show_arm(arm, now, state.differing_keys, state.baseline)
+            self._show_verdict()
+        if self.sampler is not None:
+            self.sampler.set_pids(a.pid for a in state.arms.values() if a.pid is not None and not a.ended)
+        if previous is not None:
+            self._announce(previous, state)
+        if state.problems and (previous is None or previous.problems != state.problems):
+            self.notify("\n".join(state.problems), title="Reading the experiment", severity="warning", timeout=15)
+        self._maybe_apply_automatically(state)
+        self.updates += 1
+        self._update_pending.clear()
+        self.refresh_devices()
+
+    def _ensure_panes(self, state: ExperimentState) -> None:
+        shown = {pane.arm_name for pane in self.query(ArmPane)}
+        new = [name for name in state.arms if name not in shown]
+        if not new:
+            return
+        arms = self.query_one("#arms")
+        for loading in self.query("#loading"):
+            loading.remove()
+        arms.mount_all(ArmPane(name, len(shown) + i + 1) for i, name in enumerate(new))
+        self._arrange()
+        if self._focused_arm is None:
+            self.call_after_refresh(self.action_focus_arm, 1)
+
+    def _show_verdict(self) -> None:
+        if self.state is None:
+            return
+        rules = self.state.rules
+        auto = rules is not None and rules.on_verdict == "apply"
+        self.query_one(VerdictPane).show_state(self.state, self.clock(), self.applied, auto)
+        if rules is not None:
+            self.query_one("#top-bar", Static).update(
+                f"gputwin · {self.state.name} · baseline {rules.baseline} · on verdict: {rules.on_verdict}"
+                f" · {self.exp.root}")
+
+    def _announce(self, before: ExperimentState, after: ExperimentState) -> None:
+        """Bell and a notification for each new validation and for the verdict when it forms."""
+        for name, arm in after.arms.items():
+            old = before.arms.get(name)
+            for point in arm.validations[len(old.validations) if old else 0:]:
+                self.bell()
+                self.notify(f"{name} validated at step {point.step:,}: precision {point.precision:.1%}, "
+                            f"recall {point.recall:.1%}, F1 {point.f1:.1%}", title="Validation")
+        if after.verdict is not None and before.verdict is None:
+            self.bell()
+            self.notify(after.verdict.headline, title="Verdict", timeout=20)
+
+    def on_log_tail_read(self, message: LogTailRead) -> None:
+        if message.arm == self._log_arm:
+            self.query_one(LogView).show_tail(message.arm, message.path, message.lines)
+
+    def refresh_devices(self) -> None:
+        """Copy the sampler's latest readings into each pane's device panel."""
+        if self.sampler is None or self.state is None:
+            return
+        failure = getattr(self.sampler, "failure", None)
+        if failure is not None and not self._sampler_failure_shown:
+            self._sampler_failure_shown = True
+            self.notify(f"GPU/CPU sampling stopped: {failure!r}", severity="error", timeout=30)
+        gpus, cpus = self.sampler.latest_gpus(), self.sampler.latest_cpus()
+        for pane in self.query(ArmPane):
+            arm = self.state.arms.get(pane.arm_name)
+            if arm is not None:
+                self._show_device(pane, arm, gpus, cpus)
+
+    def _show_device(self, pane: ArmPane, arm: ArmState, gpus: dict[int, Any], cpus: dict[int, Any]) -> None:
+        panel = pane.device_panel
+        if arm.gpu_index is not None:
+            sample = gpus.get(arm.gpu_index)
+            if sample is not None:
+                panel.show_gpu(sample, self.sampler.gpu_history(arm.gpu_index), arm.pid)  # type: ignore[union-attr]
+            else:
+                reason = getattr(getattr(self.sampler, "nvml", None), "reason", None)
+                panel.show_nothing(f"GPU {arm.gpu_index}", f"no NVML reading here{f' ({reason})' if reason else ''}")
+        elif arm.pid is None or arm.ended:
+            panel.show_nothing("CPU", f"the arm's process is not running ({arm.status})")
+        elif arm.pid in cpus:
+            panel.show_cpu(cpus[arm.pid], self.sampler.cpu_history(arm.pid))  # type: ignore[union-attr]
+        else:
+            panel.show_nothing("CPU", f"no reading of pid {arm.pid} yet")
+
+    # ------------------------------------------------------------ focus
+
+    def on_descendant_focus(self, event: Any) -> None:
+        if isinstance(event.widget, ArmPane):
+            self._focused_arm = event.widget.arm_name
+            if self._log_arm is not None:
+                self._log_arm = event.widget.arm_name
+
+    def action_focus_arm(self, number: int) -> None:
+        panes = list(self.query(ArmPane))
+        if not panes:
+            self.notify("No arms yet: the experiment folder has none.", severity="warning")
+        elif number > len(panes):
+            self.notify(f"There is no arm {number}: this experiment has {len(panes)}.", severity="warning")
+        else:
+            panes[number - 1].focus()
+
+    def focused_arm(self) -> ArmState | None:
+        """The arm the keys act on: the focused pane's (the first arm before any focus)."""
+        if self.state is None or not self.state.arms:
+            return None
+        name = self._focused_arm if self._focused_arm in self.state.arms else next(iter(self.state.arms))
+        return self.state.arms[name]
+
+    # ------------------------------------------------------------ keys
+
+    def _arm_or_say(self) -> ArmState | None:
+        arm = self.focused_arm()
+        if arm is None:
+            self.notify("No arm to act on yet: the experiment's files are still being read.", severity="warning")
+        return arm
+
+    def _refuse(self, arm: ArmState, action: str) -> bool:
+        """Say why `action` does not apply to `arm` now; True when it does not."""
+        reason = why_not(arm, action)
+        if reason:
+            self.notify(reason, title=f"{action}: not now", severity="warning")
+        return reason is not None
+
+    def action_stop(self) -> None:
+        arm = self._arm_or_say()
+        if arm is None or self._refuse(arm, "stop"):
+            return
+        name = arm.name
+        self._confirm(stop_prompt(arm), "Stop", lambda: launcher.request_stop(self.exp, name, by=BY))
+
+    def action_extend(self) -> None:
+        arm = self._arm_or_say()
+        if arm is None or self._refuse(arm, "extend"):
+            return
+        name = arm.name
+        self._confirm(extend_prompt(arm, self.clock()), "Extend",
+                      lambda: launcher.request_extend(self.exp, name, 1, by=BY))
+
+    def action_validate(self) -> None:
+        arm = self._arm_or_say()
+        if arm is None or self._refuse(arm, "validate"):
+            return
+        name = arm.name
+        self.run_control(lambda: launcher.request_validate(self.exp, name, by=BY), "validate")
+
+    def action_resume(self) -> None:
+        arm = self._arm_or_say()
+        if arm is None or self._refuse(arm, "resume"):
+            return
+        name = arm.name
+        self.run_control(lambda: launcher.resume_arm(self.exp, name, by=BY), "resume")
+
+    def action_apply(self) -> None:
+        verdict = self.state.verdict if self.state is not None else None
+        if verdict is None or verdict.scenario == "waiting":
+            waiting = [a.name for a in self.state.arms.values() if not a.validations] if self.state else []
+            self.notify("No verdict yet: it forms when every arm has its milestone validation"
+                        + (f" (waiting for {', '.join(waiting)})." if waiting else "."),
+                        title="apply: not now", severity="warning")
+            return
+        if not changing_actions(verdict):
+            self.notify(f"The verdict ({verdict.scenario}) recommends no stop or extend: "
+                        + "; ".join(a.describe() for a in verdict.actions), title="apply: nothing to do",
+                        severity="warning")
+            return
+        self._confirm(apply_prompt(verdict), "Apply", lambda: self._apply_actions(verdict, BY))
+
+    def _apply_actions(self, verdict: Any, by: str) -> str:
+        messages = launcher.apply_actions(self.exp, verdict, by=by)
+        return "\n".join(messages)
+
+    def action_report(self) -> None:
+        def write() -> str:
+            from .report import write_report  # only when asked: the report pulls in the statistics
+
+            written = write_report(self.exp.root)
+            names = written if isinstance(written, (list, tuple)) else [written] if written else []
+            return "Report written: " + (", ".join(str(p) for p in names) or str(self.exp.comparison))
+
+        self.run_control(write, "report")
+
+    def action_toggle_log(self) -> None:
+        log = self.query_one(LogView)
+        shown = not log.has_class("-shown")
+        arm = self.focused_arm() if shown else None
+        if shown and arm is None:
+            self.notify("No arm to show the log of yet.", severity="warning")
+            return
+        log.set_class(shown, "-shown")
+        self._log_arm = arm.name if arm is not None else None
+
+    def action_help(self) -> None:
+        self.push_screen(HelpScreen(self.KEY_HELP))
+
+    def _confirm(self, prompt: tuple[str, Any], label: str, act: Callable[[], str]) -> None:
+        title, body = prompt
+
+        def done(confirmed: bool | None) -> None:
+            if confirmed:
+                self.run_control(act, label.lower())
+            else:
+                self.notify(f"{label} cancelled; nothing was changed.")
+
+        self.push_screen(ConfirmScreen(title, body, label), done)
+
+    # ------------------------------------------------------------ acting (worker threads)
+
+    @work(thread=True, exit_on_error=False, group="control")
+    def run_control(self, act: Callable[[], str], what: str) -> str:
+        """Launcher calls read and write files and may start a process: never on the UI thread."""
+        return act()
+
+    def _maybe_apply_automatically(self, state: ExperimentState) -> None:
+        """rules.on_verdict = "apply": carry out the verdict's actions once (across re-attaches too)."""
+        verdict, rules = state.verdict, state.rules
+        if self._auto_started or verdict is None or rules is None or rules.on_verdict != "apply":
+            return
+        if verdict.scenario == "waiting" or not changing_actions(verdict):
+            return
+        self._auto_started = True
+
+        def apply_once() -> str:
+            if launcher.actions_applied_by(self.exp, AUTO):
+                return "The verdict's actions were applied automatically before; not repeating them."
+            return "Applied the verdict automatically (rules.on_verdict = \"apply\"):\n" + self._apply_actions(verdict, AUTO)
+
+        self.run_control(apply_once, "apply automatically")
+
+    def on_worker_state_changed(self, event: Worker.StateChanged) -> None:
+        """One place where every worker's outcome becomes visible."""
+        worker = event.worker
+        if event.state == WorkerState.SUCCESS and worker.group == "control" and worker.result:
+            self.notify(str(worker.result), timeout=10)
+        elif event.state == WorkerState.ERROR:
+            error = worker.error
+            if isinstance(error, UserError):
+                self.notify(error.message + (f"\nhint: {error.hint}" if error.hint else ""),
+                            title="Not done", severity="warning", timeout=15)
+            else:
+                what = "reading the experiment stopped" if worker.group == "watch" else f"{worker.name} failed"
+                self.notify(f"{what}: {type(error).__name__}: {error}", title="Error", severity="error", timeout=60)
+
+
+def _mtime(path: Path) -> float | None:
+    try:
+        return path.stat().st_mtime
+    except FileNotFoundError:
+        return None
+
+
+def make_app(exp: ExperimentPaths, *, clock: Callable[[], float] = time.time,
+             sampler: SamplerLike | None = None) -> GputwinApp:
+    """The one way to build the UI (CLI and tests). Without a sampler, a real one (NVML or psutil) runs."""
+    if not exp.root.is_dir():
+        raise UserError(f"{exp.root}: no such experiment folder",
+                        "`gputwin status` lists experiments; GPUTWIN_LOGS sets where they live")
+    own = sampler is None
+    if sampler is None:
+        from .gpu import Sampler
+
+        sampler = Sampler(clock=clock)
+    return GputwinApp(exp, clock=clock, sampler=sampler, own_sampler=own)

@@ -1,0 +1,170 @@
+"""`gputwin run --headless`: progress lines instead of the UI, for SSH sessions, CI and logs.
+
+Prints one line per arm every ~10 s, each validation result as it arrives, then the verdict
+(reasons and actions) with the report paths, and returns when every arm has ended: 0, or 3 when
+an arm crashed or failed. The report is written once, when the verdict forms; with
+``rules.on_verdict = "apply"`` the verdict's actions are carried out once (recorded in
+actions.jsonl with by="auto", so a second monitor on the same experiment does not repeat them).
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, TextIO
+
+from . import eta as eta_mod
+from .paths import ExperimentPaths
+from .profiles import Rules
+from .supervise import arm_alive
+
+PROGRESS_EVERY_S = 10.0
+POLL_EVERY_S = 1.0
+EXIT_ARM_CRASHED = 3
+AUTO = "auto"  # `by` of actions applied because rules.on_verdict = "apply"
+WAITING = "waiting"  # verdict.WAITING: an arm has not reached its milestone
+
+
+def _pct(value: float) -> str:
+    return f"{100 * value:.1f}%"
+
+
+def progress_line(arm: Any, now: float) -> str:
+    """One arm's status: step/total, loss, ETA as a clock time, status."""
+    total = arm.total_steps if arm.total_steps is not None else "?"
+    loss = arm.smoothed_loss if arm.smoothed_loss is not None else arm.loss
+    loss_text = f"loss {loss:.4f}" if isinstance(loss, float) else "loss -"
+    parts = [f"{arm.name:<20}", f"{arm.status:<10}", f"step {arm.step}/{total}", loss_text]
+    if not arm.ended:
+        finish = eta_mod.eta(arm, arm.total_steps, now)
+        parts.append(f"ETA {finish.clock} ({finish.human})" if finish else "ETA -")
+        if arm.milestone_step and arm.step < arm.milestone_step:
+            milestone = eta_mod.eta(arm, arm.milestone_step, now)
+            if milestone:
+                parts.append(f"milestone {milestone.clock}")
+    if arm.failure is not None:
+        parts.append(f"{arm.failure.error}: {arm.failure.message}")
+    elif arm.exit_code not in (None, 0):
+        parts.append(f"exit {arm.exit_code}")
+    return "  ".join(parts)
+
+
+def validation_line(arm_name: str, point: Any) -> str:
+    size = f" on {point.sample_size} samples" if point.sample_size else ""
+    return (f"{arm_name}: validation at step {point.step}{size}: precision {_pct(point.precision)}  "
+            f"recall {_pct(point.recall)}  F1 {_pct(point.f1)}")
+
+
+def verdict_lines(verdict: Any) -> list[str]:
+    headline = getattr(verdict, "headline", "")
+    lines = [f"Verdict: scenario {verdict.scenario}" + (f" — {headline}" if headline else "")]
+    lines += [f"  - {reason}" for reason in verdict.reasons]
+    if verdict.actions:
+        lines.append("Recommended actions:")
+        lines += [f"  - {action.describe()}" for action in verdict.actions]
+    return lines
+
+
+@dataclass
+class Monitor:
+    """What has been printed and done so far; one `step()` is one poll of the files."""
+
+    exp: ExperimentPaths
+    rules: Rules | None
+    out: TextIO
+    clock: Callable[[], float]
+    progress_every: float = PROGRESS_EVERY_S
+    last_progress: float | None = None
+    validations_seen: set[tuple[str, int, float]] = field(default_factory=set)
+    verdict_done: bool = False
+    watcher: Any = None
+
+    def __post_init__(self) -> None:
+        from .state import ExperimentWatcher
+
+        self.watcher = ExperimentWatcher(self.exp)
+
+    def say(self, line: str = "") -> None:
+        print(line, file=self.out, flush=True)
+
+    def step(self) -> int | None:
+        """Poll once; returns the exit code when every arm has ended, else None."""
+        self.watcher.poll()
+        state = self.watcher.state
+        now = self.clock()
+        if self.last_progress is None or now - self.last_progress >= self.progress_every:
+            stamp = time.strftime("%H:%M:%S", time.localtime(now))
+            for arm in state.arms.values():
+                self.say(f"{stamp}  {progress_line(arm, now)}")
+            self.last_progress = now
+        for arm in state.arms.values():
+            for point in arm.validations:
+                key = (arm.name, point.step, point.t)
+                if key not in self.validations_seen:
+                    self.validations_seen.add(key)
+                    self.say(validation_line(arm.name, point))
+        acted = False
+        if not self.verdict_done and state.verdict is not None and state.verdict.scenario != WAITING:
+            acted = self._verdict(state.verdict)
+        if acted or not state.all_ended or any(arm_alive(a) for a in self.exp.arms()):
+            return None
+        if not self.verdict_done:
+            missing = [a.name for a in state.arms.values() if not a.validations]
+            self.say(f"No verdict: no validation result from {', '.join(missing)}.")
+        crashed = [a.name for a in state.arms.values() if a.status == "crashed"]
+        if crashed:
+            self.say(f"Crashed or failed: {', '.join(crashed)} (see stderr.log in each arm's folder; "
+                     f"`gputwin resume ARM -x {self.exp.name}` restarts one).")
+            return EXIT_ARM_CRASHED
+        self.say(f"All arms of {self.exp.name} have ended.")
+        return 0
+
+    def _verdict(self, verdict: Any) -> bool:
+        """Print the verdict, write the report, apply the actions when the rules say so (all once).
+
+        Returns True when actions were applied (arms may restart: do not conclude yet).
+        """
+        from .report import write_report
+
+        self.verdict_done = True
+        for line in verdict_lines(verdict):
+            self.say(line)
+        written = write_report(self.exp.root)
+        self.say(f"Report: {self._paths_text(written)}")
+        rules = self.rules or self.watcher.state.rules
+        if rules is None or rules.on_verdict != "apply" or not verdict.actions:
+            return False
+        from .launcher import actions_applied_by, apply_actions
+
+        if actions_applied_by(self.exp, AUTO):
+            self.say("Verdict actions were applied before; not repeating them.")
+            return False
+        self.say("Applying the verdict (rules.on_verdict = \"apply\"):")
+        for message in apply_actions(self.exp, verdict, by=AUTO):
+            self.say(f"  {message}")
+        return True
+
+    def _paths_text(self, written: Any) -> str:
+        if isinstance(written, (list, tuple)):
+            return ", ".join(str(p) for p in written)
+        if written:
+            return str(written)
+        return f"{self.exp.comparison}, {self.exp.verdict}"
+
+
+def monitor(exp: ExperimentPaths, *, rules: Rules | None = None, out: TextIO | None = None,
+            clock: Callable[[], float] = time.time, sleep: Callable[[float], None] = time.sleep,
+            poll_every: float = POLL_EVERY_S, progress_every: float = PROGRESS_EVERY_S) -> int:
+    """Follow `exp` until every arm has ended; returns the process exit code."""
+    watch = Monitor(exp, rules, out or sys.stdout, clock, progress_every)
+    watch.say(f"Watching {exp.name} ({exp.root}); Ctrl-C detaches, training continues.")
+    try:
+        while True:
+            code = watch.step()
+            if code is not None:
+                return code
+            sleep(poll_every)
+    except KeyboardInterrupt:
+        watch.say(f"Detached. Training continues: gputwin attach {exp.name} | gputwin status {exp.name}")
+        return 130

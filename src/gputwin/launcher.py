@@ -1,0 +1,479 @@
+"""Start arms detached from the terminal, and control them afterwards.
+
+`start_experiment` writes the experiment folder and spawns one supervised trainer per arm
+(see supervise.py); the request functions turn `gputwin stop/extend/validate-now/resume` into
+control files or respawns after checking the arm is in a state where that makes sense. The
+`cmd_*` functions are the CLI's handlers (cli.HANDLERS).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import fcntl
+import json
+import os
+import shutil
+import time
+from contextlib import contextmanager
+from datetime import datetime
+from pathlib import Path
+from typing import Any, Callable, Iterator, Protocol, Sequence
+
+from . import control, events, paths
+from .errors import UserError
+from .paths import ArmPaths, ExperimentPaths, make_private_dir
+from .profiles import Experiment, Profile, load_any, load_experiment
+from .supervise import arm_alive, read_exit, read_pid, spawn_supervised, write_atomic
+
+__all__ = [
+    "start_experiment", "spawn_arm", "arm_alive", "arm_status", "request_stop", "request_extend",
+    "request_validate", "resume_arm", "apply_actions", "resolve_experiment", "resolve_arm", "demo_profile",
+]
+
+RUNNING, FINISHED, STOPPED, FAILED, CRASHED, NOT_STARTED = (
+    "running", "finished", "stopped", "failed", "crashed", "not started")
+ENDED = frozenset({FINISHED, STOPPED, FAILED, CRASHED})
+ACTIONS_FILE = "actions.jsonl"
+CALLBACK_SOURCE = "hf-trainer:"  # callback.SOURCE_PREFIX: arms run by a user's own HF Trainer script
+DEMO_DATA_DIR = ".demo-data"  # under the logs root: shared by every demo run, never an experiment name
+
+Say = Callable[[str], None]
+
+
+def _quiet(_message: str) -> None:
+    """Default for `say`: library calls print nothing."""
+
+
+# ---------------------------------------------------------------- arm state
+
+
+def arm_status(arm: ArmPaths) -> str:
+    """running / finished / stopped / failed / crashed / not started, from liveness and the event log.
+
+    A live trainer is running whatever its log says; a dead one is what its last life ended as,
+    and "crashed" when that life ended without a final event (killed, out of memory, power loss).
+    """
+    if arm_alive(arm):
+        return RUNNING
+    status = NOT_STARTED
+    for event in events.read_events(arm.events).events:
+        if event.kind in (events.STOPPED, events.FINISHED, events.FAILED):
+            status = {events.STOPPED: STOPPED, events.FINISHED: FINISHED, events.FAILED: FAILED}[event.kind]
+        elif event.kind in (events.STARTED, events.RESUMED, events.STEP, events.EXTENDED):
+            status = CRASHED  # ran, and no final event (yet): dead now, so it crashed
+    if status == NOT_STARTED and (read_pid(arm) is not None or read_exit(arm) is not None):
+        status = CRASHED
+    return status
+
+
+def _read_profile(arm: ArmPaths) -> Profile:
+    try:
+        return Profile.from_dict(json.loads(arm.profile_json.read_text(encoding="utf-8")))
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise UserError(f"{arm.profile_json}: cannot read the arm's resolved profile ({exc})",
+                        "this folder was not made by `gputwin run`; start the arm again with `gputwin run`") from None
+
+
+def _cpu_threads(profile: Profile, cpu_arms: int) -> int | None:
+    """A fair share of the cores for a CPU arm (GPU arms leave threading to torch)."""
+    if profile.device is not None:
+        return None
+    if profile.train.threads:
+        return profile.train.threads
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, cores // max(1, cpu_arms))
+
+
+# ---------------------------------------------------------------- starting
+
+
+def spawn_arm(arm: ArmPaths, profile: Profile, *, threads: int | None,
+              command: Sequence[str] | None = None) -> int:
+    """Start the arm's trainer detached (through its supervisor); returns the trainer's pid.
+
+    `command` replaces `python -m gputwin.train ARM_DIR` (tests use a trivial child).
+    """
+    env = dict(os.environ)
+    env["CUDA_VISIBLE_DEVICES"] = "" if profile.device is None else str(profile.device)
+    env["PYTHONUNBUFFERED"] = "1"  # stdout.log stays live
+    if threads is not None:
+        env["GPUTWIN_THREADS"] = str(threads)
+    return spawn_supervised(arm, env, command)
+
+
+@contextmanager
+def launch_lock(exp: ExperimentPaths) -> Iterator[None]:
+    """Held while arms of `exp` are checked and spawned, so two launchers never start the same arm."""
+    make_private_dir(exp.root)
+    fd = os.open(exp.lock, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise UserError(f"experiment {exp.name}: another gputwin command is starting its arms right now",
+                            "wait a moment, then `gputwin status " + exp.name + "`") from None
+        yield
+    finally:
+        os.close(fd)  # closing releases the lock
+
+
+def _refuse_rerun(exp: ExperimentPaths) -> None:
+    alive = [a.name for a in exp.arms() if arm_alive(a)]
+    if alive:
+        raise UserError(f"experiment {exp.name} is running (arms alive: {', '.join(alive)}) in {exp.root}",
+                        f"watch it with `gputwin attach {exp.name}`, stop arms with `gputwin stop ARM -x {exp.name}`, "
+                        "or start the profiles again beside it with --name NEW_NAME")
+    if exp.experiment_json.exists():
+        raise UserError(f"experiment {exp.name} already ran (all its arms have ended) in {exp.root}",
+                        "run it again under a new name: add --name NEW_NAME; or continue it with "
+                        f"`gputwin resume ARM -x {exp.name}` / `gputwin extend ARM -x {exp.name}`")
+
+
+def _write_arm_files(arm: ArmPaths, profile: Profile) -> None:
+    make_private_dir(arm.root)
+    source = Path(profile.source) if profile.source else None
+    if source is not None and source.is_file():
+        shutil.copyfile(source, arm.profile_toml)
+        os.chmod(arm.profile_toml, 0o600)
+    write_atomic(arm.profile_json, json.dumps(profile.to_dict(), indent=2) + "\n")
+
+
+def _ensure_data(profiles: Sequence[Profile], say: Say) -> None:
+    """Make missing synthetic data once per distinct file pair, before any arm starts."""
+    done: set[tuple[str, str]] = set()
+    for p in profiles:
+        pair = (p.data.train, p.data.test)
+        if not p.data.synth_if_missing or pair in done:
+            continue
+        done.add(pair)
+        if Path(p.data.train).is_file() and Path(p.data.test).is_file():
+            continue
+        from .data import ensure_synth
+
+        say(f"Making synthetic data: {p.data.train} ({p.data.synth_train} samples), "
+            f"{p.data.test} ({p.data.synth_test} samples)")
+        ensure_synth(Path(p.data.train), Path(p.data.test), train=p.data.synth_train, test=p.data.synth_test,
+                     seed=p.data.synth_seed, locales=p.data.synth_locales)
+
+
+def start_experiment(experiment: Experiment, *, root: Path | None = None, say: Say = _quiet,
+                     commands: dict[str, Sequence[str]] | None = None) -> ExperimentPaths:
+    """Create logs/<name>/ and spawn one detached trainer per arm.
+
+    Refuses while arms of the experiment are alive, and refuses an experiment that already ran
+    (a new --name runs the same profiles again). `commands` maps arm names to a replacement for the
+    trainer command (tests).
+    """
+    try:
+        exp = paths.experiment(experiment.name, root)
+    except ValueError as exc:
+        raise UserError(str(exc), "pass --name NAME") from None
+    with launch_lock(exp):
+        _refuse_rerun(exp)
+        _ensure_data(experiment.arms, say)
+        for profile in experiment.arms:
+            _write_arm_files(exp.arm(profile.name), profile)
+        write_atomic(exp.experiment_json, json.dumps(experiment.to_dict(), indent=2) + "\n")
+        cpu_arms = sum(1 for p in experiment.arms if p.device is None)
+        for profile in experiment.arms:
+            arm = exp.arm(profile.name)
+            pid = spawn_arm(arm, profile, threads=_cpu_threads(profile, cpu_arms),
+                            command=(commands or {}).get(profile.name))
+            where = "CPU" if profile.device is None else f"GPU {profile.device}"
+            say(f"Started {profile.name} on {where} (pid {pid}); log: {arm.root}")
+    return exp
+
+
+def _respawnable_profile(arm: ArmPaths) -> Profile:
+    profile = _read_profile(arm)
+    if profile.source.startswith(CALLBACK_SOURCE):
+        raise UserError(f"arm {arm.name} ran in your own script ({profile.source.removeprefix(CALLBACK_SOURCE)}); "
+                        "gputwin cannot restart it",
+                        "run the script again with trainer.train(resume_from_checkpoint=True)")
+    return profile
+
+
+def _respawn(exp: ExperimentPaths, arm: ArmPaths, command: Sequence[str] | None = None) -> int:
+    profile = _respawnable_profile(arm)
+    others = sum(1 for a in exp.arms() if a.name != arm.name and arm_alive(a)
+                 and _read_profile(a).device is None)
+    return spawn_arm(arm, profile, threads=_cpu_threads(profile, others + 1), command=command)
+
+
+def _clear_stale_stops(arm: ArmPaths) -> None:
+    """A stop request left over from the arm's last life must not stop the new one at once."""
+    for path, request in control.pending(arm.control):
+        if isinstance(request, control.Request) and request.action == control.STOP:
+            control.consume(path)
+
+
+# ---------------------------------------------------------------- control requests
+
+
+def resolve_experiment(name: str | None, root: Path | None = None) -> ExperimentPaths:
+    """The named experiment, or the most recent one; UserError naming what exists otherwise."""
+    root = root or paths.logs_root()
+    if name is None:
+        latest = paths.latest_experiment(root)
+        if latest is None:
+            raise UserError(f"no experiments under {root}",
+                            "start one with `gputwin run EXPERIMENT.toml` or `gputwin demo` (GPUTWIN_LOGS sets the folder)")
+        return latest
+    candidate = Path(name)
+    if (candidate / "experiment.json").is_file():  # a folder path works too
+        return ExperimentPaths(candidate.resolve())
+    try:
+        exp = paths.experiment(name, root)
+    except ValueError as exc:
+        raise UserError(str(exc)) from None
+    if not exp.experiment_json.is_file():
+        known = sorted(p.name for p in root.iterdir() if (p / "experiment.json").is_file()) if root.is_dir() else []
+        raise UserError(f"no experiment {name!r} under {root}",
+                        f"experiments there: {', '.join(known)}" if known else "start one with `gputwin run` or `gputwin demo`")
+    return exp
+
+
+def resolve_arm(exp: ExperimentPaths, name: str) -> ArmPaths:
+    arms = exp.arms()
+    for arm in arms:
+        if arm.name == name:
+            return arm
+    listed = ", ".join(a.name for a in arms) or "(none)"
+    raise UserError(f"experiment {exp.name} has no arm {name!r}; its arms: {listed}",
+                    f"`gputwin status {exp.name}` lists them with their state")
+
+
+def _running_or_refuse(arm: ArmPaths, what: str) -> None:
+    status = arm_status(arm)
+    if status != RUNNING:
+        hint = {FINISHED: f"it finished; `gputwin extend {arm.name}` trains it further",
+                STOPPED: f"`gputwin resume {arm.name}` restarts it from its last checkpoint",
+                CRASHED: f"`gputwin resume {arm.name}` restarts it from its last checkpoint; see {arm.stderr}",
+                FAILED: f"see the failed event in {arm.events} and {arm.stderr}, then `gputwin resume {arm.name}`",
+                NOT_STARTED: "start it with `gputwin run`"}[status]
+        raise UserError(f"cannot {what} arm {arm.name}: it is {status}, not running", hint)
+
+
+def request_stop(exp: ExperimentPaths, arm: str, *, by: str = "cli") -> str:
+    target = resolve_arm(exp, arm)
+    _running_or_refuse(target, "stop")
+    control.write_request(target.control, control.STOP, by=by)
+    return f"Stop requested for {arm}: it finishes its current step, saves a checkpoint and exits."
+
+
+def request_validate(exp: ExperimentPaths, arm: str, *, by: str = "cli") -> str:
+    target = resolve_arm(exp, arm)
+    _running_or_refuse(target, "validate")
+    control.write_request(target.control, control.VALIDATE, by=by)
+    return f"Validation requested for {arm}: it validates its current adapter after this step, then trains on."
+
+
+def request_extend(exp: ExperimentPaths, arm: str, epochs: int, *, by: str = "cli") -> str:
+    """Running: a control request. Finished or stopped: the request, then a respawn that resumes from
+    the final checkpoint and applies it."""
+    if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1:
+        raise UserError(f"--epochs must be a whole number >= 1, got {epochs!r}", "e.g. --epochs 1")
+    target = resolve_arm(exp, arm)
+    with launch_lock(exp):
+        status = arm_status(target)
+        if status in (CRASHED, FAILED, NOT_STARTED):
+            raise UserError(f"cannot extend arm {arm}: it is {status}",
+                            f"`gputwin resume {arm}` first (see {target.stderr}), then extend it")
+        if status != RUNNING:
+            _respawnable_profile(target)
+            _clear_stale_stops(target)
+        control.write_request(target.control, control.EXTEND, epochs=epochs, by=by)
+        if status == RUNNING:
+            return f"Extend requested for {arm}: {epochs} more epoch(s), applied after its current step."
+        pid = _respawn(exp, target)
+    return f"Extending {arm} by {epochs} epoch(s): it was {status}; restarted from its last checkpoint (pid {pid})."
+
+
+def resume_arm(exp: ExperimentPaths, arm: str, *, by: str = "cli") -> str:
+    target = resolve_arm(exp, arm)
+    with launch_lock(exp):
+        status = arm_status(target)
+        if status == RUNNING:
+            raise UserError(f"arm {arm} is already running", f"`gputwin stop {arm}` stops it")
+        if status == FINISHED:
+            raise UserError(f"arm {arm} finished; there is nothing to resume",
+                            f"`gputwin extend {arm} --epochs N` trains it further")
+        _clear_stale_stops(target)
+        pid = _respawn(exp, target)
+    return f"Resumed {arm} (it was {status}) from its last checkpoint: pid {pid}."
+
+
+# ---------------------------------------------------------------- verdict actions
+
+
+class ActionLike(Protocol):
+    kind: str
+    arm: str
+    epochs: int
+
+
+def _record(exp: ExperimentPaths, action: str, arm: str, epochs: int, by: str) -> None:
+    """actions.jsonl: what was done to which arm, by whom; the report lists it."""
+    line = json.dumps({"t": time.time(), "action": action, "arm": arm, "epochs": epochs, "by": by}) + "\n"
+    fd = os.open(exp.root / ACTIONS_FILE, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+    with os.fdopen(fd, "a", encoding="utf-8") as fh:
+        fh.write(line)
+
+
+def read_actions(exp: ExperimentPaths) -> list[dict[str, Any]]:
+    out: list[dict[str, Any]] = []
+    try:
+        lines = (exp.root / ACTIONS_FILE).read_text(encoding="utf-8").splitlines()
+    except FileNotFoundError:
+        return out
+    for line in lines:
+        try:
+            out.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue  # a torn last line; the rest still counts
+    return out
+
+
+def apply_actions(exp: ExperimentPaths, verdict: Any, *, by: str) -> list[str]:
+    """Carry out a verdict's stop/extend actions; returns one line per action (done or why not).
+
+    Each action taken is appended to <exp>/actions.jsonl. An arm already in the wanted state is
+    reported, not treated as an error, so applying twice is harmless.
+    """
+    messages: list[str] = []
+    for action in verdict.actions:
+        if action.kind == "continue":
+            messages.append(f"{action.arm}: continues as it is.")
+            continue
+        try:
+            if action.kind == "stop":
+                message = request_stop(exp, action.arm, by=by)
+            elif action.kind == "extend":
+                message = request_extend(exp, action.arm, int(action.epochs), by=by)
+            else:
+                messages.append(f"{action.arm}: unknown action {action.kind!r}, skipped.")
+                continue
+        except UserError as exc:
+            messages.append(f"{action.arm}: {action.kind} not applied: {exc.message}")
+            continue
+        _record(exp, action.kind, action.arm, int(getattr(action, "epochs", 0) or 0), by)
+        messages.append(message)
+    return messages
+
+
+def actions_applied_by(exp: ExperimentPaths, by: str) -> bool:
+    return any(entry.get("by") == by for entry in read_actions(exp))
+
+
+# ---------------------------------------------------------------- CLI handlers
+
+
+def _any_alive(exp: ExperimentPaths) -> bool:
+    return any(arm_alive(a) for a in exp.arms())
+
+
+def _open_ui(exp: ExperimentPaths) -> int:
+    from .app import make_app
+
+    make_app(exp).run()
+    if _any_alive(exp):
+        first = exp.arms()[0].name if exp.arms() else "ARM"
+        print(f"Detached. Training continues: gputwin attach {exp.name} | gputwin status {exp.name} | "
+              f"gputwin stop {first}")
+    else:
+        print(f"All arms of {exp.name} have ended: gputwin status {exp.name} | gputwin report {exp.name}")
+    return 0
+
+
+def _watch(exp: ExperimentPaths, experiment: Experiment, headless: bool) -> int:
+    if headless:
+        from .headless import monitor
+
+        return monitor(exp, rules=experiment.rules)
+    return _open_ui(exp)
+
+
+def _renamed(experiment: Experiment, name: str | None) -> Experiment:
+    if not name or name == experiment.name:
+        return experiment
+    if not paths.valid_name(name):
+        raise UserError(f"--name {name!r} cannot be an experiment name", paths.NAME_HINT)
+    return dataclasses.replace(experiment, name=name)
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    experiment = _renamed(load_any(args.paths, name=args.name), args.name)
+    exp = start_experiment(experiment, say=print)
+    return _watch(exp, experiment, args.headless)
+
+
+def cmd_attach(args: argparse.Namespace) -> int:
+    try:
+        exp = resolve_experiment(args.name)
+    except UserError as exc:
+        if args.name is not None:
+            raise
+        print(f"gputwin: {exc.message}.\nStart one with `gputwin run EXPERIMENT.toml` (or two profiles), "
+              "or try `gputwin demo` for a CPU demo that reaches a verdict in a few minutes.")
+        return 1
+    return _open_ui(exp)
+
+
+def demo_profile() -> Path:
+    """The demo experiment file: the copy shipped in the package, else the checkout's profiles/."""
+    shipped = Path(__file__).resolve().parent / "demo_profiles" / "demo.toml"
+    if shipped.is_file():
+        return shipped
+    checkout = Path(__file__).resolve().parents[2] / "profiles" / "demo.toml"
+    if checkout.is_file():
+        return checkout
+    raise UserError(f"the demo profiles are missing (looked for {shipped} and {checkout})",
+                    "reinstall gputwin; the package ships them in gputwin/demo_profiles/")
+
+
+def demo_experiment(now: datetime | None = None, root: Path | None = None) -> Experiment:
+    """The demo under a fresh name, its synthetic data kept under the logs root (shared by demo runs)."""
+    experiment = load_experiment(demo_profile())
+    root = root or paths.logs_root()
+    stamp = (now or datetime.now()).strftime("demo-%Y%m%d-%H%M%S")
+    name, n = stamp, 2
+    while (root / name).exists():
+        name, n = f"{stamp}-{n}", n + 1
+    data_dir = root / DEMO_DATA_DIR
+    arms = tuple(
+        dataclasses.replace(a, data=dataclasses.replace(a.data, train=str(data_dir / "train.jsonl"),
+                                                        test=str(data_dir / "test.jsonl")))
+        for a in experiment.arms
+    )
+    return dataclasses.replace(experiment, name=name, arms=arms)
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    experiment = demo_experiment()
+    exp = start_experiment(experiment, say=print)
+    return _watch(exp, experiment, args.headless)
+
+
+def _arm_target(args: argparse.Namespace) -> ExperimentPaths:
+    return resolve_experiment(getattr(args, "experiment", None))
+
+
+def cmd_stop(args: argparse.Namespace) -> int:
+    print(request_stop(_arm_target(args), args.arm))
+    return 0
+
+
+def cmd_extend(args: argparse.Namespace) -> int:
+    print(request_extend(_arm_target(args), args.arm, args.epochs))
+    return 0
+
+
+def cmd_validate_now(args: argparse.Namespace) -> int:
+    print(request_validate(_arm_target(args), args.arm))
+    return 0
+
+
+def cmd_resume(args: argparse.Namespace) -> int:
+    print(resume_arm(_arm_target(args), args.arm))
+    return 0

@@ -1,0 +1,434 @@
+"""The comparison report: ``comparison.md`` (for people: `less`, a code-hosting site) and
+``verdict.json`` (for scripts), written from an experiment folder's files only.
+
+    verdict_for_experiment(source) -> Verdict | None   the verdict from files or from a live ExperimentState
+    write_report(exp_dir) -> (comparison.md, verdict.json)
+    cmd_report(args)                                  `gputwin report [NAME]`
+
+The arms' state comes from the same fold the UI uses (tailer.ExperimentWatcher); each arm's
+milestone result from ``<arm>/validation/step-NNNNNN.json``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+import unicodedata
+from collections import Counter
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+from . import events as ev
+from . import state as st
+from .errors import UserError
+from .eta import eta as arm_eta
+from .eta import human_duration
+from .metrics import METRICS, normalize_type, normalize_value
+from .paths import ExperimentPaths
+from .profiles import Rules
+from .verdict import EXTEND, STOP, ArmResult, Verdict, decide, level, pct
+
+DISAGREEMENTS_SHOWN = 10
+CONTEXT_CHARS = 30
+
+
+# ---------------------------------------------------------------- reading the files
+
+
+def load_state(exp: ExperimentPaths, now: float) -> st.ExperimentState:
+    """Every arm's events folded once, as the UI and `gputwin status` see them."""
+    from .tailer import ExperimentWatcher
+
+    watcher = ExperimentWatcher(exp, clock=lambda: now)
+    watcher.poll()
+    return watcher.state
+
+
+def _waiting_text(arm: st.ArmState, milestone: int | None, now: float) -> str:
+    """Why an arm has no milestone result yet, with its ETA when it is on its way."""
+    if arm.events_seen == 0:
+        return "not started yet (no events)"
+    where = f"before its milestone (step {milestone})" if milestone else "without a milestone"
+    if arm.status == st.CRASHED:
+        why = arm.failure.message if arm.failure else "no reason recorded"
+        return f"crashed at step {arm.step} {where}: {why}; `gputwin resume {arm.name}` restarts it"
+    if arm.status == st.STOPPED:
+        return f"stopped at step {arm.step} {where}; `gputwin resume {arm.name}` continues it"
+    if arm.status == st.FINISHED:
+        return f"finished at step {arm.step} without a validation at step {milestone}"
+    if milestone is None:
+        return f"at step {arm.step}; no milestone known yet"
+    if arm.step >= milestone:
+        return f"at its milestone (step {milestone}); validation not written yet"
+    eta = arm_eta(arm, milestone, now)
+    return f"step {arm.step}/{milestone}, " + (f"ETA {eta.clock} (in {eta.human})" if eta else "ETA not known yet")
+
+
+def milestone_result(root: Path, arm: st.ArmState, now: float) -> tuple[ArmResult | None, str]:
+    """The arm's milestone validation, or None and why not (the text the verdict shows while waiting).
+
+    An arm without a known milestone (e.g. an HF Trainer run) is judged by its last validation.
+    """
+    step = arm.milestone_step
+    if step is None and arm.validations:
+        step = arm.validations[-1].step
+    if step is None:
+        return None, _waiting_text(arm, None, now)
+    path = ExperimentPaths(root).arm(arm.name).validation_file(step)
+    point = arm.validation_at(step)
+    if not path.is_file() and point is not None and point.path and Path(point.path).is_file():
+        path = Path(point.path)  # written outside the arm folder
+    if not path.is_file():
+        return None, _waiting_text(arm, step, now)
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+        if not isinstance(data, dict) or not isinstance(data.get("per_sample"), list):
+            raise ValueError("no per_sample list; see docs/validation.md")
+    except (OSError, ValueError) as exc:
+        return None, f"validation file {path} cannot be used ({exc})"
+    epoch = step / arm.steps_per_epoch if arm.steps_per_epoch else None
+    return ArmResult(step=step, validation=data, epoch=epoch, path=str(path)), ""
+
+
+def _rules(state: st.ExperimentState) -> Rules:
+    if state.rules is not None:
+        return state.rules
+    return Rules(baseline=state.baseline or next(iter(state.arms)))  # experiment.json unreadable: defaults
+
+
+def _collect(state: st.ExperimentState, now: float) -> tuple[dict[str, ArmResult | None], dict[str, str]]:
+    results: dict[str, ArmResult | None] = {}
+    waiting: dict[str, str] = {}
+    for name, arm in state.arms.items():
+        results[name], why = milestone_result(state.root, arm, now)
+        if why:
+            waiting[name] = why
+    return results, waiting
+
+
+def verdict_for_experiment(source: st.ExperimentState | ExperimentPaths | Path | str, *,
+                           now: float | None = None) -> Verdict | None:
+    """The verdict for an experiment folder (or a live ExperimentState); None with fewer than two arms."""
+    now = time.time() if now is None else now
+    state = source if isinstance(source, st.ExperimentState) else load_state(_experiment_paths(source), now)
+    if len(state.arms) < 2:
+        return None
+    results, waiting = _collect(state, now)
+    return decide(results, _rules(state), waiting=waiting)
+
+
+def _experiment_paths(source: ExperimentPaths | Path | str) -> ExperimentPaths:
+    exp = source if isinstance(source, ExperimentPaths) else ExperimentPaths(Path(source).resolve())
+    if not exp.experiment_json.is_file():
+        raise UserError(f"{exp.root}: no experiment.json here",
+                        "name an experiment folder (logs/<name>) written by `gputwin run` or `gputwin demo`")
+    return exp
+
+
+# ---------------------------------------------------------------- markdown helpers
+
+
+def _cell(value: Any) -> str:
+    return str(value).replace("\\", "\\\\").replace("|", "\\|").replace("\r", " ").replace("\n", " ")
+
+
+def _width(text: str) -> int:
+    """Terminal columns: CJK characters take two, so tables stay aligned in `less`."""
+    return sum(2 if unicodedata.east_asian_width(ch) in "WF" else 1 for ch in text)
+
+
+def table(header: Sequence[str], rows: Sequence[Sequence[Any]], align: str = "") -> list[str]:
+    """A plain markdown table, padded so it also reads well as text. ``align``: 'l' or 'r' per column."""
+    cells = [[_cell(c) for c in header]] + [[_cell(c) for c in row] for row in rows]
+    align = (align or "l" + "r" * (len(header) - 1)).ljust(len(header), "r")
+    widths = [max(3, *(_width(r[i]) for r in cells)) for i in range(len(header))]
+
+    def line(row: list[str]) -> str:
+        padded = [c + " " * (w - _width(c)) if a == "l" else " " * (w - _width(c)) + c
+                  for c, w, a in zip(row, widths, align)]
+        return "| " + " | ".join(padded) + " |"
+
+    rule = "| " + " | ".join("-" * (w - 1) + ":" if a == "r" else "-" * w for w, a in zip(widths, align)) + " |"
+    return [line(cells[0]), rule, *(line(r) for r in cells[1:])]
+
+
+def _num(value: Any) -> float | None:
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        return None
+    return number if math.isfinite(number) else None
+
+
+def _when(t: float | None) -> str:
+    return "-" if t is None else time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(t))
+
+
+def _interval(m: Mapping[str, float]) -> str:
+    return f"{pct(m['value'])} [{m['low'] * 100:.1f}, {m['high'] * 100:.1f}]"
+
+
+def _diff(m: Mapping[str, float]) -> str:
+    return f"{m['diff'] * 100:+.1f} pts [{m['low'] * 100:+.1f}, {m['high'] * 100:+.1f}]"
+
+
+# ---------------------------------------------------------------- sections
+
+
+def _verdict_section(verdict: Verdict | None, exp_name: str, actions_taken: list[dict[str, Any]]) -> list[str]:
+    out = ["## Verdict", ""]
+    if verdict is None:
+        return out + ["Only one arm: nothing to compare.", ""]
+    out += [f"**{verdict.headline}**", "", *(f"- {r}" for r in verdict.reasons), "", "### Recommended actions", ""]
+    for action in verdict.actions:
+        command = {STOP: f"gputwin stop {action.arm} -x {exp_name}",
+                   EXTEND: f"gputwin extend {action.arm} --epochs {action.epochs} -x {exp_name}"}.get(action.kind)
+        out.append(f"- {action.describe()}" + (f": `{command}`" if command else ""))
+    if not verdict.actions:
+        out.append("None yet.")
+    out += ["", "### Actions taken", ""]
+    if actions_taken:
+        out += table(["time", "action", "arm", "epochs", "by"],
+                     [[_when(a.get("t")), a.get("action"), a.get("arm"), a.get("epochs") or "", a.get("by")]
+                      for a in actions_taken], "lllrl")
+    else:
+        out.append("None recorded.")
+    return out + [""]
+
+
+def _arms_section(state: st.ExperimentState, results: Mapping[str, ArmResult | None]) -> list[str]:
+    rows = []
+    for name, arm in state.arms.items():
+        wall = None
+        if arm.started_t is not None and arm.last_t is not None:
+            wall = human_duration(arm.last_t - arm.started_t) + ("" if arm.ended else " (running)")
+        result = results.get(name)
+        rows.append([name, "baseline" if name == state.baseline else "challenger", arm.status, arm.device or "-",
+                     f"{arm.step}/{arm.total_steps or '?'}", arm.milestone_step or "-",
+                     result.step if result else "not yet", wall or "-"])
+    return ["## Arms", "", *table(["arm", "role", "status", "device", "step", "milestone step", "validated at step",
+                                   "wall time"], rows, "llllrrrr"), ""]
+
+
+def _hyperparameters_section(state: st.ExperimentState) -> list[str]:
+    out = ["## Differing hyperparameters", ""]
+    if not state.differing_keys:
+        return out + ["The arms' profiles do not differ.", ""]
+    rows = [[key, *(arm.hparams.get(key, "-") for arm in state.arms.values())] for key in state.differing_keys]
+    return out + table(["key", *state.arms], rows, "l" * (len(state.arms) + 1)) + [""]
+
+
+def _metrics_section(verdict: Verdict, base: str) -> list[str]:
+    done = list(verdict.metrics)
+    if not done:
+        return []
+    challengers = [c for c in verdict.comparisons]
+    any_m = verdict.metrics[done[0]]
+    rows = []
+    for key, label in (("precision", "precision"), ("recall", "recall"), ("f1", "F1")):
+        rows.append([label, *(_interval(verdict.metrics[a][key]) for a in done),
+                     *(_diff(verdict.comparisons[c][key]) for c in challengers)])
+    rows.append(["macro F1", *(pct(verdict.metrics[a]["macro_f1"]) if verdict.metrics[a].get("macro_f1") is not None
+                               else "-" for a in done), *("" for _ in challengers)])
+    rows.append(["tp / fp / fn", *(f"{verdict.metrics[a]['tp']} / {verdict.metrics[a]['fp']} / {verdict.metrics[a]['fn']}"
+                                   for a in done), *("" for _ in challengers)])
+    rows.append(["meets final goal", *("yes" if verdict.goal[a]["met"] else "no (" + ", ".join(
+        k for k in METRICS if not verdict.goal[a][k]) + ")" for a in done), *("" for _ in challengers)])
+    resamples = next(iter(verdict.comparisons.values()))["resamples"] if verdict.comparisons else None
+    out = ["## Milestone metrics", "",
+           f"Entity-level, on {any_m['n']} held-out samples. [low, high] is the {level(verdict.confidence)} bootstrap "
+           f"interval" + (f" ({resamples:,} paired resamples)" if resamples else "") + "; pts = F1 points.", "",
+           *table(["metric", *done, *(f"{c} - {base}" for c in challengers)], rows, "l" + "r" * (len(done) + len(challengers))),
+           ""]
+    for c in challengers:
+        out.append(f"{c} beats {base} on F1 in {verdict.comparisons[c]['f1']['p_b_better']:.1%} of the resamples.")
+    return out + [""]
+
+
+def _per_type_section(results: Mapping[str, ArmResult | None], base: str) -> list[str]:
+    done = {name: r.validation.get("per_type", {}) for name, r in results.items() if r is not None}
+    if not done:
+        return []
+    types = sorted({t for per_type in done.values() for t in per_type})
+    reference = done.get(base) or next(iter(done.values()))
+    rows = []
+    for etype in types:
+        row: list[Any] = [etype, reference.get(etype, {}).get("support", 0)]
+        for per_type in done.values():
+            m = per_type.get(etype)
+            row.append("-" if m is None else f"{pct(m['f1'])} ({m['precision'] * 100:.0f} / {m['recall'] * 100:.0f})")
+        rows.append(row)
+    return ["## Per entity type", "", "F1 (precision / recall), support = gold entities of the type.", "",
+            *table(["type", "support", *(f"{a} F1 (P / R)" for a in done)], rows, "l" + "r" * (len(done) + 1)), ""]
+
+
+def _loss_stats(path: Path) -> dict[str, Any]:
+    """Exact first/last/min loss and mean tokens/s: the live state keeps only bounded summaries."""
+    losses: list[tuple[int, float]] = []
+    speeds: list[float] = []
+    for event in ev.iter_kind(ev.read_events(path).events, ev.STEP):
+        loss = _num(event["loss"])
+        if loss is not None:
+            losses.append((int(event["step"]), loss))
+        speed = _num(event.get("tokens_per_s"))
+        if speed is not None:
+            speeds.append(speed)
+    out: dict[str, Any] = {"first": None, "last": None, "min": None, "tokens_per_s": None}
+    if losses:
+        low = min(losses, key=lambda x: x[1])
+        out.update(first=losses[0][1], last=losses[-1][1], min=f"{low[1]:.4f} (step {low[0]})")
+    if speeds:
+        out["tokens_per_s"] = sum(speeds) / len(speeds)
+    return out
+
+
+def _training_section(state: st.ExperimentState) -> list[str]:
+    stats = {name: _loss_stats(ExperimentPaths(state.root).arm(name).events) for name in state.arms}
+
+    def fmt(value: Any, spec: str) -> str:
+        return "-" if value is None else value if isinstance(value, str) else format(value, spec)
+
+    arms = state.arms.values()
+    rows = [
+        ["steps done / planned", *(f"{a.step}/{a.total_steps or '?'}" for a in arms)],
+        ["loss, first", *(fmt(stats[a.name]["first"], ".4f") for a in arms)],
+        ["loss, last", *(fmt(stats[a.name]["last"], ".4f") for a in arms)],
+        ["loss, min", *(fmt(stats[a.name]["min"], "") for a in arms)],
+        ["loss, smoothed last (EMA 0.9)", *(fmt(a.smoothed_loss, ".4f") for a in arms)],
+        ["throughput, mean tokens/s", *(fmt(stats[a.name]["tokens_per_s"], ",.0f") for a in arms)],
+        ["mean step time, s", *(fmt(a.mean_step_s, ".3f") for a in arms)],
+        ["wall time", *("-" if a.started_t is None or a.last_t is None else human_duration(a.last_t - a.started_t)
+                        for a in arms)],
+        ["restarts", *(str(a.restarts) for a in arms)],
+    ]
+    return ["## Training", "", *table(["", *state.arms], rows), ""]
+
+
+def _key(entity: Mapping[str, Any]) -> tuple[str, str]:
+    return normalize_type(entity["type"]), normalize_value(entity["value"])
+
+
+def disagreements(found_by: Mapping[str, Any], missed_by: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """Entities that ``missed_by`` missed and ``found_by`` found, from two validation results.
+
+    Only samples listed in ``missed_by``'s examples can be checked; the other arm found an entity
+    when its own example for that sample does not list it as missed, or when it missed nothing there.
+    """
+    other_examples = {ex["index"]: ex for ex in found_by.get("examples", [])}
+    position = {index: pos for pos, index in enumerate(found_by.get("indices") or [])}
+    per_sample = found_by.get("per_sample", [])
+    out = []
+    for example in missed_by.get("examples", []):
+        other = other_examples.get(example["index"])
+        if other is not None:
+            still_missed = Counter(_key(e) for e in other.get("missed", []))
+        else:
+            pos = position.get(example["index"])
+            if pos is None or pos >= len(per_sample) or per_sample[pos][2] != 0:
+                continue  # not known what the other arm did on this sample
+            still_missed = Counter()
+        for entity in example.get("missed", []):
+            key = _key(entity)
+            if still_missed[key] > 0:
+                still_missed[key] -= 1
+            else:
+                out.append({"index": example["index"], "type": entity["type"], "value": entity["value"],
+                            "text": example.get("text", "")})
+    return out
+
+
+def _context(text: str, value: str) -> str:
+    at = text.find(value)
+    if at < 0:
+        return text[: 2 * CONTEXT_CHARS] + ("…" if len(text) > 2 * CONTEXT_CHARS else "")
+    start, end = max(0, at - CONTEXT_CHARS), min(len(text), at + len(value) + CONTEXT_CHARS)
+    return ("…" if start else "") + text[start:at] + f"**{value}**" + text[at + len(value):end] + ("…" if end < len(text) else "")
+
+
+def _disagreements_section(results: Mapping[str, ArmResult | None], base: str) -> list[str]:
+    if results.get(base) is None:
+        return []
+    out = ["## Disagreements", "",
+           "Entities one arm found and the other missed, from the examples stored in the validation files "
+           "(the samples with the most errors).", ""]
+    base_v = results[base].validation  # type: ignore[union-attr]
+    for c, result in results.items():
+        if c == base or result is None:
+            continue
+        for finder, finder_v, misser, misser_v in ((c, result.validation, base, base_v), (base, base_v, c, result.validation)):
+            found = disagreements(finder_v, misser_v)
+            out += [f"### Found by {finder}, missed by {misser} ({len(found)})", ""]
+            if found:
+                out += table(["sample", "type", "value", "context"],
+                             [[d["index"], d["type"], d["value"], _context(d["text"], d["value"])]
+                              for d in found[:DISAGREEMENTS_SHOWN]], "rlll")
+                if len(found) > DISAGREEMENTS_SHOWN:
+                    out.append(f"\n... and {len(found) - DISAGREEMENTS_SHOWN} more.")
+            else:
+                out.append("None among the stored examples.")
+            out.append("")
+    return out
+
+
+# ---------------------------------------------------------------- the report
+
+
+def _actions_taken(state: st.ExperimentState) -> list[dict[str, Any]]:
+    from .launcher import read_actions
+
+    taken = [{"t": a.t, "action": a.action, "arm": a.arm, "by": a.by} for arm in state.arms.values() for a in arm.actions]
+    taken += read_actions(ExperimentPaths(state.root))
+    return sorted(taken, key=lambda a: a.get("t") or 0.0)
+
+
+def render(state: st.ExperimentState, verdict: Verdict | None, results: Mapping[str, ArmResult | None],
+           waiting: Mapping[str, str], now: float) -> str:
+    """comparison.md from the folded state, the verdict and the milestone results."""
+    base = verdict.baseline if verdict else state.baseline or ""
+    out = [f"# gputwin comparison: {state.name}", "",
+           f"Experiment folder `{state.root}`, baseline **{base}**, written {_when(now)}.", ""]
+    out += _verdict_section(verdict, state.name, _actions_taken(state))
+    if waiting:
+        out += ["## Not yet at the milestone", "", *(f"- **{name}**: {why}." for name, why in waiting.items()), ""]
+    out += _arms_section(state, results)
+    out += _hyperparameters_section(state)
+    if verdict is not None:
+        out += _metrics_section(verdict, base)
+    out += _per_type_section(results, base)
+    out += _training_section(state)
+    out += _disagreements_section(results, base)
+    problems = list(state.problems) + [f"{n}: line {line}: {why}" for n, a in state.arms.items() for line, why in a.bad_lines]
+    if problems:
+        out += ["## Problems reading the files", "", *(f"- {p}" for p in problems), ""]
+    return "\n".join(out).rstrip() + "\n"
+
+
+def _write(exp: ExperimentPaths, now: float) -> tuple[Path, Path, Verdict | None]:
+    from .supervise import write_atomic
+
+    state = load_state(exp, now)
+    results, waiting = _collect(state, now)
+    verdict = decide(results, _rules(state), waiting=waiting) if len(state.arms) >= 2 else None
+    write_atomic(exp.comparison, render(state, verdict, results, waiting, now))
+    summary = {"experiment": state.name, "written_at": now,
+               "validation_files": {name: r.path for name, r in results.items() if r is not None},
+               **(verdict.to_dict() if verdict else {"scenario": None, "headline": "only one arm: nothing to compare"})}
+    write_atomic(exp.verdict, json.dumps(summary, ensure_ascii=False, indent=2) + "\n")
+    return exp.comparison, exp.verdict, verdict
+
+
+def write_report(exp_dir: Path | str, *, now: float | None = None) -> tuple[Path, Path]:
+    """Write comparison.md and verdict.json into the experiment folder; returns their paths."""
+    comparison, verdict_json, _ = _write(_experiment_paths(exp_dir), time.time() if now is None else now)
+    return comparison, verdict_json
+
+
+def cmd_report(args: Any) -> int:
+    """`gputwin report [NAME]`: write the report, print where it is and the verdict headline."""
+    from .launcher import resolve_experiment
+
+    comparison, verdict_json, verdict = _write(resolve_experiment(getattr(args, "name", None)), time.time())
+    print(f"wrote {comparison}\nwrote {verdict_json}")
+    print(f"verdict: {verdict.headline if verdict else 'only one arm: nothing to compare'}")
+    return 0

@@ -1,0 +1,197 @@
+"""`gputwin status [NAME] [--json]`: a one-shot summary of an experiment, for cron, scripts and SSH.
+
+Per arm: status, step/total, milestone progress, ETA to the milestone and to the end (clock time and
+duration), loss (raw and smoothed), tokens/s, the last validation's P/R/F1, and why it crashed; then
+the verdict headline when there is one. ``--json`` prints the same summary as one JSON object.
+
+Exit status: 0, or 3 when an arm crashed or failed (so `gputwin status || alert` works from cron);
+2 for a user error such as an unknown experiment name.
+
+It reads only files (no torch, no UI), so it answers in a fraction of a second.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from typing import Any, Callable
+
+from . import eta as eta_mod
+from . import paths
+from .errors import UserError
+from .paths import ExperimentPaths
+from .state import CRASHED, ENDED, STALLED, ArmState, ExperimentState
+from .tailer import ExperimentWatcher
+
+EXIT_OK = 0
+EXIT_ARM_CRASHED = 3
+STDERR_LINES_SHOWN = 5
+
+
+def find_experiment(name: str | None) -> ExperimentPaths:
+    """The named experiment (a name under the logs folder, or a folder path), or the most recent one."""
+    if name is None:
+        latest = paths.latest_experiment()
+        if latest is None:
+            raise UserError(f"no experiment found under {paths.logs_root()}",
+                            "start one with `gputwin demo` or `gputwin run profiles/seed.toml` "
+                            "(GPUTWIN_LOGS names another logs folder)")
+        return latest
+    from .launcher import resolve_experiment
+
+    return resolve_experiment(name)
+
+
+def _eta_dict(value: eta_mod.Eta | None) -> dict[str, Any] | None:
+    if value is None:
+        return None
+    return {"seconds": round(value.seconds, 1), "clock": value.clock, "human": value.human}
+
+
+def arm_summary(arm: ArmState, now: float, baseline: str | None = None) -> dict[str, Any]:
+    """One arm as plain data (the JSON output, and what the text is printed from)."""
+    last = arm.last_validation
+    milestone_eta = None
+    if arm.milestone_step and arm.step < arm.milestone_step:
+        milestone_eta = eta_mod.eta(arm, arm.milestone_step, now)
+    return {
+        "name": arm.name,
+        "baseline": arm.name == baseline,
+        "status": arm.status,
+        "device": arm.device,
+        "pid": arm.pid,
+        "step": arm.step,
+        "total_steps": arm.total_steps,
+        "progress": arm.progress,
+        "epoch": arm.epoch,
+        "milestone_step": arm.milestone_step,
+        "milestone_progress": arm.milestone_progress,
+        "eta_milestone": _eta_dict(milestone_eta),
+        "eta_end": _eta_dict(None if arm.ended else eta_mod.eta(arm, arm.total_steps, now)),
+        "loss": arm.loss,
+        "loss_smoothed": arm.smoothed_loss,
+        "lr": arm.lr,
+        "tokens_per_s": arm.tokens_per_s,
+        "mean_step_s": arm.mean_step_s,
+        "last_step_t": arm.last_step_t,
+        "last_validation": None if last is None else {
+            "step": last.step, "precision": last.precision, "recall": last.recall, "f1": last.f1,
+            "sample_size": last.sample_size, "path": last.path, "t": last.t,
+        },
+        "validations": len(arm.validations),
+        "last_checkpoint": None if arm.last_checkpoint is None else arm.last_checkpoint.step,
+        "failure": None if arm.failure is None else {
+            "error": arm.failure.error, "message": arm.failure.message, "hint": arm.failure.hint,
+        },
+        "exit_code": arm.exit_code,
+        "stderr_tail": arm.stderr_tail if arm.status == CRASHED else [],
+        "bad_lines": arm.bad_line_count,
+        "first_bad_lines": [{"line": n, "reason": r} for n, r in arm.bad_lines[:5]],
+    }
+
+
+def summarize(state: ExperimentState, now: float) -> dict[str, Any]:
+    verdict = state.verdict
+    return {
+        "experiment": state.name,
+        "folder": str(state.root),
+        "baseline": state.baseline,
+        "now": now,
+        "arms": [arm_summary(a, now, state.baseline) for a in state.arms.values()],
+        "verdict": None if verdict is None else verdict.to_dict(),
+        "problems": list(state.problems),
+    }
+
+
+# ---------------------------------------------------------------- text
+
+
+def _pct(x: float | None) -> str:
+    return "-" if x is None else f"{100 * x:.1f}%"
+
+
+def _num(x: float | None, spec: str) -> str:
+    return "-" if x is None else format(x, spec)
+
+
+def _eta_text(e: dict[str, Any] | None) -> str:
+    return "ETA -" if e is None else f"ETA {e['clock']} ({e['human']})"
+
+
+def arm_lines(a: dict[str, Any], now: float) -> list[str]:
+    head = f"{a['name']}{' [baseline]' if a['baseline'] else ''}  {a['status'].upper()}"
+    if a["device"]:
+        head += f"  {a['device']}"
+    if a["pid"]:
+        head += f"  pid {a['pid']}"
+    total = a["total_steps"] if a["total_steps"] is not None else "?"
+    progress = f" ({_pct(a['progress'])})" if a["progress"] is not None else ""
+    speed = f"  {a['mean_step_s']:.2f} s/step" if a["mean_step_s"] else ""
+    tokens = f"  {a['tokens_per_s']:,.0f} tokens/s" if a["tokens_per_s"] else ""
+    lines = [head, f"  step {a['step']}/{total}{progress}  epoch {_num(a['epoch'], '.2f')}{speed}{tokens}"]
+    if a["milestone_step"]:
+        ms = a["milestone_step"]
+        if a["step"] < ms:
+            when = "not reached" if a["status"] in ENDED else _eta_text(a["eta_milestone"])
+            lines.append(f"  milestone {ms}: {_pct(a['milestone_progress'])}  {when}")
+        else:
+            validated = a["last_validation"] is not None and a["last_validation"]["step"] >= ms
+            lines.append(f"  milestone {ms}: reached, {'validated' if validated else 'not validated yet'}")
+    if a["status"] not in ENDED:
+        lines.append(f"  end {total}: {_eta_text(a['eta_end'])}")
+    if a["status"] == STALLED and a["last_step_t"] is not None:
+        quiet = eta_mod.human_duration(now - a["last_step_t"])
+        lines.append(f"  stalled: no step for {quiet} (last at {eta_mod.clock_time(a['last_step_t'], now)}); "
+                     "see the arm's stdout.log and stderr.log")
+    lines.append(f"  loss {_num(a['loss'], '.4f')} (smoothed {_num(a['loss_smoothed'], '.4f')})"
+                 f"  lr {_num(a['lr'], '.2e')}")
+    v = a["last_validation"]
+    if v is not None:
+        size = f" on {v['sample_size']} samples" if v["sample_size"] else ""
+        lines.append(f"  validation at step {v['step']}{size}: precision {_pct(v['precision'])}  "
+                     f"recall {_pct(v['recall'])}  F1 {_pct(v['f1'])}")
+    failure = a["failure"]
+    if failure is not None:
+        lines.append(f"  crashed: {failure['error']}: {failure['message']}")
+        if failure["hint"]:
+            lines.append(f"  hint: {failure['hint']}")
+    if a["exit_code"] not in (None, 0):
+        lines.append(f"  exit status {a['exit_code']}")
+    if a["stderr_tail"]:
+        lines.append("  stderr.log, last lines:")
+        lines += [f"    | {line}" for line in a["stderr_tail"][-STDERR_LINES_SHOWN:]]
+    if a["bad_lines"]:
+        first = a["first_bad_lines"][0]
+        lines.append(f"  {a['bad_lines']} unreadable event line(s); first: line {first['line']}: {first['reason']}")
+    return lines
+
+
+def render(summary: dict[str, Any]) -> str:
+    when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(summary["now"]))
+    lines = [f"{summary['experiment']}  ({len(summary['arms'])} arms)  {summary['folder']}  at {when}"]
+    lines += [f"warning: {p}" for p in summary["problems"]]
+    for arm in summary["arms"]:
+        lines.append("")
+        lines += arm_lines(arm, summary["now"])
+    lines.append("")
+    verdict = summary["verdict"]
+    if verdict is not None:
+        lines.append(f"verdict: {verdict['headline']}")
+    else:
+        waiting = [a["name"] for a in summary["arms"] if not a["validations"]]
+        lines.append("verdict: not yet" + (f" (waiting for validation of {', '.join(waiting)})" if waiting else ""))
+    return "\n".join(lines)
+
+
+def cmd_status(args: argparse.Namespace, clock: Callable[[], float] = time.time) -> int:
+    """Print the summary; 3 when an arm crashed, else 0."""
+    exp = find_experiment(getattr(args, "name", None))
+    watcher = ExperimentWatcher(exp, clock=clock)
+    watcher.poll()
+    summary = summarize(watcher.state, clock())
+    if getattr(args, "json", False):
+        print(json.dumps(summary, indent=2, default=str))
+    else:
+        print(render(summary))
+    return EXIT_ARM_CRASHED if watcher.state.any_crashed else EXIT_OK

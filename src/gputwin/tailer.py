@@ -1,0 +1,340 @@
+"""Reading live experiment files: the incremental event-log tailer and the experiment watcher.
+
+    Tailer(path).read_new() -> (events, bad_lines)   only what was appended since the last call;
+                                                     a partial last line is held back until complete;
+                                                     truncation or replacement restarts from the top
+                                                     (``restarts`` counts it so readers can rebuild)
+    ExperimentWatcher(exp, clock).poll() -> set of changed arm names; ``.state`` is the ExperimentState
+
+The watcher is the one object the UI and ``gputwin status`` read through. Beyond the event fold it
+knows what the log alone cannot say: a trainer that died without a final event is "crashed" (pid
+file + create time, exit status, the tail of stderr.log), and one that has not logged a step for
+max(60 s, 10 x its mean step time) is "stalled".
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+from . import events as ev
+from . import state as st
+from . import supervise
+from .paths import ArmPaths, ExperimentPaths
+from .profiles import Experiment
+
+HEAD_BYTES = 64  # first bytes of a log, remembered to notice a file rewritten in place
+STALL_MIN_S = 60.0
+STALL_STEPS = 10
+STDERR_TAIL_BYTES = 8192
+STDERR_TAIL_LINES = 20
+
+
+class Tailer:
+    """Incremental reader of one JSONL event log, by byte offset."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+        self.offset = 0  # bytes consumed: always just after a newline
+        self.line_no = 0  # lines consumed
+        self.restarts = 0  # times the file was truncated or replaced and read again from the top
+        self.partial = False  # an unfinished last line is waiting
+        self._ident: tuple[int, int] | None = None
+        self._head = b""
+
+    def _restart(self) -> None:
+        self.offset = self.line_no = 0
+        self.partial = False
+        self._head = b""
+        self.restarts += 1
+
+    def read_new(self) -> tuple[list[ev.Event], list[tuple[int, str]]]:
+        """Events appended since the last call, and (line number, reason) for lines that are not events."""
+        try:
+            info = os.stat(self.path)
+        except FileNotFoundError:
+            if self.offset or self.partial:
+                self._restart()  # removed: whatever comes next is a new log
+            self._ident = None
+            return [], []
+        ident = (info.st_dev, info.st_ino)
+        if (self._ident is not None and ident != self._ident) or info.st_size < self.offset:
+            self._restart()
+        self._ident = ident
+        if info.st_size == self.offset:
+            self.partial = False
+            return [], []
+        with open(self.path, "rb") as fh:
+            if self.offset and self._head:
+                if fh.read(len(self._head)) != self._head:
+                    self._restart()
+            fh.seek(self.offset)
+            data = fh.read(info.st_size - self.offset)
+            if self.offset == 0:
+                self._head = data[:HEAD_BYTES] if b"\n" not in data[:HEAD_BYTES] else data[: data.index(b"\n")]
+        end = data.rfind(b"\n") + 1
+        self.partial = end < len(data)
+        if end == 0:
+            return [], []
+        self.offset += end
+        return self._parse(data[:end].split(b"\n")[:-1])
+
+    def _parse(self, lines: list[bytes]) -> tuple[list[ev.Event], list[tuple[int, str]]]:
+        events: list[ev.Event] = []
+        bad: list[tuple[int, str]] = []
+        number = self.line_no
+        parse = ev.parse
+        for line in lines:
+            number += 1
+            if not line or line.isspace():
+                continue
+            try:
+                events.append(parse(line))
+            except ev.EventError as exc:
+                bad.append((number, str(exc)))
+        self.line_no = number
+        return events, bad
+
+
+def _mtime_ns(path: Path) -> int | None:
+    try:
+        return path.stat().st_mtime_ns
+    except FileNotFoundError:
+        return None
+
+
+def _read_json(path: Path) -> Any:
+    return json.loads(path.read_text(encoding="utf-8"))
+
+
+def _differing(hparams: list[dict[str, Any]]) -> list[str]:
+    keys = sorted({k for h in hparams for k in h} - {"source", "name"})
+    return [k for k in keys if len({repr(h.get(k)) for h in hparams}) > 1]
+
+
+def _stderr_tail(path: Path) -> list[str]:
+    try:
+        with open(path, "rb") as fh:
+            size = fh.seek(0, os.SEEK_END)
+            fh.seek(max(0, size - STDERR_TAIL_BYTES))
+            data = fh.read()
+    except FileNotFoundError:
+        return []
+    lines = data.decode("utf-8", errors="replace").splitlines()
+    if size > STDERR_TAIL_BYTES and lines:
+        lines = lines[1:]  # the first line is probably cut
+    return lines[-STDERR_TAIL_LINES:]
+
+
+class ExperimentWatcher:
+    """Keeps an ExperimentState in step with an experiment folder; call ``poll()`` as often as you like."""
+
+    def __init__(self, exp: ExperimentPaths, clock: Callable[[], float] = time.time, *,
+                 check_liveness: bool = True) -> None:
+        self.paths = exp
+        self.clock = clock
+        self.check_liveness = check_liveness
+        self.state = st.ExperimentState(name=exp.name, root=exp.root)
+        self._arm_paths: dict[str, ArmPaths] = {}
+        self._tailers: dict[str, Tailer] = {}
+        self._restarts: dict[str, int] = {}
+        self._experiment_mtime: int | None = None
+        self._folder_mtime: int | None = None
+        self._profile_mtimes: dict[str, int | None] = {}
+        self._stderr_sizes: dict[str, int] = {}
+        self._validation_counts: dict[str, int] = {}
+
+    # ------------------------------------------------------------ experiment and arms
+
+    def _refresh_experiment(self) -> bool:
+        """Re-read experiment.json when it changed; adds arms that appeared. True when anything changed."""
+        mtime, folder_mtime = _mtime_ns(self.paths.experiment_json), _mtime_ns(self.paths.root)
+        changed = False
+        if mtime != self._experiment_mtime:
+            self._experiment_mtime = mtime
+            changed = True
+            self.state.problems = []
+            if mtime is not None:
+                self._load_experiment()
+        if folder_mtime is not None and (changed or folder_mtime != self._folder_mtime):
+            # A new arm folder changes the experiment folder's mtime: only then look for arms.
+            self._folder_mtime = folder_mtime
+            for arm in self.paths.arms():
+                if arm.name not in self._arm_paths:
+                    self._add_arm(arm.name)
+                    changed = True
+        for name in list(self._arm_paths):
+            changed |= self._refresh_profile(name)
+        if changed:
+            self.state.differing_keys = _differing([a.hparams for a in self.state.arms.values()])
+        return changed
+
+    def _load_experiment(self) -> None:
+        path = self.paths.experiment_json
+        try:
+            data = _read_json(path)
+            experiment = Experiment.from_dict(data)
+        except (OSError, ValueError) as exc:
+            self.state.problems.append(f"{path}: cannot be read ({exc}); showing the arm folders found")
+            return
+        except (KeyError, TypeError) as exc:
+            # Written by a different gputwin version: keep what can be read.
+            self.state.problems.append(f"{path}: unexpected layout ({exc!r}); showing the arm folders found")
+            rules = data.get("rules") if isinstance(data, dict) else None
+            if isinstance(rules, dict) and isinstance(rules.get("baseline"), str):
+                self.state.baseline = rules["baseline"]
+            for name in data.get("arm_names", []) if isinstance(data, dict) else []:
+                if isinstance(name, str) and name not in self._arm_paths:
+                    self._add_arm(name)
+            return
+        self.state.name = experiment.name
+        self.state.rules = experiment.rules
+        self.state.baseline = experiment.rules.baseline
+        for profile in experiment.arms:
+            if profile.name not in self._arm_paths:
+                self._add_arm(profile.name)
+            arm = self.state.arms.get(profile.name)
+            if arm is not None and not arm.hparams:
+                arm.hparams = st.flatten_profile(profile.to_dict())
+
+    def _add_arm(self, name: str) -> None:
+        try:
+            arm_paths = self.paths.arm(name)
+        except ValueError as exc:
+            self.state.problems.append(str(exc))
+            return
+        self._arm_paths[name] = arm_paths
+        self._tailers[name] = Tailer(arm_paths.events)
+        self._restarts[name] = 0
+        self.state.arms[name] = st.ArmState(name)
+
+    def _refresh_profile(self, name: str) -> bool:
+        """The arm's own profile.json (what its trainer reads) wins over the experiment file's copy."""
+        path = self._arm_paths[name].profile_json
+        mtime = _mtime_ns(path)
+        if mtime == self._profile_mtimes.get(name):
+            return False
+        self._profile_mtimes[name] = mtime
+        if mtime is None:
+            return False
+        try:
+            profile = _read_json(path)
+        except (OSError, ValueError) as exc:
+            self.state.problems.append(f"{path}: cannot be read ({exc})")
+            return False
+        if isinstance(profile, dict):
+            self.state.arms[name].hparams = st.flatten_profile(profile)
+        return True
+
+    # ------------------------------------------------------------ polling
+
+    def poll(self) -> set[str]:
+        """Read what is new; returns the names of arms whose state changed."""
+        changed: set[str] = set()
+        if self._refresh_experiment():
+            changed.update(self.state.arms)
+        now = self.clock()
+        for name, arm_paths in self._arm_paths.items():
+            if self._poll_arm(name, arm_paths, now):
+                changed.add(name)
+        if changed:
+            self._refresh_verdict()
+        return changed
+
+    def _poll_arm(self, name: str, paths: ArmPaths, now: float) -> bool:
+        arm = self.state.arms[name]
+        # Liveness first: a trainer writes its final event before it exits, so reading the log
+        # after seeing it gone cannot miss that event.
+        gone = self.check_liveness and not arm.ended and self._trainer_gone(paths)
+        tailer = self._tailers[name]
+        new_events, bad = tailer.read_new()
+        changed = False
+        if tailer.restarts != self._restarts[name]:
+            self._restarts[name] = tailer.restarts
+            arm = self.state.arms[name] = st.ArmState(name, hparams=arm.hparams)
+            self._stderr_sizes.pop(name, None)
+            changed = True
+        if new_events or bad:
+            st.fold(name, new_events, arm)
+            arm.add_bad_lines(bad)
+            changed = True
+        if gone and not arm.ended:
+            self._mark_crashed(arm, paths, tailer)
+            changed = True
+        elif arm.status == st.TRAINING and self._stalled(arm, now):
+            arm.status = st.STALLED
+            changed = True
+        if arm.ended:
+            changed |= self._read_exit_info(name, arm, paths)
+        return changed
+
+    def _trainer_gone(self, paths: ArmPaths) -> bool:
+        """True only on evidence: an exit status was recorded, or the recorded process is not running."""
+        if paths.exit.exists():
+            return True
+        recorded = supervise.read_pid(paths)
+        return recorded is not None and not supervise.process_alive(*recorded)
+
+    def _mark_crashed(self, arm: st.ArmState, paths: ArmPaths, tailer: Tailer) -> None:
+        arm.status = st.CRASHED
+        code = supervise.read_exit(paths)
+        arm.exit_code = code
+        if code is None:
+            how = "the trainer process is gone and no exit status was recorded (supervisor killed or machine restarted)"
+        else:
+            how = f"the trainer ended without a final event: {supervise.describe_exit(code)}"
+        if tailer.partial:
+            arm.add_bad_lines([(tailer.line_no + 1, "incomplete last line: the trainer died while writing it")])
+        arm.failure = st.Failure(
+            error="exited" if code is not None and code >= 0 else "killed" if code is not None else "gone",
+            message=how,
+            hint=f"see {paths.stderr}; `gputwin resume {arm.name}` restarts it from its last checkpoint",
+            t=None,
+        )
+
+    def _stalled(self, arm: st.ArmState, now: float) -> bool:
+        if arm.last_step_t is None:
+            return False
+        mean = arm.timer.mean
+        limit = max(STALL_MIN_S, STALL_STEPS * mean) if mean is not None else STALL_MIN_S
+        return now - arm.last_step_t > limit
+
+    def _read_exit_info(self, name: str, arm: st.ArmState, paths: ArmPaths) -> bool:
+        """Exit status and stderr tail of an ended arm (the supervisor writes them just after the end)."""
+        changed = False
+        if arm.exit_code is None:
+            code = supervise.read_exit(paths)
+            if code is not None:
+                arm.exit_code = code
+                changed = True
+        if arm.status == st.CRASHED:
+            try:
+                size = paths.stderr.stat().st_size
+            except FileNotFoundError:
+                size = -1
+            if size != self._stderr_sizes.get(name):
+                self._stderr_sizes[name] = size
+                arm.stderr_tail = _stderr_tail(paths.stderr)
+                changed = True
+        return changed
+
+    # ------------------------------------------------------------ verdict
+
+    def _refresh_verdict(self) -> None:
+        counts = {n: len(a.validations) for n, a in self.state.arms.items()}
+        if counts == self._validation_counts:
+            return
+        self._validation_counts = counts
+        if not self.state.arms or not all(counts.values()):
+            self.state.verdict = None
+            return
+        if importlib.util.find_spec("gputwin.report") is None:  # not there yet: no verdict in the live view
+            self.state.verdict = None
+            return
+        from .report import verdict_for_experiment
+
+        self.state.verdict = verdict_for_experiment(self.state, now=self.clock())

@@ -1,0 +1,210 @@
+"""Checkpoints that a crash cannot half-write: everything a run needs to continue exactly.
+
+A checkpoint folder ``step-NNNNNN/`` holds the adapter (peft files + gputwin.json, usable on its
+own), ``trainer_state.pt`` (trainable weights, optimizer, RNG states) and ``checkpoint.json`` (step,
+data position, lr plan, fingerprint). It is written under a temporary name, fsynced and renamed into
+place, so a folder with the final name is always complete; leftovers of a crash are cleaned up on the
+next start.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import sys
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..errors import UserError
+from ..modeling import save_adapter
+from .schedule import LrPlan
+
+STATE_FILE = "trainer_state.pt"
+MANIFEST = "checkpoint.json"  # written last inside the temporary folder
+ADAPTER_DIR = "adapter"
+PREFIX = "step-"
+TEMP_PREFIX = ".tmp-"
+ASIDE_PREFIX = ".old-"
+
+
+@dataclass
+class TrainState:
+    """Where a run stands; the data position is the next batch to train on."""
+
+    step: int
+    epoch: int
+    index: int  # batch index inside `epoch`
+    plan: LrPlan
+    milestone_done: bool = False
+    samples_seen: int = 0
+    tokens_seen: int = 0
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self) | {"plan": self.plan.to_dict()}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> TrainState:
+        return cls(step=int(d["step"]), epoch=int(d["epoch"]), index=int(d["index"]), plan=LrPlan.from_dict(d["plan"]),
+                   milestone_done=bool(d["milestone_done"]), samples_seen=int(d["samples_seen"]),
+                   tokens_seen=int(d["tokens_seen"]))
+
+
+class CheckpointMismatch(UserError):
+    """A checkpoint written for another model, task or LoRA setup than the profile now asks for."""
+
+
+def checkpoint_name(step: int) -> str:
+    return f"{PREFIX}{step:06d}"
+
+
+def _step_of(path: Path) -> int | None:
+    name = path.name
+    if not name.startswith(PREFIX) or not name[len(PREFIX):].isdigit():
+        return None
+    return int(name[len(PREFIX):])
+
+
+def rng_states() -> dict[str, Any]:
+    states: dict[str, Any] = {"python": random.getstate(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        states["cuda"] = torch.cuda.get_rng_state_all()
+    return states
+
+
+def set_rng_states(states: dict[str, Any]) -> None:
+    random.setstate(states["python"])
+    torch.set_rng_state(states["torch"])
+    if "cuda" in states and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(states["cuda"])
+
+
+def trainable_state(model: Any) -> dict[str, torch.Tensor]:
+    return {name: p.detach().cpu().clone() for name, p in model.named_parameters() if p.requires_grad}
+
+
+def _fsync_tree(folder: Path) -> None:
+    for path in sorted(folder.rglob("*"), reverse=True):
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    _fsync_dir(folder)
+
+
+def _fsync_dir(folder: Path) -> None:
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def save_checkpoint(root: Path, state: TrainState, model: Any, optimizer: torch.optim.Optimizer,
+                    adapter_meta: dict[str, Any], fingerprint: dict[str, Any]) -> Path:
+    """Write the checkpoint of `state.step` atomically and return its folder."""
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / checkpoint_name(state.step)
+    temp = root / f"{TEMP_PREFIX}{final.name}-{os.getpid()}"
+    if temp.exists():
+        shutil.rmtree(temp)
+    temp.mkdir()
+    save_adapter(model, temp / ADAPTER_DIR, adapter_meta)
+    torch.save({"trainable": trainable_state(model), "optimizer": optimizer.state_dict(), "rng": rng_states()},
+               temp / STATE_FILE)
+    manifest = {"state": state.to_dict(), "fingerprint": fingerprint, "format": 1}
+    (temp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
+    _fsync_tree(temp)
+    aside = root / f"{ASIDE_PREFIX}{final.name}"
+    if final.exists():  # the same step again (e.g. stopped right after a resume): replace it
+        os.replace(final, aside)
+    os.replace(temp, final)
+    _fsync_dir(root)
+    if aside.exists():
+        shutil.rmtree(aside)
+    return final
+
+
+def clean_leftovers(root: Path) -> list[Path]:
+    """Remove half-written temporary folders; put back a checkpoint moved aside just before a crash."""
+    removed: list[Path] = []
+    if not root.is_dir():
+        return removed
+    for path in root.iterdir():
+        if path.name.startswith(TEMP_PREFIX):
+            shutil.rmtree(path, ignore_errors=True)
+            removed.append(path)
+        elif path.name.startswith(ASIDE_PREFIX):
+            final = root / path.name[len(ASIDE_PREFIX):]
+            if final.exists():
+                shutil.rmtree(path, ignore_errors=True)
+                removed.append(path)
+            else:
+                os.replace(path, final)
+    return removed
+
+
+def list_checkpoints(root: Path) -> list[tuple[int, Path]]:
+    """Complete checkpoints (a manifest and a state file), oldest first."""
+    if not root.is_dir():
+        return []
+    found = []
+    for path in root.iterdir():
+        step = _step_of(path)
+        if step is not None and path.is_dir() and (path / MANIFEST).is_file() and (path / STATE_FILE).is_file():
+            found.append((step, path))
+    return sorted(found)
+
+
+def prune(root: Path, keep: int, protect: Path) -> list[Path]:
+    """Delete all but the newest `keep` checkpoints; `protect` (the one just written) always stays."""
+    checkpoints = [path for _, path in list_checkpoints(root)]
+    doomed = [p for p in checkpoints[:-keep] if p != protect] if keep > 0 else []
+    for path in doomed:
+        shutil.rmtree(path)
+    return doomed
+
+
+def read_manifest(folder: Path) -> dict[str, Any]:
+    return json.loads((folder / MANIFEST).read_text(encoding="utf-8"))
+
+
+def load_checkpoint(folder: Path, model: Any, optimizer: torch.optim.Optimizer, fingerprint: dict[str, Any],
+                    device: torch.device) -> TrainState:
+    """Restore weights, optimizer and RNG from `folder`; the returned state says where to continue."""
+    manifest = read_manifest(folder)
+    if manifest.get("fingerprint") != fingerprint:
+        changed = sorted(k for k in fingerprint if manifest.get("fingerprint", {}).get(k) != fingerprint[k])
+        raise CheckpointMismatch(
+            f"{folder}: checkpoint was written for a different setup (differs in {', '.join(changed) or 'format'})",
+            f"resume with the profile it was written with, or move {folder.parent} away to start afresh")
+    saved = torch.load(folder / STATE_FILE, map_location="cpu", weights_only=True)
+    params = dict(model.named_parameters())
+    wrong = [name for name, t in saved["trainable"].items() if name not in params or params[name].shape != t.shape]
+    if wrong:
+        raise CheckpointMismatch(f"{folder}: checkpoint weight {wrong[0]} does not fit this model",
+                                 f"move {folder.parent} away to start afresh")
+    with torch.no_grad():
+        for name, tensor in saved["trainable"].items():
+            params[name].copy_(tensor.to(device))
+    optimizer.load_state_dict(saved["optimizer"])
+    set_rng_states(saved["rng"])
+    return TrainState.from_dict(manifest["state"])
+
+
+def latest_loadable(root: Path, model: Any, optimizer: torch.optim.Optimizer, fingerprint: dict[str, Any],
+                    device: torch.device) -> tuple[TrainState, Path] | None:
+    """The newest checkpoint that loads; damaged ones are reported on stderr and skipped."""
+    for _, folder in reversed(list_checkpoints(root)):
+        try:
+            return load_checkpoint(folder, model, optimizer, fingerprint, device), folder
+        except CheckpointMismatch:
+            raise
+        except (OSError, ValueError, KeyError, RuntimeError, EOFError) as exc:  # torch.load raises RuntimeError/EOF
+            print(f"gputwin: skipping damaged checkpoint {folder}: {type(exc).__name__}: {exc}", file=sys.stderr)
+    return None

@@ -1,0 +1,89 @@
+"""One optimizer step, and the optimizer that takes it: the part a faster engine replaces.
+
+The loop only calls ``engine.collate(examples)`` and ``engine.step(batch, lr)``. The plain engine
+pads batches and runs eager PyTorch; a faster one (packed batches, compiled kernels) can live in its
+own module ``gputwin.train.fast`` exposing ``FastEngine`` with the same constructor and methods,
+and is picked up for ``train.engine = "fast"`` when present.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import math
+from dataclasses import dataclass
+from typing import Any, ContextManager, Sequence
+
+import torch
+
+from .batching import Example, collate_padded
+
+
+class NonFiniteLoss(ArithmeticError):
+    """The loss became NaN or infinite: training has diverged."""
+
+
+@dataclass(frozen=True)
+class StepOutput:
+    loss: float
+    grad_norm: float
+
+
+def build_optimizer(model: Any, *, lr: float, weight_decay: float, device: torch.device) -> torch.optim.AdamW:
+    """AdamW over the trainable parameters only (fused kernels on CUDA)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, fused=device.type == "cuda")
+
+
+def autocast_for(device: torch.device, model_dtype: torch.dtype) -> ContextManager[Any]:
+    """bf16 autocast on GPU unless the profile asked for fp32; plain fp32 on CPU."""
+    if device.type == "cuda" and model_dtype != torch.float32:
+        return torch.autocast(device_type="cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+
+
+class PlainEngine:
+    """Padded batches, one forward/backward, gradient clipping, one AdamW update."""
+
+    name = "plain"
+
+    def __init__(self, model: Any, optimizer: torch.optim.Optimizer, *, device: torch.device,
+                 model_dtype: torch.dtype, grad_clip: float, pad_id: int) -> None:
+        self.model, self.optimizer, self.device = model, optimizer, device
+        self.model_dtype, self.grad_clip, self.pad_id = model_dtype, grad_clip, pad_id
+        self.params = [p for p in model.parameters() if p.requires_grad]
+
+    def collate(self, examples: Sequence[Example]) -> dict[str, torch.Tensor]:
+        return collate_padded(examples, self.pad_id)
+
+    def step(self, batch: dict[str, torch.Tensor], lr: float) -> StepOutput:
+        batch = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
+        set_lr(self.optimizer, lr)
+        with autocast_for(self.device, self.model_dtype):
+            loss = self.model(**batch).loss  # transformers averages over label tokens (labels != -100)
+        value = float(loss.detach())
+        if not math.isfinite(value):
+            self.optimizer.zero_grad(set_to_none=True)
+            raise NonFiniteLoss(f"loss is {value}")
+        loss.backward()
+        max_norm = self.grad_clip if self.grad_clip > 0 else math.inf
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, max_norm))
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return StepOutput(loss=value, grad_norm=grad_norm)
+
+
+def engine_class(name: str) -> type:
+    """The engine for train.engine; "fast" falls back to the plain one until a fast module exists."""
+    if name == "fast":
+        try:
+            return importlib.import_module(f"{__package__}.fast").FastEngine
+        except ModuleNotFoundError as exc:
+            if exc.name != f"{__package__}.fast":
+                raise
+    return PlainEngine

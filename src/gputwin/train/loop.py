@@ -1,0 +1,279 @@
+"""The trainer of one arm: `train(arm_dir)` runs it to the end, a stop, or a failure.
+
+It talks to the rest of gputwin only through files in the arm folder: it reads profile.json, appends
+events.jsonl, polls control/ between steps, and writes checkpoints, adapters and validation results.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sys
+import threading
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+
+from .. import control, events
+from ..errors import UserError
+from ..modeling import count_params, count_trainable, save_adapter
+from ..paths import ArmPaths
+from ..profiles import Profile
+from . import faults
+from .batching import EpochBatches, batch_tokens
+from .checkpoint import TrainState, checkpoint_name, clean_leftovers, latest_loadable, prune, rng_states, \
+    save_checkpoint, set_rng_states
+from .engine import NonFiniteLoss
+from .schedule import LrPlan, extend_plan, lr_at
+from .setup import Run, TrainFailure, build_run
+
+NAN_HINT = ("lower train.learning_rate (e.g. halve it), add warmup_steps, or keep grad_clip at 1.0; "
+            "resume continues from the last checkpoint before the divergence")
+OOM_HINT = "lower train.batch_size or train.max_length (or free the GPU of other processes)"
+
+
+class StopSignal:
+    """SIGTERM/SIGINT set a flag; the loop finishes the step it is in, checkpoints and stops."""
+
+    def __init__(self) -> None:
+        self.received: str | None = None
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        self.received = signal.Signals(signum).name
+
+    @contextmanager
+    def installed(self) -> Iterator[StopSignal]:
+        if threading.current_thread() is not threading.main_thread():
+            yield self
+            return
+        previous = {s: signal.signal(s, self._handle) for s in (signal.SIGTERM, signal.SIGINT)}
+        try:
+            yield self
+        finally:
+            for s, handler in previous.items():
+                signal.signal(s, handler)
+
+
+class Trainer:
+    """The loop and what happens between its steps (control requests, checkpoints, validation)."""
+
+    def __init__(self, run: Run, writer: events.EventWriter, stop: StopSignal) -> None:
+        self.run, self.writer, self.stop = run, writer, stop
+        self.fault = faults.fault_from_env()
+        t = run.profile.train
+        plan = LrPlan(t.learning_rate, t.warmup_steps, t.scheduler, run.total_steps)
+        self.state = TrainState(step=0, epoch=0, index=0, plan=plan)
+        self.saved: dict[str, Any] | None = None  # state of the last checkpoint written or loaded
+        self.saved_path: Path | None = None
+        self.stop_request: control.Request | None = None
+
+    # ------------------------------------------------------------------ the loop
+
+    def train(self) -> int:
+        run, state = self.run, self.state
+        # -- resume: the newest checkpoint that loads continues the run exactly
+        clean_leftovers(run.checkpoint_root)
+        resumed = latest_loadable(run.checkpoint_root, run.model, run.optimizer, run.fingerprint, run.device)
+        if resumed is not None:
+            self.state, self.saved_path = resumed
+            state, self.saved = self.state, self.state.to_dict()
+        self.emit_started()
+        if resumed is not None:
+            self.writer.emit(events.RESUMED, step=state.step, checkpoint=str(self.saved_path))
+        batches = EpochBatches(len(run.examples), run.profile.train.batch_size, run.profile.train.seed)
+        every = run.profile.train.checkpoint_every
+
+        while True:
+            # -- between steps: requests and signals
+            self.poll_control()
+            if self.stop_request is not None or self.stop.received:
+                return self.finish_stopped()
+            if state.step >= state.plan.total_steps:
+                return self.finish_done()
+
+            # -- one step: batch at the data position, lr from the plan, forward/backward/update
+            started = time.perf_counter()
+            step = state.step + 1
+            examples = [run.examples[i] for i in batches.indices(state.epoch, state.index)]
+            lr = lr_at(step, state.plan)
+            faults.before_step(self.fault, step, run.model)
+            output = run.engine.step(run.engine.collate(examples), lr)
+            seconds = time.perf_counter() - started
+
+            # -- advance the position and report
+            tokens = batch_tokens(examples)
+            state.step, state.index = step, state.index + 1
+            if state.index >= run.steps_per_epoch:
+                state.epoch, state.index = state.epoch + 1, 0
+            state.samples_seen += len(examples)
+            state.tokens_seen += tokens
+            self.writer.emit(events.STEP, step=step, epoch=round(step / run.steps_per_epoch, 6), loss=output.loss,
+                             lr=lr, grad_norm=output.grad_norm, samples=len(examples), tokens=tokens,
+                             samples_seen=state.samples_seen, tokens_seen=state.tokens_seen,
+                             step_seconds=round(seconds, 6), tokens_per_s=round(tokens / max(seconds, 1e-9), 1))
+            faults.after_step(self.fault, step)
+
+            # -- milestone: checkpoint, save the adapter, validate on the live model
+            if step == run.milestone_step and not state.milestone_done:
+                self.writer.emit(events.MILESTONE, step=step)
+                self.checkpoint()
+                self.validate(reason="milestone", by="plan")
+                state.milestone_done = True
+            # -- periodic checkpoint
+            elif step % every == 0:
+                self.checkpoint()
+
+    # ------------------------------------------------------------------ between steps
+
+    def poll_control(self) -> None:
+        """Handle waiting requests oldest first; a bad file is removed and reported, never fatal."""
+        for path, request in control.pending(self.run.arm.control):
+            control.consume(path)
+            if isinstance(request, control.ControlError):
+                print(f"gputwin: ignored control file {path.name}: {request}", file=sys.stderr)
+            elif request.action == control.STOP:
+                self.stop_request = request
+            elif request.action == control.EXTEND:
+                self.extend(request.epochs, request.by)
+            elif request.action == control.VALIDATE:
+                self.validate(reason="requested", by=request.by)
+
+    def extend(self, epochs: int, by: str) -> None:
+        """More epochs: the lr continues from where it is and the decay stretches over the new end."""
+        state, per_epoch = self.state, self.run.steps_per_epoch
+        state.plan = extend_plan(state.plan, state.step, epochs * per_epoch)
+        self.writer.emit(events.EXTENDED, step=state.step, epochs=round(state.plan.total_steps / per_epoch, 6),
+                         added_epochs=epochs, total_steps=state.plan.total_steps, lr_plan=state.plan.to_dict(),
+                         lr_next=lr_at(state.step + 1, state.plan), by=by)
+
+    def checkpoint(self) -> Path:
+        """Write a checkpoint unless the last one already holds exactly this state."""
+        state = self.state.to_dict()
+        if self.saved == state and self.saved_path is not None and self.saved_path.exists():
+            return self.saved_path
+        started = time.perf_counter()
+        run = self.run
+        path = save_checkpoint(run.checkpoint_root, self.state, run.model, run.optimizer, run.adapter_meta,
+                               run.fingerprint)
+        prune(run.checkpoint_root, run.profile.train.keep_checkpoints, protect=path)
+        self.saved, self.saved_path = state, path
+        self.writer.emit(events.CHECKPOINT, step=self.state.step, path=str(path),
+                         seconds=round(time.perf_counter() - started, 3))
+        return path
+
+    def save_adapter(self) -> Path:
+        folder = self.run.arm.root / "adapters" / checkpoint_name(self.state.step)
+        return save_adapter(self.run.model, folder, self.run.adapter_meta)
+
+    def validate(self, *, reason: str, by: str) -> dict[str, Any]:
+        """Save the adapter, then score the live model on held-out samples; training resumes unchanged."""
+        from ..validate import validate
+
+        run, step = self.run, self.state.step
+        adapter = self.save_adapter()
+        rng = rng_states()  # validation must not shift the training run's random stream
+        out_path = run.arm.validation_file(step)
+        result = validate(run.model, run.tokenizer, task=run.profile.model.task, test_path=run.profile.data.test,
+                          sample_size=run.profile.milestone.sample_size, seed=run.profile.milestone.sample_seed,
+                          label_names=run.label_names, device=run.device, step=step, arm=run.profile.name,
+                          out_path=out_path, max_length=run.profile.train.max_length)
+        run.model.train()
+        set_rng_states(rng)
+        self.writer.emit(events.VALIDATION, step=step, precision=result["precision"], recall=result["recall"],
+                         f1=result["f1"], path=str(out_path), seconds=result.get("seconds"),
+                         per_type=per_type_summary(result.get("per_type", {})), samples=result.get("n"),
+                         adapter=str(adapter), reason=reason, by=by)
+        return result
+
+    # ------------------------------------------------------------------ endings
+
+    def finish_stopped(self) -> int:
+        request, state = self.stop_request, self.state
+        path = self.checkpoint() if state.step > 0 else None
+        if request is not None:
+            reason, by = "requested", request.by
+        else:
+            reason, by = self.stop.received or "signal", "signal"
+        self.writer.emit(events.STOPPED, step=state.step, reason=reason, by=by,
+                         checkpoint=str(path) if path else None)
+        return 0
+
+    def finish_done(self) -> int:
+        path = self.checkpoint()
+        adapter = self.save_adapter()
+        self.writer.emit(events.FINISHED, step=self.state.step, checkpoint=str(path), adapter=str(adapter),
+                         epochs=round(self.state.step / self.run.steps_per_epoch, 6))
+        return 0
+
+    def emit_started(self) -> None:
+        run, state = self.run, self.state
+        self.writer.emit(
+            events.STARTED, arm=run.profile.name, pid=os.getpid(), device=run.device_name, engine=run.engine.name,
+            config=run.profile.to_dict(), trainable_params=count_trainable(run.model),
+            total_params=count_params(run.model), samples=len(run.examples), bad_lines=run.bad_lines,
+            truncated=run.truncated, label_names=run.label_names, steps_per_epoch=run.steps_per_epoch,
+            total_steps=state.plan.total_steps, milestone_step=run.milestone_step,
+            tokens_per_epoch=run.tokens_per_epoch, step=state.step, lr_plan=state.plan.to_dict(),
+        )
+
+
+def per_type_summary(per_type: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """precision/recall/f1/support of each entity type (the full counts stay in the validation file)."""
+    keys = ("precision", "recall", "f1", "support")
+    return {t: {k: v[k] for k in keys if k in v} for t, v in per_type.items() if isinstance(v, dict)}
+
+
+def quiet_transformers() -> None:
+    """No download/loading progress bars in stderr.log: the event log is the progress report."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+
+
+def read_profile(arm: ArmPaths) -> Profile:
+    try:
+        return Profile.from_dict(json.loads(arm.profile_json.read_text(encoding="utf-8")))
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise UserError(f"{arm.profile_json}: cannot read the arm's resolved profile ({exc})",
+                        "start arms with `gputwin run`, which writes profile.json") from None
+
+
+def train(arm_dir: str | Path) -> int:
+    """Run the arm in `arm_dir` to its end; the exit code of `python -m gputwin.train`.
+
+    Failures become a `failed` event: known ones (diverged loss, out of memory, user errors) with a
+    hint and no traceback; anything else is re-raised after the event so stderr has the traceback.
+    """
+    arm = ArmPaths(Path(arm_dir).resolve())
+    quiet_transformers()
+    stop = StopSignal()
+    with events.EventWriter(arm.events) as writer, stop.installed():
+        trainer: Trainer | None = None
+
+        def fail(error: str, message: str, hint: str) -> None:
+            step = trainer.state.step if trainer is not None else None
+            writer.emit(events.FAILED, error=error, message=message, hint=hint, step=step)
+            print(f"gputwin: {arm.name}: {error}: {message}\n  hint: {hint}", file=sys.stderr)
+
+        try:
+            trainer = Trainer(build_run(arm, read_profile(arm)), writer, stop)
+            return trainer.train()
+        except TrainFailure as exc:
+            fail(exc.error, exc.message, exc.hint)
+            return exc.exit_code
+        except NonFiniteLoss as exc:
+            fail("NonFiniteLoss", f"{exc} at step {trainer.state.step + 1 if trainer else '?'}", NAN_HINT)
+            return 1
+        except torch.OutOfMemoryError as exc:
+            fail("OutOfMemory", str(exc).splitlines()[0] if str(exc) else "CUDA out of memory", OOM_HINT)
+            return 1
+        except UserError as exc:
+            fail(type(exc).__name__, exc.message, exc.hint or "see stderr.log")
+            return 2
+        except Exception as exc:
+            fail(type(exc).__name__, str(exc), "an internal error: stderr.log has the traceback")
+            raise

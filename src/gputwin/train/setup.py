@@ -1,0 +1,139 @@
+"""Everything the loop needs before its first step: device, threads, data, model, optimizer, engine.
+
+Kept apart from the loop so the loop reads as the training story and a faster engine can reuse the
+same setup.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .. import modeling
+from ..data import load_dataset
+from ..encoding import bio_label_names
+from ..paths import ArmPaths
+from ..plan import milestone_step, steps_for
+from ..profiles import Profile
+from .batching import Example, encode_samples
+from .engine import build_optimizer, engine_class
+
+
+class TrainFailure(Exception):
+    """A failure the trainer reports as a `failed` event with a hint, without a traceback."""
+
+    def __init__(self, error: str, message: str, hint: str, exit_code: int = 1) -> None:
+        super().__init__(message)
+        self.error, self.message, self.hint, self.exit_code = error, message, hint, exit_code
+
+
+@dataclass
+class Run:
+    """The built run: what the loop works with, fixed for the life of the process."""
+
+    arm: ArmPaths
+    profile: Profile
+    device: torch.device
+    device_name: str
+    model_dtype: torch.dtype
+    tokenizer: Any
+    model: Any
+    optimizer: torch.optim.Optimizer
+    engine: Any
+    examples: list[Example]
+    label_names: list[str] | None
+    steps_per_epoch: int
+    total_steps: int  # as planned by the profile (extensions live in the lr plan)
+    milestone_step: int
+    checkpoint_root: Path
+    bad_lines: int
+
+    @property
+    def adapter_meta(self) -> dict[str, Any]:
+        """gputwin.json of every adapter this run saves."""
+        p = self.profile
+        return {"task": p.model.task, "base": p.model.base, "label_names": self.label_names,
+                "max_length": p.train.max_length, "trust_remote_code": p.model.trust_remote_code, "arm": p.name}
+
+    @property
+    def fingerprint(self) -> dict[str, Any]:
+        """What must match for a checkpoint to be resumed by this run."""
+        p = self.profile
+        return {"base": p.model.base, "task": p.model.task, "lora": [p.lora.r, p.lora.alpha, list(p.lora.target_modules)],
+                "label_names": self.label_names, "batch_size": p.train.batch_size, "samples": len(self.examples),
+                "seed": p.train.seed}
+
+    @property
+    def tokens_per_epoch(self) -> int:
+        return sum(e.n_tokens for e in self.examples)
+
+    @property
+    def truncated(self) -> int:
+        return sum(e.truncated for e in self.examples)
+
+
+def pick_device(profile: Profile) -> tuple[torch.device, str]:
+    """cuda:0 when the launcher narrowed CUDA_VISIBLE_DEVICES to the arm's GPU, else cuda:<index>; or CPU."""
+    if profile.device is None:
+        return torch.device("cpu"), "cpu"
+    if not torch.cuda.is_available():
+        raise TrainFailure("CudaUnavailable", f"the profile asks for GPU {profile.device} but CUDA is not available "
+                           f"to this process (torch {torch.__version__}, CUDA_VISIBLE_DEVICES="
+                           f"{os.environ.get('CUDA_VISIBLE_DEVICES', 'unset')!r})",
+                           "set device = \"cpu\" in the profile, or check the GPU driver and that torch is a CUDA build")
+    index = 0 if os.environ.get("CUDA_VISIBLE_DEVICES") else profile.device
+    device = torch.device(f"cuda:{index}")
+    torch.cuda.set_device(device)
+    return device, f"{device} {torch.cuda.get_device_name(device)}"
+
+
+def cpu_threads(profile: Profile) -> int:
+    """train.threads, else the launcher's fair share ($GPUTWIN_THREADS), else 1."""
+    if profile.train.threads:
+        return profile.train.threads
+    try:
+        return max(1, int(os.environ.get("GPUTWIN_THREADS", "1")))
+    except ValueError:
+        return 1
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def build_run(arm: ArmPaths, profile: Profile) -> Run:
+    """Device, data, tokenizer, model with LoRA, optimizer and engine, in that order."""
+    device, device_name = pick_device(profile)
+    if device.type == "cpu":
+        torch.set_num_threads(cpu_threads(profile))
+    seed_everything(profile.train.seed)
+    spec = profile.model
+
+    dataset = load_dataset(profile.data.train)
+    label_names = bio_label_names(dataset.entity_types) if spec.task == "tag" else None
+    tokenizer = modeling.load_tokenizer(spec.base, spec.trust_remote_code)
+    examples = encode_samples(dataset.samples, tokenizer, task=spec.task, max_length=profile.train.max_length,
+                              label_names=label_names)
+
+    model_dtype = modeling.resolve_dtype(spec.dtype, device)
+    base = modeling.load_base(spec.base, task=spec.task, dtype=model_dtype, device=device, label_names=label_names,
+                              trust_remote_code=spec.trust_remote_code)
+    model = modeling.attach_lora(base, profile.lora, spec.task, spec.init_adapter).to(device)
+    model.train()
+
+    optimizer = build_optimizer(model, lr=profile.train.learning_rate, weight_decay=profile.train.weight_decay,
+                                device=device)
+    engine = engine_class(profile.train.engine)(model, optimizer, device=device, model_dtype=model_dtype,
+                                                grad_clip=profile.train.grad_clip, pad_id=int(tokenizer.pad_token_id))
+    per_epoch, total = steps_for(len(examples), profile.train.batch_size, profile.train.epochs)
+    root = Path(profile.train.output_dir) if profile.train.output_dir else arm.checkpoints
+    return Run(arm=arm, profile=profile, device=device, device_name=device_name, model_dtype=model_dtype,
+               tokenizer=tokenizer, model=model, optimizer=optimizer, engine=engine, examples=examples,
+               label_names=label_names, steps_per_epoch=per_epoch, total_steps=total, milestone_step=milestone_step(profile, per_epoch),
+               checkpoint_root=root, bad_lines=len(dataset.bad_lines))

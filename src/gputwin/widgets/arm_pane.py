@@ -1,0 +1,167 @@
+"""One arm's pane: who it is, how far it got, its loss curve, its latest figures and its device."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from rich.text import Text
+from textual.app import ComposeResult
+from textual.containers import Vertical
+from textual.widgets import Static
+
+from ..eta import eta
+from ..supervise import describe_exit
+from .device_panel import DevicePanel
+from .formatting import device_label, duration, num, percent, rate, sci, status_style, value_text
+from .loss_chart import LossChart, LossSeries
+from .progress import StepProgress
+
+# Hyperparameters every pane shows, with the short names people use for them.
+SHOWN_KEYS = {
+    "train.learning_rate": "lr",
+    "lora.r": "r",
+    "lora.alpha": "alpha",
+    "train.batch_size": "batch",
+    "train.epochs": "epochs",
+}
+NOT_SHOWN = {"device", "name", "source"}  # the device is in the header already
+CRASH_LINES = 6  # stderr lines shown in a crashed arm's pane (the log view, l, shows more)
+
+
+def eta_text(arm: Any, target: int | None, now: float) -> str:
+    """ "ETA 14:52 (in 20m 03s)" toward `target`, or why there is none."""
+    if target is None:
+        return ""
+    if arm.step >= target:
+        return "reached"
+    if arm.ended:
+        return f"not reached ({arm.status})"
+    estimate = eta(arm, target, now)
+    if estimate is None:
+        return "ETA: measuring step time"
+    return f"ETA {estimate.clock} (in {estimate.human})"
+
+
+def milestone_text(arm: Any, now: float) -> str:
+    target = arm.milestone_step
+    point = arm.validation_at(target) if target is not None else None
+    if point is not None:
+        return f"validated: F1 {percent(point.f1)}"
+    if arm.status == "validating":
+        return "validating now"
+    return eta_text(arm, target, now)
+
+
+def header_text(arm: Any, now: float, baseline: str | None) -> Text:
+    """Device, status in its colour, pid and role."""
+    text = Text.assemble((device_label(arm.device), "bold"), " · ", (arm.status, status_style(arm.status)))
+    if arm.status == "stalled" and arm.last_step_t is not None:
+        text.append(f" (no step for {duration(now - arm.last_step_t)})", style="yellow")
+    if arm.pid is not None and not arm.ended:
+        text.append(f" · pid {arm.pid}")
+    if arm.name == baseline:
+        text.append(" · baseline", style="italic")
+    return text
+
+
+def hparams_text(arm: Any, differing: list[str]) -> Text:
+    """The usual hyperparameters, and every key that differs between arms highlighted."""
+    keys = [k for k in SHOWN_KEYS if k in arm.hparams]
+    keys += [k for k in differing if k not in SHOWN_KEYS and k not in NOT_SHOWN and k in arm.hparams]
+    text = Text()
+    for key in keys:
+        if text:
+            text.append("  ")
+        label = SHOWN_KEYS.get(key, key)
+        style = "bold yellow" if key in differing else "dim"
+        text.append(f"{label} {value_text(arm.hparams[key])}", style=style)
+    return text
+
+
+def stats_text(arm: Any) -> Text:
+    """The latest step's figures, each with its name and unit."""
+    text = Text.assemble(
+        "loss ", (num(arm.loss), "bold"),
+        f" (smoothed {num(arm.smoothed_loss)})",
+        " · lr ", sci(arm.lr),
+        " · grad norm ", num(arm.grad_norm, 2),
+        " · ", rate(arm.tokens_per_s, "tokens/s"),
+        " · epoch ", num(arm.epoch, 2),
+    )
+    if arm.bad_line_count:
+        text.append(f" · {arm.bad_line_count} unreadable log line(s)", style="yellow")
+    return text
+
+
+def crash_text(arm: Any, lines: int = CRASH_LINES) -> Text:
+    """Why a crashed arm ended: exit code, the failure, the hint, and its last stderr lines."""
+    text = Text(f"crashed at step {arm.step:,}", style="bold red")
+    if arm.exit_code is not None:
+        text.append(f" · exit code {arm.exit_code} ({describe_exit(arm.exit_code)})", style="bold red")
+    failure = arm.failure
+    if failure is not None:
+        text.append(f"\n{failure.error}: {failure.message}")
+        if failure.hint:
+            text.append(f"\nhint: {failure.hint}", style="italic")
+    tail = arm.stderr_tail[-lines:]
+    if tail:
+        text.append("\nstderr.log, last lines:", style="dim")
+        for line in tail:
+            text.append(f"\n  {line}")
+    else:
+        text.append("\nstderr.log is empty", style="dim")
+    return text
+
+
+def loss_series(arm: Any) -> LossSeries:
+    history = arm.loss_history
+    return LossSeries(
+        steps=list(history.steps),
+        raw=list(history.raw),
+        smoothed=list(history.smoothed),
+        validations=[(v.step, v.f1) for v in arm.validations],
+        milestone_step=arm.milestone_step,
+    )
+
+
+class ArmPane(Vertical, can_focus=True):
+    """Focusable: the keys s/e/v/R/l act on the focused pane's arm."""
+
+    def __init__(self, arm_name: str, number: int) -> None:
+        super().__init__(id=f"arm-{number}", classes="arm-pane")
+        self.arm_name = arm_name
+        self.number = number
+        self.border_title = f"{number} {arm_name}"
+
+    def compose(self) -> ComposeResult:
+        yield Static("", classes="arm-head")
+        yield Static("", classes="arm-hparams")
+        yield StepProgress("milestone", classes="milestone-progress")
+        yield StepProgress("end", classes="end-progress")
+        yield Static("", classes="arm-crash")
+        yield LossChart(classes="loss-chart")
+        yield Static("", classes="arm-stats")
+        yield DevicePanel(classes="device-panel")
+
+    def show_arm(self, arm: Any, now: float, differing: list[str], baseline: str | None) -> None:
+        """Redraw from one ArmState (a copy owned by the UI thread)."""
+        with self.app.batch_update():
+            for status in ("starting", "training", "validating", "stalled", "stopped", "finished", "crashed"):
+                self.set_class(arm.status == status, f"-{status}")
+            self.border_subtitle = arm.status
+            self.query_one(".arm-head", Static).update(header_text(arm, now, baseline))
+            self.query_one(".arm-hparams", Static).update(hparams_text(arm, differing))
+            self.query_one(".milestone-progress", StepProgress).show(arm.step, arm.milestone_step,
+                                                                     milestone_text(arm, now))
+            self.query_one(".end-progress", StepProgress).show(arm.step, arm.total_steps,
+                                                               eta_text(arm, arm.total_steps, now))
+            crash = self.query_one(".arm-crash", Static)
+            crash.display = arm.status == "crashed"
+            if crash.display:
+                crash.update(crash_text(arm))
+            self.query_one(LossChart).show(loss_series(arm))
+            self.query_one(".arm-stats", Static).update(stats_text(arm))
+
+    @property
+    def device_panel(self) -> DevicePanel:
+        return self.query_one(DevicePanel)

@@ -1,0 +1,88 @@
+"""The device an arm runs on: its GPU from NVML, or (without NVIDIA GPUs) the arm's process and the machine."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from rich.text import Text
+from textual.app import ComposeResult
+from textual.containers import Horizontal, Vertical
+from textual.widgets import Sparkline, Static
+
+from .formatting import gib, is_number
+
+SPARK_POINTS = 60  # the last minute at the sampler's 1 Hz
+
+
+def _fig(value: object, spec: str, unit: str) -> str:
+    return f"{value:{spec}}{unit}" if is_number(value) else "–"
+
+
+def gpu_lines(sample: Any, pid: int | None) -> tuple[Text, Text]:
+    """Two lines for a GpuSample: utilisation, then memory (the arm's own too), power, temperature."""
+    name = f" {sample.name}" if sample.name else ""
+    head = Text.assemble((f"GPU {sample.index}", "bold"), (name, "dim"), "  util ", (_fig(sample.util_pct, ".0f", "%"), "bold"))
+    own = sample.proc_mem.get(pid) if pid is not None else None
+    memory = f"mem {gib(sample.mem_used)}/{gib(sample.mem_total)} GiB"
+    if own is not None:
+        memory += f" (arm {gib(own)} GiB)"
+    power = _fig(sample.power_w, ".0f", "")
+    if is_number(sample.power_limit_w):
+        power += f"/{sample.power_limit_w:.0f}"
+    body = Text(f"{memory} · {power} W · {_fig(sample.temp_c, '.0f', ' °C')}")
+    return head, body
+
+
+def cpu_lines(sample: Any) -> tuple[Text, Text]:
+    """Two lines for a CpuSample: the arm's CPU % (100% = one core) and RSS, then the machine's."""
+    head = Text.assemble(("CPU", "bold"), "  arm ", (_fig(sample.cpu_pct, ".0f", "%"), "bold"), " (100% = 1 core)")
+    body = Text(f"arm RSS {gib(sample.rss)} GiB · machine {_fig(sample.machine_cpu_pct, '.0f', '%')} CPU, "
+                f"RAM {gib(sample.machine_mem_used)}/{gib(sample.machine_mem_total)} GiB")
+    return head, body
+
+
+class DevicePanel(Vertical):
+    """Two lines of live figures, each labelled with its unit, and a one-minute sparkline."""
+
+    DEFAULT_CSS = """
+    DevicePanel {
+        height: 2;
+    }
+    DevicePanel > Horizontal {
+        height: 1;
+    }
+    DevicePanel .device-head {
+        width: auto;
+        margin-right: 1;
+    }
+    DevicePanel Sparkline {
+        width: 1fr;
+        min-width: 4;
+    }
+    """
+
+    def compose(self) -> ComposeResult:
+        with Horizontal():
+            yield Static("", classes="device-head")
+            yield Sparkline([], classes="device-spark")
+        yield Static("", classes="device-body")
+
+    def show_gpu(self, sample: Any, history: Sequence[Any], pid: int | None) -> None:
+        head, body = gpu_lines(sample, pid)
+        self._set(head, body, [s.util_pct for s in history if is_number(s.util_pct)])
+        self.tooltip = "GPU utilisation over the last minute (NVML)"
+
+    def show_cpu(self, sample: Any, history: Sequence[Any]) -> None:
+        head, body = cpu_lines(sample)
+        self._set(head, body, [s.cpu_pct for s in history if is_number(s.cpu_pct)])
+        self.tooltip = "the arm process's CPU % over the last minute (psutil)"
+
+    def show_nothing(self, head: str, why: str) -> None:
+        """No reading: say which device and why, instead of blank figures."""
+        self._set(Text(head, style="bold"), Text(why, style="dim"), [])
+
+    def _set(self, head: Text, body: Text, series: list[float]) -> None:
+        self.query_one(".device-head", Static).update(head)
+        self.query_one(".device-body", Static).update(body)
+        self.query_one(Sparkline).data = series[-SPARK_POINTS:]

@@ -1,0 +1,112 @@
+"""The verdict: who it waits for, then each arm's P/R/F1 with intervals, then scenario, reasons, actions."""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+from rich.console import Group, RenderableType
+from rich.table import Table
+from rich.text import Text
+from textual.containers import VerticalScroll
+from textual.widgets import Static
+
+from .arm_pane import eta_text
+from .formatting import interval, percent
+
+SCENARIO_STYLE = {"A": "bold green", "B": "bold yellow", "C": "bold cyan", "mismatch": "bold red"}
+CHANGING_ACTIONS = ("stop", "extend")
+
+
+def changing_actions(verdict: Any) -> list[Any]:
+    """The actions that change a run (continue changes nothing)."""
+    return [a for a in getattr(verdict, "actions", ()) if a.kind in CHANGING_ACTIONS]
+
+
+def waiting_view(state: Any, now: float) -> RenderableType:
+    """Before every arm has a validation: where each arm stands toward its milestone."""
+    table = Table.grid(padding=(0, 2))
+    table.add_column(style="bold", no_wrap=True)
+    table.add_column()
+    for arm in state.arms.values():
+        point = arm.validation_at(arm.milestone_step) if arm.milestone_step is not None else None
+        point = point or arm.last_validation
+        if point is not None:
+            row = Text(f"validated at step {point.step:,}: precision {percent(point.precision)} · "
+                       f"recall {percent(point.recall)} · F1 {percent(point.f1)}", style="green")
+        elif arm.status == "crashed":
+            row = Text(f"crashed at step {arm.step:,} before its validation (R resumes it)", style="red")
+        elif arm.ended:
+            row = Text(f"{arm.status} at step {arm.step:,} without a validation", style="yellow")
+        elif arm.milestone_step is None:
+            row = Text("not started yet", style="dim")
+        else:
+            row = Text(f"at step {arm.step:,} of {arm.milestone_step:,} · {eta_text(arm, arm.milestone_step, now)}")
+        table.add_row(arm.name, row)
+    missing = [a.name for a in state.arms.values() if not a.validations]
+    title = Text("waiting for the milestone validation of " + ", ".join(missing), style="bold") if missing \
+        else Text("waiting for the verdict", style="bold")
+    return Group(title, table)
+
+
+def metrics_table(verdict: Any) -> Table:
+    """Per-arm precision, recall and F1 with the verdict's intervals; the goal column says which targets are met."""
+    confidence = getattr(verdict, "confidence", 0.95)
+    table = Table(box=None, padding=(0, 1), header_style="bold", show_edge=False)
+    table.add_column("arm", no_wrap=True)
+    table.add_column("step", justify="right")
+    for name in ("precision", "recall", "F1"):
+        table.add_column(f"{name} ({confidence:.0%} interval)", justify="right")
+    table.add_column("goal")
+    for arm, m in verdict.metrics.items():
+        cells = []
+        for key in ("precision", "recall", "f1"):
+            figure = m.get(key, {})
+            cells.append(f"{percent(figure.get('value'))} {interval(figure.get('low'), figure.get('high'))}")
+        goal = verdict.goal.get(arm, {})
+        met = "met" if goal.get("met") else "missed: " + ", ".join(
+            k for k in ("precision", "recall", "f1") if goal.get(k) is False)
+        style = "bold" if arm in (verdict.winner, verdict.leader) else ""
+        table.add_row(Text(arm, style=style), f"{m.get('step', '–'):,}" if isinstance(m.get("step"), int) else "–",
+                      *cells, Text(met, style="green" if goal.get("met") else "yellow"))
+    return table
+
+
+def verdict_view(verdict: Any, applied: Sequence[str], auto: bool) -> RenderableType:
+    """The decided verdict: headline in the scenario's colour, figures, reasons and what to do."""
+    parts: list[RenderableType] = [Text(verdict.headline, style=SCENARIO_STYLE.get(verdict.scenario, "bold"))]
+    if verdict.metrics:
+        parts.append(metrics_table(verdict))
+    for reason in verdict.reasons:
+        parts.append(Text(f"• {reason}"))
+    actions = list(verdict.actions)
+    if actions:
+        text = Text("recommended: ", style="bold")
+        text.append(" · ".join(a.describe() for a in actions))
+        if applied:
+            text.append("  (applied)", style="green")
+        elif changing_actions(verdict):
+            text.append("  press a to apply" if not auto else "  applying automatically", style="italic")
+        parts.append(text)
+    for message in applied:
+        parts.append(Text(f"  {message}", style="green"))
+    return Group(*parts)
+
+
+class VerdictPane(VerticalScroll):
+    """Scrolls when the reasons outgrow the space the arms leave it."""
+
+    def compose(self):  # type: ignore[override]
+        yield Static("", id="verdict-body")
+
+    def show_state(self, state: Any, now: float, applied: Sequence[str] = (), auto: bool = False) -> None:
+        verdict = state.verdict
+        scenario = getattr(verdict, "scenario", None)
+        for name in ("waiting", "A", "B", "C", "mismatch"):
+            self.set_class(scenario == name, f"-scenario-{name}")
+        if verdict is None or scenario == "waiting":
+            self.border_title = "verdict: waiting"
+            body = waiting_view(state, now)
+        else:
+            self.border_title = f"verdict: scenario {scenario}"
+            body = verdict_view(verdict, applied, auto)
+        self.query_one("#verdict-body", Static).update(body)

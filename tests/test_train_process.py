@@ -1,0 +1,90 @@
+"""`python -m gputwin.train ARM_DIR` as the launcher runs it: a process stopped by a signal or a control file."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from gputwin import control, events
+from gputwin.train import faults
+from tiny import World, make_arm
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory: pytest.TempPathFactory) -> World:
+    return World(tmp_path_factory.mktemp("world"))
+
+
+def start(arm: Path) -> subprocess.Popen[str]:
+    env = {k: v for k, v in os.environ.items() if k != faults.ENV_VAR}
+    env.update(CUDA_VISIBLE_DEVICES="", GPUTWIN_THREADS="1", PYTHONUNBUFFERED="1")
+    return subprocess.Popen([sys.executable, "-m", "gputwin.train", str(arm)], env=env, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+
+
+def wait_for_step(arm: Path, proc: subprocess.Popen[str], step: int) -> None:
+    """Block until the trainer has reported `step` (or has ended, which the caller's asserts then catch)."""
+    while proc.poll() is None:
+        got = [e for e in events.read_events(arm / "events.jsonl").events if e.kind == events.STEP]
+        if got and got[-1]["step"] >= step:
+            return
+        time.sleep(0.05)
+
+
+def finish(proc: subprocess.Popen[str]) -> tuple[int, str]:
+    try:
+        _, err = proc.communicate(timeout=120)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        raise
+    return proc.returncode, err
+
+
+@pytest.mark.parametrize("how", ["sigterm", "control"])
+def test_a_running_trainer_stops_after_its_step_with_a_checkpoint(world: World, tmp_path: Path, how: str) -> None:
+    arm = make_arm(tmp_path, world.profile("tag", epochs=100, checkpoint_every=1000))  # 600 steps: far from done
+    proc = start(arm)
+    wait_for_step(arm, proc, 2)
+    if how == "sigterm":
+        proc.send_signal(signal.SIGTERM)
+    else:
+        control.write_request(arm / "control", control.STOP, by="cli")
+    code, err = finish(proc)
+    assert code == 0, err
+    evs = events.read_events(arm / "events.jsonl").events
+    stopped = evs[-1]
+    assert stopped.kind == events.STOPPED, err
+    assert stopped["by"] == ("signal" if how == "sigterm" else "cli")
+    assert stopped["reason"] == ("SIGTERM" if how == "sigterm" else "requested")
+    last_step = [e for e in evs if e.kind == events.STEP][-1]["step"]
+    assert 2 <= stopped["step"] == last_step < 600
+    assert Path(stopped["checkpoint"]).name == f"step-{last_step:06d}"
+    assert (Path(stopped["checkpoint"]) / "checkpoint.json").is_file()
+
+
+def test_an_unreadable_profile_fails_as_a_user_error(world: World, tmp_path: Path) -> None:
+    arm = make_arm(tmp_path, world.profile("tag"))
+    (arm / "profile.json").write_text('{"name": "arm"}')  # readable JSON, not a profile
+    code, err = finish(start(arm))
+    assert code == 2 and "profile.json" in err and "Traceback" not in err
+    failed = events.read_events(arm / "events.jsonl").events[-1]
+    assert failed.kind == events.FAILED and "profile.json" in failed["message"] and failed["hint"]
+
+
+def test_an_internal_error_is_reported_then_raised_with_its_traceback(world: World, tmp_path: Path) -> None:
+    profile = world.profile("tag")
+    broken = profile.to_dict()
+    broken["train"]["batch_size"] = 0  # profile.json is trusted input: nothing re-checks it
+    arm = make_arm(tmp_path, type(profile).from_dict(broken))
+    code, err = finish(start(arm))
+    assert code == 1 and "Traceback" in err and "ZeroDivisionError" in err
+    failed = events.read_events(arm / "events.jsonl").events[-1]
+    assert failed.kind == events.FAILED and failed["error"] == "ZeroDivisionError" and "traceback" in failed["hint"]
