@@ -63,10 +63,10 @@ class Probe(transformers.TrainerCallback):
             control.write_request(self.exp.arm(self.arm).control, self.action, epochs=self.epochs, by="cli")
 
 
-def train(tmp_path: Path, callback: Any, probe: Probe, epochs: int = 2) -> Any:
+def train(tmp_path: Path, callback: Any, probe: Probe, epochs: int = 2, logging_steps: int = 1) -> Any:
     args = transformers.TrainingArguments(
         output_dir=str(tmp_path / "out"), per_device_train_batch_size=BATCH, num_train_epochs=epochs,
-        logging_steps=1, save_strategy="steps", save_steps=4, report_to="none", use_cpu=True,
+        logging_steps=logging_steps, save_strategy="steps", save_steps=4, report_to="none", use_cpu=True,
         disable_tqdm=True, learning_rate=1e-3, seed=3,
     )
     trainer = transformers.Trainer(model=tiny_model(), args=args, train_dataset=dataset(),
@@ -149,8 +149,11 @@ def test_stop_ends_training_with_a_checkpoint_and_extend_is_refused_politely(
 def test_validate_now_flags_the_request_for_the_script(tmp_path: Path, capfd: pytest.CaptureFixture[str]) -> None:
     exp = ExperimentPaths(tmp_path / "logs" / "hf")
     callback = GputwinCallback(exp.root, "a")
-    train(tmp_path, callback, Probe(exp, "a", request_at=1, action=control.VALIDATE), epochs=1)
+    train(tmp_path, callback, Probe(exp, "a", request_at=1, action=control.VALIDATE), epochs=1, logging_steps=4)
     assert callback.validation_requested
+    steps = [e for e in kinds(exp, "a") if e.kind == ev.STEP]
+    assert (steps[0]["step"], steps[0]["loss"]) == (1, None)  # progress between logged losses
+    assert steps[-1]["step"] == 4 and steps[-1]["loss"] is not None
     assert "call callback.log_validation" in capfd.readouterr().err
     callback.log_validation({"precision": 1.0, "recall": 1.0, "f1": 1.0})
     assert not callback.validation_requested

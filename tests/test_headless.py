@@ -3,10 +3,11 @@ applying the verdict once when the rules say so; exit 3 when an arm crashed; a r
 
 from __future__ import annotations
 
-import dataclasses
 import io
 import json
+import os
 import shutil
+import signal
 import sys
 import time
 from pathlib import Path
@@ -84,9 +85,6 @@ def logs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
     for pid_file in root.glob("*/*/pid"):  # kill what this test started, if it is still there
         recorded = supervise.read_pid(ArmPaths(pid_file.parent))
         if recorded and supervise.process_alive(*recorded):
-            import os
-            import signal
-
             os.kill(recorded[0], signal.SIGKILL)
 
 
@@ -162,7 +160,9 @@ def test_progress_lines_repeat_on_the_interval_and_validations_print_once(tmp_pa
     now[0] += 5
     assert watch.step() is None
     text = out.getvalue()
-    assert sum(1 for line in text.splitlines() if "  a  " in line or line.split()[1:2] == ["a"]) == 2
+    progress_of_a = [line for line in text.splitlines() if line.split()[1:3] == ["a", "stopped"]]
+    expected = [time.strftime("%H:%M:%S", time.localtime(T0 + s)) for s in (20, 30)]  # at 0 s and 10 s, not 5 s
+    assert [line.split()[0] for line in progress_of_a] == expected
     assert text.count("a: validation at step 8") == 1
     assert "Verdict" not in text
 
@@ -173,9 +173,8 @@ def test_apply_carries_out_the_verdict_once_and_waits_for_the_arms(tmp_path: Pat
     # a is still training (its trainer answers requests); b's trainer has exited after finishing
     exp = launcher.start_experiment(experiment, root=logs, commands={
         "a": answering_trainer(ArmPaths(logs / "rec" / "a")), "b": [sys.executable, "-c", "pass"]})
-    supervise_b = exp.arm("b")
     deadline = time.monotonic() + 60
-    while supervise.read_exit(supervise_b) is None and time.monotonic() < deadline:
+    while supervise.read_exit(exp.arm("b")) is None and time.monotonic() < deadline:
         time.sleep(0.02)
     record_arm(exp.arm("a"), WEAK, end=None)
     record_arm(exp.arm("b"), STRONG, end=ev.FINISHED)
@@ -188,13 +187,15 @@ def test_apply_carries_out_the_verdict_once_and_waits_for_the_arms(tmp_path: Pat
     assert "Stop requested for a" in text and "Extending b by 1 epoch(s): it was finished" in text
     taken = [(r["action"], r["arm"], r["epochs"], r["by"]) for r in launcher.read_actions(exp)]
     assert taken == [("stop", "a", 0, "auto"), ("extend", "b", 1, "auto")]
+    last_lines = text.splitlines()[-3:]  # where each arm ended, then the conclusion
+    assert last_lines[0].split()[1:3] == ["a", "stopped"]
+    assert last_lines[1].split()[1:3] == ["b", "finished"] and "step 16/16" in last_lines[1]
+    assert last_lines[2] == "All arms of rec have ended."
     b_log = [e.kind for e in ev.read_events(exp.arm("b").events).events]
     assert b_log[-2:] == [ev.EXTENDED, ev.FINISHED]  # the respawned trainer applied the extension
     assert [e.kind for e in ev.read_events(exp.arm("a").events).events][-1] == ev.STOPPED
 
     again = io.StringIO()  # a second monitor on the same experiment does not apply again
-    for arm in exp.arms():  # (make the verdict form again from the same files)
-        pass
     monitor = headless.Monitor(exp, experiment.rules, again, time.time)
     monitor.step()
     assert "applied before; not repeating them" in again.getvalue()
@@ -253,4 +254,3 @@ sample_size = 8
     exp = ExperimentPaths(logs / "tiny")
     assert exp.comparison.is_file()
     assert [launcher.arm_status(a) for a in exp.arms()] == [launcher.FINISHED, launcher.FINISHED]
-    assert dataclasses.is_dataclass(launcher.demo_experiment(root=logs))  # the demo loads next to it

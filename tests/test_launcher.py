@@ -42,9 +42,9 @@ def wait_for(predicate: Callable[[], bool], what: str, limit_s: float = 60.0) ->
 
 
 def profile(name: str, tmp_path: Path, **train_fields: object) -> Profile:
-    base = tiny.profile_for(tmp_path / "model", tmp_path / "train.jsonl", tmp_path / "test.jsonl", name=name,
+    """A CPU profile; its files need not exist for the stand-in trainers used here."""
+    return tiny.profile_for(tmp_path / "model", tmp_path / "train.jsonl", tmp_path / "test.jsonl", name=name,
                             **train_fields)
-    return base
 
 
 def experiment(tmp_path: Path, name: str = "exp", *arms: Profile) -> Experiment:
@@ -68,10 +68,10 @@ def start_sleepers(tmp_path: Path, logs: Path, name: str = "exp") -> ExperimentP
     return launcher.start_experiment(experiment(tmp_path, name), root=logs, commands={"a": SLEEPER, "b": SLEEPER})
 
 
-def record_events(arm: ArmPaths, *kinds: str) -> None:
+def record_events(arm: ArmPaths, *kinds: str, pid: int = 1) -> None:
     """Append a plausible life to an arm's log, ending with the given kinds (stopped, finished, ...)."""
     with ev.EventWriter(arm.events) as writer:
-        writer.emit(ev.STARTED, arm=arm.name, pid=1, device="cpu", samples=24, steps_per_epoch=6, total_steps=6,
+        writer.emit(ev.STARTED, arm=arm.name, pid=pid, device="cpu", samples=24, steps_per_epoch=6, total_steps=6,
                     milestone_step=3)
         writer.emit(ev.STEP, step=1, epoch=0.17, loss=2.0, lr=1e-3)
         for kind in kinds:
@@ -281,6 +281,59 @@ def test_extend_of_a_finished_arm_writes_the_request_then_respawns(tmp_path: Pat
     assert launcher.arm_alive(b)
     request = only_request(b)
     assert (request.action, request.epochs) == (control.EXTEND, 1)
+
+
+def test_stop_is_refused_once_the_trainer_has_ended_its_log_but_not_for_an_older_life(
+        tmp_path: Path, logs: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    exp = start_sleepers(tmp_path, logs)
+    record_events(exp.arm("a"), ev.FINISHED, pid=1)  # an older life's end does not make it "exiting"
+    launcher.request_validate(exp, "a")
+    record_events(exp.arm("a"), ev.FINISHED, pid=supervise.read_pid(exp.arm("a"))[0])  # type: ignore[index]
+    with pytest.raises(UserError, match="it has finished and is exiting"):
+        launcher.request_stop(exp, "a")
+    launcher.request_stop(exp, "b")
+    with pytest.raises(UserError, match="stop request waiting already"):
+        launcher.request_stop(exp, "b")
+    end_arm(exp.arm("a"))
+    monkeypatch.setattr(supervise, "trainer_command", lambda arm: SLEEPER)
+    launcher.request_extend(exp, "a", 1)  # a new life that has not logged yet: the old end no longer counts
+    assert "Stop requested" in launcher.request_stop(exp, "a")
+
+
+# Waits until the file `go` appears, then exits 0; a life that finds an extend request waiting answers it.
+GO_TRAINER = """
+import sys, time
+from pathlib import Path
+from gputwin import control, events as ev
+arm = Path(sys.argv[1])
+for path, request in control.pending(arm / "control"):
+    if {answer} and request.action == control.EXTEND:
+        control.consume(path)
+        with ev.EventWriter(arm / "events.jsonl") as log:
+            log.emit(ev.EXTENDED, step=6, epochs=2, total_steps=12)
+        sys.exit(0)
+while not (arm / "go").exists():
+    time.sleep(0.02)
+"""
+
+
+@pytest.mark.parametrize("answers", [True, False])
+def test_an_extend_that_arrives_while_the_trainer_ends_restarts_it_once(tmp_path: Path, logs: Path,
+                                                                       answers: bool) -> None:
+    command = [sys.executable, "-c", GO_TRAINER.format(answer=answers), str(logs / "exp" / "a")]
+    exp = launcher.start_experiment(experiment(tmp_path), root=logs, commands={"a": command, "b": SLEEPER})
+    a = exp.arm("a")
+    record_events(a, ev.FINISHED, pid=supervise.read_pid(a)[0])  # type: ignore[index]  # on its way out
+    assert "Extend requested" in launcher.request_extend(exp, "a", 1)
+    (a.root / "go").touch()
+    wait_for(lambda: supervise.read_exit(a) is not None, "the supervisor to record the end")
+    assert supervise.read_exit(a) == 0
+    assert a.stderr.read_text().count("starting it again") == 1  # never twice for one request
+    kinds = [e.kind for e in ev.read_events(a.events).events]
+    if answers:
+        assert kinds[-1] == ev.EXTENDED and control.pending(a.control) == []
+    else:  # a trainer that ignores it does not loop forever; the request waits for the next life
+        assert kinds[-1] == ev.FINISHED and only_request(a).action == control.EXTEND
 
 
 def test_arms_of_a_users_own_trainer_script_are_not_respawned(tmp_path: Path, logs: Path) -> None:

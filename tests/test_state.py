@@ -42,7 +42,7 @@ def test_fold_seed_midrun() -> None:
     a, b = fixture_arm("seed-midrun", "conservative"), fixture_arm("seed-midrun", "aggressive")
     assert (a.status, a.step, a.total_steps, a.milestone_step, a.steps_per_epoch) == ("training", 400, 1758, 879, 879)
     assert (b.status, b.step, b.total_steps, b.milestone_step) == ("training", 233, 879, 879)
-    assert (a.device, a.gpu_index, b.device, b.gpu_index) == ("cuda:0", 0, "cuda:1", 1)
+    assert (a.device, a.gpu_index, b.gpu_index) == ("cuda:0 NVIDIA GeForce RTX 3090", 0, 1)
     assert a.last_checkpoint is not None and a.last_checkpoint.step == 400
     assert b.last_checkpoint is not None and b.last_checkpoint.step == 200
     assert a.validations == [] and not a.milestone_reached
@@ -88,6 +88,13 @@ def test_milestone_validation_and_end() -> None:
     assert s.actions[0].by == "key"
     apply(s, event(ev.STOPPED, 43.0, step=101))
     assert s.status == "stopped" and s.step == 101 and s.ended
+
+
+@pytest.mark.parametrize("device, index", [
+    ("cuda:1 NVIDIA H200", 1), ("cuda:0", 0), ("cuda", 0), ("cuda:12", 12), ("cpu", None), (3, 3),
+])
+def test_gpu_index_from_the_started_device(device: object, index: int | None) -> None:
+    assert fold("a", [started(0.0, device=device)]).gpu_index == index
 
 
 def test_restart_after_failure_clears_it() -> None:

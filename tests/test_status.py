@@ -42,7 +42,7 @@ def test_text_midrun() -> None:
     code, text = status("seed-midrun")
     assert code == 0
     assert "pii-seed  (2 arms)" in text
-    assert "conservative [baseline]  TRAINING  cuda:0  pid 48210" in text
+    assert "conservative [baseline]  TRAINING  cuda:0 NVIDIA GeForce RTX 3090  pid 48210" in text
     assert "step 400/1758 (22.8%)" in text and "step 233/879 (26.5%)" in text
     assert "milestone 879: 45.5%  ETA 09:09 (4m 4" in text  # 479 steps at 0.6 s after the last step
     assert "end 1758: ETA 09:18 (13m)" in text
@@ -75,10 +75,11 @@ def test_verdict_fixture_shows_validations() -> None:
     assert a["last_validation"]["step"] == b["last_validation"]["step"] == 879
     assert b["last_validation"]["f1"] > a["last_validation"]["f1"]
     verdict = summary["verdict"]
-    assert verdict is None or verdict["scenario"] == "A"
+    assert verdict["scenario"] == "A" and verdict["winner"] == "aggressive"
     _, text = status("seed-verdict")
     assert "validation at step 879 on 500 samples: precision 91.5%  recall 84.2%  F1 87.7%" in text
     assert "milestone 879: reached, validated" in text
+    assert "verdict: A: aggressive is clearly better" in text
 
 
 def test_crashed_fixture_exit_code_and_details() -> None:

@@ -224,7 +224,7 @@ def test_the_milestone_saves_an_adapter_and_validates(world: World, tmp_path: Pa
     assert evs[at]["step"] == 4
     assert kinds(evs)[at:at + 3] == [events.MILESTONE, events.CHECKPOINT, events.VALIDATION]
     validation = evs[at + 2]
-    assert validation["step"] == 4 and validation["reason"] == "milestone" and validation["samples"] == 4
+    assert validation["step"] == 4 and validation["reason"] == "milestone" and validation["sample_size"] == 4
     for key in ("precision", "recall", "f1"):
         assert 0.0 <= validation[key] <= 1.0
     written = json.loads(Path(validation["path"]).read_text())
@@ -251,3 +251,33 @@ def test_the_generate_head_validates_at_the_milestone(world: World, tmp_path: Pa
     validation = next(e for e in log(arm) if e.kind == events.VALIDATION)
     assert validation["step"] == 6 and Path(validation["path"]).is_file()
     assert log(arm)[-1].kind == events.FINISHED
+
+
+@pytest.mark.parametrize("task", ["generate", "tag"])
+def test_a_fast_engine_profile_trains_to_the_end(world: World, tmp_path: Path, task: str) -> None:
+    """train.engine = "fast" runs wherever the plain engine does (falling back to it where needed)."""
+    arm = make_arm(tmp_path, world.profile(task, engine="fast"))
+    assert train(arm) == 0
+    evs = log(arm)
+    assert evs[0]["engine"] in ("fast", "plain") and evs[-1].kind == events.FINISHED
+    assert [e["step"] for e in steps(evs)] == list(range(1, 7))
+    assert all(e["loss"] > 0 for e in steps(evs))
+
+
+def test_a_validation_that_fails_loses_no_training_and_runs_again_on_resume(world: World, tmp_path: Path) -> None:
+    profile = world.profile("tag", milestone_step=3)
+    broken = profile.to_dict()
+    broken["data"]["test"] = str(tmp_path / "missing-test.jsonl")
+    arm = make_arm(tmp_path, type(profile).from_dict(broken))
+    assert train(arm) == 2
+    evs = log(arm)
+    assert kinds(evs)[-3:] == [events.MILESTONE, events.CHECKPOINT, events.FAILED]
+    assert "missing-test.jsonl" in evs[-1]["message"] and evs[-1]["step"] == 3
+
+    make_arm(tmp_path, profile)  # the test file put right
+    assert train(arm) == 0
+    later = log(arm)[len(evs):]
+    # the checkpoint of step 3 is already there: validation follows the milestone at once
+    assert kinds(later)[:4] == [events.STARTED, events.RESUMED, events.MILESTONE, events.VALIDATION]
+    assert later[1]["step"] == 3 and later[3]["step"] == 3
+    assert [e["step"] for e in steps(later)] == [4, 5, 6] and later[-1].kind == events.FINISHED

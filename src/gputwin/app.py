@@ -7,11 +7,9 @@ never stops it.
 
 from __future__ import annotations
 
-import copy
 import math
 import threading
 import time
-from pathlib import Path
 from typing import Any, Callable, Protocol
 
 from textual import work
@@ -26,8 +24,9 @@ from .errors import UserError
 from .headless import AUTO
 from .paths import ExperimentPaths
 from .state import ArmState, ExperimentState
-from .tailer import ExperimentWatcher
 from .widgets.arm_pane import ArmPane
+from .widgets.feed import ExperimentFeed
+from .widgets.formatting import display_path
 from .widgets.log_view import LogView
 from .widgets.messages import LogTailRead, StateUpdated
 from .widgets.modals import ConfirmScreen, HelpScreen
@@ -36,8 +35,6 @@ from .widgets.verdict_pane import VerdictPane, changing_actions
 
 POLL_S = 0.3  # how often the watcher reads the files (the screen updates only when they changed)
 DEVICE_S = 1.0  # device panels follow the sampler's 1 Hz
-LOG_LINES = 200  # stderr lines the log view shows
-LOG_TAIL_BYTES = 64 * 1024
 PANE_MIN_WIDTH = 48  # columns an arm pane needs before another fits beside it
 BY = "ui"  # who asked, as recorded in control files and actions.jsonl
 
@@ -52,36 +49,17 @@ class SamplerLike(Protocol):
     def set_pids(self, pids: Any) -> None: ...
 
 
-def read_tail(path: Path, lines: int = LOG_LINES) -> list[str]:
-    """The last `lines` lines of a text file that may be growing; [] when it is not there."""
-    try:
-        with open(path, "rb") as fh:
-            size = fh.seek(0, 2)
-            fh.seek(max(0, size - LOG_TAIL_BYTES))
-            data = fh.read()
-    except FileNotFoundError:
-        return []
-    text = data.decode("utf-8", errors="replace").splitlines()
-    if size > LOG_TAIL_BYTES and text:
-        text = text[1:]  # the first line is probably cut
-    return text[-lines:]
-
-
-def _action_line(entry: dict[str, Any]) -> str:
-    epochs = f" by {entry['epochs']} epoch(s)" if entry.get("action") == "extend" and entry.get("epochs") else ""
-    return f"{entry.get('action')} {entry.get('arm')}{epochs} (by {entry.get('by')})"
-
-
 class GputwinApp(App[None]):
     """Watches one experiment folder."""
 
     TITLE = "gputwin"
+    ENABLE_COMMAND_PALETTE = False  # every action has its own key; ? lists them
     CSS_PATH = "widgets/gputwin.tcss"
     BINDINGS = [
         Binding("s", "stop", "Stop"),
-        Binding("e", "extend", "Extend +1 epoch"),
-        Binding("v", "validate", "Validate now"),
-        Binding("a", "apply", "Apply verdict"),
+        Binding("e", "extend", "Extend"),
+        Binding("v", "validate", "Validate"),
+        Binding("a", "apply", "Apply"),
         Binding("r", "report", "Report"),
         Binding("l", "toggle_log", "Log"),
         Binding("R", "resume", "Resume"),
@@ -123,7 +101,7 @@ class GputwinApp(App[None]):
     # ------------------------------------------------------------ layout
 
     def compose(self) -> ComposeResult:
-        yield Static(f"gputwin · {self.exp.name} · {self.exp.root}", id="top-bar")
+        yield Static(f"gputwin · {self.exp.name} · {display_path(self.exp.root)}", id="top-bar")
         with Container(id="arms"):
             yield Static(f"Reading {self.exp.root} …", id="loading")
         yield VerdictPane(id="verdict", can_focus=False)
@@ -155,50 +133,32 @@ class GputwinApp(App[None]):
 
     @work(thread=True, exclusive=True, exit_on_error=False, group="watch", name="watch experiment")
     def watch_files(self) -> None:
-        """Poll the watcher; post a copy of the state when something changed and the last one was shown."""
+        """Poll the files; post a copy of the state when something changed and the last one was shown
+        (so a slow screen never queues a backlog of stale states)."""
         worker = get_current_worker()
-        watcher = ExperimentWatcher(self.exp, self.clock)
+        feed = ExperimentFeed(self.exp, self.clock)
         changed: set[str] = set()
         first = True
-        actions_mtime: float | None = None
-        applied: list[str] = []
-        log_key: tuple[str, int, float] | None = None
         while not worker.is_cancelled and not self._stop_polling.is_set():
-            changed |= watcher.poll()
-            if watcher.state.verdict is not None:
-                mtime = _mtime(self.exp.root / launcher.ACTIONS_FILE)
-                if mtime != actions_mtime:
-                    actions_mtime = mtime
-                    applied = [_action_line(a) for a in launcher.read_actions(self.exp)]
-                    changed.add("")
+            changed |= feed.poll()
             if (changed or first) and not self._update_pending.is_set():
                 self._update_pending.set()
-                self.post_message(StateUpdated(copy.deepcopy(watcher.state), frozenset(changed), list(applied)))
+                state, applied = feed.snapshot()
+                self.post_message(StateUpdated(state, frozenset(changed), applied))
                 changed, first = set(), False
-            log_key = self._tail_log(log_key)
+            arm = self._log_arm
+            tail = feed.stderr_tail(arm)
+            if arm is not None and tail is not None:
+                self.post_message(LogTailRead(arm, *tail))
             self._stop_polling.wait(POLL_S)
-
-    def _tail_log(self, last: tuple[str, int, float] | None) -> tuple[str, int, float] | None:
-        arm = self._log_arm
-        if arm is None:
-            return None
-        path = self.exp.arm(arm).stderr
-        try:
-            info = path.stat()
-            key = (arm, info.st_size, info.st_mtime)
-        except FileNotFoundError:
-            key = (arm, -1, 0.0)
-        if key != last:
-            self.post_message(LogTailRead(arm, path, read_tail(path)))
-        return key
 
     # ------------------------------------------------------------ showing the state
 
-    def on_state_updated(self, message: StateUpdated) -> None:
+    async def on_state_updated(self, message: StateUpdated) -> None:
         previous, state = self.state, message.state
         self.state = state
         self.applied = message.applied or self.applied
-        self._ensure_panes(state)
+        await self._ensure_panes(state)
         now = self.clock()
         with self.batch_update():
             for pane in self.query(ArmPane):
@@ -217,15 +177,14 @@ class GputwinApp(App[None]):
         self._update_pending.clear()
         self.refresh_devices()
 
-    def _ensure_panes(self, state: ExperimentState) -> None:
+    async def _ensure_panes(self, state: ExperimentState) -> None:
         shown = {pane.arm_name for pane in self.query(ArmPane)}
         new = [name for name in state.arms if name not in shown]
         if not new:
             return
         arms = self.query_one("#arms")
-        for loading in self.query("#loading"):
-            loading.remove()
-        arms.mount_all(ArmPane(name, len(shown) + i + 1) for i, name in enumerate(new))
+        await self.query("#loading").remove()
+        await arms.mount_all(ArmPane(name, len(shown) + i + 1, self.exp.root) for i, name in enumerate(new))
         self._arrange()
         if self._focused_arm is None:
             self.call_after_refresh(self.action_focus_arm, 1)
@@ -239,7 +198,7 @@ class GputwinApp(App[None]):
         if rules is not None:
             self.query_one("#top-bar", Static).update(
                 f"gputwin · {self.state.name} · baseline {rules.baseline} · on verdict: {rules.on_verdict}"
-                f" · {self.exp.root}")
+                f" · {display_path(self.exp.root)}")
 
     def _announce(self, before: ExperimentState, after: ExperimentState) -> None:
         """Bell and a notification for each new validation and for the verdict when it forms."""
@@ -269,23 +228,7 @@ class GputwinApp(App[None]):
         for pane in self.query(ArmPane):
             arm = self.state.arms.get(pane.arm_name)
             if arm is not None:
-                self._show_device(pane, arm, gpus, cpus)
-
-    def _show_device(self, pane: ArmPane, arm: ArmState, gpus: dict[int, Any], cpus: dict[int, Any]) -> None:
-        panel = pane.device_panel
-        if arm.gpu_index is not None:
-            sample = gpus.get(arm.gpu_index)
-            if sample is not None:
-                panel.show_gpu(sample, self.sampler.gpu_history(arm.gpu_index), arm.pid)  # type: ignore[union-attr]
-            else:
-                reason = getattr(getattr(self.sampler, "nvml", None), "reason", None)
-                panel.show_nothing(f"GPU {arm.gpu_index}", f"no NVML reading here{f' ({reason})' if reason else ''}")
-        elif arm.pid is None or arm.ended:
-            panel.show_nothing("CPU", f"the arm's process is not running ({arm.status})")
-        elif arm.pid in cpus:
-            panel.show_cpu(cpus[arm.pid], self.sampler.cpu_history(arm.pid))  # type: ignore[union-attr]
-        else:
-            panel.show_nothing("CPU", f"no reading of pid {arm.pid} yet")
+                pane.device_panel.show_for(arm, self.sampler, gpus, cpus)
 
     # ------------------------------------------------------------ focus
 
@@ -368,7 +311,7 @@ class GputwinApp(App[None]):
                         + "; ".join(a.describe() for a in verdict.actions), title="apply: nothing to do",
                         severity="warning")
             return
-        self._confirm(apply_prompt(verdict), "Apply", lambda: self._apply_actions(verdict, BY))
+        self._confirm(apply_prompt(verdict, self.applied), "Apply", lambda: self._apply_actions(verdict, BY))
 
     def _apply_actions(self, verdict: Any, by: str) -> str:
         messages = launcher.apply_actions(self.exp, verdict, by=by)
@@ -392,6 +335,7 @@ class GputwinApp(App[None]):
             self.notify("No arm to show the log of yet.", severity="warning")
             return
         log.set_class(shown, "-shown")
+        self.screen.set_class(shown, "-log")
         self._log_arm = arm.name if arm is not None else None
 
     def action_help(self) -> None:
@@ -410,10 +354,9 @@ class GputwinApp(App[None]):
 
     # ------------------------------------------------------------ acting (worker threads)
 
-    @work(thread=True, exit_on_error=False, group="control")
-    def run_control(self, act: Callable[[], str], what: str) -> str:
+    def run_control(self, act: Callable[[], str], what: str) -> Worker[str]:
         """Launcher calls read and write files and may start a process: never on the UI thread."""
-        return act()
+        return self.run_worker(act, name=what, group="control", thread=True, exit_on_error=False)
 
     def _maybe_apply_automatically(self, state: ExperimentState) -> None:
         """rules.on_verdict = "apply": carry out the verdict's actions once (across re-attaches too)."""
@@ -425,8 +368,10 @@ class GputwinApp(App[None]):
         self._auto_started = True
 
         def apply_once() -> str:
-            if launcher.actions_applied_by(self.exp, AUTO):
-                return "The verdict's actions were applied automatically before; not repeating them."
+            taken = launcher.read_actions(self.exp)
+            if taken:
+                who = ", ".join(sorted({str(a.get("by")) for a in taken}))
+                return f"Verdict actions were already taken (by {who}); not applying them again."
             return "Applied the verdict automatically (rules.on_verdict = \"apply\"):\n" + self._apply_actions(verdict, AUTO)
 
         self.run_control(apply_once, "apply automatically")
@@ -444,13 +389,6 @@ class GputwinApp(App[None]):
             else:
                 what = "reading the experiment stopped" if worker.group == "watch" else f"{worker.name} failed"
                 self.notify(f"{what}: {type(error).__name__}: {error}", title="Error", severity="error", timeout=60)
-
-
-def _mtime(path: Path) -> float | None:
-    try:
-        return path.stat().st_mtime
-    except FileNotFoundError:
-        return None
 
 
 def make_app(exp: ExperimentPaths, *, clock: Callable[[], float] = time.time,

@@ -57,7 +57,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="the embedded CPU demo: two arms to a verdict in a few minutes")
     p.add_argument("--headless", action="store_true", help="print progress lines instead of the UI")
 
-    p = sub.add_parser("status", help="one-shot summary of an experiment (for scripts, cron and SSH)")
+    p = sub.add_parser("status", help="one-shot summary of an experiment (for scripts, cron and SSH)",
+                       description="One-shot summary of an experiment. Exit status: 0; 3 when an arm crashed or "
+                       "failed; 2 on a user error.")
     p.add_argument("name", nargs="?", help="experiment name (default: the most recent one)")
     p.add_argument("--json", action="store_true", help="machine-readable output")
 

@@ -65,7 +65,8 @@ def prompt_ids(text: str, tokenizer: Any) -> list[int]:
     return list(tokenizer(build_prompt(text, tokenizer), add_special_tokens=add_special)["input_ids"])
 
 
-def _eos_id(tokenizer: Any) -> int:
+def eos_id(tokenizer: Any) -> int:
+    """The id that ends an answer; a tokenizer without one cannot serve the generate task."""
     eos = getattr(tokenizer, "eos_token_id", None)
     if eos is None:
         raise UserError(
@@ -78,7 +79,7 @@ def _eos_id(tokenizer: Any) -> int:
 
 def _answer_ids(entities: Sequence[Entity], tokenizer: Any) -> list[int]:
     ids = tokenizer(answer_text(entities), add_special_tokens=False)["input_ids"]
-    return list(ids) + [_eos_id(tokenizer)]
+    return list(ids) + [eos_id(tokenizer)]
 
 
 def _text_cut(text: str, tokenizer: Any, n_tokens: int) -> str:

@@ -17,6 +17,7 @@ from typing import Any, Callable, TextIO
 from . import eta as eta_mod
 from .paths import ExperimentPaths
 from .profiles import Rules
+from .state import CRASHED
 from .supervise import arm_alive
 
 PROGRESS_EVERY_S = 10.0
@@ -39,7 +40,7 @@ def progress_line(arm: Any, now: float) -> str:
     if not arm.ended:
         finish = eta_mod.eta(arm, arm.total_steps, now)
         parts.append(f"ETA {finish.clock} ({finish.human})" if finish else "ETA -")
-        if arm.milestone_step and arm.step < arm.milestone_step:
+        if arm.milestone_step and arm.step < arm.milestone_step < (arm.total_steps or 0):
             milestone = eta_mod.eta(arm, arm.milestone_step, now)
             if milestone:
                 parts.append(f"milestone {milestone.clock}")
@@ -81,9 +82,9 @@ class Monitor:
     watcher: Any = None
 
     def __post_init__(self) -> None:
-        from .state import ExperimentWatcher
+        from .tailer import ExperimentWatcher
 
-        self.watcher = ExperimentWatcher(self.exp)
+        self.watcher = ExperimentWatcher(self.exp, clock=self.clock)
 
     def say(self, line: str = "") -> None:
         print(line, file=self.out, flush=True)
@@ -93,11 +94,9 @@ class Monitor:
         self.watcher.poll()
         state = self.watcher.state
         now = self.clock()
-        if self.last_progress is None or now - self.last_progress >= self.progress_every:
-            stamp = time.strftime("%H:%M:%S", time.localtime(now))
-            for arm in state.arms.values():
-                self.say(f"{stamp}  {progress_line(arm, now)}")
-            self.last_progress = now
+        printed = self.last_progress is None or now - self.last_progress >= self.progress_every
+        if printed:
+            self._progress(now)
         for arm in state.arms.values():
             for point in arm.validations:
                 key = (arm.name, point.step, point.t)
@@ -109,16 +108,32 @@ class Monitor:
             acted = self._verdict(state.verdict)
         if acted or not state.all_ended or any(arm_alive(a) for a in self.exp.arms()):
             return None
+        if not printed:
+            self._progress(now)  # where each arm ended
         if not self.verdict_done:
-            missing = [a.name for a in state.arms.values() if not a.validations]
-            self.say(f"No verdict: no validation result from {', '.join(missing)}.")
-        crashed = [a.name for a in state.arms.values() if a.status == "crashed"]
+            self.say(f"No verdict: {self._no_verdict_reason()}.")
+        crashed = [a.name for a in state.arms.values() if a.status == CRASHED]
         if crashed:
             self.say(f"Crashed or failed: {', '.join(crashed)} (see stderr.log in each arm's folder; "
                      f"`gputwin resume ARM -x {self.exp.name}` restarts one).")
             return EXIT_ARM_CRASHED
         self.say(f"All arms of {self.exp.name} have ended.")
         return 0
+
+    def _no_verdict_reason(self) -> str:
+        state = self.watcher.state
+        missing = [a.name for a in state.arms.values() if not a.validations]
+        if len(state.arms) < 2:
+            return "a verdict compares two or more arms"
+        if missing:
+            return f"no validation result from {', '.join(missing)}"
+        return state.verdict.headline if state.verdict is not None else "the validations could not be compared"
+
+    def _progress(self, now: float) -> None:
+        stamp = time.strftime("%H:%M:%S", time.localtime(now))
+        for arm in self.watcher.state.arms.values():
+            self.say(f"{stamp}  {progress_line(arm, now)}")
+        self.last_progress = now
 
     def _verdict(self, verdict: Any) -> bool:
         """Print the verdict, write the report, apply the actions when the rules say so (all once).
@@ -130,8 +145,7 @@ class Monitor:
         self.verdict_done = True
         for line in verdict_lines(verdict):
             self.say(line)
-        written = write_report(self.exp.root)
-        self.say(f"Report: {self._paths_text(written)}")
+        self.say("Report: " + ", ".join(str(p) for p in write_report(self.exp.root)))
         rules = self.rules or self.watcher.state.rules
         if rules is None or rules.on_verdict != "apply" or not verdict.actions:
             return False
@@ -144,13 +158,6 @@ class Monitor:
         for message in apply_actions(self.exp, verdict, by=AUTO):
             self.say(f"  {message}")
         return True
-
-    def _paths_text(self, written: Any) -> str:
-        if isinstance(written, (list, tuple)):
-            return ", ".join(str(p) for p in written)
-        if written:
-            return str(written)
-        return f"{self.exp.comparison}, {self.exp.verdict}"
 
 
 def monitor(exp: ExperimentPaths, *, rules: Rules | None = None, out: TextIO | None = None,

@@ -18,22 +18,23 @@ import time
 from contextlib import contextmanager
 from datetime import datetime
 from pathlib import Path
-from typing import Any, Callable, Iterator, Protocol, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
-from . import control, events, paths
+from . import control, paths
 from .errors import UserError
 from .paths import ArmPaths, ExperimentPaths, make_private_dir
 from .profiles import Experiment, Profile, load_any, load_experiment
-from .supervise import arm_alive, read_exit, read_pid, spawn_supervised, write_atomic
+from .supervise import (CRASHED, ENDED, FAILED, FINISHED, NOT_STARTED, RUNNING, STOPPED, arm_alive, arm_lock,
+                        arm_status, ending, spawn_supervised, supervisor_active, write_atomic)
 
 __all__ = [
     "start_experiment", "spawn_arm", "arm_alive", "arm_status", "request_stop", "request_extend",
-    "request_validate", "resume_arm", "apply_actions", "resolve_experiment", "resolve_arm", "demo_profile",
+    "request_validate", "resume_arm", "apply_actions", "read_actions", "actions_applied_by",
+    "resolve_experiment", "resolve_arm", "demo_profile", "demo_experiment",
+    "RUNNING", "FINISHED", "STOPPED", "FAILED", "CRASHED", "NOT_STARTED", "ENDED",
 ]
 
-RUNNING, FINISHED, STOPPED, FAILED, CRASHED, NOT_STARTED = (
-    "running", "finished", "stopped", "failed", "crashed", "not started")
-ENDED = frozenset({FINISHED, STOPPED, FAILED, CRASHED})
+SUPERVISOR_WAIT_S = 30.0  # how long resume waits for an ending arm's supervisor to record the exit
 ACTIONS_FILE = "actions.jsonl"
 CALLBACK_SOURCE = "hf-trainer:"  # callback.SOURCE_PREFIX: arms run by a user's own HF Trainer script
 DEMO_DATA_DIR = ".demo-data"  # under the logs root: shared by every demo run, never an experiment name
@@ -43,28 +44,6 @@ Say = Callable[[str], None]
 
 def _quiet(_message: str) -> None:
     """Default for `say`: library calls print nothing."""
-
-
-# ---------------------------------------------------------------- arm state
-
-
-def arm_status(arm: ArmPaths) -> str:
-    """running / finished / stopped / failed / crashed / not started, from liveness and the event log.
-
-    A live trainer is running whatever its log says; a dead one is what its last life ended as,
-    and "crashed" when that life ended without a final event (killed, out of memory, power loss).
-    """
-    if arm_alive(arm):
-        return RUNNING
-    status = NOT_STARTED
-    for event in events.read_events(arm.events).events:
-        if event.kind in (events.STOPPED, events.FINISHED, events.FAILED):
-            status = {events.STOPPED: STOPPED, events.FINISHED: FINISHED, events.FAILED: FAILED}[event.kind]
-        elif event.kind in (events.STARTED, events.RESUMED, events.STEP, events.EXTENDED):
-            status = CRASHED  # ran, and no final event (yet): dead now, so it crashed
-    if status == NOT_STARTED and (read_pid(arm) is not None or read_exit(arm) is not None):
-        status = CRASHED
-    return status
 
 
 def _read_profile(arm: ArmPaths) -> Profile:
@@ -246,6 +225,10 @@ def resolve_arm(exp: ExperimentPaths, name: str) -> ArmPaths:
 
 def _running_or_refuse(arm: ArmPaths, what: str) -> None:
     status = arm_status(arm)
+    ended_as = ending(arm) if status == RUNNING else None
+    if ended_as is not None:
+        raise UserError(f"cannot {what} arm {arm.name}: it has {ended_as} and is exiting",
+                        f"`gputwin status` shows it; `gputwin extend {arm.name}` or `resume` continue it afterwards")
     if status != RUNNING:
         hint = {FINISHED: f"it finished; `gputwin extend {arm.name}` trains it further",
                 STOPPED: f"`gputwin resume {arm.name}` restarts it from its last checkpoint",
@@ -258,6 +241,8 @@ def _running_or_refuse(arm: ArmPaths, what: str) -> None:
 def request_stop(exp: ExperimentPaths, arm: str, *, by: str = "cli") -> str:
     target = resolve_arm(exp, arm)
     _running_or_refuse(target, "stop")
+    if any(isinstance(r, control.Request) and r.action == control.STOP for _, r in control.pending(target.control)):
+        raise UserError(f"arm {arm} has a stop request waiting already", "it stops after its current step")
     control.write_request(target.control, control.STOP, by=by)
     return f"Stop requested for {arm}: it finishes its current step, saves a checkpoint and exits."
 
@@ -271,46 +256,53 @@ def request_validate(exp: ExperimentPaths, arm: str, *, by: str = "cli") -> str:
 
 def request_extend(exp: ExperimentPaths, arm: str, epochs: int, *, by: str = "cli") -> str:
     """Running: a control request. Finished or stopped: the request, then a respawn that resumes from
-    the final checkpoint and applies it."""
+    the final checkpoint and applies it. An arm that is just ending gets the request only: its
+    supervisor sees it when the trainer exits and starts the trainer again."""
     if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1:
         raise UserError(f"--epochs must be a whole number >= 1, got {epochs!r}", "e.g. --epochs 1")
     target = resolve_arm(exp, arm)
-    with launch_lock(exp):
+    with launch_lock(exp), arm_lock(target):
         status = arm_status(target)
         if status in (CRASHED, FAILED, NOT_STARTED):
             raise UserError(f"cannot extend arm {arm}: it is {status}",
                             f"`gputwin resume {arm}` first (see {target.stderr}), then extend it")
-        if status != RUNNING:
-            _respawnable_profile(target)
-            _clear_stale_stops(target)
-        control.write_request(target.control, control.EXTEND, epochs=epochs, by=by)
-        if status == RUNNING:
+        if status == RUNNING or supervisor_active(target):
+            control.write_request(target.control, control.EXTEND, epochs=epochs, by=by)
             return f"Extend requested for {arm}: {epochs} more epoch(s), applied after its current step."
+        _respawnable_profile(target)
+        _clear_stale_stops(target)
+        control.write_request(target.control, control.EXTEND, epochs=epochs, by=by)
         pid = _respawn(exp, target)
     return f"Extending {arm} by {epochs} epoch(s): it was {status}; restarted from its last checkpoint (pid {pid})."
+
+
+def _wait_for_supervisor(arm: ArmPaths) -> None:
+    """An arm whose trainer just ended: let its supervisor record the exit before starting a new life."""
+    deadline = time.monotonic() + SUPERVISOR_WAIT_S
+    while supervisor_active(arm) and not arm_alive(arm):
+        if time.monotonic() > deadline:
+            raise UserError(f"arm {arm.name}: its supervisor has not recorded the trainer's end",
+                            "try again in a moment; `gputwin status` shows the arm")
+        time.sleep(0.05)
 
 
 def resume_arm(exp: ExperimentPaths, arm: str, *, by: str = "cli") -> str:
     target = resolve_arm(exp, arm)
     with launch_lock(exp):
-        status = arm_status(target)
-        if status == RUNNING:
-            raise UserError(f"arm {arm} is already running", f"`gputwin stop {arm}` stops it")
-        if status == FINISHED:
-            raise UserError(f"arm {arm} finished; there is nothing to resume",
-                            f"`gputwin extend {arm} --epochs N` trains it further")
-        _clear_stale_stops(target)
-        pid = _respawn(exp, target)
+        _wait_for_supervisor(target)
+        with arm_lock(target):
+            status = arm_status(target)
+            if status == RUNNING:
+                raise UserError(f"arm {arm} is already running", f"`gputwin stop {arm}` stops it")
+            if status == FINISHED:
+                raise UserError(f"arm {arm} finished; there is nothing to resume",
+                                f"`gputwin extend {arm} --epochs N` trains it further")
+            _clear_stale_stops(target)
+            pid = _respawn(exp, target)
     return f"Resumed {arm} (it was {status}) from its last checkpoint: pid {pid}."
 
 
 # ---------------------------------------------------------------- verdict actions
-
-
-class ActionLike(Protocol):
-    kind: str
-    arm: str
-    epochs: int
 
 
 def _record(exp: ExperimentPaths, action: str, arm: str, epochs: int, by: str) -> None:

@@ -362,3 +362,39 @@ def samples_needed(observed_diff: float, a: Any, b: Any, margin: float, *, confi
         return n
     z = NormalDist().inv_cdf(1 - (1 - confidence) / 2)
     return int(math.ceil(n * (z * se / abs(observed_diff)) ** 2))
+
+
+# ---------------------------------------------------------------- comparing two results
+
+
+def _entity_key(entity: Mapping[str, Any]) -> tuple[str, str]:
+    return normalize_type(entity["type"]), normalize_value(entity["value"])
+
+
+def disagreements(found_by: Mapping[str, Any], missed_by: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """Entities that ``missed_by`` missed and ``found_by`` found, from two validation results.
+
+    Only samples listed in ``missed_by``'s examples can be checked; the other arm found an entity
+    when its own example for that sample does not list it as missed, or when it missed nothing there.
+    """
+    other_examples = {ex["index"]: ex for ex in found_by.get("examples", [])}
+    position = {index: pos for pos, index in enumerate(found_by.get("indices") or [])}
+    per_sample = found_by.get("per_sample", [])
+    out = []
+    for example in missed_by.get("examples", []):
+        other = other_examples.get(example["index"])
+        if other is not None:
+            still_missed = Counter(_entity_key(e) for e in other.get("missed", []))
+        else:
+            pos = position.get(example["index"])
+            if pos is None or pos >= len(per_sample) or per_sample[pos][2] != 0:
+                continue  # not known what the other arm did on this sample
+            still_missed = Counter()
+        for entity in example.get("missed", []):
+            key = _entity_key(entity)
+            if still_missed[key] > 0:
+                still_missed[key] -= 1
+            else:
+                out.append({"index": example["index"], "type": entity["type"], "value": entity["value"],
+                            "text": example.get("text", "")})
+    return out

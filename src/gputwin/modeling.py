@@ -1,5 +1,5 @@
 """Model helpers shared by the trainer and the validator: load a base model and tokenizer offline,
-attach a LoRA adapter, save and reload adapters.
+attach a LoRA adapter, save adapters with the record that makes them usable on their own.
 
 Everything loads with ``local_files_only=True``: gputwin never reaches a model hub at run time, so a
 hub id that is not in the local cache is a user error with a hint, not a network timeout.
@@ -70,7 +70,7 @@ def load_tokenizer(base: str, trust_remote_code: bool = False) -> Any:
 
 def load_base(base: str, *, task: str, dtype: str | torch.dtype, device: str | torch.device,
               label_names: list[str] | tuple[str, ...] | None = None, trust_remote_code: bool = False) -> Any:
-    """The base model for a task head, on `device`, in eval-free training-ready state.
+    """The base model for a task head, on `device`, its weights in `dtype`.
 
     generate -> AutoModelForCausalLM; tag -> AutoModelForTokenClassification with a fresh head of
     len(label_names) labels (the head is trained through the adapter's modules_to_save).

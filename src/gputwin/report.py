@@ -15,7 +15,6 @@ import json
 import math
 import time
 import unicodedata
-from collections import Counter
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
@@ -24,7 +23,7 @@ from . import state as st
 from .errors import UserError
 from .eta import eta as arm_eta
 from .eta import human_duration
-from .metrics import METRICS, normalize_type, normalize_value
+from .metrics import METRICS, as_counts, disagreements
 from .paths import ExperimentPaths
 from .profiles import Rules
 from .verdict import EXTEND, STOP, ArmResult, Verdict, decide, level, pct
@@ -85,7 +84,9 @@ def milestone_result(root: Path, arm: st.ArmState, now: float) -> tuple[ArmResul
         data = json.loads(path.read_text(encoding="utf-8"))
         if not isinstance(data, dict) or not isinstance(data.get("per_sample"), list):
             raise ValueError("no per_sample list; see docs/validation.md")
-    except (OSError, ValueError) as exc:
+        if len(as_counts(data["per_sample"])) == 0:
+            raise ValueError("no samples were scored")
+    except (OSError, ValueError, TypeError) as exc:
         return None, f"validation file {path} cannot be used ({exc})"
     epoch = step / arm.steps_per_epoch if arm.steps_per_epoch else None
     return ArmResult(step=step, validation=data, epoch=epoch, path=str(path)), ""
@@ -220,29 +221,25 @@ def _hyperparameters_section(state: st.ExperimentState) -> list[str]:
 
 
 def _metrics_section(verdict: Verdict, base: str) -> list[str]:
-    done = list(verdict.metrics)
-    if not done:
+    m, comparisons = verdict.metrics, verdict.comparisons
+    if not m:
         return []
-    challengers = [c for c in verdict.comparisons]
-    any_m = verdict.metrics[done[0]]
-    rows = []
-    for key, label in (("precision", "precision"), ("recall", "recall"), ("f1", "F1")):
-        rows.append([label, *(_interval(verdict.metrics[a][key]) for a in done),
-                     *(_diff(verdict.comparisons[c][key]) for c in challengers)])
-    rows.append(["macro F1", *(pct(verdict.metrics[a]["macro_f1"]) if verdict.metrics[a].get("macro_f1") is not None
-                               else "-" for a in done), *("" for _ in challengers)])
-    rows.append(["tp / fp / fn", *(f"{verdict.metrics[a]['tp']} / {verdict.metrics[a]['fp']} / {verdict.metrics[a]['fn']}"
-                                   for a in done), *("" for _ in challengers)])
-    rows.append(["meets final goal", *("yes" if verdict.goal[a]["met"] else "no (" + ", ".join(
-        k for k in METRICS if not verdict.goal[a][k]) + ")" for a in done), *("" for _ in challengers)])
-    resamples = next(iter(verdict.comparisons.values()))["resamples"] if verdict.comparisons else None
+    blank = [""] * len(comparisons)
+    rows = [[label, *(_interval(m[a][key]) for a in m), *(_diff(c[key]) for c in comparisons.values())]
+            for key, label in (("precision", "precision"), ("recall", "recall"), ("f1", "F1"))]
+    rows.append(["macro F1", *("-" if m[a].get("macro_f1") is None else pct(m[a]["macro_f1"]) for a in m), *blank])
+    rows.append(["tp / fp / fn", *(f"{m[a]['tp']} / {m[a]['fp']} / {m[a]['fn']}" for a in m), *blank])
+    rows.append(["meets final goal", *("yes" if verdict.goal[a]["met"] else
+                                       "no (" + ", ".join(k for k in METRICS if not verdict.goal[a][k]) + ")"
+                                       for a in m), *blank])
+    n = next(iter(m.values()))["n"]
+    header = ["metric", *m, *(f"{c} - {base}" for c in comparisons)]
     out = ["## Milestone metrics", "",
-           f"Entity-level, on {any_m['n']} held-out samples. [low, high] is the {level(verdict.confidence)} bootstrap "
-           f"interval" + (f" ({resamples:,} paired resamples)" if resamples else "") + "; pts = F1 points.", "",
-           *table(["metric", *done, *(f"{c} - {base}" for c in challengers)], rows, "l" + "r" * (len(done) + len(challengers))),
-           ""]
-    for c in challengers:
-        out.append(f"{c} beats {base} on F1 in {verdict.comparisons[c]['f1']['p_b_better']:.1%} of the resamples.")
+           f"Entity-level scores on {n} held-out samples; [low, high] is the {level(verdict.confidence)} paired "
+           "bootstrap interval, pts are percentage points.", "",
+           *table(header, rows, "l" + "r" * (len(header) - 1)), ""]
+    out += [f"{c} beats {base} on F1 in {comp['f1']['p_b_better']:.1%} of {comp['resamples']:,} resamples."
+            for c, comp in comparisons.items()]
     return out + [""]
 
 
@@ -303,39 +300,6 @@ def _training_section(state: st.ExperimentState) -> list[str]:
         ["restarts", *(str(a.restarts) for a in arms)],
     ]
     return ["## Training", "", *table(["", *state.arms], rows), ""]
-
-
-def _key(entity: Mapping[str, Any]) -> tuple[str, str]:
-    return normalize_type(entity["type"]), normalize_value(entity["value"])
-
-
-def disagreements(found_by: Mapping[str, Any], missed_by: Mapping[str, Any]) -> list[dict[str, Any]]:
-    """Entities that ``missed_by`` missed and ``found_by`` found, from two validation results.
-
-    Only samples listed in ``missed_by``'s examples can be checked; the other arm found an entity
-    when its own example for that sample does not list it as missed, or when it missed nothing there.
-    """
-    other_examples = {ex["index"]: ex for ex in found_by.get("examples", [])}
-    position = {index: pos for pos, index in enumerate(found_by.get("indices") or [])}
-    per_sample = found_by.get("per_sample", [])
-    out = []
-    for example in missed_by.get("examples", []):
-        other = other_examples.get(example["index"])
-        if other is not None:
-            still_missed = Counter(_key(e) for e in other.get("missed", []))
-        else:
-            pos = position.get(example["index"])
-            if pos is None or pos >= len(per_sample) or per_sample[pos][2] != 0:
-                continue  # not known what the other arm did on this sample
-            still_missed = Counter()
-        for entity in example.get("missed", []):
-            key = _key(entity)
-            if still_missed[key] > 0:
-                still_missed[key] -= 1
-            else:
-                out.append({"index": example["index"], "type": entity["type"], "value": entity["value"],
-                            "text": example.get("text", "")})
-    return out
 
 
 def _context(text: str, value: str) -> str:

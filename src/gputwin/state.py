@@ -20,6 +20,7 @@ loss history is kept as a fixed number of buckets that double in width as the ru
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterable
@@ -168,7 +169,7 @@ class ArmState:
 
     name: str
     status: str = STARTING
-    device: str | None = None  # "cuda:0", "cpu", ... as the trainer reported it
+    device: str | None = None  # as the trainer reported it: "cuda:1 NVIDIA H200", "cpu", ...
     gpu_index: int | None = None  # NVML index when on a GPU (for the GPU panel)
     pid: int | None = None
     samples: int | None = None  # training samples
@@ -248,7 +249,7 @@ class ExperimentState:
     rules: Rules | None = None
     baseline: str | None = None
     differing_keys: list[str] = field(default_factory=list)  # dotted profile keys whose values differ
-    verdict: Any = None  # gputwin.verdict.Verdict when the verdict module is present
+    verdict: Any = None  # gputwin.verdict.Verdict, from gputwin.report.verdict_for_experiment
     problems: list[str] = field(default_factory=list)  # e.g. experiment.json unreadable
 
     @property
@@ -282,9 +283,9 @@ def _int(value: Any) -> int | None:
 def _gpu_index(device: Any) -> int | None:
     if isinstance(device, int) and not isinstance(device, bool):
         return device
-    if isinstance(device, str) and device.startswith("cuda"):
-        tail = device.partition(":")[2]
-        return int(tail) if tail.isdigit() else 0
+    if isinstance(device, str) and device.startswith("cuda"):  # "cuda", "cuda:1", "cuda:1 NVIDIA H200"
+        match = re.match(r"cuda(?::(\d+))?", device)
+        return int(match.group(1) or 0) if match else None
     return None
 
 
@@ -418,17 +419,8 @@ def apply(state: ArmState, event: ev.Event) -> ArmState:
 def fold(name: str, events: Iterable[ev.Event], state: ArmState | None = None) -> ArmState:
     """Apply every event to a fresh ArmState (or to ``state``)."""
     state = state or ArmState(name)
-    handlers, step_kind = _HANDLERS, ev.STEP
     for event in events:
-        state.events_seen += 1
-        state.last_t = event.t
-        kind = event.kind
-        if kind == step_kind:
-            _on_step(state, event)
-        else:
-            handler = handlers.get(kind)
-            if handler is not None:
-                handler(state, event)
+        apply(state, event)
     return state
 
 

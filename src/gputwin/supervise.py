@@ -6,29 +6,41 @@ records ``"<pid> <create_time>"`` of the trainer in ``ARM_DIR/pid``, waits, and 
 trainer's exit status to ``ARM_DIR/exit`` (negative = killed by that signal). Because the
 supervisor waits on the trainer, even ``kill -9`` of the trainer is recorded. If the supervisor
 itself dies, readers fall back to checking the pid file against the live process table.
+An extend request that arrives while the trainer is already ending makes the supervisor start
+the trainer again (see `supervise`), so "extend" never gets lost in that window.
 
-This module also holds the launcher's side of that contract (spawn, liveness), so both ends
-of the pid/exit files live in one place.
+This module also holds the launcher's side of that contract (spawn, liveness, how an arm's last
+life ended), so both ends of the pid/exit files live in one place.
 """
 
 from __future__ import annotations
 
+import fcntl
 import os
 import signal
 import subprocess
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Mapping, Sequence
+from typing import Iterator, Mapping, Sequence
 
 import psutil
 
+from . import control
+from . import events as ev
 from .paths import ArmPaths
 
 FORWARDED_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 EXEC_FAILED = 127  # exit status recorded when the trainer could not be started at all
 PID_WAIT_S = 30.0  # how long the launcher waits for a fresh supervisor to report the trainer's pid
 CREATE_TIME_SLACK_S = 0.05
+SUPERVISOR_FILE = "supervisor"
+RUNNING, FINISHED, STOPPED, FAILED, CRASHED, NOT_STARTED = (
+    "running", "finished", "stopped", "failed", "crashed", "not started")
+ENDED = frozenset({FINISHED, STOPPED, FAILED, CRASHED})
+_END_KINDS = {ev.STOPPED: STOPPED, ev.FINISHED: FINISHED, ev.FAILED: FAILED}
+ARM_LOCK_FILE = "supervise.lock"
 
 # Supervisors this process started; kept so they are reaped (no zombies, no ResourceWarning).
 _supervisors: list[subprocess.Popen[bytes]] = []
@@ -78,6 +90,36 @@ def process_alive(pid: int, create_time: float) -> bool:
         return False
 
 
+def supervisor_file(arm: ArmPaths) -> Path:
+    """ "<pid> <create_time>" of the arm's supervisor."""
+    return arm.root / SUPERVISOR_FILE
+
+
+def supervisor_active(arm: ArmPaths) -> bool:
+    """A supervisor still looks after this arm: it will see requests written now when its trainer ends.
+
+    Done means it recorded the exit status (under the arm lock), or it is gone (killed).
+    """
+    if arm.exit.exists():
+        return False
+    try:
+        pid_text, created_text = supervisor_file(arm).read_text().split()[:2]
+        return process_alive(int(pid_text), float(created_text))
+    except (OSError, ValueError):
+        return False
+
+
+@contextmanager
+def arm_lock(arm: ArmPaths) -> Iterator[None]:
+    """Serialises "respawn or just ask?" in the launcher with "restart or record the exit?" here."""
+    fd = os.open(arm.root / ARM_LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
+
+
 def arm_alive(arm: ArmPaths) -> bool:
     """Is this arm's trainer running now? Pid file plus a create-time match."""
     _reap()
@@ -92,6 +134,52 @@ def describe_exit(status: int) -> str:
         except ValueError:
             return f"killed by signal {-status}"
     return f"exit status {status}"
+
+
+# ---------------------------------------------------------------- an arm's lives
+
+
+def _log_status(arm: ArmPaths) -> str:
+    """What the event log says about the arm's last life."""
+    status = NOT_STARTED
+    for event in ev.read_events(arm.events).events:
+        if event.kind in _END_KINDS:
+            status = _END_KINDS[event.kind]
+        elif event.kind in (ev.STARTED, ev.RESUMED, ev.STEP, ev.EXTENDED):
+            status = CRASHED  # ran, with no final event (yet)
+    return status
+
+
+def arm_status(arm: ArmPaths) -> str:
+    """running / finished / stopped / failed / crashed / not started, from liveness and the event log.
+
+    A live trainer is running whatever its log says; a dead one is what its last life ended as,
+    and "crashed" when that life ended without a final event (killed, out of memory, power loss).
+    """
+    if arm_alive(arm):
+        return RUNNING
+    status = _log_status(arm)
+    if status == NOT_STARTED and (read_pid(arm) is not None or read_exit(arm) is not None):
+        status = CRASHED
+    return status
+
+
+def ending(arm: ArmPaths) -> str | None:
+    """For a live trainer that has already written its final event (it is saving and exiting): that event.
+
+    A life is told apart by the pid in its `started` event; an older life's final event does not count.
+    """
+    recorded = read_pid(arm)
+    if recorded is None:
+        return None
+    ending: str | None = None
+    mine = False
+    for event in ev.read_events(arm.events).events:
+        if event.kind == ev.STARTED:
+            mine, ending = event.get("pid") == recorded[0], None
+        elif mine and event.kind in _END_KINDS:
+            ending = _END_KINDS[event.kind]
+    return ending
 
 
 # ---------------------------------------------------------------- launcher side
@@ -145,33 +233,63 @@ def _reap() -> None:
 # ---------------------------------------------------------------- supervisor process
 
 
-def supervise(arm: ArmPaths, command: Sequence[str]) -> int:
-    """Run `command`, record its pid and exit status; returns the status (negative = signal)."""
+def _start(command: Sequence[str]) -> subprocess.Popen[bytes] | None:
     try:
-        child = subprocess.Popen(list(command), stdin=subprocess.DEVNULL, close_fds=True)
+        return subprocess.Popen(list(command), stdin=subprocess.DEVNULL, close_fds=True)
     except OSError as exc:
         print(f"gputwin.supervise: cannot start {command[0]}: {exc}", file=sys.stderr, flush=True)
-        write_atomic(arm.exit, f"{EXEC_FAILED}\n")
-        return EXEC_FAILED
+        return None
+
+
+def _pending_extends(arm: ArmPaths) -> set[Path]:
+    return {path for path, r in control.pending(arm.control) if isinstance(r, control.Request) and r.action == control.EXTEND}
+
+
+def supervise(arm: ArmPaths, command: Sequence[str]) -> int:
+    """Run `command`, record its pid and exit status; returns the status (negative = signal).
+
+    An extend request that arrives while the trainer is finishing or stopping would never be read;
+    so when the trainer ends cleanly with one waiting, it is started again: it resumes from the
+    checkpoint it just wrote and applies the request. The decision and the exit file are made under
+    the arm lock, which the launcher also takes before it chooses between a request and a respawn.
+    """
+    write_atomic(supervisor_file(arm), f"{os.getpid()} {psutil.Process().create_time():.3f}\n")
+    child: subprocess.Popen[bytes] | None = None
+    restarted_for: set[Path] = set()  # requests a restart was for: never restart twice for one
 
     def forward(signum: int, _frame: object) -> None:
         # Stopping the supervisor means stopping the trainer; keep waiting so the exit is recorded.
-        try:
-            child.send_signal(signum)
-        except ProcessLookupError:
-            pass
+        if child is not None:
+            try:
+                child.send_signal(signum)
+            except ProcessLookupError:
+                pass
 
     for sig in FORWARDED_SIGNALS:
         signal.signal(sig, forward)
-    try:
-        created = psutil.Process(child.pid).create_time()  # a zombie still has it: not yet waited for
-    except psutil.NoSuchProcess:
-        created = time.time()
-    write_atomic(arm.pid, f"{child.pid} {created:.3f}\n")
-    status = child.wait()
-    write_atomic(arm.exit, f"{status}\n")
+    while True:
+        child = _start(command)
+        if child is None:
+            status = EXEC_FAILED
+        else:
+            try:
+                created = psutil.Process(child.pid).create_time()  # a zombie still has it: not yet waited for
+            except psutil.NoSuchProcess:
+                created = time.time()
+            write_atomic(arm.pid, f"{child.pid} {created:.3f}\n")
+            status = child.wait()
+        with arm_lock(arm):
+            waiting = _pending_extends(arm) if status == 0 else set()
+            if waiting - restarted_for:
+                restarted_for |= waiting
+                print("gputwin.supervise: an extend request arrived as the trainer ended; starting it again to "
+                      "apply it", file=sys.stderr, flush=True)
+                continue
+            write_atomic(arm.exit, f"{status}\n")
+        break
     if status != 0:
-        print(f"gputwin.supervise: trainer {child.pid} ended: {describe_exit(status)}", file=sys.stderr, flush=True)
+        pid = child.pid if child is not None else "-"
+        print(f"gputwin.supervise: trainer {pid} ended: {describe_exit(status)}", file=sys.stderr, flush=True)
     return status
 
 

@@ -131,6 +131,9 @@ def cmd_validate(args: Any) -> int:
         raise UserError(f"--batch-size {args.batch_size}: expected 0 (automatic) or a positive number")
     test_path = Path(args.test_data).expanduser()
     load_dataset(test_path)  # a bad test file fails before a model is loaded
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # the table is the output; no weight-loading bars on stderr
     device = resolve_device(args.device)
     model, tokenizer, task, label_names = load_for_validation(args.model, base=args.base, task=args.task,
                                                               device=device)

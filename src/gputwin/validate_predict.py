@@ -12,7 +12,7 @@ import time
 from typing import Any, Sequence
 
 from .data import Entity, Sample
-from .encoding import answer_closed, answer_text, decode_tag, encode_prompt, encode_tag, parse_answer
+from .encoding import answer_closed, answer_text, decode_tag, encode_prompt, encode_tag, eos_id, parse_answer
 
 DEFAULT_BATCH = {("generate", "cuda"): 64, ("generate", "cpu"): 8, ("tag", "cuda"): 128, ("tag", "cpu"): 32}
 UNPARSABLE_KEPT = 5  # raw outputs kept in info for a look at what went wrong
@@ -41,7 +41,7 @@ def predict(model: Any, tokenizer: Any, samples: Sequence[Sample], *, task: str,
     seconds, batches. The model's train/eval mode is restored afterwards (the trainer passes its live model)."""
     import torch
 
-    device = device if device is not None else model_device(model)
+    device = model_device(model) if device in (None, "auto") else device
     batch_size = batch_size if batch_size and batch_size > 0 else default_batch_size(task, device)
     was_training = model.training
     model.eval()
@@ -86,30 +86,28 @@ def _json_closed_criterion(tokenizer: Any, prompt_length: int) -> Any:
 
     class JsonListClosed(StoppingCriteria):
         def __init__(self) -> None:
-            self.done: torch.Tensor | None = None
+            self.done: list[bool] = []
 
         def __call__(self, input_ids: torch.Tensor, scores: Any, **kwargs: Any) -> torch.Tensor:
-            if self.done is None:
-                self.done = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
-            last = input_ids[:, -1].tolist()
-            for row, token in enumerate(last):
+            if not self.done:
+                self.done = [False] * input_ids.shape[0]
+            for row, token in enumerate(input_ids[:, -1].tolist()):  # one device sync a step
                 if token in closing and not self.done[row]:
-                    text = tokenizer.decode(input_ids[row, prompt_length:], skip_special_tokens=True)
-                    if answer_closed(text):
-                        self.done[row] = True
-            return self.done.clone()
+                    text = tokenizer.decode(input_ids[row, prompt_length:].tolist(), skip_special_tokens=True)
+                    self.done[row] = answer_closed(text)
+            return torch.tensor(self.done, dtype=torch.bool, device=input_ids.device)
 
     return JsonListClosed()
 
 
-def _generation_config(model: Any, tokenizer: Any, max_new_tokens: int) -> Any:
+def _generation_config(tokenizer: Any, max_new_tokens: int) -> Any:
     """Plain greedy decoding, whatever sampling defaults the model ships with.
 
     generate() fills every field left None from the model's own generation_config (Qwen3 ships sampling
     settings), so the sampling fields are set to their neutral values instead."""
     from transformers import GenerationConfig
 
-    eos = tokenizer.eos_token_id
+    eos = eos_id(tokenizer)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
     return GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False, num_beams=1, use_cache=True,
                             temperature=1.0, top_p=1.0, top_k=50,
@@ -124,7 +122,7 @@ def _predict_generate(model: Any, tokenizer: Any, samples: Sequence[Sample], *, 
     max_new_tokens = max_new_tokens or default_max_new_tokens(samples, tokenizer)
     encoded = [encode_prompt(s.text, tokenizer, max_length) for s in samples]
     prompts = [ids for ids, _ in encoded]
-    config = _generation_config(model, tokenizer, max_new_tokens)
+    config = _generation_config(tokenizer, max_new_tokens)
     outputs: list[str] = [""] * len(samples)
     generated_tokens = 0
     batches = _batches([len(p) for p in prompts], batch_size)

@@ -113,9 +113,9 @@ def level(confidence: float) -> str:
     return f"{confidence * 100:.4g}%"
 
 
-def _arm_metrics(result: ArmResult, intervals: Mapping[str, Any]) -> dict[str, Any]:
+def _arm_metrics(result: ArmResult, n: int, intervals: Mapping[str, Any]) -> dict[str, Any]:
     v = result.validation
-    return {"step": result.step, "epoch": result.epoch, "n": len(result.counts), "macro_f1": v.get("macro_f1"),
+    return {"step": result.step, "epoch": result.epoch, "n": n, "macro_f1": v.get("macro_f1"),
             "tp": v.get("tp"), "fp": v.get("fp"), "fn": v.get("fn"), **intervals}
 
 
@@ -188,7 +188,7 @@ def decide(arms: Mapping[str, ArmResult | None], rules: Rules, *, waiting: Mappi
     else:  # different sample counts: no comparison will be made, but each arm still gets its intervals
         intervals = {name: arm_intervals(counts[name], resamples=rules.bootstrap_resamples, seed=rules.seed,
                                          confidence=confidence) for name in done}
-    metrics = {name: _arm_metrics(r, intervals[name]) for name, r in done.items()}
+    metrics = {name: _arm_metrics(r, len(counts[name]), intervals[name]) for name, r in done.items()}
     goal = {name: _goal(m, rules) for name, m in metrics.items()}
     common = dict(baseline=base, metrics=metrics, goal=goal, confidence=confidence)
 

@@ -1,9 +1,11 @@
 """One optimizer step, and the optimizer that takes it: the part a faster engine replaces.
 
-The loop only calls ``engine.collate(examples)`` and ``engine.step(batch, lr)``. The plain engine
-pads batches and runs eager PyTorch; a faster one (packed batches, compiled kernels) can live in its
-own module ``gputwin.train.fast`` exposing ``FastEngine`` with the same constructor and methods,
-and is picked up for ``train.engine = "fast"`` when present.
+The loop only calls ``engine.collate(examples)`` and ``engine.step(batch, lr)`` (the Engine protocol
+below). The plain engine pads batches and runs eager PyTorch; a faster one (packed batches, compiled
+kernels) lives in its own module ``gputwin.train.fast`` exposing ``FastEngine`` with the plain
+engine's constructor, and is used for ``train.engine = "fast"``. A FastEngine that cannot serve a
+model (an encoder, a CPU run) raises EngineUnsupported from its constructor and the plain engine
+takes over, saying so on stderr.
 """
 
 from __future__ import annotations
@@ -11,8 +13,9 @@ from __future__ import annotations
 import contextlib
 import importlib
 import math
+import sys
 from dataclasses import dataclass
-from typing import Any, ContextManager, Sequence
+from typing import Any, ContextManager, Protocol, Sequence
 
 import torch
 
@@ -23,10 +26,22 @@ class NonFiniteLoss(ArithmeticError):
     """The loss became NaN or infinite: training has diverged."""
 
 
+class EngineUnsupported(Exception):
+    """Raised by an engine's constructor for a model or device it cannot train; the message says why."""
+
+
 @dataclass(frozen=True)
 class StepOutput:
-    loss: float
-    grad_norm: float
+    loss: float  # mean over label tokens; the step raises NonFiniteLoss instead of updating on NaN/inf
+    grad_norm: float  # before clipping
+
+
+class Engine(Protocol):
+    name: str  # reported in the started event
+
+    def collate(self, examples: Sequence[Example]) -> Any: ...
+
+    def step(self, batch: Any, lr: float) -> StepOutput: ...
 
 
 def build_optimizer(model: Any, *, lr: float, weight_decay: float, device: torch.device) -> torch.optim.AdamW:
@@ -78,12 +93,26 @@ class PlainEngine:
         return StepOutput(loss=value, grad_norm=grad_norm)
 
 
-def engine_class(name: str) -> type:
-    """The engine for train.engine; "fast" falls back to the plain one until a fast module exists."""
+def make_engine(name: str, model: Any, optimizer: torch.optim.Optimizer, *, device: torch.device,
+                model_dtype: torch.dtype, grad_clip: float, pad_id: int) -> Engine:
+    """The engine train.engine asks for; "fast" falls back to plain where no fast engine serves."""
+    kwargs = {"device": device, "model_dtype": model_dtype, "grad_clip": grad_clip, "pad_id": pad_id}
     if name == "fast":
-        try:
-            return importlib.import_module(f"{__package__}.fast").FastEngine
-        except ModuleNotFoundError as exc:
-            if exc.name != f"{__package__}.fast":
-                raise
-    return PlainEngine
+        fast = _fast_engine_class()
+        if fast is not None:
+            try:
+                return fast(model, optimizer, **kwargs)
+            except EngineUnsupported as exc:
+                print(f"gputwin: the fast engine does not serve this run ({exc}); using the plain engine",
+                      file=sys.stderr)
+    return PlainEngine(model, optimizer, **kwargs)
+
+
+def _fast_engine_class() -> type | None:
+    try:
+        module = importlib.import_module(f"{__package__}.fast")
+    except ModuleNotFoundError as exc:
+        if exc.name != f"{__package__}.fast":
+            raise
+        return None
+    return getattr(module, "FastEngine", None)

@@ -84,6 +84,8 @@ class Trainer:
         self.emit_started()
         if resumed is not None:
             self.writer.emit(events.RESUMED, step=state.step, checkpoint=str(self.saved_path))
+            if self.at_milestone():  # the last run ended between the milestone checkpoint and its validation
+                self.milestone()
         batches = EpochBatches(len(run.examples), run.profile.train.batch_size, run.profile.train.seed)
         every = run.profile.train.checkpoint_every
 
@@ -117,17 +119,23 @@ class Trainer:
                              step_seconds=round(seconds, 6), tokens_per_s=round(tokens / max(seconds, 1e-9), 1))
             faults.after_step(self.fault, step)
 
-            # -- milestone: checkpoint, save the adapter, validate on the live model
-            if step == run.milestone_step and not state.milestone_done:
-                self.writer.emit(events.MILESTONE, step=step)
-                self.checkpoint()
-                self.validate(reason="milestone", by="plan")
-                state.milestone_done = True
-            # -- periodic checkpoint
+            # -- milestone (checkpoint, adapter, validation of the live model), else a periodic checkpoint
+            if self.at_milestone():
+                self.milestone()
             elif step % every == 0:
                 self.checkpoint()
 
     # ------------------------------------------------------------------ between steps
+
+    def at_milestone(self) -> bool:
+        return self.state.step == self.run.milestone_step and not self.state.milestone_done
+
+    def milestone(self) -> None:
+        """Checkpoint first (a failing validation loses no training), then validate the live model."""
+        self.writer.emit(events.MILESTONE, step=self.state.step)
+        self.checkpoint()
+        self.validate(reason="milestone", by="plan")
+        self.state.milestone_done = True
 
     def poll_control(self) -> None:
         """Handle waiting requests oldest first; a bad file is removed and reported, never fatal."""
@@ -185,7 +193,7 @@ class Trainer:
         set_rng_states(rng)
         self.writer.emit(events.VALIDATION, step=step, precision=result["precision"], recall=result["recall"],
                          f1=result["f1"], path=str(out_path), seconds=result.get("seconds"),
-                         per_type=per_type_summary(result.get("per_type", {})), samples=result.get("n"),
+                         per_type=per_type_summary(result.get("per_type", {})), sample_size=result.get("n"),
                          adapter=str(adapter), reason=reason, by=by)
         return result
 

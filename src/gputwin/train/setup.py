@@ -21,7 +21,7 @@ from ..paths import ArmPaths
 from ..plan import milestone_step, steps_for
 from ..profiles import Profile
 from .batching import Example, encode_samples
-from .engine import build_optimizer, engine_class
+from .engine import Engine, build_optimizer, make_engine
 
 
 class TrainFailure(Exception):
@@ -44,7 +44,7 @@ class Run:
     tokenizer: Any
     model: Any
     optimizer: torch.optim.Optimizer
-    engine: Any
+    engine: Engine
     examples: list[Example]
     label_names: list[str] | None
     steps_per_epoch: int
@@ -129,8 +129,8 @@ def build_run(arm: ArmPaths, profile: Profile) -> Run:
 
     optimizer = build_optimizer(model, lr=profile.train.learning_rate, weight_decay=profile.train.weight_decay,
                                 device=device)
-    engine = engine_class(profile.train.engine)(model, optimizer, device=device, model_dtype=model_dtype,
-                                                grad_clip=profile.train.grad_clip, pad_id=int(tokenizer.pad_token_id))
+    engine = make_engine(profile.train.engine, model, optimizer, device=device, model_dtype=model_dtype,
+                         grad_clip=profile.train.grad_clip, pad_id=int(tokenizer.pad_token_id))
     per_epoch, total = steps_for(len(examples), profile.train.batch_size, profile.train.epochs)
     root = Path(profile.train.output_dir) if profile.train.output_dir else arm.checkpoints
     return Run(arm=arm, profile=profile, device=device, device_name=device_name, model_dtype=model_dtype,

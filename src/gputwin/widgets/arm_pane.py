@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 from rich.text import Text
@@ -9,10 +10,10 @@ from textual.app import ComposeResult
 from textual.containers import Vertical
 from textual.widgets import Static
 
-from ..eta import eta
+from ..eta import eta, human_duration
 from ..supervise import describe_exit
 from .device_panel import DevicePanel
-from .formatting import device_label, duration, num, percent, rate, sci, status_style, value_text
+from .formatting import device_label, num, percent, rate, sci, shorten_paths, status_style, value_text
 from .loss_chart import LossChart, LossSeries
 from .progress import StepProgress
 
@@ -25,7 +26,8 @@ SHOWN_KEYS = {
     "train.epochs": "epochs",
 }
 NOT_SHOWN = {"device", "name", "source"}  # the device is in the header already
-CRASH_LINES = 6  # stderr lines shown in a crashed arm's pane (the log view, l, shows more)
+CRASH_LINES = 6
+WATCHER_ERRORS = ("exited", "killed", "gone")  # failures the watcher inferred; its message says it all  # stderr lines shown in a crashed arm's pane (the log view, l, shows more)
 
 
 def eta_text(arm: Any, target: int | None, now: float) -> str:
@@ -35,7 +37,7 @@ def eta_text(arm: Any, target: int | None, now: float) -> str:
     if arm.step >= target:
         return "reached"
     if arm.ended:
-        return f"not reached ({arm.status})"
+        return ""  # the header says why it will not get there
     estimate = eta(arm, target, now)
     if estimate is None:
         return "ETA: measuring step time"
@@ -54,9 +56,10 @@ def milestone_text(arm: Any, now: float) -> str:
 
 def header_text(arm: Any, now: float, baseline: str | None) -> Text:
     """Device, status in its colour, pid and role."""
-    text = Text.assemble((device_label(arm.device), "bold"), " · ", (arm.status, status_style(arm.status)))
+    device = f"GPU {arm.gpu_index}" if arm.gpu_index is not None else device_label(arm.device)
+    text = Text.assemble((device, "bold"), " · ", (arm.status, status_style(arm.status)))
     if arm.status == "stalled" and arm.last_step_t is not None:
-        text.append(f" (no step for {duration(now - arm.last_step_t)})", style="yellow")
+        text.append(f" (no step for {human_duration(now - arm.last_step_t)})", style="yellow")
     if arm.pid is not None and not arm.ended:
         text.append(f" · pid {arm.pid}")
     if arm.name == baseline:
@@ -84,7 +87,7 @@ def stats_text(arm: Any) -> Text:
         "loss ", (num(arm.loss), "bold"),
         f" (smoothed {num(arm.smoothed_loss)})",
         " · lr ", sci(arm.lr),
-        " · grad norm ", num(arm.grad_norm, 2),
+        "\ngrad norm ", num(arm.grad_norm, 2),
         " · ", rate(arm.tokens_per_s, "tokens/s"),
         " · epoch ", num(arm.epoch, 2),
     )
@@ -93,23 +96,29 @@ def stats_text(arm: Any) -> Text:
     return text
 
 
-def crash_text(arm: Any, lines: int = CRASH_LINES) -> Text:
-    """Why a crashed arm ended: exit code, the failure, the hint, and its last stderr lines."""
+def crash_text(arm: Any, root: Path) -> Text:
+    """Why a crashed arm ended: exit code, the failure and the hint."""
     text = Text(f"crashed at step {arm.step:,}", style="bold red")
+    text.overflow = "fold"
     if arm.exit_code is not None:
-        text.append(f" · exit code {arm.exit_code} ({describe_exit(arm.exit_code)})", style="bold red")
+        text.append(f" · exit code {arm.exit_code}", style="bold red")
+        if arm.exit_code < 0:
+            text.append(f" ({describe_exit(arm.exit_code)})", style="bold red")
     failure = arm.failure
     if failure is not None:
-        text.append(f"\n{failure.error}: {failure.message}")
+        text.append(f"\n{failure.message}" if failure.error in WATCHER_ERRORS else f"\n{failure.error}: {failure.message}")
         if failure.hint:
-            text.append(f"\nhint: {failure.hint}", style="italic")
+            text.append(f"\nhint: {shorten_paths(failure.hint, root)}", style="italic")
+    return text
+
+
+def stderr_lines(arm: Any, lines: int = CRASH_LINES) -> Text:
+    """The last lines of stderr.log, one screen line each (the log view, l, shows them whole)."""
     tail = arm.stderr_tail[-lines:]
-    if tail:
-        text.append("\nstderr.log, last lines:", style="dim")
-        for line in tail:
-            text.append(f"\n  {line}")
-    else:
-        text.append("\nstderr.log is empty", style="dim")
+    text = Text("stderr.log, last lines:" if tail else "stderr.log is empty", style="dim", no_wrap=True,
+                overflow="ellipsis")
+    for line in tail:
+        text.append(f"\n{line}", style="bright_black" if line.startswith(" ") else "")
     return text
 
 
@@ -127,9 +136,10 @@ def loss_series(arm: Any) -> LossSeries:
 class ArmPane(Vertical, can_focus=True):
     """Focusable: the keys s/e/v/R/l act on the focused pane's arm."""
 
-    def __init__(self, arm_name: str, number: int) -> None:
+    def __init__(self, arm_name: str, number: int, root: Path) -> None:
         super().__init__(id=f"arm-{number}", classes="arm-pane")
         self.arm_name = arm_name
+        self.root = root  # the experiment folder, to shorten paths in messages
         self.number = number
         self.border_title = f"{number} {arm_name}"
 
@@ -138,7 +148,9 @@ class ArmPane(Vertical, can_focus=True):
         yield Static("", classes="arm-hparams")
         yield StepProgress("milestone", classes="milestone-progress")
         yield StepProgress("end", classes="end-progress")
-        yield Static("", classes="arm-crash")
+        with Vertical(classes="arm-crash"):
+            yield Static("", classes="crash-why")
+            yield Static("", classes="crash-stderr")
         yield LossChart(classes="loss-chart")
         yield Static("", classes="arm-stats")
         yield DevicePanel(classes="device-panel")
@@ -155,10 +167,15 @@ class ArmPane(Vertical, can_focus=True):
                                                                      milestone_text(arm, now))
             self.query_one(".end-progress", StepProgress).show(arm.step, arm.total_steps,
                                                                eta_text(arm, arm.total_steps, now))
-            crash = self.query_one(".arm-crash", Static)
-            crash.display = arm.status == "crashed"
-            if crash.display:
-                crash.update(crash_text(arm))
+            self.query_one(".arm-head", Static).tooltip = arm.device
+            crashed = arm.status == "crashed"
+            self.query_one(".arm-crash").display = crashed
+            if crashed:
+                self.query_one(".crash-why", Static).update(crash_text(arm, self.root))
+                self.query_one(".crash-stderr", Static).update(stderr_lines(arm))
+            # A dead arm's last figures and an idle device matter less than why it died.
+            self.query_one(".arm-stats", Static).display = not crashed
+            self.device_panel.display = not crashed
             self.query_one(LossChart).show(loss_series(arm))
             self.query_one(".arm-stats", Static).update(stats_text(arm))
 

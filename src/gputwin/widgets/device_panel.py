@@ -20,9 +20,9 @@ def _fig(value: object, spec: str, unit: str) -> str:
 
 
 def gpu_lines(sample: Any, pid: int | None) -> tuple[Text, Text]:
-    """Two lines for a GpuSample: utilisation, then memory (the arm's own too), power, temperature."""
-    name = f" {sample.name}" if sample.name else ""
-    head = Text.assemble((f"GPU {sample.index}", "bold"), (name, "dim"), "  util ", (_fig(sample.util_pct, ".0f", "%"), "bold"))
+    """Two lines for a GpuSample: utilisation and temperature, then memory (the arm's own too) and power."""
+    head = Text.assemble((f"GPU {sample.index}", "bold"), "  util ", (_fig(sample.util_pct, ".0f", "%"), "bold"),
+                         f" · {_fig(sample.temp_c, '.0f', ' °C')}")
     own = sample.proc_mem.get(pid) if pid is not None else None
     memory = f"mem {gib(sample.mem_used)}/{gib(sample.mem_total)} GiB"
     if own is not None:
@@ -30,7 +30,7 @@ def gpu_lines(sample: Any, pid: int | None) -> tuple[Text, Text]:
     power = _fig(sample.power_w, ".0f", "")
     if is_number(sample.power_limit_w):
         power += f"/{sample.power_limit_w:.0f}"
-    body = Text(f"{memory} · {power} W · {_fig(sample.temp_c, '.0f', ' °C')}")
+    body = Text(f"{memory} · {power} W")
     return head, body
 
 
@@ -47,7 +47,7 @@ class DevicePanel(Vertical):
 
     DEFAULT_CSS = """
     DevicePanel {
-        height: 2;
+        height: auto;
     }
     DevicePanel > Horizontal {
         height: 1;
@@ -55,6 +55,9 @@ class DevicePanel(Vertical):
     DevicePanel .device-head {
         width: auto;
         margin-right: 1;
+    }
+    DevicePanel .device-body {
+        height: auto;
     }
     DevicePanel Sparkline {
         width: 1fr;
@@ -71,7 +74,7 @@ class DevicePanel(Vertical):
     def show_gpu(self, sample: Any, history: Sequence[Any], pid: int | None) -> None:
         head, body = gpu_lines(sample, pid)
         self._set(head, body, [s.util_pct for s in history if is_number(s.util_pct)])
-        self.tooltip = "GPU utilisation over the last minute (NVML)"
+        self.tooltip = f"{sample.name or 'GPU'}: utilisation over the last minute (NVML)"
 
     def show_cpu(self, sample: Any, history: Sequence[Any]) -> None:
         head, body = cpu_lines(sample)
@@ -86,3 +89,19 @@ class DevicePanel(Vertical):
         self.query_one(".device-head", Static).update(head)
         self.query_one(".device-body", Static).update(body)
         self.query_one(Sparkline).data = series[-SPARK_POINTS:]
+
+    def show_for(self, arm: Any, sampler: Any, gpus: dict[int, Any], cpus: dict[int, Any]) -> None:
+        """Pick the arm's reading from the sampler's latest: its GPU, or its process on CPU."""
+        if arm.gpu_index is not None:
+            sample = gpus.get(arm.gpu_index)
+            if sample is not None:
+                self.show_gpu(sample, sampler.gpu_history(arm.gpu_index), arm.pid)
+            else:
+                reason = getattr(getattr(sampler, "nvml", None), "reason", None)
+                self.show_nothing(f"GPU {arm.gpu_index}", "no NVML reading here" + (f" ({reason})" if reason else ""))
+        elif arm.pid is None or arm.ended:
+            self.show_nothing("CPU", f"the arm's process is not running ({arm.status})")
+        elif arm.pid in cpus:
+            self.show_cpu(cpus[arm.pid], sampler.cpu_history(arm.pid))
+        else:
+            self.show_nothing("CPU", f"no reading of pid {arm.pid} yet")

@@ -6,8 +6,7 @@ Pure string helpers shared by the widgets; no Textual here, so they are tested a
 from __future__ import annotations
 
 import math
-import time
-from typing import Callable
+from pathlib import Path
 
 GIB = 1024**3
 
@@ -63,28 +62,6 @@ def interval(low: object, high: object) -> str:
     return f"[{low * 100:.1f}, {high * 100:.1f}]"
 
 
-def duration(seconds: object) -> str:
-    """A duration a person reads at a glance: 45s, 12m 03s, 3h 07m, 2d 04h."""
-    if not is_number(seconds) or seconds < 0:
-        return "–"
-    s = int(round(seconds))
-    if s < 60:
-        return f"{s}s"
-    if s < 3600:
-        return f"{s // 60}m {s % 60:02d}s"
-    if s < 86400:
-        return f"{s // 3600}h {s % 3600 // 60:02d}m"
-    return f"{s // 86400}d {s % 86400 // 3600:02d}h"
-
-
-def clock_time(at: float, now: float, localtime: Callable[[float], time.struct_time] = time.localtime) -> str:
-    """Wall-clock time of a moment; the date is added when it is not today."""
-    moment, today = localtime(at), localtime(now)
-    if (moment.tm_year, moment.tm_yday) == (today.tm_year, today.tm_yday):
-        return time.strftime("%H:%M", moment)
-    return time.strftime("%a %d %b %H:%M", moment)
-
-
 def steps(done: object, total: object) -> str:
     """Progress in steps (167/879 steps)."""
     d = f"{done:,}" if isinstance(done, int) else "–"
@@ -93,12 +70,12 @@ def steps(done: object, total: object) -> str:
 
 
 def device_label(device: object) -> str:
-    """A device as people name it: GPU 0, or CPU."""
+    """A device as people name it: GPU 0, or CPU ("cuda:1 NVIDIA H200" -> GPU 1)."""
     if device is None or device == "cpu" or device == "":
         return "CPU"
     if isinstance(device, int) and not isinstance(device, bool):
         return f"GPU {device}"
-    text = str(device)
+    text = str(device).split()[0]
     if text.startswith("cuda:"):
         return f"GPU {text.removeprefix('cuda:')}"
     if text == "cuda":
@@ -124,22 +101,36 @@ def value_text(value: object) -> str:
     return str(value)
 
 
-def smooth(values: list[float], weight: float = 0.9) -> list[float]:
-    """Exponential moving average with bias correction (as TensorBoard smooths a loss curve),
-    so the first points are not pulled toward zero."""
-    out: list[float] = []
-    average = 0.0
-    for n, value in enumerate(values, start=1):
-        average = weight * average + (1 - weight) * value
-        out.append(average / (1 - weight**n))
-    return out
+def step_ticks(first: int, last: int, count: int = 5) -> list[int]:
+    """Round step numbers (0, 200, 400, ...) for a chart axis from `first` to `last`, at most `count`+1."""
+    span = last - first
+    if span <= 0:
+        return [first]
+    raw = span / count
+    magnitude = 10 ** math.floor(math.log10(raw))
+    step = next(m * magnitude for m in (1, 2, 2.5, 5, 10) if m * magnitude >= raw)
+    step = max(1, int(round(step)))
+    start = -(-first // step) * step
+    return list(range(start, last + 1, step))
 
 
-def thin(points: list[tuple[int, float]], limit: int) -> list[tuple[int, float]]:
-    """At most `limit` points, evenly picked and always keeping the last one: a chart a few
-    hundred cells wide cannot show more, and plotting costs grow with the points given."""
-    if limit <= 0 or len(points) <= limit:
-        return list(points)
-    stride = len(points) / limit
-    picked = [points[int(i * stride)] for i in range(limit - 1)]
-    return picked + [points[-1]]
+def display_path(path: Path | str, cwd: Path | None = None) -> str:
+    """A path as short as it can be told: relative to the working folder when inside it, else with ~."""
+    path = Path(path)
+    cwd = cwd or Path.cwd()
+    try:
+        return str(path.relative_to(cwd))
+    except ValueError:
+        pass
+    home = Path.home()
+    try:
+        return "~/" + str(path.relative_to(home))
+    except ValueError:
+        return str(path)
+
+
+def shorten_paths(text: str, root: Path | str, cwd: Path | None = None) -> str:
+    """Messages from other modules name files by absolute path; within a pane the short form reads better."""
+    root = str(root)
+    short = display_path(root, cwd)
+    return text if short == root else text.replace(root, short)

@@ -7,6 +7,8 @@ from typing import Sequence
 
 from textual.widgets import Log
 
+from .formatting import display_path
+
 
 class LogView(Log):
     """Replaces its lines only when the tail changed, so scrolling back is not lost on every poll."""
@@ -18,7 +20,7 @@ class LogView(Log):
     def show_tail(self, arm: str, path: Path, lines: Sequence[str]) -> None:
         key = (arm, tuple(lines))
         self.border_title = f"stderr · {arm}"
-        self.border_subtitle = f"{path} · last {len(lines)} line(s) · l hides"
+        self.border_subtitle = f"{display_path(path)} · last {len(lines)} line(s) · l hides"
         if key == self._shown:
             return
         self._shown = key

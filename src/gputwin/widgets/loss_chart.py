@@ -4,9 +4,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from rich.console import RenderableType
+from rich.text import Text
 from textual_plotext import PlotextPlot
 
-from .formatting import percent
+from .formatting import percent, step_ticks
+
+MIN_HEIGHT = 6
+MIN_WIDTH = 20
 
 
 @dataclass(frozen=True)
@@ -41,6 +46,12 @@ class LossChart(PlotextPlot):
     def on_mount(self) -> None:
         self._draw()
 
+    def render(self) -> RenderableType:
+        if self.size.height < MIN_HEIGHT or self.size.width < MIN_WIDTH:
+            # A plot squeezed smaller than this has no readable axes.
+            return Text("(too small for the loss chart)", style="dim")
+        return super().render()
+
     def _draw(self) -> None:
         plt, s = self.plt, self._series
         plt.clear_figure()
@@ -58,4 +69,6 @@ class LossChart(PlotextPlot):
         for step, f1 in s.validations:
             # A marker at the bottom of the plot at the validated step, labelled with its F1.
             plt.scatter([step], [low], marker="◆", color="magenta", label=f"val F1 {percent(f1)} @{step}")
+        ticks = step_ticks(s.steps[0], s.steps[-1])
+        plt.xticks(ticks, [f"{t:,}" for t in ticks])
         plt.ylim(low - 0.02 * (high - low or 1), high + 0.02 * (high - low or 1))

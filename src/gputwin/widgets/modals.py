@@ -34,8 +34,8 @@ class ConfirmScreen(ModalScreen[bool]):
             dialog.border_title = self._title
             yield Static(self._body, id="dialog-body")
             with Horizontal(id="dialog-buttons"):
-                yield Button(f"{self._confirm_label} [y]", variant="primary", id="confirm")
-                yield Button("Cancel [n]", id="cancel")
+                yield Button(f"{self._confirm_label} (y)", variant="primary", id="confirm")
+                yield Button("Cancel (n)", id="cancel")
 
     def on_button_pressed(self, event: Button.Pressed) -> None:
         event.stop()

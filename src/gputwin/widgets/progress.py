@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from rich.console import RenderableType
+from rich.console import Group, RenderableType
 from rich.progress_bar import ProgressBar
 from rich.table import Table
 from rich.text import Text
@@ -10,6 +10,9 @@ from textual.reactive import reactive
 from textual.widget import Widget
 
 from .formatting import steps
+
+LABEL_WIDTH = 9
+MIN_BAR = 8
 
 
 class StepProgress(Widget):
@@ -40,17 +43,21 @@ class StepProgress(Widget):
             self.done, self.target, self.when = done, target, when
 
     def render(self) -> RenderableType:
-        grid = Table.grid(expand=True, padding=(0, 1))
-        grid.add_column(width=9, no_wrap=True)
-        grid.add_column(ratio=1, min_width=6)
-        grid.add_column()  # wraps under the bar's row end when the pane is narrow
         done, target = self.done, self.target
         total = float(target) if target else 100.0
         bar = ProgressBar(total=total, completed=min(float(done or 0), total) if target else 0.0)
-        text = Text(steps(done, target))
+        figures = Text(steps(done, target))
         if target and done is not None:
-            text.append(f" {min(done / target, 1.0):.0%}", style="dim")
-        if self.when:
-            text.append("  " + self.when)
-        grid.add_row(Text(self.label, style="bold"), bar, text)
-        return grid
+            figures.append(f" {min(done / target, 1.0):.0%}", style="dim")
+        one_line = self.when and self.size.width >= LABEL_WIDTH + MIN_BAR + len(figures) + len(self.when) + 4
+        if one_line:
+            figures.append("  " + self.when)
+        grid = Table.grid(expand=True, padding=(0, 1))
+        grid.add_column(width=LABEL_WIDTH, no_wrap=True)
+        grid.add_column(ratio=1, min_width=MIN_BAR)
+        grid.add_column(no_wrap=True)
+        grid.add_row(Text(self.label, style="bold"), bar, figures)
+        if one_line or not self.when:
+            return grid
+        # Too narrow for one line: the ETA goes under the bar.
+        return Group(grid, Text(" " * (LABEL_WIDTH + 1) + self.when, overflow="ellipsis", no_wrap=True))

@@ -42,32 +42,41 @@ def waiting_view(state: Any, now: float) -> RenderableType:
         else:
             row = Text(f"at step {arm.step:,} of {arm.milestone_step:,} · {eta_text(arm, arm.milestone_step, now)}")
         table.add_row(arm.name, row)
-    missing = [a.name for a in state.arms.values() if not a.validations]
-    title = Text("waiting for the milestone validation of " + ", ".join(missing), style="bold") if missing \
-        else Text("waiting for the verdict", style="bold")
+    missing = [a for a in state.arms.values() if not a.validations]
+    live = [a.name for a in missing if not a.ended]
+    if live:
+        title = Text("waiting for the milestone validation of " + ", ".join(live), style="bold")
+    elif missing:
+        title = Text("no verdict: " + ", ".join(a.name for a in missing) + " ended without a validation", style="bold red")
+    else:
+        title = Text("waiting for the verdict", style="bold")
     return Group(title, table)
 
 
 def metrics_table(verdict: Any) -> Table:
-    """Per-arm precision, recall and F1 with the verdict's intervals; the goal column says which targets are met."""
+    """Per-arm precision, recall and F1 with the verdict's intervals; the last column says which final
+    goals an arm still misses."""
     confidence = getattr(verdict, "confidence", 0.95)
-    table = Table(box=None, padding=(0, 1), header_style="bold", show_edge=False)
+    table = Table(box=None, padding=(0, 1), header_style="bold", show_edge=False,
+                  title=Text(f"entity-level scores at the milestone, [low, high] = {confidence:.0%} interval"),
+                  title_justify="left", title_style="dim")
     table.add_column("arm", no_wrap=True)
-    table.add_column("step", justify="right")
+    table.add_column("step", justify="right", no_wrap=True)
     for name in ("precision", "recall", "F1"):
-        table.add_column(f"{name} ({confidence:.0%} interval)", justify="right")
-    table.add_column("goal")
+        table.add_column(name, justify="right", no_wrap=True)
+    table.add_column("final goal")
     for arm, m in verdict.metrics.items():
         cells = []
         for key in ("precision", "recall", "f1"):
             figure = m.get(key, {})
             cells.append(f"{percent(figure.get('value'))} {interval(figure.get('low'), figure.get('high'))}")
         goal = verdict.goal.get(arm, {})
-        met = "met" if goal.get("met") else "missed: " + ", ".join(
-            k for k in ("precision", "recall", "f1") if goal.get(k) is False)
+        missed = [label for key, label in (("precision", "precision"), ("recall", "recall"), ("f1", "F1"))
+                  if goal.get(key) is False]
+        met = Text("✓ met", style="green") if goal.get("met") else Text("✗ " + ", ".join(missed), style="yellow")
+        step = m.get("step")
         style = "bold" if arm in (verdict.winner, verdict.leader) else ""
-        table.add_row(Text(arm, style=style), f"{m.get('step', '–'):,}" if isinstance(m.get("step"), int) else "–",
-                      *cells, Text(met, style="green" if goal.get("met") else "yellow"))
+        table.add_row(Text(arm, style=style), f"{step:,}" if isinstance(step, int) else "–", *cells, met)
     return table
 
 

@@ -1,0 +1,172 @@
+"""Validation speed: 500 greedy generations, naive transformers generate against gputwin.fastgen.
+
+The workload of one milestone validation: 500 PII-like prompts (~100-250 tokens), 64 new tokens each
+(forced: no eos, so both sides do the same work), Qwen3-0.6B shape in bf16 with an unmerged LoRA whose
+B matrices are non-zero (so the adapter changes the output).
+  naive        model.generate, batches of 32 (length-sorted, left-padded), dynamic cache, unmerged LoRA
+  fast cold    greedy_generate, first call: kernel checks, CUDA graph capture, everything
+  fast warm    greedy_generate again (what later validations cost)
+  fast+stop    warm, with a stop callback looked at every 8 steps (the cost of early stopping's checks)
+  fast b128    warm, batches of 128 instead of all at once
+  fast merged  warm, with the LoRA merged into the base weights
+Outputs are compared with the naive ones row by row (identical rows, identical tokens); a second naive
+run with another batch size on a subset shows how often bf16 noise alone changes a greedy output.
+
+  PYTHONPATH=src python3 bench/validation_speed.py        # GPU
+  python3 bench/validation_speed.py --cpu-smoke           # tiny model on CPU: correctness only
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+import traceback
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import torch
+
+import common
+from gputwin.fastgen import greedy_generate
+
+
+def naive_generate(model: Any, prompts: Sequence[list[int]], *, batch_size: int, new_tokens: int,
+                   pad_id: int, device: torch.device) -> list[list[int]]:
+    from transformers import GenerationConfig
+
+    config = GenerationConfig(max_new_tokens=new_tokens, do_sample=False, num_beams=1, use_cache=True,
+                              eos_token_id=None, pad_token_id=pad_id)
+    order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
+    results: list[list[int]] = [[] for _ in prompts]
+    for start in range(0, len(order), batch_size):
+        rows = order[start:start + batch_size]
+        width = max(len(prompts[i]) for i in rows)
+        ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+        mask = torch.zeros((len(rows), width), dtype=torch.long)
+        for r, i in enumerate(rows):
+            ids[r, width - len(prompts[i]):] = torch.tensor(prompts[i])
+            mask[r, width - len(prompts[i]):] = 1
+        with torch.inference_mode():
+            out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), generation_config=config)
+        for r, i in enumerate(out[:, width:].tolist()):
+            results[rows[r]] = i
+    return results
+
+
+def agreement(reference: Sequence[list[int]], other: Sequence[list[int]]) -> dict[str, float]:
+    """Identical rows, identical tokens (position by position), and where rows first differ."""
+    same_rows = sum(a == b for a, b in zip(reference, other))
+    total = sum(len(a) for a in reference)
+    same_tokens = sum(x == y for a, b in zip(reference, other) for x, y in zip(a, b))
+    firsts = [next((k for k, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+              for a, b in zip(reference, other) if a != b]
+    return {"rows": len(reference), "identical_rows": same_rows, "identical_rows_pct": 100 * same_rows / len(reference),
+            "identical_tokens_pct": 100 * same_tokens / max(1, total),
+            "first_difference_mean": sum(firsts) / len(firsts) if firsts else None}
+
+
+def timed(device: torch.device, fn: Callable[[], Any]) -> tuple[Any, float]:
+    common.synchronize(device)
+    started = time.perf_counter()
+    out = fn()
+    common.synchronize(device)
+    return out, time.perf_counter() - started
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--cpu-smoke", action="store_true", help="tiny model on CPU (correctness only)")
+    parser.add_argument("--n", type=int, default=None, help="prompts (500; smoke 12)")
+    parser.add_argument("--new-tokens", type=int, default=None, help="forced new tokens (64; smoke 10)")
+    parser.add_argument("--naive-batch", type=int, default=32)
+    parser.add_argument("--noise-subset", type=int, default=None, help="prompts in the naive-vs-naive check (64)")
+    parser.add_argument("--lora-b-std", type=float, default=0.02, help="random LoRA B scale (0: adapter is a no-op)")
+    parser.add_argument("--seed", type=int, default=7)
+    parser.add_argument("--out", default=str(common.OUT_DIR))
+    args = parser.parse_args(argv)
+    args.n = args.n or (12 if args.cpu_smoke else 500)
+    args.new_tokens = args.new_tokens or (10 if args.cpu_smoke else 64)
+    args.noise_subset = args.noise_subset or (6 if args.cpu_smoke else 64)
+    if args.cpu_smoke:
+        args.naive_batch = min(args.naive_batch, 5)
+    return args
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    device = torch.device("cpu" if args.cpu_smoke else "cuda")
+    dtype = torch.float32 if args.cpu_smoke else torch.bfloat16
+    config = common.model_config(args.cpu_smoke)
+    pad = 0
+    lengths = dict(min_len=20, max_len=60, mean_len=40.0) if args.cpu_smoke else {}
+    samples = common.synthetic_samples(args.n, seed=args.seed, vocab_size=config.vocab_size,
+                                       eos_id=int(config.eos_token_id), **lengths)
+    prompts = [s["input_ids"][:s["prompt_len"]] for s in samples]
+    model = common.build_model(config, device=device, dtype=dtype, seed=args.seed, lora_b_std=args.lora_b_std)
+    model.eval()
+    model.generation_config.eos_token_id = None  # forced length: both sides generate every token
+    model.generation_config.pad_token_id = pad
+    fast = dict(max_new_tokens=args.new_tokens, eos_ids=(), pad_id=pad)
+    rows: list[dict[str, Any]] = []
+    outputs: dict[str, list[list[int]]] = {}
+    machine = common.machine_info(device)
+    settings = {"n": args.n, "new_tokens": args.new_tokens, "naive_batch": args.naive_batch,
+                "lora_b_std": args.lora_b_std, "seed": args.seed, "noise_subset": args.noise_subset,
+                "mean_prompt_tokens": sum(map(len, prompts)) / len(prompts)}
+
+    def write_report() -> Path:
+        naive_s = next((r["seconds"] for r in rows if r["variant"] == "naive" and "seconds" in r), None)
+        for r in rows:
+            if naive_s and "seconds" in r:
+                r["speedup_vs_naive"] = naive_s / r["seconds"]
+            if "seconds" in r:
+                r["samples_per_s"] = (args.noise_subset if "subset" in r["variant"] else args.n) / r["seconds"]
+        return common.write_json(common.Path(args.out), "validation_speed", {
+            "bench": "validation_speed", "cpu_smoke": args.cpu_smoke, "machine": machine, "settings": settings,
+            "results": rows})
+
+    def measure(name: str, fn: Callable[[], list[list[int]]], reference: str | None = "naive", **extra: Any) -> None:
+        print(f"[{name}] ...", flush=True)
+        common.reset_memory(device)
+        try:
+            out, seconds = timed(device, fn)
+        except Exception as exc:  # reported; the other measurements still run
+            traceback.print_exc()
+            rows.append({"variant": name, "error": f"{type(exc).__name__}: {exc}"})
+            return
+        outputs[name] = out
+        row = {"variant": name, "seconds": seconds, "peak_memory_gib": common.peak_memory_gib(device), **extra}
+        if reference in outputs:
+            row["vs_" + reference] = agreement([outputs[reference][i] for i in range(len(out))], out)
+        rows.append(row)
+        print(f"[{name}] {seconds:.2f} s  identical rows "
+              f"{(row.get('vs_naive') or {}).get('identical_rows_pct', '-')}%", flush=True)
+        write_report()
+
+    measure("naive", lambda: naive_generate(model, prompts, batch_size=args.naive_batch, new_tokens=args.new_tokens,
+                                            pad_id=pad, device=device), reference=None, batch=args.naive_batch)
+    measure("fast cold", lambda: greedy_generate(model, prompts, **fast))
+    measure("fast warm", lambda: greedy_generate(model, prompts, **fast))
+    measure("fast+stop", lambda: greedy_generate(model, prompts, stop=lambda ids: False, **fast))
+    measure("fast b128", lambda: greedy_generate(model, prompts, batch_size=128, **fast))
+    subset = prompts[:args.noise_subset]
+    measure("naive subset b16", lambda: naive_generate(model, subset, batch_size=max(1, args.naive_batch // 2),
+                                                       new_tokens=args.new_tokens, pad_id=pad, device=device))
+    model.merge_adapter()
+    measure("fast merged cold", lambda: greedy_generate(model, prompts, **fast))
+    measure("fast merged warm", lambda: greedy_generate(model, prompts, **fast))
+    model.unmerge_adapter()
+
+    path = write_report()
+    table = [{**r, "identical_pct": (r.get("vs_naive") or {}).get("identical_rows_pct"),
+              "tokens_pct": (r.get("vs_naive") or {}).get("identical_tokens_pct"),
+              "mem_gib": (r.get("peak_memory_gib") or {}).get("allocated"), "error": r.get("error", "")[:60]}
+             for r in rows]
+    common.print_table(f"validation of {args.n} prompts x {args.new_tokens} new tokens ({device}) -> {path}", table,
+                       ["variant", "seconds", "speedup_vs_naive", "samples_per_s", "identical_pct", "tokens_pct",
+                        "mem_gib", "error"])
+    return 1 if any("error" in r for r in rows) else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,565 @@
+"""A training step that does the same maths as the padded plain step in a fraction of the time.
+
+Where the plain step spends its time at this size (a 0.6B decoder, 4 samples of ~250 tokens) is not
+arithmetic but overhead: padding, logits over the whole vocabulary at every position, and thousands of
+small kernel launches driven from Python. The levers here, each optional and measured in bench/:
+- pack(): the batch's samples in one row, with per-sample position ids and a document-causal
+  (varlen) attention, so no padding is computed and the result equals the padded batch;
+- answer_only_loss(): the decoder body once, then lm_head and cross-entropy only where labels count;
+- FastStep: one whole optimizer step (forward, backward, clipping, AdamW) captured as a CUDA graph per
+  padded shape and replayed, optionally over torch.compile'd decoder layers.
+FastEngine plugs this into the trainer loop (gputwin.train.engine's engine protocol).
+Everything also runs on CPU, without graphs or compile, which is how the tests check the maths.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import inspect
+import math
+from dataclasses import dataclass, replace
+from typing import Any, Callable, Iterable, Iterator, Mapping, NamedTuple, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from ..encoding import IGNORE_INDEX
+
+ATTENTION_NAME = "gputwin_packed"  # registered with transformers' AttentionInterface below
+CAUSAL_LM_HINT = "the fast path needs a decoder with embed_tokens, rotary_emb, layers and norm (Llama/Qwen family)"
+
+
+# ---------------------------------------------------------------- packing
+
+
+@dataclass(frozen=True)
+class PackedBatch:
+    """A batch as one row: samples back to back, then padding up to a bucket length.
+
+    cu_seqlens holds segment starts (the samples, then the padding as its own segment), so attention
+    never crosses a sample boundary. label_index/label_target list the positions whose next token is
+    a label, padded with IGNORE_INDEX targets to a bucket too, so a shape repeats across batches.
+    """
+
+    input_ids: torch.Tensor     # [1, T] long
+    position_ids: torch.Tensor  # [1, T] long, restarting at 0 in every segment
+    cu_seqlens: torch.Tensor    # [n_samples + 2] int32
+    label_index: torch.Tensor   # [L] long: row positions whose hidden state predicts a label
+    label_target: torch.Tensor  # [L] long: the label there, IGNORE_INDEX in the padding
+    n_tokens: int               # non-padding tokens
+    n_label_tokens: int
+    n_samples: int
+
+    @property
+    def length(self) -> int:
+        return self.input_ids.shape[1]
+
+    @property
+    def shape_key(self) -> tuple[int, int, int]:
+        """What a captured graph is specialised to: row length, label slots, samples."""
+        return self.length, self.label_index.shape[0], self.n_samples
+
+    def to(self, device: torch.device | str, non_blocking: bool = False) -> PackedBatch:
+        move = functools.partial(torch.Tensor.to, device=device, non_blocking=non_blocking)
+        return replace(self, input_ids=move(self.input_ids), position_ids=move(self.position_ids),
+                       cu_seqlens=move(self.cu_seqlens), label_index=move(self.label_index),
+                       label_target=move(self.label_target))
+
+
+def _field(sample: Any, name: str) -> list[int]:
+    return list(sample[name] if isinstance(sample, Mapping) else getattr(sample, name))
+
+
+def _round_up(n: int, multiple: int) -> int:
+    return -(-n // multiple) * multiple
+
+
+def pack(samples: Sequence[Any], *, bucket: int = 128, label_bucket: int = 64, pad_id: int = 0) -> PackedBatch:
+    """Samples (dicts or objects with input_ids and labels, IGNORE_INDEX where masked) as one packed row.
+
+    The row is padded to a multiple of `bucket` with at least one padding token, so every batch of n
+    samples has n + 1 segments; label slots are padded to a multiple of `label_bucket`.
+    """
+    if not samples:
+        raise ValueError("pack() needs at least one sample")
+    ids: list[int] = []
+    positions: list[int] = []
+    starts = [0]
+    label_index: list[int] = []
+    label_target: list[int] = []
+    for sample in samples:
+        sample_ids, labels = _field(sample, "input_ids"), _field(sample, "labels")
+        if len(sample_ids) != len(labels) or not sample_ids:
+            raise ValueError(f"a sample has {len(sample_ids)} input_ids and {len(labels)} labels")
+        offset = len(ids)
+        for t in range(len(labels) - 1):  # position t predicts token t + 1, inside the sample only
+            if labels[t + 1] != IGNORE_INDEX:
+                label_index.append(offset + t)
+                label_target.append(labels[t + 1])
+        ids += sample_ids
+        positions += range(len(sample_ids))
+        starts.append(len(ids))
+    n_tokens = len(ids)
+    length = _round_up(n_tokens + 1, bucket)
+    ids += [pad_id] * (length - n_tokens)
+    positions += range(length - n_tokens)
+    starts.append(length)
+    n_labels = len(label_index)
+    slots = max(label_bucket, _round_up(n_labels, label_bucket))
+    label_index += [length - 1] * (slots - n_labels)
+    label_target += [IGNORE_INDEX] * (slots - n_labels)
+    return PackedBatch(
+        input_ids=torch.tensor([ids], dtype=torch.long),
+        position_ids=torch.tensor([positions], dtype=torch.long),
+        cu_seqlens=torch.tensor(starts, dtype=torch.int32),
+        label_index=torch.tensor(label_index, dtype=torch.long),
+        label_target=torch.tensor(label_target, dtype=torch.long),
+        n_tokens=n_tokens, n_label_tokens=n_labels, n_samples=len(samples),
+    )
+
+
+# ---------------------------------------------------------------- document-causal attention
+
+
+def _resolve_varlen() -> Callable[..., torch.Tensor] | None:
+    """torch's flash varlen attention, called the way this torch version spells causal and GQA."""
+    try:
+        from torch.nn.attention.varlen import varlen_attn
+    except ImportError:
+        return None
+    params = inspect.signature(varlen_attn).parameters
+    if "window_size" in params:
+        causal: dict[str, Any] = {"window_size": (-1, 0)}
+    elif "is_causal" in params:
+        causal = {"is_causal": True}
+    else:
+        return None
+    native_gqa, has_scale = "enable_gqa" in params, "scale" in params
+
+    def call(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu: torch.Tensor, max_len: int,
+             scale: float) -> torch.Tensor:
+        extra = dict(causal)
+        if q.shape[1] != k.shape[1]:
+            if native_gqa:
+                extra["enable_gqa"] = True
+            else:
+                k, v = (x.repeat_interleave(q.shape[1] // k.shape[1], dim=1) for x in (k, v))
+        if has_scale:
+            extra["scale"] = scale
+        elif not math.isclose(scale, q.shape[-1] ** -0.5):
+            raise ValueError(f"varlen_attn of this torch has no scale argument; the model wants {scale}")
+        return varlen_attn(q, k, v, cu, cu, max_len, max_len, **extra)
+
+    return call
+
+
+_VARLEN: dict[str, Callable[..., torch.Tensor] | None] = {}  # "cuda" -> checked varlen call, or None
+
+
+def varlen_backend(device: torch.device | str) -> str:
+    """'varlen' where torch's flash varlen kernel runs here and matches masked SDPA (checked once,
+    forward and backward), else 'sdpa-mask' (a block-diagonal causal mask; always correct, slower)."""
+    if torch.device(device).type != "cuda":
+        return "sdpa-mask"
+    if "cuda" not in _VARLEN:
+        call = _resolve_varlen()
+        _VARLEN["cuda"] = call if call is not None and _varlen_matches_sdpa(call, device) else None
+    return "varlen" if _VARLEN["cuda"] is not None else "sdpa-mask"
+
+
+def _varlen_matches_sdpa(call: Callable[..., torch.Tensor], device: torch.device | str) -> bool:
+    generator = torch.Generator(device=device).manual_seed(0)
+    cu = torch.tensor([0, 37, 200, 256], dtype=torch.int32, device=device)
+    shapes = ((256, 4, 64), (256, 2, 64), (256, 2, 64))
+    inputs = [torch.randn(s, device=device, dtype=torch.bfloat16, generator=generator).requires_grad_()
+              for s in shapes]
+    try:
+        out = call(*inputs, cu, 256, 0.125)
+        out.float().square().sum().backward()
+    except (RuntimeError, TypeError, ValueError, NotImplementedError):
+        return False
+    grads = [x.grad.float() for x in inputs]
+    ref_inputs = [x.detach().clone().requires_grad_() for x in inputs]
+    q, k, v = (x.transpose(0, 1).unsqueeze(0) for x in ref_inputs)
+    ref = masked_attention(q, k, v, cu, 0.125)
+    ref.float().square().sum().backward()
+    pairs = [(out, ref[0])] + [(g, x.grad.float()) for g, x in zip(grads, ref_inputs)]
+    return all(float((a.float() - b.float()).norm() / b.float().norm().clamp_min(1e-6)) < 2e-2 for a, b in pairs)
+
+
+def block_causal_mask(cu_seqlens: torch.Tensor, length: int) -> torch.Tensor:
+    """[1, 1, T, T] bool: a position sees earlier positions of its own segment only."""
+    index = torch.arange(length, device=cu_seqlens.device)
+    segment = torch.searchsorted(cu_seqlens[1:].long(), index, right=True)
+    mask = (segment[:, None] == segment[None, :]) & (index[:, None] >= index[None, :])
+    return mask[None, None]
+
+
+def masked_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, cu_seqlens: torch.Tensor,
+                     scale: float, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Packed attention through SDPA and a block-diagonal causal mask: [1, H, T, D] in, [1, T, H, D] out."""
+    if mask is None:
+        mask = block_causal_mask(cu_seqlens, query.shape[2])
+    groups = query.shape[1] // key.shape[1]
+    if groups > 1:
+        key, value = key.repeat_interleave(groups, dim=1), value.repeat_interleave(groups, dim=1)
+    out = F.scaled_dot_product_attention(query, key, value, attn_mask=mask, scale=scale)
+    return out.transpose(1, 2)
+
+
+def attend_packed(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, cu_seqlens: torch.Tensor,
+                  max_len: int, scale: float, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Document-causal attention over one packed row ([1, H, T, D] in, [1, T, H, D] out)."""
+    varlen = _VARLEN.get("cuda")
+    if mask is None and varlen is not None and query.is_cuda and query.dtype in (torch.bfloat16, torch.float16):
+        q, k, v = (x[0].transpose(0, 1).contiguous() for x in (query, key, value))
+        return varlen(q, k, v, cu_seqlens, max_len, scale).unsqueeze(0)
+    return masked_attention(query, key, value, cu_seqlens, scale, mask)
+
+
+def packed_attention(module: Any, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                     attention_mask: torch.Tensor | None, scaling: float, dropout: float = 0.0,
+                     **kwargs: Any) -> tuple[torch.Tensor, None]:
+    """transformers attention function: packed rows (cu_seq_lens_q), or a cache's own attention
+    (a `gputwin_cache` object, used by gputwin.fastgen) when one is passed along."""
+    cache = kwargs.get("gputwin_cache")
+    if cache is not None:
+        return cache.attend(module, query, key, value, attention_mask, scaling), None
+    cu_seqlens = kwargs.get("cu_seq_lens_q")
+    if cu_seqlens is None:
+        raise ValueError(f"the {ATTENTION_NAME} attention needs cu_seq_lens_q (use gputwin.train.fast.run_decoder)")
+    return attend_packed(query, key, value, cu_seqlens, kwargs["max_length_q"], scaling, attention_mask), None
+
+
+def _register_attention() -> None:
+    from transformers import AttentionInterface
+
+    AttentionInterface.register(ATTENTION_NAME, packed_attention)
+
+
+_register_attention()
+
+
+# ---------------------------------------------------------------- running the decoder
+
+
+@dataclass(frozen=True)
+class DecoderParts:
+    """The pieces of a causal LM (PEFT-wrapped or not) that the fast paths call directly."""
+
+    body: Any                 # embed_tokens, rotary_emb, layers, norm
+    lm_head: torch.nn.Module
+    layers: Sequence[Any]     # body.layers, or torch.compile'd wrappers of them
+
+    @property
+    def config(self) -> Any:
+        return self.body.config
+
+
+def decoder_parts(model: Any) -> DecoderParts:
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    body = base.get_decoder() if hasattr(base, "get_decoder") else getattr(base, "model", None)
+    head = base.get_output_embeddings() if hasattr(base, "get_output_embeddings") else None
+    if head is None or not all(hasattr(body, name) for name in ("embed_tokens", "rotary_emb", "layers", "norm")):
+        raise TypeError(f"{type(base).__name__}: {CAUSAL_LM_HINT}")
+    return DecoderParts(body=body, lm_head=head, layers=list(body.layers))
+
+
+@contextlib.contextmanager
+def attention_implementation(config: Any, name: str) -> Iterator[None]:
+    """Route the layers' attention through `name` for the duration (no mask creation, no cache)."""
+    previous = config._attn_implementation
+    config._attn_implementation = name
+    try:
+        yield
+    finally:
+        config._attn_implementation = previous
+
+
+def run_decoder(parts: DecoderParts, input_ids: torch.Tensor, position_ids: torch.Tensor, *,
+                cu_seqlens: torch.Tensor | None = None, max_len: int | None = None, **extra: Any) -> torch.Tensor:
+    """Final hidden states of the decoder body for packed rows (cu_seqlens) or a cache step (extra).
+
+    The same embed -> layers -> norm as the model's own forward, minus mask building and caches.
+    """
+    body = parts.body
+    hidden = body.embed_tokens(input_ids)
+    position_embeddings = body.rotary_emb(hidden, position_ids)
+    mask = None
+    if cu_seqlens is not None:
+        extra.update(cu_seq_lens_q=cu_seqlens, cu_seq_lens_k=cu_seqlens, max_length_q=max_len, max_length_k=max_len)
+        if varlen_backend(hidden.device) != "varlen":  # build the fallback mask once, not in every layer
+            mask = block_causal_mask(cu_seqlens, input_ids.shape[1])
+    with attention_implementation(parts.config, ATTENTION_NAME):
+        for layer in parts.layers:
+            out = layer(hidden, attention_mask=mask, position_ids=position_ids,
+                        position_embeddings=position_embeddings, use_cache=False, **extra)
+            hidden = out[0] if isinstance(out, tuple) else out
+    return body.norm(hidden)
+
+
+def answer_only_loss(model: Any, batch: PackedBatch, *, parts: DecoderParts | None = None) -> torch.Tensor:
+    """Mean cross-entropy over label tokens, with lm_head applied at label positions only.
+
+    Equals the causal LM loss of the padded batch (transformers' token mean over labels != -100).
+    """
+    parts = parts or decoder_parts(model)
+    # an upper bound on segment length is all varlen needs; a power of two keeps compiled code from
+    # specialising on every bucket length
+    max_len = max(1024, 1 << (batch.length - 1).bit_length())
+    hidden = run_decoder(parts, batch.input_ids, batch.position_ids, cu_seqlens=batch.cu_seqlens, max_len=max_len)
+    logits = parts.lm_head(hidden[0].index_select(0, batch.label_index)).float()
+    total = F.cross_entropy(logits, batch.label_target, ignore_index=IGNORE_INDEX, reduction="sum")
+    return total / (batch.label_target != IGNORE_INDEX).sum().clamp_min(1)
+
+
+# ---------------------------------------------------------------- the optimizer step
+
+
+class StepResult(NamedTuple):
+    loss: torch.Tensor       # 0-d, on the device: read it (a sync) only when it is logged
+    grad_norm: torch.Tensor  # 0-d, before clipping
+    n_tokens: int            # non-padding tokens of the batch
+
+
+def make_optimizer(model: Any, lr: float, *, weight_decay: float = 0.0, betas: tuple[float, float] = (0.9, 0.999),
+                   eps: float = 1e-8) -> torch.optim.AdamW:
+    """AdamW over the trainable parameters, fused on CUDA (what FastStep's graphs need)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    return torch.optim.AdamW(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
+                             fused=params[0].is_cuda)
+
+
+@contextlib.contextmanager
+def preserved_state(optimizer: torch.optim.Optimizer, params: Sequence[torch.Tensor]) -> Iterator[None]:
+    """Run steps inside (warm-ups before a capture) and leave parameters and optimizer state as they were.
+
+    State the steps created is zeroed in place, which is Adam's fresh state (step 0, zero moments); the
+    tensors themselves stay, so a graph captured afterwards keeps pointing at them.
+    """
+    saved_params = [p.detach().clone() for p in params]
+    saved_state = {p: {k: v.detach().clone() if torch.is_tensor(v) else v for k, v in optimizer.state[p].items()}
+                   for p in params if p in optimizer.state}
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for p, saved in zip(params, saved_params):
+                p.copy_(saved)
+                p.grad = None
+            for p in params:
+                before = saved_state.get(p)
+                for key, value in optimizer.state.get(p, {}).items():
+                    if torch.is_tensor(value):
+                        value.copy_(before[key]) if before else value.zero_()
+
+
+@dataclass
+class _Captured:
+    graph: Any                # torch.cuda.CUDAGraph
+    inputs: PackedBatch       # static device tensors the graph reads
+    loss: torch.Tensor
+    grad_norm: torch.Tensor
+
+
+class FastStep:
+    """One optimizer step on a PackedBatch, with the semantics of the plain padded step.
+
+    compile: torch.compile each decoder layer (dynamic shapes, compiled once for all layers).
+    cuda_graphs: capture forward + backward + clipping + AdamW as one CUDA graph per batch shape
+    (PackedBatch.shape_key) and replay it; warm-up runs before a capture leave the model untouched.
+    Both default to on for CUDA and off for CPU. A step whose loss or gradient norm is not finite
+    updates nothing (fused AdamW's found_inf, as AMP does), so the caller can report and stop.
+    """
+
+    def __init__(self, model: Any, optimizer: torch.optim.Optimizer, *, compile: bool | None = None,
+                 cuda_graphs: bool | None = None, grad_clip: float | None = 1.0,
+                 autocast_dtype: torch.dtype | None | str = "auto",
+                 loss_fn: Callable[[Any, PackedBatch], torch.Tensor] | None = None, warmup_iters: int = 2) -> None:
+        self.model, self.optimizer = model, optimizer
+        self.params = [p for group in optimizer.param_groups for p in group["params"]]
+        self.device = self.params[0].device
+        on_cuda = self.device.type == "cuda"
+        self.use_graphs = on_cuda if cuda_graphs is None else cuda_graphs
+        self.use_compile = on_cuda if compile is None else compile
+        self.max_norm = grad_clip if grad_clip and grad_clip > 0 else math.inf
+        self.fused = all(group.get("fused") for group in optimizer.param_groups)
+        if self.use_graphs and not (on_cuda and self.fused and isinstance(optimizer, torch.optim.Adam)):
+            raise ValueError("cuda_graphs needs the model on CUDA and a fused Adam/AdamW (fused=True)")
+        if autocast_dtype == "auto":
+            base_dtype = next((p.dtype for p in model.parameters() if not p.requires_grad), torch.float32)
+            autocast_dtype = base_dtype if on_cuda and base_dtype in (torch.bfloat16, torch.float16) else None
+        self.autocast_dtype = autocast_dtype
+        self.parts = decoder_parts(model)
+        if self.use_compile:
+            self.parts = replace(self.parts, layers=_compiled_layers(self.parts.layers))
+        self.loss_fn = loss_fn or functools.partial(answer_only_loss, parts=self.parts)
+        self.warmup_iters = warmup_iters
+        self.attention_backend = varlen_backend(self.device)
+        self.captures, self.capture_seconds = 0, 0.0
+        self._graphs: dict[tuple[int, int, int], _Captured] = {}
+        self._pool: Any = None
+        self._state_token: tuple[int, ...] = ()
+        self._found_inf = torch.zeros((), dtype=torch.float32, device=self.device)
+        self._lr: list[torch.Tensor] = []
+        if self.use_graphs:
+            self._make_capturable()
+
+    # -- public
+
+    def __call__(self, batch: PackedBatch, lr: float | None = None) -> StepResult:
+        if lr is not None:
+            self.set_lr(lr)
+        if not self.use_graphs:
+            loss, norm = self._eager(batch)
+            return StepResult(loss, norm, batch.n_tokens)
+        self._make_capturable()
+        captured = self._graphs.get(batch.shape_key) or self._capture(batch)
+        for name in ("input_ids", "position_ids", "cu_seqlens", "label_index", "label_target"):
+            getattr(captured.inputs, name).copy_(getattr(batch, name), non_blocking=True)
+        captured.graph.replay()
+        return StepResult(captured.loss.clone(), captured.grad_norm.clone(), batch.n_tokens)
+
+    def set_lr(self, lr: float) -> None:
+        for group in self.optimizer.param_groups:
+            if torch.is_tensor(group["lr"]):
+                group["lr"].fill_(lr)
+            else:
+                group["lr"] = lr
+
+    def prepare(self, batches: Iterable[PackedBatch]) -> int:
+        """Capture the graphs for these batches' shapes now (compiling on the way); the model is unchanged."""
+        if not self.use_graphs:
+            return 0
+        self._make_capturable()
+        before = self.captures
+        for batch in batches:
+            if batch.shape_key not in self._graphs:
+                self._capture(batch)
+        return self.captures - before
+
+    # -- the step itself
+
+    def _autocast(self) -> contextlib.AbstractContextManager[Any]:
+        if self.autocast_dtype is None:
+            return contextlib.nullcontext()
+        # no weight-cast cache: a captured graph must redo the casts on every replay
+        return torch.autocast(self.device.type, dtype=self.autocast_dtype, cache_enabled=False)
+
+    def _body(self, batch: PackedBatch) -> tuple[torch.Tensor, torch.Tensor]:
+        """forward, backward, clip, update: the part a graph captures."""
+        with self._autocast():
+            loss = self.loss_fn(self.model, batch)
+        loss.backward()
+        norm = torch.nn.utils.clip_grad_norm_(self.params, self.max_norm)
+        loss = loss.detach()
+        if self.fused:
+            self._found_inf.copy_((~(torch.isfinite(loss) & torch.isfinite(norm))).float())
+            self.optimizer.found_inf = self._found_inf  # read by fused Adam: skips the update when 1
+            try:
+                self.optimizer.step()
+            finally:
+                del self.optimizer.found_inf
+        elif math.isfinite(float(loss)) and math.isfinite(float(norm)):
+            self.optimizer.step()
+        return loss, norm
+
+    def _eager(self, batch: PackedBatch) -> tuple[torch.Tensor, torch.Tensor]:
+        self.optimizer.zero_grad(set_to_none=True)
+        loss, norm = self._body(batch.to(self.device, non_blocking=True))
+        self.optimizer.zero_grad(set_to_none=True)
+        return loss, norm
+
+    # -- graphs
+
+    def _make_capturable(self) -> None:
+        """Device lr tensors and capturable AdamW, again whenever someone swapped them (a checkpoint load)."""
+        if len(self._lr) != len(self.optimizer.param_groups):
+            self._lr = [torch.zeros((), dtype=torch.float32, device=self.device) for _ in self.optimizer.param_groups]
+        for group, lr in zip(self.optimizer.param_groups, self._lr):
+            group["capturable"] = True
+            if group["lr"] is not lr:
+                lr.fill_(float(group["lr"]))
+                group["lr"] = lr
+        token = self._state_ids()
+        if token != self._state_token and self._state_token:
+            self._graphs.clear()  # they point at state tensors that are gone
+        self._state_token = token
+
+    def _state_ids(self) -> tuple[int, ...]:
+        """Identity of the optimizer state (a load_state_dict replaces the tensors the graphs use)."""
+        ends = (self.params[0], self.params[-1])
+        return tuple(id(v) for p in ends for v in self.optimizer.state.get(p, {}).values())
+
+    def _capture(self, batch: PackedBatch) -> _Captured:
+        import time
+
+        started = time.perf_counter()
+        static = batch.to(self.device)
+        current, side = torch.cuda.current_stream(self.device), torch.cuda.Stream(self.device)
+        with preserved_state(self.optimizer, self.params):
+            side.wait_stream(current)
+            with torch.cuda.stream(side):
+                for _ in range(self.warmup_iters):
+                    self.optimizer.zero_grad(set_to_none=True)
+                    self._body(static)
+            current.wait_stream(side)
+        self.optimizer.zero_grad(set_to_none=True)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self._pool, capture_error_mode="thread_local"):
+            loss, norm = self._body(static)
+        self._pool = self._pool or graph.pool()
+        captured = _Captured(graph, static, loss, norm)
+        self._graphs[batch.shape_key] = captured
+        self._state_token = self._state_ids()
+        self.captures += 1
+        self.capture_seconds += time.perf_counter() - started
+        return captured
+
+
+def _compiled_layers(layers: Sequence[Any]) -> list[Any]:
+    """Each decoder layer through torch.compile; the layers share code, so they share one compilation."""
+    import torch._dynamo
+
+    for name in ("cache_size_limit", "recompile_limit", "accumulated_cache_size_limit", "accumulated_recompile_limit"):
+        if hasattr(torch._dynamo.config, name):
+            setattr(torch._dynamo.config, name, max(getattr(torch._dynamo.config, name), 256))
+    return [torch.compile(layer, dynamic=True) for layer in layers]
+
+
+# ---------------------------------------------------------------- the trainer's engine
+
+
+class FastEngine:
+    """gputwin.train.engine's Engine (collate, step) on packed batches and FastStep.
+
+    Raises EngineUnsupported for models the fast path cannot run (token-classification heads, encoders);
+    make_engine then falls back to the plain engine.
+    """
+
+    name = "fast"
+
+    def __init__(self, model: Any, optimizer: torch.optim.Optimizer, *, device: torch.device,
+                 model_dtype: torch.dtype, grad_clip: float, pad_id: int) -> None:
+        from .engine import EngineUnsupported
+
+        try:
+            decoder_parts(model)
+        except TypeError as exc:
+            raise EngineUnsupported(str(exc)) from None
+        self.pad_id = pad_id
+        dtype = torch.bfloat16 if device.type == "cuda" and model_dtype != torch.float32 else None
+        self.fast = FastStep(model, optimizer, grad_clip=grad_clip, autocast_dtype=dtype)
+
+    def collate(self, examples: Sequence[Any]) -> PackedBatch:
+        return pack(examples, pad_id=self.pad_id)
+
+    def step(self, batch: PackedBatch, lr: float) -> Any:
+        from .engine import NonFiniteLoss, StepOutput
+
+        result = self.fast(batch, lr=lr)
+        loss, grad_norm = float(result.loss), float(result.grad_norm)
+        if not math.isfinite(loss):
+            raise NonFiniteLoss(f"loss is {loss}")  # the step updated nothing
+        return StepOutput(loss=loss, grad_norm=grad_norm)

@@ -1,0 +1,99 @@
+"""Checkpoints survive crashes: damaged or half-written ones are skipped, a changed setup is refused."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from gputwin import events
+from gputwin.train import checkpoint
+from gputwin.train.loop import train
+from tiny import World, make_arm
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory: pytest.TempPathFactory) -> World:
+    return World(tmp_path_factory.mktemp("world"))
+
+
+@pytest.fixture(scope="module")
+def finished_arm(world: World, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A finished 12-step tag run with checkpoints at 9 and 12 (every 3, keep 2)."""
+    arm = make_arm(tmp_path_factory.mktemp("runs"), world.profile("tag", epochs=2))
+    assert train(arm) == 0
+    return arm
+
+
+def copy_arm(arm: Path, tmp_path: Path) -> Path:
+    return Path(shutil.copytree(arm, tmp_path / arm.name))
+
+
+def last_events(arm: Path) -> list[events.Event]:
+    evs = events.read_events(arm / "events.jsonl").events
+    starts = [i for i, e in enumerate(evs) if e.kind == events.STARTED]
+    return evs[starts[-1]:]
+
+
+def test_a_damaged_newest_checkpoint_is_skipped_for_the_one_before(finished_arm: Path, tmp_path: Path,
+                                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    arm = copy_arm(finished_arm, tmp_path)
+    state = arm / "checkpoints" / "step-000012" / checkpoint.STATE_FILE
+    state.write_bytes(state.read_bytes()[:100])  # torn by a crash or a full disk
+    assert train(arm) == 0
+    evs = last_events(arm)
+    assert evs[1].kind == events.RESUMED and evs[1]["step"] == 9
+    assert [e["step"] for e in evs if e.kind == events.STEP] == [10, 11, 12]
+    assert evs[1]["checkpoint"].endswith("step-000009")
+    err = capsys.readouterr().err
+    assert "skipping damaged checkpoint" in err and "step-000012" in err
+
+
+def test_half_written_folders_are_cleaned_and_never_resumed(finished_arm: Path, tmp_path: Path) -> None:
+    arm = copy_arm(finished_arm, tmp_path)
+    root = arm / "checkpoints"
+    torn = root / ".tmp-step-000015-999"
+    shutil.copytree(root / "step-000012", torn)
+    (torn / checkpoint.MANIFEST).unlink()  # the crash came before the manifest
+    incomplete = root / "step-000014"
+    incomplete.mkdir()  # a folder with a checkpoint's name but nothing in it
+    assert [s for s, _ in checkpoint.list_checkpoints(root)] == [9, 12]
+    assert train(arm) == 0
+    assert not torn.exists()
+    evs = last_events(arm)
+    assert evs[1].kind == events.RESUMED and evs[1]["step"] == 12 and evs[-1].kind == events.FINISHED
+
+
+def test_a_checkpoint_moved_aside_just_before_a_crash_is_put_back(finished_arm: Path, tmp_path: Path) -> None:
+    arm = copy_arm(finished_arm, tmp_path)
+    root = arm / "checkpoints"
+    (root / "step-000012").rename(root / ".old-step-000012")
+    checkpoint.clean_leftovers(root)
+    assert [s for s, _ in checkpoint.list_checkpoints(root)] == [9, 12]
+
+
+def test_a_changed_setup_refuses_to_resume(finished_arm: Path, world: World, tmp_path: Path) -> None:
+    arm = copy_arm(finished_arm, tmp_path)
+    profile = world.profile("tag", epochs=2)
+    changed = profile.to_dict()
+    changed["lora"]["r"] = 8
+    (arm / "profile.json").write_text(json.dumps(changed))
+    assert train(arm) == 2
+    failed = events.read_events(arm / "events.jsonl").events[-1]
+    assert failed.kind == events.FAILED and failed["error"] == "CheckpointMismatch"
+    assert "lora" in failed["message"] and "checkpoints" in failed["hint"]
+
+
+def test_prune_keeps_the_newest_and_never_the_protected_one(tmp_path: Path) -> None:
+    for step in (3, 6, 9, 12):
+        folder = tmp_path / checkpoint.checkpoint_name(step)
+        folder.mkdir()
+        (folder / checkpoint.MANIFEST).write_text("{}")
+        (folder / checkpoint.STATE_FILE).write_bytes(b"")
+    removed = checkpoint.prune(tmp_path, 2, protect=tmp_path / "step-000003")
+    assert sorted(p.name for p in removed) == ["step-000006"]
+    assert [s for s, _ in checkpoint.list_checkpoints(tmp_path)] == [3, 9, 12]
