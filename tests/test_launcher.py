@@ -28,8 +28,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import tiny  # noqa: E402
 
 SLEEPER = [sys.executable, "-c", "import time; time.sleep(120)"]
-ENV_PRINTER = [sys.executable, "-c",
-               "import os; print(repr(os.environ.get('CUDA_VISIBLE_DEVICES')), os.environ.get('GPUTWIN_THREADS'))"]
+ENV_PRINTER = [sys.executable, "-c", "import os; e = os.environ; print(repr(e.get('CUDA_VISIBLE_DEVICES')), "
+               "e.get('GPUTWIN_THREADS'), e.get('CUDA_DEVICE_ORDER'))"]
 
 
 def wait_for(predicate: Callable[[], bool], what: str, limit_s: float = 60.0) -> None:
@@ -118,7 +118,10 @@ def test_the_profile_snapshot_is_the_users_file(tmp_path: Path, logs: Path) -> N
     assert exp.arm("a").profile_toml.read_text() == "# my profile\n"
 
 
-def test_trainer_env_names_the_gpu_or_none_and_shares_the_cores(tmp_path: Path, logs: Path) -> None:
+def test_trainer_env_names_the_gpu_or_none_and_shares_the_cores(tmp_path: Path, logs: Path,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("CUDA_DEVICE_ORDER", raising=False)
+    monkeypatch.delenv("GPUTWIN_THREADS", raising=False)
     cpu = profile("cpu", tmp_path, threads=0)
     cpu2 = profile("cpu2", tmp_path, threads=0)
     gpu = dataclasses.replace(profile("gpu", tmp_path), device=1)
@@ -129,10 +132,10 @@ def test_trainer_env_names_the_gpu_or_none_and_shares_the_cores(tmp_path: Path, 
         wait_for(lambda arm=arm: supervise.read_exit(arm) == 0, f"{arm.name} to exit")
     cores = len(os.sched_getaffinity(0))
     out = {arm.name: arm.stdout.read_text().strip() for arm in exp.arms()}
-    assert out["cpu"] == f"'' {max(1, cores // 3)}"  # three CPU arms share the cores
+    assert out["cpu"] == f"'' {max(1, cores // 3)} PCI_BUS_ID"  # three CPU arms share the cores
     assert out["cpu2"] == out["cpu"]
-    assert out["gpu"].startswith("'1' ")
-    assert out["pinned"] == "'' 3"
+    assert out["gpu"] == "'1' None PCI_BUS_ID"  # its own GPU, numbered as nvidia-smi numbers them
+    assert out["pinned"] == "'' 3 PCI_BUS_ID"
 
 
 def test_kill_9_of_the_trainer_is_recorded_as_a_signal_exit(tmp_path: Path, logs: Path) -> None:
@@ -154,6 +157,16 @@ def test_normal_and_failing_exits_are_recorded(tmp_path: Path, logs: Path) -> No
         wait_for(lambda arm=arm: supervise.read_exit(arm) is not None, f"{arm.name} to exit")
     assert supervise.read_exit(exp.arm("a")) == 0
     assert supervise.read_exit(exp.arm("b")) == 3
+
+
+def test_a_trainer_that_cannot_start_is_reported_not_hidden(tmp_path: Path, logs: Path) -> None:
+    missing = [str(tmp_path / "no-such-program")]
+    with pytest.raises(UserError, match="exited .* before starting the trainer") as failed:
+        launcher.start_experiment(experiment(tmp_path), root=logs, commands={"a": missing, "b": SLEEPER})
+    assert "stderr.log" in str(failed.value)
+    a = ArmPaths(logs / "exp" / "a")
+    assert supervise.read_exit(a) == supervise.EXEC_FAILED
+    assert "cannot start" in a.stderr.read_text()
 
 
 def test_a_second_run_is_refused_while_arms_are_alive_and_after_they_ended(tmp_path: Path, logs: Path) -> None:

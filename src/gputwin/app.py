@@ -16,6 +16,7 @@ from textual import work
 from textual.app import App, ComposeResult
 from textual.binding import Binding
 from textual.containers import Container
+from textual.events import DescendantFocus
 from textual.widgets import Footer, Static
 from textual.worker import Worker, WorkerState, get_current_worker
 
@@ -103,7 +104,7 @@ class GputwinApp(App[None]):
     def compose(self) -> ComposeResult:
         yield Static(f"gputwin · {self.exp.name} · {display_path(self.exp.root)}", id="top-bar")
         with Container(id="arms"):
-            yield Static(f"Reading {self.exp.root} …", id="loading")
+            yield Static(f"Reading {display_path(self.exp.root)} …", id="loading")
         yield VerdictPane(id="verdict", can_focus=False)
         yield LogView(id="log")
         yield Footer()
@@ -232,7 +233,7 @@ class GputwinApp(App[None]):
 
     # ------------------------------------------------------------ focus
 
-    def on_descendant_focus(self, event: Any) -> None:
+    def on_descendant_focus(self, event: DescendantFocus) -> None:
         if isinstance(event.widget, ArmPane):
             self._focused_arm = event.widget.arm_name
             if self._log_arm is not None:
@@ -307,9 +308,8 @@ class GputwinApp(App[None]):
                         title="apply: not now", severity="warning")
             return
         if not changing_actions(verdict):
-            self.notify(f"The verdict ({verdict.scenario}) recommends no stop or extend: "
-                        + "; ".join(a.describe() for a in verdict.actions), title="apply: nothing to do",
-                        severity="warning")
+            self.notify(f"The verdict recommends no stop or extend ({verdict.headline}).",
+                        title="apply: nothing to do", severity="warning")
             return
         self._confirm(apply_prompt(verdict, self.applied), "Apply", lambda: self._apply_actions(verdict, BY))
 

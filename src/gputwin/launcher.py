@@ -25,7 +25,7 @@ from .errors import UserError
 from .paths import ArmPaths, ExperimentPaths, make_private_dir
 from .profiles import Experiment, Profile, load_any, load_experiment
 from .supervise import (CRASHED, ENDED, FAILED, FINISHED, NOT_STARTED, RUNNING, STOPPED, arm_alive, arm_lock,
-                        arm_status, ending, spawn_supervised, supervisor_active, write_atomic)
+                        SpawnError, arm_status, ending, spawn_supervised, supervisor_active, write_atomic)
 
 __all__ = [
     "start_experiment", "spawn_arm", "arm_alive", "arm_status", "request_stop", "request_extend",
@@ -75,10 +75,14 @@ def spawn_arm(arm: ArmPaths, profile: Profile, *, threads: int | None,
     """
     env = dict(os.environ)
     env["CUDA_VISIBLE_DEVICES"] = "" if profile.device is None else str(profile.device)
+    env.setdefault("CUDA_DEVICE_ORDER", "PCI_BUS_ID")  # GPU indices as nvidia-smi and NVML number them
     env["PYTHONUNBUFFERED"] = "1"  # stdout.log stays live
     if threads is not None:
         env["GPUTWIN_THREADS"] = str(threads)
-    return spawn_supervised(arm, env, command)
+    try:
+        return spawn_supervised(arm, env, command)
+    except SpawnError as exc:
+        raise UserError(str(exc), f"fix what {arm.stderr} reports, then `gputwin resume {arm.name}`") from None
 
 
 @contextmanager

@@ -4,13 +4,16 @@ logs/<experiment>/
     experiment.json        resolved experiment (arms, rules) written by `gputwin run`
     run.lock               held while a launcher is starting arms
     comparison.md, verdict.json
+    actions.jsonl          verdict actions taken (by a key, a CLI command or automatically)
     <arm>/
         profile.toml       the user's profile as given (snapshot)
         profile.json       the resolved profile the trainer reads
         events.jsonl       the event log (docs/events.md)
         stdout.log, stderr.log
         pid                "<pid> <start time>" of the trainer process
-        exit               exit status written by the trainer wrapper when it ends
+        supervisor         pid of the supervisor that waits for the trainer (supervise.py)
+        supervise.lock     held while the arm's trainer is being started or restarted
+        exit               exit status written by the supervisor when the trainer ends
         control/           requests to the trainer (atomic files, see control.py)
         checkpoints/step-000200/ ...
         validation/step-000200.json

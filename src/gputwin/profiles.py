@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import re
 import sys
 from dataclasses import dataclass
@@ -512,8 +513,9 @@ def load_experiment(path: str | Path, *, check_files: bool = True) -> Experiment
 
 
 def _resolve(relative_to: Path, value: str) -> Path:
+    """Relative to the naming file's folder; a linked profile keeps its link's folder for its own paths."""
     p = Path(value).expanduser()
-    return p if p.is_absolute() else (relative_to.parent / p).resolve()
+    return p if p.is_absolute() else Path(os.path.normpath(relative_to.parent.absolute() / p))
 
 
 def experiment_from_profiles(paths: list[str | Path], *, name: str | None = None,
@@ -538,22 +540,26 @@ def load_any(paths: list[str | Path], *, name: str | None = None, check_files: b
 
 def differing_keys(arms: list[Profile]) -> list[str]:
     """Dotted keys whose values differ between arms (what the UI and report highlight)."""
-    flat = [_flatten(a.to_dict()) for a in arms]
-    keys = sorted({k for f in flat for k in f} - {"source", "name"})
-    return [k for k in keys if len({repr(f.get(k)) for f in flat}) > 1]
+    return differing_flat([flatten(a) for a in arms])
 
 
-def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+def differing_flat(flats: list[dict[str, Any]]) -> list[str]:
+    """The same, for profiles already flattened with flatten_dict."""
+    keys = sorted({k for f in flats for k in f} - {"source", "name"})
+    return [k for k in keys if len({repr(f.get(k)) for f in flats}) > 1]
+
+
+def flatten_dict(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """{"train": {"learning_rate": 1e-4}} -> {"train.learning_rate": 1e-4} (lists become tuples)."""
     out: dict[str, Any] = {}
     for k, v in d.items():
         key = f"{prefix}{k}"
         if isinstance(v, dict):
-            out.update(_flatten(v, key + "."))
+            out.update(flatten_dict(v, key + "."))
         else:
-            out[key] = v
+            out[key] = tuple(v) if isinstance(v, list) else v
     return out
 
 
 def flatten(profile: Profile) -> dict[str, Any]:
-    return _flatten(profile.to_dict())
-
+    return flatten_dict(profile.to_dict())

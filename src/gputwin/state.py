@@ -320,7 +320,9 @@ def _on_started(s: ArmState, e: ev.Event) -> None:
     s.pid = _int(e.get("pid"))
     device = e.get("device")
     s.device = None if device is None else str(device)
-    s.gpu_index = _gpu_index(device)
+    # The trainer sees only its own GPU (as cuda:0); the profile names the physical index NVML uses.
+    physical = s.hparams.get("device")
+    s.gpu_index = physical if isinstance(physical, int) and not isinstance(physical, bool) else _gpu_index(device)
     s.samples = _int(e.get("samples"))
     s.steps_per_epoch = _int(e.get("steps_per_epoch"))
     s.total_steps = _int(e.get("total_steps"))
@@ -422,17 +424,6 @@ def fold(name: str, events: Iterable[ev.Event], state: ArmState | None = None) -
     for event in events:
         apply(state, event)
     return state
-
-
-def flatten_profile(profile: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    """{"train": {"learning_rate": 1e-4}} -> {"train.learning_rate": 1e-4} (lists become tuples)."""
-    out: dict[str, Any] = {}
-    for key, value in profile.items():
-        if isinstance(value, dict):
-            out.update(flatten_profile(value, f"{prefix}{key}."))
-        else:
-            out[f"{prefix}{key}"] = tuple(value) if isinstance(value, list) else value
-    return out
 
 
 def __getattr__(name: str) -> Any:

@@ -25,7 +25,7 @@ from . import events as ev
 from . import state as st
 from . import supervise
 from .paths import ArmPaths, ExperimentPaths
-from .profiles import Experiment
+from .profiles import Experiment, differing_flat, flatten_dict
 
 HEAD_BYTES = 64  # first bytes of a log, remembered to notice a file rewritten in place
 STALL_MIN_S = 60.0
@@ -111,11 +111,6 @@ def _read_json(path: Path) -> Any:
     return json.loads(path.read_text(encoding="utf-8"))
 
 
-def _differing(hparams: list[dict[str, Any]]) -> list[str]:
-    keys = sorted({k for h in hparams for k in h} - {"source", "name"})
-    return [k for k in keys if len({repr(h.get(k)) for h in hparams}) > 1]
-
-
 def _stderr_tail(path: Path) -> list[str]:
     try:
         with open(path, "rb") as fh:
@@ -170,7 +165,7 @@ class ExperimentWatcher:
         for name in list(self._arm_paths):
             changed |= self._refresh_profile(name)
         if changed:
-            self.state.differing_keys = _differing([a.hparams for a in self.state.arms.values()])
+            self.state.differing_keys = differing_flat([a.hparams for a in self.state.arms.values()])
         return changed
 
     def _load_experiment(self) -> None:
@@ -199,7 +194,7 @@ class ExperimentWatcher:
                 self._add_arm(profile.name)
             arm = self.state.arms.get(profile.name)
             if arm is not None and not arm.hparams:
-                arm.hparams = st.flatten_profile(profile.to_dict())
+                arm.hparams = flatten_dict(profile.to_dict())
 
     def _add_arm(self, name: str) -> None:
         try:
@@ -227,7 +222,7 @@ class ExperimentWatcher:
             self.state.problems.append(f"{path}: cannot be read ({exc})")
             return False
         if isinstance(profile, dict):
-            self.state.arms[name].hparams = st.flatten_profile(profile)
+            self.state.arms[name].hparams = flatten_dict(profile)
         return True
 
     # ------------------------------------------------------------ polling

@@ -88,7 +88,9 @@ class DevicePanel(Vertical):
     def _set(self, head: Text, body: Text, series: list[float]) -> None:
         self.query_one(".device-head", Static).update(head)
         self.query_one(".device-body", Static).update(body)
-        self.query_one(Sparkline).data = series[-SPARK_POINTS:]
+        spark = self.query_one(Sparkline)
+        spark.data = series[-SPARK_POINTS:]
+        spark.display = bool(series)  # an empty sparkline would draw a flat line that looks like 0%
 
     def show_for(self, arm: Any, sampler: Any, gpus: dict[int, Any], cpus: dict[int, Any]) -> None:
         """Pick the arm's reading from the sampler's latest: its GPU, or its process on CPU."""

@@ -113,7 +113,8 @@ class VerdictPane(VerticalScroll):
         for name in ("waiting", "A", "B", "C", "mismatch"):
             self.set_class(scenario == name, f"-scenario-{name}")
         if verdict is None or scenario == "waiting":
-            self.border_title = "verdict: waiting"
+            live = any(not a.ended for a in state.arms.values() if not a.validations)
+            self.border_title = "verdict: waiting" if live or not state.arms else "verdict: none"
             body = waiting_view(state, now)
         else:
             self.border_title = f"verdict: scenario {scenario}"
