@@ -17,9 +17,11 @@ peak memory, the time spent compiling/capturing, and each loss curve's gap to th
 from __future__ import annotations
 
 import argparse
+import json
 import tempfile
 import time
 import traceback
+from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import torch
@@ -149,7 +151,7 @@ def _run_fast(name: str, *, compile: bool, graphs: bool) -> Callable[..., dict]:
         captured = step_fn.prepare(shapes.values())
         common.synchronize(device)
         prepare_s = time.perf_counter() - started
-        losses, tokens, start = [], 0, 0.0
+        losses, norms, tokens, start = [], [], 0, 0.0
         for step, samples in enumerate(batches):
             if step == args.warm_steps:
                 common.synchronize(device)
@@ -157,15 +159,50 @@ def _run_fast(name: str, *, compile: bool, graphs: bool) -> Callable[..., dict]:
             packed = pack(samples, bucket=args.bucket, pad_id=args.pad_id)
             if step >= args.warm_steps:
                 tokens += packed.n_tokens
-            losses.append(step_fn(packed, lr=linear_lr(args.lr, len(batches), step)).loss)
+            result = step_fn(packed, lr=linear_lr(args.lr, len(batches), step))
+            losses.append(result.loss)
+            norms.append(result.grad_norm)
         common.synchronize(device)
         elapsed = time.perf_counter() - start
+        extra = {"kernel_profile": _profile(step_fn, batches[:5], args, device)} if args.profile else {}
         padded = sum(pack(s, bucket=args.bucket).length for s in batches)
         real = sum(len(x["input_ids"]) for s in batches for x in s)
         return _summary(name, torch.stack(losses).float().tolist(), tokens, elapsed, len(batches) - args.warm_steps,
                         device, prepare_seconds=prepare_s, graphs_captured=captured, shapes=len(shapes),
+                        grad_norms=torch.stack(norms).float().tolist(), bucket=args.bucket, **extra,
                         attention_backend=step_fn.attention_backend, padding_share=1 - real / padded)
     return run
+
+
+def _profile(step_fn: FastStep, batches: list[list[dict]], args: argparse.Namespace,
+             device: torch.device) -> dict[str, Any] | None:
+    """Where a step's GPU time goes: kernel time by kind over a few more steps (after the timed ones)."""
+    if device.type != "cuda":
+        return None
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for samples in batches:
+            step_fn(pack(samples, bucket=args.bucket, pad_id=args.pad_id), lr=args.lr)
+        common.synchronize(device)
+    kinds: dict[str, list[float]] = {}
+    top = []
+    for event in prof.key_averages():
+        micros = getattr(event, "device_time_total", None) or getattr(event, "cuda_time_total", 0.0)
+        if not micros:
+            continue
+        name = event.key.lower()
+        kind = ("gemm" if any(k in name for k in ("gemm", "xmma", "cutlass", "sm90")) else
+                "attention" if "flash" in name or "fmha" in name else
+                "triton (fused)" if "triton" in name else "other")
+        bucket = kinds.setdefault(kind, [0.0, 0])
+        bucket[0] += micros / 1000 / len(batches)
+        bucket[1] += event.count / len(batches)
+        top.append((micros, event.key[:90], event.count))
+    top.sort(reverse=True)
+    return {"ms_per_step_by_kind": {k: round(v[0], 3) for k, v in kinds.items()},
+            "kernels_per_step_by_kind": {k: round(v[1]) for k, v in kinds.items()},
+            "top": [{"kernel": k, "ms_per_step": round(m / 1000 / len(batches), 3), "calls": c} for m, k, c in top[:15]]}
 
 
 RUNNERS: dict[str, Callable[..., dict]] = {
@@ -185,9 +222,13 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--cpu-smoke", action="store_true", help="tiny model on CPU, a few steps (correctness only)")
     parser.add_argument("--steps", type=int, default=None, help="optimizer steps per variant (200; smoke 6)")
     parser.add_argument("--warm-steps", type=int, default=None, help="steps before the clock starts (10; smoke 2)")
-    parser.add_argument("--variants", default=",".join(VARIANTS), help=f"comma-separated subset of {VARIANTS}")
+    parser.add_argument("--variants", default=",".join(VARIANTS),
+                        help=f"comma-separated subset of {VARIANTS}; NAME@64 runs NAME with bucket 64")
+    parser.add_argument("--baseline-json", default=None,
+                        help="take the baseline from this earlier train_throughput.json (same steps and seed)")
     parser.add_argument("--bucket", type=int, default=128, help="packed row length multiple")
     parser.add_argument("--lr", type=float, default=1e-4)
+    parser.add_argument("--profile", action="store_true", help="kernel time by kind over 5 extra steps (GPU)")
     parser.add_argument("--seed", type=int, default=42)
     parser.add_argument("--out", default=str(common.OUT_DIR), help="folder for train_throughput.json")
     args = parser.parse_args(argv)
@@ -195,10 +236,19 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     args.warm_steps = args.warm_steps if args.warm_steps is not None else (2 if args.cpu_smoke else 10)
     if args.cpu_smoke:
         args.bucket = min(args.bucket, 32)
-    unknown = set(args.variants.split(",")) - set(VARIANTS)
+    unknown = {v.partition("@")[0] for v in args.variants.split(",")} - set(VARIANTS)
     if unknown:
         parser.error(f"unknown variants {sorted(unknown)}; choose from {VARIANTS}")
     return args
+
+
+def _earlier_baseline(path: str, settings: dict[str, Any]) -> dict[str, Any]:
+    earlier = json.loads(Path(path).read_text(encoding="utf-8"))
+    for key in ("steps", "warm_steps", "batch", "lr", "seed", "mean_sample_tokens"):
+        if earlier["settings"].get(key) != settings[key]:
+            raise SystemExit(f"{path}: settings.{key} is {earlier['settings'].get(key)}, this run has {settings[key]}")
+    base = next(r for r in earlier["results"] if r["variant"] == "baseline")
+    return {**base, "reused_from": path}
 
 
 def _compare(results: list[dict[str, Any]]) -> None:
@@ -226,13 +276,17 @@ def main(argv: Sequence[str] | None = None) -> int:
                 "flop_per_token": common.TRAIN_FLOP_PER_TOKEN,
                 "mean_sample_tokens": sum(len(s["input_ids"]) for s in samples) / len(samples)}
     machine = common.machine_info(device)
+    if args.baseline_json:
+        results.append(_earlier_baseline(args.baseline_json, settings))
     for name in args.variants.split(","):
+        runner, _, bucket = name.partition("@")
         common.reset_memory(device)
         model = common.build_model(config, device=device, dtype=dtype, seed=args.seed)
         model.train()
         print(f"[{name}] {args.steps} steps ...", flush=True)
         try:
-            results.append(RUNNERS[name](model, batches, args, device))
+            run_args = argparse.Namespace(**{**vars(args), "bucket": int(bucket) if bucket else args.bucket})
+            results.append({**RUNNERS[runner](model, batches, run_args, device), "variant": name})
         except Exception as exc:  # a variant that fails is reported, and the others still run
             traceback.print_exc()
             results.append({"variant": name, "error": f"{type(exc).__name__}: {exc}"})
@@ -241,7 +295,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         r = results[-1]
         print(f"[{name}] tokens/s {r.get('tokens_per_s', 0):,.0f}  x{r.get('speedup_vs_baseline') or 0:.2f}  "
               f"{r.get('error', '')}", flush=True)
-        path = common.write_json(common.Path(args.out), "train_throughput", {
+        path = common.write_json(Path(args.out), "train_throughput", {
             "bench": "train_throughput", "cpu_smoke": args.cpu_smoke, "machine": machine, "settings": settings,
             "results": results})  # after every variant: a run cut short keeps what it measured
     rows = [{**r, "gap_ema": (r.get("loss_gap_vs_baseline") or {}).get("max_rel_gap_ema"),

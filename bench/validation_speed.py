@@ -79,7 +79,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--n", type=int, default=None, help="prompts (500; smoke 12)")
     parser.add_argument("--new-tokens", type=int, default=None, help="forced new tokens (64; smoke 10)")
     parser.add_argument("--naive-batch", type=int, default=32)
-    parser.add_argument("--noise-subset", type=int, default=None, help="prompts in the naive-vs-naive check (64)")
+    parser.add_argument("--noise-subset", type=int, default=None, help="prompts in the agreement checks (64)")
+    parser.add_argument("--sections", default="naive,fast,agreement",
+                        help="naive: generate on all prompts; fast: greedy_generate variants (compared with naive "
+                             "when it ran); agreement: naive b32 / naive b16 / fast on a subset, in bf16 and fp32")
     parser.add_argument("--lora-b-std", type=float, default=0.02, help="random LoRA B scale (0: adapter is a no-op)")
     parser.add_argument("--seed", type=int, default=7)
     parser.add_argument("--out", default=str(common.OUT_DIR))
@@ -117,15 +120,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     def write_report() -> Path:
         naive_s = next((r["seconds"] for r in rows if r["variant"] == "naive" and "seconds" in r), None)
         for r in rows:
-            if naive_s and "seconds" in r:
+            if naive_s and "seconds" in r and r["prompts"] == args.n:
                 r["speedup_vs_naive"] = naive_s / r["seconds"]
             if "seconds" in r:
-                r["samples_per_s"] = (args.noise_subset if "subset" in r["variant"] else args.n) / r["seconds"]
-        return common.write_json(common.Path(args.out), "validation_speed", {
+                r["samples_per_s"] = r["prompts"] / r["seconds"]
+        return common.write_json(Path(args.out), "validation_speed", {
             "bench": "validation_speed", "cpu_smoke": args.cpu_smoke, "machine": machine, "settings": settings,
             "results": rows})
 
-    def measure(name: str, fn: Callable[[], list[list[int]]], reference: str | None = "naive", **extra: Any) -> None:
+    def measure(name: str, fn: Callable[[], list[list[int]]], references: Sequence[str] = ("naive",),
+                **extra: Any) -> None:
         print(f"[{name}] ...", flush=True)
         common.reset_memory(device)
         try:
@@ -135,35 +139,62 @@ def main(argv: Sequence[str] | None = None) -> int:
             rows.append({"variant": name, "error": f"{type(exc).__name__}: {exc}"})
             return
         outputs[name] = out
-        row = {"variant": name, "seconds": seconds, "peak_memory_gib": common.peak_memory_gib(device), **extra}
-        if reference in outputs:
-            row["vs_" + reference] = agreement([outputs[reference][i] for i in range(len(out))], out)
+        row = {"variant": name, "prompts": len(out), "seconds": seconds,
+               "peak_memory_gib": common.peak_memory_gib(device), **extra}
+        for reference in references:
+            if reference in outputs:
+                row["vs_" + reference.replace(" ", "_")] = agreement(outputs[reference][:len(out)], out)
         rows.append(row)
-        print(f"[{name}] {seconds:.2f} s  identical rows "
-              f"{(row.get('vs_naive') or {}).get('identical_rows_pct', '-')}%", flush=True)
+        print(f"[{name}] {seconds:.2f} s  " + "  ".join(
+            f"{k}: {v['identical_rows_pct']:.1f}% rows" for k, v in row.items() if k.startswith("vs_")), flush=True)
         write_report()
 
-    measure("naive", lambda: naive_generate(model, prompts, batch_size=args.naive_batch, new_tokens=args.new_tokens,
-                                            pad_id=pad, device=device), reference=None, batch=args.naive_batch)
-    measure("fast cold", lambda: greedy_generate(model, prompts, **fast))
-    measure("fast warm", lambda: greedy_generate(model, prompts, **fast))
-    measure("fast+stop", lambda: greedy_generate(model, prompts, stop=lambda ids: False, **fast))
-    measure("fast b128", lambda: greedy_generate(model, prompts, batch_size=128, **fast))
-    subset = prompts[:args.noise_subset]
-    measure("naive subset b16", lambda: naive_generate(model, subset, batch_size=max(1, args.naive_batch // 2),
-                                                       new_tokens=args.new_tokens, pad_id=pad, device=device))
-    model.merge_adapter()
-    measure("fast merged cold", lambda: greedy_generate(model, prompts, **fast))
-    measure("fast merged warm", lambda: greedy_generate(model, prompts, **fast))
-    model.unmerge_adapter()
+    sections = set(args.sections.split(","))
+    if "naive" in sections:
+        measure("naive", lambda: naive_generate(model, prompts, batch_size=args.naive_batch,
+                                                new_tokens=args.new_tokens, pad_id=pad, device=device),
+                references=(), batch=args.naive_batch)
+    if "fast" in sections:
+        warm_stats: dict[str, float] = {}
+        measure("fast cold", lambda: greedy_generate(model, prompts, **fast))
+        measure("fast warm", lambda: greedy_generate(model, prompts, stats=warm_stats, **fast))
+        rows[-1]["stats"] = warm_stats
+        measure("fast+stop", lambda: greedy_generate(model, prompts, stop=lambda ids: False, **fast))
+        measure("fast b128", lambda: greedy_generate(model, prompts, batch_size=128, **fast))
+        model.merge_adapter()
+        measure("fast merged cold", lambda: greedy_generate(model, prompts, **fast))
+        measure("fast merged warm", lambda: greedy_generate(model, prompts, **fast))
+        model.unmerge_adapter()
+    if "agreement" in sections:  # on a subset: how much of a mismatch is bf16 noise, and fp32 equality
+        subset = prompts[:args.noise_subset]
+        naive_half = max(1, args.naive_batch // 2)
+        measure("subset naive", lambda: naive_generate(model, subset, batch_size=args.naive_batch,
+                                                       new_tokens=args.new_tokens, pad_id=pad, device=device),
+                references=(), batch=args.naive_batch)
+        measure("subset naive b16", lambda: naive_generate(model, subset, batch_size=naive_half,
+                                                           new_tokens=args.new_tokens, pad_id=pad, device=device),
+                references=("subset naive",), batch=naive_half)
+        measure("subset fast", lambda: greedy_generate(model, subset, **fast),
+                references=("subset naive", "subset naive b16"))
+        del model
+        fp32 = common.build_model(config, device=device, dtype=torch.float32, seed=args.seed,
+                                  lora_b_std=args.lora_b_std).eval()
+        fp32.generation_config.eos_token_id = None
+        measure("subset fp32 naive", lambda: naive_generate(fp32, subset, batch_size=args.naive_batch,
+                                                            new_tokens=args.new_tokens, pad_id=pad, device=device),
+                references=(), batch=args.naive_batch)
+        measure("subset fp32 fast", lambda: greedy_generate(fp32, subset, prefill_tokens=2048, **fast),
+                references=("subset fp32 naive",))
 
     path = write_report()
-    table = [{**r, "identical_pct": (r.get("vs_naive") or {}).get("identical_rows_pct"),
-              "tokens_pct": (r.get("vs_naive") or {}).get("identical_tokens_pct"),
+    def versus(r: dict[str, Any]) -> dict[str, Any]:
+        return next((v for k, v in r.items() if k.startswith("vs_")), {})
+
+    table = [{**r, "identical_pct": versus(r).get("identical_rows_pct"), "tokens_pct": versus(r).get("identical_tokens_pct"),
               "mem_gib": (r.get("peak_memory_gib") or {}).get("allocated"), "error": r.get("error", "")[:60]}
              for r in rows]
     common.print_table(f"validation of {args.n} prompts x {args.new_tokens} new tokens ({device}) -> {path}", table,
-                       ["variant", "seconds", "speedup_vs_naive", "samples_per_s", "identical_pct", "tokens_pct",
+                       ["variant", "prompts", "seconds", "speedup_vs_naive", "samples_per_s", "identical_pct", "tokens_pct",
                         "mem_gib", "error"])
     return 1 if any("error" in r for r in rows) else 0
 

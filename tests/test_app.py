@@ -30,8 +30,8 @@ from gputwin.widgets.arm_pane import ArmPane
 from gputwin.widgets.feed import ExperimentFeed
 from gputwin.widgets.formatting import device_label, shorten_paths, step_ticks
 from gputwin.widgets.log_view import LogView
-from gputwin.widgets.modals import ConfirmScreen, HelpScreen
-from gputwin.widgets.prompts import why_not
+from gputwin.widgets.modals import KEY_HELP, ConfirmScreen, HelpScreen
+from gputwin.widgets.prompts import extend_prompt, why_not
 
 FIXTURES = Path(__file__).parent / "fixtures" / "events"
 GIB = 1024**3
@@ -181,6 +181,16 @@ def test_why_not_refuses_only_what_cannot_apply(status: str, action: str, refuse
     assert (why_not(arm, action) is not None) == refused
 
 
+def test_extend_prompt_warns_when_the_learning_rate_has_decayed_to_almost_nothing() -> None:
+    arm = ArmState("a", status="finished", step=879, total_steps=879, steps_per_epoch=879, lr=1e-8,
+                   hparams={"train.learning_rate": 1.5e-4, "train.scheduler": "linear"})
+    _, body = extend_prompt(arm, now=0.0)
+    assert "end step:   879 → 1,758" in body.plain
+    assert "down to 0.0% of its peak 1.50e-04" in body.plain
+    arm.lr = 1e-4
+    assert "note:" not in extend_prompt(arm, now=0.0)[1].plain
+
+
 def test_feed_reads_the_stderr_tail_only_when_it_changed(tmp_path: Path) -> None:
     exp = copy_fixture("crashed", tmp_path)
     feed = ExperimentFeed(exp, clock=lambda: CLOCKS["crashed"])
@@ -237,6 +247,12 @@ async def test_a_cpu_arm_shows_its_process_and_the_machine(tmp_path: Path) -> No
     first = json.loads(lines[0])
     first.update(device="cpu", pid=os.getpid())
     events.write_text("\n".join([json.dumps(first)] + lines[1:]) + "\n")
+    for path in (exp.arm("aggressive").profile_json, exp.experiment_json):  # the profile says CPU too
+        data = json.loads(path.read_text())
+        for profile in data.get("arms", [data]):
+            if profile["name"] == "aggressive":
+                profile["device"] = None
+        path.write_text(json.dumps(data))
     app = make_app(exp, clock=lambda: CLOCKS["seed-midrun"],
                    sampler=FixedSampler(CLOCKS["seed-midrun"], cpu_pids=(os.getpid(),)))
     async with app.run_test(size=SIZE) as pilot:
@@ -375,7 +391,7 @@ async def test_help_lists_every_key(tmp_path: Path) -> None:
         await pilot.press("question_mark")
         assert isinstance(app.screen, HelpScreen)
         text = screen_text(app)
-        for key, _ in GputwinApp.KEY_HELP:
+        for key, _ in KEY_HELP:
             assert f" {key} " in text
         assert "training continues" in text
         await pilot.press("escape")
@@ -425,7 +441,8 @@ async def test_verdict_pane_shows_scores_with_intervals_scenario_and_actions(tmp
         assert "91.5% [" in text and "89.7% [" in text
         assert "recommended: stop conservative · extend aggressive by 1 epoch" in text
         assert "press a to apply" in text
-        assert "validated: F1 87.7%" in text and "validated: F1 83.8%" in text
+        assert "milestone validated at step 879: F1 87.7%" in text
+        assert "milestone validated at step 879: F1 83.8%" in text
 
 
 async def test_apply_lists_the_actions_and_confirm_carries_them_out(tmp_path: Path) -> None:

@@ -30,7 +30,7 @@ from .widgets.feed import ExperimentFeed
 from .widgets.formatting import display_path
 from .widgets.log_view import LogView
 from .widgets.messages import LogTailRead, StateUpdated
-from .widgets.modals import ConfirmScreen, HelpScreen
+from .widgets.modals import KEY_HELP, ConfirmScreen, HelpScreen
 from .widgets.prompts import apply_prompt, extend_prompt, stop_prompt, why_not
 from .widgets.verdict_pane import VerdictPane, changing_actions
 
@@ -68,18 +68,6 @@ class GputwinApp(App[None]):
         Binding("question_mark", "help", "Help"),
         Binding("q", "quit", "Detach"),
         *(Binding(str(n), f"focus_arm({n})", f"Focus arm {n}", show=False) for n in range(1, 10)),
-    ]
-    KEY_HELP = [
-        ("s", "stop the focused arm (asks first): it finishes its step, saves a checkpoint and exits"),
-        ("e", "extend the focused arm by one epoch (shows the new end step, ETA and LR plan; asks first)"),
-        ("v", "validate the focused arm's current adapter now, without stopping it"),
-        ("a", "apply the verdict's recommended actions (asks first)"),
-        ("r", "write the comparison report (comparison.md, verdict.json)"),
-        ("l", "show or hide the focused arm's stderr log"),
-        ("R", "resume a stopped or crashed arm from its last checkpoint"),
-        ("tab, 1-9", "focus the next arm, or arm number N"),
-        ("?", "this help"),
-        ("q", "detach: close this screen; training continues (`gputwin attach` comes back)"),
     ]
 
     def __init__(self, exp: ExperimentPaths, *, clock: Callable[[], float] = time.time,
@@ -339,7 +327,7 @@ class GputwinApp(App[None]):
         self._log_arm = arm.name if arm is not None else None
 
     def action_help(self) -> None:
-        self.push_screen(HelpScreen(self.KEY_HELP))
+        self.push_screen(HelpScreen(KEY_HELP))
 
     def _confirm(self, prompt: tuple[str, Any], label: str, act: Callable[[], str]) -> None:
         title, body = prompt

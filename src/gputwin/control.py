@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import stat
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -67,6 +68,24 @@ def write_request(control_dir: Path, action: str, *, epochs: int = 0, by: str = 
     return final
 
 
+def _read_small_file(path: Path) -> str:
+    """The text of a regular file of at most MAX_REQUEST_BYTES; never follows a link, never blocks on a FIFO."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+    except OSError as exc:
+        if path.is_symlink():
+            raise ControlError("a symbolic link, not a plain file") from None
+        raise ControlError(f"unreadable request: {exc}") from None
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise ControlError("not a plain file")
+    with os.fdopen(fd, "rb") as fh:
+        data = fh.read(MAX_REQUEST_BYTES + 1)
+    if len(data) > MAX_REQUEST_BYTES:
+        raise ControlError(f"larger than {MAX_REQUEST_BYTES} bytes")
+    return data.decode("utf-8")
+
+
 def pending(control_dir: Path) -> list[tuple[Path, Request | ControlError]]:
     """Requests waiting in the folder, oldest first; a bad file comes back as its ControlError."""
     if not control_dir.is_dir():
@@ -74,9 +93,7 @@ def pending(control_dir: Path) -> list[tuple[Path, Request | ControlError]]:
     out: list[tuple[Path, Request | ControlError]] = []
     for path in sorted(control_dir.glob("[0-9]*.json")):
         try:
-            if path.is_symlink() or path.stat().st_size > MAX_REQUEST_BYTES:
-                raise ControlError("not a plain small file")
-            request = _validate(json.loads(path.read_text(encoding="utf-8")))
+            request = _validate(json.loads(_read_small_file(path)))
             out.append((path, Request(request.action, request.epochs, request.by, path)))
         except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
             out.append((path, ControlError(f"unreadable request: {exc}")))
@@ -86,8 +103,10 @@ def pending(control_dir: Path) -> list[tuple[Path, Request | ControlError]]:
 
 
 def consume(path: Path) -> None:
-    """Remove a handled (or rejected) request."""
+    """Remove a handled (or rejected) request; a folder with a request's name is renamed out of the way."""
     try:
         path.unlink()
     except FileNotFoundError:
         pass
+    except IsADirectoryError:
+        path.rename(path.with_name(f".rejected-{path.name}"))

@@ -169,10 +169,32 @@ def _auto_batch_size(parts: DecoderParts, n: int, length: int, dtype: torch.dtyp
     return max(1, min(n, int(free / 3 // per_row)))
 
 
+class _Clock:
+    """Adds the seconds since the last lap to stats[name] (synchronising first); a no-op without stats."""
+
+    def __init__(self, stats: dict[str, float] | None, device: torch.device) -> None:
+        self.stats, self.device = stats, device
+        self.last = self._now() if stats is not None else 0.0
+
+    def _now(self) -> float:
+        import time
+
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        return time.perf_counter()
+
+    def lap(self, name: str) -> None:
+        if self.stats is not None:
+            now = self._now()
+            self.stats[name] = self.stats.get(name, 0.0) + now - self.last
+            self.last = now
+
+
 def greedy_generate(model: Any, prompts: Sequence[Sequence[int]], *, max_new_tokens: int,
                     eos_ids: Sequence[int] = (), pad_id: int = 0, stop: StopFn | None = None,
                     batch_size: int | None = None, cuda_graphs: bool | None = None,
-                    prefill_tokens: int = 16384, check_every: int = 8) -> list[list[int]]:
+                    prefill_tokens: int = 16384, check_every: int = 8,
+                    stats: dict[str, float] | None = None) -> list[list[int]]:
     """Greedy continuation of each prompt (token ids), as transformers' generate would give it.
 
     Each result holds the generated tokens only, up to and including the first of eos_ids, or up to the
@@ -197,6 +219,7 @@ def greedy_generate(model: Any, prompts: Sequence[Sequence[int]], *, max_new_tok
     was_training = model.training
     model.eval()
     decoder: _BatchDecoder | None = None
+    clock = _Clock(stats, device)
     try:
         with torch.inference_mode():
             for start in range(0, len(order), size):
@@ -207,10 +230,13 @@ def greedy_generate(model: Any, prompts: Sequence[Sequence[int]], *, max_new_tok
                     decoder = None  # free the previous batch's cache first
                     decoder = _BatchDecoder(parts, len(rows), length, max_new_tokens, eos_ids, pad_id, dtype, device,
                                             use_graphs)
+                clock.lap("setup_s")
                 first = _prefill(parts, decoder.cache, batch, prefill_tokens, device)
                 decoder.start(first, torch.tensor([len(p) for p in batch], device=device))
+                clock.lap("prefill_s")
                 for row, tokens in zip(rows, _decode(decoder, max_new_tokens, eos, stop, check_every)):
                     results[row] = tokens
+                clock.lap("decode_s")
     finally:
         model.train(was_training)
     return results

@@ -13,6 +13,7 @@ import dataclasses
 import fcntl
 import json
 import os
+import re
 import shutil
 import time
 from contextlib import contextmanager
@@ -23,7 +24,7 @@ from typing import Any, Callable, Iterator, Sequence
 from . import control, paths
 from .errors import UserError
 from .paths import ArmPaths, ExperimentPaths, make_private_dir
-from .profiles import Experiment, Profile, load_any, load_experiment
+from .profiles import Experiment, Profile, ProfileError, load_any, load_experiment
 from .supervise import (CRASHED, ENDED, FAILED, FINISHED, NOT_STARTED, RUNNING, STOPPED, arm_alive, arm_lock,
                         SpawnError, arm_status, ending, spawn_supervised, supervisor_active, write_atomic)
 
@@ -140,18 +141,76 @@ def _ensure_data(profiles: Sequence[Profile], say: Say) -> None:
                      seed=p.data.synth_seed, locales=p.data.synth_locales)
 
 
+def _line_of_device(source: str) -> int | None:
+    """Line of the top-level `device = ...` in a profile file, for the message (None when not found)."""
+    try:
+        lines = Path(source).read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError):
+        return None
+    for number, line in enumerate(lines, start=1):
+        if line.lstrip().startswith("["):
+            return None  # past the top-level keys
+        if re.match(r"^\s*device\s*=", line):
+            return number
+    return None
+
+
+def _check_devices(profiles: Sequence[Profile]) -> None:
+    """A GPU index this machine does not have is refused here, naming the profile and its `device` key.
+
+    GPU indices are NVML's (the order nvidia-smi shows); a machine without an NVIDIA driver has none.
+    """
+    wanted = [p for p in profiles if p.device is not None]
+    if not wanted:
+        return
+    from .gpu import Nvml
+
+    nvml = Nvml()
+    try:
+        count = nvml.device_count()
+    finally:
+        nvml.shutdown()
+    for profile in wanted:
+        if profile.device < count:  # type: ignore[operator]
+            continue
+        if count == 0:
+            problem = f"GPU {profile.device} requested, but this machine has no usable NVIDIA GPU ({nvml.reason or 'NVML found none'})"
+            hint = 'set device = "cpu" to train on the CPU, or run it on the machine with the GPUs'
+        else:
+            problem = f"GPU {profile.device} requested, but this machine has {count} GPU(s): 0 to {count - 1}"
+            hint = f'use an index from 0 to {count - 1} (as nvidia-smi numbers them) or device = "cpu"'
+        raise ProfileError(profile.source or profile.name, "device", problem, hint, _line_of_device(profile.source))
+
+
+def _check_datasets(profiles: Sequence[Profile]) -> None:
+    """A data file without one usable line fails here with its bad lines, not minutes later in a trainer."""
+    from .data import load_dataset
+
+    seen: set[str] = set()
+    for profile in profiles:
+        for path in (profile.data.train, profile.data.test):
+            if path in seen or (profile.data.synth_if_missing and not Path(path).is_file()):
+                continue  # made (correct by construction) just before the arms start
+            seen.add(path)
+            load_dataset(path)
+
+
 def start_experiment(experiment: Experiment, *, root: Path | None = None, say: Say = _quiet,
                      commands: dict[str, Sequence[str]] | None = None) -> ExperimentPaths:
     """Create logs/<name>/ and spawn one detached trainer per arm.
 
     Refuses while arms of the experiment are alive, and refuses an experiment that already ran
-    (a new --name runs the same profiles again). `commands` maps arm names to a replacement for the
-    trainer command (tests).
+    (a new --name runs the same profiles again). Arms run by the real trainer are checked first (GPU
+    index, datasets), so a mistake there changes nothing on disk. `commands` maps arm names to a
+    replacement for the trainer command (tests).
     """
     try:
         exp = paths.experiment(experiment.name, root)
     except ValueError as exc:
         raise UserError(str(exc), "pass --name NAME") from None
+    real = [p for p in experiment.arms if p.name not in (commands or {})]
+    _check_devices(real)
+    _check_datasets(real)
     with launch_lock(exp):
         _refuse_rerun(exp)
         _ensure_data(experiment.arms, say)
@@ -206,6 +265,9 @@ def resolve_experiment(name: str | None, root: Path | None = None) -> Experiment
     candidate = Path(name)
     if (candidate / "experiment.json").is_file():  # a folder path works too
         return ExperimentPaths(candidate.resolve())
+    if candidate.is_dir() and not paths.valid_name(name):
+        raise UserError(f"{candidate}: not an experiment folder (it holds no experiment.json)",
+                        f"name an experiment under {root}, or a folder that `gputwin run` made")
     try:
         exp = paths.experiment(name, root)
     except ValueError as exc:

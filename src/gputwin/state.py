@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import math
 import re
+from bisect import bisect_right
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterable
@@ -99,9 +100,10 @@ class LossHistory:
     Points are grouped in buckets of ``width`` consecutive step events (raw = bucket mean, smoothed =
     the EMA at the bucket's last step). When ``max_points`` buckets are full, neighbours are merged
     and the width doubles, so adding a point is O(1) amortised and memory stays fixed.
+    ``rewind(step)`` forgets what came after a step, for a run resumed from an earlier checkpoint.
     """
 
-    __slots__ = ("max_points", "beta", "width", "_steps", "_raw", "_smooth", "_open_n", "_open_sum",
+    __slots__ = ("max_points", "beta", "width", "_steps", "_raw", "_smooth", "_ema_at", "_open_n", "_open_sum",
                  "_open_step", "_ema", "_ema_n", "count")
 
     def __init__(self, max_points: int = HISTORY_POINTS, beta: float = LOSS_EMA_BETA) -> None:
@@ -111,6 +113,7 @@ class LossHistory:
         self._steps: list[int] = []
         self._raw: list[float] = []
         self._smooth: list[float] = []
+        self._ema_at: list[tuple[float, int]] = []  # EMA state at each closed bucket's end, for rewind
         self._open_n, self._open_sum, self._open_step = 0, 0.0, 0
         self._ema, self._ema_n = 0.0, 0
         self.count = 0  # points ever added
@@ -137,12 +140,29 @@ class LossHistory:
         self._steps.append(self._open_step)
         self._raw.append(self._open_sum / self._open_n)
         self._smooth.append(self.smoothed_last)  # type: ignore[arg-type]
+        self._ema_at.append((self._ema, self._ema_n))
         self._open_n, self._open_sum = 0, 0.0
         if len(self._steps) >= self.max_points:
             self._steps = self._steps[1::2]
             self._raw = [(a + b) / 2 for a, b in zip(self._raw[::2], self._raw[1::2])]
             self._smooth = self._smooth[1::2]
+            self._ema_at = self._ema_at[1::2]
             self.width *= 2
+
+    def rewind(self, step: int) -> None:
+        """Forget the points after `step`: a run resumed from that checkpoint logs them again.
+
+        Closed buckets after `step` go; an open bucket reaching past it goes whole (at most width - 1
+        points at or before `step` with it), and the EMA continues from the last bucket kept.
+        """
+        if self._open_n and self._open_step <= step:
+            return  # nothing after `step`: the open bucket is the newest
+        keep = bisect_right(self._steps, step)
+        if keep == len(self._steps) and not self._open_n:
+            return
+        self._open_n, self._open_sum = 0, 0.0
+        del self._steps[keep:], self._raw[keep:], self._smooth[keep:], self._ema_at[keep:]
+        self._ema, self._ema_n = self._ema_at[-1] if self._ema_at else (0.0, 0)
 
     def _with_open(self, closed: list, open_value: Any) -> list:
         return closed + [open_value] if self._open_n else list(closed)
@@ -315,6 +335,7 @@ def _on_started(s: ArmState, e: ev.Event) -> None:
         s.started_t = e.t
     else:
         s.restarts += 1
+        s.loss_history.rewind(_int(e.get("step")) or 0)  # steps after the checkpoint it starts from come again
     s.timer.restart()
     s.status, s.failure, s.exit_code = TRAINING, None, None
     s.pid = _int(e.get("pid"))
@@ -334,6 +355,7 @@ def _on_started(s: ArmState, e: ev.Event) -> None:
 def _on_resumed(s: ArmState, e: ev.Event) -> None:
     s.timer.restart()
     s.step = _int(e.get("step")) or s.step
+    s.loss_history.rewind(s.step)
     s.status, s.failure, s.exit_code = TRAINING, None, None
     if _int(e.get("total_steps")):
         s.total_steps = int(e["total_steps"])

@@ -9,6 +9,7 @@ next start.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import random
@@ -16,9 +17,10 @@ import shutil
 import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
+from safetensors import SafetensorError
 
 from ..errors import UserError
 from ..modeling import save_adapter
@@ -52,6 +54,17 @@ class TrainState:
         return cls(step=int(d["step"]), epoch=int(d["epoch"]), index=int(d["index"]), plan=LrPlan.from_dict(d["plan"]),
                    milestone_done=bool(d["milestone_done"]), samples_seen=int(d["samples_seen"]),
                    tokens_seen=int(d["tokens_seen"]))
+
+
+# What a failed write raises: OSError from plain files, RuntimeError from torch.save (a full disk reads
+# "unexpected pos ..."), SafetensorError from the adapter weights ("No space left on device").
+WRITE_ERRORS: tuple[type[BaseException], ...] = (OSError, RuntimeError, SafetensorError)
+DISK_FULL_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT})
+
+
+class CheckpointWriteError(OSError):
+    """A checkpoint that could not be written (full disk, quota, I/O error). Its temporary folder is
+    removed, so the checkpoints written before it stay the newest complete ones."""
 
 
 class CheckpointMismatch(UserError):
@@ -105,21 +118,45 @@ def _fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
+def _write_error(exc: BaseException, root: Path, name: str) -> CheckpointWriteError:
+    """One error type with the errno when known (a full disk also when only the text says so) and the free space."""
+    code = getattr(exc, "errno", None)
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    if code is None and "No space left on device" in text:
+        code = errno.ENOSPC
+    try:
+        free = f"{shutil.disk_usage(root).free / 2**20:,.1f} MiB free there"
+    except OSError:
+        free = "free space unknown"
+    return CheckpointWriteError(code or errno.EIO, f"cannot write checkpoint {name} in {root} ({free}): {text}")
+
+
 def save_checkpoint(root: Path, state: TrainState, model: Any, optimizer: torch.optim.Optimizer,
-                    adapter_meta: dict[str, Any], fingerprint: dict[str, Any]) -> Path:
-    """Write the checkpoint of `state.step` atomically and return its folder."""
-    root.mkdir(parents=True, exist_ok=True)
+                    adapter_meta: dict[str, Any], fingerprint: dict[str, Any],
+                    half_written: Callable[[Path], None] | None = None) -> Path:
+    """Write the checkpoint of `state.step` atomically and return its folder.
+
+    A failed write raises CheckpointWriteError after removing the temporary folder. `half_written` is
+    called with that folder once the weights are in it and the manifest is not (fault injection).
+    """
+    root.mkdir(mode=0o700, parents=True, exist_ok=True)
     final = root / checkpoint_name(state.step)
     temp = root / f"{TEMP_PREFIX}{final.name}-{os.getpid()}"
     if temp.exists():
         shutil.rmtree(temp)
     temp.mkdir()
-    save_adapter(model, temp / ADAPTER_DIR, adapter_meta)
-    torch.save({"trainable": trainable_state(model), "optimizer": optimizer.state_dict(), "rng": rng_states()},
-               temp / STATE_FILE)
-    manifest = {"state": state.to_dict(), "fingerprint": fingerprint, "format": 1}
-    (temp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
-    _fsync_tree(temp)
+    try:
+        save_adapter(model, temp / ADAPTER_DIR, adapter_meta)
+        torch.save({"trainable": trainable_state(model), "optimizer": optimizer.state_dict(), "rng": rng_states()},
+                   temp / STATE_FILE)
+        if half_written is not None:
+            half_written(temp)
+        manifest = {"state": state.to_dict(), "fingerprint": fingerprint, "format": 1}
+        (temp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
+        _fsync_tree(temp)
+    except WRITE_ERRORS as exc:
+        shutil.rmtree(temp, ignore_errors=True)
+        raise _write_error(exc, root, final.name) from exc
     aside = root / f"{ASIDE_PREFIX}{final.name}"
     if final.exists():  # the same step again (e.g. stopped right after a resume): replace it
         os.replace(final, aside)

@@ -25,8 +25,8 @@ from ..paths import ArmPaths
 from ..profiles import Profile
 from . import faults
 from .batching import EpochBatches, batch_tokens
-from .checkpoint import TrainState, checkpoint_name, clean_leftovers, latest_loadable, prune, rng_states, \
-    save_checkpoint, set_rng_states
+from .checkpoint import DISK_FULL_ERRNOS, CheckpointWriteError, TrainState, checkpoint_name, clean_leftovers, \
+    latest_loadable, prune, rng_states, save_checkpoint, set_rng_states
 from .engine import NonFiniteLoss
 from .schedule import LrPlan, extend_plan, lr_at
 from .setup import Run, TrainFailure, build_run
@@ -34,6 +34,8 @@ from .setup import Run, TrainFailure, build_run
 NAN_HINT = ("lower train.learning_rate (e.g. halve it), add warmup_steps, or keep grad_clip at 1.0; "
             "resume continues from the last checkpoint before the divergence")
 OOM_HINT = "lower train.batch_size or train.max_length (or free the GPU of other processes)"
+DISK_HINT = ("free space on that disk (or lower train.keep_checkpoints), then `gputwin resume {arm}`: it continues "
+             "from the last complete checkpoint")
 
 
 class StopSignal:
@@ -108,6 +110,7 @@ class Trainer:
 
             # -- advance the position and report
             tokens = batch_tokens(examples)
+            faults.before_step_event(self.fault, step, str(self.writer.path))
             state.step, state.index = step, state.index + 1
             if state.index >= run.steps_per_epoch:
                 state.epoch, state.index = state.epoch + 1, 0
@@ -165,8 +168,10 @@ class Trainer:
             return self.saved_path
         started = time.perf_counter()
         run = self.run
+        step = self.state.step
         path = save_checkpoint(run.checkpoint_root, self.state, run.model, run.optimizer, run.adapter_meta,
-                               run.fingerprint)
+                               run.fingerprint,
+                               half_written=lambda folder: faults.inside_checkpoint(self.fault, step, str(folder)))
         prune(run.checkpoint_root, run.profile.train.keep_checkpoints, protect=path)
         self.saved, self.saved_path = state, path
         self.writer.emit(events.CHECKPOINT, step=self.state.step, path=str(path),
@@ -242,6 +247,11 @@ def quiet_transformers() -> None:
     hf_logging.disable_progress_bar()
 
 
+def disk_full(exc: BaseException) -> bool:
+    """ENOSPC/EDQUOT, also where a library reports it only in words (safetensors)."""
+    return getattr(exc, "errno", None) in DISK_FULL_ERRNOS or "No space left on device" in str(exc)
+
+
 def read_profile(arm: ArmPaths) -> Profile:
     try:
         return Profile.from_dict(json.loads(arm.profile_json.read_text(encoding="utf-8")))
@@ -264,8 +274,12 @@ def train(arm_dir: str | Path) -> int:
 
         def fail(error: str, message: str, hint: str) -> None:
             step = trainer.state.step if trainer is not None else None
-            writer.emit(events.FAILED, error=error, message=message, hint=hint, step=step)
-            print(f"gputwin: {arm.name}: {error}: {message}\n  hint: {hint}", file=sys.stderr)
+            unlogged = ""
+            try:
+                writer.emit(events.FAILED, error=error, message=message, hint=hint, step=step)
+            except OSError as exc:  # the disk under the log is full too: stderr and the exit status remain
+                unlogged = f"\n  (this failed event could not be written to {arm.events}: {exc})"
+            print(f"gputwin: {arm.name}: {error}: {message}\n  hint: {hint}{unlogged}", file=sys.stderr, flush=True)
 
         try:
             trainer = Trainer(build_run(arm, read_profile(arm)), writer, stop)
@@ -282,6 +296,15 @@ def train(arm_dir: str | Path) -> int:
         except UserError as exc:
             fail(type(exc).__name__, exc.message, exc.hint or "see stderr.log")
             return 2
+        except CheckpointWriteError as exc:
+            fail("DiskFull" if exc.errno in DISK_FULL_ERRNOS else "CheckpointWriteFailed", exc.strerror or str(exc),
+                 DISK_HINT.format(arm=arm.name))
+            return 1
         except Exception as exc:
+            if disk_full(exc):
+                where = getattr(exc, "filename", None) or arm.root
+                fail("DiskFull", f"cannot write to {where}: {getattr(exc, 'strerror', None) or exc}",
+                     DISK_HINT.format(arm=arm.name))
+                return 1
             fail(type(exc).__name__, str(exc), "an internal error: stderr.log has the traceback")
             raise

@@ -82,9 +82,9 @@ def pick_device(profile: Profile) -> tuple[torch.device, str]:
     if profile.device is None:
         return torch.device("cpu"), "cpu"
     if not torch.cuda.is_available():
-        raise TrainFailure("CudaUnavailable", f"the profile asks for GPU {profile.device} but CUDA is not available "
-                           f"to this process (torch {torch.__version__}, CUDA_VISIBLE_DEVICES="
-                           f"{os.environ.get('CUDA_VISIBLE_DEVICES', 'unset')!r})",
+        raise TrainFailure("CudaUnavailable", f"{profile.source or profile.name}: device: the profile asks for GPU "
+                           f"{profile.device} but CUDA is not available to this process (torch {torch.__version__}, "
+                           f"CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES', 'unset')!r})",
                            "set device = \"cpu\" in the profile, or check the GPU driver and that torch is a CUDA build")
     index = 0 if os.environ.get("CUDA_VISIBLE_DEVICES") else profile.device
     device = torch.device(f"cuda:{index}")

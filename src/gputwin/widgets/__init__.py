@@ -1,0 +1,1 @@
+"""Textual widgets of the gputwin UI, one a module; formatting, prompts and feed hold their pure logic."""

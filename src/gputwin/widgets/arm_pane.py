@@ -11,6 +11,7 @@ from textual.containers import Vertical
 from textual.widgets import Static
 
 from ..eta import eta, human_duration
+from ..state import STATUSES
 from ..supervise import describe_exit
 from .device_panel import DevicePanel
 from .formatting import device_label, num, percent, rate, sci, shorten_paths, status_style, value_text
@@ -26,8 +27,8 @@ SHOWN_KEYS = {
     "train.epochs": "epochs",
 }
 NOT_SHOWN = {"device", "name", "source"}  # the device is in the header already
-CRASH_LINES = 6
-WATCHER_ERRORS = ("exited", "killed", "gone")  # failures the watcher inferred; its message says it all  # stderr lines shown in a crashed arm's pane (the log view, l, shows more)
+CRASH_LINES = 6  # stderr lines shown in a crashed arm's pane (the log view, l, shows more)
+WATCHER_ERRORS = ("exited", "killed", "gone")  # failures the watcher inferred; its message says it all
 
 
 def eta_text(arm: Any, target: int | None, now: float) -> str:
@@ -44,14 +45,18 @@ def eta_text(arm: Any, target: int | None, now: float) -> str:
     return f"ETA {estimate.clock} (in {estimate.human})"
 
 
+def milestone_validation(arm: Any) -> Any:
+    """The validation taken at the milestone step, if there is one yet."""
+    return arm.validation_at(arm.milestone_step) if arm.milestone_step is not None else None
+
+
 def milestone_text(arm: Any, now: float) -> str:
-    target = arm.milestone_step
-    point = arm.validation_at(target) if target is not None else None
+    point = milestone_validation(arm)
     if point is not None:
-        return f"validated: F1 {percent(point.f1)}"
+        return f"validated at step {point.step:,}: F1 {percent(point.f1)}"
     if arm.status == "validating":
         return "validating now"
-    return eta_text(arm, target, now)
+    return eta_text(arm, arm.milestone_step, now)
 
 
 def header_text(arm: Any, now: float, baseline: str | None) -> Text:
@@ -158,13 +163,13 @@ class ArmPane(Vertical, can_focus=True):
     def show_arm(self, arm: Any, now: float, differing: list[str], baseline: str | None) -> None:
         """Redraw from one ArmState (a copy owned by the UI thread)."""
         with self.app.batch_update():
-            for status in ("starting", "training", "validating", "stalled", "stopped", "finished", "crashed"):
+            for status in STATUSES:
                 self.set_class(arm.status == status, f"-{status}")
             self.border_subtitle = arm.status
             self.query_one(".arm-head", Static).update(header_text(arm, now, baseline))
             self.query_one(".arm-hparams", Static).update(hparams_text(arm, differing))
-            self.query_one(".milestone-progress", StepProgress).show(arm.step, arm.milestone_step,
-                                                                     milestone_text(arm, now))
+            self.query_one(".milestone-progress", StepProgress).show(
+                arm.step, arm.milestone_step, milestone_text(arm, now), bar=milestone_validation(arm) is None)
             self.query_one(".end-progress", StepProgress).show(arm.step, arm.total_steps,
                                                                eta_text(arm, arm.total_steps, now))
             self.query_one(".arm-head", Static).tooltip = arm.device

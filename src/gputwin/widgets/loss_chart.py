@@ -11,6 +11,7 @@ from textual_plotext import PlotextPlot
 from .formatting import percent, step_ticks
 
 MIN_HEIGHT = 6
+LEGEND_MIN_HEIGHT = 12
 MIN_WIDTH = 20
 
 
@@ -31,6 +32,7 @@ class LossChart(PlotextPlot):
     def __init__(self, *, id: str | None = None, classes: str | None = None) -> None:
         super().__init__(id=id, classes=classes)
         self._series = LossSeries()
+        self._compact = False  # short plots drop the raw/smoothed legend rows to keep the curve visible
 
     @property
     def series(self) -> LossSeries:
@@ -50,6 +52,10 @@ class LossChart(PlotextPlot):
         if self.size.height < MIN_HEIGHT or self.size.width < MIN_WIDTH:
             # A plot squeezed smaller than this has no readable axes.
             return Text("(too small for the loss chart)", style="dim")
+        compact = self.size.height < LEGEND_MIN_HEIGHT
+        if compact != self._compact:
+            self._compact = compact
+            self._draw()
         return super().render()
 
     def _draw(self) -> None:
@@ -60,8 +66,8 @@ class LossChart(PlotextPlot):
         if not s.steps:
             plt.title("loss: no steps yet")
             return
-        plt.plot(s.steps, s.raw, marker="braille", color="gray", label="raw")
-        plt.plot(s.steps, s.smoothed, marker="braille", color="cyan", label="smoothed")
+        plt.plot(s.steps, s.raw, marker="braille", color="gray", label=None if self._compact else "raw")
+        plt.plot(s.steps, s.smoothed, marker="braille", color="cyan", label=None if self._compact else "smoothed")
         low = min(min(s.raw), min(s.smoothed))
         high = max(max(s.raw), max(s.smoothed))
         if s.milestone_step and s.steps[0] <= s.milestone_step <= s.steps[-1]:

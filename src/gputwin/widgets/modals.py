@@ -48,6 +48,19 @@ class ConfirmScreen(ModalScreen[bool]):
         self.dismiss(False)
 
 
+KEY_HELP = [  # what the help screen lists: every key of the dashboard
+    ("s", "stop the focused arm (asks first): it finishes its step, saves a checkpoint and exits"),
+    ("e", "extend the focused arm by one epoch (shows the new end step, ETA and LR plan; asks first)"),
+    ("v", "validate the focused arm's current adapter now, without stopping it"),
+    ("a", "apply the verdict's recommended actions (asks first)"),
+    ("r", "write the comparison report (comparison.md, verdict.json)"),
+    ("l", "show or hide the focused arm's stderr log"),
+    ("R", "resume a stopped or crashed arm from its last checkpoint"),
+    ("tab, 1-9", "focus the next arm, or arm number N"),
+    ("?", "this help"),
+    ("q", "detach: close this screen; training continues (`gputwin attach` comes back)"),
+]
+
 HELP_TEXT = """\
 Each pane is one arm: its device and status, the hyperparameters that differ between arms \
 (highlighted), progress toward the milestone and the end with ETAs, the loss chart \

@@ -11,9 +11,10 @@ from typing import Any, Sequence
 from rich.text import Text
 
 from ..eta import eta, human_duration
-from .formatting import sci
+from .formatting import is_number, sci
 
 RUNNING = ("starting", "training", "validating", "stalled")
+LOW_LR_SHARE = 0.05  # below this share of the peak, an extension's learning rate is worth a warning
 
 
 def why_not(arm: Any, action: str) -> str | None:
@@ -79,6 +80,10 @@ def extend_prompt(arm: Any, now: float, epochs: int = 1) -> tuple[str, Text]:
     else:
         body.append(f"{scheduler} decay goes on from the current {sci(arm.lr)} without a jump or a new warmup, "
                     f"stretched to end at step {new_end:,}")
+        peak = arm.hparams.get("train.learning_rate")
+        if is_number(arm.lr) and is_number(peak) and peak > 0 and arm.lr < LOW_LR_SHARE * peak:
+            body.append(f"\nnote: the learning rate is down to {arm.lr / peak:.1%} of its peak {sci(peak)}, "
+                        "so the added steps would change the adapter very little", style="bold yellow")
     return f"Extend {arm.name} by {epochs} epoch", body
 
 

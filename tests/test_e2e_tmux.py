@@ -1,0 +1,113 @@
+"""End to end in a real terminal: the CPU demo under tmux to a verdict, then `e` and `s` on an arm,
+detach with `q`, and re-attach to the same history. This is what a user at 2 a.m. over SSH sees."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from gputwin.paths import ArmPaths, ExperimentPaths
+from gputwin.supervise import read_pid
+
+pytestmark = [pytest.mark.e2e, pytest.mark.slow]
+
+GPUTWIN = str(Path(sys.executable).with_name("gputwin"))
+needs_tmux = pytest.mark.skipif(shutil.which("tmux") is None, reason="tmux is not installed (.ci/run installs it)")
+
+
+class Terminal:
+    """One tmux session at a fixed size, read as plain text."""
+
+    def __init__(self, name: str, command: list[str], env: dict[str, str]) -> None:
+        self.name = name
+        exports = " ".join(f"{k}={v}" for k, v in env.items())
+        subprocess.run(["tmux", "new-session", "-d", "-s", name, "-x", "160", "-y", "48",
+                        f"env {exports} {' '.join(command)}"], check=True)
+        subprocess.run(["tmux", "set-option", "-t", name, "remain-on-exit", "on"], check=True)
+
+    def screen(self) -> str:
+        return subprocess.run(["tmux", "capture-pane", "-p", "-t", self.name], capture_output=True, text=True).stdout
+
+    def keys(self, *keys: str) -> None:
+        for key in keys:
+            subprocess.run(["tmux", "send-keys", "-t", self.name, key], check=True)
+            time.sleep(0.3)
+
+    def wait_for(self, pattern: str, timeout: float) -> str:
+        deadline = time.monotonic() + timeout
+        screen = ""
+        while time.monotonic() < deadline:
+            screen = self.screen()
+            if re.search(pattern, screen):
+                return screen
+            time.sleep(1.0)
+        raise AssertionError(f"{pattern!r} did not appear within {timeout:.0f} s; screen:\n{screen}")
+
+    def close(self) -> None:
+        subprocess.run(["tmux", "kill-session", "-t", self.name], capture_output=True)
+
+
+def _stop_all(root: Path) -> None:
+    for pid_file in root.glob("*/*/pid"):
+        found = read_pid(ArmPaths(pid_file.parent))
+        if found is not None:
+            try:
+                os.kill(found[0], signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
+
+
+@needs_tmux
+def test_demo_in_tmux_reaches_a_verdict_then_extend_stop_detach_and_reattach(tmp_path: Path) -> None:
+    env = {"GPUTWIN_LOGS": str(tmp_path / "logs"), "TERM": "xterm-256color"}
+    name = f"gputwin-e2e-{os.getpid()}"
+    term = Terminal(name, [GPUTWIN, "demo"], env)
+    again = None
+    try:
+        # Both arms train, validate at step 200 and the verdict pane fills in.
+        term.wait_for(r"demo-conservative.*demo-aggressive", 60)
+        screen = term.wait_for(r"verdict: scenario [ABC]", 420)
+        assert re.search(r"200/200 steps", screen)
+        assert re.search(r"F1 \d+\.\d%", screen)
+        [exp_dir] = [p for p in (tmp_path / "logs").iterdir() if p.name.startswith("demo-")]
+
+        # Extend the aggressive arm by one epoch: the modal shows the new end step, then it trains on.
+        term.keys("2", "e")
+        modal = term.wait_for(r"400", 20)
+        assert "demo-aggressive" in modal
+        term.keys("y")
+        term.wait_for(r"\b2\d\d/400 steps", 120)
+
+        # Stop it again: it checkpoints and ends as stopped.
+        term.keys("s")
+        term.wait_for(r"(?i)stop demo-aggressive", 20)
+        term.keys("y")
+        term.wait_for(r"stopped", 120)
+
+        # Detach: the UI exits and says what goes on (training continues, or every arm has ended).
+        term.keys("q")
+        term.wait_for(r"Detached\. Training continues|All arms of .* have ended", 20)
+
+        again = Terminal(name + "-again", [GPUTWIN, "attach", exp_dir.name], env)
+        screen = again.wait_for(r"verdict: scenario [ABC]", 30)
+        assert "demo-conservative" in screen and "demo-aggressive" in screen
+        assert "stopped" in screen
+        status = subprocess.run([GPUTWIN, "status", exp_dir.name], capture_output=True, text=True,
+                                env={**os.environ, **env})
+        assert status.returncode == 0, status.stderr
+        assert re.search(r"demo-aggressive\s+STOPPED", status.stdout), status.stdout
+        events = (ExperimentPaths(exp_dir).arm("demo-aggressive").events).read_text()
+        assert '"kind":"extended"' in events and '"kind":"stopped"' in events
+    finally:
+        term.close()
+        if again is not None:
+            again.close()
+        _stop_all(tmp_path / "logs")
