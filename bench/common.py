@@ -164,6 +164,28 @@ def curve_gap(reference: Sequence[float], other: Sequence[float], alpha: float =
             "mean_rel_gap_raw": sum(raw) / n}
 
 
+def kernel_summary(prof: Any, repeats: int = 1) -> dict[str, Any]:
+    """GPU time and kernel count by kind (per repeat) and the costliest kernels, from a torch.profiler run."""
+    kinds: dict[str, list[float]] = {}
+    top = []
+    for event in prof.key_averages():
+        micros = getattr(event, "device_time_total", None) or getattr(event, "cuda_time_total", 0.0)
+        if not micros:
+            continue
+        name = event.key.lower()
+        kind = ("attention" if "flash" in name or "fmha" in name or "attention" in name else
+                "gemm" if any(k in name for k in ("gemm", "xmma", "cutlass", "nvjet")) else
+                "triton (fused)" if "triton" in name else "other")
+        bucket = kinds.setdefault(kind, [0.0, 0])
+        bucket[0] += micros / 1000 / repeats
+        bucket[1] += event.count / repeats
+        top.append((micros, event.key[:90], event.count))
+    top.sort(reverse=True)
+    return {"ms_by_kind": {k: round(v[0], 3) for k, v in kinds.items()},
+            "kernels_by_kind": {k: round(v[1]) for k, v in kinds.items()},
+            "top": [{"kernel": k, "ms": round(m / 1000 / repeats, 3), "calls": c / repeats} for m, k, c in top[:15]]}
+
+
 def write_json(out_dir: Path, name: str, data: dict[str, Any]) -> Path:
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / f"{name}.json"

@@ -7,6 +7,7 @@ AdamW lr 1e-4 with linear decay, clip 1.0, bf16 autocast over bf16 weights, fp32
   packed                 + one packed row a step (varlen attention) + lm_head/CE at label positions only
   packed+graphs          + the whole step captured as a CUDA graph per padded shape
   packed+compile+graphs  + torch.compile'd decoder layers inside the graphs
+  engine                 the trainer's fast engine (graphs, no compile) with a float loss read every step
 Reported: tokens/s over non-padding tokens after warm-up, MFU (2.49 GFLOP a token, 989 TFLOP/s peak),
 peak memory, the time spent compiling/capturing, and each loss curve's gap to the baseline's.
 
@@ -29,7 +30,7 @@ import torch
 import common
 from gputwin.train.fast import FastStep, make_optimizer, pack
 
-VARIANTS = ("baseline", "packed+graphs", "packed+compile+graphs", "packed", "lean-padded")  # most telling first
+VARIANTS = ("baseline", "packed+graphs", "packed+compile+graphs", "packed", "lean-padded", "engine")
 BATCH = 4
 
 
@@ -174,6 +175,42 @@ def _run_fast(name: str, *, compile: bool, graphs: bool) -> Callable[..., dict]:
     return run
 
 
+def run_engine(model: Any, batches: list[list[dict]], args: argparse.Namespace, device: torch.device) -> dict:
+    """The fast engine as the trainer loop drives it (gputwin.train.engine.make_engine("fast")): graphs
+    captured as new shapes come, a float loss read every step; then the NaN path the trainer's fault hook
+    exercises: the step must raise NonFiniteLoss and change no weight."""
+    from gputwin.train.batching import Example
+    from gputwin.train.engine import NonFiniteLoss, build_optimizer, make_engine
+
+    dtype = next(p.dtype for p in model.parameters() if not p.requires_grad)
+    optimizer = build_optimizer(model, lr=args.lr, weight_decay=0.0, device=device)
+    engine = make_engine("fast", model, optimizer, device=device, model_dtype=dtype, grad_clip=1.0, pad_id=args.pad_id)
+    examples = [[Example(s["input_ids"], s["labels"], False) for s in batch] for batch in batches]
+    losses, tokens, start = [], 0, 0.0
+    common.synchronize(device)
+    first = time.perf_counter()
+    for step, batch in enumerate(examples):
+        if step == args.warm_steps:
+            start = time.perf_counter()
+        if step >= args.warm_steps:
+            tokens += sum(e.n_tokens for e in batch)
+        losses.append(engine.step(engine.collate(batch), linear_lr(args.lr, len(batches), step)).loss)
+    elapsed, total = time.perf_counter() - start, time.perf_counter() - first
+    params = [p for p in model.parameters() if p.requires_grad]
+    with torch.no_grad():
+        params[0].fill_(float("nan"))
+    kept = [p.detach().clone() for p in params[1:]]
+    raised = False
+    try:
+        engine.step(engine.collate(examples[0]), args.lr)
+    except NonFiniteLoss:
+        raised = True
+    unchanged = all(torch.equal(a, b) for a, b in zip(params[1:], kept))
+    return _summary("engine", losses, tokens, elapsed, len(batches) - args.warm_steps, device,
+                    engine=type(engine).__name__, all_steps_seconds=total, nan_step_raised=raised,
+                    nan_step_left_weights_unchanged=unchanged)
+
+
 def _profile(step_fn: FastStep, batches: list[list[dict]], args: argparse.Namespace,
              device: torch.device) -> dict[str, Any] | None:
     """Where a step's GPU time goes: kernel time by kind over a few more steps (after the timed ones)."""
@@ -185,24 +222,7 @@ def _profile(step_fn: FastStep, batches: list[list[dict]], args: argparse.Namesp
         for samples in batches:
             step_fn(pack(samples, bucket=args.bucket, pad_id=args.pad_id), lr=args.lr)
         common.synchronize(device)
-    kinds: dict[str, list[float]] = {}
-    top = []
-    for event in prof.key_averages():
-        micros = getattr(event, "device_time_total", None) or getattr(event, "cuda_time_total", 0.0)
-        if not micros:
-            continue
-        name = event.key.lower()
-        kind = ("gemm" if any(k in name for k in ("gemm", "xmma", "cutlass", "sm90")) else
-                "attention" if "flash" in name or "fmha" in name else
-                "triton (fused)" if "triton" in name else "other")
-        bucket = kinds.setdefault(kind, [0.0, 0])
-        bucket[0] += micros / 1000 / len(batches)
-        bucket[1] += event.count / len(batches)
-        top.append((micros, event.key[:90], event.count))
-    top.sort(reverse=True)
-    return {"ms_per_step_by_kind": {k: round(v[0], 3) for k, v in kinds.items()},
-            "kernels_per_step_by_kind": {k: round(v[1]) for k, v in kinds.items()},
-            "top": [{"kernel": k, "ms_per_step": round(m / 1000 / len(batches), 3), "calls": c} for m, k, c in top[:15]]}
+    return common.kernel_summary(prof, len(batches))
 
 
 RUNNERS: dict[str, Callable[..., dict]] = {
@@ -211,6 +231,7 @@ RUNNERS: dict[str, Callable[..., dict]] = {
     "packed": _run_fast("packed", compile=False, graphs=False),
     "packed+graphs": _run_fast("packed+graphs", compile=False, graphs=True),
     "packed+compile+graphs": _run_fast("packed+compile+graphs", compile=True, graphs=True),
+    "engine": run_engine,
 }
 
 

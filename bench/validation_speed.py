@@ -8,6 +8,7 @@ B matrices are non-zero (so the adapter changes the output).
   fast warm    greedy_generate again (what later validations cost)
   fast+stop    warm, with a stop callback looked at every 8 steps (the cost of early stopping's checks)
   fast b128    warm, batches of 128 instead of all at once
+  fast prefill 4k  warm, prompts prefilled in chunks of 4k tokens instead of 16k
   fast merged  warm, with the LoRA merged into the base weights
 Outputs are compared with the naive ones row by row (identical rows, identical tokens); a second naive
 run with another batch size on a subset shows how often bf16 noise alone changes a greedy output.
@@ -65,6 +66,21 @@ def agreement(reference: Sequence[list[int]], other: Sequence[list[int]]) -> dic
             "first_difference_mean": sum(firsts) / len(firsts) if firsts else None}
 
 
+def _train_adapter(model: Any, config: Any, args: argparse.Namespace, device: torch.device) -> int:
+    """A few hundred fast steps (lr 1e-3) on synthetic samples, so greedy choices have clear margins."""
+    from gputwin.train.fast import FastStep, make_optimizer, pack
+
+    lengths = dict(min_len=20, max_len=60, mean_len=40.0) if args.cpu_smoke else {}
+    data = common.synthetic_samples(4 * args.train_steps, seed=args.seed + 100, vocab_size=config.vocab_size,
+                                    eos_id=int(config.eos_token_id), **lengths)
+    model.train()
+    step = FastStep(model, make_optimizer(model, 1e-3), compile=False)
+    for i in range(args.train_steps):
+        step(pack(data[4 * i:4 * i + 4], pad_id=0))
+    common.synchronize(device)
+    return args.train_steps
+
+
 def timed(device: torch.device, fn: Callable[[], Any]) -> tuple[Any, float]:
     common.synchronize(device)
     started = time.perf_counter()
@@ -80,9 +96,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--new-tokens", type=int, default=None, help="forced new tokens (64; smoke 10)")
     parser.add_argument("--naive-batch", type=int, default=32)
     parser.add_argument("--noise-subset", type=int, default=None, help="prompts in the agreement checks (64)")
-    parser.add_argument("--sections", default="naive,fast,agreement",
+    parser.add_argument("--profile", action="store_true", help="kernel time by kind of one warm fast call (GPU)")
+    parser.add_argument("--train-steps", type=int, default=None, help="adapter training for 'trained' (300; smoke 4)")
+    parser.add_argument("--sections", default="naive,fast,agreement,trained",
                         help="naive: generate on all prompts; fast: greedy_generate variants (compared with naive "
-                             "when it ran); agreement: naive b32 / naive b16 / fast on a subset, in bf16 and fp32")
+                             "when it ran); agreement: naive b32 / naive b16 / fast on a subset, in bf16 and fp32; "
+                             "trained: the same on a subset with an adapter trained first")
     parser.add_argument("--lora-b-std", type=float, default=0.02, help="random LoRA B scale (0: adapter is a no-op)")
     parser.add_argument("--seed", type=int, default=7)
     parser.add_argument("--out", default=str(common.OUT_DIR))
@@ -90,6 +109,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     args.n = args.n or (12 if args.cpu_smoke else 500)
     args.new_tokens = args.new_tokens or (10 if args.cpu_smoke else 64)
     args.noise_subset = args.noise_subset or (6 if args.cpu_smoke else 64)
+    args.train_steps = args.train_steps or (4 if args.cpu_smoke else 300)
     if args.cpu_smoke:
         args.naive_batch = min(args.naive_batch, 5)
     return args
@@ -161,6 +181,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         rows[-1]["stats"] = warm_stats
         measure("fast+stop", lambda: greedy_generate(model, prompts, stop=lambda ids: False, **fast))
         measure("fast b128", lambda: greedy_generate(model, prompts, batch_size=128, **fast))
+        measure("fast prefill 4k", lambda: greedy_generate(model, prompts, prefill_tokens=4096, **fast))
+        if args.profile and device.type == "cuda":
+            from torch.profiler import ProfilerActivity, profile
+
+            with profile(activities=[ProfilerActivity.CUDA]) as prof:
+                greedy_generate(model, prompts, **fast)
+                common.synchronize(device)
+            rows[-1]["kernel_profile_of_a_warm_call"] = common.kernel_summary(prof)
         model.merge_adapter()
         measure("fast merged cold", lambda: greedy_generate(model, prompts, **fast))
         measure("fast merged warm", lambda: greedy_generate(model, prompts, **fast))
@@ -176,7 +204,6 @@ def main(argv: Sequence[str] | None = None) -> int:
                 references=("subset naive",), batch=naive_half)
         measure("subset fast", lambda: greedy_generate(model, subset, **fast),
                 references=("subset naive", "subset naive b16"))
-        del model
         fp32 = common.build_model(config, device=device, dtype=torch.float32, seed=args.seed,
                                   lora_b_std=args.lora_b_std).eval()
         fp32.generation_config.eos_token_id = None
@@ -185,6 +212,21 @@ def main(argv: Sequence[str] | None = None) -> int:
                 references=(), batch=args.naive_batch)
         measure("subset fp32 fast", lambda: greedy_generate(fp32, subset, prefill_tokens=2048, **fast),
                 references=("subset fp32 naive",))
+        del fp32
+    if "trained" in sections:  # a confident model: the adapter trained on the synthetic task first
+        trained = common.build_model(config, device=device, dtype=dtype, seed=args.seed)
+        settings["trained_steps"] = _train_adapter(trained, config, args, device)
+        trained.eval()
+        trained.generation_config.eos_token_id = None
+        subset = prompts[:args.noise_subset]
+        measure("trained naive", lambda: naive_generate(trained, subset, batch_size=args.naive_batch,
+                                                        new_tokens=args.new_tokens, pad_id=pad, device=device),
+                references=(), batch=args.naive_batch)
+        measure("trained naive b16", lambda: naive_generate(trained, subset, batch_size=max(1, args.naive_batch // 2),
+                                                            new_tokens=args.new_tokens, pad_id=pad, device=device),
+                references=("trained naive",))
+        measure("trained fast", lambda: greedy_generate(trained, subset, **fast),
+                references=("trained naive", "trained naive b16"))
 
     path = write_report()
     def versus(r: dict[str, Any]) -> dict[str, Any]:

@@ -31,6 +31,7 @@ from gputwin.widgets.feed import ExperimentFeed
 from gputwin.widgets.formatting import device_label, shorten_paths, step_ticks
 from gputwin.widgets.log_view import LogView
 from gputwin.widgets.modals import KEY_HELP, ConfirmScreen, HelpScreen
+from gputwin.widgets.progress import StepProgress
 from gputwin.widgets.prompts import extend_prompt, why_not
 
 FIXTURES = Path(__file__).parent / "fixtures" / "events"
@@ -515,3 +516,19 @@ async def test_appended_events_update_the_screen_and_a_validation_rings(tmp_path
         await wait_until(pilot, lambda: bells, "the bell")
         assert _in_toast(app, "aggressive validated at step 234: precision 70.0%, recall 60.0%, F1 64.6%")
         await wait_until(pilot, lambda: "validated at step 234" in screen_text(app), "the verdict pane")
+
+
+async def test_the_dashboard_keeps_updating_under_a_dialog_and_its_keys_wait(tmp_path: Path) -> None:
+    app = fixture_app("seed-midrun", tmp_path)
+    t = CLOCKS["seed-midrun"]
+    async with app.run_test(size=SIZE) as pilot:
+        await loaded(pilot)
+        await pilot.press("2", "e")
+        assert isinstance(app.screen, ConfirmScreen)
+        append_events(app.exp, "aggressive",
+                      make("step", t=t, step=234, epoch=0.2662, loss=0.3141, lr=1.167e-4))
+        [pane] = [p for p in app.screen_stack[0].query(ArmPane) if p.arm_name == "aggressive"]
+        end = pane.query_one(".end-progress", StepProgress)
+        await wait_until(pilot, lambda: end.done == 234, "the pane under the dialog to update")
+        await pilot.press("s")  # a dashboard key while the dialog is open: nothing happens
+        assert len(app.screen_stack) == 2

@@ -221,3 +221,18 @@ def test_bench_cpu_smoke_runs_every_variant_with_matching_losses(tmp_path: Path)
         assert len(r["losses"]) == 4 and r["tokens_per_s"] > 0
         if name != "baseline":
             assert r["loss_gap_vs_baseline"]["max_rel_gap_raw"] < 1e-5, name
+
+
+def test_varlen_check_runs_from_inference_code_and_rejects_a_wrong_kernel() -> None:
+    from gputwin.train import fast
+
+    def right(q, k, v, cu, max_len, scale):  # [T, H, D] in and out, like torch's varlen kernel
+        as_rows = [x.transpose(0, 1).unsqueeze(0) for x in (q, k, v)]
+        return fast.masked_attention(*as_rows, cu, scale)[0]
+
+    def wrong(q, k, v, cu, max_len, scale):  # ignores the sample boundaries
+        return right(q, k, v, torch.tensor([0, q.shape[0]], dtype=torch.int32), max_len, scale)
+
+    with torch.inference_mode():  # where a validator asks first: the check's backward must still run
+        assert fast._varlen_matches_sdpa(right, "cpu")
+        assert not fast._varlen_matches_sdpa(wrong, "cpu")

@@ -138,7 +138,8 @@ def test_a_recorded_experiment_prints_progress_validations_and_the_verdict(tmp_p
     assert "a: validation at step 8 on 200 samples: precision 50.0%  recall 50.0%  F1 50.0%" in text
     assert "b: validation at step 8 on 200 samples" in text
     assert "Verdict: scenario A" in text
-    assert "  - stop a" in text and "  - extend b by 1 epoch" in text
+    assert "  - stop a" not in text and "  - extend b by 1 epoch" in text  # a already stopped
+    assert "a has already ended (stopped); nothing to stop." in text
     assert f"Report: {exp.comparison}, {exp.verdict}" in text
     assert exp.comparison.is_file() and json.loads(exp.verdict.read_text())["scenario"] == "A"
     assert not (exp.root / launcher.ACTIONS_FILE).exists()  # "suggest": nothing applied

@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 import threading
 import time
-from typing import Any, Callable, Protocol
+from typing import Any, Callable
 
 from textual import work
 from textual.app import App, ComposeResult
@@ -26,6 +26,7 @@ from .headless import AUTO
 from .paths import ExperimentPaths
 from .state import ArmState, ExperimentState
 from .widgets.arm_pane import ArmPane
+from .widgets.device_panel import SamplerLike
 from .widgets.feed import ExperimentFeed
 from .widgets.formatting import display_path
 from .widgets.log_view import LogView
@@ -37,17 +38,9 @@ from .widgets.verdict_pane import VerdictPane, changing_actions
 POLL_S = 0.3  # how often the watcher reads the files (the screen updates only when they changed)
 DEVICE_S = 1.0  # device panels follow the sampler's 1 Hz
 PANE_MIN_WIDTH = 48  # columns an arm pane needs before another fits beside it
+DASHBOARD_ACTIONS = frozenset({"stop", "extend", "validate", "apply", "report", "toggle_log", "resume", "help",
+                               "focus_arm"})
 BY = "ui"  # who asked, as recorded in control files and actions.jsonl
-
-
-class SamplerLike(Protocol):
-    """What the app reads from gputwin.gpu.Sampler (tests pass an object with fixed samples)."""
-
-    def latest_gpus(self) -> dict[int, Any]: ...
-    def latest_cpus(self) -> dict[int, Any]: ...
-    def gpu_history(self, index: int) -> list[Any]: ...
-    def cpu_history(self, pid: int) -> list[Any]: ...
-    def set_pids(self, pids: Any) -> None: ...
 
 
 class GputwinApp(App[None]):
@@ -86,19 +79,25 @@ class GputwinApp(App[None]):
         self._stop_polling = threading.Event()
         self._auto_started = False
         self._sampler_failure_shown = False
+        # The dashboard's widgets, held: a query from the app searches the active screen, which is a
+        # dialog while one is open, and the dashboard must keep updating under it.
+        self._top = Static(f"gputwin · {exp.name} · {display_path(exp.root)}", id="top-bar")
+        self._arms = Container(Static(f"Reading {display_path(exp.root)} …", id="loading"), id="arms")
+        self._panes: list[ArmPane] = []
+        self._verdict = VerdictPane(id="verdict", can_focus=False)
+        self._log = LogView(id="log")
 
     # ------------------------------------------------------------ layout
 
     def compose(self) -> ComposeResult:
-        yield Static(f"gputwin · {self.exp.name} · {display_path(self.exp.root)}", id="top-bar")
-        with Container(id="arms"):
-            yield Static(f"Reading {display_path(self.exp.root)} …", id="loading")
-        yield VerdictPane(id="verdict", can_focus=False)
-        yield LogView(id="log")
+        yield self._top
+        yield self._arms
+        yield self._verdict
+        yield self._log
         yield Footer()
 
     def on_mount(self) -> None:
-        self.query_one(LogView).can_focus = False
+        self._log.can_focus = False
         if self._own_sampler and self.sampler is not None:
             self.sampler.start()  # type: ignore[attr-defined]
         self.watch_files()
@@ -113,10 +112,10 @@ class GputwinApp(App[None]):
         self._arrange()
 
     def _arrange(self) -> None:
-        panes = len(self.query(ArmPane))
-        columns = max(1, min(panes or 1, self.size.width // PANE_MIN_WIDTH))
-        self.query_one("#arms").styles.grid_size_columns = columns
-        self.query_one("#arms").styles.grid_size_rows = max(1, math.ceil((panes or 1) / columns))
+        panes = len(self._panes) or 1
+        columns = max(1, min(panes, self.size.width // PANE_MIN_WIDTH))
+        self._arms.styles.grid_size_columns = columns
+        self._arms.styles.grid_size_rows = max(1, math.ceil(panes / columns))
 
     # ------------------------------------------------------------ reading the files (worker thread)
 
@@ -150,7 +149,7 @@ class GputwinApp(App[None]):
         await self._ensure_panes(state)
         now = self.clock()
         with self.batch_update():
-            for pane in self.query(ArmPane):
+            for pane in self._panes:
                 arm = state.arms.get(pane.arm_name)
                 if arm is not None:
                     pane.show_arm(arm, now, state.differing_keys, state.baseline)
@@ -167,13 +166,15 @@ class GputwinApp(App[None]):
         self.refresh_devices()
 
     async def _ensure_panes(self, state: ExperimentState) -> None:
-        shown = {pane.arm_name for pane in self.query(ArmPane)}
-        new = [name for name in state.arms if name not in shown]
+        shown = {pane.arm_name for pane in self._panes}
+        new = [ArmPane(name, len(shown) + i + 1, self.exp.root)
+               for i, name in enumerate(n for n in state.arms if n not in shown)]
         if not new:
             return
-        arms = self.query_one("#arms")
-        await self.query("#loading").remove()
-        await arms.mount_all(ArmPane(name, len(shown) + i + 1, self.exp.root) for i, name in enumerate(new))
+        if not self._panes:
+            await self._arms.remove_children()  # the "Reading ..." line
+        self._panes += new
+        await self._arms.mount_all(new)
         self._arrange()
         if self._focused_arm is None:
             self.call_after_refresh(self.action_focus_arm, 1)
@@ -183,9 +184,9 @@ class GputwinApp(App[None]):
             return
         rules = self.state.rules
         auto = rules is not None and rules.on_verdict == "apply"
-        self.query_one(VerdictPane).show_state(self.state, self.clock(), self.applied, auto)
+        self._verdict.show_state(self.state, self.clock(), self.applied, auto)
         if rules is not None:
-            self.query_one("#top-bar", Static).update(
+            self._top.update(
                 f"gputwin · {self.state.name} · baseline {rules.baseline} · on verdict: {rules.on_verdict}"
                 f" · {display_path(self.exp.root)}")
 
@@ -203,7 +204,7 @@ class GputwinApp(App[None]):
 
     def on_log_tail_read(self, message: LogTailRead) -> None:
         if message.arm == self._log_arm:
-            self.query_one(LogView).show_tail(message.arm, message.path, message.lines)
+            self._log.show_tail(message.arm, message.path, message.lines)
 
     def refresh_devices(self) -> None:
         """Copy the sampler's latest readings into each pane's device panel."""
@@ -214,10 +215,16 @@ class GputwinApp(App[None]):
             self._sampler_failure_shown = True
             self.notify(f"GPU/CPU sampling stopped: {failure!r}", severity="error", timeout=30)
         gpus, cpus = self.sampler.latest_gpus(), self.sampler.latest_cpus()
-        for pane in self.query(ArmPane):
+        for pane in self._panes:
             arm = self.state.arms.get(pane.arm_name)
             if arm is not None:
                 pane.device_panel.show_for(arm, self.sampler, gpus, cpus)
+
+    def check_action(self, action: str, parameters: tuple[object, ...]) -> bool | None:
+        """Dashboard keys do nothing while a dialog or the help is open over it."""
+        if action in DASHBOARD_ACTIONS and len(self.screen_stack) > 1:
+            return False
+        return True
 
     # ------------------------------------------------------------ focus
 
@@ -228,7 +235,7 @@ class GputwinApp(App[None]):
                 self._log_arm = event.widget.arm_name
 
     def action_focus_arm(self, number: int) -> None:
-        panes = list(self.query(ArmPane))
+        panes = self._panes
         if not panes:
             self.notify("No arms yet: the experiment folder has none.", severity="warning")
         elif number > len(panes):
@@ -316,14 +323,14 @@ class GputwinApp(App[None]):
         self.run_control(write, "report")
 
     def action_toggle_log(self) -> None:
-        log = self.query_one(LogView)
+        log = self._log
         shown = not log.has_class("-shown")
         arm = self.focused_arm() if shown else None
         if shown and arm is None:
             self.notify("No arm to show the log of yet.", severity="warning")
             return
         log.set_class(shown, "-shown")
-        self.screen.set_class(shown, "-log")
+        self._verdict.set_class(shown, "-beside-log")
         self._log_arm = arm.name if arm is not None else None
 
     def action_help(self) -> None:

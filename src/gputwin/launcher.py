@@ -182,17 +182,19 @@ def _check_devices(profiles: Sequence[Profile]) -> None:
         raise ProfileError(profile.source or profile.name, "device", problem, hint, _line_of_device(profile.source))
 
 
-def _check_datasets(profiles: Sequence[Profile]) -> None:
-    """A data file without one usable line fails here with its bad lines, not minutes later in a trainer."""
+def _check_plans(profiles: Sequence[Profile]) -> None:
+    """What a trainer would fail on minutes later, refused now: a data file without one usable line
+    (the message lists its bad lines), a milestone after the last step (the arm would never validate)."""
     from .data import load_dataset
+    from .plan import plan_profile
 
-    seen: set[str] = set()
+    tests: set[str] = set()
     for profile in profiles:
-        for path in (profile.data.train, profile.data.test):
-            if path in seen or (profile.data.synth_if_missing and not Path(path).is_file()):
-                continue  # made (correct by construction) just before the arms start
-            seen.add(path)
-            load_dataset(path)
+        plan_profile(profile, with_params=False)  # reads the training data (unless it is made on first run)
+        test = profile.data.test
+        if test not in tests and (Path(test).is_file() or not profile.data.synth_if_missing):
+            tests.add(test)
+            load_dataset(test)
 
 
 def start_experiment(experiment: Experiment, *, root: Path | None = None, say: Say = _quiet,
@@ -201,7 +203,7 @@ def start_experiment(experiment: Experiment, *, root: Path | None = None, say: S
 
     Refuses while arms of the experiment are alive, and refuses an experiment that already ran
     (a new --name runs the same profiles again). Arms run by the real trainer are checked first (GPU
-    index, datasets), so a mistake there changes nothing on disk. `commands` maps arm names to a
+    index, datasets, milestone), so a mistake there changes nothing on disk. `commands` maps arm names to a
     replacement for the trainer command (tests).
     """
     try:
@@ -210,7 +212,7 @@ def start_experiment(experiment: Experiment, *, root: Path | None = None, say: S
         raise UserError(str(exc), "pass --name NAME") from None
     real = [p for p in experiment.arms if p.name not in (commands or {})]
     _check_devices(real)
-    _check_datasets(real)
+    _check_plans(real)
     with launch_lock(exp):
         _refuse_rerun(exp)
         _ensure_data(experiment.arms, say)
@@ -453,10 +455,10 @@ def _watch(exp: ExperimentPaths, experiment: Experiment, headless: bool) -> int:
 
 
 def _renamed(experiment: Experiment, name: str | None) -> Experiment:
+    if name is not None and not paths.valid_name(name):
+        raise UserError(f"--name {name!r} cannot be an experiment name", paths.NAME_HINT)
     if not name or name == experiment.name:
         return experiment
-    if not paths.valid_name(name):
-        raise UserError(f"--name {name!r} cannot be an experiment name", paths.NAME_HINT)
     return dataclasses.replace(experiment, name=name)
 
 

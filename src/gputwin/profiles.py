@@ -249,13 +249,15 @@ class _Section:
         if not ok:
             names = " or ".join({int: "an integer", float: "a number", str: "a string", bool: "true/false",
                                  list: "a list"}[k] for k in kinds)
-            raise self.error(key, f"expected {names}, got {value!r}", hint)
+            example = {int: "4", float: "0.001", str: '"text"', bool: "true", list: '["a", "b"]'}[kinds[0]]
+            raise self.error(key, f"expected {names}, got {value!r}", hint or f"e.g. {key} = {example} (TOML quotes "
+                             "strings only; numbers and true/false go bare)")
         return value
 
     def choice(self, key: str, options: tuple[str, ...], default: str) -> str:
         value = self.get(key, str, default)
         if value not in options:
-            raise self.error(key, f"expected one of {', '.join(options)}, got {value!r}")
+            raise self.error(key, f"expected one of {', '.join(options)}, got {value!r}", f'e.g. {key} = "{options[0]}"')
         return value
 
     def positive(self, key: str, kind: type, default: Any = ..., *, allow_zero: bool = False, hint: str = "") -> Any:
@@ -311,11 +313,13 @@ def parse_profile(path: Path, data: dict[str, Any], text: str, *, check_files: b
     device_raw = top.get("device", (int, str), "cpu", "a GPU index such as 0, or \"cpu\"")
     if isinstance(device_raw, str):
         if device_raw.lower() != "cpu":
-            raise top.error("device", f"expected a GPU index or \"cpu\", got {device_raw!r}")
+            raise top.error("device", f"expected a GPU index or \"cpu\", got {device_raw!r}",
+                            'device = 0 for the first GPU (as nvidia-smi numbers them), device = "cpu" for none')
         device = None
     else:
         if device_raw < 0:
-            raise top.error("device", f"GPU index must be >= 0, got {device_raw}")
+            raise top.error("device", f"GPU index must be >= 0, got {device_raw}",
+                            'device = 0 for the first GPU (as nvidia-smi numbers them), device = "cpu" for none')
         device = device_raw
 
     m = _Section(path, text, "model", data.get("model", {}))
@@ -352,7 +356,7 @@ def parse_profile(path: Path, data: dict[str, Any], text: str, *, check_files: b
     alpha = lo.positive("alpha", int, 2 * r, hint="alpha is usually 2 x r")
     dropout = lo.get("dropout", float, 0.05)
     if not 0.0 <= dropout < 1.0:
-        raise lo.error("dropout", f"must be in [0, 1), got {dropout}")
+        raise lo.error("dropout", f"must be in [0, 1), got {dropout}", "LoRA dropout is usually 0.0 to 0.1")
     targets = lo.get("target_modules", list, ["q_proj", "k_proj", "v_proj", "o_proj"])
     if not targets or not all(isinstance(t, str) and t for t in targets):
         raise lo.error("target_modules", "expected a non-empty list of module names", "e.g. [\"q_proj\", \"v_proj\"]")
@@ -367,14 +371,14 @@ def parse_profile(path: Path, data: dict[str, Any], text: str, *, check_files: b
         raise tr.error("learning_rate", f"{lr} is far too large", "LoRA learning rates are usually 1e-5 to 1e-3")
     batch = tr.get("batch_size", int, 4)
     if batch < 1:
-        raise tr.error("batch_size", f"must be >= 1, got {batch}")
+        raise tr.error("batch_size", f"must be >= 1, got {batch}", "e.g. batch_size = 4")
     epochs = tr.positive("epochs", float, 1.0, hint="e.g. 1 or 2")
     max_length = tr.get("max_length", int, 512)
     if max_length < 8:
-        raise tr.error("max_length", f"must be >= 8 tokens, got {max_length}")
+        raise tr.error("max_length", f"must be >= 8 tokens, got {max_length}", "e.g. max_length = 512")
     checkpoint_every = tr.get("checkpoint_every", int, 200)
     if checkpoint_every < 1:
-        raise tr.error("checkpoint_every", f"must be >= 1 step, got {checkpoint_every}")
+        raise tr.error("checkpoint_every", f"must be >= 1 step, got {checkpoint_every}", "e.g. checkpoint_every = 200")
     keep = tr.get("keep_checkpoints", int, 3)
     if keep < 1:
         raise tr.error("keep_checkpoints", f"must be >= 1, got {keep}", "keep at least the last checkpoint")
@@ -421,16 +425,16 @@ def parse_profile(path: Path, data: dict[str, Any], text: str, *, check_files: b
     step = ms.get("step", int, None)
     epoch = ms.get("epoch", float, None)
     if step is not None and epoch is not None:
-        raise ms.error("epoch", "give either step or epoch, not both")
+        raise ms.error("epoch", "give either step or epoch, not both", "keep one: step = 879 or epoch = 1")
     if step is None and epoch is None:
         epoch = 1.0
     if step is not None and step < 1:
-        raise ms.error("step", f"must be >= 1, got {step}")
+        raise ms.error("step", f"must be >= 1, got {step}", "e.g. step = 879, or epoch = 1 for the end of epoch 1")
     if epoch is not None and epoch <= 0:
-        raise ms.error("epoch", f"must be > 0, got {epoch}")
+        raise ms.error("epoch", f"must be > 0, got {epoch}", "e.g. epoch = 1 for the end of epoch 1")
     sample_size = ms.get("sample_size", int, 500)
     if sample_size < 1:
-        raise ms.error("sample_size", f"must be >= 1, got {sample_size}")
+        raise ms.error("sample_size", f"must be >= 1, got {sample_size}", "e.g. sample_size = 500")
     milestone = MilestoneSpec(step=step, epoch=epoch, sample_size=sample_size, sample_seed=ms.get("sample_seed", int, 1234))
 
     return Profile(name=name, model=model, lora=lora, train=train, data=data_spec, milestone=milestone,
@@ -451,7 +455,7 @@ def _parse_rules(path: Path, text: str, data: Any, baseline: str) -> Rules:
     ru.check_unknown({f.name for f in dataclasses.fields(Rules)} - {"baseline"})
     extend = ru.get("extend_epochs", int, 1)
     if extend < 1:
-        raise ru.error("extend_epochs", f"must be >= 1, got {extend}")
+        raise ru.error("extend_epochs", f"must be >= 1, got {extend}", "e.g. extend_epochs = 1")
     resamples = ru.get("bootstrap_resamples", int, 2000)
     if resamples < 1000:
         raise ru.error("bootstrap_resamples", f"must be >= 1000, got {resamples}", "fewer resamples give shaky intervals")
@@ -503,11 +507,16 @@ def load_experiment(path: str | Path, *, check_files: bool = True) -> Experiment
     arm_files = top.get("arms", list, hint="arms = [\"conservative.toml\", \"aggressive.toml\"]")
     if len(arm_files) < 2 or not all(isinstance(a, str) for a in arm_files):
         raise top.error("arms", "expected a list of at least two profile paths", "arms = [\"a.toml\", \"b.toml\"]")
+    for arm_file in arm_files:
+        if not _resolve(path, arm_file).is_file():
+            raise top.error("arms", f"profile {_resolve(path, arm_file)} does not exist",
+                            f"paths in arms are relative to the experiment file's folder ({path.parent})")
     arms = [load_profile(_resolve(path, a), check_files=check_files) for a in arm_files]
     check_arms(arms, path)
     baseline = top.get("baseline", str, arms[0].name)
     if baseline not in [a.name for a in arms]:
-        raise top.error("baseline", f"{baseline!r} is not one of the arms {[a.name for a in arms]}")
+        raise top.error("baseline", f"{baseline!r} is not one of the arms {[a.name for a in arms]}",
+                        "baseline names an arm by its profile's name")
     rules = _parse_rules(path, text, data.get("rules", {}), baseline)
     return Experiment(name=name, arms=tuple(arms), rules=rules, source=str(path.resolve()))
 

@@ -26,7 +26,7 @@ from .eta import human_duration
 from .metrics import METRICS, as_counts, disagreements
 from .paths import ExperimentPaths
 from .profiles import Rules
-from .verdict import EXTEND, STOP, ArmResult, Verdict, decide, level, pct
+from .verdict import EXTEND, STOP, ArmResult, Verdict, account_for_ended, decide, level, pct
 
 DISAGREEMENTS_SHOWN = 10
 CONTEXT_CHARS = 30
@@ -116,7 +116,9 @@ def verdict_for_experiment(source: st.ExperimentState | ExperimentPaths | Path |
     if len(state.arms) < 2:
         return None
     results, waiting = _collect(state, now)
-    return decide(results, _rules(state), waiting=waiting)
+    verdict = decide(results, _rules(state), waiting=waiting)
+    ended = {name: arm.status for name, arm in state.arms.items() if arm.status in st.ENDED}
+    return account_for_ended(verdict, ended)
 
 
 def _experiment_paths(source: ExperimentPaths | Path | str) -> ExperimentPaths:

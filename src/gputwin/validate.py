@@ -129,6 +129,10 @@ def cmd_validate(args: Any) -> int:
                         hint="e.g. --sample-size 500 (a number above the test set size takes all samples)")
     if args.batch_size < 0:
         raise UserError(f"--batch-size {args.batch_size}: expected 0 (automatic) or a positive number")
+    model_dir = Path(args.model).expanduser()
+    if not model_dir.is_dir():  # before anything heavy is imported
+        raise UserError(f"--model {model_dir}: no such folder",
+                        hint="give an adapter folder (adapter_config.json) or a model folder (config.json)")
     test_path = Path(args.test_data).expanduser()
     load_dataset(test_path)  # a bad test file fails before a model is loaded
     from transformers.utils import logging as hf_logging

@@ -15,7 +15,7 @@ zero AND it is at least rules.close_margin. With more than one challenger the in
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Mapping
 
 from .metrics import (METRICS, arm_intervals, as_counts, difference_stats, interval_stats, resampled_totals,
@@ -313,3 +313,29 @@ def _conclude(base: str, challengers: list[str], comparisons: dict[str, dict[str
     reasons.append(_goal_reason(goal, metrics, rules))
     return Verdict(scenario, headline, winner=winner, leader=leader, reasons=tuple(reasons), actions=tuple(actions),
                    comparisons=comparisons, **common)
+
+
+def account_for_ended(verdict: Verdict, ended: Mapping[str, str]) -> Verdict:
+    """Drop actions that an arm's state makes moot, and say what to do instead.
+
+    `ended` maps arms whose trainer has ended to their status ("finished", "stopped", ...). Stopping an
+    arm that already ended does nothing; "continue" on an arm that finished its schedule cannot happen
+    without more epochs, so the reason says how to get them.
+    """
+    kept: list[Action] = []
+    notes: list[str] = []
+    for action in verdict.actions:
+        status = ended.get(action.arm)
+        if status is None or action.kind == EXTEND:
+            kept.append(action)
+        elif action.kind == STOP:
+            notes.append(f"{action.arm} has already ended ({status}); nothing to stop.")
+        elif status == "finished":  # continue, but there is nothing left to continue
+            notes.append(f"{action.arm} has finished its schedule; extend it to train on and compare again "
+                         f"(key e, or `gputwin extend {action.arm}`).")
+        else:
+            notes.append(f"{action.arm} is {status}; resume it to train on and compare again "
+                         f"(key R, or `gputwin resume {action.arm}`).")
+    if not notes:
+        return verdict
+    return replace(verdict, actions=tuple(kept), reasons=(*verdict.reasons, *notes))

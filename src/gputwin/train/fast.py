@@ -169,6 +169,12 @@ def varlen_backend(device: torch.device | str) -> str:
 
 
 def _varlen_matches_sdpa(call: Callable[..., torch.Tensor], device: torch.device | str) -> bool:
+    # a backward runs here, also when the first question comes from inference code (a validator)
+    with torch.inference_mode(False), torch.enable_grad():
+        return _compare_with_sdpa(call, device)
+
+
+def _compare_with_sdpa(call: Callable[..., torch.Tensor], device: torch.device | str) -> bool:
     generator = torch.Generator(device=device).manual_seed(0)
     cu = torch.tensor([0, 37, 200, 256], dtype=torch.int32, device=device)
     shapes = ((256, 4, 64), (256, 2, 64), (256, 2, 64))
@@ -544,7 +550,9 @@ class FastEngine:
     name = "fast"
 
     def __init__(self, model: Any, optimizer: torch.optim.Optimizer, *, device: torch.device,
-                 model_dtype: torch.dtype, grad_clip: float, pad_id: int) -> None:
+                 model_dtype: torch.dtype, grad_clip: float, pad_id: int, compile: bool = False) -> None:
+        """compile is off by default: on the H200 it costs ~90 s once and saves ~16 ms a step (graphs
+        alone: ~30 ms a step), so it pays only past ~5,000 steps (bench/RESULTS.md)."""
         from .engine import EngineUnsupported
 
         try:
@@ -553,7 +561,8 @@ class FastEngine:
             raise EngineUnsupported(str(exc)) from None
         self.pad_id = pad_id
         dtype = torch.bfloat16 if device.type == "cuda" and model_dtype != torch.float32 else None
-        self.fast = FastStep(model, optimizer, grad_clip=grad_clip, autocast_dtype=dtype)
+        self.fast = FastStep(model, optimizer, compile=compile and device.type == "cuda", grad_clip=grad_clip,
+                             autocast_dtype=dtype)
 
     def collate(self, examples: Sequence[Any]) -> PackedBatch:
         return pack(examples, pad_id=self.pad_id)

@@ -147,18 +147,27 @@ class ArmPane(Vertical, can_focus=True):
         self.root = root  # the experiment folder, to shorten paths in messages
         self.number = number
         self.border_title = f"{number} {arm_name}"
+        # Held rather than queried: an update may arrive while the pane is mounting or going away.
+        self._head = Static("", classes="arm-head")
+        self._hparams = Static("", classes="arm-hparams")
+        self._milestone = StepProgress("milestone", classes="milestone-progress")
+        self._end = StepProgress("end", classes="end-progress")
+        self._crash_why = Static("", classes="crash-why")
+        self._crash_stderr = Static("", classes="crash-stderr")
+        self._crash = Vertical(self._crash_why, self._crash_stderr, classes="arm-crash")
+        self._chart = LossChart(classes="loss-chart")
+        self._stats = Static("", classes="arm-stats")
+        self._device = DevicePanel(classes="device-panel")
 
     def compose(self) -> ComposeResult:
-        yield Static("", classes="arm-head")
-        yield Static("", classes="arm-hparams")
-        yield StepProgress("milestone", classes="milestone-progress")
-        yield StepProgress("end", classes="end-progress")
-        with Vertical(classes="arm-crash"):
-            yield Static("", classes="crash-why")
-            yield Static("", classes="crash-stderr")
-        yield LossChart(classes="loss-chart")
-        yield Static("", classes="arm-stats")
-        yield DevicePanel(classes="device-panel")
+        yield self._head
+        yield self._hparams
+        yield self._milestone
+        yield self._end
+        yield self._crash
+        yield self._chart
+        yield self._stats
+        yield self._device
 
     def show_arm(self, arm: Any, now: float, differing: list[str], baseline: str | None) -> None:
         """Redraw from one ArmState (a copy owned by the UI thread)."""
@@ -166,24 +175,22 @@ class ArmPane(Vertical, can_focus=True):
             for status in STATUSES:
                 self.set_class(arm.status == status, f"-{status}")
             self.border_subtitle = arm.status
-            self.query_one(".arm-head", Static).update(header_text(arm, now, baseline))
-            self.query_one(".arm-hparams", Static).update(hparams_text(arm, differing))
-            self.query_one(".milestone-progress", StepProgress).show(
-                arm.step, arm.milestone_step, milestone_text(arm, now), bar=milestone_validation(arm) is None)
-            self.query_one(".end-progress", StepProgress).show(arm.step, arm.total_steps,
-                                                               eta_text(arm, arm.total_steps, now))
-            self.query_one(".arm-head", Static).tooltip = arm.device
+            self._head.update(header_text(arm, now, baseline))
+            self._head.tooltip = arm.device
+            self._hparams.update(hparams_text(arm, differing))
+            self._milestone.show(arm.step, arm.milestone_step, milestone_text(arm, now),
+                                 bar=milestone_validation(arm) is None)
+            self._end.show(arm.step, arm.total_steps, eta_text(arm, arm.total_steps, now))
             crashed = arm.status == "crashed"
-            self.query_one(".arm-crash").display = crashed
+            self._crash.display = crashed
             if crashed:
-                self.query_one(".crash-why", Static).update(crash_text(arm, self.root))
-                self.query_one(".crash-stderr", Static).update(stderr_lines(arm))
+                self._crash_why.update(crash_text(arm, self.root))
+                self._crash_stderr.update(stderr_lines(arm))
             # A dead arm's last figures and an idle device matter less than why it died.
-            self.query_one(".arm-stats", Static).display = not crashed
-            self.device_panel.display = not crashed
-            self.query_one(LossChart).show(loss_series(arm))
-            self.query_one(".arm-stats", Static).update(stats_text(arm))
+            self._stats.display = self._device.display = not crashed
+            self._stats.update(stats_text(arm))
+            self._chart.show(loss_series(arm))
 
     @property
     def device_panel(self) -> DevicePanel:
-        return self.query_one(DevicePanel)
+        return self._device

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, Protocol
 
 from rich.text import Text
 from textual.app import ComposeResult
@@ -13,6 +13,16 @@ from textual.widgets import Sparkline, Static
 from .formatting import gib, is_number
 
 SPARK_POINTS = 60  # the last minute at the sampler's 1 Hz
+
+
+class SamplerLike(Protocol):
+    """What the app reads from gputwin.gpu.Sampler (tests pass an object with fixed samples)."""
+
+    def latest_gpus(self) -> dict[int, Any]: ...
+    def latest_cpus(self) -> dict[int, Any]: ...
+    def gpu_history(self, index: int) -> list[Any]: ...
+    def cpu_history(self, pid: int) -> list[Any]: ...
+    def set_pids(self, pids: Any) -> None: ...
 
 
 def _fig(value: object, spec: str, unit: str) -> str:
@@ -65,11 +75,18 @@ class DevicePanel(Vertical):
     }
     """
 
+    def __init__(self, *, classes: str | None = None) -> None:
+        super().__init__(classes=classes)
+        # Held rather than queried: readings may arrive while the panel is still mounting or going away.
+        self._head = Static("", classes="device-head")
+        self._spark = Sparkline([], classes="device-spark")
+        self._body = Static("", classes="device-body")
+
     def compose(self) -> ComposeResult:
         with Horizontal():
-            yield Static("", classes="device-head")
-            yield Sparkline([], classes="device-spark")
-        yield Static("", classes="device-body")
+            yield self._head
+            yield self._spark
+        yield self._body
 
     def show_gpu(self, sample: Any, history: Sequence[Any], pid: int | None) -> None:
         head, body = gpu_lines(sample, pid)
@@ -86,13 +103,12 @@ class DevicePanel(Vertical):
         self._set(Text(head, style="bold"), Text(why, style="dim"), [])
 
     def _set(self, head: Text, body: Text, series: list[float]) -> None:
-        self.query_one(".device-head", Static).update(head)
-        self.query_one(".device-body", Static).update(body)
-        spark = self.query_one(Sparkline)
-        spark.data = series[-SPARK_POINTS:]
-        spark.display = bool(series)  # an empty sparkline would draw a flat line that looks like 0%
+        self._head.update(head)
+        self._body.update(body)
+        self._spark.data = series[-SPARK_POINTS:]
+        self._spark.display = bool(series)  # an empty sparkline would draw a flat line that looks like 0%
 
-    def show_for(self, arm: Any, sampler: Any, gpus: dict[int, Any], cpus: dict[int, Any]) -> None:
+    def show_for(self, arm: Any, sampler: SamplerLike, gpus: dict[int, Any], cpus: dict[int, Any]) -> None:
         """Pick the arm's reading from the sampler's latest: its GPU, or its process on CPU."""
         if arm.gpu_index is not None:
             sample = gpus.get(arm.gpu_index)

@@ -41,9 +41,8 @@ class StepProgress(Widget):
         self.set_reactive(StepProgress.label, label)
 
     def show(self, done: int | None, target: int | None, when: str, *, bar: bool = True) -> None:
-        """Set everything at once so the line repaints once."""
-        with self.app.batch_update():
-            self.done, self.target, self.when, self.bar = done, target, when, bar
+        """Set everything at once (the caller batches the repaint)."""
+        self.done, self.target, self.when, self.bar = done, target, when, bar
 
     def _figures(self) -> Text:
         figures = Text(steps(self.done, self.target))
