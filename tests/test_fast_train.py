@@ -216,11 +216,12 @@ def test_bench_cpu_smoke_runs_every_variant_with_matching_losses(tmp_path: Path)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
     report = json.loads((tmp_path / "train_throughput.json").read_text())
     results = {r["variant"]: r for r in report["results"]}
-    assert set(results) == {"baseline", "lean-padded", "packed", "packed+graphs", "packed+compile+graphs"}
+    assert set(results) == {"baseline", "lean-padded", "packed", "packed+graphs", "packed+compile+graphs", "engine"}
     for name, r in results.items():
         assert len(r["losses"]) == 4 and r["tokens_per_s"] > 0
         if name != "baseline":
             assert r["loss_gap_vs_baseline"]["max_rel_gap_raw"] < 1e-5, name
+    assert results["engine"]["nan_step_raised"] and results["engine"]["nan_step_left_weights_unchanged"]
 
 
 def test_varlen_check_runs_from_inference_code_and_rejects_a_wrong_kernel() -> None:

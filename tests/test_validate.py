@@ -292,3 +292,23 @@ def test_format_result_lists_types_and_overall():
               "unparsable": 1, "seconds": 0.25, "task": "generate", "device": "cpu"}
     table = format_result(result)
     assert "EMAIL" in table and "overall" in table and " 66.7" in table and "unparsable 1" in table
+
+
+@pytest.mark.parametrize("model_kind", ["memorised", "random"])
+def test_fast_and_plain_decoders_write_the_same_answers(gen, model_kind):
+    """The fast decoder is the default; transformers' generate stays selectable and must agree with it."""
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    model, tok, test = gen
+    samples = load_dataset(test).samples
+    if model_kind == "random":
+        config = Qwen3Config(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                             num_attention_heads=2, num_key_value_heads=1, head_dim=32, max_position_embeddings=1024,
+                             eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+        torch.manual_seed(2)
+        model = Qwen3ForCausalLM(config)
+    _, fast = predict(model, tok, samples, task="generate", device="cpu", max_new_tokens=12, decoder="fast")
+    _, plain = predict(model, tok, samples, task="generate", device="cpu", max_new_tokens=12, decoder="plain")
+    assert fast["decoder"] == "fast" and plain["decoder"] == "plain"
+    assert fast["outputs"] == plain["outputs"]
+    assert any(fast["outputs"])

@@ -1,4 +1,4 @@
-"""Greedy decoding for validation, many times faster than `model.generate` and token for token the same.
+"""Greedy decoding for validation: many times faster than `model.generate`, with the same tokens.
 
 Why it is fast: prompts are prefilled packed (no padding, flash varlen attention on CUDA), keys and
 values go to a static per-layer cache, and one decode step for the whole batch (embed, all layers,
@@ -6,10 +6,13 @@ lm_head, argmax, bookkeeping) is captured once as a CUDA graph and replayed, so 
 kernels and not Python. Every row keeps its own positions, so there is no left padding to get wrong.
 Why it is the same: the same modules (LoRA unmerged unless the caller merged it) and the same greedy
 rule as transformers, including what happens after a row stops (nothing more is returned for it).
+In fp32 the tokens match generate exactly; in bf16 up to the rounding noise that also makes generate
+disagree with itself at another batch size (bench/RESULTS.md measures both).
 """
 
 from __future__ import annotations
 
+import time
 from typing import Any, Callable, Sequence
 
 import torch
@@ -177,8 +180,6 @@ class _Clock:
         self.last = self._now() if stats is not None else 0.0
 
     def _now(self) -> float:
-        import time
-
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         return time.perf_counter()
@@ -201,10 +202,11 @@ def greedy_generate(model: Any, prompts: Sequence[Sequence[int]], *, max_new_tok
     first prefix for which stop(generated_ids) is true (checked after every token, like a StoppingCriteria),
     else max_new_tokens of them. Rows are decoded in length-sorted batches of batch_size (default: all at
     once, as memory allows); decoding ends early once every row has ended (looked at every check_every
-    steps). The model's train/eval mode is restored afterwards.
+    steps). The model's train/eval mode is restored afterwards. A `stats` dict, when given, receives the
+    seconds spent in setup (cache, graph capture), prefill and decode (measuring them costs syncs).
     """
-    if not prompts:
-        return []
+    if not prompts or max_new_tokens <= 0:
+        return [[] for _ in prompts]
     if any(len(p) == 0 for p in prompts):
         raise ValueError("greedy_generate: every prompt needs at least one token")
     parts = decoder_parts(model)

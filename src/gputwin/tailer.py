@@ -111,18 +111,19 @@ def _read_json(path: Path) -> Any:
     return json.loads(path.read_text(encoding="utf-8"))
 
 
-def _stderr_tail(path: Path) -> list[str]:
+def read_tail(path: Path, lines: int = STDERR_TAIL_LINES, max_bytes: int = STDERR_TAIL_BYTES) -> list[str]:
+    """The last `lines` lines of a text file that may be growing; [] when it is not there."""
     try:
         with open(path, "rb") as fh:
             size = fh.seek(0, os.SEEK_END)
-            fh.seek(max(0, size - STDERR_TAIL_BYTES))
+            fh.seek(max(0, size - max_bytes))
             data = fh.read()
     except FileNotFoundError:
         return []
-    lines = data.decode("utf-8", errors="replace").splitlines()
-    if size > STDERR_TAIL_BYTES and lines:
-        lines = lines[1:]  # the first line is probably cut
-    return lines[-STDERR_TAIL_LINES:]
+    text = data.decode("utf-8", errors="replace").splitlines()
+    if size > max_bytes and text:
+        text = text[1:]  # the first line is probably cut
+    return text[-lines:]
 
 
 class ExperimentWatcher:
@@ -313,7 +314,7 @@ class ExperimentWatcher:
                 size = -1
             if size != self._stderr_sizes.get(name):
                 self._stderr_sizes[name] = size
-                arm.stderr_tail = _stderr_tail(paths.stderr)
+                arm.stderr_tail = read_tail(paths.stderr)
                 changed = True
         return changed
 

@@ -56,7 +56,7 @@ def write_json_atomic(path: Path, data: dict[str, Any]) -> None:
 def validate(model: Any, tokenizer: Any, *, task: str, test_path: str | Path, sample_size: int, seed: int,
              label_names: Sequence[str] | None = None, device: Any = "cpu", step: int | None = None,
              arm: str | None = None, out_path: Path | None = None, max_length: int = 512,
-             batch_size: int = 0) -> dict[str, Any]:
+             batch_size: int = 0, decoder: str = "fast") -> dict[str, Any]:
     """Predict on the seeded sample of test_path and score it; the result is also written to out_path."""
     from .metrics import evaluate
 
@@ -64,7 +64,7 @@ def validate(model: Any, tokenizer: Any, *, task: str, test_path: str | Path, sa
     dataset = load_dataset(test_path)
     indices, samples = select_samples(dataset, sample_size, seed)
     preds, info = predict(model, tokenizer, samples, task=task, label_names=label_names, device=device,
-                          batch_size=batch_size, max_length=max_length)
+                          batch_size=batch_size, max_length=max_length, decoder=decoder)
     metrics = evaluate([list(s.entities) for s in samples], preds, texts=[s.text for s in samples],
                        indices=indices, use_spans=False)
     result: dict[str, Any] = dict(metrics)
@@ -85,6 +85,7 @@ def validate(model: Any, tokenizer: Any, *, task: str, test_path: str | Path, sa
         predict_seconds=info["seconds"],
         batches=info["batches"],
         batch_size=info["batch_size"],
+        decoder=info.get("decoder"),
         device=str(device),
         model=_model_name(model),
     )
@@ -144,7 +145,7 @@ def cmd_validate(args: Any) -> int:
     max_length = int(read_meta(args.model).get("max_length") or 512)
     result = validate(model, tokenizer, task=task, test_path=test_path, sample_size=args.sample_size,
                       seed=args.seed, label_names=label_names, device=model_device(model), max_length=max_length,
-                      batch_size=args.batch_size)
+                      batch_size=args.batch_size, decoder=args.decoder)
     result["model_dir"] = str(Path(args.model).expanduser())
     if args.json_out:
         write_json_atomic(Path(args.json_out), result)

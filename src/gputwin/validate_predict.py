@@ -1,8 +1,9 @@
 """Predicted entities for a list of samples, from either head: the one place model inference happens.
 
 generate: batched greedy decoding, prompts sorted by length and left-padded, each row stopping as soon as its
-JSON list is closed (or at eos). tag: one forward pass per batch and an argmax. `predict` is the single entry
-point so a faster decoder can replace the generate path without touching its callers.
+JSON list is closed (or at eos). Two decoders give the same greedy tokens: "fast" (gputwin.fastgen: packed
+prefill, static KV cache, CUDA-graph decode; the default where the model's architecture allows it) and
+"plain" (transformers' generate). tag: one forward pass per batch and an argmax.
 torch/transformers are imported inside the functions: importing this module costs nothing.
 """
 
@@ -36,21 +37,27 @@ def default_max_new_tokens(samples: Sequence[Sample], tokenizer: Any) -> int:
 
 def predict(model: Any, tokenizer: Any, samples: Sequence[Sample], *, task: str,
             label_names: Sequence[str] | None = None, device: Any = None, batch_size: int = 0,
-            max_length: int = 512, max_new_tokens: int | None = None) -> tuple[list[list[Entity]], dict]:
+            max_length: int = 512, max_new_tokens: int | None = None,
+            decoder: str = "fast") -> tuple[list[list[Entity]], dict]:
     """Entities the model finds in each sample (in sample order) and how it went: unparsable outputs,
     seconds, batches. The model's train/eval mode is restored afterwards (the trainer passes its live model)."""
     import torch
 
     device = model_device(model) if device in (None, "auto") else device
-    batch_size = batch_size if batch_size and batch_size > 0 else default_batch_size(task, device)
+    chosen_batch = batch_size if batch_size and batch_size > 0 else None
+    batch_size = chosen_batch or default_batch_size(task, device)
     was_training = model.training
     model.eval()
     started = time.perf_counter()
     try:
         with torch.inference_mode():
             if task == "generate":
-                preds, info = _predict_generate(model, tokenizer, samples, device=device, batch_size=batch_size,
-                                                max_length=max_length, max_new_tokens=max_new_tokens)
+                fast = decoder == "fast" and _fast_decoder_fits(model)
+                run = _predict_generate_fast if fast else _predict_generate
+                preds, info = run(model, tokenizer, samples, device=device,
+                                  batch_size=chosen_batch if fast else batch_size,
+                                  max_length=max_length, max_new_tokens=max_new_tokens)
+                info["decoder"] = "fast" if fast else "plain"
             elif task == "tag":
                 preds, info = _predict_tag(model, tokenizer, samples, label_names=label_names, device=device,
                                            batch_size=batch_size, max_length=max_length)
@@ -58,7 +65,8 @@ def predict(model: Any, tokenizer: Any, samples: Sequence[Sample], *, task: str,
                 raise ValueError(f"unknown task {task!r}")
     finally:
         model.train(was_training)
-    info.update(seconds=round(time.perf_counter() - started, 3), batch_size=batch_size, n=len(samples))
+    info.setdefault("batch_size", batch_size)
+    info.update(seconds=round(time.perf_counter() - started, 3), n=len(samples))
     return preds, info
 
 
@@ -139,21 +147,54 @@ def _predict_generate(model: Any, tokenizer: Any, samples: Sequence[Sample], *, 
         for row, i in enumerate(batch):
             outputs[i] = tokenizer.decode(new[row], skip_special_tokens=True)
         generated_tokens += int((new != config.pad_token_id).sum())
+    return _parsed(outputs, batches=len(batches), max_new_tokens=max_new_tokens, generated_tokens=generated_tokens,
+                   truncated=sum(1 for _, cut in encoded if cut))
+
+
+def _fast_decoder_fits(model: Any) -> bool:
+    """The fast decoder runs decoder-only models whose layers it knows (Llama/Qwen-style); others use generate."""
+    from .train.fast import decoder_parts
+
+    try:
+        decoder_parts(model)
+    except TypeError:
+        return False
+    return True
+
+
+def _predict_generate_fast(model: Any, tokenizer: Any, samples: Sequence[Sample], *, device: Any,
+                           batch_size: int | None, max_length: int,
+                           max_new_tokens: int | None) -> tuple[list[list[Entity]], dict]:
+    from .fastgen import greedy_generate
+
+    max_new_tokens = max_new_tokens or default_max_new_tokens(samples, tokenizer)
+    encoded = [encode_prompt(s.text, tokenizer, max_length) for s in samples]
+    eos = eos_id(tokenizer)
+    closing = _closing_token_ids(tokenizer)
+
+    def closed(ids: list[int]) -> bool:  # decode only after a token that can close the list
+        return bool(ids) and ids[-1] in closing and answer_closed(tokenizer.decode(ids, skip_special_tokens=True))
+
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
+    generated = greedy_generate(model, [ids for ids, _ in encoded], max_new_tokens=max_new_tokens, eos_ids=[eos],
+                                pad_id=pad, stop=closed, batch_size=batch_size)
+    outputs = [tokenizer.decode(ids, skip_special_tokens=True) for ids in generated]
+    return _parsed(outputs, batches=1 if batch_size is None else -(-len(samples) // batch_size),
+                   max_new_tokens=max_new_tokens, generated_tokens=sum(len(g) for g in generated),
+                   truncated=sum(1 for _, cut in encoded if cut), batch_size=batch_size or len(samples))
+
+
+def _parsed(outputs: list[str], **info: Any) -> tuple[list[list[Entity]], dict]:
+    """Entities from each raw answer, and the unparsable ones counted (a few kept to look at)."""
     preds, unparsable = [], []
     for i, text in enumerate(outputs):
         entities, ok = parse_answer(text)
         preds.append(entities)
         if not ok:
             unparsable.append(i)
-    info = {
-        "unparsable": len(unparsable),
-        "unparsable_outputs": [{"position": i, "output": outputs[i]} for i in unparsable[:UNPARSABLE_KEPT]],
-        "batches": len(batches),
-        "max_new_tokens": max_new_tokens,
-        "generated_tokens": generated_tokens,
-        "truncated": sum(1 for _, cut in encoded if cut),
-        "outputs": outputs,
-    }
+    info.update(unparsable=len(unparsable),
+                unparsable_outputs=[{"position": i, "output": outputs[i]} for i in unparsable[:UNPARSABLE_KEPT]],
+                outputs=outputs)
     return preds, info
 
 

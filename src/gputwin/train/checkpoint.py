@@ -60,6 +60,7 @@ class TrainState:
 # "unexpected pos ..."), SafetensorError from the adapter weights ("No space left on device").
 WRITE_ERRORS: tuple[type[BaseException], ...] = (OSError, RuntimeError, SafetensorError)
 DISK_FULL_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT})
+NEARLY_FULL = 4 * 2**20  # bytes free when a write failed without an errno: the disk was full
 
 
 class CheckpointWriteError(OSError):
@@ -119,15 +120,22 @@ def _fsync_dir(folder: Path) -> None:
 
 
 def _write_error(exc: BaseException, root: Path, name: str) -> CheckpointWriteError:
-    """One error type with the errno when known (a full disk also when only the text says so) and the free space."""
+    """One error type with the errno when known and the free space (measured before the cleanup).
+
+    torch.save reports a full disk without an errno ("basic_ios::clear: iostream error", "unexpected
+    pos ..."); a disk with almost nothing left when the write failed counts as full.
+    """
     code = getattr(exc, "errno", None)
     text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-    if code is None and "No space left on device" in text:
-        code = errno.ENOSPC
+    if isinstance(exc, OSError) and exc.strerror:
+        text = exc.strerror  # without the errno and the temporary file's name
     try:
-        free = f"{shutil.disk_usage(root).free / 2**20:,.1f} MiB free there"
+        free_bytes: int | None = shutil.disk_usage(root).free
     except OSError:
-        free = "free space unknown"
+        free_bytes = None
+    if code is None and ("No space left on device" in text or (free_bytes is not None and free_bytes < NEARLY_FULL)):
+        code = errno.ENOSPC
+    free = "free space unknown" if free_bytes is None else f"{free_bytes / 2**20:,.1f} MiB free there"
     return CheckpointWriteError(code or errno.EIO, f"cannot write checkpoint {name} in {root} ({free}): {text}")
 
 
@@ -144,7 +152,7 @@ def save_checkpoint(root: Path, state: TrainState, model: Any, optimizer: torch.
     temp = root / f"{TEMP_PREFIX}{final.name}-{os.getpid()}"
     if temp.exists():
         shutil.rmtree(temp)
-    temp.mkdir()
+    temp.mkdir(mode=0o700)
     try:
         save_adapter(model, temp / ADAPTER_DIR, adapter_meta)
         torch.save({"trainable": trainable_state(model), "optimizer": optimizer.state_dict(), "rng": rng_states()},

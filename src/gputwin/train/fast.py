@@ -18,6 +18,7 @@ import contextlib
 import functools
 import inspect
 import math
+import time
 from dataclasses import dataclass, replace
 from typing import Any, Callable, Iterable, Iterator, Mapping, NamedTuple, Sequence
 
@@ -190,7 +191,7 @@ def _compare_with_sdpa(call: Callable[..., torch.Tensor], device: torch.device |
     q, k, v = (x.transpose(0, 1).unsqueeze(0) for x in ref_inputs)
     ref = masked_attention(q, k, v, cu, 0.125)
     ref.float().square().sum().backward()
-    pairs = [(out, ref[0])] + [(g, x.grad.float()) for g, x in zip(grads, ref_inputs)]
+    pairs = [(out.detach(), ref[0].detach())] + [(g, x.grad.float()) for g, x in zip(grads, ref_inputs)]
     return all(float((a.float() - b.float()).norm() / b.float().norm().clamp_min(1e-6)) < 2e-2 for a, b in pairs)
 
 
@@ -357,8 +358,10 @@ def preserved_state(optimizer: torch.optim.Optimizer, params: Sequence[torch.Ten
             for p in params:
                 before = saved_state.get(p)
                 for key, value in optimizer.state.get(p, {}).items():
-                    if torch.is_tensor(value):
-                        value.copy_(before[key]) if before else value.zero_()
+                    if torch.is_tensor(value) and before:
+                        value.copy_(before[key])
+                    elif torch.is_tensor(value):
+                        value.zero_()
 
 
 @dataclass
@@ -502,8 +505,6 @@ class FastStep:
         return tuple(id(v) for p in ends for v in self.optimizer.state.get(p, {}).values())
 
     def _capture(self, batch: PackedBatch) -> _Captured:
-        import time
-
         started = time.perf_counter()
         static = batch.to(self.device)
         current, side = torch.cuda.current_stream(self.device), torch.cuda.Stream(self.device)
@@ -552,7 +553,7 @@ class FastEngine:
     def __init__(self, model: Any, optimizer: torch.optim.Optimizer, *, device: torch.device,
                  model_dtype: torch.dtype, grad_clip: float, pad_id: int, compile: bool = False) -> None:
         """compile is off by default: on the H200 it costs ~90 s once and saves ~16 ms a step (graphs
-        alone: ~30 ms a step), so it pays only past ~5,000 steps (bench/RESULTS.md)."""
+        alone: ~30 ms a step), so it pays only past ~5,500 steps (bench/RESULTS.md)."""
         from .engine import EngineUnsupported
 
         try:

@@ -193,7 +193,8 @@ class Trainer:
         result = validate(run.model, run.tokenizer, task=run.profile.model.task, test_path=run.profile.data.test,
                           sample_size=run.profile.milestone.sample_size, seed=run.profile.milestone.sample_seed,
                           label_names=run.label_names, device=run.device, step=step, arm=run.profile.name,
-                          out_path=out_path, max_length=run.profile.train.max_length)
+                          out_path=out_path, max_length=run.profile.train.max_length,
+                          decoder="plain" if run.profile.train.engine == "plain" else "fast")
         run.model.train()
         set_rng_states(rng)
         self.writer.emit(events.VALIDATION, step=step, precision=result["precision"], recall=result["recall"],

@@ -14,6 +14,7 @@ from typing import Any, Callable
 from ..launcher import ACTIONS_FILE, read_actions
 from ..paths import ExperimentPaths
 from ..state import ExperimentState
+from .. import tailer
 from ..tailer import ExperimentWatcher
 
 LOG_LINES = 200  # stderr lines the log view shows
@@ -22,17 +23,7 @@ LOG_TAIL_BYTES = 64 * 1024
 
 def read_tail(path: Path, lines: int = LOG_LINES) -> list[str]:
     """The last `lines` lines of a text file that may be growing; [] when it is not there."""
-    try:
-        with open(path, "rb") as fh:
-            size = fh.seek(0, 2)
-            fh.seek(max(0, size - LOG_TAIL_BYTES))
-            data = fh.read()
-    except FileNotFoundError:
-        return []
-    text = data.decode("utf-8", errors="replace").splitlines()
-    if size > LOG_TAIL_BYTES and text:
-        text = text[1:]  # the first line is probably cut
-    return text[-lines:]
+    return tailer.read_tail(path, lines, LOG_TAIL_BYTES)
 
 
 def action_line(entry: dict[str, Any]) -> str:
