@@ -21,7 +21,7 @@ import torch
 from .. import control, events
 from ..errors import UserError
 from ..modeling import count_params, count_trainable, save_adapter
-from ..paths import ArmPaths
+from ..paths import ArmPaths, make_private_dir
 from ..profiles import Profile
 from . import faults
 from .batching import EpochBatches, batch_tokens
@@ -179,7 +179,7 @@ class Trainer:
         return path
 
     def save_adapter(self) -> Path:
-        folder = self.run.arm.root / "adapters" / checkpoint_name(self.state.step)
+        folder = make_private_dir(self.run.arm.root / "adapters") / checkpoint_name(self.state.step)
         return save_adapter(self.run.model, folder, self.run.adapter_meta)
 
     def validate(self, *, reason: str, by: str) -> dict[str, Any]:
@@ -189,6 +189,7 @@ class Trainer:
         run, step = self.run, self.state.step
         adapter = self.save_adapter()
         rng = rng_states()  # validation must not shift the training run's random stream
+        make_private_dir(run.arm.validation)
         out_path = run.arm.validation_file(step)
         result = validate(run.model, run.tokenizer, task=run.profile.model.task, test_path=run.profile.data.test,
                           sample_size=run.profile.milestone.sample_size, seed=run.profile.milestone.sample_seed,

@@ -1,0 +1,138 @@
+"""The seed's workload end to end: both seed profiles from launch to verdict on one GPU.
+
+Two stages, because the GPU machine has no network and no Faker:
+  python bench/seed_e2e.py prepare            (here) synthetic data + a byte-level BPE tokenizer -> bench/out/seed-e2e/
+  python3 bench/seed_e2e.py run               (GPU)  random-init Qwen3-0.6B from its config, the seed profiles
+                                                     with both arms on GPU 0, `gputwin run --headless`, timed
+The model has the real architecture (same FLOPs) with random weights: F1 is near zero and means nothing; the
+figure is the time from launch to verdict. Writes bench/out/seed-e2e/result.json and prints a table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "src"))
+WORK = REPO / "bench" / "out" / "seed-e2e"
+
+
+def prepare() -> None:
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from gputwin.data import ensure_synth, load_dataset
+
+    WORK.mkdir(parents=True, exist_ok=True)
+    ensure_synth(WORK / "train.jsonl", WORK / "test.jsonl", train=3516, test=600, seed=0, locales=["en_US", "zh_CN"])
+    texts = [s.text for s in load_dataset(WORK / "train.jsonl").samples]
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    special = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+    trainer = trainers.BpeTrainer(vocab_size=16000, special_tokens=special,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(texts + ['[{"type":"EMAIL","value":"x"}]'] * 50, trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>")
+    fast.save_pretrained(WORK / "tokenizer")
+    print(f"prepared {WORK}: {len(texts)} train texts, tokenizer of {len(fast)} tokens")
+
+
+def run(wait_limit: float, tiny: bool = False) -> None:
+    import torch
+    from transformers import PreTrainedTokenizerFast, Qwen3Config, Qwen3ForCausalLM
+
+    from gputwin.profiles import load_experiment
+
+    t0 = time.time()
+    model_dir = Path("/tmp/qwen3-0.6b-random")
+    tokenizer = PreTrainedTokenizerFast.from_pretrained(WORK / "tokenizer")
+    config = Qwen3Config.from_json_file(str(REPO / "src/gputwin/model_configs/Qwen--Qwen3-0.6B.json"))
+    config.eos_token_id, config.bos_token_id = tokenizer.eos_token_id, None
+    if tiny:  # a check of the plumbing on a machine without a GPU
+        config.hidden_size, config.intermediate_size, config.num_hidden_layers = 64, 128, 2
+        config.num_attention_heads, config.num_key_value_heads, config.head_dim = 2, 1, 32
+        config.layer_types = config.layer_types[:2]
+    torch.manual_seed(0)
+    with torch.device("cpu" if tiny else "cuda"):
+        model = Qwen3ForCausalLM(config).to(torch.bfloat16)
+    model.save_pretrained(model_dir)
+    tokenizer.save_pretrained(model_dir)
+    del model
+    torch.cuda.empty_cache()
+    built = time.time() - t0
+
+    # The seed experiment as it is, but both arms on the one GPU lent here and the model from the folder.
+    exp = load_experiment(REPO / "profiles" / "seed.toml", check_files=False)
+    folder = WORK / "profiles"
+    folder.mkdir(exist_ok=True)
+    for arm in exp.arms:
+        text = Path(arm.source).read_text()
+        text = text.replace('base = "Qwen/Qwen3-0.6B"', f'base = "{model_dir}"').replace("device = 1", "device = 0")
+        text = text.replace('"../data/pii/', f'"{WORK}/')
+        if tiny:
+            text = text.replace("device = 0", 'device = "cpu"').replace('dtype = "bf16"', 'dtype = "fp32"')
+        (folder / Path(arm.source).name).write_text(text)
+    (folder / "seed.toml").write_text(Path(exp.source).read_text())
+    logs = Path("/tmp/gputwin-logs")
+    env = dict(os.environ, GPUTWIN_LOGS=str(logs), PYTHONPATH=str(REPO / "src"), PYTHONUNBUFFERED="1")
+    launched = time.time()
+    monitor = subprocess.Popen([sys.executable, "-m", "gputwin.cli", "run", str(folder / "seed.toml"), "--headless"],
+                               env=env, stdout=open(WORK / "headless.log", "w"), stderr=subprocess.STDOUT)
+    verdict = logs / "pii-seed" / "verdict.json"
+    while not verdict.exists() and time.time() - launched < wait_limit and monitor.poll() is None:
+        time.sleep(0.2)
+    to_verdict = time.time() - launched if verdict.exists() else None
+    for arm in ("conservative", "aggressive"):  # the conservative arm would train on to step 1758
+        subprocess.run([sys.executable, "-m", "gputwin.cli", "stop", arm, "-x", "pii-seed"], env=env,
+                       capture_output=True)
+    try:
+        monitor.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        monitor.kill()
+
+    result = {"model_build_seconds": round(built, 1), "launch_to_verdict_seconds": to_verdict, "arms": {}}
+    for arm in ("conservative", "aggressive"):
+        events = [json.loads(line) for line in (logs / "pii-seed" / arm / "events.jsonl").read_text().splitlines()
+                  if line.strip()]
+        started = next(e for e in events if e["kind"] == "started")
+        steps = [e for e in events if e["kind"] == "step"]
+        milestone_step = started["milestone_step"]
+        reached = next((e for e in steps if e["step"] == milestone_step), None)
+        validation = next((e for e in events if e["kind"] == "validation"), None)
+        result["arms"][arm] = {
+            "engine": started.get("engine"),
+            "started_after_launch_s": round(started["t"] - launched, 1),
+            "first_step_after_launch_s": round(steps[0]["t"] - launched, 1) if steps else None,
+            "milestone_after_launch_s": round(reached["t"] - launched, 1) if reached else None,
+            "train_steps_per_s": round((len(steps) - 1) / (steps[-1]["t"] - steps[0]["t"]), 2) if len(steps) > 1 else None,
+            "validation_seconds": validation.get("seconds") if validation else None,
+            "validated_after_launch_s": round(validation["t"] - launched, 1) if validation else None,
+        }
+    WORK.joinpath("result.json").write_text(json.dumps(result, indent=2))
+    print(f"{'arm':14} {'started':>8} {'1st step':>9} {'milestone':>10} {'steps/s':>8} {'val s':>7} {'validated':>10}")
+    for arm, r in result["arms"].items():
+        print(f"{arm:14} {r['started_after_launch_s']:>8} {r['first_step_after_launch_s']!s:>9} "
+              f"{r['milestone_after_launch_s']!s:>10} {r['train_steps_per_s']!s:>8} {r['validation_seconds']!s:>7} "
+              f"{r['validated_after_launch_s']!s:>10}")
+    print(f"launch to verdict: {to_verdict if to_verdict is None else round(to_verdict, 1)} s "
+          f"(model built beforehand in {built:.1f} s)")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("stage", choices=["prepare", "run"])
+    parser.add_argument("--wait", type=float, default=240, help="seconds to wait for the verdict")
+    parser.add_argument("--tiny", action="store_true", help="a 2-layer model on the CPU: checks the plumbing only")
+    args = parser.parse_args()
+    prepare() if args.stage == "prepare" else run(args.wait, args.tiny)
+
+
+if __name__ == "__main__":
+    main()
