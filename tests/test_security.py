@@ -18,7 +18,6 @@ import psutil
 import pytest
 
 from gputwin import control, launcher, paths, supervise
-from gputwin import events as ev
 from gputwin.errors import UserError
 from gputwin.paths import ArmPaths, ExperimentPaths
 from gputwin.profiles import Experiment, ModelSpec, ProfileError, Rules, load_profile

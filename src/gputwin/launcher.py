@@ -13,7 +13,6 @@ import dataclasses
 import fcntl
 import json
 import os
-import re
 import shutil
 import time
 from contextlib import contextmanager
@@ -24,7 +23,8 @@ from typing import Any, Callable, Iterator, Sequence
 from . import control, paths
 from .errors import UserError
 from .paths import ArmPaths, ExperimentPaths, make_private_dir
-from .profiles import Experiment, Profile, ProfileError, load_any, load_experiment
+from .preflight import check_arms_can_start
+from .profiles import Experiment, Profile, load_any, load_experiment
 from .supervise import (CRASHED, ENDED, FAILED, FINISHED, NOT_STARTED, RUNNING, STOPPED, arm_alive, arm_lock,
                         SpawnError, arm_status, ending, spawn_supervised, supervisor_active, write_atomic)
 
@@ -141,62 +141,6 @@ def _ensure_data(profiles: Sequence[Profile], say: Say) -> None:
                      seed=p.data.synth_seed, locales=p.data.synth_locales)
 
 
-def _line_of_device(source: str) -> int | None:
-    """Line of the top-level `device = ...` in a profile file, for the message (None when not found)."""
-    try:
-        lines = Path(source).read_text(encoding="utf-8").splitlines()
-    except (OSError, UnicodeDecodeError):
-        return None
-    for number, line in enumerate(lines, start=1):
-        if line.lstrip().startswith("["):
-            return None  # past the top-level keys
-        if re.match(r"^\s*device\s*=", line):
-            return number
-    return None
-
-
-def _check_devices(profiles: Sequence[Profile]) -> None:
-    """A GPU index this machine does not have is refused here, naming the profile and its `device` key.
-
-    GPU indices are NVML's (the order nvidia-smi shows); a machine without an NVIDIA driver has none.
-    """
-    wanted = [p for p in profiles if p.device is not None]
-    if not wanted:
-        return
-    from .gpu import Nvml
-
-    nvml = Nvml()
-    try:
-        count = nvml.device_count()
-    finally:
-        nvml.shutdown()
-    for profile in wanted:
-        if profile.device < count:  # type: ignore[operator]
-            continue
-        if count == 0:
-            problem = f"GPU {profile.device} requested, but this machine has no usable NVIDIA GPU ({nvml.reason or 'NVML found none'})"
-            hint = 'set device = "cpu" to train on the CPU, or run it on the machine with the GPUs'
-        else:
-            problem = f"GPU {profile.device} requested, but this machine has {count} GPU(s): 0 to {count - 1}"
-            hint = f'use an index from 0 to {count - 1} (as nvidia-smi numbers them) or device = "cpu"'
-        raise ProfileError(profile.source or profile.name, "device", problem, hint, _line_of_device(profile.source))
-
-
-def _check_plans(profiles: Sequence[Profile]) -> None:
-    """What a trainer would fail on minutes later, refused now: a data file without one usable line
-    (the message lists its bad lines), a milestone after the last step (the arm would never validate)."""
-    from .data import load_dataset
-    from .plan import plan_profile
-
-    tests: set[str] = set()
-    for profile in profiles:
-        plan_profile(profile, with_params=False)  # reads the training data (unless it is made on first run)
-        test = profile.data.test
-        if test not in tests and (Path(test).is_file() or not profile.data.synth_if_missing):
-            tests.add(test)
-            load_dataset(test)
-
-
 def start_experiment(experiment: Experiment, *, root: Path | None = None, say: Say = _quiet,
                      commands: dict[str, Sequence[str]] | None = None) -> ExperimentPaths:
     """Create logs/<name>/ and spawn one detached trainer per arm.
@@ -210,9 +154,7 @@ def start_experiment(experiment: Experiment, *, root: Path | None = None, say: S
         exp = paths.experiment(experiment.name, root)
     except ValueError as exc:
         raise UserError(str(exc), "pass --name NAME") from None
-    real = [p for p in experiment.arms if p.name not in (commands or {})]
-    _check_devices(real)
-    _check_plans(real)
+    check_arms_can_start([p for p in experiment.arms if p.name not in (commands or {})])
     with launch_lock(exp):
         _refuse_rerun(exp)
         _ensure_data(experiment.arms, say)

@@ -1,0 +1,543 @@
+"""What the terminal UI costs, measured as a user meets it: the real `gputwin attach` in tmux (160x48).
+
+  attach  an experiment of 2 x 500,000 step events: (i) the watcher's first poll (the fold), in a fresh
+          process, with its phases; (ii) from launching `gputwin attach NAME` in tmux to the first screen
+          that shows both arms' step counts (capture-pane polled every 0.1 s)            goal <= 1 s
+  cpu     two writer processes append step events at 50 steps/s each (the trainer's lines, flushed per
+          line) while the UI runs attached; the UI process's CPU over the window          goal <= 5% of a core
+  train   two tiny CPU arms (tests/tiny.py) trained with nothing attached and with the UI attached,
+          alternating; mean tokens/s from the step events                                 goal >= 0.99x
+
+  .venv/bin/python bench/ui_cost.py                  # everything, about 9 minutes on 2 cores
+  .venv/bin/python bench/ui_cost.py --smoke          # small sizes, seconds; for tests (correctness only)
+  .venv/bin/python bench/ui_cost.py --sections cpu   # one part
+
+Prints a table and writes bench/out/ui_cost.json. Every experiment lives under a temporary GPUTWIN_LOGS;
+tmux runs on a private socket; every process started here is killed before it exits.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import random
+import re
+import resource
+import shlex
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import psutil
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "src"))  # run from a checkout without installing
+
+from gputwin import events as ev  # noqa: E402
+from gputwin import supervise  # noqa: E402
+from gputwin.paths import ArmPaths, ExperimentPaths  # noqa: E402
+
+OUT_DIR = REPO / "bench" / "out"
+GOALS = {"train_ratio": 0.99, "ui_cpu_pct": 5.0, "attach_s": 1.0}
+TERMINAL = (160, 48)
+SCREEN_POLL_S = 0.1
+SEED_EXPERIMENT = REPO / "profiles" / "seed.toml"
+
+
+# ---------------------------------------------------------------- event lines as the trainer writes them
+
+
+def step_fields(step: int, rng: random.Random, seen: list[int], steps_per_epoch: int) -> dict[str, Any]:
+    """One step event's fields, as gputwin.train.loop emits them (seen = [samples, tokens] so far)."""
+    tokens = 4 * 248 + rng.randint(-60, 60)
+    seconds = 0.02 + rng.uniform(-0.002, 0.002)
+    seen[0] += 4
+    seen[1] += tokens
+    return {"step": step, "epoch": round(step / steps_per_epoch, 6),
+            "loss": 2.7 * math.exp(-step / 50_000) + 0.21 + abs(rng.gauss(0, 0.05)),
+            "lr": 1e-4 * max(0.0, 1 - step / (2 * steps_per_epoch)), "grad_norm": abs(rng.gauss(0.9, 0.25)) + 0.2,
+            "samples": 4, "tokens": tokens, "samples_seen": seen[0], "tokens_seen": seen[1],
+            "step_seconds": round(seconds, 6), "tokens_per_s": round(tokens / seconds, 1)}
+
+
+def step_line(t: float, fields: dict[str, Any]) -> str:
+    """ev.dumps(ev.make("step", ...)) without the checks: byte for byte the same line, ~3x faster."""
+    return ('{"v":%d,"t":%r,"kind":"step",' % (ev.SCHEMA_VERSION, t)
+            + json.dumps(fields, separators=(",", ":"))[1:] + "\n")
+
+
+def write_pid_file(arm: ArmPaths, pid: int) -> None:
+    arm.pid.write_text(f"{pid} {psutil.Process(pid).create_time():.3f}\n")
+
+
+def seed_layout(root: Path, name: str) -> tuple[ExperimentPaths, list[dict[str, Any]]]:
+    """An experiment folder as `gputwin run profiles/seed.toml` leaves it, before any event."""
+    from gputwin.profiles import load_experiment
+
+    exp = ExperimentPaths(root / name)
+    exp.root.mkdir(parents=True)
+    data = load_experiment(SEED_EXPERIMENT, check_files=False).to_dict()
+    data["name"] = name
+    exp.experiment_json.write_text(json.dumps(data, indent=2) + "\n")
+    for profile in data["arms"]:
+        arm = exp.arm(profile["name"])
+        arm.root.mkdir()
+        arm.profile_json.write_text(json.dumps(profile, indent=2) + "\n")
+    return exp, data["arms"]
+
+
+def write_experiment(root: Path, name: str, steps: int, *, pid: int, step_s: float = 0.02) -> ExperimentPaths:
+    """The seed's two arms with `steps` step events each (checkpoint every 200), ending now.
+
+    The arms are out of step as in the seed story (the second began 167 steps later) and their end steps
+    differ (2 x steps and 1.6 x steps), so each pane's "N/TOTAL steps" names its arm."""
+    exp, profiles = seed_layout(root, name)
+    for number, (profile, total) in enumerate(zip(profiles, (2 * steps, int(1.6 * steps)))):
+        arm = exp.arm(profile["name"])
+        write_pid_file(arm, pid)
+        rng, seen = random.Random(number), [0, 0]
+        t = time.time() - (steps + 167 * (1 - number)) * step_s
+        with open(arm.events, "w", encoding="utf-8") as fh:
+            fh.write(ev.dumps(ev.make(ev.STARTED, t=t, arm=profile["name"], pid=pid, device=f"cuda:{number}",
+                                      samples=4 * steps, steps_per_epoch=steps, total_steps=total,
+                                      milestone_step=int(1.2 * steps))) + "\n")
+            for step in range(1, steps + 1):
+                t += step_s
+                fh.write(step_line(t, step_fields(step, rng, seen, steps)))
+                if step % 200 == 0:
+                    fh.write(ev.dumps(ev.make(ev.CHECKPOINT, t=t, step=step, path=f"checkpoints/step-{step:06d}")) + "\n")
+    return exp
+
+
+def arm_totals(exp: ExperimentPaths) -> dict[str, int]:
+    """Each arm's end step, from its started event."""
+    return {a.name: ev.parse(a.events.open("rb").readline())["total_steps"] for a in exp.arms()}
+
+
+def last_step(arm: ArmPaths) -> int:
+    with open(arm.events, "rb") as fh:
+        fh.seek(max(0, fh.seek(0, os.SEEK_END) - 4096))
+        lines = [ln for ln in fh.read().split(b"\n") if b'"kind":"step"' in ln]
+    return ev.parse(lines[-1])["step"] if lines else 0
+
+
+# ---------------------------------------------------------------- the real UI in tmux
+
+
+class Tmux:
+    """A private tmux server (its own socket): sessions at the bench's terminal size, read as text."""
+
+    def __init__(self) -> None:
+        self.socket = f"gputwin-bench-{os.getpid()}"
+        self.processes: list[psutil.Process] = []
+        self._run("new-session", "-d", "-s", "keepalive", "-x", "80", "-y", "24", "sleep 86400")  # server up front
+
+    def _run(self, *args: str) -> str:
+        return subprocess.run(["tmux", "-L", self.socket, *args], check=True, capture_output=True, text=True).stdout
+
+    def start(self, name: str, argv: list[str], env: dict[str, str]) -> int:
+        """Run argv in a new session (exec'd, so the pane's pid is the program's); returns that pid."""
+        command = "exec env " + " ".join(shlex.quote(f"{k}={v}") for k, v in env.items()) + " " + shlex.join(argv)
+        self._run("new-session", "-d", "-s", name, "-x", str(TERMINAL[0]), "-y", str(TERMINAL[1]), command)
+        self._run("set-option", "-t", name, "remain-on-exit", "on")
+        pid = int(self._run("display-message", "-p", "-t", name, "#{pane_pid}").strip())
+        self.processes.append(psutil.Process(pid))
+        return pid
+
+    def screen(self, name: str) -> str:
+        return self._run("capture-pane", "-p", "-t", name)
+
+    def wait_for(self, name: str, found: Callable[[str], bool], timeout: float) -> tuple[float, str]:
+        """Seconds until `found(screen)` held, from now (the caller times its own start)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            screen = self.screen(name)
+            if found(screen):
+                return time.monotonic(), screen
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"screen of {name} not as expected after {timeout:.0f} s:\n{screen}")
+            time.sleep(SCREEN_POLL_S)
+
+    def stop(self, name: str) -> None:
+        subprocess.run(["tmux", "-L", self.socket, "kill-session", "-t", name], capture_output=True)
+
+    def close(self) -> None:
+        subprocess.run(["tmux", "-L", self.socket, "kill-server"], capture_output=True)
+        kill_all(self.processes)
+
+
+def kill_all(processes: list[psutil.Process]) -> None:
+    """Kill whichever of these processes (started by this bench) still run; psutil refuses a reused pid."""
+    for process in processes:
+        try:
+            process.kill()
+        except psutil.NoSuchProcess:
+            pass
+
+
+def shown_steps(screen: str, totals: dict[str, int]) -> dict[str, int | None]:
+    """The step each arm's "end" bar shows ("N/TOTAL steps"), by the arm's distinct TOTAL."""
+    found = {int(t.replace(",", "")): int(d.replace(",", ""))
+             for d, t in re.findall(r"([\d,]+)/([\d,]+) steps", screen)}
+    return {arm: found.get(total) for arm, total in totals.items()}
+
+
+def attach_argv(name: str) -> list[str]:
+    script = Path(sys.executable).with_name("gputwin")
+    return [str(script), "attach", name] if script.exists() else [sys.executable, "-m", "gputwin.cli", "attach", name]
+
+
+def cpu_seconds(pid: int) -> float:
+    times = psutil.Process(pid).cpu_times()
+    return times.user + times.system
+
+
+def machine_busy(before: Any, after: Any) -> float:
+    """Share of all cores busy between two psutil.cpu_times() readings, in percent."""
+    total = sum(after) - sum(before)
+    idle = (after.idle - before.idle) + (getattr(after, "iowait", 0.0) - getattr(before, "iowait", 0.0))
+    return 100.0 * (total - idle) / total if total > 0 else 0.0
+
+
+# ---------------------------------------------------------------- c. attach to 1,000,000 events
+
+
+def probe_fold(exp_dir: str) -> None:
+    """Child process: the watcher's first poll on a fresh interpreter, and its phases on the first arm."""
+    started = time.perf_counter()
+    from gputwin import state as st
+    from gputwin.tailer import ExperimentWatcher, Tailer
+    from gputwin.widgets.feed import ExperimentFeed
+
+    imported = time.perf_counter()
+    exp = ExperimentPaths(Path(exp_dir))
+    first = exp.arms()[0]
+    tailer = Tailer(first.events)
+    t0 = time.perf_counter()
+    events, _ = tailer.read_new()
+    t1 = time.perf_counter()
+    st.fold(first.name, events)
+    t2 = time.perf_counter()
+    del events
+    cpu0, w0 = time.process_time(), time.perf_counter()
+    feed = ExperimentFeed(exp, time.time)
+    feed.poll()
+    w1 = time.perf_counter()
+    feed.snapshot()
+    w2 = time.perf_counter()
+    print(json.dumps({"import_s": imported - started, "first_arm_read_parse_s": t1 - t0, "first_arm_fold_s": t2 - t1,
+                      "first_poll_s": w1 - w0, "first_poll_cpu_s": time.process_time() - cpu0,
+                      "snapshot_s": w2 - w1, "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+                      "steps": {n: a.step for n, a in feed.watcher.state.arms.items()}}))
+
+
+def bench_attach(logs: Path, tmux: Tmux, env: dict[str, str], steps: int, repeats: int) -> dict[str, Any]:
+    t0 = time.perf_counter()
+    exp = write_experiment(logs, "attach", steps, pid=os.getpid())
+    written = time.perf_counter() - t0
+    events = sum(sum(1 for _ in a.events.open("rb")) for a in exp.arms())
+    size = sum(a.events.stat().st_size for a in exp.arms())
+    probes = []
+    for _ in range(repeats):
+        out = subprocess.run([sys.executable, __file__, "--probe-fold", str(exp.root)], env={**os.environ, **env},
+                             check=True, capture_output=True, text=True).stdout
+        probes.append(json.loads(out))
+    totals = arm_totals(exp)
+    want = {arm: steps for arm in totals}
+    seconds = []
+    for i in range(repeats):
+        name = f"attach-{i}"
+        start = time.monotonic()
+        tmux.start(name, attach_argv(exp.name), env)
+        seen, _ = tmux.wait_for(name, lambda s: shown_steps(s, totals) == want, timeout=300)
+        seconds.append(seen - start)
+        tmux.stop(name)
+    median = statistics.median(seconds)
+    return {"steps_per_arm": steps, "events": events, "bytes": size, "write_s": written,
+            "watcher": {"runs": probes, "median_first_poll_s": statistics.median(p["first_poll_s"] for p in probes)},
+            "tmux_first_screen_s": seconds, "median_s": median, "goal_s": GOALS["attach_s"],
+            "x_goal": median / GOALS["attach_s"], "met": median <= GOALS["attach_s"]}
+
+
+# ---------------------------------------------------------------- b. the UI's CPU while arms log 50 steps/s
+
+
+def run_writer(arm_dir: str, rate: float, total: int, history: int = 200) -> None:
+    """Child process: a stand-in trainer. Writes its pid file, a started event and `history` steps at
+    once, says "ready", then on a line "go" on stdin appends step events at `rate` a second until killed."""
+    arm = ArmPaths(Path(arm_dir))
+    write_pid_file(arm, os.getpid())
+    rng, seen, per_epoch = random.Random(arm.name), [0, 0], total // 2
+    with ev.EventWriter(arm.events) as writer:
+        writer.emit(ev.STARTED, arm=arm.name, pid=os.getpid(), device="cpu", samples=4 * per_epoch,
+                    steps_per_epoch=per_epoch, total_steps=total, milestone_step=per_epoch)
+        t = time.time() - history / rate
+        with open(arm.events, "a", encoding="utf-8") as fh:
+            fh.writelines(step_line(t + i / rate, step_fields(i, rng, seen, per_epoch)) for i in range(1, history + 1))
+        print("ready", flush=True)
+        sys.stdin.readline()
+        start, step = time.monotonic(), history
+        while True:
+            step += 1
+            writer.emit(ev.STEP, **step_fields(step, rng, seen, per_epoch))  # one flushed line, as the trainer
+            pause = start + (step - history) / rate - time.monotonic()
+            if pause > 0:
+                time.sleep(pause)
+
+
+def start_writers(exp: ExperimentPaths, rate: float, env: dict[str, str]) -> list[subprocess.Popen[str]]:
+    """One writer per arm of the seed layout (end steps 100,000 and 80,000), each ready to "go"."""
+    writers = []
+    for arm, total in zip(exp.arms(), (100_000, 80_000)):
+        writers.append(subprocess.Popen(
+            [sys.executable, __file__, "--writer", str(arm.root), "--rate", str(rate), "--total", str(total)],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env={**os.environ, **env}))
+    for w in writers:
+        assert w.stdout is not None
+        if w.stdout.readline().strip() != "ready":
+            raise RuntimeError(f"writer {w.args} did not start")
+    return writers
+
+
+def bench_cpu(logs: Path, tmux: Tmux, env: dict[str, str], rate: float, window: float, idle: float,
+              repeats: int) -> dict[str, Any]:
+    runs = []
+    for i in range(repeats):
+        exp, _ = seed_layout(logs, f"cpu-{i}")
+        writers = start_writers(exp, rate, env)
+        try:
+            totals = arm_totals(exp)
+            ui = tmux.start(exp.name, attach_argv(exp.name), env)
+            tmux.wait_for(exp.name, lambda s: None not in shown_steps(s, totals).values(), timeout=120)
+            time.sleep(1.0)  # let the first screen's follow-up work finish
+            idle_pct = cpu_percent_over(ui, idle)[0]
+            for w in writers:
+                assert w.stdin is not None
+                w.stdin.write("go\n")
+                w.stdin.flush()
+            time.sleep(1.0)  # writers at their rate
+            steps0 = {a.name: last_step(a) for a in exp.arms()}
+            load0 = os.getloadavg()[0]
+            writers0 = sum(cpu_seconds(w.pid) for w in writers)
+            ui_pct, busy_pct, wall = cpu_percent_over(ui, window)
+            writers_pct = 100.0 * (sum(cpu_seconds(w.pid) for w in writers) - writers0) / wall
+            screen = tmux.screen(exp.name)
+            steps1 = {a.name: last_step(a) for a in exp.arms()}
+            shown = shown_steps(screen, totals)
+            runs.append({"ui_cpu_pct": ui_pct, "ui_idle_cpu_pct": idle_pct, "machine_busy_pct": busy_pct,
+                         "writers_cpu_pct": writers_pct, "load_avg_1m": [load0, os.getloadavg()[0]],
+                         "steps_per_s": {a: (steps1[a] - steps0[a]) / wall for a in steps1},
+                         "shown_lag_steps": {a: None if shown[a] is None else steps1[a] - shown[a] for a in steps1}})
+            tmux.stop(exp.name)
+        finally:
+            for w in writers:
+                w.kill()
+                w.wait()
+    median = statistics.median(r["ui_cpu_pct"] for r in runs)
+    return {"rate_per_arm": rate, "window_s": window, "idle_window_s": idle, "runs": runs,
+            "median_ui_cpu_pct": median, "goal_pct": GOALS["ui_cpu_pct"], "x_goal": median / GOALS["ui_cpu_pct"],
+            "met": median <= GOALS["ui_cpu_pct"]}
+
+
+def cpu_percent_over(pid: int, seconds: float) -> tuple[float, float, float]:
+    """(the process's CPU % of one core, the machine's busy % of all cores, wall seconds) over `seconds`."""
+    cpu0, machine0, t0 = cpu_seconds(pid), psutil.cpu_times(), time.monotonic()
+    time.sleep(seconds)
+    cpu1, machine1, wall = cpu_seconds(pid), psutil.cpu_times(), time.monotonic() - t0
+    return 100.0 * (cpu1 - cpu0) / wall, machine_busy(machine0, machine1), wall
+
+
+# ---------------------------------------------------------------- a. training with and without the UI
+
+
+def arm_throughput(events: list[ev.Event], warmup: int = 10) -> dict[str, float]:
+    """Mean of the step events' tokens/s after `warmup` steps, and tokens over the wall time they span."""
+    steps = [e for e in events if e.kind == ev.STEP][warmup:]
+    if len(steps) < 2:
+        raise ValueError(f"{len(steps)} step events after warm-up: too few to measure")
+    wall = steps[-1].t - steps[0].t
+    return {"steps": len(steps), "mean_tokens_per_s": statistics.fmean(e["tokens_per_s"] for e in steps),
+            "wall_tokens_per_s": sum(e["tokens"] for e in steps[1:]) / wall}
+
+
+def bench_train(logs: Path, tmux: Tmux, env: dict[str, str], steps: int, pairs: int) -> dict[str, Any]:
+    sys.path.insert(0, str(REPO / "tests"))
+    import tiny
+    from gputwin import launcher
+    from gputwin.profiles import Experiment, Rules
+
+    world = logs.parent / "tiny"
+    train, test = tiny.write_data(world / "data", train=64, test=8)
+    model = tiny.tiny_bert(world / "bert", tiny.make_samples(64))
+    per_epoch = 16  # 64 samples in batches of 4
+    arms = tuple(tiny.profile_for(model, train, test, task="tag", name=n, learning_rate=lr, epochs=steps / per_epoch,
+                                  milestone_step=steps, checkpoint_every=10 * steps)
+                 for n, lr in (("tiny-a", 5e-3), ("tiny-b", 1e-2)))
+    order = [m for i in range(pairs) for m in (("detached", "attached") if i % 2 == 0 else ("attached", "detached"))]
+    runs = []
+    for i, mode in enumerate(order):
+        name = f"train-{i}-{mode}"
+        exp = launcher.start_experiment(Experiment(name, arms, Rules(baseline=arms[0].name)), root=logs)
+        ui_pct = None
+        try:
+            if mode == "attached":  # as `gputwin run` does: the UI opens as soon as the arms are spawned
+                ui, t0 = tmux.start(name, attach_argv(name), env), time.monotonic()
+                wait_for_exits(exp, timeout=600)
+                ui_pct = 100.0 * cpu_seconds(ui) / (time.monotonic() - t0)
+                tmux.stop(name)
+            else:
+                wait_for_exits(exp, timeout=600)
+        finally:
+            kill_trainers(exp)
+        per_arm = {a.name: arm_throughput(ev.read_events(a.events).events) for a in exp.arms()}
+        runs.append({"mode": mode, "arms": per_arm, "ui_cpu_pct": ui_pct,
+                     "mean_tokens_per_s": statistics.fmean(a["mean_tokens_per_s"] for a in per_arm.values()),
+                     "wall_tokens_per_s": statistics.fmean(a["wall_tokens_per_s"] for a in per_arm.values())})
+    return summarise_train(runs, steps)
+
+
+def summarise_train(runs: list[dict[str, Any]], steps: int) -> dict[str, Any]:
+    """Ratio of medians, attached over detached; each back-to-back pair's ratio shows the spread."""
+    by_mode = {m: [r["mean_tokens_per_s"] for r in runs if r["mode"] == m] for m in ("detached", "attached")}
+    pairs = [(a, b) for a, b in zip(runs[::2], runs[1::2])]
+    pair_ratios = [(a if a["mode"] == "attached" else b)["mean_tokens_per_s"]
+                   / (b if a["mode"] == "attached" else a)["mean_tokens_per_s"] for a, b in pairs]
+    ratio = statistics.median(by_mode["attached"]) / statistics.median(by_mode["detached"])
+    return {"steps_per_arm": steps, "runs": runs, "tokens_per_s": by_mode,
+            "median_detached": statistics.median(by_mode["detached"]),
+            "median_attached": statistics.median(by_mode["attached"]),
+            "ratio": ratio, "pair_ratios": pair_ratios, "goal_ratio": GOALS["train_ratio"],
+            "met": ratio >= GOALS["train_ratio"]}
+
+
+def wait_for_exits(exp: ExperimentPaths, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while any(supervise.read_exit(a) is None for a in exp.arms()):
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"{exp.name}: arms still running after {timeout:.0f} s")
+        time.sleep(0.2)
+    failed = {a.name: supervise.read_exit(a) for a in exp.arms() if supervise.read_exit(a) != 0}
+    if failed:
+        raise RuntimeError(f"{exp.name}: trainers failed {failed}; see their stderr.log")
+
+
+def kill_trainers(exp: ExperimentPaths) -> None:
+    for arm in exp.arms():
+        recorded = supervise.read_pid(arm)
+        if recorded is not None and supervise.process_alive(*recorded):
+            kill_all([psutil.Process(recorded[0])])
+
+
+# ---------------------------------------------------------------- the whole bench
+
+
+def machine() -> dict[str, Any]:
+    import textual
+
+    return {"cpus": os.cpu_count(), "memory_gib": round(psutil.virtual_memory().total / 2**30, 1),
+            "gpu": None, "load_avg": os.getloadavg(), "python": platform.python_version(),
+            "textual": textual.__version__, "platform": platform.platform(), "terminal": f"tmux {TERMINAL[0]}x{TERMINAL[1]}"}
+
+
+SIZES = {  # full bench, --smoke
+    "attach_steps": (500_000, 1_000), "attach_repeats": (2, 1),
+    "cpu_window": (30.0, 2.0), "cpu_idle": (5.0, 1.0), "cpu_repeats": (3, 1),
+    "train_steps": (1_000, 40), "train_pairs": (3, 1),
+}
+
+
+def run(sections: list[str], smoke: bool) -> dict[str, Any]:
+    size = {k: v[1 if smoke else 0] for k, v in SIZES.items()}
+    result: dict[str, Any] = {"command": shlex.join([Path(sys.executable).name, *sys.argv]), "smoke": smoke,
+                              "goals": GOALS, "machine": machine()}
+    started = time.monotonic()
+    with tempfile.TemporaryDirectory(prefix="gputwin-ui-cost-") as tmp:
+        logs = Path(tmp) / "logs"
+        env = {"GPUTWIN_LOGS": str(logs)}
+        tmux = Tmux()
+        try:
+            if "attach" in sections:
+                result["attach"] = bench_attach(logs, tmux, env, size["attach_steps"], size["attach_repeats"])
+            if "cpu" in sections:
+                result["cpu"] = bench_cpu(logs, tmux, env, 50.0, size["cpu_window"], size["cpu_idle"],
+                                          size["cpu_repeats"])
+            if "train" in sections:
+                result["train"] = bench_train(logs, tmux, env, size["train_steps"], size["train_pairs"])
+        finally:
+            tmux.close()
+            for exp in logs.glob("train-*"):  # the only real trainers (the attach log names this process)
+                kill_trainers(ExperimentPaths(exp))
+    result["total_s"] = time.monotonic() - started
+    return result
+
+
+def table_rows(result: dict[str, Any]) -> Iterator[tuple[str, str, str, str]]:
+    if "train" in result:
+        t = result["train"]
+        yield ("a. tokens/s attached vs detached", f">= {GOALS['train_ratio']}x",
+               f"{t['ratio']:.3f}x ({t['median_attached']:,.0f} vs {t['median_detached']:,.0f}; pairs "
+               + ", ".join(f"{r:.3f}" for r in t["pair_ratios"]) + ")", "yes" if t["met"] else "NO")
+    if "cpu" in result:
+        c = result["cpu"]
+        yield ("b. UI CPU, 2 arms x 50 steps/s", f"<= {GOALS['ui_cpu_pct']:.0f}% of a core",
+               f"{c['median_ui_cpu_pct']:.1f}% (runs " + ", ".join(f"{r['ui_cpu_pct']:.1f}" for r in c["runs"])
+               + f"; idle {statistics.median(r['ui_idle_cpu_pct'] for r in c['runs']):.1f}%)",
+               "yes" if c["met"] else "NO")
+    if "attach" in result:
+        a = result["attach"]
+        yield ("c. attach, first screen (tmux)", f"<= {GOALS['attach_s']:.0f} s",
+               f"{a['median_s']:.2f} s for {a['events']:,} events (runs "
+               + ", ".join(f"{s:.2f}" for s in a["tmux_first_screen_s"]) + ")", "yes" if a["met"] else "NO")
+        yield ("c. watcher's first poll (fold)", "-", f"{a['watcher']['median_first_poll_s']:.2f} s", "-")
+
+
+def print_table(result: dict[str, Any]) -> None:
+    rows = [("figure", "goal", "measured", "met")] + list(table_rows(result))
+    widths = [max(len(r[i]) for r in rows) for i in range(4)]
+    for n, row in enumerate(rows):
+        print("  ".join(c.ljust(w) for c, w in zip(row, widths)))
+        if n == 0:
+            print("  ".join("-" * w for w in widths))
+    print(f"machine: {result['machine']['cpus']} cores, {result['machine']['memory_gib']} GiB, no GPU; "
+          f"load average at start {result['machine']['load_avg'][0]:.2f}; total {result['total_s']:.0f} s")
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--smoke", action="store_true", help="small sizes for tests (figures mean nothing)")
+    parser.add_argument("--sections", default=None, help="comma-separated: attach,cpu,train (default all; "
+                        "--smoke: attach,cpu)")
+    parser.add_argument("--out", type=Path, default=OUT_DIR, help="folder for ui_cost.json")
+    parser.add_argument("--probe-fold", help=argparse.SUPPRESS)
+    parser.add_argument("--writer", help=argparse.SUPPRESS)
+    parser.add_argument("--rate", type=float, default=50.0, help=argparse.SUPPRESS)
+    parser.add_argument("--total", type=int, default=100_000, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.probe_fold:
+        probe_fold(args.probe_fold)
+        return 0
+    if args.writer:
+        run_writer(args.writer, args.rate, args.total)
+        return 0
+    sections = (args.sections or ("attach,cpu" if args.smoke else "attach,cpu,train")).split(",")
+    unknown = set(sections) - {"attach", "cpu", "train"}
+    if unknown:
+        parser.error(f"unknown sections {sorted(unknown)}: use attach, cpu, train")
+    result = run(sections, args.smoke)
+    args.out.mkdir(parents=True, exist_ok=True)
+    path = args.out / "ui_cost.json"
+    path.write_text(json.dumps(result, indent=2, default=str) + "\n", encoding="utf-8")
+    print_table(result)
+    print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
