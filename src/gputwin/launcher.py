@@ -24,7 +24,7 @@ from . import control, paths
 from .errors import UserError
 from .paths import ArmPaths, ExperimentPaths, make_private_dir
 from .preflight import check_arms_can_start
-from .profiles import Experiment, Profile, load_any, load_experiment
+from .profiles import Experiment, Profile, load_any, load_experiment, load_resolved
 from .supervise import (CRASHED, ENDED, FAILED, FINISHED, NOT_STARTED, RUNNING, STOPPED, arm_alive, arm_lock,
                         SpawnError, arm_status, ending, spawn_supervised, supervisor_active, write_atomic)
 
@@ -48,11 +48,7 @@ def _quiet(_message: str) -> None:
 
 
 def _read_profile(arm: ArmPaths) -> Profile:
-    try:
-        return Profile.from_dict(json.loads(arm.profile_json.read_text(encoding="utf-8")))
-    except (OSError, ValueError, KeyError, TypeError) as exc:
-        raise UserError(f"{arm.profile_json}: cannot read the arm's resolved profile ({exc})",
-                        "this folder was not made by `gputwin run`; start the arm again with `gputwin run`") from None
+    return load_resolved(arm.profile_json)
 
 
 def _cpu_threads(profile: Profile, cpu_arms: int) -> int | None:

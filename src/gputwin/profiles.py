@@ -172,6 +172,17 @@ class Experiment:
         )
 
 
+def load_resolved(path: Path) -> Profile:
+    """The resolved profile `gputwin run` wrote into an arm folder (profile.json)."""
+    import json
+
+    try:
+        return Profile.from_dict(json.loads(path.read_text(encoding="utf-8")))
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise UserError(f"{path}: cannot read the arm's resolved profile ({exc})",
+                        "start arms with `gputwin run`, which writes profile.json") from None
+
+
 # ---------------------------------------------------------------- reading helpers
 
 

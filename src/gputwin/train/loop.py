@@ -6,7 +6,6 @@ events.jsonl, polls control/ between steps, and writes checkpoints, adapters and
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import sys
@@ -22,7 +21,7 @@ from .. import control, events
 from ..errors import UserError
 from ..modeling import count_params, count_trainable, save_adapter
 from ..paths import ArmPaths, make_private_dir
-from ..profiles import Profile
+from ..profiles import Profile, load_resolved
 from . import faults
 from .batching import EpochBatches, batch_tokens
 from .checkpoint import DISK_FULL_ERRNOS, CheckpointWriteError, TrainState, checkpoint_name, clean_leftovers, \
@@ -255,11 +254,7 @@ def disk_full(exc: BaseException) -> bool:
 
 
 def read_profile(arm: ArmPaths) -> Profile:
-    try:
-        return Profile.from_dict(json.loads(arm.profile_json.read_text(encoding="utf-8")))
-    except (OSError, ValueError, KeyError, TypeError) as exc:
-        raise UserError(f"{arm.profile_json}: cannot read the arm's resolved profile ({exc})",
-                        "start arms with `gputwin run`, which writes profile.json") from None
+    return load_resolved(arm.profile_json)
 
 
 def train(arm_dir: str | Path) -> int:
