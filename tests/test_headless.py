@@ -255,3 +255,9 @@ sample_size = 8
     exp = ExperimentPaths(logs / "tiny")
     assert exp.comparison.is_file()
     assert [launcher.arm_status(a) for a in exp.arms()] == [launcher.FINISHED, launcher.FINISHED]
+    # Both trained on past the milestone (step 3 of 6): each validated again at its end, and the verdict
+    # became the final comparison (printed, and the report rewritten, once it formed).
+    for arm in exp.arms():
+        assert arm.validation_file(6).is_file()
+    assert "Verdict: scenario" in out and "final: " in out
+    assert json.loads(exp.verdict.read_text())["stage"] == "final"

@@ -48,7 +48,8 @@ def test_report_from_the_recorded_experiment(exp: Path):
     verdict = section(text, "Verdict")
     diff = (challenger["f1"] - base["f1"]) * 100
     assert "**A: aggressive is clearly better" in verdict and f"{diff:+.1f} points" in verdict
-    assert "`gputwin stop conservative -x pii-mini`" in verdict
+    assert "`gputwin stop conservative -x pii-mini`" not in verdict  # it was stopped already (by key)
+    assert "conservative has already ended (stopped); nothing to stop." in verdict
     assert "`gputwin extend aggressive --epochs 1 -x pii-mini`" in verdict
     taken = verdict.split("### Actions taken")[1]  # one from an action event, one from actions.jsonl
     assert re.search(r"\| stop +\| conservative +\| +\| key", taken)
@@ -92,7 +93,7 @@ def test_verdict_json_matches_the_validation_files(exp: Path):
     for arm in ("conservative", "aggressive"):
         assert data["metrics"][arm]["f1"]["value"] == pytest.approx(validation(exp, arm)["f1"])
         assert data["validation_files"][arm] == str(exp / arm / "validation" / "step-000040.json")
-    assert [a["describe"] for a in data["actions"]] == ["stop conservative", "extend aggressive by 1 epoch"]
+    assert [a["describe"] for a in data["actions"]] == ["extend aggressive by 1 epoch"]
 
 
 def test_verdict_for_experiment_from_a_folder_or_a_live_state(exp: Path):

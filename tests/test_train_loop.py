@@ -241,7 +241,7 @@ def test_validation_does_not_change_the_training_run(world: World, tmp_path: Pat
     control.write_request(checked / "control", control.VALIDATE, by="cli")  # validate now, at step 0
     assert train(plain) == 0 and train(checked) == 0
     validations = [e for e in log(checked) if e.kind == events.VALIDATION]
-    assert [(e["step"], e["reason"]) for e in validations] == [(0, "requested"), (2, "milestone")]
+    assert [(e["step"], e["reason"]) for e in validations] == [(0, "requested"), (2, "milestone"), (6, "final")]
     assert [e["loss"] for e in steps(log(checked))] == pytest.approx([e["loss"] for e in steps(log(plain))], rel=1e-6)
 
 

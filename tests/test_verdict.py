@@ -190,3 +190,27 @@ def test_actions_on_arms_that_already_ended_are_dropped_with_a_reason() -> None:
                                          actions=(Action(CONTINUE, "base"),)), {"base": "finished"})
     assert finished.actions == () and "extend it to train on" in finished.reasons[-1]
     assert account_for_ended(verdict, {}) is verdict
+
+
+def test_final_stage_compares_arms_that_ended_at_different_steps() -> None:
+    """Scenario B's "let it finish and compare again": the baseline at step 1758 against the challenger at 879."""
+    import random
+
+    from gputwin.profiles import Rules
+    from gputwin.verdict import ArmResult, decide
+
+    rng = random.Random(5)
+    indices = list(range(300))
+
+    def result(step: int, hit: float) -> ArmResult:
+        rows = [[1, 0, 0] if rng.random() < hit else [0, 1, 1] for _ in indices]
+        return ArmResult(step=step, epoch=step / 879, validation={"per_sample": rows, "indices": indices})
+
+    arms = {"conservative": result(1758, 0.97), "aggressive": result(879, 0.80)}
+    rules = Rules(baseline="conservative")
+    assert decide(arms, rules).scenario == "mismatch"  # not a milestone comparison
+    final = decide(arms, rules, stage="final")
+    assert final.stage == "final" and final.scenario == "C"
+    assert final.headline.startswith("final: ")
+    assert "conservative at step 1758, aggressive at step 879" in final.reasons[0]
+    assert final.to_dict()["stage"] == "final"

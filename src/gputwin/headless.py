@@ -78,7 +78,7 @@ class Monitor:
     progress_every: float = PROGRESS_EVERY_S
     last_progress: float | None = None
     validations_seen: set[tuple[str, int, float]] = field(default_factory=set)
-    verdict_done: bool = False
+    verdict_stages: set[str] = field(default_factory=set)  # printed: "milestone", then "final"
     watcher: Any = None
 
     def __post_init__(self) -> None:
@@ -91,6 +91,9 @@ class Monitor:
 
     def step(self) -> int | None:
         """Poll once; returns the exit code when every arm has ended, else None."""
+        # Liveness before reading: an arm whose process ends during the read may have written its
+        # last events after them, so only a look at a moment when nothing ran can conclude.
+        alive = any(arm_alive(a) for a in self.exp.arms())
         self.watcher.poll()
         state = self.watcher.state
         now = self.clock()
@@ -104,13 +107,14 @@ class Monitor:
                     self.validations_seen.add(key)
                     self.say(validation_line(arm.name, point))
         acted = False
-        if not self.verdict_done and state.verdict is not None and state.verdict.scenario != WAITING:
-            acted = self._verdict(state.verdict)
-        if acted or not state.all_ended or any(arm_alive(a) for a in self.exp.arms()):
+        verdict = state.verdict
+        if verdict is not None and verdict.scenario != WAITING and getattr(verdict, "stage", "") not in self.verdict_stages:
+            acted = self._verdict(verdict)
+        if acted or not state.all_ended or alive:
             return None
         if not printed:
             self._progress(now)  # where each arm ended
-        if not self.verdict_done:
+        if not self.verdict_stages:
             self.say(f"No verdict: {self._no_verdict_reason()}.")
         crashed = [a.name for a in state.arms.values() if a.status == CRASHED]
         if crashed:
@@ -136,13 +140,14 @@ class Monitor:
         self.last_progress = now
 
     def _verdict(self, verdict: Any) -> bool:
-        """Print the verdict, write the report, apply the actions when the rules say so (all once).
+        """Print the verdict and write the report (once per stage: milestone, final); apply the actions when
+        the rules say so (once).
 
         Returns True when actions were applied (arms may restart: do not conclude yet).
         """
         from .report import write_report
 
-        self.verdict_done = True
+        self.verdict_stages.add(getattr(verdict, "stage", ""))
         for line in verdict_lines(verdict):
             self.say(line)
         self.say("Report: " + ", ".join(str(p) for p in write_report(self.exp.root)))

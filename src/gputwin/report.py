@@ -11,6 +11,7 @@ milestone result from ``<arm>/validation/step-NNNNNN.json``.
 
 from __future__ import annotations
 
+
 import json
 import math
 import time
@@ -64,12 +65,13 @@ def _waiting_text(arm: st.ArmState, milestone: int | None, now: float) -> str:
     return f"step {arm.step}/{milestone}, " + (f"ETA {eta.clock} (in {eta.human})" if eta else "ETA not known yet")
 
 
-def milestone_result(root: Path, arm: st.ArmState, now: float) -> tuple[ArmResult | None, str]:
-    """The arm's milestone validation, or None and why not (the text the verdict shows while waiting).
-
-    An arm without a known milestone (e.g. an HF Trainer run) is judged by its last validation.
+def milestone_result(root: Path, arm: st.ArmState, now: float,
+                     step: int | None = None) -> tuple[ArmResult | None, str]:
+    """The arm's milestone validation (or the one at `step`), or None and why not (the text the verdict
+    shows while waiting). An arm without a known milestone (e.g. an HF Trainer run) is judged by its
+    last validation.
     """
-    step = arm.milestone_step
+    step = step if step is not None else arm.milestone_step
     if step is None and arm.validations:
         step = arm.validations[-1].step
     if step is None:
@@ -108,17 +110,47 @@ def _collect(state: st.ExperimentState, now: float) -> tuple[dict[str, ArmResult
     return results, waiting
 
 
+def final_results(state: st.ExperimentState, now: float) -> dict[str, ArmResult] | None:
+    """Each arm's validation at the end of its schedule, once every arm has finished and at least one of
+    them trained on past its milestone (the seed's "let it finish and compare again"); else None."""
+    arms = state.arms.values()
+    if not arms or any(a.status != st.FINISHED or a.milestone_step is None for a in arms):
+        return None
+    if all(a.step == a.milestone_step for a in arms):
+        return None  # the milestone verdict already compares the arms' last adapters
+    results = {}
+    for arm in arms:
+        point = arm.validation_at(arm.step)
+        if point is None:
+            return None
+        result, _ = milestone_result(state.root, arm, now, step=arm.step)
+        if result is None:
+            return None
+        results[arm.name] = result
+    return results
+
+
 def verdict_for_experiment(source: st.ExperimentState | ExperimentPaths | Path | str, *,
                            now: float | None = None) -> Verdict | None:
     """The verdict for an experiment folder (or a live ExperimentState); None with fewer than two arms."""
     now = time.time() if now is None else now
     state = source if isinstance(source, st.ExperimentState) else load_state(_experiment_paths(source), now)
-    if len(state.arms) < 2:
-        return None
-    results, waiting = _collect(state, now)
-    verdict = decide(results, _rules(state), waiting=waiting)
+    return _decide(state, now)[0]
+
+
+def _decide(state: st.ExperimentState, now: float) -> tuple[Verdict | None, dict[str, ArmResult | None], dict[str, str]]:
+    """The verdict (None with fewer than two arms), the results it compared, and who it waits for."""
+    final = final_results(state, now)
+    if final is not None:
+        results, waiting = dict(final), {}
+        verdict = decide(final, _rules(state), stage="final")
+    else:
+        results, waiting = _collect(state, now)
+        if len(state.arms) < 2:
+            return None, results, waiting
+        verdict = decide(results, _rules(state), waiting=waiting)
     ended = {name: arm.status for name, arm in state.arms.items() if arm.status in st.ENDED}
-    return account_for_ended(verdict, ended)
+    return account_for_ended(verdict, ended), results, waiting
 
 
 def _experiment_paths(source: ExperimentPaths | Path | str) -> ExperimentPaths:
@@ -374,8 +406,7 @@ def _write(exp: ExperimentPaths, now: float) -> tuple[Path, Path, Verdict | None
     from .supervise import write_atomic
 
     state = load_state(exp, now)
-    results, waiting = _collect(state, now)
-    verdict = decide(results, _rules(state), waiting=waiting) if len(state.arms) >= 2 else None
+    verdict, results, waiting = _decide(state, now)
     write_atomic(exp.comparison, render(state, verdict, results, waiting, now))
     summary = {"experiment": state.name, "written_at": now,
                "validation_files": {name: r.path for name, r in results.items() if r is not None},

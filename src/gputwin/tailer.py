@@ -142,7 +142,7 @@ class ExperimentWatcher:
         self._folder_mtime: int | None = None
         self._profile_mtimes: dict[str, int | None] = {}
         self._stderr_sizes: dict[str, int] = {}
-        self._validation_counts: dict[str, int] = {}
+        self._validation_counts: dict[str, tuple[int, str]] = {}
 
     # ------------------------------------------------------------ experiment and arms
 
@@ -321,11 +321,13 @@ class ExperimentWatcher:
     # ------------------------------------------------------------ verdict
 
     def _refresh_verdict(self) -> None:
-        counts = {n: len(a.validations) for n, a in self.state.arms.items()}
-        if counts == self._validation_counts:
+        # Recomputed when a validation arrives or an arm's status changes (an ended arm changes the
+        # actions; all finished past the milestone turns the verdict into the final comparison).
+        key = {n: (len(a.validations), a.status) for n, a in self.state.arms.items()}
+        if key == self._validation_counts:
             return
-        self._validation_counts = counts
-        if not self.state.arms or not all(counts.values()):
+        self._validation_counts = key
+        if not self.state.arms or not all(n for n, _ in key.values()):
             self.state.verdict = None
             return
         if importlib.util.find_spec("gputwin.report") is None:  # not there yet: no verdict in the live view

@@ -82,6 +82,7 @@ class Verdict:
     goal: Mapping[str, Mapping[str, bool]] = field(default_factory=dict)  # arm -> which final goals it meets
     waiting: Mapping[str, str] = field(default_factory=dict)
     confidence: float = FAMILY_CONFIDENCE
+    stage: str = "milestone"  # or "final": every arm's adapter at the end of its schedule
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -97,6 +98,7 @@ class Verdict:
             "goal": {k: dict(v) for k, v in self.goal.items()},
             "waiting": dict(self.waiting),
             "confidence": self.confidence,
+            "stage": self.stage,
         }
 
 
@@ -148,11 +150,13 @@ def _goal_reason(goal: Mapping[str, Mapping[str, bool]], metrics: Mapping[str, A
     return f"No arm meets the final goal yet ({target}): {short}."
 
 
-def mismatch_reasons(base: str, base_result: ArmResult, other: str, result: ArmResult) -> list[str]:
-    """Why two validations cannot be compared (empty when they can)."""
+def mismatch_reasons(base: str, base_result: ArmResult, other: str, result: ArmResult, *,
+                     any_step: bool = False) -> list[str]:
+    """Why two validations cannot be compared (empty when they can). `any_step`: final adapters, taken
+    wherever each arm's schedule ended, are compared as they are."""
     problems = []
     same_epoch = base_result.epoch is not None and result.epoch is not None and abs(base_result.epoch - result.epoch) < 1e-6
-    if base_result.step != result.step and not same_epoch:
+    if base_result.step != result.step and not same_epoch and not any_step:
         problems.append(f"{base} was validated at step {base_result.step} and {other} at step {result.step}; "
                         "compare arms at the same milestone (same step or same epoch)")
     n_base, n_other = len(base_result.counts), len(result.counts)
@@ -169,8 +173,19 @@ def mismatch_reasons(base: str, base_result: ArmResult, other: str, result: ArmR
     return problems
 
 
-def decide(arms: Mapping[str, ArmResult | None], rules: Rules, *, waiting: Mapping[str, str] | None = None) -> Verdict:
-    """The verdict for arms validated at the same milestone; None marks an arm that has not got there yet."""
+def decide(arms: Mapping[str, ArmResult | None], rules: Rules, *, waiting: Mapping[str, str] | None = None,
+           stage: str = "milestone") -> Verdict:
+    """The verdict for arms validated at the same milestone; None marks an arm that has not got there yet.
+
+    stage "final" compares every arm's validation at the end of its schedule (steps may differ): the
+    second look that scenario B asks for once the arms have finished."""
+    if stage == "final":
+        verdict = decide(arms, rules, waiting=waiting, stage="final-inner")
+        where = ", ".join(f"{name} at step {r.step}" for name, r in arms.items() if r is not None)
+        headline = verdict.headline.split(" - ")[0] if verdict.scenario == B else verdict.headline
+        return replace(verdict, stage="final", headline="final: " + headline,
+                       reasons=(f"Final comparison of each arm at the end of its schedule ({where}).",
+                                *verdict.reasons))
     waiting = dict(waiting or {})
     base = rules.baseline
     if base not in arms:
@@ -204,7 +219,8 @@ def decide(arms: Mapping[str, ArmResult | None], rules: Rules, *, waiting: Mappi
         return Verdict(WAITING, headline, reasons=tuple(reasons), waiting={k: waiting.get(k, "") for k in pending},
                        **common)
 
-    problems = [p for c in challengers for p in mismatch_reasons(base, done[base], c, done[c])]
+    problems = [p for c in challengers
+                for p in mismatch_reasons(base, done[base], c, done[c], any_step=stage == "final-inner")]
     if problems:
         reasons = [f"Cannot compare: {p}." for p in problems]
         return Verdict(MISMATCH, "cannot compare: " + problems[0], reasons=tuple(reasons), **common)

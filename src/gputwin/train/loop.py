@@ -217,6 +217,11 @@ class Trainer:
         return 0
 
     def finish_done(self) -> int:
+        # An arm that trained on past its milestone is validated again at its end, on the same samples,
+        # so the verdict can "compare again" once every arm has finished (scenario B of the seed).
+        step = self.state.step
+        if step > self.run.milestone_step and not self.run.arm.validation_file(step).is_file():
+            self.validate(reason="final", by="plan")
         path = self.checkpoint()
         adapter = self.save_adapter()
         self.writer.emit(events.FINISHED, step=self.state.step, checkpoint=str(path), adapter=str(adapter),
