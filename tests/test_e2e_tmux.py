@@ -24,21 +24,24 @@ needs_tmux = pytest.mark.skipif(shutil.which("tmux") is None, reason="tmux is no
 
 
 class Terminal:
-    """One tmux session at a fixed size, read as plain text."""
+    """One tmux session at a fixed size on its own tmux server (no user config, no other clients), read as text."""
 
     def __init__(self, name: str, command: list[str], env: dict[str, str]) -> None:
         self.name = name
+        self.tmux = ["tmux", "-L", name, "-f", "/dev/null"]
         exports = " ".join(f"{k}={v}" for k, v in env.items())
-        subprocess.run(["tmux", "new-session", "-d", "-s", name, "-x", "160", "-y", "48",
-                        f"env {exports} {' '.join(command)}"], check=True)
-        subprocess.run(["tmux", "set-option", "-t", name, "remain-on-exit", "on"], check=True)
+        subprocess.run([*self.tmux, "new-session", "-d", "-s", name, "-x", "160", "-y", "48",
+                        # COLUMNS/LINES from the test's own environment would override the terminal's size
+                        f"env -u COLUMNS -u LINES {exports} {' '.join(command)}"], check=True)
+        subprocess.run([*self.tmux, "set-option", "-t", name, "remain-on-exit", "on"], check=True)
 
     def screen(self) -> str:
-        return subprocess.run(["tmux", "capture-pane", "-p", "-t", self.name], capture_output=True, text=True).stdout
+        return subprocess.run([*self.tmux, "capture-pane", "-p", "-t", self.name], capture_output=True,
+                              text=True).stdout
 
     def keys(self, *keys: str) -> None:
         for key in keys:
-            subprocess.run(["tmux", "send-keys", "-t", self.name, key], check=True)
+            subprocess.run([*self.tmux, "send-keys", "-t", self.name, key], check=True)
             time.sleep(0.3)
 
     def wait_for(self, pattern: str, timeout: float) -> str:
@@ -52,7 +55,7 @@ class Terminal:
         raise AssertionError(f"{pattern!r} did not appear within {timeout:.0f} s; screen:\n{screen}")
 
     def close(self) -> None:
-        subprocess.run(["tmux", "kill-session", "-t", self.name], capture_output=True)
+        subprocess.run([*self.tmux, "kill-server"], capture_output=True)
 
 
 def _stop_all(root: Path) -> None:
@@ -75,8 +78,11 @@ def test_demo_in_tmux_reaches_a_verdict_then_extend_stop_detach_and_reattach(tmp
         # Both arms train, validate at step 200 and the verdict pane fills in.
         term.wait_for(r"demo-conservative.*demo-aggressive", 60)
         term.wait_for(r"verdict: scenario [ABC]", 420)
-        term.wait_for(r"(?s)200/200 steps.*200/200 steps", 30)  # both panes (a capture may catch a half-drawn frame)
-        term.wait_for(r"(?s)F1 \d+\.\d%.*F1 \d+\.\d%", 30)
+        # Both panes finished at 200 steps with an F1 each (a capture may catch a half-drawn frame, and a
+        # notification may cover a corner for a few seconds: wait rather than look once).
+        term.wait_for(r"(?s)(200/200 steps.*){2}", 60)
+        term.wait_for(r"(?s)(CPU · finished.*){2}", 60)
+        term.wait_for(r"(?s)(validated at step 200: F1 \d+\.\d%.*){2}", 60)
         [exp_dir] = [p for p in (tmp_path / "logs").iterdir() if p.name.startswith("demo-")]
 
         # Extend the aggressive arm by one epoch: the modal shows the new end step, then it trains on.
