@@ -13,6 +13,9 @@ from pathlib import Path
 import pytest
 
 from gputwin import events as ev
+from gputwin import state as st
+from gputwin import tailer
+from gputwin.tailer import ExperimentWatcher, Tailer
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "bench"))
@@ -66,12 +69,55 @@ def test_throughput_skips_the_warm_up_steps() -> None:
 
 
 def test_train_summary_is_attached_over_detached_with_each_pairs_ratio() -> None:
-    runs = [{"mode": m, "mean_tokens_per_s": v} for m, v in
+    runs = [{"mode": m, "mean_tokens_per_s": v, "wall_tokens_per_s": v / 2} for m, v in
             [("detached", 100.0), ("attached", 90.0), ("attached", 99.0), ("detached", 110.0)]]
     summary = ui_cost.summarise_train(runs, steps=100)
-    assert summary["ratio"] == pytest.approx(94.5 / 105.0)
+    assert summary["ratio"] == pytest.approx(94.5 / 105.0) == summary["wall_ratio"]
     assert summary["pair_ratios"] == pytest.approx([0.9, 0.9])
-    assert summary["met"] is False
+    assert summary["met"] is False and summary["conclusive"] is True
+    runs[2]["mean_tokens_per_s"] = 120.0  # the second pair now says the UI costs nothing: noise
+    assert ui_cost.summarise_train(runs, steps=100)["conclusive"] is False
+
+
+# ---------------------------------------------------------------- chunked reading, which the attach figure relies on
+
+
+def test_reading_in_chunks_gives_the_same_events_whole_lines_and_line_numbers(tmp_path: Path) -> None:
+    exp = ui_cost.write_experiment(tmp_path, "chunks", 300, pid=1)
+    path = exp.arm("conservative").events
+    with open(path, "a", encoding="utf-8") as fh:
+        fh.write("not json\n" + ev.dumps(ev.make(ev.STEP, step=301, epoch=1, loss=0.5, lr=1e-4)) + "\n")
+        fh.write('{"v":1,"t":1.0,"kind":"st')  # a line being written
+    whole = Tailer(path).read_new()
+    chunked, reads = Tailer(path), 0
+    events: list[ev.Event] = []
+    bad: list[tuple[int, str]] = []
+    while True:
+        new, wrong = chunked.read_new(max_bytes=1000)
+        events += new
+        bad += wrong
+        reads += 1
+        if not chunked.behind:
+            break
+    assert reads > 20
+    assert [e.data for e in events] == [e.data for e in whole[0]] and len(events) == 1 + 300 + 1 + 1
+    assert bad == whole[1] == [(303, bad[0][1])]
+    assert chunked.partial and chunked.read_new(max_bytes=1000) == ([], [])
+
+
+def test_the_watcher_folds_a_log_longer_than_a_chunk_like_a_whole_read(tmp_path: Path,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    exp = ui_cost.write_experiment(tmp_path, "long", 1000, pid=1)
+    monkeypatch.setattr(tailer, "READ_CHUNK_BYTES", 4096)
+    watcher = ExperimentWatcher(exp, check_liveness=False)
+    assert watcher.poll() == {"conservative", "aggressive"}
+    for arm in exp.arms():
+        expected = st.fold(arm.name, ev.read_events(arm.events).events)
+        got = watcher.state.arms[arm.name]
+        assert (got.step, got.events_seen, got.loss_history.steps, got.loss_history.raw, got.mean_step_s) == (
+            expected.step, expected.events_seen, expected.loss_history.steps, expected.loss_history.raw,
+            expected.mean_step_s)
+    assert watcher.poll() == set()
 
 
 @pytest.mark.e2e
@@ -86,10 +132,12 @@ def test_smoke_run_writes_every_figure(tmp_path: Path) -> None:
     assert attach["median_s"] > 0 and isinstance(attach["met"], bool)
     [probe] = attach["watcher"]["runs"]
     assert probe["steps"] == {"conservative": attach["steps_per_arm"], "aggressive": attach["steps_per_arm"]}
-    assert probe["first_poll_s"] > 0 and probe["peak_rss_mib"] > 0
+    assert probe["first_poll_s"] > 0 and probe["first_poll_peak_rss_mib"] > 0
     cpu = result["cpu"]
     [run] = cpu["runs"]
     assert cpu["median_ui_cpu_pct"] == run["ui_cpu_pct"] >= 0 and isinstance(cpu["met"], bool)
     assert set(run["steps_per_s"]) == {"conservative", "aggressive"}
     assert all(rate > 0 for rate in run["steps_per_s"].values())
     assert None not in run["shown_lag_steps"].values()  # the UI showed both arms' steps at the end
+    split = result["split"]
+    assert split["as_is"]["ui_cpu_pct"] > 0 and split["charts_drawn_once"]["ui_cpu_pct"] > 0

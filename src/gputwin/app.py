@@ -36,6 +36,8 @@ from .widgets.prompts import apply_prompt, extend_prompt, stop_prompt, why_not
 from .widgets.verdict_pane import VerdictPane, changing_actions
 
 POLL_S = 0.3  # how often the watcher reads the files (the screen updates only when they changed)
+UPDATE_S = 1.0  # at most one screen update a second: a redraw costs tens of ms of CPU, and arms that log
+                # 50 steps/s would otherwise repaint 3 times a second for figures nobody reads that fast
 DEVICE_S = 1.0  # device panels follow the sampler's 1 Hz
 PANE_MIN_WIDTH = 48  # columns an arm pane needs before another fits beside it
 DASHBOARD_ACTIONS = frozenset({"stop", "extend", "validate", "apply", "report", "toggle_log", "resume", "help",
@@ -121,19 +123,21 @@ class GputwinApp(App[None]):
 
     @work(thread=True, exclusive=True, exit_on_error=False, group="watch", name="watch experiment")
     def watch_files(self) -> None:
-        """Poll the files; post a copy of the state when something changed and the last one was shown
-        (so a slow screen never queues a backlog of stale states)."""
+        """Poll the files; post a copy of the state when something changed, the last one was shown
+        (so a slow screen never queues a backlog of stale states) and UPDATE_S has passed since it."""
         worker = get_current_worker()
         feed = ExperimentFeed(self.exp, self.clock)
         changed: set[str] = set()
         first = True
+        posted = 0.0  # time.monotonic() of the last post
         while not worker.is_cancelled and not self._stop_polling.is_set():
             changed |= feed.poll()
-            if (changed or first) and not self._update_pending.is_set():
+            due = first or time.monotonic() - posted >= UPDATE_S
+            if (changed or first) and due and not self._update_pending.is_set():
                 self._update_pending.set()
                 state, applied = feed.snapshot()
                 self.post_message(StateUpdated(state, frozenset(changed), applied))
-                changed, first = set(), False
+                changed, first, posted = set(), False, time.monotonic()
             arm = self._log_arm
             tail = feed.stderr_tail(arm)
             if arm is not None and tail is not None:

@@ -3,7 +3,9 @@
     Tailer(path).read_new() -> (events, bad_lines)   only what was appended since the last call;
                                                      a partial last line is held back until complete;
                                                      truncation or replacement restarts from the top
-                                                     (``restarts`` counts it so readers can rebuild)
+                                                     (``restarts`` counts it so readers can rebuild);
+                                                     read_new(max_bytes) reads about that much at most
+                                                     (whole lines) and sets ``behind`` when more waits
     ExperimentWatcher(exp, clock).poll() -> set of changed arm names; ``.state`` is the ExperimentState
 
 The watcher is the one object the UI and ``gputwin status`` read through. Beyond the event fold it
@@ -32,6 +34,8 @@ STALL_MIN_S = 60.0
 STALL_STEPS = 10
 STDERR_TAIL_BYTES = 8192
 STDERR_TAIL_LINES = 20
+READ_CHUNK_BYTES = 8 << 20  # a long log is parsed and folded this much at a time: memory stays small, and
+                            # short-lived events keep Python's collector from rescanning a million of them
 
 
 class Tailer:
@@ -43,6 +47,7 @@ class Tailer:
         self.line_no = 0  # lines consumed
         self.restarts = 0  # times the file was truncated or replaced and read again from the top
         self.partial = False  # an unfinished last line is waiting
+        self.behind = False  # the last read_new stopped at max_bytes with more already in the file
         self._ident: tuple[int, int] | None = None
         self._head = b""
 
@@ -52,8 +57,12 @@ class Tailer:
         self._head = b""
         self.restarts += 1
 
-    def read_new(self) -> tuple[list[ev.Event], list[tuple[int, str]]]:
-        """Events appended since the last call, and (line number, reason) for lines that are not events."""
+    def read_new(self, max_bytes: int | None = None) -> tuple[list[ev.Event], list[tuple[int, str]]]:
+        """Events appended since the last call, and (line number, reason) for lines that are not events.
+
+        With `max_bytes`, stop after about that many bytes (at the end of a line); ``behind`` says whether
+        the file held more then."""
+        self.behind = False
         try:
             info = os.stat(self.path)
         except FileNotFoundError:
@@ -73,7 +82,12 @@ class Tailer:
                 if fh.read(len(self._head)) != self._head:
                     self._restart()
             fh.seek(self.offset)
-            data = fh.read(info.st_size - self.offset)
+            size = info.st_size - self.offset
+            if max_bytes is not None and size > max_bytes:
+                data = fh.read(max_bytes) + fh.readline()  # the rest of the line the cut fell in
+                self.behind = fh.tell() < info.st_size
+            else:
+                data = fh.read(size)
             if self.offset == 0:
                 self._head = data[:HEAD_BYTES] if b"\n" not in data[:HEAD_BYTES] else data[: data.index(b"\n")]
         end = data.rfind(b"\n") + 1
@@ -247,17 +261,20 @@ class ExperimentWatcher:
         # after seeing it gone cannot miss that event.
         gone = self.check_liveness and not arm.ended and self._trainer_gone(paths)
         tailer = self._tailers[name]
-        new_events, bad = tailer.read_new()
         changed = False
-        if tailer.restarts != self._restarts[name]:
-            self._restarts[name] = tailer.restarts
-            arm = self.state.arms[name] = st.ArmState(name, hparams=arm.hparams)
-            self._stderr_sizes.pop(name, None)
-            changed = True
-        if new_events or bad:
-            st.fold(name, new_events, arm)
-            arm.add_bad_lines(bad)
-            changed = True
+        while True:  # a long log in chunks: each is parsed, folded and let go before the next
+            new_events, bad = tailer.read_new(READ_CHUNK_BYTES)
+            if tailer.restarts != self._restarts[name]:
+                self._restarts[name] = tailer.restarts
+                arm = self.state.arms[name] = st.ArmState(name, hparams=arm.hparams)
+                self._stderr_sizes.pop(name, None)
+                changed = True
+            if new_events or bad:
+                st.fold(name, new_events, arm)
+                arm.add_bad_lines(bad)
+                changed = True
+            if not tailer.behind:
+                break
         if gone and not arm.ended:
             self._mark_crashed(arm, paths, tailer)
             changed = True
