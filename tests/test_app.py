@@ -532,3 +532,38 @@ async def test_the_dashboard_keeps_updating_under_a_dialog_and_its_keys_wait(tmp
         await wait_until(pilot, lambda: end.done == 234, "the pane under the dialog to update")
         await pilot.press("s")  # a dashboard key while the dialog is open: nothing happens
         assert len(app.screen_stack) == 2
+
+
+async def test_the_loss_chart_redraws_new_steps_at_most_every_few_seconds_but_a_validation_at_once() -> None:
+    from textual.app import App, ComposeResult
+
+    from gputwin.widgets import loss_chart
+    from gputwin.widgets.loss_chart import LossChart, LossSeries
+
+    class ChartApp(App[None]):
+        def compose(self) -> ComposeResult:
+            yield LossChart(id="chart")
+
+    def series(n: int, validations: list[tuple[int, float]] | None = None) -> LossSeries:
+        steps = list(range(1, n + 1))
+        return LossSeries(steps=steps, raw=[1.0 / s for s in steps], smoothed=[1.0 / s for s in steps],
+                          validations=validations or [])
+
+    app = ChartApp()
+    async with app.run_test(size=(80, 24)) as pilot:
+        chart = app.query_one("#chart", LossChart)
+        chart.show(series(10))  # the first curve: drawn at once
+        first = chart._drawn_at
+        chart.show(series(20))  # new steps right after: they wait
+        assert chart._drawn_at == first and chart._timer is not None
+        chart.show(series(21, [(21, 0.9)]))  # a validation: at once
+        assert chart._drawn_at > first and chart._timer is None
+        drawn = chart._drawn_at
+        loss_chart_redraw, loss_chart.REDRAW_S = loss_chart.REDRAW_S, 0.2
+        try:
+            chart.show(series(30, [(21, 0.9)]))
+            assert chart._drawn_at == drawn
+            await pilot.pause(0.4)
+            assert chart._drawn_at > drawn and chart.series.steps[-1] == 30  # the timer drew the waiting steps
+        finally:
+            loss_chart.REDRAW_S = loss_chart_redraw

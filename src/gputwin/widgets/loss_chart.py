@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 
 from rich.console import RenderableType
 from rich.text import Text
+from textual.timer import Timer
 from textual_plotext import PlotextPlot
 
 from .formatting import percent, step_ticks
@@ -13,6 +15,7 @@ from .formatting import percent, step_ticks
 MIN_HEIGHT = 6
 LEGEND_MIN_HEIGHT = 12
 MIN_WIDTH = 20
+REDRAW_S = 10.0  # a redraw costs ~80 ms of CPU on a small machine: new steps wait for it, a validation does not
 
 
 @dataclass(frozen=True)
@@ -27,12 +30,15 @@ class LossSeries:
 
 
 class LossChart(PlotextPlot):
-    """A real chart with a step axis and a loss axis; redraws only when its series changes."""
+    """A real chart with a step axis and a loss axis; redraws when its series changes, and for mere new
+    steps at most every REDRAW_S seconds (arms logging 50 steps/s would otherwise keep a core busy)."""
 
     def __init__(self, *, id: str | None = None, classes: str | None = None) -> None:
         super().__init__(id=id, classes=classes)
         self._series = LossSeries()
         self._compact = False  # short plots drop the raw/smoothed legend rows to keep the curve visible
+        self._drawn_at = float("-inf")  # time.monotonic() of the last redraw
+        self._timer: Timer | None = None
 
     @property
     def series(self) -> LossSeries:
@@ -41,7 +47,19 @@ class LossChart(PlotextPlot):
     def show(self, series: LossSeries) -> None:
         if series == self._series:
             return
-        self._series = series
+        old, self._series = self._series, series
+        urgent = (not old.steps or len(series.steps) < len(old.steps) or series.validations != old.validations
+                  or series.milestone_step != old.milestone_step)
+        wait = self._drawn_at + REDRAW_S - time.monotonic()
+        if urgent or wait <= 0:
+            self._redraw()
+        elif self._timer is None:
+            self._timer = self.set_timer(wait, self._redraw)
+
+    def _redraw(self) -> None:
+        if self._timer is not None:
+            self._timer.stop()
+            self._timer = None
         self._draw()
         self.refresh()
 
@@ -59,6 +77,7 @@ class LossChart(PlotextPlot):
         return super().render()
 
     def _draw(self) -> None:
+        self._drawn_at = time.monotonic()
         plt, s = self.plt, self._series
         plt.clear_figure()
         plt.xlabel("step")
