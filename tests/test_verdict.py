@@ -180,10 +180,12 @@ def test_no_winner_on_noise_and_a_real_difference_is_found():
 def test_actions_on_arms_that_already_ended_are_dropped_with_a_reason() -> None:
     from gputwin.verdict import CONTINUE, EXTEND, STOP, Action, Verdict, account_for_ended
 
-    verdict = Verdict(scenario="A", headline="h", baseline="base", winner="new",
+    verdict = Verdict(scenario="A", headline="A: new is better - stop base, extend new by 1 epoch", baseline="base",
+                      winner="new",
                       actions=(Action(STOP, "base"), Action(EXTEND, "new", 1), Action(CONTINUE, "other")))
     adjusted = account_for_ended(verdict, {"base": "finished", "new": "finished", "other": "stopped"})
     assert [(a.kind, a.arm) for a in adjusted.actions] == [(EXTEND, "new")]
+    assert adjusted.headline == "A: new is better - extend new by 1 epoch"
     assert any("base has already ended (finished)" in r for r in adjusted.reasons)
     assert any("other is stopped; resume it" in r for r in adjusted.reasons)
     finished = account_for_ended(Verdict(scenario="B", headline="h", baseline="base",

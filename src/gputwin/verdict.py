@@ -354,4 +354,7 @@ def account_for_ended(verdict: Verdict, ended: Mapping[str, str]) -> Verdict:
                          f"(key R, or `gputwin resume {action.arm}`).")
     if not notes:
         return verdict
-    return replace(verdict, actions=tuple(kept), reasons=(*verdict.reasons, *notes))
+    headline = verdict.headline.split(" - ")[0]  # the headline names the actions: only those still to do
+    if kept:
+        headline += " - " + ", ".join(a.describe() for a in kept)
+    return replace(verdict, headline=headline, actions=tuple(kept), reasons=(*verdict.reasons, *notes))
