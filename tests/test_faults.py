@@ -79,16 +79,6 @@ def no_fault(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv(faults.ENV_VAR, raising=False)
 
 
-@pytest.fixture
-def logs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
-    """GPUTWIN_LOGS in a temporary folder; trainers of ours still alive at the end are killed."""
-    root = tmp_path / "logs"
-    monkeypatch.setenv("GPUTWIN_LOGS", str(root))
-    yield root
-    for pid_file in root.glob("*/*/pid"):
-        recorded = supervise.read_pid(ArmPaths(pid_file.parent))
-        if recorded and supervise.process_alive(*recorded):
-            os.kill(recorded[0], signal.SIGKILL)
 
 
 def wait_for(predicate: Callable[[], bool], what: str, limit_s: float = 180.0, every: Callable[[], None] = lambda: None) -> None:

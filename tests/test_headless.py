@@ -5,13 +5,11 @@ from __future__ import annotations
 
 import io
 import json
-import os
 import shutil
-import signal
 import sys
 import time
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable
 
 import pytest
 
@@ -77,15 +75,6 @@ WEAK = [[1, 1, 1]] * SAMPLES  # precision = recall = F1 = 50%
 STRONG = [[2, 0, 0]] * (SAMPLES - 10) + [[1, 0, 1]] * 10  # F1 about 99%
 
 
-@pytest.fixture
-def logs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
-    root = tmp_path / "logs"
-    monkeypatch.setenv("GPUTWIN_LOGS", str(root))
-    yield root
-    for pid_file in root.glob("*/*/pid"):  # kill what this test started, if it is still there
-        recorded = supervise.read_pid(ArmPaths(pid_file.parent))
-        if recorded and supervise.process_alive(*recorded):
-            os.kill(recorded[0], signal.SIGKILL)
 
 
 def make_experiment(tmp_path: Path, logs: Path, on_verdict: str = "suggest") -> Experiment:

@@ -12,7 +12,7 @@ import sys
 import time
 from datetime import datetime
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable
 
 import psutil
 import pytest
@@ -52,16 +52,6 @@ def experiment(tmp_path: Path, name: str = "exp", *arms: Profile) -> Experiment:
     return Experiment(name, tuple(arms), Rules(baseline=arms[0].name))
 
 
-@pytest.fixture
-def logs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
-    """GPUTWIN_LOGS in a temporary folder; every trainer still alive at the end is killed (ours only)."""
-    root = tmp_path / "logs"
-    monkeypatch.setenv("GPUTWIN_LOGS", str(root))
-    yield root
-    for pid_file in root.glob("*/*/pid"):
-        recorded = supervise.read_pid(ArmPaths(pid_file.parent))
-        if recorded and supervise.process_alive(*recorded):
-            os.kill(recorded[0], signal.SIGKILL)
 
 
 def start_sleepers(tmp_path: Path, logs: Path, name: str = "exp") -> ExperimentPaths:

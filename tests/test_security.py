@@ -6,13 +6,12 @@ from __future__ import annotations
 import json
 import os
 import re
-import signal
 import stat
 import time
 from dataclasses import replace
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Any, Iterator
+from typing import Any
 
 import psutil
 import pytest
@@ -34,15 +33,6 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> SimpleNamespace:
     return SimpleNamespace(train=train, test=test, bert=tiny_bert(folder / "bert", make_samples(24)))
 
 
-@pytest.fixture
-def logs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
-    root = tmp_path / "logs"
-    monkeypatch.setenv("GPUTWIN_LOGS", str(root))
-    yield root
-    for pid_file in root.glob("*/*/pid"):
-        recorded = supervise.read_pid(ArmPaths(pid_file.parent))
-        if recorded and supervise.process_alive(*recorded):
-            os.kill(recorded[0], signal.SIGKILL)
 
 
 def mode(path: Path) -> int:

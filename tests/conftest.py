@@ -1,0 +1,25 @@
+"""Fixtures shared by the test files that start real trainers."""
+
+from __future__ import annotations
+
+import os
+import signal
+from pathlib import Path
+from typing import Iterator
+
+import pytest
+
+from gputwin import supervise
+from gputwin.paths import ArmPaths
+
+
+@pytest.fixture
+def logs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
+    """GPUTWIN_LOGS in a temporary folder; every trainer of this test still alive at the end is killed."""
+    root = tmp_path / "logs"
+    monkeypatch.setenv("GPUTWIN_LOGS", str(root))
+    yield root
+    for pid_file in root.glob("*/*/pid"):
+        recorded = supervise.read_pid(ArmPaths(pid_file.parent))
+        if recorded and supervise.process_alive(*recorded):
+            os.kill(recorded[0], signal.SIGKILL)
