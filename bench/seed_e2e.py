@@ -68,7 +68,7 @@ def run(wait_limit: float, tiny: bool = False) -> None:
     torch.cuda.empty_cache()
     built = time.time() - t0
 
-    # The seed experiment as it is, but both arms on the one GPU lent here and the model from the folder.
+    # The seed experiment as it is, but both arms on one GPU and the model from the folder.
     exp = load_experiment(REPO / "profiles" / "seed.toml", check_files=False)
     folder = WORK / "profiles"
     folder.mkdir(exist_ok=True)
