@@ -567,3 +567,17 @@ async def test_the_loss_chart_redraws_new_steps_at_most_every_few_seconds_but_a_
             assert chart._drawn_at > drawn and chart.series.steps[-1] == 30  # the timer drew the waiting steps
         finally:
             loss_chart.REDRAW_S = loss_chart_redraw
+
+
+async def test_a_key_typed_right_after_a_number_acts_on_that_arm(tmp_path: Path) -> None:
+    app = fixture_app("seed-midrun", tmp_path)
+    async with app.run_test(size=SIZE) as pilot:
+        await loaded(pilot)
+        await pilot.press("1")
+        await pilot.pause()
+        # Typed together ("2e"), the next key can arrive before the focus event: the number must aim at once.
+        app.action_focus_arm(2)
+        assert app.focused_arm().name == "aggressive"
+        await pilot.press("e")
+        assert isinstance(app.screen, ConfirmScreen)
+        assert "Extend aggressive by 1 epoch" in screen_text(app)

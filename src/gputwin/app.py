@@ -234,9 +234,13 @@ class GputwinApp(App[None]):
 
     def on_descendant_focus(self, event: DescendantFocus) -> None:
         if isinstance(event.widget, ArmPane):
-            self._focused_arm = event.widget.arm_name
-            if self._log_arm is not None:
-                self._log_arm = event.widget.arm_name
+            self._aim_at(event.widget.arm_name)
+
+    def _aim_at(self, arm: str) -> None:
+        """The arm the keys act on from now (the log view follows it)."""
+        self._focused_arm = arm
+        if self._log_arm is not None:
+            self._log_arm = arm
 
     def action_focus_arm(self, number: int) -> None:
         panes = self._panes
@@ -245,6 +249,8 @@ class GputwinApp(App[None]):
         elif number > len(panes):
             self.notify(f"There is no arm {number}: this experiment has {len(panes)}.", severity="warning")
         else:
+            # Aim at once: the focus event comes later, after a key typed right behind this one ("2e").
+            self._aim_at(panes[number - 1].arm_name)
             panes[number - 1].focus()
 
     def focused_arm(self) -> ArmState | None:
