@@ -271,7 +271,7 @@ def train(arm_dir: str | Path) -> int:
     arm = ArmPaths(Path(arm_dir).resolve())
     quiet_transformers()
     stop = StopSignal()
-    with events.EventWriter(arm.events) as writer, stop.installed():
+    with events.EventWriter(arm.events, fold=True) as writer, stop.installed():
         trainer: Trainer | None = None
 
         def fail(error: str, message: str, hint: str) -> None:
