@@ -281,3 +281,87 @@ def test_a_validation_that_fails_loses_no_training_and_runs_again_on_resume(worl
     assert kinds(later)[:4] == [events.STARTED, events.RESUMED, events.MILESTONE, events.VALIDATION]
     assert later[1]["step"] == 3 and later[3]["step"] == 3
     assert [e["step"] for e in steps(later)] == [4, 5, 6] and later[-1].kind == events.FINISHED
+
+
+# ---------------------------------------------------------------- an engine whose figures arrive later
+
+
+class LateOutcome:
+    """What a GPU engine returns: figures read later; a NaN shows only when they are read."""
+
+    def __init__(self, compute: object) -> None:
+        self.compute = compute
+
+    def result(self) -> object:
+        return self.compute()
+
+
+class LateEngine:
+    """The real engine, with the outcome of each step handed back before it is looked at, as on a GPU."""
+
+    def __init__(self, inner: object) -> None:
+        self.inner, self.name = inner, inner.name
+        self.issued: list[int] = []
+
+    def collate(self, examples: object) -> object:
+        return self.inner.collate(examples)
+
+    def step(self, batch: object, lr: float) -> LateOutcome:
+        try:
+            output = self.inner.step(batch, lr)
+        except Exception as exc:  # noqa: BLE001 - raised when read, like a GPU step's NaN
+            failure = exc
+
+            def fail() -> object:
+                raise failure
+            return LateOutcome(fail)
+        return LateOutcome(output.result)
+
+
+@pytest.fixture()
+def late_engine(monkeypatch: pytest.MonkeyPatch) -> None:
+    from gputwin.train import setup
+
+    real = setup.make_engine
+    monkeypatch.setattr(setup, "make_engine", lambda *args, **kwargs: LateEngine(real(*args, **kwargs)))
+
+
+def test_figures_read_a_step_late_give_the_same_log_in_the_same_order(world: World, tmp_path: Path,
+                                                                      late_engine: None) -> None:
+    profile = world.profile("tag", epochs=2, milestone_step=4)
+    late = make_arm(tmp_path / "late", profile)
+    assert train(late) == 0
+    evs = log(late)
+    got = steps(evs)
+    assert [e["step"] for e in got] == list(range(1, 13))
+    # a checkpoint, the milestone and the validation come after the event of their step, never before it
+    for e in evs:
+        if e.kind in (events.CHECKPOINT, events.MILESTONE, events.VALIDATION, events.FINISHED):
+            logged = [s["step"] for s in evs[:evs.index(e)] if s.kind == events.STEP]
+            assert logged[-1] == e["step"], (e.kind, e["step"], logged[-3:])
+    assert all(e["step_seconds"] > 0 for e in got)
+
+
+def test_a_nan_seen_a_step_late_names_its_step_and_logs_the_steps_before(world: World, tmp_path: Path,
+                                                                         monkeypatch: pytest.MonkeyPatch,
+                                                                         late_engine: None) -> None:
+    arm = make_arm(tmp_path, world.profile("generate"))
+    monkeypatch.setenv(faults.ENV_VAR, "nan@3")
+    assert train(arm) == 1
+    evs = log(arm)
+    failed = evs[-1]
+    assert failed.kind == events.FAILED and failed["error"] == "NonFiniteLoss"
+    assert failed["step"] == 2 and "at step 3" in failed["message"]
+    assert [e["step"] for e in steps(evs)] == [1, 2]
+
+
+def test_a_stop_request_with_a_step_in_flight_logs_it_then_stops_there(world: World, tmp_path: Path,
+                                                                       monkeypatch: pytest.MonkeyPatch,
+                                                                       late_engine: None) -> None:
+    arm = make_arm(tmp_path, world.profile("generate", epochs=2))
+    monkeypatch.setenv(faults.ENV_VAR, "sigterm@4")
+    assert train(arm) == 0
+    evs = log(arm)
+    assert [e["step"] for e in steps(evs)] == [1, 2, 3, 4]
+    assert evs[-1].kind == events.STOPPED and evs[-1]["step"] == 4
+    assert evs[-2].kind == events.CHECKPOINT and evs[-2]["step"] == 4

@@ -1,7 +1,8 @@
 """One optimizer step, and the optimizer that takes it: the part a faster engine replaces.
 
-The loop only calls ``engine.collate(examples)`` and ``engine.step(batch, lr)`` (the Engine protocol
-below). The plain engine pads batches and runs eager PyTorch; a faster one (packed batches, compiled
+The loop only calls ``engine.collate(examples)`` and ``engine.step(batch, lr).result()`` (the Engine
+protocol below); an engine may return before the device has finished the step, and the loop reads the
+result only after issuing the next step, so the device never waits for Python between steps. The plain engine pads batches and runs eager PyTorch; a faster one (packed batches, compiled
 kernels) lives in its own module ``gputwin.train.fast`` exposing ``FastEngine`` with the plain
 engine's constructor, and is used for ``train.engine = "fast"``. A FastEngine that cannot serve a
 model (an encoder, a CPU run) raises EngineUnsupported from its constructor and the plain engine
@@ -35,13 +36,25 @@ class StepOutput:
     loss: float  # mean over label tokens; the step raises NonFiniteLoss instead of updating on NaN/inf
     grad_norm: float  # before clipping
 
+    def result(self) -> StepOutput:
+        """Already known: an engine that waits for its step returns this."""
+        return self
+
+
+class Outcome(Protocol):
+    """What ``Engine.step`` returns: the step's figures, possibly still being computed on the device."""
+
+    def result(self) -> StepOutput:
+        """The figures, waiting for the step if needed; raises NonFiniteLoss for a NaN/inf loss."""
+        ...
+
 
 class Engine(Protocol):
     name: str  # reported in the started event
 
     def collate(self, examples: Sequence[Example]) -> Any: ...
 
-    def step(self, batch: Any, lr: float) -> StepOutput: ...
+    def step(self, batch: Any, lr: float) -> Outcome: ...
 
 
 def build_optimizer(model: Any, *, lr: float, weight_decay: float, device: torch.device) -> torch.optim.AdamW:

@@ -569,10 +569,33 @@ class FastEngine:
         return pack(examples, pad_id=self.pad_id)
 
     def step(self, batch: PackedBatch, lr: float) -> Any:
-        from .engine import NonFiniteLoss, StepOutput
-
+        """Issue the step; on CUDA it returns at once and the figures arrive with `.result()`."""
         result = self.fast(batch, lr=lr)
-        loss, grad_norm = float(result.loss), float(result.grad_norm)
-        if not math.isfinite(loss):
-            raise NonFiniteLoss(f"loss is {loss}")  # the step updated nothing
-        return StepOutput(loss=loss, grad_norm=grad_norm)
+        if result.loss.device.type == "cuda":
+            return PendingStep(result.loss, result.grad_norm)
+        return _output(float(result.loss), float(result.grad_norm))
+
+
+class PendingStep:
+    """A step's loss and gradient norm on their way to the host: copied without blocking, behind the step
+    on the device's queue, and read after the next step has been issued."""
+
+    def __init__(self, loss: torch.Tensor, grad_norm: torch.Tensor) -> None:
+        figures = torch.stack([loss.float(), grad_norm.float()])
+        self._host = torch.empty(2, dtype=torch.float32, pin_memory=True)
+        self._host.copy_(figures, non_blocking=True)
+        self._copied = torch.cuda.Event()
+        self._copied.record()
+
+    def result(self) -> Any:
+        self._copied.synchronize()  # this step only, not the steps issued after it
+        loss, grad_norm = self._host.tolist()
+        return _output(loss, grad_norm)
+
+
+def _output(loss: float, grad_norm: float) -> Any:
+    from .engine import NonFiniteLoss, StepOutput
+
+    if not math.isfinite(loss):
+        raise NonFiniteLoss(f"loss is {loss}")  # the step updated nothing
+    return StepOutput(loss=loss, grad_norm=grad_norm)

@@ -6,12 +6,14 @@ events.jsonl, polls control/ between steps, and writes checkpoints, adapters and
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import sys
 import threading
 import time
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -26,7 +28,7 @@ from . import faults
 from .batching import EpochBatches, batch_tokens
 from .checkpoint import DISK_FULL_ERRNOS, CheckpointWriteError, TrainState, checkpoint_name, clean_leftovers, \
     latest_loadable, prune, rng_states, save_checkpoint, set_rng_states
-from .engine import NonFiniteLoss
+from .engine import NonFiniteLoss, Outcome, StepOutput
 from .schedule import LrPlan, extend_plan, lr_at
 from .setup import Run, TrainFailure, build_run
 
@@ -59,6 +61,20 @@ class StopSignal:
                 signal.signal(s, handler)
 
 
+@dataclass(frozen=True)
+class Issued:
+    """A step given to the engine: what its event will say besides the loss and gradient norm."""
+
+    step: int
+    lr: float
+    samples: int
+    tokens: int
+    samples_seen: int
+    tokens_seen: int
+    started: float  # perf_counter before its batch was built
+    outcome: Outcome  # .result() -> StepOutput, waiting for the device if needed
+
+
 class Trainer:
     """The loop and what happens between its steps (control requests, checkpoints, validation)."""
 
@@ -71,6 +87,9 @@ class Trainer:
         self.saved: dict[str, Any] | None = None  # state of the last checkpoint written or loaded
         self.saved_path: Path | None = None
         self.stop_request: control.Request | None = None
+        self.issued: Issued | None = None  # a step given to the engine whose event is not written yet
+        self.reported_step = 0  # the last step whose event is in the log
+        self.last_done = 0.0  # perf_counter when the last reported step's figures were read
 
     # ------------------------------------------------------------------ the loop
 
@@ -82,6 +101,7 @@ class Trainer:
         if resumed is not None:
             self.state, self.saved_path = resumed
             state, self.saved = self.state, self.state.to_dict()
+            self.reported_step = state.step
         self.emit_started()
         if resumed is not None:
             self.writer.emit(events.RESUMED, step=state.step, checkpoint=str(self.saved_path))
@@ -98,27 +118,32 @@ class Trainer:
             if state.step >= state.plan.total_steps:
                 return self.finish_done()
 
-            # -- one step: batch at the data position, lr from the plan, forward/backward/update
+            # -- one step: batch at the data position, lr from the plan, forward/backward/update issued
             started = time.perf_counter()
             step = state.step + 1
             examples = [run.examples[i] for i in batches.indices(state.epoch, state.index)]
             lr = lr_at(step, state.plan)
             faults.before_step(self.fault, step, run.model)
-            output = run.engine.step(run.engine.collate(examples), lr)
-            seconds = time.perf_counter() - started
+            try:
+                outcome = run.engine.step(run.engine.collate(examples), lr)
+            except NonFiniteLoss as exc:
+                raise NonFiniteLoss(f"{exc} at step {step}") from None
 
-            # -- advance the position and report
+            # -- advance the position; the step's event is written once its loss is read (settle)
             tokens = batch_tokens(examples)
-            faults.before_step_event(self.fault, step, str(self.writer.path))
             state.step, state.index = step, state.index + 1
             if state.index >= run.steps_per_epoch:
                 state.epoch, state.index = state.epoch + 1, 0
             state.samples_seen += len(examples)
             state.tokens_seen += tokens
-            self.writer.emit(events.STEP, step=step, epoch=round(step / run.steps_per_epoch, 6), loss=output.loss,
-                             lr=lr, grad_norm=output.grad_norm, samples=len(examples), tokens=tokens,
-                             samples_seen=state.samples_seen, tokens_seen=state.tokens_seen,
-                             step_seconds=round(seconds, 6), tokens_per_s=round(tokens / max(seconds, 1e-9), 1))
+            issued = Issued(step=step, lr=lr, samples=len(examples), tokens=tokens, samples_seen=state.samples_seen,
+                            tokens_seen=state.tokens_seen, started=started, outcome=outcome)
+            # The previous step's loss is read while the device already runs this one: reading a loss
+            # waits for its step, and waiting every step would leave the device idle between steps.
+            self.settle()
+            self.issued = issued
+            if isinstance(outcome, StepOutput):  # known already (a synchronous engine): report it now
+                self.settle()
             faults.after_step(self.fault, step)
 
             # -- milestone (checkpoint, adapter, validation of the live model), else a periodic checkpoint
@@ -127,6 +152,30 @@ class Trainer:
             elif step % every == 0:
                 self.checkpoint()
 
+    def settle(self) -> None:
+        """Write the event of the issued step, waiting for its figures if the device is still on it.
+
+        Everything that must see the log up to date (a checkpoint, a validation, a request, an ending)
+        settles first, so the events stay in step order and a checkpoint never precedes its step's event.
+        """
+        issued, self.issued = self.issued, None
+        if issued is None:
+            return
+        try:
+            output = issued.outcome.result()
+        except NonFiniteLoss as exc:
+            raise NonFiniteLoss(f"{exc} at step {issued.step}") from None
+        done = time.perf_counter()
+        # from the end of the step before when the device was busy with it: the pace of the run
+        seconds = done - max(issued.started, self.last_done)
+        self.last_done = done
+        faults.before_step_event(self.fault, issued.step, str(self.writer.path))
+        self.writer.emit(events.STEP, step=issued.step, epoch=round(issued.step / self.run.steps_per_epoch, 6),
+                         loss=output.loss, lr=issued.lr, grad_norm=output.grad_norm, samples=issued.samples,
+                         tokens=issued.tokens, samples_seen=issued.samples_seen, tokens_seen=issued.tokens_seen,
+                         step_seconds=round(seconds, 6), tokens_per_s=round(issued.tokens / max(seconds, 1e-9), 1))
+        self.reported_step = issued.step
+
     # ------------------------------------------------------------------ between steps
 
     def at_milestone(self) -> bool:
@@ -134,6 +183,7 @@ class Trainer:
 
     def milestone(self) -> None:
         """Checkpoint first (a failing validation loses no training), then validate the live model."""
+        self.settle()
         self.writer.emit(events.MILESTONE, step=self.state.step)
         self.checkpoint()
         self.validate(reason="milestone", by="plan")
@@ -141,7 +191,10 @@ class Trainer:
 
     def poll_control(self) -> None:
         """Handle waiting requests oldest first; a bad file is removed and reported, never fatal."""
-        for path, request in control.pending(self.run.arm.control):
+        requests = control.pending(self.run.arm.control)
+        if requests:
+            self.settle()
+        for path, request in requests:
             control.consume(path)
             if isinstance(request, control.ControlError):
                 print(f"gputwin: ignored control file {path.name}: {request}", file=sys.stderr)
@@ -162,6 +215,7 @@ class Trainer:
 
     def checkpoint(self) -> Path:
         """Write a checkpoint unless the last one already holds exactly this state."""
+        self.settle()
         state = self.state.to_dict()
         if self.saved == state and self.saved_path is not None and self.saved_path.exists():
             return self.saved_path
@@ -206,6 +260,7 @@ class Trainer:
     # ------------------------------------------------------------------ endings
 
     def finish_stopped(self) -> int:
+        self.settle()
         request, state = self.stop_request, self.state
         path = self.checkpoint() if state.step > 0 else None
         if request is not None:
@@ -219,6 +274,7 @@ class Trainer:
     def finish_done(self) -> int:
         # An arm that trained on past its milestone is validated again at its end, on the same samples,
         # so the verdict can "compare again" once every arm has finished (scenario B of the seed).
+        self.settle()
         step = self.state.step
         if step > self.run.milestone_step and not self.run.arm.validation_file(step).is_file():
             self.validate(reason="final", by="plan")
@@ -275,7 +331,11 @@ def train(arm_dir: str | Path) -> int:
         trainer: Trainer | None = None
 
         def fail(error: str, message: str, hint: str) -> None:
-            step = trainer.state.step if trainer is not None else None
+            step = None
+            if trainer is not None:
+                with contextlib.suppress(Exception):  # a step that finished before the failure keeps its event
+                    trainer.settle()
+                step = trainer.reported_step
             unlogged = ""
             try:
                 writer.emit(events.FAILED, error=error, message=message, hint=hint, step=step)
@@ -290,7 +350,7 @@ def train(arm_dir: str | Path) -> int:
             fail(exc.error, exc.message, exc.hint)
             return exc.exit_code
         except NonFiniteLoss as exc:
-            fail("NonFiniteLoss", f"{exc} at step {trainer.state.step + 1 if trainer else '?'}", NAN_HINT)
+            fail("NonFiniteLoss", str(exc), NAN_HINT)
             return 1
         except torch.OutOfMemoryError as exc:
             fail("OutOfMemory", str(exc).splitlines()[0] if str(exc) else "CUDA out of memory", OOM_HINT)
