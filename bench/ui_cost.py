@@ -1,8 +1,10 @@
 """What the terminal UI costs, measured as a user meets it: the real `gputwin attach` in tmux (160x48).
 
-  attach  an experiment of 2 x 500,000 step events: (i) the watcher's first poll (the fold), in a fresh
-          process, with its phases; (ii) from launching `gputwin attach NAME` in tmux to the first screen
-          that shows both arms' step counts (capture-pane polled every 0.1 s)            goal <= 1 s
+  attach  an experiment of 2 x 500,000 step events, with the folds its writers save beside the logs and
+          without them (a log from an older gputwin): (i) the watcher's first poll, in a fresh process,
+          with its phases; (ii) from launching `gputwin attach NAME` in tmux to the first screen that
+          shows both arms' step counts (capture-pane polled every 0.1 s)        goal <= 1 s with the folds;
+          and what keeping the fold costs the writer: microseconds per EventWriter.emit, fold off and on
   cpu     two writer processes append step events at 50 steps/s each (the trainer's lines, flushed per
           line) while the UI runs attached; the UI process's CPU over the window          goal <= 5% of a core
   split   where that CPU goes: the same app in this process under Pilot, as it is and with its loss
@@ -43,6 +45,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "src"))  # run from a checkout without installing
 
 from gputwin import events as ev  # noqa: E402
+from gputwin import foldcache  # noqa: E402
 from gputwin import supervise  # noqa: E402
 from gputwin.paths import ArmPaths, ExperimentPaths  # noqa: E402
 
@@ -222,6 +225,34 @@ def machine_busy(before: Any, after: Any) -> float:
 # ---------------------------------------------------------------- c. attach to 1,000,000 events
 
 
+FOLDS_MADE_BY = ("EventWriter(events.jsonl, fold=True) opened and closed on each written log: the writer folds "
+                 "the log once and saves events.fold beside it, as a trainer resumed on that log does")
+
+
+def save_writer_folds(exp: ExperimentPaths) -> None:
+    """Each arm's fold, saved by the writer's own code (FOLDS_MADE_BY)."""
+    for arm in exp.arms():
+        ev.EventWriter(arm.events, fold=True).close()
+
+
+def remove_folds(exp: ExperimentPaths) -> None:
+    """A log from an older gputwin has no fold beside it (a reader saves one after folding it)."""
+    for arm in exp.arms():
+        foldcache.fold_path(arm.events).unlink(missing_ok=True)
+
+
+def peak_rss_mib() -> float:
+    """This process's peak resident memory. Linux carries ru_maxrss over from the parent across fork and
+    exec (the bench's own peak would show), so /proc's VmHWM, which is this process's alone, comes first."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
 def probe_fold(exp_dir: str) -> None:
     """Child process, fresh interpreter: the UI's first poll (with its peak memory), then the first arm's
     log read whole and folded, to split parsing from folding."""
@@ -231,14 +262,16 @@ def probe_fold(exp_dir: str) -> None:
     from gputwin.widgets.feed import ExperimentFeed
 
     exp = ExperimentPaths(Path(exp_dir))
+    import_s = time.perf_counter() - started
+    valid_folds = {arm.name: foldcache.load(arm.events) is not None for arm in exp.arms()}
     cpu0, t0 = time.process_time(), time.perf_counter()
     feed = ExperimentFeed(exp, time.time)
     feed.poll()
     cpu1, t1 = time.process_time(), time.perf_counter()
     feed.snapshot()
-    figures = {"import_s": t0 - started, "first_poll_s": t1 - t0, "first_poll_cpu_s": cpu1 - cpu0,
-               "snapshot_s": time.perf_counter() - t1,
-               "first_poll_peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+    figures = {"import_s": import_s, "valid_folds_at_start": valid_folds, "first_poll_s": t1 - t0,
+               "first_poll_cpu_s": cpu1 - cpu0, "snapshot_s": time.perf_counter() - t1,
+               "first_poll_peak_rss_mib": peak_rss_mib(),
                "steps": {n: a.step for n, a in feed.watcher.state.arms.items()}}
     first = exp.arms()[0]
     t0 = time.perf_counter()
@@ -249,15 +282,14 @@ def probe_fold(exp_dir: str) -> None:
     print(json.dumps(figures))
 
 
-def bench_attach(logs: Path, tmux: Tmux, env: dict[str, str], steps: int, repeats: int) -> dict[str, Any]:
-    """c: the watcher's first poll in a fresh process, then the real UI's first full screen, `repeats` times."""
-    t0 = time.perf_counter()
-    exp = write_experiment(logs, "attach", steps, pid=os.getpid())
-    written = time.perf_counter() - t0
-    events = sum(a.events.read_bytes().count(b"\n") for a in exp.arms())
-    size = sum(a.events.stat().st_size for a in exp.arms())
+def attach_runs(exp: ExperimentPaths, tmux: Tmux, env: dict[str, str], steps: int, repeats: int,
+                with_folds: bool) -> dict[str, Any]:
+    """The watcher's first poll in a fresh process, then the real UI's first full screen, `repeats` times
+    each. Without folds, they are removed before every run: the reader saves one after a long log."""
     probes = []
     for _ in range(repeats):
+        if not with_folds:
+            remove_folds(exp)
         out = subprocess.run([sys.executable, __file__, "--probe-fold", str(exp.root)], env={**os.environ, **env},
                              check=True, capture_output=True, text=True).stdout
         probes.append(json.loads(out))
@@ -265,17 +297,67 @@ def bench_attach(logs: Path, tmux: Tmux, env: dict[str, str], steps: int, repeat
     want = {arm: steps for arm in totals}
     seconds = []
     for i in range(repeats):
-        name = f"attach-{i}"
+        if not with_folds:
+            remove_folds(exp)
+        name = f"attach-{'folds' if with_folds else 'no-folds'}-{i}"
         start = time.monotonic()
         tmux.start(name, attach_argv(exp.name), env)
         seen, _ = tmux.wait_for(name, lambda s: shown_steps(s, totals) == want, timeout=300)
         seconds.append(seen - start)
         tmux.stop(name)
-    median = statistics.median(seconds)
-    return {"steps_per_arm": steps, "events": events, "bytes": size, "write_s": written,
-            "watcher": {"runs": probes, "median_first_poll_s": statistics.median(p["first_poll_s"] for p in probes)},
-            "tmux_first_screen_s": seconds, "median_s": median, "goal_s": GOALS["attach_s"],
-            "x_goal": median / GOALS["attach_s"], "met": median <= GOALS["attach_s"]}
+    return {"watcher": {"runs": probes, "median_first_poll_s": statistics.median(p["first_poll_s"] for p in probes)},
+            "tmux_first_screen_s": seconds, "median_s": statistics.median(seconds)}
+
+
+def bench_emit(root: Path, events: int, repeats: int) -> dict[str, Any]:
+    """Microseconds per EventWriter.emit of a trainer's step event, with the fold off and on (runs
+    alternating), and what saving and loading the fold of that log take."""
+    rng, seen = random.Random(0), [0, 0]
+    fields = [step_fields(step, rng, seen, events) for step in range(1, events + 1)]
+    per_emit: dict[str, list[float]] = {"off": [], "on": []}
+    for run in range(repeats):
+        for mode in ("off", "on"):
+            path = root / f"emit-{run}-{mode}" / "events.jsonl"
+            with ev.EventWriter(path, fold=mode == "on") as writer:
+                writer.emit(ev.STARTED, arm="emit", pid=os.getpid(), device="cpu", samples=4 * events,
+                            steps_per_epoch=events, total_steps=events, milestone_step=events)
+                t0 = time.perf_counter()
+                for step in fields:
+                    writer.emit(ev.STEP, **step)
+                per_emit[mode].append(1e6 * (time.perf_counter() - t0) / events)
+    path = root / f"emit-{repeats - 1}-on" / "events.jsonl"
+    saved = foldcache.load(path)
+    assert saved is not None, f"{path}: the writer saved no fold"
+    t0 = time.perf_counter()
+    foldcache.save(path, saved.state, saved.position)
+    t1 = time.perf_counter()
+    foldcache.load(path)
+    off, on = statistics.median(per_emit["off"]), statistics.median(per_emit["on"])
+    return {"events": events, "runs_us": per_emit, "off_us": off, "on_us": on, "fold_us": on - off,
+            "save_ms": 1e3 * (t1 - t0), "load_ms": 1e3 * (time.perf_counter() - t1),
+            "fold_bytes": foldcache.fold_path(path).stat().st_size}
+
+
+def bench_attach(logs: Path, tmux: Tmux, env: dict[str, str], steps: int, repeats: int,
+                 emit: tuple[int, int]) -> dict[str, Any]:
+    """c: attach with the writers' saved folds (the normal case) and without (a log from an older gputwin),
+    then the writer's cost of keeping the fold."""
+    t0 = time.perf_counter()
+    exp = write_experiment(logs, "attach", steps, pid=os.getpid())
+    written = time.perf_counter() - t0
+    events = sum(a.events.read_bytes().count(b"\n") for a in exp.arms())
+    size = sum(a.events.stat().st_size for a in exp.arms())
+    t0 = time.perf_counter()
+    save_writer_folds(exp)
+    folds = {"made_by": FOLDS_MADE_BY, "seconds": time.perf_counter() - t0,
+             "bytes": sum(foldcache.fold_path(a.events).stat().st_size for a in exp.arms())}
+    with_folds = attach_runs(exp, tmux, env, steps, repeats, with_folds=True)
+    without = attach_runs(exp, tmux, env, steps, repeats, with_folds=False)
+    without["reader_saved_folds"] = all(foldcache.load(a.events) is not None for a in exp.arms())
+    median = with_folds["median_s"]
+    return {"steps_per_arm": steps, "events": events, "bytes": size, "write_s": written, "folds": folds,
+            **with_folds, "without_folds": without, "goal_s": GOALS["attach_s"], "x_goal": median / GOALS["attach_s"],
+            "met": median <= GOALS["attach_s"], "emit": bench_emit(logs.parent / "emit", *emit)}
 
 
 # ---------------------------------------------------------------- b. the UI's CPU while arms log 50 steps/s
@@ -510,7 +592,8 @@ def machine() -> dict[str, Any]:
 
 
 SIZES = {  # full bench, --smoke
-    "attach_steps": (500_000, 1_000), "attach_repeats": (2, 1),
+    "attach_steps": (500_000, 1_000), "attach_repeats": (2, 1), "emit_events": (20_000, 200),
+    "emit_repeats": (5, 1),
     "cpu_window": (30.0, 2.0), "cpu_idle": (5.0, 1.0), "cpu_repeats": (3, 1), "split_window": (10.0, 1.0),
     "train_steps": (1_000, 40), "train_pairs": (4, 1),
 }
@@ -527,7 +610,8 @@ def run(sections: list[str], smoke: bool) -> dict[str, Any]:
         tmux = Tmux()
         try:
             if "attach" in sections:
-                result["attach"] = bench_attach(logs, tmux, env, size["attach_steps"], size["attach_repeats"])
+                result["attach"] = bench_attach(logs, tmux, env, size["attach_steps"], size["attach_repeats"],
+                                                (size["emit_events"], size["emit_repeats"]))
             if "cpu" in sections:
                 result["cpu"] = bench_cpu(logs, tmux, env, 50.0, size["cpu_window"], size["cpu_idle"],
                                           size["cpu_repeats"])
@@ -563,10 +647,17 @@ def table_rows(result: dict[str, Any]) -> Iterator[tuple[str, str, str, str]]:
                f"{sp['charts_drawn_once']['ui_cpu_pct']:.1f}% with the loss charts drawn once", "-")
     if "attach" in result:
         a = result["attach"]
-        yield ("c. attach, first screen (tmux)", f"<= {GOALS['attach_s']:.0f} s",
+        n = a["without_folds"]
+        yield ("c. attach, first screen (tmux), saved folds", f"<= {GOALS['attach_s']:.0f} s",
                f"{a['median_s']:.2f} s for {a['events']:,} events (runs "
                + ", ".join(f"{s:.2f}" for s in a["tmux_first_screen_s"]) + ")", "yes" if a["met"] else "NO")
-        yield ("c. watcher's first poll (fold)", "-", f"{a['watcher']['median_first_poll_s']:.2f} s", "-")
+        yield ("c. same, no saved folds (older log)", "-", f"{n['median_s']:.2f} s (runs "
+               + ", ".join(f"{s:.2f}" for s in n["tmux_first_screen_s"]) + ")", "-")
+        yield ("c. watcher's first poll", "-", f"{a['watcher']['median_first_poll_s']:.3f} s with saved folds, "
+               f"{n['watcher']['median_first_poll_s']:.2f} s without", "-")
+        e = a["emit"]
+        yield ("c. writer: one step event's emit", "-", f"{e['off_us']:.1f} us, {e['on_us']:.1f} us with the fold "
+               f"(+{e['fold_us']:.1f} us); a save {e['save_ms']:.1f} ms", "-")
 
 
 def print_table(result: dict[str, Any]) -> None:
@@ -578,6 +669,8 @@ def print_table(result: dict[str, Any]) -> None:
             print("  ".join("-" * w for w in widths))
     print(f"machine: {result['machine']['cpus']} cores, {result['machine']['memory_gib']} GiB, no GPU; "
           f"load average at start {result['machine']['load_avg'][0]:.2f}; total {result['total_s']:.0f} s")
+    if "attach" in result:
+        print(f"saved folds: {result['attach']['folds']['made_by']}")
 
 
 def main() -> int:

@@ -4,8 +4,16 @@ import json
 import os
 from pathlib import Path
 
+import pytest
+
 from gputwin import events as ev
-from gputwin.tailer import Tailer
+from gputwin import foldcache
+from gputwin import state as st
+from gputwin import tailer as tailer_module
+from gputwin.paths import ExperimentPaths
+from gputwin.tailer import ExperimentWatcher, Tailer
+
+from foldlog import comparable, realistic_lines, whole_fold
 
 
 def line(kind: str = ev.STEP, t: float = 100.0, **fields: object) -> str:
@@ -138,3 +146,126 @@ def test_removed_file_counts_as_restart(tmp_path: Path) -> None:
     assert tailer.read_new() == ([], [])
     path.write_text(line(step=1))
     assert len(tailer.read_new()[0]) == 1 and tailer.restarts == 1
+
+
+# ---------------------------------------------------------------- saved folds: start at a position, the watcher
+
+
+def test_start_at_a_position_reads_only_what_follows_with_the_same_line_numbers(tmp_path: Path) -> None:
+    path = tmp_path / "events.jsonl"
+    path.write_text(line(step=1) + line(step=2))
+    first = Tailer(path)
+    first.read_new()
+    position = first.position
+    assert position is not None and (position.offset, position.lines) == (path.stat().st_size, 2)
+    with path.open("a") as fh:
+        fh.write("not json\n" + line(step=3))
+    later = Tailer(path)
+    later.start_at(position)
+    events, bad = later.read_new()
+    assert [e["step"] for e in events] == [3] and [n for n, _ in bad] == [3]
+    assert later.restarts == 0 and later.line_no == 4
+
+
+def test_start_at_a_position_in_a_file_since_replaced_reads_it_from_the_top(tmp_path: Path) -> None:
+    path = tmp_path / "events.jsonl"
+    path.write_text(line(step=1, t=1.0) + line(step=2, t=2.0))
+    first = Tailer(path)
+    first.read_new()
+    assert first.position is not None
+    fresh = tmp_path / "fresh.jsonl"
+    fresh.write_text(line(step=1, t=7.0) + line(step=2, t=8.0) + line(step=3, t=9.0))
+    os.replace(fresh, path)
+    later = Tailer(path)
+    later.start_at(first.position)
+    events, _ = later.read_new()
+    assert [e.t for e in events] == [7.0, 8.0, 9.0] and later.restarts == 1
+
+
+MARK = st.ActionRecord("a mark no event sets", "a", "test", 0.0)
+
+
+def never_stalled() -> float:
+    """A clock before every event of realistic_lines(): no arm looks stalled."""
+    return 0.0
+
+
+def _experiment(tmp_path: Path, lines: list[str], device: object = None) -> ExperimentPaths:
+    """One arm "a" whose log holds `lines`, with a profile.json naming the GPU (when `device` is given)."""
+    exp = ExperimentPaths(tmp_path / "exp")
+    arm = exp.arm("a")
+    arm.root.mkdir(parents=True)
+    arm.events.write_text("".join(lines), encoding="utf-8")
+    arm.profile_json.write_text(json.dumps({"name": "a", "device": device}))
+    return exp
+
+
+def test_the_watcher_starts_from_the_saved_fold_with_its_own_profile(tmp_path: Path) -> None:
+    lines = realistic_lines()
+    exp = _experiment(tmp_path, lines[:900], device=3)
+    log = exp.arm("a").events
+    state, reader = foldcache.fold_log(log, "a")
+    state.actions.insert(0, MARK)  # the watcher has it only if it started from this fold
+    assert reader.position is not None and foldcache.save(log, state, reader.position)
+    with open(log, "a", encoding="utf-8") as fh:
+        fh.write("".join(lines[900:]))
+    watcher = ExperimentWatcher(exp, never_stalled, check_liveness=False)
+    assert watcher.poll() == {"a"}
+    got = watcher.state.arms["a"]
+    assert got.actions[0] == MARK and got.hparams == {"name": "a", "device": 3} and got.gpu_index == 3
+    del got.actions[0]
+    expected = whole_fold(log)
+    expected.hparams, expected.gpu_index = got.hparams, 3  # a started event takes the profile's GPU index
+    assert comparable(got) == comparable(expected)
+    assert watcher.poll() == set()
+
+
+def test_the_watcher_ignores_a_fold_that_no_longer_matches_its_log(tmp_path: Path) -> None:
+    lines = realistic_lines()
+    exp = _experiment(tmp_path, lines[:900])
+    log = exp.arm("a").events
+    state, reader = foldcache.fold_log(log, "a")
+    assert reader.position is not None and foldcache.save(log, state, reader.position)
+    log.write_text("".join(lines[:400]), encoding="utf-8")  # rewritten: shorter than the fold says
+    watcher = ExperimentWatcher(exp, never_stalled, check_liveness=False)
+    watcher.poll()
+    expected = whole_fold(log)
+    expected.hparams = watcher.state.arms["a"].hparams
+    assert comparable(watcher.state.arms["a"]) == comparable(expected)
+
+
+def test_the_watcher_saves_the_fold_of_a_long_log_it_read_from_the_top(tmp_path: Path,
+                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    lines = realistic_lines()
+    exp = _experiment(tmp_path, lines, device=1)
+    log = exp.arm("a").events
+    monkeypatch.setattr(tailer_module, "SAVE_FOLD_AFTER_BYTES", log.stat().st_size + 1)
+    ExperimentWatcher(exp, never_stalled, check_liveness=False).poll()
+    assert foldcache.load(log) is None  # shorter than the threshold: not worth a file
+    monkeypatch.setattr(tailer_module, "SAVE_FOLD_AFTER_BYTES", log.stat().st_size)
+    first = ExperimentWatcher(exp, never_stalled, check_liveness=False)
+    first.poll()
+    saved = foldcache.load(log)
+    assert saved is not None and saved.position.offset == log.stat().st_size
+    expected = whole_fold(log)
+    expected.gpu_index = 1  # taken from the profile when folded, and so from it again on every load
+    assert saved.state.hparams == {} and comparable(saved.state) == comparable(expected)
+    second = ExperimentWatcher(exp, never_stalled, check_liveness=False)
+    second.poll()
+    assert comparable(second.state.arms["a"]) == comparable(first.state.arms["a"])
+
+
+def test_the_watcher_saves_no_fold_once_liveness_has_marked_the_arm(tmp_path: Path,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    exp = ExperimentPaths(tmp_path / "exp")
+    arm = exp.arm("a")
+    arm.root.mkdir(parents=True)
+    arm.profile_json.write_text(json.dumps({"name": "a"}))
+    arm.exit.write_text("-9\n")  # the trainer died before it wrote anything
+    monkeypatch.setattr(tailer_module, "SAVE_FOLD_AFTER_BYTES", 1)
+    watcher = ExperimentWatcher(exp)
+    watcher.poll()
+    assert watcher.state.arms["a"].status == "crashed"
+    arm.events.write_text("".join(realistic_lines()[:20]), encoding="utf-8")  # then the log shows up
+    watcher.poll()
+    assert foldcache.load(arm.events) is None  # that state is not a fold of the log alone

@@ -78,7 +78,7 @@ class _GputwinCallbackLogic:
 
     def _emit(self, kind: str, **fields: Any) -> None:
         if self._writer is None:
-            self._writer = ev.EventWriter(self.arm.events)
+            self._writer = ev.EventWriter(self.arm.events, fold=True)
         self._writer.emit(kind, **fields)
 
     def _register(self, profile: Profile) -> None:

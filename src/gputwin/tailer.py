@@ -6,12 +6,16 @@
                                                      (``restarts`` counts it so readers can rebuild);
                                                      read_new(max_bytes) reads about that much at most
                                                      (whole lines) and sets ``behind`` when more waits
+    Tailer.position / start_at(position)             where it stands; go on from a saved fold's position
+    fold_new(tailer, state, fresh)                   fold all that is new into state, a long log in chunks
     ExperimentWatcher(exp, clock).poll() -> set of changed arm names; ``.state`` is the ExperimentState
 
-The watcher is the one object the UI and ``gputwin status`` read through. Beyond the event fold it
-knows what the log alone cannot say: a trainer that died without a final event is "crashed" (pid
-file + create time, exit status, the tail of stderr.log), and one that has not logged a step for
-max(60 s, 10 x its mean step time) is "stalled".
+The watcher is the one object the UI and ``gputwin status`` read through. A log it has not read yet
+starts from the fold saved beside it (gputwin.foldcache) when that still matches the file, so attaching
+to a million-event run reads only the tail; after folding a long log from the top it saves one itself.
+Beyond the event fold it knows what the log alone cannot say: a trainer that died without a final event
+is "crashed" (pid file + create time, exit status, the tail of stderr.log), and one that has not logged
+a step for max(60 s, 10 x its mean step time) is "stalled".
 """
 
 from __future__ import annotations
@@ -24,18 +28,19 @@ from pathlib import Path
 from typing import Any, Callable
 
 from . import events as ev
+from . import foldcache
 from . import state as st
 from . import supervise
 from .paths import ArmPaths, ExperimentPaths
 from .profiles import Experiment, differing_flat, flatten_dict
 
-HEAD_BYTES = 64  # first bytes of a log, remembered to notice a file rewritten in place
 STALL_MIN_S = 60.0
 STALL_STEPS = 10
 STDERR_TAIL_BYTES = 8192
 STDERR_TAIL_LINES = 20
 READ_CHUNK_BYTES = 8 << 20  # a long log is parsed and folded this much at a time: memory stays small, and
                             # short-lived events keep Python's collector from rescanning a million of them
+SAVE_FOLD_AFTER_BYTES = 8 << 20  # a reader that folded this much from the top saves the fold beside the log
 
 
 class Tailer:
@@ -50,6 +55,22 @@ class Tailer:
         self.behind = False  # the last read_new stopped at max_bytes with more already in the file
         self._ident: tuple[int, int] | None = None
         self._head = b""
+
+    @property
+    def position(self) -> foldcache.LogPosition | None:
+        """Where reading stands (for saving a fold of what was read); None while the file is not there."""
+        if self._ident is None:
+            return None
+        return foldcache.LogPosition(self.offset, self.line_no, self._ident, self._head)
+
+    def start_at(self, position: foldcache.LogPosition) -> None:
+        """Go on from `position` (a saved fold's) instead of the top: the next read returns what follows.
+
+        read_new still checks the file's identity, size and first bytes against it, so a log rewritten
+        since the position was taken is read again from the top (and counted in ``restarts``)."""
+        self.offset, self.line_no = position.offset, position.lines
+        self._ident, self._head = position.ident, position.head
+        self.partial = self.behind = False
 
     def _restart(self) -> None:
         self.offset = self.line_no = 0
@@ -89,7 +110,7 @@ class Tailer:
             else:
                 data = fh.read(size)
             if self.offset == 0:
-                self._head = data[:HEAD_BYTES] if b"\n" not in data[:HEAD_BYTES] else data[: data.index(b"\n")]
+                self._head = foldcache.head_of(data)
         end = data.rfind(b"\n") + 1
         self.partial = end < len(data)
         if end == 0:
@@ -112,6 +133,36 @@ class Tailer:
                 bad.append((number, str(exc)))
         self.line_no = number
         return events, bad
+
+
+def fold_new(tailer: Tailer, state: st.ArmState,
+             fresh: Callable[[], st.ArmState]) -> tuple[st.ArmState, bool]:
+    """Fold everything appended since the tailer's last read into `state`; returns (state, changed).
+
+    A long log goes in chunks, each parsed, folded and let go before the next. When the log restarts
+    (truncated or replaced), what follows is folded into ``fresh()`` instead, which is returned."""
+    changed = False
+    while True:
+        restarts = tailer.restarts
+        new_events, bad = tailer.read_new(READ_CHUNK_BYTES)
+        if tailer.restarts != restarts:
+            state, changed = fresh(), True
+        if new_events or bad:
+            st.fold(state.name, new_events, state)
+            state.add_bad_lines(bad)
+            changed = True
+        if not tailer.behind:
+            return state, changed
+
+
+def _with_profile(saved: st.ArmState, name: str, hparams: dict[str, Any]) -> st.ArmState:
+    """A saved fold as the watcher's arm state: its name and profile, and the GPU index the profile
+    names, which a ``started`` event takes from the profile when it gives one (see state._on_started)."""
+    saved.name, saved.hparams = name, hparams
+    physical = hparams.get("device")
+    if saved.started_t is not None and isinstance(physical, int) and not isinstance(physical, bool):
+        saved.gpu_index = physical
+    return saved
 
 
 def _mtime_ns(path: Path) -> int | None:
@@ -151,7 +202,6 @@ class ExperimentWatcher:
         self.state = st.ExperimentState(name=exp.name, root=exp.root)
         self._arm_paths: dict[str, ArmPaths] = {}
         self._tailers: dict[str, Tailer] = {}
-        self._restarts: dict[str, int] = {}
         self._experiment_mtime: int | None = None
         self._folder_mtime: int | None = None
         self._profile_mtimes: dict[str, int | None] = {}
@@ -219,7 +269,6 @@ class ExperimentWatcher:
             return
         self._arm_paths[name] = arm_paths
         self._tailers[name] = Tailer(arm_paths.events)
-        self._restarts[name] = 0
         self.state.arms[name] = st.ArmState(name)
 
     def _refresh_profile(self, name: str) -> bool:
@@ -261,20 +310,19 @@ class ExperimentWatcher:
         # after seeing it gone cannot miss that event.
         gone = self.check_liveness and not arm.ended and self._trainer_gone(paths)
         tailer = self._tailers[name]
-        changed = False
-        while True:  # a long log in chunks: each is parsed, folded and let go before the next
-            new_events, bad = tailer.read_new(READ_CHUNK_BYTES)
-            if tailer.restarts != self._restarts[name]:
-                self._restarts[name] = tailer.restarts
-                arm = self.state.arms[name] = st.ArmState(name, hparams=arm.hparams)
-                self._stderr_sizes.pop(name, None)
-                changed = True
-            if new_events or bad:
-                st.fold(name, new_events, arm)
-                arm.add_bad_lines(bad)
-                changed = True
-            if not tailer.behind:
-                break
+        changed = tailer.offset == 0 and self._start_from_saved_fold(name, paths, tailer)
+        arm = self.state.arms[name]
+        # Only a fold of the log alone is saved: nothing read from the top yet, nothing set by liveness.
+        from_top = tailer.offset == 0 and arm.events_seen == 0 and arm.status == st.STARTING
+        restarts, hparams = tailer.restarts, arm.hparams
+        arm, folded = fold_new(tailer, arm, lambda: st.ArmState(name, hparams=hparams))
+        changed |= folded
+        if tailer.restarts != restarts:
+            self.state.arms[name] = arm
+            self._stderr_sizes.pop(name, None)
+            from_top = True
+        if from_top and tailer.offset >= SAVE_FOLD_AFTER_BYTES and (position := tailer.position) is not None:
+            foldcache.save(paths.events, arm, position)  # an older gputwin's log attaches fast next time
         if gone and not arm.ended:
             self._mark_crashed(arm, paths, tailer)
             changed = True
@@ -284,6 +332,16 @@ class ExperimentWatcher:
         if arm.ended:
             changed |= self._read_exit_info(name, arm, paths)
         return changed
+
+    def _start_from_saved_fold(self, name: str, paths: ArmPaths, tailer: Tailer) -> bool:
+        """A log not read yet starts from the fold saved beside it, when that still matches the file."""
+        saved = foldcache.load(paths.events)
+        if saved is None:
+            return False
+        tailer.start_at(saved.position)
+        self.state.arms[name] = _with_profile(saved.state, name, self.state.arms[name].hparams)
+        self._stderr_sizes.pop(name, None)
+        return True
 
     def _trainer_gone(self, paths: ArmPaths) -> bool:
         """True only on evidence: an exit status was recorded, or the recorded process is not running."""
