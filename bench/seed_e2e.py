@@ -5,7 +5,8 @@ Two stages, because the GPU machine has no network and no Faker:
   python3 bench/seed_e2e.py run               (GPU)  random-init Qwen3-0.6B from its config, the seed profiles
                                                      with both arms on GPU 0, `gputwin run --headless`, timed
 The model has the real architecture (same FLOPs) with random weights: F1 is near zero and means nothing; the
-figure is the time from launch to verdict. Writes bench/out/seed-e2e/result.json and prints a table.
+figure is the time from launch to verdict. Writes bench/out/seed-e2e/result-TAG.json and prints a table.
+  python3 bench/seed_e2e.py run --only conservative --tag solo   one arm alone, to its validation
 """
 
 from __future__ import annotations
@@ -44,7 +45,8 @@ def prepare() -> None:
     print(f"prepared {WORK}: {len(texts)} train texts, tokenizer of {len(fast)} tokens")
 
 
-def run(wait_limit: float, tiny: bool = False) -> None:
+def run(wait_limit: float, tiny: bool = False, tag: str = "both", only: str | None = None) -> None:
+    """Launch the seed experiment (or one arm of it, `only`) and time it to the verdict (to its validation)."""
     import torch
     from transformers import PreTrainedTokenizerFast, Qwen3Config, Qwen3ForCausalLM
 
@@ -79,17 +81,30 @@ def run(wait_limit: float, tiny: bool = False) -> None:
         if tiny:
             text = text.replace("device = 0", 'device = "cpu"').replace('dtype = "bf16"', 'dtype = "fp32"')
         (folder / Path(arm.source).name).write_text(text)
-    (folder / "seed.toml").write_text(Path(exp.source).read_text())
-    logs = Path("/tmp/gputwin-logs")
+    experiment_text = Path(exp.source).read_text()
+    if only:  # one arm alone on the GPU: what each arm takes when it has a GPU of its own
+        experiment_text = experiment_text.replace('arms = ["conservative.toml", "aggressive.toml"]',
+                                                  f'arms = ["{only}.toml"]')
+        experiment_text = experiment_text.replace('baseline = "conservative"', f'baseline = "{only}"')
+    (folder / "seed.toml").write_text(experiment_text)
+    logs = Path(f"/tmp/gputwin-logs-{tag}")
+    arms = [only] if only else ["conservative", "aggressive"]
     env = dict(os.environ, GPUTWIN_LOGS=str(logs), PYTHONPATH=str(REPO / "src"), PYTHONUNBUFFERED="1")
     launched = time.time()
     monitor = subprocess.Popen([sys.executable, "-m", "gputwin.cli", "run", str(folder / "seed.toml"), "--headless"],
-                               env=env, stdout=open(WORK / "headless.log", "w"), stderr=subprocess.STDOUT)
+                               env=env, stdout=open(WORK / f"headless-{tag}.log", "w"), stderr=subprocess.STDOUT)
     verdict = logs / "pii-seed" / "verdict.json"
-    while not verdict.exists() and time.time() - launched < wait_limit and monitor.poll() is None:
+
+    def done() -> bool:
+        if not only:
+            return verdict.exists()
+        log = logs / "pii-seed" / only / "events.jsonl"
+        return log.exists() and '"kind":"validation"' in log.read_text()
+
+    while not done() and time.time() - launched < wait_limit and monitor.poll() is None:
         time.sleep(0.2)
-    to_verdict = time.time() - launched if verdict.exists() else None
-    for arm in ("conservative", "aggressive"):  # the conservative arm would train on to step 1758
+    to_verdict = time.time() - launched if done() else None
+    for arm in arms:  # the conservative arm would train on to step 1758
         subprocess.run([sys.executable, "-m", "gputwin.cli", "stop", arm, "-x", "pii-seed"], env=env,
                        capture_output=True)
     try:
@@ -97,8 +112,9 @@ def run(wait_limit: float, tiny: bool = False) -> None:
     except subprocess.TimeoutExpired:
         monitor.kill()
 
-    result = {"model_build_seconds": round(built, 1), "launch_to_verdict_seconds": to_verdict, "arms": {}}
-    for arm in ("conservative", "aggressive"):
+    result = {"model_build_seconds": round(built, 1), "arms_run": arms,
+              ("launch_to_validation_seconds" if only else "launch_to_verdict_seconds"): to_verdict, "arms": {}}
+    for arm in arms:
         events = [json.loads(line) for line in (logs / "pii-seed" / arm / "events.jsonl").read_text().splitlines()
                   if line.strip()]
         started = next(e for e in events if e["kind"] == "started")
@@ -114,14 +130,17 @@ def run(wait_limit: float, tiny: bool = False) -> None:
             "train_steps_per_s": round((len(steps) - 1) / (steps[-1]["t"] - steps[0]["t"]), 2) if len(steps) > 1 else None,
             "validation_seconds": validation.get("seconds") if validation else None,
             "validated_after_launch_s": round(validation["t"] - launched, 1) if validation else None,
+            "startup_seconds": started.get("startup_seconds"),
         }
-    WORK.joinpath("result.json").write_text(json.dumps(result, indent=2))
+    WORK.joinpath(f"result-{tag}.json").write_text(json.dumps(result, indent=2))
     print(f"{'arm':14} {'started':>8} {'1st step':>9} {'milestone':>10} {'steps/s':>8} {'val s':>7} {'validated':>10}")
     for arm, r in result["arms"].items():
         print(f"{arm:14} {r['started_after_launch_s']:>8} {r['first_step_after_launch_s']!s:>9} "
               f"{r['milestone_after_launch_s']!s:>10} {r['train_steps_per_s']!s:>8} {r['validation_seconds']!s:>7} "
               f"{r['validated_after_launch_s']!s:>10}")
-    print(f"launch to verdict: {to_verdict if to_verdict is None else round(to_verdict, 1)} s "
+    for arm, r in result["arms"].items():
+        print(f"{arm} start-up (s): {r['startup_seconds']}")
+    print(f"launch to {'validation' if only else 'verdict'}: {to_verdict if to_verdict is None else round(to_verdict, 1)} s "
           f"(model built beforehand in {built:.1f} s)")
 
 
@@ -130,8 +149,11 @@ def main() -> None:
     parser.add_argument("stage", choices=["prepare", "run"])
     parser.add_argument("--wait", type=float, default=240, help="seconds to wait for the verdict")
     parser.add_argument("--tiny", action="store_true", help="a 2-layer model on the CPU: checks the plumbing only")
+    parser.add_argument("--tag", default="both", help="names the logs folder and result-TAG.json (several runs in a row)")
+    parser.add_argument("--only", choices=["conservative", "aggressive"],
+                        help="run this arm alone and time it to its validation (an arm with a GPU of its own)")
     args = parser.parse_args()
-    prepare() if args.stage == "prepare" else run(args.wait, args.tiny)
+    prepare() if args.stage == "prepare" else run(args.wait, args.tiny, args.tag, args.only)
 
 
 if __name__ == "__main__":

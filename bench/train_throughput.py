@@ -30,7 +30,7 @@ import torch
 import common
 from gputwin.train.fast import FastStep, make_optimizer, pack
 
-VARIANTS = ("baseline", "packed+graphs", "packed+compile+graphs", "packed", "lean-padded", "engine")
+VARIANTS = ("baseline", "packed+graphs", "packed+compile+graphs", "packed", "lean-padded", "engine", "packed+graphs+hfnorm")
 BATCH = 4
 
 
@@ -138,12 +138,12 @@ def run_lean_padded(model: Any, batches: list[list[dict]], args: argparse.Namesp
                     len(batches) - args.warm_steps, device)
 
 
-def _run_fast(name: str, *, compile: bool, graphs: bool) -> Callable[..., dict]:
+def _run_fast(name: str, *, compile: bool, graphs: bool, fused_norms: bool | None = None) -> Callable[..., dict]:
     def run(model: Any, batches: list[list[dict]], args: argparse.Namespace, device: torch.device) -> dict:
         optimizer = make_optimizer(model, args.lr)
         on_cuda = device.type == "cuda"  # --cpu-smoke runs the same code without compile and graphs
         step_fn = FastStep(model, optimizer, compile=compile and on_cuda, cuda_graphs=graphs and on_cuda,
-                           grad_clip=1.0)
+                           grad_clip=1.0, fused_norms=fused_norms)
         started = time.perf_counter()
         shapes = {}
         for samples in batches:  # every shape once: graphs (and compilation) before the clock starts
@@ -171,14 +171,15 @@ def _run_fast(name: str, *, compile: bool, graphs: bool) -> Callable[..., dict]:
         return _summary(name, torch.stack(losses).float().tolist(), tokens, elapsed, len(batches) - args.warm_steps,
                         device, prepare_seconds=prepare_s, graphs_captured=captured, shapes=len(shapes),
                         grad_norms=torch.stack(norms).float().tolist(), bucket=args.bucket, **extra,
-                        attention_backend=step_fn.attention_backend, padding_share=1 - real / padded)
+                        attention_backend=step_fn.attention_backend, padding_share=1 - real / padded,
+                        fused_norms=step_fn.fused_norms)
     return run
 
 
 def run_engine(model: Any, batches: list[list[dict]], args: argparse.Namespace, device: torch.device) -> dict:
     """The fast engine as the trainer loop drives it (gputwin.train.engine.make_engine("fast")): graphs
-    captured as new shapes come, a float loss read every step; then the NaN path the trainer's fault hook
-    exercises: the step must raise NonFiniteLoss and change no weight."""
+    captured as new shapes come, each step's loss read after the next step is issued; then the NaN path
+    the trainer's fault hook exercises: the step must raise NonFiniteLoss and change no weight."""
     from gputwin.train.batching import Example
     from gputwin.train.engine import NonFiniteLoss, build_optimizer, make_engine
 
@@ -186,7 +187,7 @@ def run_engine(model: Any, batches: list[list[dict]], args: argparse.Namespace, 
     optimizer = build_optimizer(model, lr=args.lr, weight_decay=0.0, device=device)
     engine = make_engine("fast", model, optimizer, device=device, model_dtype=dtype, grad_clip=1.0, pad_id=args.pad_id)
     examples = [[Example(s["input_ids"], s["labels"], False) for s in batch] for batch in batches]
-    losses, tokens, start = [], 0, 0.0
+    losses, tokens, start, pending = [], 0, 0.0, None
     common.synchronize(device)
     first = time.perf_counter()
     for step, batch in enumerate(examples):
@@ -194,7 +195,11 @@ def run_engine(model: Any, batches: list[list[dict]], args: argparse.Namespace, 
             start = time.perf_counter()
         if step >= args.warm_steps:
             tokens += sum(e.n_tokens for e in batch)
-        losses.append(engine.step(engine.collate(batch), linear_lr(args.lr, len(batches), step)).loss)
+        outcome = engine.step(engine.collate(batch), linear_lr(args.lr, len(batches), step))
+        if pending is not None:
+            losses.append(pending.result().loss)
+        pending = outcome
+    losses.append(pending.result().loss)
     elapsed, total = time.perf_counter() - start, time.perf_counter() - first
     params = [p for p in model.parameters() if p.requires_grad]
     with torch.no_grad():
@@ -202,7 +207,7 @@ def run_engine(model: Any, batches: list[list[dict]], args: argparse.Namespace, 
     kept = [p.detach().clone() for p in params[1:]]
     raised = False
     try:
-        engine.step(engine.collate(examples[0]), args.lr)
+        engine.step(engine.collate(examples[0]), args.lr).result()
     except NonFiniteLoss:
         raised = True
     unchanged = all(torch.equal(a, b) for a, b in zip(params[1:], kept))
@@ -230,6 +235,7 @@ RUNNERS: dict[str, Callable[..., dict]] = {
     "lean-padded": run_lean_padded,
     "packed": _run_fast("packed", compile=False, graphs=False),
     "packed+graphs": _run_fast("packed+graphs", compile=False, graphs=True),
+    "packed+graphs+hfnorm": _run_fast("packed+graphs+hfnorm", compile=False, graphs=True, fused_norms=False),
     "packed+compile+graphs": _run_fast("packed+compile+graphs", compile=True, graphs=True),
     "engine": run_engine,
 }

@@ -16,6 +16,9 @@ from gputwin.encoding import (
     build_prompt,
     decode_tag,
     encode_generate,
+    encode_generate_many,
+    encode_prompt,
+    encode_prompts,
     encode_tag,
     parse_answer,
     prompt_ids,
@@ -209,3 +212,42 @@ def test_encode_generate_hard_cut_when_nothing_fits():
     enc = encode_generate("John", [Entity("PERSON", "John", 0, 4)], tok, max_length=8)
     assert enc["truncated"] and len(enc["input_ids"]) == len(enc["labels"]) == 8
     assert enc["n_answer_tokens"] == 0
+
+
+TRIMMING_TEMPLATE = QWEN_LIKE_TEMPLATE.replace("{{ m['content'] }}", "{{ m['content'] | trim }}")
+
+
+@pytest.mark.parametrize("template", [None, QWEN_LIKE_TEMPLATE, TRIMMING_TEMPLATE])
+def test_a_prompt_is_the_template_rendered_for_its_text(template):
+    """The chat frame found once gives exactly what rendering the template for each text gives."""
+    tok = bpe_tokenizer(chat_template=template is not None)
+    if template:
+        tok.chat_template = template
+    for text in ["hi there", "  padded text \n\t", "{{ not a template }} {% raw %}", "张三，电话13800138000", ""]:
+        if template:
+            rendered = tok.apply_chat_template([{"role": "user", "content": f"{INSTRUCTION}\n\nText: {text}"}],
+                                               tokenize=False, add_generation_prompt=True, enable_thinking=False)
+        else:
+            rendered = f"{INSTRUCTION}\n\nText: {text}\nPII:"
+        assert build_prompt(text, tok) == rendered, (template, text)
+
+
+@pytest.mark.parametrize("chat", [False, True])
+def test_batch_encoding_equals_one_sample_at_a_time(chat):
+    tok = bpe_tokenizer(chat_template=chat)
+    head = "call John Smith please. "
+    long_text = head + "filler words here. " * 60 + "email john@example.com"
+    samples = [
+        ("please call John Smith on +1 555 0100", spans("please call John Smith on +1 555 0100",
+                                                        ("PERSON", "John Smith"), ("PHONE", "+1 555 0100"))),
+        (long_text, spans(long_text, ("PERSON", "John Smith"), ("EMAIL", "john@example.com"))),  # cut
+        ("no pii at all", ()),
+        ("我叫张三，电话13800138000", spans("我叫张三，电话13800138000", ("PERSON", "张三"))),
+    ]
+    limit = len(prompt_ids("", tok)) + 60
+    batch = encode_generate_many(samples, tok, limit)
+    assert batch == [encode_generate(text, gold, tok, limit) for text, gold in samples]
+    assert [row["truncated"] for row in batch] == [False, True, False, False]
+    texts = [text for text, _ in samples]
+    assert encode_prompts(texts, tok, limit) == [encode_prompt(text, tok, limit) for text in texts]
+    assert encode_generate_many([], tok, limit) == [] and encode_prompts([], tok, limit) == []

@@ -17,7 +17,7 @@ from gputwin.encoding import IGNORE_INDEX
 from gputwin.train.batching import Example
 from gputwin.train.engine import EngineUnsupported, NonFiniteLoss, StepOutput, make_engine
 from gputwin.train.fast import (FastEngine, FastStep, answer_only_loss, block_causal_mask, decoder_parts,
-                                masked_attention, pack, preserved_state, run_decoder)
+                                fuse_rms_norms, masked_attention, pack, preserved_state, run_decoder)
 
 REPO = Path(__file__).resolve().parents[1]
 VOCAB = 96
@@ -237,3 +237,32 @@ def test_varlen_check_runs_from_inference_code_and_rejects_a_wrong_kernel() -> N
     with torch.inference_mode():  # where a validator asks first: the check's backward must still run
         assert fast._varlen_matches_sdpa(right, "cpu")
         assert not fast._varlen_matches_sdpa(wrong, "cpu")
+
+
+def test_fused_rms_norms_give_the_same_loss_and_gradients() -> None:
+    batch = pack(samples(4, seed=5))
+    results = []
+    for fused in (False, True):
+        model = tiny_model(seed=3)
+        generator = torch.Generator().manual_seed(0)
+        with torch.no_grad():  # norm weights other than their initial ones, so the weight's place counts
+            for name, p in model.named_parameters():
+                if "norm" in name:
+                    p.copy_(torch.rand(p.shape, generator=generator) + 0.5)
+        if fused:
+            assert fuse_rms_norms(model) == 2 * 4 + 1  # per layer: input, post-attention, q and k norms; final
+        loss = answer_only_loss(model, batch)
+        loss.backward()
+        results.append((float(loss), [p.grad.clone() for p in trainable(model)]))
+    (plain_loss, plain_grads), (fused_loss, fused_grads) = results
+    assert abs(fused_loss - plain_loss) < 1e-5
+    assert all(torch.allclose(a, b, rtol=1e-4, atol=1e-6) for a, b in zip(plain_grads, fused_grads))
+
+
+def test_fused_rms_norms_leave_other_dtypes_to_the_models_own_forward() -> None:
+    model = tiny_model(seed=3)
+    norm = decoder_parts(model).body.norm
+    fuse_rms_norms(model)
+    hidden = torch.randn(2, 5, 64, dtype=torch.float64)
+    expected = type(norm).forward(norm, hidden)
+    assert torch.equal(norm(hidden), expected) and expected.dtype == torch.float64

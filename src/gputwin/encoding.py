@@ -48,21 +48,65 @@ def _user_message(text: str) -> str:
     return f"{INSTRUCTION}\n\nText: {text}"
 
 
-def build_prompt(text: str, tokenizer: Any) -> str:
-    """The prompt as a string: the model's own chat format when it has one (a user turn only), else plain."""
-    template = getattr(tokenizer, "chat_template", None)
-    if not template:
-        return f"{INSTRUCTION}\n\nText: {text}\nPII:"
-    extra = {"enable_thinking": False} if "enable_thinking" in str(template) else {}
+def _render_chat(tokenizer: Any, content: str) -> str:
+    template = str(tokenizer.chat_template)
+    extra = {"enable_thinking": False} if "enable_thinking" in template else {}
     return tokenizer.apply_chat_template(
-        [{"role": "user", "content": _user_message(text)}], tokenize=False, add_generation_prompt=True, **extra
+        [{"role": "user", "content": content}], tokenize=False, add_generation_prompt=True, **extra
     )
 
 
+_FRAMES: dict[int, tuple[Any, tuple[str, str] | None]] = {}  # id(tokenizer) -> (tokenizer, its frame)
+_MARK = "\ue000gputwin-text\ue001"  # a private-use marker no template or text holds
+_PROBE = "  Probe: Ann Lee, ann@example.com\n  \t"  # spaces and newlines at both ends: a trimming template fails
+
+
+def _chat_frame(tokenizer: Any) -> tuple[str, str] | None:
+    """The rendered chat prompt before and after the sample text, found once per tokenizer.
+
+    Rendering a chat template runs Jinja, which costs far more than tokenising; with the frame a prompt is
+    two string joins. None when the template does not place the message verbatim (it trims or rewrites it):
+    then every prompt is rendered.
+    """
+    cached = _FRAMES.get(id(tokenizer))
+    if cached is not None and cached[0] is tokenizer:
+        return cached[1]
+    rendered = _render_chat(tokenizer, _user_message(_MARK))
+    frame = None
+    if rendered.count(_MARK) == 1:
+        before, after = rendered.split(_MARK)
+        if _render_chat(tokenizer, _user_message(_PROBE)) == before + _PROBE + after:
+            frame = (before, after)
+    _FRAMES[id(tokenizer)] = (tokenizer, frame)
+    return frame
+
+
+def build_prompt(text: str, tokenizer: Any) -> str:
+    """The prompt as a string: the model's own chat format when it has one (a user turn only), else plain."""
+    if not getattr(tokenizer, "chat_template", None):
+        return f"{INSTRUCTION}\n\nText: {text}\nPII:"
+    frame = _chat_frame(tokenizer)
+    if frame is None:
+        return _render_chat(tokenizer, _user_message(text))
+    return frame[0] + text + frame[1]
+
+
+def _adds_special(tokenizer: Any) -> bool:
+    """A chat template writes its own BOS, so no special tokens are added then."""
+    return not getattr(tokenizer, "chat_template", None)
+
+
 def prompt_ids(text: str, tokenizer: Any) -> list[int]:
-    """Token ids of build_prompt(text). A chat template writes its own BOS, so no special tokens are added then."""
-    add_special = not getattr(tokenizer, "chat_template", None)
-    return list(tokenizer(build_prompt(text, tokenizer), add_special_tokens=add_special)["input_ids"])
+    """Token ids of build_prompt(text)."""
+    return list(tokenizer(build_prompt(text, tokenizer), add_special_tokens=_adds_special(tokenizer))["input_ids"])
+
+
+def prompt_ids_many(texts: Sequence[str], tokenizer: Any) -> list[list[int]]:
+    """prompt_ids of many texts in one tokenizer call (a fast tokenizer spreads a batch over the cores)."""
+    if not texts:
+        return []
+    prompts = [build_prompt(text, tokenizer) for text in texts]
+    return [list(ids) for ids in tokenizer(prompts, add_special_tokens=_adds_special(tokenizer))["input_ids"]]
 
 
 def eos_id(tokenizer: Any) -> int:
@@ -123,7 +167,15 @@ def _cut_prompt(text: str, tokenizer: Any, budget: int) -> tuple[list[int], str]
 
 def encode_prompt(text: str, tokenizer: Any, max_length: int) -> tuple[list[int], bool]:
     """Prompt ids for inference, at most max_length long (the text cut from its end), and whether it was cut."""
-    ids = prompt_ids(text, tokenizer)
+    return _fit_prompt(prompt_ids(text, tokenizer), text, tokenizer, max_length)
+
+
+def encode_prompts(texts: Sequence[str], tokenizer: Any, max_length: int) -> list[tuple[list[int], bool]]:
+    """encode_prompt of many texts, tokenised in one batch."""
+    return [_fit_prompt(ids, text, tokenizer, max_length) for ids, text in zip(prompt_ids_many(texts, tokenizer), texts)]
+
+
+def _fit_prompt(ids: list[int], text: str, tokenizer: Any, max_length: int) -> tuple[list[int], bool]:
     if len(ids) <= max_length:
         return ids, False
     ids, _ = _cut_prompt(text, tokenizer, max_length)
@@ -138,7 +190,24 @@ def encode_generate(text: str, entities: Sequence[Entity], tokenizer: Any, max_l
     at max_length. Either way truncated is True.
     """
     entities = list(entities)
-    prompt, answer = prompt_ids(text, tokenizer), _answer_ids(entities, tokenizer)
+    return _generate_example(prompt_ids(text, tokenizer), _answer_ids(entities, tokenizer), text, entities,
+                             tokenizer, max_length)
+
+
+def encode_generate_many(samples: Sequence[tuple[str, Sequence[Entity]]], tokenizer: Any,
+                         max_length: int) -> list[dict]:
+    """encode_generate of many (text, entities) pairs, prompts and answers each tokenised in one batch."""
+    if not samples:
+        return []
+    prompts = prompt_ids_many([text for text, _ in samples], tokenizer)
+    answers = tokenizer([answer_text(entities) for _, entities in samples], add_special_tokens=False)["input_ids"]
+    eos = eos_id(tokenizer)
+    return [_generate_example(prompt, list(answer) + [eos], text, list(entities), tokenizer, max_length)
+            for prompt, answer, (text, entities) in zip(prompts, answers, samples)]
+
+
+def _generate_example(prompt: list[int], answer: list[int], text: str, entities: list[Entity], tokenizer: Any,
+                      max_length: int) -> dict:
     truncated = len(prompt) + len(answer) > max_length
     if truncated:
         prompt, kept = _cut_prompt(text, tokenizer, max_length - len(answer))

@@ -13,7 +13,7 @@ import time
 from typing import Any, Sequence
 
 from .data import Entity, Sample
-from .encoding import answer_closed, answer_text, decode_tag, encode_prompt, encode_tag, eos_id, parse_answer
+from .encoding import answer_closed, answer_text, decode_tag, encode_prompts, encode_tag, eos_id, parse_answer
 
 DEFAULT_BATCH = {("generate", "cuda"): 64, ("generate", "cpu"): 8, ("tag", "cuda"): 128, ("tag", "cpu"): 32}
 UNPARSABLE_KEPT = 5  # raw outputs kept in info for a look at what went wrong
@@ -128,7 +128,7 @@ def _predict_generate(model: Any, tokenizer: Any, samples: Sequence[Sample], *, 
     from transformers import StoppingCriteriaList
 
     max_new_tokens = max_new_tokens or default_max_new_tokens(samples, tokenizer)
-    encoded = [encode_prompt(s.text, tokenizer, max_length) for s in samples]
+    encoded = encode_prompts([s.text for s in samples], tokenizer, max_length)
     prompts = [ids for ids, _ in encoded]
     config = _generation_config(tokenizer, max_new_tokens)
     outputs: list[str] = [""] * len(samples)
@@ -168,7 +168,7 @@ def _predict_generate_fast(model: Any, tokenizer: Any, samples: Sequence[Sample]
     from .fastgen import greedy_generate
 
     max_new_tokens = max_new_tokens or default_max_new_tokens(samples, tokenizer)
-    encoded = [encode_prompt(s.text, tokenizer, max_length) for s in samples]
+    encoded = encode_prompts([s.text for s in samples], tokenizer, max_length)
     eos = eos_id(tokenizer)
     closing = _closing_token_ids(tokenizer)
 

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import argparse
 import sys
+import time
+
+import psutil
 
 from .loop import train
 
@@ -13,7 +16,9 @@ def main(argv: list[str] | None = None) -> int:
                                      description="Train one gputwin arm; events go to ARM_DIR/events.jsonl.")
     parser.add_argument("arm_dir", help="the arm folder holding profile.json (made by `gputwin run`)")
     args = parser.parse_args(argv)
-    return train(args.arm_dir)
+    # process start to here: Python, torch, transformers and the rest imported (reported in `started`)
+    imports_seconds = round(time.time() - psutil.Process().create_time(), 3)
+    return train(args.arm_dir, imports_seconds=imports_seconds)
 
 
 if __name__ == "__main__":

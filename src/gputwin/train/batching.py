@@ -13,7 +13,7 @@ from typing import Any, Sequence
 
 import torch
 
-from ..encoding import IGNORE_INDEX, encode_generate, encode_tag
+from ..encoding import IGNORE_INDEX, encode_generate_many, encode_tag
 
 
 @dataclass(frozen=True)
@@ -34,9 +34,8 @@ def encode_samples(samples: Sequence[Any], tokenizer: Any, *, task: str, max_len
     """Every sample through the task's encoder (gputwin.encoding), once, before training starts."""
     out: list[Example] = []
     if task == "generate":
-        for s in samples:
-            enc = encode_generate(s.text, s.entities, tokenizer, max_length)
-            out.append(Example(enc["input_ids"], enc["labels"], bool(enc["truncated"])))
+        encoded = encode_generate_many([(s.text, s.entities) for s in samples], tokenizer, max_length)
+        out = [Example(enc["input_ids"], enc["labels"], bool(enc["truncated"])) for enc in encoded]
     else:
         label2id = {name: i for i, name in enumerate(label_names or ())}
         for s in samples:

@@ -78,8 +78,9 @@ class Issued:
 class Trainer:
     """The loop and what happens between its steps (control requests, checkpoints, validation)."""
 
-    def __init__(self, run: Run, writer: events.EventWriter, stop: StopSignal) -> None:
+    def __init__(self, run: Run, writer: events.EventWriter, stop: StopSignal, imports_seconds: float | None = None) -> None:
         self.run, self.writer, self.stop = run, writer, stop
+        self.imports_seconds = imports_seconds  # process start to train(): Python, torch and the rest
         self.fault = faults.fault_from_env()
         t = run.profile.train
         plan = LrPlan(t.learning_rate, t.warmup_steps, t.scheduler, run.total_steps)
@@ -293,6 +294,8 @@ class Trainer:
             truncated=run.truncated, label_names=run.label_names, steps_per_epoch=run.steps_per_epoch,
             total_steps=state.plan.total_steps, milestone_step=run.milestone_step,
             tokens_per_epoch=run.tokens_per_epoch, step=state.step, lr_plan=state.plan.to_dict(),
+            startup_seconds={**({"imports": self.imports_seconds} if self.imports_seconds is not None else {}),
+                             **run.startup},
         )
 
 
@@ -318,7 +321,7 @@ def read_profile(arm: ArmPaths) -> Profile:
     return load_resolved(arm.profile_json)
 
 
-def train(arm_dir: str | Path) -> int:
+def train(arm_dir: str | Path, *, imports_seconds: float | None = None) -> int:
     """Run the arm in `arm_dir` to its end; the exit code of `python -m gputwin.train`.
 
     Failures become a `failed` event: known ones (diverged loss, out of memory, user errors) with a
@@ -344,7 +347,7 @@ def train(arm_dir: str | Path) -> int:
             print(f"gputwin: {arm.name}: {error}: {message}\n  hint: {hint}{unlogged}", file=sys.stderr, flush=True)
 
         try:
-            trainer = Trainer(build_run(arm, read_profile(arm)), writer, stop)
+            trainer = Trainer(build_run(arm, read_profile(arm)), writer, stop, imports_seconds)
             return trainer.train()
         except TrainFailure as exc:
             fail(exc.error, exc.message, exc.hint)

@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import os
 import random
+import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, TypeVar
 
 import torch
 
@@ -22,6 +24,8 @@ from ..plan import milestone_step, steps_for
 from ..profiles import Profile
 from .batching import Example, encode_samples
 from .engine import Engine, build_optimizer, make_engine
+
+T = TypeVar("T")
 
 
 class TrainFailure(Exception):
@@ -52,6 +56,7 @@ class Run:
     milestone_step: int
     checkpoint_root: Path
     bad_lines: int
+    startup: dict[str, float]  # seconds of build_run's phases (device and model overlap data) and in total
 
     @property
     def adapter_meta(self) -> dict[str, Any]:
@@ -102,38 +107,72 @@ def cpu_threads(profile: Profile) -> int:
         return 1
 
 
+def load_model(profile: Profile, device: torch.device, label_names: list[str] | None) -> Any:
+    """The profile's base model on its device, in its dtype (no adapter yet)."""
+    spec = profile.model
+    return modeling.load_base(spec.base, task=spec.task, dtype=modeling.resolve_dtype(spec.dtype, device),
+                              device=device, label_names=label_names, trust_remote_code=spec.trust_remote_code)
+
+
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     torch.manual_seed(seed)
 
 
 def build_run(arm: ArmPaths, profile: Profile) -> Run:
-    """Device, data, tokenizer, model with LoRA, optimizer and engine, in that order."""
-    device, device_name = pick_device(profile)
-    if device.type == "cpu":
-        torch.set_num_threads(cpu_threads(profile))
+    """Device, data, tokenizer, model with LoRA, optimizer and engine.
+
+    The device comes up (CUDA's start takes seconds) and a generate model loads in a second thread while
+    this one reads and tokenises the data; a tag model waits for the data, which names its labels.
+    """
+    started = time.perf_counter()
+    startup: dict[str, float] = {}
+
+    def timed(phase: str, work: Callable[[], T]) -> T:
+        begin = time.perf_counter()
+        result = work()
+        startup[phase] = round(time.perf_counter() - begin, 3)
+        return result
+
     seed_everything(profile.train.seed)
     spec = profile.model
 
-    dataset = load_dataset(profile.data.train)
-    label_names = bio_label_names(dataset.entity_types) if spec.task == "tag" else None
-    tokenizer = modeling.load_tokenizer(spec.base, spec.trust_remote_code)
-    examples = encode_samples(dataset.samples, tokenizer, task=spec.task, max_length=profile.train.max_length,
-                              label_names=label_names)
+    def device_and_model(label_names: list[str] | None) -> tuple[torch.device, str, Any]:
+        device, name = timed("device", lambda: pick_device(profile))
+        if device.type == "cpu":
+            torch.set_num_threads(cpu_threads(profile))
+        if spec.task == "tag" and label_names is None:
+            return device, name, None
+        return device, name, timed("model", lambda: load_model(profile, device, label_names))
 
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="gputwin-setup") as pool:
+        early = pool.submit(device_and_model, None)
+        dataset = load_dataset(profile.data.train)
+        label_names = bio_label_names(dataset.entity_types) if spec.task == "tag" else None
+        tokenizer = modeling.load_tokenizer(spec.base, spec.trust_remote_code)
+        examples = encode_samples(dataset.samples, tokenizer, task=spec.task, max_length=profile.train.max_length,
+                                  label_names=label_names)
+        startup["data"] = round(time.perf_counter() - started, 3)
+        device, device_name, base = early.result()
+    if device.type == "cuda":
+        torch.cuda.set_device(device)  # the current device is per thread
+    if base is None:
+        base = timed("model", lambda: load_model(profile, device, label_names))
     model_dtype = modeling.resolve_dtype(spec.dtype, device)
-    base = modeling.load_base(spec.base, task=spec.task, dtype=model_dtype, device=device, label_names=label_names,
-                              trust_remote_code=spec.trust_remote_code)
-    model = modeling.attach_lora(base, profile.lora, spec.task, spec.init_adapter).to(device)
+    model = timed("lora", lambda: modeling.attach_lora(base, profile.lora, spec.task, spec.init_adapter).to(device))
     model.train()
 
-    optimizer = build_optimizer(model, lr=profile.train.learning_rate, weight_decay=profile.train.weight_decay,
-                                device=device)
-    engine = make_engine(profile.train.engine, model, optimizer, device=device, model_dtype=model_dtype,
-                         grad_clip=profile.train.grad_clip, pad_id=int(tokenizer.pad_token_id))
+    def optimizer_and_engine() -> tuple[torch.optim.Optimizer, Engine]:
+        optimizer = build_optimizer(model, lr=profile.train.learning_rate, weight_decay=profile.train.weight_decay,
+                                    device=device)
+        return optimizer, make_engine(profile.train.engine, model, optimizer, device=device, model_dtype=model_dtype,
+                                      grad_clip=profile.train.grad_clip, pad_id=int(tokenizer.pad_token_id))
+
+    optimizer, engine = timed("engine", optimizer_and_engine)
+    startup["total"] = round(time.perf_counter() - started, 3)
     per_epoch, total = steps_for(len(examples), profile.train.batch_size, profile.train.epochs)
     root = Path(profile.train.output_dir) if profile.train.output_dir else arm.checkpoints
     return Run(arm=arm, profile=profile, device=device, device_name=device_name, model_dtype=model_dtype,
                tokenizer=tokenizer, model=model, optimizer=optimizer, engine=engine, examples=examples,
                label_names=label_names, steps_per_epoch=per_epoch, total_steps=total, milestone_step=milestone_step(profile, per_epoch),
-               checkpoint_root=root, bad_lines=len(dataset.bad_lines))
+               checkpoint_root=root, bad_lines=len(dataset.bad_lines), startup=startup)
