@@ -81,18 +81,24 @@ def run(wait_limit: float, tiny: bool = False, tag: str = "both", only: str | No
         if tiny:
             text = text.replace("device = 0", 'device = "cpu"').replace('dtype = "bf16"', 'dtype = "fp32"')
         (folder / Path(arm.source).name).write_text(text)
-    experiment_text = Path(exp.source).read_text()
-    if only:  # one arm alone on the GPU: what each arm takes when it has a GPU of its own
-        experiment_text = experiment_text.replace('arms = ["conservative.toml", "aggressive.toml"]',
-                                                  f'arms = ["{only}.toml"]')
-        experiment_text = experiment_text.replace('baseline = "conservative"', f'baseline = "{only}"')
-    (folder / "seed.toml").write_text(experiment_text)
+    (folder / "seed.toml").write_text(Path(exp.source).read_text())
     logs = Path(f"/tmp/gputwin-logs-{tag}")
     arms = [only] if only else ["conservative", "aggressive"]
     env = dict(os.environ, GPUTWIN_LOGS=str(logs), PYTHONPATH=str(REPO / "src"), PYTHONUNBUFFERED="1")
-    launched = time.time()
-    monitor = subprocess.Popen([sys.executable, "-m", "gputwin.cli", "run", str(folder / "seed.toml"), "--headless"],
-                               env=env, stdout=open(WORK / f"headless-{tag}.log", "w"), stderr=subprocess.STDOUT)
+    out = open(WORK / f"headless-{tag}.log", "w")
+    if only:  # one arm alone on the GPU (what an arm takes with a GPU of its own): its trainer, started directly
+        from gputwin.launcher import _write_arm_files
+        from gputwin.paths import ArmPaths
+
+        profile = next(a for a in load_experiment(folder / "seed.toml").arms if a.name == only)
+        _write_arm_files(ArmPaths(logs / "pii-seed" / only), profile)
+        launched = time.time()
+        monitor = subprocess.Popen([sys.executable, "-m", "gputwin.train", str(logs / "pii-seed" / only)], env=env,
+                                   stdout=out, stderr=subprocess.STDOUT)
+    else:
+        launched = time.time()
+        monitor = subprocess.Popen([sys.executable, "-m", "gputwin.cli", "run", str(folder / "seed.toml"),
+                                    "--headless"], env=env, stdout=out, stderr=subprocess.STDOUT)
     verdict = logs / "pii-seed" / "verdict.json"
 
     def done() -> bool:
@@ -105,8 +111,11 @@ def run(wait_limit: float, tiny: bool = False, tag: str = "both", only: str | No
         time.sleep(0.2)
     to_verdict = time.time() - launched if done() else None
     for arm in arms:  # the conservative arm would train on to step 1758
-        subprocess.run([sys.executable, "-m", "gputwin.cli", "stop", arm, "-x", "pii-seed"], env=env,
-                       capture_output=True)
+        if only:
+            monitor.terminate()  # a trainer stops at the end of its step on SIGTERM
+        else:
+            subprocess.run([sys.executable, "-m", "gputwin.cli", "stop", arm, "-x", "pii-seed"], env=env,
+                           capture_output=True)
     try:
         monitor.wait(timeout=60)
     except subprocess.TimeoutExpired:

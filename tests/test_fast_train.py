@@ -216,7 +216,8 @@ def test_bench_cpu_smoke_runs_every_variant_with_matching_losses(tmp_path: Path)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
     report = json.loads((tmp_path / "train_throughput.json").read_text())
     results = {r["variant"]: r for r in report["results"]}
-    assert set(results) == {"baseline", "lean-padded", "packed", "packed+graphs", "packed+compile+graphs", "engine"}
+    assert set(results) == {"baseline", "lean-padded", "packed", "packed+graphs", "packed+compile+graphs", "engine",
+                            "packed+graphs+hfnorm"}
     for name, r in results.items():
         assert len(r["losses"]) == 4 and r["tokens_per_s"] > 0
         if name != "baseline":
@@ -234,9 +235,14 @@ def test_varlen_check_runs_from_inference_code_and_rejects_a_wrong_kernel() -> N
     def wrong(q, k, v, cu, max_len, scale):  # ignores the sample boundaries
         return right(q, k, v, torch.tensor([0, q.shape[0]], dtype=torch.int32), max_len, scale)
 
+    def wrong_heads(q, k, v, cu, max_len, scale):  # K/V heads paired with the wrong query heads
+        groups = q.shape[1] // k.shape[1]
+        return right(q, *(x.repeat(1, groups, 1) for x in (k, v)), cu, max_len, scale)
+
     with torch.inference_mode():  # where a validator asks first: the check's backward must still run
         assert fast._varlen_matches_sdpa(right, "cpu")
         assert not fast._varlen_matches_sdpa(wrong, "cpu")
+        assert not fast._varlen_matches_sdpa(wrong_heads, "cpu")
 
 
 def test_fused_rms_norms_give_the_same_loss_and_gradients() -> None:
@@ -266,3 +272,4 @@ def test_fused_rms_norms_leave_other_dtypes_to_the_models_own_forward() -> None:
     hidden = torch.randn(2, 5, 64, dtype=torch.float64)
     expected = type(norm).forward(norm, hidden)
     assert torch.equal(norm(hidden), expected) and expected.dtype == torch.float64
+

@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from ..encoding import IGNORE_INDEX
 
 ATTENTION_NAME = "gputwin_packed"  # registered with transformers' AttentionInterface below
+LABEL_BUCKET = 256  # the trainer's label slots (pack's label_bucket): each distinct shape costs a graph capture
 CAUSAL_LM_HINT = "the fast path needs a decoder with embed_tokens, rotary_emb, layers and norm (Llama/Qwen family)"
 
 
@@ -123,8 +124,13 @@ def pack(samples: Sequence[Any], *, bucket: int = 128, label_bucket: int = 64, p
 # ---------------------------------------------------------------- document-causal attention
 
 
-def _resolve_varlen() -> Callable[..., torch.Tensor] | None:
-    """torch's flash varlen attention, called the way this torch version spells causal and GQA."""
+def _resolve_varlen(*, repeat_kv: bool, contiguous: bool) -> Callable[..., torch.Tensor] | None:
+    """torch's flash varlen attention, called the way this torch version spells causal and GQA.
+
+    Inputs are [T, H, D] views of the layers' [H, T, D] tensors. The flash kernel itself takes fewer K/V
+    heads than query heads and strided inputs; `repeat_kv` and `contiguous` copy them first instead, for a
+    torch whose wrapper does not pass them through (varlen_backend finds out which works here).
+    """
     try:
         from torch.nn.attention.varlen import varlen_attn
     except ImportError:
@@ -141,10 +147,12 @@ def _resolve_varlen() -> Callable[..., torch.Tensor] | None:
     def call(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu: torch.Tensor, max_len: int,
              scale: float) -> torch.Tensor:
         extra = dict(causal)
+        if contiguous:
+            q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
         if q.shape[1] != k.shape[1]:
             if native_gqa:
                 extra["enable_gqa"] = True
-            else:
+            elif repeat_kv:
                 k, v = (x.repeat_interleave(q.shape[1] // k.shape[1], dim=1) for x in (k, v))
         if has_scale:
             extra["scale"] = scale
@@ -156,6 +164,9 @@ def _resolve_varlen() -> Callable[..., torch.Tensor] | None:
 
 
 _VARLEN: dict[str, Callable[..., torch.Tensor] | None] = {}  # "cuda" -> checked varlen call, or None
+# tried in this order: fewest copies first (K/V heads as they are, strided views), then with copies
+_VARLEN_WAYS = ({"repeat_kv": False, "contiguous": False}, {"repeat_kv": False, "contiguous": True},
+                {"repeat_kv": True, "contiguous": True})
 
 
 def varlen_backend(device: torch.device | str) -> str:
@@ -164,8 +175,12 @@ def varlen_backend(device: torch.device | str) -> str:
     if torch.device(device).type != "cuda":
         return "sdpa-mask"
     if "cuda" not in _VARLEN:
-        call = _resolve_varlen()
-        _VARLEN["cuda"] = call if call is not None and _varlen_matches_sdpa(call, device) else None
+        _VARLEN["cuda"] = None
+        for way in _VARLEN_WAYS:
+            call = _resolve_varlen(**way)
+            if call is not None and _varlen_matches_sdpa(call, device):
+                _VARLEN["cuda"] = call
+                break
     return "varlen" if _VARLEN["cuda"] is not None else "sdpa-mask"
 
 
@@ -176,23 +191,25 @@ def _varlen_matches_sdpa(call: Callable[..., torch.Tensor], device: torch.device
 
 
 def _compare_with_sdpa(call: Callable[..., torch.Tensor], device: torch.device | str) -> bool:
+    """Forward and backward of `call` against masked SDPA, on inputs laid out as attend_packed passes them
+    ([T, H, D] views of [H, T, D] tensors) with fewer K/V heads than query heads."""
     generator = torch.Generator(device=device).manual_seed(0)
     cu = torch.tensor([0, 37, 200, 256], dtype=torch.int32, device=device)
-    shapes = ((256, 4, 64), (256, 2, 64), (256, 2, 64))
-    inputs = [torch.randn(s, device=device, dtype=torch.bfloat16, generator=generator).requires_grad_()
+    shapes = ((4, 256, 64), (2, 256, 64), (2, 256, 64))
+    leaves = [torch.randn(s, device=device, dtype=torch.bfloat16, generator=generator).requires_grad_()
               for s in shapes]
     try:
-        out = call(*inputs, cu, 256, 0.125)
+        out = call(*(x.transpose(0, 1) for x in leaves), cu, 256, 0.125)
         out.float().square().sum().backward()
     except (RuntimeError, TypeError, ValueError, NotImplementedError):
         return False
-    grads = [x.grad.float() for x in inputs]
-    ref_inputs = [x.detach().clone().requires_grad_() for x in inputs]
-    q, k, v = (x.transpose(0, 1).unsqueeze(0) for x in ref_inputs)
-    ref = masked_attention(q, k, v, cu, 0.125)
+    grads = [x.grad.float() for x in leaves]
+    ref_leaves = [x.detach().clone().requires_grad_() for x in leaves]
+    ref = masked_attention(*(x.unsqueeze(0) for x in ref_leaves), cu, 0.125)
     ref.float().square().sum().backward()
-    pairs = [(out.detach(), ref[0].detach())] + [(g, x.grad.float()) for g, x in zip(grads, ref_inputs)]
-    return all(float((a.float() - b.float()).norm() / b.float().norm().clamp_min(1e-6)) < 2e-2 for a, b in pairs)
+    pairs = [(out.detach(), ref[0].detach())] + [(g, x.grad.float()) for g, x in zip(grads, ref_leaves)]
+    return all(a.shape == b.shape and float((a.float() - b.float()).norm() / b.float().norm().clamp_min(1e-6)) < 2e-2
+               for a, b in pairs)
 
 
 def block_causal_mask(cu_seqlens: torch.Tensor, length: int) -> torch.Tensor:
@@ -220,7 +237,7 @@ def attend_packed(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, c
     """Document-causal attention over one packed row ([1, H, T, D] in, [1, T, H, D] out)."""
     varlen = _VARLEN.get("cuda")
     if mask is None and varlen is not None and query.is_cuda and query.dtype in (torch.bfloat16, torch.float16):
-        q, k, v = (x[0].transpose(0, 1).contiguous() for x in (query, key, value))
+        q, k, v = (x[0].transpose(0, 1) for x in (query, key, value))
         return varlen(q, k, v, cu_seqlens, max_len, scale).unsqueeze(0)
     return masked_attention(query, key, value, cu_seqlens, scale, mask)
 
@@ -539,7 +556,8 @@ class FastStep:
         with preserved_state(self.optimizer, self.params):
             side.wait_stream(current)
             with torch.cuda.stream(side):
-                for _ in range(self.warmup_iters):
+                # the first capture warms everything up (libraries, allocator); a new shape needs one run
+                for _ in range(self.warmup_iters if not self._graphs else 1):
                     self.optimizer.zero_grad(set_to_none=True)
                     self._body(static)
             current.wait_stream(side)
@@ -594,7 +612,8 @@ class FastEngine:
                              autocast_dtype=dtype)
 
     def collate(self, examples: Sequence[Any]) -> PackedBatch:
-        return pack(examples, pad_id=self.pad_id)
+        # label slots in steps of 256: a few more lm_head rows a step, half as many shapes to capture
+        return pack(examples, pad_id=self.pad_id, label_bucket=LABEL_BUCKET)
 
     def step(self, batch: PackedBatch, lr: float) -> Any:
         """Issue the step; on CUDA it returns at once and the figures arrive with `.result()`."""

@@ -9,7 +9,6 @@ from __future__ import annotations
 import os
 import random
 import time
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, TypeVar
@@ -56,7 +55,7 @@ class Run:
     milestone_step: int
     checkpoint_root: Path
     bad_lines: int
-    startup: dict[str, float]  # seconds of build_run's phases (device and model overlap data) and in total
+    startup: dict[str, float]  # seconds of build_run's phases, and in total
 
     @property
     def adapter_meta(self) -> dict[str, Any]:
@@ -120,11 +119,7 @@ def seed_everything(seed: int) -> None:
 
 
 def build_run(arm: ArmPaths, profile: Profile) -> Run:
-    """Device, data, tokenizer, model with LoRA, optimizer and engine.
-
-    The device comes up (CUDA's start takes seconds) and a generate model loads in a second thread while
-    this one reads and tokenises the data; a tag model waits for the data, which names its labels.
-    """
+    """Device, data, tokenizer, model with LoRA, optimizer and engine, in that order (each phase timed)."""
     started = time.perf_counter()
     startup: dict[str, float] = {}
 
@@ -134,30 +129,22 @@ def build_run(arm: ArmPaths, profile: Profile) -> Run:
         startup[phase] = round(time.perf_counter() - begin, 3)
         return result
 
+    device, device_name = timed("device", lambda: pick_device(profile))
+    if device.type == "cpu":
+        torch.set_num_threads(cpu_threads(profile))
     seed_everything(profile.train.seed)
     spec = profile.model
 
-    def device_and_model(label_names: list[str] | None) -> tuple[torch.device, str, Any]:
-        device, name = timed("device", lambda: pick_device(profile))
-        if device.type == "cpu":
-            torch.set_num_threads(cpu_threads(profile))
-        if spec.task == "tag" and label_names is None:
-            return device, name, None
-        return device, name, timed("model", lambda: load_model(profile, device, label_names))
-
-    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="gputwin-setup") as pool:
-        early = pool.submit(device_and_model, None)
+    def data() -> tuple[Any, list[str] | None, Any, list[Example]]:
         dataset = load_dataset(profile.data.train)
         label_names = bio_label_names(dataset.entity_types) if spec.task == "tag" else None
         tokenizer = modeling.load_tokenizer(spec.base, spec.trust_remote_code)
-        examples = encode_samples(dataset.samples, tokenizer, task=spec.task, max_length=profile.train.max_length,
-                                  label_names=label_names)
-        startup["data"] = round(time.perf_counter() - started, 3)
-        device, device_name, base = early.result()
-    if device.type == "cuda":
-        torch.cuda.set_device(device)  # the current device is per thread
-    if base is None:
-        base = timed("model", lambda: load_model(profile, device, label_names))
+        return dataset, label_names, tokenizer, encode_samples(dataset.samples, tokenizer, task=spec.task,
+                                                               max_length=profile.train.max_length,
+                                                               label_names=label_names)
+
+    dataset, label_names, tokenizer, examples = timed("data", data)
+    base = timed("model", lambda: load_model(profile, device, label_names))
     model_dtype = modeling.resolve_dtype(spec.dtype, device)
     model = timed("lora", lambda: modeling.attach_lora(base, profile.lora, spec.task, spec.init_adapter).to(device))
     model.train()
