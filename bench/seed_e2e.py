@@ -45,7 +45,8 @@ def prepare() -> None:
     print(f"prepared {WORK}: {len(texts)} train texts, tokenizer of {len(fast)} tokens")
 
 
-def run(wait_limit: float, tiny: bool = False, tag: str = "both", only: str | None = None) -> None:
+def run(wait_limit: float, tiny: bool = False, tag: str = "both", only: str | None = None,
+        profile_to: str | None = None) -> None:
     """Launch the seed experiment (or one arm of it, `only`) and time it to the verdict (to its validation)."""
     import torch
     from transformers import PreTrainedTokenizerFast, Qwen3Config, Qwen3ForCausalLM
@@ -93,8 +94,9 @@ def run(wait_limit: float, tiny: bool = False, tag: str = "both", only: str | No
         profile = next(a for a in load_experiment(folder / "seed.toml").arms if a.name == only)
         _write_arm_files(ArmPaths(logs / "pii-seed" / only), profile)
         launched = time.time()
-        monitor = subprocess.Popen([sys.executable, "-m", "gputwin.train", str(logs / "pii-seed" / only)], env=env,
-                                   stdout=out, stderr=subprocess.STDOUT)
+        profiler = ["-m", "cProfile", "-o", profile_to] if profile_to else []  # Python time, start-up included
+        monitor = subprocess.Popen([sys.executable, *profiler, "-m", "gputwin.train", str(logs / "pii-seed" / only)],
+                                   env=env, stdout=out, stderr=subprocess.STDOUT)
     else:
         launched = time.time()
         monitor = subprocess.Popen([sys.executable, "-m", "gputwin.cli", "run", str(folder / "seed.toml"),
@@ -161,8 +163,9 @@ def main() -> None:
     parser.add_argument("--tag", default="both", help="names the logs folder and result-TAG.json (several runs in a row)")
     parser.add_argument("--only", choices=["conservative", "aggressive"],
                         help="run this arm alone and time it to its validation (an arm with a GPU of its own)")
+    parser.add_argument("--cprofile", metavar="FILE", help="with --only: run the trainer under cProfile, stats to FILE")
     args = parser.parse_args()
-    prepare() if args.stage == "prepare" else run(args.wait, args.tiny, args.tag, args.only)
+    prepare() if args.stage == "prepare" else run(args.wait, args.tiny, args.tag, args.only, args.cprofile)
 
 
 if __name__ == "__main__":

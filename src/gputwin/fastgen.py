@@ -18,7 +18,7 @@ from typing import Any, Callable, Sequence
 import torch
 import torch.nn.functional as F
 
-from .train.fast import DecoderParts, attend_packed, decoder_parts, run_decoder, varlen_backend
+from .train.fast import DecoderParts, attend_packed, decoder_parts, fuse_rms_norms, run_decoder, varlen_backend
 
 StopFn = Callable[[list[int]], bool]
 
@@ -213,6 +213,8 @@ def greedy_generate(model: Any, prompts: Sequence[Sequence[int]], *, max_new_tok
     device = parts.lm_head.weight.device
     dtype = parts.body.embed_tokens.weight.dtype
     use_graphs = device.type == "cuda" if cuda_graphs is None else cuda_graphs
+    if device.type == "cuda":
+        fuse_rms_norms(model)  # the same maths in one kernel each (a trained model may have them already)
     if varlen_backend(device) != "varlen" or dtype not in (torch.bfloat16, torch.float16):
         prefill_tokens = min(prefill_tokens, 2048)  # the fallback attention builds a [T, T] mask per chunk
     order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
