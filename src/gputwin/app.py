@@ -29,6 +29,7 @@ from .widgets.arm_pane import ArmPane
 from .widgets.device_panel import SamplerLike
 from .widgets.feed import ExperimentFeed
 from .widgets.formatting import display_path
+from .widgets.live_text import LiveText
 from .widgets.log_view import LogView
 from .widgets.messages import LogTailRead, StateUpdated
 from .widgets.modals import KEY_HELP, ConfirmScreen, HelpScreen
@@ -83,7 +84,7 @@ class GputwinApp(App[None]):
         self._sampler_failure_shown = False
         # The dashboard's widgets, held: a query from the app searches the active screen, which is a
         # dialog while one is open, and the dashboard must keep updating under it.
-        self._top = Static(f"gputwin · {exp.name} · {display_path(exp.root)}", id="top-bar")
+        self._top = LiveText(f"gputwin · {exp.name} · {display_path(exp.root)}", id="top-bar")
         self._arms = Container(Static(f"Reading {display_path(exp.root)} …", id="loading"), id="arms")
         self._panes: list[ArmPane] = []
         self._verdict = VerdictPane(id="verdict", can_focus=False)
@@ -190,7 +191,7 @@ class GputwinApp(App[None]):
         auto = rules is not None and rules.on_verdict == "apply"
         self._verdict.show_state(self.state, self.clock(), self.applied, auto)
         if rules is not None:
-            self._top.update(
+            self._top.show(
                 f"gputwin · {self.state.name} · baseline {rules.baseline} · on verdict: {rules.on_verdict}"
                 f" · {display_path(self.exp.root)}")
 

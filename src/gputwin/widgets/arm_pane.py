@@ -8,13 +8,13 @@ from typing import Any
 from rich.text import Text
 from textual.app import ComposeResult
 from textual.containers import Vertical
-from textual.widgets import Static
 
 from ..eta import eta, human_duration
 from ..state import STATUSES
 from ..supervise import describe_exit
 from .device_panel import DevicePanel
 from .formatting import device_label, num, percent, rate, sci, shorten_paths, status_style, value_text
+from .live_text import LiveText
 from .loss_chart import LossChart, LossSeries
 from .progress import StepProgress
 
@@ -148,15 +148,15 @@ class ArmPane(Vertical, can_focus=True):
         self.number = number
         self.border_title = f"{number} {arm_name}"
         # Held rather than queried: an update may arrive while the pane is mounting or going away.
-        self._head = Static("", classes="arm-head")
-        self._hparams = Static("", classes="arm-hparams")
+        self._head = LiveText(classes="arm-head")
+        self._hparams = LiveText(classes="arm-hparams")
         self._milestone = StepProgress("milestone", classes="milestone-progress")
         self._end = StepProgress("end", classes="end-progress")
-        self._crash_why = Static("", classes="crash-why")
-        self._crash_stderr = Static("", classes="crash-stderr")
+        self._crash_why = LiveText(classes="crash-why")
+        self._crash_stderr = LiveText(classes="crash-stderr")
         self._crash = Vertical(self._crash_why, self._crash_stderr, classes="arm-crash")
         self._chart = LossChart(classes="loss-chart")
-        self._stats = Static("", classes="arm-stats")
+        self._stats = LiveText(classes="arm-stats")
         self._device = DevicePanel(classes="device-panel")
 
     def compose(self) -> ComposeResult:
@@ -170,25 +170,28 @@ class ArmPane(Vertical, can_focus=True):
         yield self._device
 
     def show_arm(self, arm: Any, now: float, differing: list[str], baseline: str | None) -> None:
-        """Redraw from one ArmState (a copy owned by the UI thread)."""
+        """Redraw from one ArmState (a copy owned by the UI thread): only what changed repaints, since
+        setting a border title repaints the whole pane even when it is the same."""
         with self.app.batch_update():
             for status in STATUSES:
                 self.set_class(arm.status == status, f"-{status}")
-            self.border_subtitle = arm.status
-            self._head.update(header_text(arm, now, baseline))
-            self._head.tooltip = arm.device
-            self._hparams.update(hparams_text(arm, differing))
+            if self.border_subtitle != arm.status:
+                self.border_subtitle = arm.status
+            self._head.show(header_text(arm, now, baseline))
+            if self._head.tooltip != arm.device:
+                self._head.tooltip = arm.device
+            self._hparams.show(hparams_text(arm, differing))
             self._milestone.show(arm.step, arm.milestone_step, milestone_text(arm, now),
                                  bar=milestone_validation(arm) is None)
             self._end.show(arm.step, arm.total_steps, eta_text(arm, arm.total_steps, now))
             crashed = arm.status == "crashed"
             self._crash.display = crashed
             if crashed:
-                self._crash_why.update(crash_text(arm, self.root))
-                self._crash_stderr.update(stderr_lines(arm))
+                self._crash_why.show(crash_text(arm, self.root))
+                self._crash_stderr.show(stderr_lines(arm))
             # A dead arm's last figures and an idle device matter less than why it died.
             self._stats.display = self._device.display = not crashed
-            self._stats.update(stats_text(arm))
+            self._stats.show(stats_text(arm))
             self._chart.show(loss_series(arm))
 
     @property

@@ -8,9 +8,10 @@ from typing import Any, Protocol
 from rich.text import Text
 from textual.app import ComposeResult
 from textual.containers import Horizontal, Vertical
-from textual.widgets import Sparkline, Static
+from textual.widgets import Sparkline
 
 from .formatting import gib, is_number
+from .live_text import LiveText
 
 SPARK_POINTS = 60  # the last minute at the sampler's 1 Hz
 
@@ -78,9 +79,9 @@ class DevicePanel(Vertical):
     def __init__(self, *, classes: str | None = None) -> None:
         super().__init__(classes=classes)
         # Held rather than queried: readings may arrive while the panel is still mounting or going away.
-        self._head = Static("", classes="device-head")
+        self._head = LiveText(classes="device-head")
         self._spark = Sparkline([], classes="device-spark")
-        self._body = Static("", classes="device-body")
+        self._body = LiveText(classes="device-body")
 
     def compose(self) -> ComposeResult:
         with Horizontal():
@@ -91,22 +92,27 @@ class DevicePanel(Vertical):
     def show_gpu(self, sample: Any, history: Sequence[Any], pid: int | None) -> None:
         head, body = gpu_lines(sample, pid)
         self._set(head, body, [s.util_pct for s in history if is_number(s.util_pct)])
-        self.tooltip = f"{sample.name or 'GPU'}: utilisation over the last minute (NVML)"
+        self._tip(f"{sample.name or 'GPU'}: utilisation over the last minute (NVML)")
 
     def show_cpu(self, sample: Any, history: Sequence[Any]) -> None:
         head, body = cpu_lines(sample)
         self._set(head, body, [s.cpu_pct for s in history if is_number(s.cpu_pct)])
-        self.tooltip = "the arm process's CPU % over the last minute (psutil)"
+        self._tip("the arm process's CPU % over the last minute (psutil)")
 
     def show_nothing(self, head: str, why: str) -> None:
         """No reading: say which device and why, instead of blank figures."""
         self._set(Text(head, style="bold"), Text(why, style="dim"), [])
 
     def _set(self, head: Text, body: Text, series: list[float]) -> None:
-        self._head.update(head)
-        self._body.update(body)
+        """Called every second: the texts and the sparkline repaint only when their figures changed."""
+        self._head.show(head)
+        self._body.show(body)
         self._spark.data = series[-SPARK_POINTS:]
         self._spark.display = bool(series)  # an empty sparkline would draw a flat line that looks like 0%
+
+    def _tip(self, tooltip: str) -> None:
+        if self.tooltip != tooltip:
+            self.tooltip = tooltip
 
     def show_for(self, arm: Any, sampler: SamplerLike, gpus: dict[int, Any], cpus: dict[int, Any]) -> None:
         """Pick the arm's reading from the sampler's latest: its GPU, or its process on CPU."""

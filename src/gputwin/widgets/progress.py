@@ -27,13 +27,15 @@ class StepProgress(Widget):
 
     label: reactive[str] = reactive("")
     """What the target is ("milestone", "end")."""
-    done: reactive[int | None] = reactive(None, layout=True)
+    # Changes repaint only: a layout reflows the whole screen, and the height changes only when the line
+    # no longer fits its width (or fits again), which show() checks.
+    done: reactive[int | None] = reactive(None)
     """Steps done so far."""
-    target: reactive[int | None] = reactive(None, layout=True)
+    target: reactive[int | None] = reactive(None)
     """The step this bar counts toward; None while the trainer has not said."""
-    when: reactive[str] = reactive("", layout=True)
+    when: reactive[str] = reactive("")
     """When the target is (or was) reached, already worded ("ETA 14:52 (in 20m)", "reached")."""
-    bar: reactive[bool] = reactive(True, layout=True)
+    bar: reactive[bool] = reactive(True)
     """False once the bar says nothing more than `when` does (a milestone already validated)."""
 
     def __init__(self, label: str, *, id: str | None = None, classes: str | None = None) -> None:
@@ -41,8 +43,12 @@ class StepProgress(Widget):
         self.set_reactive(StepProgress.label, label)
 
     def show(self, done: int | None, target: int | None, when: str, *, bar: bool = True) -> None:
-        """Set everything at once (the caller batches the repaint)."""
+        """Set everything at once (the caller batches the repaint); lay out when the height changes."""
+        width = self.size.width
+        one_line = self._fits_one_line(width)
         self.done, self.target, self.when, self.bar = done, target, when, bar
+        if self._fits_one_line(width) != one_line:
+            self.refresh(layout=True)
 
     def _figures(self) -> Text:
         figures = Text(steps(self.done, self.target))

@@ -8,10 +8,10 @@ from rich.console import Group, RenderableType
 from rich.table import Table
 from rich.text import Text
 from textual.containers import VerticalScroll
-from textual.widgets import Static
 
 from .arm_pane import eta_text
 from .formatting import interval, percent
+from .live_text import LiveText
 
 SCENARIO_STYLE = {"A": "bold green", "B": "bold yellow", "C": "bold cyan", "mismatch": "bold red"}
 CHANGING_ACTIONS = ("stop", "extend")
@@ -22,8 +22,9 @@ def changing_actions(verdict: Any) -> list[Any]:
     return [a for a in getattr(verdict, "actions", ()) if a.kind in CHANGING_ACTIONS]
 
 
-def waiting_view(state: Any, now: float) -> RenderableType:
-    """Before every arm has a validation: where each arm stands toward its milestone."""
+def waiting_view(state: Any, now: float) -> tuple[RenderableType, list[Text]]:
+    """Before every arm has a validation: where each arm stands toward its milestone; with the Texts the
+    view is made of (what LiveText compares)."""
     table = Table.grid(padding=(0, 2))
     table.add_column(style="bold", no_wrap=True)
     table.add_column()
@@ -41,7 +42,7 @@ def waiting_view(state: Any, now: float) -> RenderableType:
             row = Text("not started yet", style="dim")
         else:
             row = Text(f"at step {arm.step:,} of {arm.milestone_step:,} · {eta_text(arm, arm.milestone_step, now)}")
-        table.add_row(arm.name, row)
+        table.add_row(Text(arm.name), row)
     missing = [a for a in state.arms.values() if not a.validations]
     live = [a.name for a in missing if not a.ended]
     if live:
@@ -50,7 +51,8 @@ def waiting_view(state: Any, now: float) -> RenderableType:
         title = Text("no verdict: " + ", ".join(a.name for a in missing) + " ended without a validation", style="bold red")
     else:
         title = Text("waiting for the verdict", style="bold")
-    return Group(title, table)
+    cells = [cell for column in table.columns for cell in column.cells]
+    return Group(title, table), [title, *cells]
 
 
 def metrics_table(verdict: Any) -> Table:
@@ -104,19 +106,28 @@ def verdict_view(verdict: Any, applied: Sequence[str], auto: bool) -> Renderable
 class VerdictPane(VerticalScroll):
     """Scrolls when the reasons outgrow the space the arms leave it."""
 
+    _decided: tuple[Any, ...] | None = None  # what the decided verdict's view was drawn from
+
     def compose(self):  # type: ignore[override]
-        yield Static("", id="verdict-body")
+        yield LiveText(id="verdict-body")
 
     def show_state(self, state: Any, now: float, applied: Sequence[str] = (), auto: bool = False) -> None:
+        """Called on every update: the body repaints only when its text changed."""
         verdict = state.verdict
         scenario = getattr(verdict, "scenario", None)
         for name in ("waiting", "A", "B", "C", "mismatch"):
             self.set_class(scenario == name, f"-scenario-{name}")
+        body = self.query_one("#verdict-body", LiveText)
         if verdict is None or scenario == "waiting":
             live = any(not a.ended for a in state.arms.values() if not a.validations)
-            self.border_title = "verdict: waiting" if live or not state.arms else "verdict: none"
-            body = waiting_view(state, now)
+            title = "verdict: waiting" if live or not state.arms else "verdict: none"
+            self._decided = None
+            body.show(*waiting_view(state, now))
         else:
-            self.border_title = f"verdict: scenario {scenario}"
-            body = verdict_view(verdict, applied, auto)
-        self.query_one("#verdict-body", Static).update(body)
+            title = f"verdict: scenario {scenario}"
+            decided = (verdict, tuple(applied), auto)
+            if decided != self._decided:
+                self._decided = decided
+                body.show(verdict_view(verdict, applied, auto))
+        if self.border_title != title:  # setting it repaints the pane even when it is the same
+            self.border_title = title
