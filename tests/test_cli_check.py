@@ -90,3 +90,18 @@ def test_check_unknown_target_module(tmp_path: Path, capsys: pytest.CaptureFixtu
     assert main(["check", str(profile)]) == 2
     err = capsys.readouterr().err
     assert "lora.target_modules" in err and "query" in err
+
+
+def test_sample_counts_follow_the_data_file_when_it_changes(tmp_path: Path) -> None:
+    """Arms that share a data file read it once; a changed file is read again."""
+    from gputwin.plan import count_samples
+
+    from tiny import make_samples, profile_for, write_data
+
+    train, test = write_data(tmp_path, train=8, test=4)
+    profile = profile_for(tmp_path, train, test)
+    assert count_samples(profile) == (8, "")
+    with train.open("a", encoding="utf-8") as fh:
+        fh.write(json.dumps({"text": make_samples(1, seed=7)[0].text, "entities": []}) + "\n")
+        fh.write("not json\n")
+    assert count_samples(profile) == (9, "1 bad lines skipped")

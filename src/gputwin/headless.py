@@ -21,7 +21,7 @@ from .state import CRASHED
 from .supervise import arm_alive
 
 PROGRESS_EVERY_S = 10.0
-POLL_EVERY_S = 1.0
+POLL_EVERY_S = 0.3  # as often as the UI reads the files: a verdict shows within 0.3 s
 EXIT_ARM_CRASHED = 3
 AUTO = "auto"  # `by` of actions applied because rules.on_verdict = "apply"
 WAITING = "waiting"  # verdict.WAITING: an arm has not reached its milestone

@@ -7,6 +7,7 @@ device (no weights, no memory) and every targeted linear layer contributes r x (
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 from dataclasses import asdict, dataclass
@@ -50,11 +51,18 @@ def count_samples(profile: Profile) -> tuple[int, str]:
             return profile.data.synth_train, "synthetic, made on first run"
         raise ProfileError(profile.source, "data.train", f"data file {path} does not exist",
                            "make one with `gputwin data synth --out DIR` or set synth_if_missing = true")
+    info = path.stat()
+    samples, bad = _count_valid(str(path.resolve()), info.st_mtime_ns, info.st_size)
+    return samples, f"{bad} bad lines skipped" if bad else ""
+
+
+@functools.lru_cache(maxsize=16)
+def _count_valid(path: str, mtime_ns: int, size: int) -> tuple[int, int]:
+    """Valid samples and bad lines of a data file, read once per version of it (arms share a file)."""
     from .data import load_dataset
 
-    dataset = load_dataset(path)
-    note = f"{len(dataset.bad_lines)} bad lines skipped" if dataset.bad_lines else ""
-    return len(dataset.samples), note
+    dataset = load_dataset(Path(path))
+    return len(dataset.samples), len(dataset.bad_lines)
 
 
 def load_model_config(base: str, trust_remote_code: bool = False) -> Any:

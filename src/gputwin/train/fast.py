@@ -428,7 +428,7 @@ class FastStep:
     def __init__(self, model: Any, optimizer: torch.optim.Optimizer, *, compile: bool | None = None,
                  cuda_graphs: bool | None = None, grad_clip: float | None = 1.0,
                  autocast_dtype: torch.dtype | None | str = "auto",
-                 loss_fn: Callable[[Any, PackedBatch], torch.Tensor] | None = None, warmup_iters: int = 2,
+                 loss_fn: Callable[[Any, PackedBatch], torch.Tensor] | None = None, warmup_iters: int = 1,
                  fused_norms: bool | None = None) -> None:
         self.model, self.optimizer = model, optimizer
         self.params = [p for group in optimizer.param_groups for p in group["params"]]
@@ -556,8 +556,8 @@ class FastStep:
         with preserved_state(self.optimizer, self.params):
             side.wait_stream(current)
             with torch.cuda.stream(side):
-                # the first capture warms everything up (libraries, allocator); a new shape needs one run
-                for _ in range(self.warmup_iters if not self._graphs else 1):
+                # lazy set-up (libraries, optimizer state, allocator) happens here, outside the capture
+                for _ in range(self.warmup_iters):
                     self.optimizer.zero_grad(set_to_none=True)
                     self._body(static)
             current.wait_stream(side)
