@@ -449,3 +449,59 @@ def test_two_tiny_arms_train_detached_and_a_finished_arm_extends(tmp_path: Path,
     extended = [e for e in second_life if e.kind == ev.EXTENDED]
     assert extended and extended[-1]["total_steps"] == 12
     assert second_life[-1].kind == ev.FINISHED and second_life[-1]["step"] == 12
+
+
+# ---------------------------------------------------------------- the last life, from the log
+
+
+def _life(writer: ev.EventWriter, pid: int, end: str | None, steps: int = 3) -> None:
+    writer.emit(ev.STARTED, arm="a", pid=pid, device="cpu", samples=8, steps_per_epoch=4, total_steps=8,
+                milestone_step=4)
+    for step in range(1, steps + 1):
+        writer.emit(ev.STEP, step=step, epoch=step / 4, loss=1.0, lr=1e-3)
+    if end == ev.FAILED:
+        writer.emit(ev.FAILED, error="NonFiniteLoss", message="loss is nan at step 4", hint="lower the lr", step=3)
+    elif end is not None:
+        writer.emit(end, step=steps)
+
+
+@pytest.mark.parametrize("lives, status", [
+    ([], supervise.NOT_STARTED),
+    ([(ev.FINISHED,)], supervise.FINISHED),
+    ([(ev.STOPPED,)], supervise.STOPPED),
+    ([(ev.FAILED,)], supervise.FAILED),
+    ([(None,)], supervise.CRASHED),                    # killed: no final event
+    ([(ev.FINISHED,), (None,)], supervise.CRASHED),   # extended after the end, then killed
+    ([(None,), (ev.STOPPED,)], supervise.STOPPED),    # resumed after a crash, then stopped
+])
+def test_an_arms_status_is_how_its_last_life_ended(tmp_path: Path, lives: list, status: str) -> None:
+    arm = ArmPaths(tmp_path / "a")
+    arm.root.mkdir()
+    with ev.EventWriter(arm.events, fold=True) as writer:
+        for pid, (end,) in enumerate(lives, start=100):
+            _life(writer, pid, end)
+    assert supervise.arm_status(arm) == status
+
+
+def test_status_reads_the_saved_fold_and_what_follows_it(tmp_path: Path) -> None:
+    arm = ArmPaths(tmp_path / "a")
+    arm.root.mkdir()
+    with ev.EventWriter(arm.events, fold=True) as writer:
+        _life(writer, 100, ev.FINISHED)
+    assert (arm.root / "events.fold").is_file() and supervise.arm_status(arm) == supervise.FINISHED
+    with ev.EventWriter(arm.events) as writer:  # appended without keeping the fold: read from where it ends
+        _life(writer, 101, None)
+    assert supervise.arm_status(arm) == supervise.CRASHED
+
+
+def test_ending_names_the_final_event_of_the_recorded_trainer_only(tmp_path: Path) -> None:
+    arm = ArmPaths(tmp_path / "a")
+    arm.root.mkdir()
+    me = psutil.Process()
+    with ev.EventWriter(arm.events, fold=True) as writer:
+        _life(writer, me.pid + 1, ev.FINISHED)  # an older life's end does not count
+        arm.pid.write_text(f"{me.pid} {me.create_time():.3f}\n")
+        _life(writer, me.pid, None)
+        assert supervise.ending(arm) is None
+        writer.emit(ev.STOPPED, step=3)
+    assert supervise.ending(arm) == supervise.STOPPED

@@ -28,7 +28,6 @@ from typing import Iterator, Mapping, Sequence
 import psutil
 
 from . import control
-from . import events as ev
 from .paths import ArmPaths
 
 FORWARDED_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
@@ -39,7 +38,6 @@ SUPERVISOR_FILE = "supervisor"
 RUNNING, FINISHED, STOPPED, FAILED, CRASHED, NOT_STARTED = (
     "running", "finished", "stopped", "failed", "crashed", "not started")
 ENDED = frozenset({FINISHED, STOPPED, FAILED, CRASHED})
-_END_KINDS = {ev.STOPPED: STOPPED, ev.FINISHED: FINISHED, ev.FAILED: FAILED}
 ARM_LOCK_FILE = "supervise.lock"
 
 # Supervisors this process started; kept so they are reaped (no zombies, no ResourceWarning).
@@ -139,15 +137,25 @@ def describe_exit(status: int) -> str:
 # ---------------------------------------------------------------- an arm's lives
 
 
-def _log_status(arm: ArmPaths) -> str:
-    """What the event log says about the arm's last life."""
-    status = NOT_STARTED
-    for event in ev.read_events(arm.events).events:
-        if event.kind in _END_KINDS:
-            status = _END_KINDS[event.kind]
-        elif event.kind in (ev.STARTED, ev.RESUMED, ev.STEP, ev.EXTENDED):
-            status = CRASHED  # ran, with no final event (yet)
-    return status
+def _last_life(arm: ArmPaths) -> tuple[str, int | None]:
+    """What the event log says about the arm's last life, and the pid its `started` event names.
+
+    From the fold saved beside the log plus what follows it (foldcache), so a log of a million events
+    costs what was appended since the fold was saved, not a parse of every line.
+    """
+    from . import foldcache
+    from . import state as st
+
+    fold, _ = foldcache.fold_log(arm.events, arm.name)
+    if fold.status == st.FINISHED:
+        return FINISHED, fold.pid
+    if fold.status == st.STOPPED:
+        return STOPPED, fold.pid
+    if fold.failure is not None:
+        return FAILED, fold.pid
+    if fold.status == st.STARTING and not fold.step:
+        return NOT_STARTED, fold.pid
+    return CRASHED, fold.pid  # ran, with no final event (yet)
 
 
 def arm_status(arm: ArmPaths) -> str:
@@ -158,7 +166,7 @@ def arm_status(arm: ArmPaths) -> str:
     """
     if arm_alive(arm):
         return RUNNING
-    status = _log_status(arm)
+    status, _ = _last_life(arm)
     if status == NOT_STARTED and (read_pid(arm) is not None or read_exit(arm) is not None):
         status = CRASHED
     return status
@@ -172,14 +180,8 @@ def ending(arm: ArmPaths) -> str | None:
     recorded = read_pid(arm)
     if recorded is None:
         return None
-    ending: str | None = None
-    mine = False
-    for event in ev.read_events(arm.events).events:
-        if event.kind == ev.STARTED:
-            mine, ending = event.get("pid") == recorded[0], None
-        elif mine and event.kind in _END_KINDS:
-            ending = _END_KINDS[event.kind]
-    return ending
+    status, pid = _last_life(arm)
+    return status if pid == recorded[0] and status in (FINISHED, STOPPED, FAILED) else None
 
 
 # ---------------------------------------------------------------- launcher side
