@@ -20,7 +20,8 @@ from gputwin.widgets.feed import ExperimentFeed
 from gputwin.widgets.live_text import LiveText, text_shape
 from gputwin.widgets.progress import StepProgress
 from gputwin.widgets.verdict_pane import VerdictPane, waiting_view
-from test_app import CLOCKS, append_events, copy_fixture, screen_text
+from gputwin.gpu import GpuSample
+from test_app import CLOCKS, GIB, append_events, copy_fixture, fixture_app, loaded, screen_text, wait_until
 
 pytestmark = pytest.mark.anyio
 
@@ -150,3 +151,15 @@ def test_a_snapshot_is_a_copy_the_watcher_no_longer_changes(tmp_path: Path) -> N
     feed.poll()
     assert watched.step == 234 and copied.step == 233
     assert copied.loss_history.steps[-1] < 234
+
+
+async def test_device_panels_follow_the_sampler_when_no_state_update_comes(tmp_path: Path) -> None:
+    app = fixture_app("seed-midrun", tmp_path)  # a recording that no longer grows: one state update only
+    async with app.run_test(size=(160, 48)) as pilot:
+        await loaded(pilot)
+        assert "util 94%" in screen_text(app)
+        gpu0 = app.sampler.gpus[0]  # type: ignore[union-attr]
+        gpu0.append(GpuSample(0, "NVIDIA GeForce RTX 3090", 57.0, 20 * GIB, 24 * GIB, 280.0, 350.0, 70.0,
+                              gpu0[-1].t + 1, {48210: 18 * GIB}))
+        await wait_until(pilot, lambda: "util 57%" in screen_text(app), "the new GPU reading", tries=100)
+        assert app.updates == 1

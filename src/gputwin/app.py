@@ -82,6 +82,7 @@ class GputwinApp(App[None]):
         self._stop_polling = threading.Event()
         self._auto_started = False
         self._sampler_failure_shown = False
+        self._updated_at = float("-inf")  # time.monotonic() of the last state update shown
         # The dashboard's widgets, held: a query from the app searches the active screen, which is a
         # dialog while one is open, and the dashboard must keep updating under it.
         self._top = LiveText(f"gputwin · {exp.name} · {display_path(exp.root)}", id="top-bar")
@@ -104,7 +105,7 @@ class GputwinApp(App[None]):
         if self._own_sampler and self.sampler is not None:
             self.sampler.start()  # type: ignore[attr-defined]
         self.watch_files()
-        self.set_interval(DEVICE_S, self.refresh_devices)
+        self.set_interval(DEVICE_S, self._tick_devices)
 
     def on_unmount(self) -> None:
         self._stop_polling.set()
@@ -169,6 +170,7 @@ class GputwinApp(App[None]):
         self.updates += 1
         self._update_pending.clear()
         self.refresh_devices()
+        self._updated_at = time.monotonic()
 
     async def _ensure_panes(self, state: ExperimentState) -> None:
         shown = {pane.arm_name for pane in self._panes}
@@ -210,6 +212,12 @@ class GputwinApp(App[None]):
     def on_log_tail_read(self, message: LogTailRead) -> None:
         if message.arm == self._log_arm:
             self._log.show_tail(message.arm, message.path, message.lines)
+
+    def _tick_devices(self) -> None:
+        """The device panels' own clock, for when no state update comes. While arms log, every update
+        refreshes the panels in its own screen pass; a second pass a second would cost as much CPU."""
+        if time.monotonic() - self._updated_at >= UPDATE_S + 2 * POLL_S:
+            self.refresh_devices()
 
     def refresh_devices(self) -> None:
         """Copy the sampler's latest readings into each pane's device panel."""
