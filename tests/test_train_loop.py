@@ -162,15 +162,20 @@ def test_extending_a_finished_run_resumes_from_its_final_checkpoint(world: World
     assert second[-1].kind == events.FINISHED and second[-1]["step"] == 12
 
 
+@pytest.mark.parametrize("late", [False, True], ids=["read-at-once", "read-a-step-late"])
 def test_a_nan_loss_fails_with_a_hint(world: World, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-                                      capsys: pytest.CaptureFixture[str]) -> None:
+                                      capsys: pytest.CaptureFixture[str], late: bool) -> None:
+    """Also when the NaN shows only after the next step was issued (a GPU engine): the step it happened
+    at is named, and the steps before it keep their events."""
+    if late:
+        use_late_engines(monkeypatch)
     arm = make_arm(tmp_path, world.profile("generate"))
     monkeypatch.setenv(faults.ENV_VAR, "nan@3")
     assert train(arm) == 1
     evs = log(arm)
     failed = evs[-1]
     assert failed.kind == events.FAILED and failed["error"] == "NonFiniteLoss"
-    assert failed["step"] == 2 and "step 3" in failed["message"] and "learning_rate" in failed["hint"]
+    assert failed["step"] == 2 and "at step 3" in failed["message"] and "learning_rate" in failed["hint"]
     assert [e["step"] for e in steps(evs)] == [1, 2]
     assert "NonFiniteLoss" in capsys.readouterr().err
 
@@ -318,12 +323,16 @@ class LateEngine:
         return LateOutcome(output.result)
 
 
-@pytest.fixture()
-def late_engine(monkeypatch: pytest.MonkeyPatch) -> None:
+def use_late_engines(monkeypatch: pytest.MonkeyPatch) -> None:
     from gputwin.train import setup
 
     real = setup.make_engine
     monkeypatch.setattr(setup, "make_engine", lambda *args, **kwargs: LateEngine(real(*args, **kwargs)))
+
+
+@pytest.fixture()
+def late_engine(monkeypatch: pytest.MonkeyPatch) -> None:
+    use_late_engines(monkeypatch)
 
 
 def test_figures_read_a_step_late_give_the_same_log_in_the_same_order(world: World, tmp_path: Path,
@@ -340,19 +349,6 @@ def test_figures_read_a_step_late_give_the_same_log_in_the_same_order(world: Wor
             logged = [s["step"] for s in evs[:evs.index(e)] if s.kind == events.STEP]
             assert logged[-1] == e["step"], (e.kind, e["step"], logged[-3:])
     assert all(e["step_seconds"] > 0 for e in got)
-
-
-def test_a_nan_seen_a_step_late_names_its_step_and_logs_the_steps_before(world: World, tmp_path: Path,
-                                                                         monkeypatch: pytest.MonkeyPatch,
-                                                                         late_engine: None) -> None:
-    arm = make_arm(tmp_path, world.profile("generate"))
-    monkeypatch.setenv(faults.ENV_VAR, "nan@3")
-    assert train(arm) == 1
-    evs = log(arm)
-    failed = evs[-1]
-    assert failed.kind == events.FAILED and failed["error"] == "NonFiniteLoss"
-    assert failed["step"] == 2 and "at step 3" in failed["message"]
-    assert [e["step"] for e in steps(evs)] == [1, 2]
 
 
 def test_a_stop_request_with_a_step_in_flight_logs_it_then_stops_there(world: World, tmp_path: Path,
