@@ -153,6 +153,25 @@ def test_a_snapshot_is_a_copy_the_watcher_no_longer_changes(tmp_path: Path) -> N
     assert copied.loss_history.steps[-1] < 234
 
 
+def test_news_changes_for_a_stop_or_a_validation_and_not_for_a_step(tmp_path: Path) -> None:
+    """What the UI shows at once rather than at its next timed update."""
+    exp = copy_fixture("seed-midrun", tmp_path)
+    feed = ExperimentFeed(exp, clock=lambda: CLOCKS["seed-midrun"])
+    feed.poll()
+    before = feed.news()
+    t = CLOCKS["seed-midrun"]
+    append_events(exp, "aggressive", make("step", t=t, step=234, epoch=0.2662, loss=0.3, lr=1e-4))
+    feed.poll()
+    assert feed.news() == before
+    append_events(exp, "aggressive", make("validation", t=t, step=234, precision=0.5, recall=0.5, f1=0.5))
+    feed.poll()
+    after_validation = feed.news()
+    assert after_validation != before
+    append_events(exp, "conservative", make("stopped", t=t, step=300))
+    feed.poll()
+    assert feed.news() != after_validation
+
+
 async def test_device_panels_follow_the_sampler_when_no_state_update_comes(tmp_path: Path) -> None:
     app = fixture_app("seed-midrun", tmp_path)  # a recording that no longer grows: one state update only
     async with app.run_test(size=(160, 48)) as pilot:

@@ -126,20 +126,23 @@ class GputwinApp(App[None]):
     @work(thread=True, exclusive=True, exit_on_error=False, group="watch", name="watch experiment")
     def watch_files(self) -> None:
         """Poll the files; post a copy of the state when something changed, the last one was shown
-        (so a slow screen never queues a backlog of stale states) and UPDATE_S has passed since it."""
+        (so a slow screen never queues a backlog of stale states) and UPDATE_S has passed since it,
+        or at once for news (a stop, a validation, an extension: feed.news())."""
         worker = get_current_worker()
         feed = ExperimentFeed(self.exp, self.clock)
         changed: set[str] = set()
         first = True
         posted = 0.0  # time.monotonic() of the last post
+        shown = None  # feed.news() as of the last post
         while not worker.is_cancelled and not self._stop_polling.is_set():
             changed |= feed.poll()
-            due = first or time.monotonic() - posted >= UPDATE_S
+            news = feed.news()
+            due = first or news != shown or time.monotonic() - posted >= UPDATE_S
             if (changed or first) and due and not self._update_pending.is_set():
                 self._update_pending.set()
                 state, applied = feed.snapshot()
                 self.post_message(StateUpdated(state, frozenset(changed), applied))
-                changed, first, posted = set(), False, time.monotonic()
+                changed, first, posted, shown = set(), False, time.monotonic(), news
             arm = self._log_arm
             tail = feed.stderr_tail(arm)
             if arm is not None and tail is not None:

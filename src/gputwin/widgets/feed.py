@@ -7,7 +7,7 @@ in place, so the UI only ever gets deep copies.
 
 from __future__ import annotations
 
-import pickle
+import copy
 from pathlib import Path
 from typing import Any, Callable
 
@@ -62,12 +62,15 @@ class ExperimentFeed:
         return changed
 
     def snapshot(self) -> tuple[ExperimentState, list[str]]:
-        """A copy the UI thread owns: the watcher goes on changing its own.
+        """A copy the UI thread owns: the watcher goes on changing its own (about 1.5 ms a copy)."""
+        return copy.deepcopy(self.watcher.state), list(self.applied)
 
-        A pickle round trip is a deep copy of plain data that runs in C: about 7 times faster than
-        copy.deepcopy, which visits every point of the loss histories in Python once a second."""
-        state = pickle.loads(pickle.dumps(self.watcher.state, pickle.HIGHEST_PROTOCOL))
-        return state, list(self.applied)
+    def news(self) -> tuple[Any, ...]:
+        """What a user waits to see at once, not at the next timed update: each arm's status, its
+        validations, extensions and restarts, and the verdict actions taken. New steps are not news."""
+        arms = tuple((name, a.status, len(a.validations), len(a.extended), a.restarts, a.failure is not None)
+                     for name, a in self.watcher.state.arms.items())
+        return arms, len(self.applied)
 
     def stderr_tail(self, arm: str | None) -> tuple[Path, list[str]] | None:
         """The arm's stderr tail when it (or the arm asked for) changed since the last call, else None."""
