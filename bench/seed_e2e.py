@@ -7,6 +7,7 @@ Two stages, because the GPU machine has no network and no Faker:
 The model has the real architecture (same FLOPs) with random weights: F1 is near zero and means nothing; the
 figure is the time from launch to verdict. Writes bench/out/seed-e2e/result-TAG.json and prints a table.
   python3 bench/seed_e2e.py run --only conservative --tag solo   one arm alone, to its validation
+  python bench/seed_e2e.py smoke --work DIR          (CPU, tests) the same path at toy sizes, to a verdict
 """
 
 from __future__ import annotations
@@ -24,20 +25,20 @@ sys.path.insert(0, str(REPO / "src"))
 WORK = REPO / "bench" / "out" / "seed-e2e"
 
 
-def prepare() -> None:
+def prepare(train: int = 3516, test: int = 600, vocab: int = 16000) -> None:
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
     from gputwin.data import ensure_synth, load_dataset
 
     WORK.mkdir(parents=True, exist_ok=True)
-    ensure_synth(WORK / "train.jsonl", WORK / "test.jsonl", train=3516, test=600, seed=0, locales=["en_US", "zh_CN"])
+    ensure_synth(WORK / "train.jsonl", WORK / "test.jsonl", train=train, test=test, seed=0, locales=["en_US", "zh_CN"])
     texts = [s.text for s in load_dataset(WORK / "train.jsonl").samples]
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     special = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
-    trainer = trainers.BpeTrainer(vocab_size=16000, special_tokens=special,
+    trainer = trainers.BpeTrainer(vocab_size=vocab, special_tokens=special, show_progress=False,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     tok.train_from_iterator(texts + ['[{"type":"EMAIL","value":"x"}]'] * 50, trainer)
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>")
@@ -46,15 +47,17 @@ def prepare() -> None:
 
 
 def run(wait_limit: float, tiny: bool = False, tag: str = "both", only: str | None = None,
-        profile_to: str | None = None) -> None:
-    """Launch the seed experiment (or one arm of it, `only`) and time it to the verdict (to its validation)."""
+        profile_to: str | None = None, milestone: int | None = None, sample_size: int | None = None) -> dict:
+    """Launch the seed experiment (or one arm of it, `only`) and time it to the verdict (to its validation).
+
+    milestone and sample_size replace the seed's 879 and 500 (the smoke run's small sizes)."""
     import torch
     from transformers import PreTrainedTokenizerFast, Qwen3Config, Qwen3ForCausalLM
 
     from gputwin.profiles import load_experiment
 
     t0 = time.time()
-    model_dir = Path("/tmp/qwen3-0.6b-random")
+    model_dir = WORK / "model-tiny" if tiny else Path("/tmp/qwen3-0.6b-random")
     tokenizer = PreTrainedTokenizerFast.from_pretrained(WORK / "tokenizer")
     config = Qwen3Config.from_json_file(str(REPO / "src/gputwin/model_configs/Qwen--Qwen3-0.6B.json"))
     config.eos_token_id, config.bos_token_id = tokenizer.eos_token_id, None
@@ -81,9 +84,13 @@ def run(wait_limit: float, tiny: bool = False, tag: str = "both", only: str | No
         text = text.replace('"../data/pii/', f'"{WORK}/')
         if tiny:
             text = text.replace("device = 0", 'device = "cpu"').replace('dtype = "bf16"', 'dtype = "fp32"')
+        if milestone:
+            text = text.replace("step = 879 ", f"step = {milestone} ")
+        if sample_size:
+            text = text.replace("sample_size = 500", f"sample_size = {sample_size}")
         (folder / Path(arm.source).name).write_text(text)
     (folder / "seed.toml").write_text(Path(exp.source).read_text())
-    logs = Path(f"/tmp/gputwin-logs-{tag}")
+    logs = WORK / f"logs-{tag}" if tiny else Path(f"/tmp/gputwin-logs-{tag}")
     arms = [only] if only else ["conservative", "aggressive"]
     env = dict(os.environ, GPUTWIN_LOGS=str(logs), PYTHONPATH=str(REPO / "src"), PYTHONUNBUFFERED="1")
     out = open(WORK / f"headless-{tag}.log", "w")
@@ -153,11 +160,23 @@ def run(wait_limit: float, tiny: bool = False, tag: str = "both", only: str | No
         print(f"{arm} start-up (s): {r['startup_seconds']}")
     print(f"launch to {'validation' if only else 'verdict'}: {to_verdict if to_verdict is None else round(to_verdict, 1)} s "
           f"(model built beforehand in {built:.1f} s)")
+    return result
 
 
-def main() -> None:
+def smoke() -> int:
+    """The whole path on the CPU at toy sizes, for the tests: prepare, launch both arms of the seed
+    experiment with a 2-layer model, milestone at step 8 on 16 samples, wait for the verdict."""
+    prepare(train=64, test=40, vocab=1000)
+    result = run(240, tiny=True, tag="smoke", milestone=8, sample_size=16)
+    validated = all(r["validated_after_launch_s"] is not None for r in result["arms"].values())
+    return 0 if result["launch_to_verdict_seconds"] is not None and validated else 1
+
+
+def main() -> int:
+    global WORK
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("stage", choices=["prepare", "run"])
+    parser.add_argument("stage", choices=["prepare", "run", "smoke"])
+    parser.add_argument("--work", type=Path, default=WORK, help=f"data, tokenizer and results (default {WORK})")
     parser.add_argument("--wait", type=float, default=240, help="seconds to wait for the verdict")
     parser.add_argument("--tiny", action="store_true", help="a 2-layer model on the CPU: checks the plumbing only")
     parser.add_argument("--tag", default="both", help="names the logs folder and result-TAG.json (several runs in a row)")
@@ -165,8 +184,15 @@ def main() -> None:
                         help="run this arm alone and time it to its validation (an arm with a GPU of its own)")
     parser.add_argument("--cprofile", metavar="FILE", help="with --only: run the trainer under cProfile, stats to FILE")
     args = parser.parse_args()
-    prepare() if args.stage == "prepare" else run(args.wait, args.tiny, args.tag, args.only, args.cprofile)
+    WORK = args.work.resolve()
+    if args.stage == "prepare":
+        prepare()
+    elif args.stage == "smoke":
+        return smoke()
+    else:
+        run(args.wait, args.tiny, args.tag, args.only, args.cprofile)
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())
