@@ -299,3 +299,17 @@ def test_unreadable_experiment_file_is_a_problem_not_a_crash(tmp_path: Path) -> 
     watcher.poll()
     assert set(watcher.state.arms) == {"conservative", "aggressive"}
     assert "cannot be read" in watcher.state.problems[0]
+
+
+def test_exact_loss_figures_cover_every_step_event_and_skip_non_finite_ones() -> None:
+    """first/last/min loss and the mean tokens/s the report prints, kept exactly while the curve is bucketed."""
+    events = [step(1, 1.0, 3.0), step(2, 2.0, 1.5), step(3, 3.0, "nan"), step(4, 4.0, 2.0),
+              event("started", 5.0, arm="a", pid=2, device="cpu", samples=8, steps_per_epoch=4, total_steps=8,
+                    milestone_step=4, step=2),  # resumed from step 2: steps 3 and 4 come again
+              step(3, 6.0, 1.25), step(4, 7.0, 1.75)]
+    arm = fold("a", events)
+    assert (arm.first_loss, arm.last_loss, arm.min_loss, arm.min_loss_step) == (3.0, 1.75, 1.25, 3)
+    assert (arm.speed_count, arm.speed_sum) == (6, 6 * 900.0)
+    for n, speed in enumerate((100.0, "inf", 300), start=5):
+        apply(arm, event("step", 8.0 + n, step=n, epoch=n / 4, loss=1.0, lr=1e-3, tokens_per_s=speed))
+    assert (arm.speed_count, arm.speed_sum) == (8, 6 * 900.0 + 400.0)

@@ -19,7 +19,6 @@ import unicodedata
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
-from . import events as ev
 from . import state as st
 from .errors import UserError
 from .eta import eta as arm_eta
@@ -294,40 +293,20 @@ def _per_type_section(results: Mapping[str, ArmResult | None], base: str) -> lis
             *table(["type", "support", *(f"{a} F1 (P / R)" for a in done)], rows, "l" + "r" * (len(done) + 1)), ""]
 
 
-def _loss_stats(path: Path) -> dict[str, Any]:
-    """Exact first/last/min loss and mean tokens/s: the live state keeps only bounded summaries."""
-    losses: list[tuple[int, float]] = []
-    speeds: list[float] = []
-    for event in ev.iter_kind(ev.read_events(path).events, ev.STEP):
-        loss = _num(event["loss"])
-        if loss is not None:
-            losses.append((int(event["step"]), loss))
-        speed = _num(event.get("tokens_per_s"))
-        if speed is not None:
-            speeds.append(speed)
-    out: dict[str, Any] = {"first": None, "last": None, "min": None, "tokens_per_s": None}
-    if losses:
-        low = min(losses, key=lambda x: x[1])
-        out.update(first=losses[0][1], last=losses[-1][1], min=f"{low[1]:.4f} (step {low[0]})")
-    if speeds:
-        out["tokens_per_s"] = sum(speeds) / len(speeds)
-    return out
-
-
 def _training_section(state: st.ExperimentState) -> list[str]:
-    stats = {name: _loss_stats(ExperimentPaths(state.root).arm(name).events) for name in state.arms}
-
     def fmt(value: Any, spec: str) -> str:
         return "-" if value is None else value if isinstance(value, str) else format(value, spec)
 
     arms = state.arms.values()
     rows = [
         ["steps done / planned", *(f"{a.step}/{a.total_steps or '?'}" for a in arms)],
-        ["loss, first", *(fmt(stats[a.name]["first"], ".4f") for a in arms)],
-        ["loss, last", *(fmt(stats[a.name]["last"], ".4f") for a in arms)],
-        ["loss, min", *(fmt(stats[a.name]["min"], "") for a in arms)],
+        ["loss, first", *(fmt(a.first_loss, ".4f") for a in arms)],
+        ["loss, last", *(fmt(a.last_loss, ".4f") for a in arms)],
+        ["loss, min", *(fmt(None if a.min_loss is None else f"{a.min_loss:.4f} (step {a.min_loss_step})", "")
+                        for a in arms)],
         ["loss, smoothed last (EMA 0.9)", *(fmt(a.smoothed_loss, ".4f") for a in arms)],
-        ["throughput, mean tokens/s", *(fmt(stats[a.name]["tokens_per_s"], ",.0f") for a in arms)],
+        ["throughput, mean tokens/s", *(fmt(a.speed_sum / a.speed_count if a.speed_count else None, ",.0f")
+                                        for a in arms)],
         ["mean step time, s", *(fmt(a.mean_step_s, ".3f") for a in arms)],
         ["wall time", *("-" if a.started_t is None or a.last_t is None else human_duration(a.last_t - a.started_t)
                         for a in arms)],

@@ -202,6 +202,13 @@ class ArmState:
     lr: float | None = None
     grad_norm: float | None = None
     tokens_per_s: float | None = None
+    # exact figures over every step event (finite values only), for the report: the history is bucketed
+    first_loss: float | None = None
+    last_loss: float | None = None
+    min_loss: float | None = None
+    min_loss_step: int | None = None
+    speed_sum: float = 0.0  # sum of the step events' tokens_per_s ...
+    speed_count: int = 0  # ... and how many there were
     started_t: float | None = None  # first ``started`` event
     last_t: float | None = None  # last event of any kind
     last_step_t: float | None = None  # last ``step`` event
@@ -328,6 +335,16 @@ def _on_step(s: ArmState, e: ev.Event) -> None:
     s.timer.observe(step, t)
     if loss is not None:
         s.loss_history.add(step, loss)
+        if math.isfinite(loss):
+            if s.first_loss is None:
+                s.first_loss = loss
+            s.last_loss = loss
+            if s.min_loss is None or loss < s.min_loss:
+                s.min_loss, s.min_loss_step = loss, step
+    speed = s.tokens_per_s
+    if (type(speed) is float and math.isfinite(speed)) or type(speed) is int:
+        s.speed_sum += speed
+        s.speed_count += 1
 
 
 def _on_started(s: ArmState, e: ev.Event) -> None:
