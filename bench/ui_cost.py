@@ -135,10 +135,13 @@ def arm_totals(exp: ExperimentPaths) -> dict[str, int]:
 
 
 def last_step(arm: ArmPaths) -> int:
-    """The last step logged, from the log's last 4 KiB."""
+    """The last step logged, from the whole lines among the log's last 4 KiB (a writer may be mid-line)."""
     with open(arm.events, "rb") as fh:
-        fh.seek(max(0, fh.seek(0, os.SEEK_END) - 4096))
-        lines = [ln for ln in fh.read().split(b"\n") if b'"kind":"step"' in ln]
+        start = max(0, fh.seek(0, os.SEEK_END) - 4096)
+        fh.seek(start)
+        pieces = fh.read().split(b"\n")
+    whole = pieces[1 if start else 0:-1]  # a line cut by the seek, and what follows the last newline
+    lines = [ln for ln in whole if b'"kind":"step"' in ln]
     return ev.parse(lines[-1])["step"] if lines else 0
 
 

@@ -138,6 +138,16 @@ async def test_the_verdict_pane_shows_new_figures_and_repaints_nothing_when_they
         assert "aggressive    at step 168 of 879" in screen_text(app)  # type: ignore[arg-type]
 
 
+async def test_a_state_update_that_arrives_while_the_app_closes_is_harmless() -> None:
+    """The watcher thread may post once more while the screen is being taken down."""
+    pane = VerdictPane()
+    app = OneWidget(pane)
+    async with app.run_test(size=(80, 10)) as pilot:
+        await pane.remove_children()
+        await pilot.pause()
+        pane.show_state(_waiting_state(168), now=0.0)
+
+
 def test_a_snapshot_is_a_copy_the_watcher_no_longer_changes(tmp_path: Path) -> None:
     exp = copy_fixture("seed-midrun", tmp_path)
     feed = ExperimentFeed(exp, clock=lambda: CLOCKS["seed-midrun"])

@@ -109,7 +109,9 @@ class VerdictPane(VerticalScroll):
     _decided: tuple[Any, ...] | None = None  # what the decided verdict's view was drawn from
 
     def compose(self):  # type: ignore[override]
-        yield LiveText(id="verdict-body")
+        # kept, not queried: an update may arrive while the app is closing and the children are gone
+        self._body = LiveText(id="verdict-body")
+        yield self._body
 
     def show_state(self, state: Any, now: float, applied: Sequence[str] = (), auto: bool = False) -> None:
         """Called on every update: the body repaints only when its text changed."""
@@ -117,7 +119,7 @@ class VerdictPane(VerticalScroll):
         scenario = getattr(verdict, "scenario", None)
         for name in ("waiting", "A", "B", "C", "mismatch"):
             self.set_class(scenario == name, f"-scenario-{name}")
-        body = self.query_one("#verdict-body", LiveText)
+        body = self._body
         if verdict is None or scenario == "waiting":
             live = any(not a.ended for a in state.arms.values() if not a.validations)
             title = "verdict: waiting" if live or not state.arms else "verdict: none"
