@@ -172,7 +172,8 @@ def encode_prompt(text: str, tokenizer: Any, max_length: int) -> tuple[list[int]
 
 def encode_prompts(texts: Sequence[str], tokenizer: Any, max_length: int) -> list[tuple[list[int], bool]]:
     """encode_prompt of many texts, tokenised in one batch."""
-    return [_fit_prompt(ids, text, tokenizer, max_length) for ids, text in zip(prompt_ids_many(texts, tokenizer), texts)]
+    ids_of = prompt_ids_many(texts, tokenizer)
+    return [_fit_prompt(ids, text, tokenizer, max_length) for ids, text in zip(ids_of, texts)]
 
 
 def _fit_prompt(ids: list[int], text: str, tokenizer: Any, max_length: int) -> tuple[list[int], bool]:

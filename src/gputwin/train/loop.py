@@ -78,7 +78,8 @@ class Issued:
 class Trainer:
     """The loop and what happens between its steps (control requests, checkpoints, validation)."""
 
-    def __init__(self, run: Run, writer: events.EventWriter, stop: StopSignal, imports_seconds: float | None = None) -> None:
+    def __init__(self, run: Run, writer: events.EventWriter, stop: StopSignal,
+                 imports_seconds: float | None = None) -> None:
         self.run, self.writer, self.stop = run, writer, stop
         self.imports_seconds = imports_seconds  # process start to train(): Python, torch and the rest
         self.fault = faults.fault_from_env()
@@ -261,7 +262,6 @@ class Trainer:
     # ------------------------------------------------------------------ endings
 
     def finish_stopped(self) -> int:
-        self.settle()
         request, state = self.stop_request, self.state
         path = self.checkpoint() if state.step > 0 else None
         if request is not None:
