@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from ..encoding import IGNORE_INDEX
+from .fused_lora import fuse_lora
 
 ATTENTION_NAME = "gputwin_packed"  # registered with transformers' AttentionInterface below
 LABEL_BUCKET = 256  # the trainer's label slots (pack's label_bucket): each distinct shape costs a graph capture
@@ -419,6 +420,8 @@ class FastStep:
 
     compile: torch.compile each decoder layer (dynamic shapes, compiled once for all layers).
     fused_norms: the model's RMSNorm modules run torch's fused kernel (fuse_rms_norms; on CUDA by default).
+    fused_lora: the model's LoRA Linear layers run as one autograd function each (fused_lora.fuse_lora;
+    on CUDA by default).
     cuda_graphs: capture forward + backward + clipping + AdamW as one CUDA graph per batch shape
     (PackedBatch.shape_key) and replay it; warm-up runs before a capture leave the model untouched.
     Both default to on for CUDA and off for CPU. A step whose loss or gradient norm is not finite
@@ -429,7 +432,7 @@ class FastStep:
                  cuda_graphs: bool | None = None, grad_clip: float | None = 1.0,
                  autocast_dtype: torch.dtype | None | str = "auto",
                  loss_fn: Callable[[Any, PackedBatch], torch.Tensor] | None = None, warmup_iters: int = 1,
-                 fused_norms: bool | None = None) -> None:
+                 fused_norms: bool | None = None, fused_lora: bool | None = None) -> None:
         self.model, self.optimizer = model, optimizer
         self.params = [p for group in optimizer.param_groups for p in group["params"]]
         self.device = self.params[0].device
@@ -446,6 +449,7 @@ class FastStep:
         self.autocast_dtype = autocast_dtype
         self.parts = decoder_parts(model)
         self.fused_norms = fuse_rms_norms(model) if (on_cuda if fused_norms is None else fused_norms) else 0
+        self.fused_lora = fuse_lora(model) if (on_cuda if fused_lora is None else fused_lora) else 0
         if self.use_compile:
             self.parts = replace(self.parts, layers=_compiled_layers(self.parts.layers))
         self.loss_fn = loss_fn or functools.partial(answer_only_loss, parts=self.parts)

@@ -1,0 +1,130 @@
+"""peft's LoRA Linear layers as one autograd function each: the same maths in fewer, larger kernels.
+
+peft computes ``base(x) + lora_B(lora_A(dropout(x.float()))) * scaling``. Under bf16 autocast that casts
+x to fp32 and back, runs dropout on the fp32 copy, scales and adds in kernels of their own, and autograd
+mirrors each of them backward: about twenty kernels per adapted layer per step, most of them over a
+[tokens, hidden] tensor. On a 0.6B model at batch 4 those small kernels cost more than the GEMMs.
+
+fuse_lora gives each such layer a forward that computes, in the layer's own dtype,
+
+    y = x W^T (+ bias) + s * (dropout(x) A^T) B^T
+
+with the adapter's addition inside the last GEMM (addmm), and a backward that builds x's gradient from
+one GEMM and one fused accumulate. A and B stay fp32 parameters (the optimizer and checkpoints see no
+change); their copies in the compute dtype are made on each call, as autocast makes them. Layers or calls
+this path does not cover (merged or disabled adapters, several active adapters, DoRA and other variants,
+LoRA bias, a trainable or non-plain base layer, or a call whose LoRA GEMMs peft would run in another dtype
+than x's, such as bf16 inputs to fp32 adapters without autocast) run peft's own forward.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+__all__ = ["LoraLinearFunction", "fuse_lora"]
+
+
+class LoraLinearFunction(torch.autograd.Function):
+    """y = x W^T (+ bias) + scaling * (dropout(x) A^T) B^T for a frozen W and trainable A, B (any dtype)."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, lora_a: torch.Tensor,
+                lora_b: torch.Tensor, scaling: float, dropout: float) -> torch.Tensor:
+        flat = x.reshape(-1, x.shape[-1])
+        a, b = lora_a.to(x.dtype), lora_b.to(x.dtype)
+        mask = None
+        if dropout > 0.0:
+            flat_dropped, mask = torch.native_dropout(flat, dropout, True)
+        else:
+            flat_dropped = flat
+        h = flat_dropped @ a.t()                                   # [tokens, r]
+        y = torch.addmm(bias, flat, weight.t()) if bias is not None else flat @ weight.t()
+        y.addmm_(h, b.t(), alpha=scaling)                         # the adapter's share, added inside the GEMM
+        ctx.save_for_backward(flat_dropped, weight, a, b, h, mask)
+        ctx.scaling, ctx.keep_scale = scaling, 1.0 / (1.0 - dropout) if dropout > 0.0 else 1.0
+        ctx.x_shape, ctx.a_dtype, ctx.b_dtype = x.shape, lora_a.dtype, lora_b.dtype
+        return y.view(*x.shape[:-1], y.shape[-1])
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        flat_dropped, weight, a, b, h, mask = ctx.saved_tensors
+        need_x, _, need_bias, need_a, need_b = ctx.needs_input_grad[:5]
+        g = grad.reshape(-1, grad.shape[-1])
+        gh = (g @ b).mul_(ctx.scaling)                            # d loss / d h, [tokens, r]
+        grad_x = grad_bias = grad_a = grad_b = None
+        if need_x:
+            grad_x = g @ weight
+            if mask is None:
+                grad_x.addmm_(gh, a)
+            else:
+                grad_x.addcmul_(gh @ a, mask, value=ctx.keep_scale)
+            grad_x = grad_x.view(ctx.x_shape)
+        if need_bias:
+            grad_bias = g.sum(0)
+        if need_a:
+            grad_a = (gh.t() @ flat_dropped).to(ctx.a_dtype)
+        if need_b:
+            grad_b = (g.t() @ h).to(ctx.b_dtype).mul_(ctx.scaling)
+        return grad_x, None, grad_bias, grad_a, grad_b, None, None
+
+
+def _lora_layer_type() -> type | None:
+    try:
+        from peft.tuners.lora.layer import Linear
+    except ImportError:  # pragma: no cover - peft is a dependency
+        return None
+    return Linear
+
+
+def _fusable(module: Any) -> bool:
+    """The parts of a layer that do not change between calls: a plain nn.Linear base, plain LoRA."""
+    base = getattr(module, "base_layer", None)
+    return (type(base) is nn.Linear and not getattr(module, "fan_in_fan_out", False)
+            and not getattr(module, "lora_variant", {}) and not any(getattr(module, "use_dora", {}).values())
+            and not any(getattr(module, "lora_bias", {}).values()))
+
+
+def _dropout_p(module: nn.Module) -> float | None:
+    if isinstance(module, nn.Identity):
+        return 0.0
+    if type(module) is nn.Dropout:
+        return float(module.p) if module.training else 0.0
+    return None
+
+
+def _fused_forward(self: Any, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+    adapters = self.active_adapters
+    if args or kwargs or self.disable_adapters or self.merged or len(adapters) != 1 or adapters[0] not in self.lora_A:
+        return type(self).forward(self, x, *args, **kwargs)
+    name = adapters[0]
+    base, lora_a, lora_b = self.base_layer, self.lora_A[name], self.lora_B[name]
+    p = _dropout_p(self.lora_dropout[name])
+    device = x.device.type
+    # peft's LoRA GEMMs run in autocast's dtype, else in the adapter's: fuse only where that is x's dtype
+    peft_dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else lora_a.weight.dtype
+    if (p is None or peft_dtype != x.dtype or base.weight.requires_grad or base.weight.dtype != x.dtype
+            or not x.dtype.is_floating_point or lora_b.bias is not None):
+        return type(self).forward(self, x, *args, **kwargs)
+    with torch.autocast(device, enabled=False):
+        return LoraLinearFunction.apply(x, base.weight, base.bias, lora_a.weight, lora_b.weight,
+                                        float(self.scaling[name]), p)
+
+
+def fuse_lora(model: Any) -> int:
+    """Give the model's peft LoRA Linear layers the fused forward and backward, in place (idempotent).
+
+    Returns how many layers have it; calls it does not cover still run peft's forward.
+    """
+    layer_type = _lora_layer_type()
+    if layer_type is None:
+        return 0
+    changed = 0
+    for module in model.modules():
+        if type(module) is layer_type and _fusable(module):
+            if getattr(module.forward, "__func__", None) is not _fused_forward:
+                module.forward = _fused_forward.__get__(module)
+            changed += 1
+    return changed

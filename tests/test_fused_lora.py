@@ -1,0 +1,175 @@
+"""Fused LoRA layers compute what peft's LoRA Linear computes, forward and backward, and step for step."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from peft import LoraConfig, get_peft_model
+from transformers import Qwen3Config, Qwen3ForCausalLM
+
+from gputwin.train import fused_lora
+from gputwin.train.fast import FastStep, answer_only_loss, pack
+from gputwin.train.fused_lora import LoraLinearFunction, fuse_lora
+
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj"]
+
+
+def tiny_model(*, dropout: float = 0.0, alpha: int = 12, seed: int = 0) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    config = Qwen3Config(vocab_size=96, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=256)
+    model = get_peft_model(Qwen3ForCausalLM(config), LoraConfig(r=4, lora_alpha=alpha, lora_dropout=dropout,
+                                                                target_modules=TARGETS))
+    with torch.no_grad():  # a non-zero adapter, so LoRA takes part in every check
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(std=0.1)
+    return model
+
+
+def batch(seed: int = 1) -> object:
+    generator = torch.Generator().manual_seed(seed)
+    rows = []
+    for _ in range(4):
+        ids = torch.randint(1, 96, (int(torch.randint(8, 30, (1,), generator=generator)),), generator=generator).tolist()
+        cut = len(ids) * 2 // 3
+        rows.append({"input_ids": ids, "labels": [-100] * cut + ids[cut:]})
+    return pack(rows, bucket=16)
+
+
+def loss_and_grads(model: torch.nn.Module) -> tuple[float, dict[str, torch.Tensor]]:
+    loss = answer_only_loss(model, batch())
+    loss.backward()
+    return float(loss.detach()), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def count_fused_calls(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    calls = [0]
+    original = LoraLinearFunction.apply
+
+    def counting(*args: object) -> torch.Tensor:
+        calls[0] += 1
+        return original(*args)
+
+    monkeypatch.setattr(LoraLinearFunction, "apply", counting)
+    return calls
+
+
+def test_fused_layers_give_peft_loss_and_gradients(monkeypatch: pytest.MonkeyPatch) -> None:
+    plain_loss, plain = loss_and_grads(tiny_model())
+    model = tiny_model()
+    state_before = {k: v.clone() for k, v in model.state_dict().items()}
+    assert fuse_lora(model) == 2 * len(TARGETS)
+    assert fuse_lora(model) == 2 * len(TARGETS)  # again: nothing wrapped twice
+    calls = count_fused_calls(monkeypatch)
+    fused_loss, fused = loss_and_grads(model)
+    assert calls[0] == 2 * len(TARGETS)
+    assert abs(fused_loss - plain_loss) < 1e-5
+    for name, grad in plain.items():
+        torch.testing.assert_close(fused[name], grad, rtol=1e-4, atol=1e-6, msg=name)
+    state_after = model.state_dict()  # what checkpoints save is untouched
+    assert state_after.keys() == state_before.keys()
+    assert all(torch.equal(state_after[k], v) for k, v in state_before.items())
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.3])
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_function_matches_autograd_of_the_same_maths(dropout: float, with_bias: bool) -> None:
+    torch.manual_seed(3)
+    x = torch.randn(2, 5, 16, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(12, 16, dtype=torch.float64)
+    bias = torch.randn(12, dtype=torch.float64, requires_grad=True) if with_bias else None
+    lora_a = torch.randn(4, 16, dtype=torch.float64, requires_grad=True)
+    lora_b = torch.randn(12, 4, dtype=torch.float64, requires_grad=True)
+    leaves = [t for t in (x, bias, lora_a, lora_b) if t is not None]
+    torch.manual_seed(7)
+    out = LoraLinearFunction.apply(x, weight, bias, lora_a, lora_b, 1.5, dropout)
+    upstream = torch.randn_like(out)
+    out.backward(upstream)
+    fused = [t.grad.clone() for t in leaves]
+    for t in leaves:
+        t.grad = None
+    torch.manual_seed(7)  # the same draw gives the same mask
+    flat = x.reshape(-1, 16)
+    dropped = torch.native_dropout(flat, dropout, True)[0] if dropout else flat
+    expected = flat @ weight.t() + 1.5 * (dropped @ lora_a.t()) @ lora_b.t()
+    if bias is not None:
+        expected = expected + bias
+    expected = expected.view(2, 5, 12)
+    torch.testing.assert_close(out, expected)
+    expected.backward(upstream)
+    for got, t in zip(fused, leaves):
+        torch.testing.assert_close(got, t.grad)
+
+
+def test_inputs_without_gradients_get_none_and_adapters_still_learn() -> None:
+    x = torch.randn(6, 16)
+    lora_a = torch.randn(4, 16, requires_grad=True)
+    lora_b = torch.randn(12, 4, requires_grad=True)
+    LoraLinearFunction.apply(x, torch.randn(12, 16), None, lora_a, lora_b, 2.0, 0.0).sum().backward()
+    assert x.grad is None and lora_a.grad is not None and lora_b.grad is not None
+
+
+def test_dropout_runs_only_in_training_mode_and_keeps_the_expected_scale() -> None:
+    model = tiny_model(dropout=0.5)
+    fuse_lora(model)
+    layer = next(m for m in model.modules() if type(m).__name__ == "Linear" and hasattr(m, "lora_A"))
+    x = torch.ones(4000, 64)
+    model.eval()
+    reference = type(layer).forward(layer, x)
+    torch.testing.assert_close(layer(x), reference)  # eval: no dropout, same as peft
+    model.train()
+    torch.manual_seed(0)
+    trained = layer(x)
+    assert not torch.allclose(trained, reference)
+    base = layer.base_layer(x)
+    # dropout keeps the adapter's share in expectation: mean over many rows close to the eval output's
+    torch.testing.assert_close((trained - base).mean(0), (reference - base).mean(0), rtol=0.1, atol=0.02)
+
+
+def test_calls_it_does_not_cover_run_peft_forward(monkeypatch: pytest.MonkeyPatch) -> None:
+    model = tiny_model()
+    fuse_lora(model)
+    calls = count_fused_calls(monkeypatch)
+    layer = next(m for m in model.modules() if hasattr(m, "lora_A") and hasattr(m, "base_layer"))
+    x = torch.randn(3, 64)
+    with model.disable_adapter():
+        torch.testing.assert_close(layer(x), layer.base_layer(x))
+    # bf16 inputs to fp32 adapters without autocast: peft runs the adapter in fp32, and so must we
+    model_bf16 = tiny_model().to(torch.bfloat16)
+    for name, param in model_bf16.named_parameters():
+        if "lora_" in name:
+            param.data = param.data.float()
+    fuse_lora(model_bf16)
+    layer_bf16 = next(m for m in model_bf16.modules() if hasattr(m, "lora_A") and hasattr(m, "base_layer"))
+    xb = torch.randn(3, 64, dtype=torch.bfloat16)
+    assert torch.equal(layer_bf16(xb), type(layer_bf16).forward(layer_bf16, xb))
+    layer.merge()
+    merged = layer(x)
+    layer.unmerge()
+    torch.testing.assert_close(merged, type(layer).forward(layer, x), rtol=1e-5, atol=1e-5)
+    assert calls[0] == 0
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # autocast in x's dtype: fused
+        layer_bf16(xb)
+    assert calls[0] == 1
+
+
+def test_layers_peft_handles_differently_are_left_alone() -> None:
+    torch.manual_seed(0)
+    config = Qwen3Config(vocab_size=96, hidden_size=64, intermediate_size=128, num_hidden_layers=1,
+                         num_attention_heads=4, num_key_value_heads=2, head_dim=16)
+    dora = get_peft_model(Qwen3ForCausalLM(config), LoraConfig(r=4, use_dora=True, target_modules=TARGETS))
+    assert fuse_lora(dora) == 0
+    assert fused_lora._dropout_p(torch.nn.AlphaDropout(0.1)) is None
+
+
+def test_fast_steps_with_fused_lora_follow_the_unfused_steps() -> None:
+    runs = []
+    for fused in (False, True):
+        model = tiny_model(seed=4)
+        params = [p for p in model.parameters() if p.requires_grad]
+        step = FastStep(model, torch.optim.AdamW(params, lr=1e-2), grad_clip=1.0, fused_lora=fused)
+        assert step.fused_lora == (2 * len(TARGETS) if fused else 0)
+        runs.append([float(step(batch(seed)).loss) for seed in range(4)])
+    for a, b in zip(*runs):
+        assert abs(a - b) < 1e-5
