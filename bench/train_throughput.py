@@ -31,7 +31,7 @@ import common
 from gputwin.train.fast import FastStep, make_optimizer, pack
 
 VARIANTS = ("baseline", "packed+graphs", "packed+compile+graphs", "packed", "lean-padded", "engine", "packed+graphs+hfnorm",
-            "packed+graphs+peftlora")
+            "packed+graphs+peftlora", "packed+graphs+hfrope")
 BATCH = 4
 
 
@@ -140,12 +140,13 @@ def run_lean_padded(model: Any, batches: list[list[dict]], args: argparse.Namesp
 
 
 def _run_fast(name: str, *, compile: bool, graphs: bool, fused_norms: bool | None = None,
-              fused_lora: bool | None = None) -> Callable[..., dict]:
+              fused_lora: bool | None = None, fused_rope: bool | None = None) -> Callable[..., dict]:
     def run(model: Any, batches: list[list[dict]], args: argparse.Namespace, device: torch.device) -> dict:
         optimizer = make_optimizer(model, args.lr)
         on_cuda = device.type == "cuda"  # --cpu-smoke runs the same code without compile and graphs
         step_fn = FastStep(model, optimizer, compile=compile and on_cuda, cuda_graphs=graphs and on_cuda,
-                           grad_clip=1.0, fused_norms=fused_norms, fused_lora=fused_lora)
+                           grad_clip=1.0, fused_norms=fused_norms, fused_lora=fused_lora,
+                           fused_rope=fused_rope)
         started = time.perf_counter()
         shapes = {}
         for samples in batches:  # every shape once: graphs (and compilation) before the clock starts
@@ -174,7 +175,8 @@ def _run_fast(name: str, *, compile: bool, graphs: bool, fused_norms: bool | Non
                         device, prepare_seconds=prepare_s, graphs_captured=captured, shapes=len(shapes),
                         grad_norms=torch.stack(norms).float().tolist(), bucket=args.bucket, **extra,
                         attention_backend=step_fn.attention_backend, padding_share=1 - real / padded,
-                        fused_norms=step_fn.fused_norms, fused_lora=step_fn.fused_lora)
+                        fused_norms=step_fn.fused_norms, fused_lora=step_fn.fused_lora,
+                        fused_rope=len(step_fn.rotary_modules))
     return run
 
 
@@ -239,6 +241,7 @@ RUNNERS: dict[str, Callable[..., dict]] = {
     "packed+graphs": _run_fast("packed+graphs", compile=False, graphs=True),
     "packed+graphs+hfnorm": _run_fast("packed+graphs+hfnorm", compile=False, graphs=True, fused_norms=False),
     "packed+graphs+peftlora": _run_fast("packed+graphs+peftlora", compile=False, graphs=True, fused_lora=False),
+    "packed+graphs+hfrope": _run_fast("packed+graphs+hfrope", compile=False, graphs=True, fused_rope=False),
     "packed+compile+graphs": _run_fast("packed+compile+graphs", compile=True, graphs=True),
     "engine": run_engine,
 }

@@ -27,6 +27,7 @@ import torch.nn.functional as F
 
 from ..encoding import IGNORE_INDEX
 from .fused_lora import fuse_lora
+from .fused_rotary import fused_rotary, rotary_modules
 
 ATTENTION_NAME = "gputwin_packed"  # registered with transformers' AttentionInterface below
 LABEL_BUCKET = 256  # the trainer's label slots (pack's label_bucket): each distinct shape costs a graph capture
@@ -422,6 +423,7 @@ class FastStep:
     fused_norms: the model's RMSNorm modules run torch's fused kernel (fuse_rms_norms; on CUDA by default).
     fused_lora: the model's LoRA Linear layers run as one autograd function each (fused_lora.fuse_lora;
     on CUDA by default).
+    fused_rope: rotary embeddings in three kernels a tensor during the step (fused_rotary; on CUDA by default).
     cuda_graphs: capture forward + backward + clipping + AdamW as one CUDA graph per batch shape
     (PackedBatch.shape_key) and replay it; warm-up runs before a capture leave the model untouched.
     Both default to on for CUDA and off for CPU. A step whose loss or gradient norm is not finite
@@ -432,7 +434,8 @@ class FastStep:
                  cuda_graphs: bool | None = None, grad_clip: float | None = 1.0,
                  autocast_dtype: torch.dtype | None | str = "auto",
                  loss_fn: Callable[[Any, PackedBatch], torch.Tensor] | None = None, warmup_iters: int = 1,
-                 fused_norms: bool | None = None, fused_lora: bool | None = None) -> None:
+                 fused_norms: bool | None = None, fused_lora: bool | None = None,
+                 fused_rope: bool | None = None) -> None:
         self.model, self.optimizer = model, optimizer
         self.params = [p for group in optimizer.param_groups for p in group["params"]]
         self.device = self.params[0].device
@@ -450,6 +453,7 @@ class FastStep:
         self.parts = decoder_parts(model)
         self.fused_norms = fuse_rms_norms(model) if (on_cuda if fused_norms is None else fused_norms) else 0
         self.fused_lora = fuse_lora(model) if (on_cuda if fused_lora is None else fused_lora) else 0
+        self.rotary_modules = rotary_modules(model) if (on_cuda if fused_rope is None else fused_rope) else []
         if self.use_compile:
             self.parts = replace(self.parts, layers=_compiled_layers(self.parts.layers))
         self.loss_fn = loss_fn or functools.partial(answer_only_loss, parts=self.parts)
@@ -510,7 +514,7 @@ class FastStep:
 
     def _body(self, batch: PackedBatch) -> tuple[torch.Tensor, torch.Tensor]:
         """forward, backward, clip, update: the part a graph captures."""
-        with self._autocast():
+        with self._autocast(), fused_rotary(self.rotary_modules):
             loss = self.loss_fn(self.model, batch)
         loss.backward()
         norm = torch.nn.utils.clip_grad_norm_(self.params, self.max_norm)

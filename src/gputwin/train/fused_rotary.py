@@ -1,0 +1,116 @@
+"""Rotary position embeddings in three kernels a tensor, forward and backward.
+
+HF's ``apply_rotary_pos_emb`` computes ``q * cos + rotate_half(q) * sin`` with ``rotate_half(x) =
+cat(-x2, x1)``: a multiply, a negation, a concatenation, another multiply and an add for each of q and k,
+on strided views, and autograd mirrors them backward; about 22 small kernels per layer per step. With
+``sign = [-1] * half + [1] * half``, ``rotate_half(x) = roll(x, half) * sign``, so
+
+    out = roll(x, half) * (sin * sign) + x * cos          (roll, multiply, fused multiply-add)
+    dx  = roll(g * (sin * sign), half) + g * cos           (the shift by half is its own inverse)
+
+``sin * sign`` is made once per forward (every layer gets the same ``sin``). fused_rotary swaps this in
+for the model's own function while a forward runs, in the modeling modules whose function is checked,
+on small inputs, to compute the same (rotary_modules); others keep theirs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import inspect
+import sys
+import weakref
+from typing import Any, Callable, Iterator
+
+import torch
+
+__all__ = ["RotaryFunction", "apply_rotary", "fused_rotary", "rotary_modules"]
+
+FUNCTION_NAME = "apply_rotary_pos_emb"  # what HF's Llama-family modeling files call it
+
+
+class RotaryFunction(torch.autograd.Function):
+    """x * cos + roll(x, half) * signed_sin, with cos and signed_sin broadcastable to x."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
+        out = torch.roll(x, x.shape[-1] // 2, dims=-1)
+        out.mul_(signed_sin).addcmul_(x, cos)
+        ctx.save_for_backward(cos, signed_sin)
+        return out
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, None, None]:
+        cos, signed_sin = ctx.saved_tensors
+        if not ctx.needs_input_grad[0]:
+            return None, None, None
+        grad_x = torch.roll(grad * signed_sin, grad.shape[-1] // 2, dims=-1)
+        return grad_x.addcmul_(grad, cos), None, None
+
+
+_last_sin: list[Any] = [None, None]  # weakref to the last sin seen, and its signed copy
+
+
+def _signed(sin: torch.Tensor) -> torch.Tensor:
+    ref, signed = _last_sin
+    if ref is not None and ref() is sin:
+        return signed
+    half = sin.shape[-1] // 2
+    signed = torch.cat((-sin[..., :half], sin[..., half:]), dim=-1)
+    _last_sin[:] = [weakref.ref(sin), signed]
+    return signed
+
+
+def apply_rotary(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, unsqueeze_dim: int = 1,
+                 *, fallback: Callable[..., Any] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """HF's apply_rotary_pos_emb(q, k, cos, sin, unsqueeze_dim) for rotary over the whole head dim."""
+    dim = q.shape[-1]
+    if dim % 2 or cos.shape[-1] != dim or k.shape[-1] != dim or sin.shape != cos.shape:
+        if fallback is None:
+            raise ValueError("apply_rotary needs cos and sin over the whole (even) head dim")
+        return fallback(q, k, cos, sin, unsqueeze_dim)
+    cos_b, sin_b = cos.unsqueeze(unsqueeze_dim), _signed(sin).unsqueeze(unsqueeze_dim)
+    return RotaryFunction.apply(q, cos_b, sin_b), RotaryFunction.apply(k, cos_b, sin_b)
+
+
+@functools.lru_cache(maxsize=None)
+def _same_as_ours(function: Callable[..., Any]) -> bool:
+    """Does this apply_rotary_pos_emb compute what apply_rotary does? (small random inputs, fp64, CPU)"""
+    try:
+        if list(inspect.signature(function).parameters)[:4] != ["q", "k", "cos", "sin"]:
+            return False
+        generator = torch.Generator().manual_seed(0)
+        q, k = (torch.randn(2, n, 5, 8, generator=generator, dtype=torch.float64) for n in (4, 2))
+        angles = torch.rand(2, 5, 4, generator=generator, dtype=torch.float64) * 6
+        angles = torch.cat((angles, angles), dim=-1)
+        cos, sin = angles.cos(), angles.sin()
+        theirs = function(q, k, cos, sin)
+        ours = apply_rotary(q, k, cos, sin)
+        return all(torch.allclose(a, b, atol=1e-12) for a, b in zip(theirs, ours))
+    except Exception:  # noqa: BLE001 - anything unexpected: keep the model's own function
+        return False
+
+
+def rotary_modules(model: Any) -> list[Any]:
+    """The modeling modules (Python modules) of the model's attention layers whose function is checked."""
+    found: dict[str, Any] = {}
+    for module in model.modules():
+        if type(module).__name__.endswith("Attention"):
+            python_module = sys.modules.get(type(module).__module__)
+            function = getattr(python_module, FUNCTION_NAME, None)
+            if python_module is not None and callable(function):
+                found.setdefault(python_module.__name__, python_module)
+    return [m for m in found.values() if _same_as_ours(getattr(m, FUNCTION_NAME))]
+
+
+@contextlib.contextmanager
+def fused_rotary(modules: list[Any]) -> Iterator[None]:
+    """While the block runs, these modeling modules (rotary_modules(model)) use apply_rotary."""
+    originals = [getattr(m, FUNCTION_NAME) for m in modules]
+    for module, original in zip(modules, originals):
+        setattr(module, FUNCTION_NAME, functools.partial(apply_rotary, fallback=original))
+    try:
+        yield
+    finally:
+        for module, original in zip(modules, originals):
+            setattr(module, FUNCTION_NAME, original)

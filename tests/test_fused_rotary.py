@@ -1,0 +1,108 @@
+"""The rotary function computes what HF's apply_rotary_pos_emb computes, forward and backward."""
+
+from __future__ import annotations
+
+import sys
+
+import pytest
+import torch
+from transformers import Qwen3Config, Qwen3ForCausalLM
+from transformers.models.qwen3 import modeling_qwen3
+
+from gputwin.train.fast import FastStep, answer_only_loss, pack
+from gputwin.train.fused_rotary import apply_rotary, fused_rotary, rotary_modules
+
+
+def rope_inputs(dtype: torch.dtype = torch.float64) -> tuple[torch.Tensor, ...]:
+    generator = torch.Generator().manual_seed(0)
+    # q and k as HF passes them: [B, H, T, D] views of [B, T, H, D] tensors
+    q = torch.randn(2, 7, 4, 16, generator=generator, dtype=dtype).transpose(1, 2).requires_grad_()
+    k = torch.randn(2, 7, 2, 16, generator=generator, dtype=dtype).transpose(1, 2).requires_grad_()
+    angles = torch.rand(2, 7, 8, generator=generator, dtype=dtype) * 6
+    angles = torch.cat((angles, angles), dim=-1)
+    return q, k, angles.cos(), angles.sin()
+
+
+def test_forward_and_backward_equal_hf() -> None:
+    q, k, cos, sin = rope_inputs()
+    ours = apply_rotary(q, k, cos, sin)
+    upstream = [torch.randn_like(t) for t in ours]
+    torch.autograd.backward(ours, upstream)
+    ours_grads = [q.grad.clone(), k.grad.clone()]
+    q.grad = k.grad = None
+    theirs = modeling_qwen3.apply_rotary_pos_emb(q, k, cos, sin)
+    torch.autograd.backward(theirs, upstream)
+    for a, b in zip(ours, theirs):
+        torch.testing.assert_close(a, b)
+    torch.testing.assert_close(ours_grads, [q.grad, k.grad])
+
+
+def test_a_new_sin_is_not_served_from_the_last_one() -> None:
+    q, k, cos, sin = rope_inputs()
+    apply_rotary(q, k, cos, sin)
+    q2, k2, cos2, sin2 = (t.detach() * 0.5 for t in (q, k, cos, sin))
+    theirs = modeling_qwen3.apply_rotary_pos_emb(q2, k2, cos2, sin2)
+    for a, b in zip(apply_rotary(q2, k2, cos2, sin2), theirs):
+        torch.testing.assert_close(a, b)
+
+
+def test_functions_that_compute_something_else_are_left_alone() -> None:
+    def interleaved(q, k, cos, sin, unsqueeze_dim=1):  # GPT-J style pairs: not what apply_rotary computes
+        def rot(x):
+            return torch.stack((-x[..., 1::2], x[..., ::2]), dim=-1).flatten(-2)
+        cos, sin = cos.unsqueeze(unsqueeze_dim), sin.unsqueeze(unsqueeze_dim)
+        return q * cos + rot(q) * sin, k * cos + rot(k) * sin
+
+    from gputwin.train import fused_rotary as module
+
+    assert module._same_as_ours(modeling_qwen3.apply_rotary_pos_emb)
+    assert not module._same_as_ours(interleaved)
+    q, k, cos, sin = rope_inputs()
+    with pytest.raises(ValueError):
+        apply_rotary(q, k, cos[..., :8], sin[..., :8])  # partial rotary: the model's own function handles it
+
+
+def test_fused_rotary_swaps_the_function_only_inside_the_block() -> None:
+    config = Qwen3Config(vocab_size=96, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, head_dim=16)
+    model = Qwen3ForCausalLM(config)
+    modules = rotary_modules(model)
+    assert modules == [sys.modules[modeling_qwen3.__name__]]
+    original = modeling_qwen3.apply_rotary_pos_emb
+    with fused_rotary(modules):
+        assert modeling_qwen3.apply_rotary_pos_emb is not original
+    assert modeling_qwen3.apply_rotary_pos_emb is original
+    with pytest.raises(RuntimeError), fused_rotary(modules):
+        raise RuntimeError("a failing forward")
+    assert modeling_qwen3.apply_rotary_pos_emb is original
+
+
+def test_fast_steps_with_fused_rotary_follow_the_plain_ones(monkeypatch: pytest.MonkeyPatch) -> None:
+    from gputwin.train.fused_rotary import RotaryFunction
+
+    calls = [0]
+    original_apply = RotaryFunction.apply
+
+    def counting(*args: object) -> torch.Tensor:
+        calls[0] += 1
+        return original_apply(*args)
+
+    monkeypatch.setattr(RotaryFunction, "apply", counting)
+    rows = []
+    generator = torch.Generator().manual_seed(2)
+    for _ in range(4):
+        ids = torch.randint(1, 96, (int(torch.randint(8, 30, (1,), generator=generator)),), generator=generator).tolist()
+        rows.append({"input_ids": ids, "labels": [-100] * (len(ids) // 2) + ids[len(ids) // 2:]})
+    runs = []
+    for fused in (False, True):
+        torch.manual_seed(0)
+        config = Qwen3Config(vocab_size=96, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                             num_attention_heads=4, num_key_value_heads=2, head_dim=16)
+        model = Qwen3ForCausalLM(config)
+        step = FastStep(model, torch.optim.AdamW(model.parameters(), lr=1e-3), grad_clip=1.0, fused_rope=fused)
+        assert len(step.rotary_modules) == (1 if fused else 0)
+        runs.append([float(step(pack(rows, bucket=16)).loss) for _ in range(3)])
+        assert calls[0] == (3 * 2 * 2 if fused else 0)  # steps x layers x (q, k)
+        assert answer_only_loss(model, pack(rows, bucket=16)).isfinite()
+    for a, b in zip(*runs):
+        assert abs(a - b) < 1e-5
