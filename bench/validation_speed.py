@@ -66,6 +66,46 @@ def agreement(reference: Sequence[list[int]], other: Sequence[list[int]]) -> dic
             "first_difference_mean": sum(firsts) / len(firsts) if firsts else None}
 
 
+def divergence_margins(model: Any, prompts: Sequence[list[int]], reference: Sequence[list[int]],
+                       other: Sequence[list[int]], device: torch.device, typical_rows: int = 32) -> dict[str, Any]:
+    """Is each difference a near-tie? At the first token where `other` leaves `reference`, the reference
+    model's gap between its top two logits (one unpadded forward over prompt + the shared prefix), against
+    the same gap at every generated position of rows where both agree (how decided greedy choices usually are)."""
+    def gaps_after(ids: list[int], positions: int) -> torch.Tensor:
+        with torch.inference_mode():
+            logits = model(input_ids=torch.tensor([ids], device=device)).logits[0, -positions:].float()
+        top = logits.topk(2, dim=-1).values
+        return (top[:, 0] - top[:, 1]).cpu()
+
+    at_divergence, second_choice = [], 0
+    for prompt, a, b in zip(prompts, reference, other):
+        if a == b:
+            continue
+        k = next((j for j, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+        if k >= min(len(a), len(b)):
+            continue
+        with torch.inference_mode():
+            logits = model(input_ids=torch.tensor([prompt + a[:k]], device=device)).logits[0, -1].float()
+        top = logits.topk(2)
+        at_divergence.append(float(top.values[0] - top.values[1]))
+        second_choice += int(b[k] in top.indices.tolist())
+    agreeing = [(p, a) for p, a, b in zip(prompts, reference, other) if a == b][:typical_rows]
+    typical = torch.cat([gaps_after(p + a[:-1], len(a)) for p, a in agreeing]) if agreeing else torch.zeros(0)
+
+    def quantiles(values: torch.Tensor) -> dict[str, float] | None:
+        if values.numel() == 0:
+            return None
+        q = torch.quantile(values, torch.tensor([0.01, 0.1, 0.5, 0.9]))
+        return {"min": float(values.min()), "p1": float(q[0]), "p10": float(q[1]), "median": float(q[2]),
+                "p90": float(q[3]), "max": float(values.max())}
+
+    divergence = torch.tensor(at_divergence)
+    return {"differing_rows": len(at_divergence), "other_took_a_top2_token": second_choice,
+            "gap_at_divergence": quantiles(divergence), "gap_typical": quantiles(typical),
+            "typical_positions_at_or_below_max_divergence_gap_pct":
+                100 * float((typical <= divergence.max()).float().mean()) if len(at_divergence) and typical.numel() else None}
+
+
 def _train_adapter(model: Any, config: Any, args: argparse.Namespace, device: torch.device) -> int:
     """A few hundred fast steps (lr 1e-3) on synthetic samples, so greedy choices have clear margins."""
     from gputwin.train.fast import FastStep, make_optimizer, pack
@@ -227,6 +267,13 @@ def main(argv: Sequence[str] | None = None) -> int:
                 references=("trained naive",))
         measure("trained fast", lambda: greedy_generate(trained, subset, **fast),
                 references=("trained naive", "trained naive b16"))
+        for name in ("trained naive b16", "trained fast"):  # where they leave the reference: near-ties?
+            row = next((r for r in rows if r["variant"] == name and "error" not in r), None)
+            if row is not None and "trained naive" in outputs:
+                row["margins_vs_trained_naive"] = divergence_margins(trained, subset, outputs["trained naive"],
+                                                                     outputs[name], device)
+                print(f"[{name}] margins: {row['margins_vs_trained_naive']}", flush=True)
+        write_report()
 
     path = write_report()
     def versus(r: dict[str, Any]) -> dict[str, Any]:
