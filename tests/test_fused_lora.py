@@ -7,6 +7,8 @@ import torch
 from peft import LoraConfig, get_peft_model
 from transformers import Qwen3Config, Qwen3ForCausalLM
 
+from counting import count_applies
+
 from gputwin.train import fused_lora
 from gputwin.train.fast import FastStep, answer_only_loss, pack
 from gputwin.train.fused_lora import LoraLinearFunction, fuse_lora
@@ -43,25 +45,13 @@ def loss_and_grads(model: torch.nn.Module) -> tuple[float, dict[str, torch.Tenso
     return float(loss.detach()), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
 
 
-def count_fused_calls(monkeypatch: pytest.MonkeyPatch) -> list[int]:
-    calls = [0]
-    original = LoraLinearFunction.apply
-
-    def counting(*args: object) -> torch.Tensor:
-        calls[0] += 1
-        return original(*args)
-
-    monkeypatch.setattr(LoraLinearFunction, "apply", counting)
-    return calls
-
-
 def test_fused_layers_give_peft_loss_and_gradients(monkeypatch: pytest.MonkeyPatch) -> None:
     plain_loss, plain = loss_and_grads(tiny_model())
     model = tiny_model()
     state_before = {k: v.clone() for k, v in model.state_dict().items()}
     assert fuse_lora(model) == 2 * len(TARGETS)
     assert fuse_lora(model) == 2 * len(TARGETS)  # again: nothing wrapped twice
-    calls = count_fused_calls(monkeypatch)
+    calls = count_applies(monkeypatch, LoraLinearFunction)
     fused_loss, fused = loss_and_grads(model)
     assert calls[0] == 2 * len(TARGETS)
     assert abs(fused_loss - plain_loss) < 1e-5
@@ -130,7 +120,7 @@ def test_dropout_runs_only_in_training_mode_and_keeps_the_expected_scale() -> No
 def test_calls_it_does_not_cover_run_peft_forward(monkeypatch: pytest.MonkeyPatch) -> None:
     model = tiny_model()
     fuse_lora(model)
-    calls = count_fused_calls(monkeypatch)
+    calls = count_applies(monkeypatch, LoraLinearFunction)
     layer = next(m for m in model.modules() if hasattr(m, "lora_A") and hasattr(m, "base_layer"))
     x = torch.randn(3, 64)
     with model.disable_adapter():

@@ -9,8 +9,10 @@ import torch
 from transformers import Qwen3Config, Qwen3ForCausalLM
 from transformers.models.qwen3 import modeling_qwen3
 
+from counting import count_applies
+
 from gputwin.train.fast import FastStep, answer_only_loss, pack
-from gputwin.train.fused_rotary import apply_rotary, fused_rotary, rotary_modules
+from gputwin.train.fused_rotary import RotaryFunction, apply_rotary, fused_rotary, rotary_modules
 
 
 def rope_inputs(dtype: torch.dtype = torch.float64) -> tuple[torch.Tensor, ...]:
@@ -78,16 +80,7 @@ def test_fused_rotary_swaps_the_function_only_inside_the_block() -> None:
 
 
 def test_fast_steps_with_fused_rotary_follow_the_plain_ones(monkeypatch: pytest.MonkeyPatch) -> None:
-    from gputwin.train.fused_rotary import RotaryFunction
-
-    calls = [0]
-    original_apply = RotaryFunction.apply
-
-    def counting(*args: object) -> torch.Tensor:
-        calls[0] += 1
-        return original_apply(*args)
-
-    monkeypatch.setattr(RotaryFunction, "apply", counting)
+    calls = count_applies(monkeypatch, RotaryFunction)
     rows = []
     generator = torch.Generator().manual_seed(2)
     for _ in range(4):
