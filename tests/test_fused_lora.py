@@ -163,3 +163,4 @@ def test_fast_steps_with_fused_lora_follow_the_unfused_steps() -> None:
         runs.append([float(step(batch(seed)).loss) for seed in range(4)])
     for a, b in zip(*runs):
         assert abs(a - b) < 1e-5
+

@@ -72,8 +72,11 @@ def test_fused_rotary_swaps_the_function_only_inside_the_block() -> None:
     assert modules == [sys.modules[modeling_qwen3.__name__]]
     original = modeling_qwen3.apply_rotary_pos_emb
     with fused_rotary(modules):
-        assert modeling_qwen3.apply_rotary_pos_emb is not original
+        swapped = modeling_qwen3.apply_rotary_pos_emb
+        assert swapped is not original
     assert modeling_qwen3.apply_rotary_pos_emb is original
+    with fused_rotary(modules):  # the same object each time (what torch.compile's guards look at)
+        assert modeling_qwen3.apply_rotary_pos_emb is swapped
     with pytest.raises(RuntimeError), fused_rotary(modules):
         raise RuntimeError("a failing forward")
     assert modeling_qwen3.apply_rotary_pos_emb is original

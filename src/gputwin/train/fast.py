@@ -421,9 +421,9 @@ class FastStep:
 
     compile: torch.compile each decoder layer (dynamic shapes, compiled once for all layers).
     fused_norms: the model's RMSNorm modules run torch's fused kernel (fuse_rms_norms; on CUDA by default).
-    fused_lora: the model's LoRA Linear layers run as one autograd function each (fused_lora.fuse_lora;
-    on CUDA by default).
-    fused_rope: rotary embeddings in three kernels a tensor during the step (fused_rotary; on CUDA by default).
+    fused_lora: the model's LoRA Linear layers run as one autograd function each (fused_lora.fuse_lora).
+    fused_rope: rotary embeddings in three kernels a tensor during the step (fused_rotary).
+    Both default to on for CUDA without compile, which fuses such kernels itself.
     cuda_graphs: capture forward + backward + clipping + AdamW as one CUDA graph per batch shape
     (PackedBatch.shape_key) and replay it; warm-up runs before a capture leave the model untouched.
     Both default to on for CUDA and off for CPU. A step whose loss or gradient norm is not finite
@@ -452,8 +452,9 @@ class FastStep:
         self.autocast_dtype = autocast_dtype
         self.parts = decoder_parts(model)
         self.fused_norms = fuse_rms_norms(model) if (on_cuda if fused_norms is None else fused_norms) else 0
-        self.fused_lora = fuse_lora(model) if (on_cuda if fused_lora is None else fused_lora) else 0
-        self.rotary_modules = rotary_modules(model) if (on_cuda if fused_rope is None else fused_rope) else []
+        hand_fused = on_cuda and not self.use_compile  # compile fuses these itself
+        self.fused_lora = fuse_lora(model) if (hand_fused if fused_lora is None else fused_lora) else 0
+        self.rotary_modules = rotary_modules(model) if (hand_fused if fused_rope is None else fused_rope) else []
         if self.use_compile:
             self.parts = replace(self.parts, layers=_compiled_layers(self.parts.layers))
         self.loss_fn = loss_fn or functools.partial(answer_only_loss, parts=self.parts)

@@ -103,12 +103,18 @@ def rotary_modules(model: Any) -> list[Any]:
     return [m for m in found.values() if _same_as_ours(getattr(m, FUNCTION_NAME))]
 
 
+@functools.lru_cache(maxsize=None)
+def _replacement(original: Callable[..., Any]) -> Callable[..., Any]:
+    """One replacement per original function, the same object every step."""
+    return functools.partial(apply_rotary, fallback=original)
+
+
 @contextlib.contextmanager
 def fused_rotary(modules: list[Any]) -> Iterator[None]:
     """While the block runs, these modeling modules (rotary_modules(model)) use apply_rotary."""
     originals = [getattr(m, FUNCTION_NAME) for m in modules]
     for module, original in zip(modules, originals):
-        setattr(module, FUNCTION_NAME, functools.partial(apply_rotary, fallback=original))
+        setattr(module, FUNCTION_NAME, _replacement(original))
     try:
         yield
     finally:
