@@ -62,6 +62,10 @@ def test_functions_that_compute_something_else_are_left_alone() -> None:
     q, k, cos, sin = rope_inputs()
     with pytest.raises(ValueError):
         apply_rotary(q, k, cos[..., :8], sin[..., :8])  # partial rotary: the model's own function handles it
+    learned = sin.clone().requires_grad_()  # a sin that wants a gradient goes to the model's own function
+    out = apply_rotary(q, k, cos, learned, fallback=modeling_qwen3.apply_rotary_pos_emb)
+    out[0].sum().backward()
+    assert learned.grad is not None
 
 
 def test_fused_rotary_swaps_the_function_only_inside_the_block() -> None:

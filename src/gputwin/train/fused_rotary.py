@@ -63,9 +63,11 @@ def _signed(sin: torch.Tensor) -> torch.Tensor:
 
 def apply_rotary(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, unsqueeze_dim: int = 1,
                  *, fallback: Callable[..., Any] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """HF's apply_rotary_pos_emb(q, k, cos, sin, unsqueeze_dim) for rotary over the whole head dim."""
+    """HF's apply_rotary_pos_emb(q, k, cos, sin, unsqueeze_dim) for rotary over the whole head dim, with
+    cos and sin constants (HF makes them under no_grad); anything else goes to `fallback`."""
     dim = q.shape[-1]
-    if dim % 2 or cos.shape[-1] != dim or k.shape[-1] != dim or sin.shape != cos.shape:
+    if (dim % 2 or cos.shape[-1] != dim or k.shape[-1] != dim or sin.shape != cos.shape
+            or cos.requires_grad or sin.requires_grad):  # RotaryFunction gives cos and sin no gradient
         if fallback is None:
             raise ValueError("apply_rotary needs cos and sin over the whole (even) head dim")
         return fallback(q, k, cos, sin, unsqueeze_dim)
