@@ -1,14 +1,17 @@
 #!/usr/bin/env bash
-# Create .venv and install gputwin into it, once; later calls return at once.
+# Create .venv and install gputwin into it, once; later calls return at once (until pyproject.toml or
+# the lock changes). The packages come at the exact versions of requirements/lock.txt (`make lock`
+# refreshes it); GPUTWIN_LOCK=none takes the newest releases pyproject.toml allows (`make test-latest`).
 # Without an NVIDIA GPU it takes the CPU build of torch (torch==2.13.0 lies on disk on this kind of
 # machine) instead of a multi-GB CUDA build; with a GPU it keeps the torch the system already has.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 VENV=${GPUTWIN_VENV:-.venv}
 PY=${PYTHON:-python3}
+LOCK=${GPUTWIN_LOCK:-requirements/lock.txt}
 stamp="$VENV/.gputwin-installed"
 
-if [ -f "$stamp" ] && [ "$stamp" -nt pyproject.toml ]; then
+if [ -f "$stamp" ] && [ "$stamp" -nt pyproject.toml ] && { [ "$LOCK" = none ] || [ "$stamp" -nt "$LOCK" ]; }; then
   exit 0
 fi
 
@@ -35,6 +38,13 @@ if ! "$VENV/bin/python" -c "import torch" 2>/dev/null; then
   fi
 fi
 
-"${pip[@]}" -e ".[test]"
+if [ "$LOCK" = none ]; then
+  echo "setup: no lock; the newest releases pyproject.toml allows"
+  "${pip[@]}" -e ".[test]"
+else
+  # the lock leaves torch out: the one installed above (or the system's) stays
+  "${pip[@]}" -r "$LOCK"
+  "${pip[@]}" --no-deps -e .
+fi
 touch "$stamp"
 echo "setup: ready ($VENV)"

@@ -83,22 +83,51 @@ def load_model_config(base: str, trust_remote_code: bool = False) -> Any:
                     "download the model once (huggingface-cli download ...) or point model.base at a local folder")
 
 
+@functools.lru_cache(maxsize=8)
+def _meta_model(base: str, task: str, trust_remote_code: bool, num_labels: int) -> Any:
+    """The profile's model built on PyTorch's meta device: its structure, no weights, no memory."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoModelForTokenClassification
+
+    config = load_model_config(base, trust_remote_code)
+    with torch.device("meta"):
+        if task == "tag":
+            config.num_labels = num_labels
+            return AutoModelForTokenClassification.from_config(config, trust_remote_code=trust_remote_code)
+        return AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+
+
+def fast_paths(profile: Profile) -> dict[str, dict[str, Any]]:
+    """Which fused paths the fast engine would take for this profile's model with the installed
+    transformers and peft (each checked against the library's own code), or why the engine would not run."""
+    def off(why: str) -> dict[str, dict[str, Any]]:
+        return {"fast_engine": {"on": False, "why": why}}
+
+    if profile.train.engine != "fast":
+        return off('train.engine = "plain"')
+    if profile.model.task != "generate":
+        return off("the fast engine trains decoders for the generate task; tag arms use the plain engine")
+    from .train import fastpaths
+    from .train.fast import decoder_parts
+
+    model = _meta_model(profile.model.base, profile.model.task, profile.model.trust_remote_code, 19)
+    try:
+        decoder_parts(model)
+    except TypeError as exc:
+        return off(str(exc))
+    return {"rms_norm": fastpaths.norm_status(model), "lora": fastpaths.lora_status(),
+            "rotary": fastpaths.rotary_status(model)}
+
+
 def lora_params(profile: Profile, num_labels: int = 19) -> tuple[int, int]:
     """(LoRA trainable parameters, base parameters) for the profile's model, computed on the meta device.
 
     For the `tag` task the classifier head trains too; num_labels is its width (B/I per type + O).
     """
     import torch
-    from transformers import AutoModelForCausalLM, AutoModelForTokenClassification
     from transformers.pytorch_utils import Conv1D
 
-    config = load_model_config(profile.model.base, profile.model.trust_remote_code)
-    with torch.device("meta"):
-        if profile.model.task == "tag":
-            config.num_labels = num_labels
-            model = AutoModelForTokenClassification.from_config(config, trust_remote_code=profile.model.trust_remote_code)
-        else:
-            model = AutoModelForCausalLM.from_config(config, trust_remote_code=profile.model.trust_remote_code)
+    model = _meta_model(profile.model.base, profile.model.task, profile.model.trust_remote_code, num_labels)
     targets = set(profile.lora.target_modules)
     trainable = 0
     matched = 0
@@ -166,6 +195,14 @@ def _fmt(value: Any, *, commas: bool = False) -> str:
     return str(value)
 
 
+def _paths_cell(paths: dict[str, dict[str, Any]]) -> str:
+    if "fast_engine" in paths:
+        return "plain engine"
+    on = [name for name, s in paths.items() if s["on"]]
+    off = [name for name, s in paths.items() if not s["on"]]
+    return ", ".join(on) + " on" + (f"; {', '.join(off)} off" if off else "") if on else "all off"
+
+
 def cmd_check(args: Any) -> int:
     from rich.console import Console
     from rich.table import Table
@@ -173,10 +210,12 @@ def cmd_check(args: Any) -> int:
     experiment = load_any(args.profiles, check_files=True)
     arms = list(experiment.arms)
     plans = [plan_profile(a) for a in arms]
+    paths = [fast_paths(a) for a in arms]
     differ = set(differing_keys(arms))
     if getattr(args, "json", False):
         print(json.dumps({"experiment": experiment.name, "differing_keys": sorted(differ),
-                          "arms": [{"profile": a.to_dict(), "plan": asdict(p)} for a, p in zip(arms, plans)]}, indent=2))
+                          "arms": [{"profile": a.to_dict(), "plan": asdict(p), "fast_paths": f}
+                                   for a, p, f in zip(arms, plans, paths)]}, indent=2))
         return 0
     console = Console()
     table = Table(title=f"gputwin check: {experiment.name}", title_justify="left", show_lines=False)
@@ -194,9 +233,18 @@ def cmd_check(args: Any) -> int:
         values = [getattr(p, attr) for p in plans]
         marker = "≠ " if len(set(values)) > 1 else "  "
         table.add_row(marker + label, *[_fmt(v, commas=True) for v in values], style="bold" if marker.strip() else None)
+    table.add_row("  fast paths", *[_paths_cell(f) for f in paths])
     console.print(table)
     notes = [f"{a.name}: {p.samples_note}" for a, p in zip(arms, plans) if p.samples_note]
+    notes += [f"{a.name}: {name} off: {s['why']}" for a, f in zip(arms, paths) for name, s in f.items()
+              if not s["on"] and name != "fast_engine"]
     for note in notes:
         console.print(f"note: {note}")
+    if any("fast_engine" not in f for f in paths):
+        import peft
+        import transformers
+
+        console.print(f"fast paths: checked against transformers {transformers.__version__} and peft "
+                      f"{peft.__version__}; they engage on CUDA", style="dim")
     console.print("≠ marks the keys that differ between arms.", style="dim")
     return 0

@@ -51,6 +51,7 @@ class Outcome(Protocol):
 
 class Engine(Protocol):
     name: str  # reported in the started event
+    paths: dict[str, dict[str, Any]]  # the fused paths: {name: {"on": bool, "why": str}} (started event)
 
     def collate(self, examples: Sequence[Example]) -> Any: ...
 
@@ -85,6 +86,7 @@ class PlainEngine:
         self.model, self.optimizer, self.device = model, optimizer, device
         self.model_dtype, self.grad_clip, self.pad_id = model_dtype, grad_clip, pad_id
         self.params = [p for p in model.parameters() if p.requires_grad]
+        self.paths: dict[str, dict[str, Any]] = {}
 
     def collate(self, examples: Sequence[Example]) -> dict[str, torch.Tensor]:
         return collate_padded(examples, self.pad_id)
@@ -118,6 +120,9 @@ def make_engine(name: str, model: Any, optimizer: torch.optim.Optimizer, *, devi
             except EngineUnsupported as exc:
                 print(f"gputwin: the fast engine does not serve this run ({exc}); using the plain engine",
                       file=sys.stderr)
+                plain = PlainEngine(model, optimizer, **kwargs)
+                plain.paths = {"fast_engine": {"on": False, "why": str(exc)}}
+                return plain
     return PlainEngine(model, optimizer, **kwargs)
 
 

@@ -26,6 +26,8 @@ import torch
 import torch.nn.functional as F
 
 from ..encoding import IGNORE_INDEX
+from . import fastpaths
+from .fastpaths import rms_norm_matches
 from .fused_lora import fuse_lora
 from .fused_rotary import fused_rotary, rotary_modules
 
@@ -283,13 +285,14 @@ def fuse_rms_norms(model: Any) -> int:
 
     HF's RMSNorm is six elementwise kernels forward and about twice that backward; a Qwen3 layer has
     four of them, so at batch 4 they are a good part of a step's kernel launches. The maths is the same
-    (statistics in fp32); the output is rounded once instead of twice. Returns how many were changed.
+    (statistics in fp32); the output is rounded once instead of twice. Only classes checked to compute
+    rms_norm (fastpaths.rms_norm_matches) are changed. Returns how many modules were changed.
     """
     changed = 0
     for module in model.modules():
         weight, eps = getattr(module, "weight", None), getattr(module, "variance_epsilon", None)
         if (type(module).__name__.endswith("RMSNorm") and isinstance(weight, torch.nn.Parameter)
-                and weight.dim() == 1 and isinstance(eps, float)):
+                and weight.dim() == 1 and isinstance(eps, float) and rms_norm_matches(type(module))):
             module.forward = _fused_rms_norm_forward.__get__(module)
             changed += 1
     return changed
@@ -451,15 +454,19 @@ class FastStep:
             autocast_dtype = base_dtype if on_cuda and base_dtype in (torch.bfloat16, torch.float16) else None
         self.autocast_dtype = autocast_dtype
         self.parts = decoder_parts(model)
-        self.fused_norms = fuse_rms_norms(model) if (on_cuda if fused_norms is None else fused_norms) else 0
         hand_fused = on_cuda and not self.use_compile  # compile fuses these itself
-        self.fused_lora = fuse_lora(model) if (hand_fused if fused_lora is None else fused_lora) else 0
-        self.rotary_modules = rotary_modules(model) if (hand_fused if fused_rope is None else fused_rope) else []
+        want = {"rms_norm": on_cuda if fused_norms is None else fused_norms,
+                "lora": hand_fused if fused_lora is None else fused_lora,
+                "rotary": hand_fused if fused_rope is None else fused_rope}
+        self.fused_norms = fuse_rms_norms(model) if want["rms_norm"] else 0
+        self.fused_lora = fuse_lora(model) if want["lora"] else 0
+        self.rotary_modules = rotary_modules(model) if want["rotary"] else []
         if self.use_compile:
             self.parts = replace(self.parts, layers=_compiled_layers(self.parts.layers))
         self.loss_fn = loss_fn or functools.partial(answer_only_loss, parts=self.parts)
         self.warmup_iters = warmup_iters
         self.attention_backend = varlen_backend(self.device)
+        self.paths = self._paths(want)
         self.captures, self.capture_seconds = 0, 0.0
         self._graphs: dict[tuple[int, int, int], _Captured] = {}
         self._pool: Any = None
@@ -468,6 +475,24 @@ class FastStep:
         self._lr: list[torch.Tensor] = []
         if self.use_graphs:
             self._make_capturable()
+
+    def _paths(self, want: Mapping[str, bool]) -> dict[str, dict[str, Any]]:
+        """Which fused paths engage, and why any is off (the started event's `fast_paths`)."""
+        unwanted = fastpaths.status(False, "torch.compile fuses the layers itself" if self.use_compile
+                                    else "the fused paths are for CUDA; off on this device")
+        paths = {
+            "rms_norm": fastpaths.norm_status(self.model, self.fused_norms) if want["rms_norm"] else unwanted,
+            "lora": fastpaths.lora_status(self.fused_lora) if want["lora"] else unwanted,
+            "rotary": fastpaths.rotary_status(self.model, self.rotary_modules) if want["rotary"] else unwanted,
+        }
+        if want["lora"] and paths["lora"]["on"] and not self.fused_lora:
+            paths["lora"] = fastpaths.status(False, "no plain LoRA Linear layers (DoRA, LoRA bias or a non-Linear base)")
+        varlen = self.attention_backend == "varlen"
+        paths["attention"] = fastpaths.status(varlen, "torch's flash varlen kernel, checked against masked SDPA"
+                                              if varlen else "SDPA with a block-causal mask (no checked varlen kernel here)")
+        paths["cuda_graphs"] = fastpaths.status(self.use_graphs, "one graph per batch shape" if self.use_graphs
+                                                else "off: they need CUDA and fused AdamW")
+        return paths
 
     # -- public
 
@@ -619,6 +644,7 @@ class FastEngine:
         dtype = torch.bfloat16 if device.type == "cuda" and model_dtype != torch.float32 else None
         self.fast = FastStep(model, optimizer, compile=compile and device.type == "cuda", grad_clip=grad_clip,
                              autocast_dtype=dtype)
+        self.paths = self.fast.paths
 
     def collate(self, examples: Sequence[Any]) -> PackedBatch:
         # label slots in steps of 256: a few more lm_head rows a step, half as many shapes to capture

@@ -118,8 +118,10 @@ def fuse_lora(model: Any) -> int:
 
     Returns how many layers have it; calls it does not cover still run peft's forward.
     """
+    from .fastpaths import lora_matches_peft
+
     layer_type = _lora_layer_type()
-    if layer_type is None:
+    if layer_type is None or not lora_matches_peft():  # a peft whose layer computes otherwise keeps its own
         return 0
     changed = 0
     for module in model.modules():

@@ -24,7 +24,7 @@ from typing import Any, Callable, Iterator
 
 import torch
 
-__all__ = ["RotaryFunction", "apply_rotary", "fused_rotary", "rotary_modules"]
+__all__ = ["RotaryFunction", "apply_rotary", "attention_modeling_modules", "fused_rotary", "rotary_modules"]
 
 FUNCTION_NAME = "apply_rotary_pos_emb"  # what HF's Llama-family modeling files call it
 
@@ -75,26 +75,38 @@ def apply_rotary(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch
     return RotaryFunction.apply(q, cos_b, sin_b), RotaryFunction.apply(k, cos_b, sin_b)
 
 
+def _takes_q_k_cos_sin(function: Callable[..., Any]) -> bool:
+    """Its first four parameters are q, k, cos, sin; or it takes *args, as transformers' hub-kernel
+    wrapper does (an nn.Module around the same function, in transformers with `kernels` installed)."""
+    try:
+        params = list(inspect.signature(function).parameters.values())
+    except (TypeError, ValueError):
+        return False
+    if params and params[0].kind is inspect.Parameter.VAR_POSITIONAL:
+        return True
+    return [p.name for p in params[:4]] == ["q", "k", "cos", "sin"]
+
+
 @functools.lru_cache(maxsize=None)
 def _same_as_ours(function: Callable[..., Any]) -> bool:
     """Does this apply_rotary_pos_emb compute what apply_rotary does? (small random inputs, fp64, CPU)"""
     try:
-        if list(inspect.signature(function).parameters)[:4] != ["q", "k", "cos", "sin"]:
+        if not _takes_q_k_cos_sin(function):
             return False
         generator = torch.Generator().manual_seed(0)
         q, k = (torch.randn(2, n, 5, 8, generator=generator, dtype=torch.float64) for n in (4, 2))
         angles = torch.rand(2, 5, 4, generator=generator, dtype=torch.float64) * 6
         angles = torch.cat((angles, angles), dim=-1)
         cos, sin = angles.cos(), angles.sin()
-        theirs = function(q, k, cos, sin)
+        theirs = tuple(function(q, k, cos, sin))
         ours = apply_rotary(q, k, cos, sin)
-        return all(torch.allclose(a, b, atol=1e-12) for a, b in zip(theirs, ours))
+        return len(theirs) == 2 and all(torch.allclose(a, b, atol=1e-12) for a, b in zip(theirs, ours))
     except Exception:  # noqa: BLE001 - anything unexpected: keep the model's own function
         return False
 
 
-def rotary_modules(model: Any) -> list[Any]:
-    """The modeling modules (Python modules) of the model's attention layers whose function is checked."""
+def attention_modeling_modules(model: Any) -> list[Any]:
+    """The modeling modules (Python modules) of the model's attention layers that have the function."""
     found: dict[str, Any] = {}
     for module in model.modules():
         if type(module).__name__.endswith("Attention"):
@@ -102,13 +114,26 @@ def rotary_modules(model: Any) -> list[Any]:
             function = getattr(python_module, FUNCTION_NAME, None)
             if python_module is not None and callable(function):
                 found.setdefault(python_module.__name__, python_module)
-    return [m for m in found.values() if _same_as_ours(getattr(m, FUNCTION_NAME))]
+    return list(found.values())
+
+
+def rotary_modules(model: Any) -> list[Any]:
+    """The modeling modules of the model's attention layers whose function is checked to compute ours."""
+    return [m for m in attention_modeling_modules(model) if _same_as_ours(getattr(m, FUNCTION_NAME))]
 
 
 @functools.lru_cache(maxsize=None)
 def _replacement(original: Callable[..., Any]) -> Callable[..., Any]:
     """One replacement per original function, the same object every step."""
-    return functools.partial(apply_rotary, fallback=original)
+
+    def replacement(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, *args: Any,
+                    **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        unsqueeze_dim = args[0] if len(args) == 1 and not kwargs else kwargs.get("unsqueeze_dim", 1)
+        if len(args) > 1 or set(kwargs) - {"unsqueeze_dim"} or not isinstance(unsqueeze_dim, int):
+            return original(q, k, cos, sin, *args, **kwargs)  # a call form the check did not cover
+        return apply_rotary(q, k, cos, sin, unsqueeze_dim, fallback=original)
+
+    return replacement
 
 
 @contextlib.contextmanager

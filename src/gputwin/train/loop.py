@@ -289,6 +289,7 @@ class Trainer:
         run, state = self.run, self.state
         self.writer.emit(
             events.STARTED, arm=run.profile.name, pid=os.getpid(), device=run.device_name, engine=run.engine.name,
+            fast_paths=getattr(run.engine, "paths", {}),
             config=run.profile.to_dict(), trainable_params=count_trainable(run.model),
             total_params=count_params(run.model), samples=len(run.examples), bad_lines=run.bad_lines,
             truncated=run.truncated, label_names=run.label_names, steps_per_epoch=run.steps_per_epoch,

@@ -1,0 +1,127 @@
+"""Which of the fast step's fused paths engage for a model, and why any does not.
+
+The fused paths stand in for code of transformers and peft (rotary embeddings, RMSNorm, peft's LoRA
+Linear) with fewer kernels that compute the same maths. Each is checked against the library's own code
+on small inputs (fp64 or fp32, CPU) before it is used, so a release that changes the maths keeps its own
+code instead of training something else. This module runs those checks and says, for the `started`
+event and `gputwin check`, which paths passed and why any is off.
+
+A status is a dict: {"on": bool, "why": str}.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+__all__ = ["lora_matches_peft", "lora_status", "norm_status", "rms_norm_matches", "rotary_status", "summary"]
+
+
+def status(on: bool, why: str) -> dict[str, Any]:
+    return {"on": bool(on), "why": why}
+
+
+# ---------------------------------------------------------------- RMSNorm
+
+
+@functools.lru_cache(maxsize=None)
+def rms_norm_matches(cls: type) -> bool:
+    """Does this RMSNorm class compute torch's rms_norm(x, weight, eps)? (a fresh instance, fp32, CPU)"""
+    try:
+        try:
+            module = cls(16, eps=1e-5)
+        except TypeError:
+            module = cls(16)
+        weight, eps = getattr(module, "weight", None), getattr(module, "variance_epsilon", None)
+        if not isinstance(weight, nn.Parameter) or weight.dim() != 1 or not isinstance(eps, float):
+            return False
+        generator = torch.Generator().manual_seed(0)
+        with torch.no_grad():
+            weight.copy_(torch.randn(16, generator=generator))
+            x = torch.randn(3, 5, 16, generator=generator)
+            theirs = cls.forward(module, x)
+            ours = F.rms_norm(x, (16,), weight, eps)
+        return theirs.shape == ours.shape and torch.allclose(theirs, ours, atol=1e-5, rtol=1e-5)
+    except Exception:  # noqa: BLE001 - anything unexpected: keep the model's own forward
+        return False
+
+
+def rms_norm_classes(model: Any) -> dict[type, bool]:
+    """Each RMSNorm class in the model, and whether it passed rms_norm_matches."""
+    classes = {type(m) for m in model.modules() if type(m).__name__.endswith("RMSNorm")}
+    return {cls: rms_norm_matches(cls) for cls in sorted(classes, key=lambda c: c.__qualname__)}
+
+
+def norm_status(model: Any, fused: int | None = None) -> dict[str, Any]:
+    classes = rms_norm_classes(model)
+    if not classes:
+        return status(False, "the model has no RMSNorm modules")
+    differ = [cls.__name__ for cls, same in classes.items() if not same]
+    if differ:
+        return status(False, f"{', '.join(differ)} computes something else than torch's rms_norm: its own forward runs")
+    names = ", ".join(cls.__name__ for cls in classes)
+    return status(True, f"{names} checked against torch's rms_norm" + (f"; {fused} modules" if fused else ""))
+
+
+# ---------------------------------------------------------------- rotary embeddings
+
+
+def rotary_status(model: Any, modules: list[Any] | None = None) -> dict[str, Any]:
+    from .fused_rotary import FUNCTION_NAME, attention_modeling_modules, rotary_modules
+
+    found = attention_modeling_modules(model)
+    if not found:
+        return status(False, f"no {FUNCTION_NAME} in the attention layers' modeling module")
+    checked = rotary_modules(model) if modules is None else modules
+    names = [m.__name__.rsplit(".", 1)[-1] for m in checked]
+    others = [m.__name__.rsplit(".", 1)[-1] for m in found if m not in checked]
+    if others:
+        return status(False, f"{', '.join(others)}.{FUNCTION_NAME} computes something else: the model's own runs")
+    return status(True, f"{', '.join(names)}.{FUNCTION_NAME} checked")
+
+
+# ---------------------------------------------------------------- peft's LoRA Linear
+
+
+@functools.lru_cache(maxsize=None)
+def lora_matches_peft() -> bool:
+    """Does peft's LoRA Linear forward compute base(x) + s * B(A(x))? (one small layer, fp32, CPU)"""
+    try:
+        from peft import LoraConfig, get_peft_model
+
+        from .fused_lora import LoraLinearFunction, _lora_layer_type
+
+        generator = torch.Generator().manual_seed(0)
+        holder = nn.Module()
+        holder.proj = nn.Linear(12, 6)
+        model = get_peft_model(holder, LoraConfig(r=2, lora_alpha=6, lora_dropout=0.0, target_modules=["proj"]))
+        layer = next(m for m in model.modules() if type(m) is _lora_layer_type())
+        base, name = layer.base_layer, layer.active_adapters[0]
+        with torch.no_grad():
+            for p in layer.parameters():
+                p.copy_(torch.randn(p.shape, generator=generator))
+            x = torch.randn(4, 12, generator=generator)
+            theirs = type(layer).forward(layer, x)
+            ours = LoraLinearFunction.apply(x, base.weight, base.bias, layer.lora_A[name].weight,
+                                            layer.lora_B[name].weight, float(layer.scaling[name]), 0.0)
+        return torch.allclose(theirs, ours, atol=1e-5, rtol=1e-5)
+    except Exception:  # noqa: BLE001 - a peft that builds or computes its layer otherwise: keep its forward
+        return False
+
+
+def lora_status(fused: int | None = None) -> dict[str, Any]:
+    import peft
+
+    if not lora_matches_peft():
+        return status(False, f"peft {peft.__version__}'s LoRA Linear computes something else: its own forward runs")
+    return status(True, f"peft {peft.__version__}'s LoRA Linear checked" + (f"; {fused} layers" if fused else ""))
+
+
+def summary(paths: dict[str, dict[str, Any]]) -> str:
+    """'rotary on, rms_norm on, lora off (why)' in one line."""
+    return ", ".join(f"{name} {'on' if s['on'] else 'off'}" + ("" if s["on"] else f" ({s['why']})")
+                     for name, s in paths.items())
