@@ -157,8 +157,14 @@ def test_extending_a_finished_run_resumes_from_its_final_checkpoint(world: World
     assert second[1]["step"] == 6 and second[2]["total_steps"] == 12
     later = steps(second)
     assert [e["step"] for e in later] == list(range(7, 13))
+    # a finished arm starts a new cycle: warmup to rules.extend_lr (0.5) of its peak, then its own decay
     lrs = [e["lr"] for e in later]
-    assert lrs == sorted(lrs, reverse=True) and lrs[0] <= steps(evs)[5]["lr"]
+    peak = world.profile("tag").train.learning_rate
+    assert second[2]["new_cycle"] is True and second[2]["lr_now"] == pytest.approx(steps(evs)[5]["lr"])
+    assert max(lrs) == pytest.approx(0.5 * peak) and max(lrs) > 2 * steps(evs)[5]["lr"]
+    top = lrs.index(max(lrs))
+    assert lrs[top:] == sorted(lrs[top:], reverse=True) and lrs[-1] > 0
+    assert second[2]["lr_curve"][0] == 0 and max(second[2]["lr_curve"]) == pytest.approx(0.5 * peak)
     assert second[-1].kind == events.FINISHED and second[-1]["step"] == 12
 
 

@@ -33,9 +33,10 @@ FINISHED = "finished"
 FAILED = "failed"
 RESUMED = "resumed"
 ACTION = "action"  # a verdict action taken (by a key, a CLI command or automatically)
+PROBE = "probe"  # a cooldown probe's validation: the arm as if its schedule ended at `step`
 
 KINDS = frozenset(
-    {STARTED, STEP, CHECKPOINT, MILESTONE, VALIDATION, EXTENDED, STOPPED, FINISHED, FAILED, RESUMED, ACTION}
+    {STARTED, STEP, CHECKPOINT, MILESTONE, VALIDATION, EXTENDED, STOPPED, FINISHED, FAILED, RESUMED, ACTION, PROBE}
 )
 TERMINAL_KINDS = frozenset({STOPPED, FINISHED, FAILED})
 
@@ -52,6 +53,7 @@ REQUIRED: dict[str, tuple[str, ...]] = {
     FAILED: ("error", "message", "hint"),
     RESUMED: ("step", "checkpoint"),
     ACTION: ("action", "arm", "by"),
+    PROBE: ("step", "steps"),
 }
 
 

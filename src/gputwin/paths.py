@@ -17,6 +17,7 @@ logs/<experiment>/
         control/           requests to the trainer (atomic files, see control.py)
         checkpoints/step-000200/ ...
         validation/step-000200.json
+        validation/step-000200-cooled.json   the cooldown probe's validation, when one ran
 """
 
 from __future__ import annotations
@@ -96,6 +97,10 @@ class ArmPaths:
 
     def validation_file(self, step: int) -> Path:
         return self.validation / f"step-{step:06d}.json"
+
+    def probe_file(self, step: int) -> Path:
+        """The cooldown probe's validation: the arm at `step`, cooled down (see gputwin.train.probe)."""
+        return self.validation / f"step-{step:06d}-cooled.json"
 
     def checkpoint_dir(self, step: int) -> Path:
         return self.checkpoints / f"step-{step:06d}"

@@ -26,7 +26,7 @@ from .paths import NAME_HINT, valid_name
 
 TASKS = ("generate", "tag")
 DTYPES = ("auto", "bf16", "fp16", "fp32")
-SCHEDULERS = ("linear", "cosine", "constant")
+SCHEDULERS = ("linear", "cosine", "constant", "wsd")
 ENGINES = ("fast", "plain")
 ON_VERDICT = ("suggest", "apply")
 
@@ -74,6 +74,7 @@ class TrainSpec:
     weight_decay: float = 0.0
     engine: str = "fast"
     threads: int = 0  # CPU threads for this arm; 0 = a fair share of the cores
+    decay_fraction: float = 0.1  # scheduler = "wsd": the share of the steps (after warmup) that decay
 
 
 @dataclass(frozen=True)
@@ -93,6 +94,7 @@ class MilestoneSpec:
     epoch: float | None = None
     sample_size: int = 500
     sample_seed: int = 1234
+    cooldown_steps: int | None = None  # the cooldown probe's length; None: 10% of the steps done; 0: off
 
 
 @dataclass(frozen=True)
@@ -138,6 +140,7 @@ class Rules:
     goal_f1: float = 0.875
     on_verdict: str = "suggest"
     extend_epochs: int = 1
+    extend_lr: float = 0.5  # an extension that starts a new cycle warms up to this share of the arm's peak
     bootstrap_resamples: int = 2000
     seed: int = 0
 
@@ -408,7 +411,11 @@ def parse_profile(path: Path, data: dict[str, Any], text: str, *, check_files: b
         weight_decay=tr.positive("weight_decay", float, 0.0, allow_zero=True),
         engine=tr.choice("engine", ENGINES, "fast"),
         threads=tr.positive("threads", int, 0, allow_zero=True, hint="0 shares the cores fairly between arms"),
+        decay_fraction=tr.get("decay_fraction", float, 0.1),
     )
+    if not 0.0 < train.decay_fraction < 1.0:
+        raise tr.error("decay_fraction", f"must be between 0 and 1, got {train.decay_fraction}",
+                       "the wsd scheduler decays over the last decay_fraction of the steps, e.g. 0.1 or 0.2")
 
     d = _Section(path, text, "data", data.get("data", {}))
     d.check_unknown({f.name for f in dataclasses.fields(DataSpec)})
@@ -432,7 +439,7 @@ def parse_profile(path: Path, data: dict[str, Any], text: str, *, check_files: b
                               "make one with `gputwin data synth --out DIR` or set synth_if_missing = true")
 
     ms = _Section(path, text, "milestone", data.get("milestone", {}))
-    ms.check_unknown({"step", "epoch", "sample_size", "sample_seed"})
+    ms.check_unknown({"step", "epoch", "sample_size", "sample_seed", "cooldown_steps"})
     step = ms.get("step", int, None)
     epoch = ms.get("epoch", float, None)
     if step is not None and epoch is not None:
@@ -446,7 +453,12 @@ def parse_profile(path: Path, data: dict[str, Any], text: str, *, check_files: b
     sample_size = ms.get("sample_size", int, 500)
     if sample_size < 1:
         raise ms.error("sample_size", f"must be >= 1, got {sample_size}", "e.g. sample_size = 500")
-    milestone = MilestoneSpec(step=step, epoch=epoch, sample_size=sample_size, sample_seed=ms.get("sample_seed", int, 1234))
+    cooldown = ms.get("cooldown_steps", int, None)
+    if cooldown is not None and cooldown < 0:
+        raise ms.error("cooldown_steps", f"must be >= 0, got {cooldown}",
+                       "0 turns the cooldown probe off; leave it out for 10% of the steps done")
+    milestone = MilestoneSpec(step=step, epoch=epoch, sample_size=sample_size,
+                              sample_seed=ms.get("sample_seed", int, 1234), cooldown_steps=cooldown)
 
     return Profile(name=name, model=model, lora=lora, train=train, data=data_spec, milestone=milestone,
                    device=device, source=str(path.resolve()))
@@ -480,9 +492,18 @@ def _parse_rules(path: Path, text: str, data: Any, baseline: str) -> Rules:
         goal_f1=ru.fraction("goal_f1", 0.875),
         on_verdict=ru.choice("on_verdict", ON_VERDICT, "suggest"),
         extend_epochs=extend,
+        extend_lr=_extend_lr(ru),
         bootstrap_resamples=resamples,
         seed=ru.get("seed", int, 0),
     )
+
+
+def _extend_lr(ru: _Section) -> float:
+    value = ru.get("extend_lr", float, 0.5)
+    if not 0.0 < value <= 1.0:
+        raise ru.error("extend_lr", f"must be in (0, 1], got {value}",
+                       "the share of an arm's peak LR that an extension's new cycle warms up to, e.g. 0.5")
+    return value
 
 
 def check_arms(arms: list[Profile], source: Path | str) -> None:

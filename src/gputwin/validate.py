@@ -56,8 +56,9 @@ def write_json_atomic(path: Path, data: dict[str, Any]) -> None:
 def validate(model: Any, tokenizer: Any, *, task: str, test_path: str | Path, sample_size: int, seed: int,
              label_names: Sequence[str] | None = None, device: Any = "cpu", step: int | None = None,
              arm: str | None = None, out_path: Path | None = None, max_length: int = 512,
-             batch_size: int = 0, decoder: str = "fast") -> dict[str, Any]:
-    """Predict on the seeded sample of test_path and score it; the result is also written to out_path."""
+             batch_size: int = 0, decoder: str = "fast", extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Predict on the seeded sample of test_path and score it; the result (with `extra`'s fields) is
+    also written to out_path."""
     from .metrics import evaluate
 
     started = time.perf_counter()
@@ -88,6 +89,7 @@ def validate(model: Any, tokenizer: Any, *, task: str, test_path: str | Path, sa
         decoder=info.get("decoder"),
         device=str(device),
         model=_model_name(model),
+        **(extra or {}),
     )
     if out_path is not None:
         write_json_atomic(Path(out_path), result)

@@ -29,7 +29,8 @@ from .batching import EpochBatches, batch_tokens
 from .checkpoint import DISK_FULL_ERRNOS, CheckpointWriteError, TrainState, checkpoint_name, clean_leftovers, \
     latest_loadable, prune, rng_states, save_checkpoint, set_rng_states
 from .engine import NonFiniteLoss, Outcome, StepOutput
-from .schedule import LrPlan, extend_plan, lr_at
+from . import probe
+from .schedule import decay_done, extend_plan, lr_at, lr_curve, make_plan, restarts
 from .setup import Run, TrainFailure, build_run
 
 NAN_HINT = ("lower train.learning_rate (e.g. halve it), add warmup_steps, or keep grad_clip at 1.0; "
@@ -84,8 +85,9 @@ class Trainer:
         self.imports_seconds = imports_seconds  # process start to train(): Python, torch and the rest
         self.fault = faults.fault_from_env()
         t = run.profile.train
-        plan = LrPlan(t.learning_rate, t.warmup_steps, t.scheduler, run.total_steps)
+        plan = make_plan(t.learning_rate, t.warmup_steps, t.scheduler, run.total_steps, t.decay_fraction)
         self.state = TrainState(step=0, epoch=0, index=0, plan=plan)
+        self.batches = EpochBatches(len(run.examples), t.batch_size, t.seed)  # the data order, from the seed
         self.saved: dict[str, Any] | None = None  # state of the last checkpoint written or loaded
         self.saved_path: Path | None = None
         self.stop_request: control.Request | None = None
@@ -109,7 +111,7 @@ class Trainer:
             self.writer.emit(events.RESUMED, step=state.step, checkpoint=str(self.saved_path))
             if self.at_milestone():  # the last run ended between the milestone checkpoint and its validation
                 self.milestone()
-        batches = EpochBatches(len(run.examples), run.profile.train.batch_size, run.profile.train.seed)
+        batches = self.batches
         every = run.profile.train.checkpoint_every
 
         while True:
@@ -188,8 +190,57 @@ class Trainer:
         self.settle()
         self.writer.emit(events.MILESTONE, step=self.state.step)
         self.checkpoint()
-        self.validate(reason="milestone", by="plan")
+        position = self.position()
+        cooldown = probe.wanted(position["lr_fraction"], self.run.profile.milestone.cooldown_steps, self.state.step)
+        self.validate(reason="milestone", by="plan", extra={"schedule": {**position, "probe_steps": cooldown}})
+        if cooldown:
+            self.cooldown_probe(cooldown)
         self.state.milestone_done = True
+
+    def position(self) -> dict[str, Any]:
+        """Where the arm stands in its LR schedule after the steps done (recorded with each validation)."""
+        step, plan = self.state.step, self.state.plan
+        peak = self.run.profile.train.learning_rate
+        lr = lr_at(max(step, 1), plan)
+        return {"step": step, "lr": lr, "peak_lr": peak, "lr_fraction": round(lr / peak, 6) if peak else 0.0,
+                "decay_done": round(decay_done(step, plan), 6), "total_steps": plan.total_steps,
+                "scheduler": plan.scheduler}
+
+    def cooldown_probe(self, steps: int) -> None:
+        """Score this arm as if its schedule ended now (gputwin.train.probe); the live run is left exactly
+        as it was. A probe that fails (NaN, out of memory) is reported and the arm trains on."""
+        from ..validate import validate
+
+        run, state = self.run, self.state
+        position = self.position()
+        started = time.perf_counter()
+        out_path = run.arm.probe_file(state.step)
+        try:
+            with probe.side_branch(run.model, run.optimizer):
+                trained = probe.train_cooldown(run, self.batches, state.epoch, state.index, position["lr"], steps)
+                result = validate(run.model, run.tokenizer, task=run.profile.model.task,
+                                  test_path=run.profile.data.test, sample_size=run.profile.milestone.sample_size,
+                                  seed=run.profile.milestone.sample_seed, label_names=run.label_names,
+                                  device=run.device, step=state.step, arm=run.profile.name, out_path=out_path,
+                                  max_length=run.profile.train.max_length,
+                                  decoder="plain" if run.profile.train.engine == "plain" else "fast",
+                                  extra={"probe": {"steps": steps, "lr_from": position["lr"],
+                                                   "train_seconds": trained["seconds"],
+                                                   "loss_first": trained["losses"][0],
+                                                   "loss_last": trained["losses"][-1]},
+                                         "schedule": {**position, "lr": 0.0, "lr_fraction": 0.0, "decay_done": 1.0,
+                                                      "cooled_from": position}})
+                run.model.train()
+        except (NonFiniteLoss, torch.cuda.OutOfMemoryError) as exc:
+            out_path.unlink(missing_ok=True)
+            self.writer.emit(events.PROBE, step=state.step, steps=steps, lr_from=position["lr"], failed=str(exc),
+                             seconds=round(time.perf_counter() - started, 3))
+            return
+        self.writer.emit(events.PROBE, step=state.step, steps=steps, lr_from=position["lr"],
+                         precision=result["precision"], recall=result["recall"], f1=result["f1"], path=str(out_path),
+                         loss_first=trained["losses"][0], loss_last=trained["losses"][-1],
+                         train_seconds=trained["seconds"], validate_seconds=result.get("seconds"),
+                         seconds=round(time.perf_counter() - started, 3))
 
     def poll_control(self) -> None:
         """Handle waiting requests oldest first; a bad file is removed and reported, never fatal."""
@@ -208,12 +259,21 @@ class Trainer:
                 self.validate(reason="requested", by=request.by)
 
     def extend(self, epochs: int, by: str) -> None:
-        """More epochs: the lr continues from where it is and the decay stretches over the new end."""
+        """More epochs. With decay left, the lr continues from where it is and the decay stretches over the
+        new end; an arm that has finished, or is in the last part of its decay, starts a new cycle (a short
+        warmup to rules.extend_lr of its peak, then its decay shape) so the added steps train."""
         state, per_epoch = self.state, self.run.steps_per_epoch
-        state.plan = extend_plan(state.plan, state.step, epochs * per_epoch)
-        self.writer.emit(events.EXTENDED, step=state.step, epochs=round(state.plan.total_steps / per_epoch, 6),
-                         added_epochs=epochs, total_steps=state.plan.total_steps, lr_plan=state.plan.to_dict(),
-                         lr_next=lr_at(state.step + 1, state.plan), by=by)
+        before = state.plan
+        lr_now = lr_at(max(state.step, 1), before)
+        restart_peak = self.run.profile.train.learning_rate * experiment_extend_lr(self.run.arm.root.parent)
+        state.plan = extend_plan(before, state.step, epochs * per_epoch, restart_peak=restart_peak)
+        plan = state.plan
+        self.writer.emit(events.EXTENDED, step=state.step, epochs=round(plan.total_steps / per_epoch, 6),
+                         added_epochs=epochs, total_steps=plan.total_steps, lr_plan=plan.to_dict(),
+                         lr_next=lr_at(state.step + 1, plan), by=by, new_cycle=restarts(before, state.step),
+                         lr_now=lr_now, lr_peak=max(lr_curve(plan, state.step, plan.total_steps, 64)),
+                         lr_end=lr_at(plan.total_steps, plan),
+                         lr_curve=[round(x, 10) for x in lr_curve(plan, state.step, plan.total_steps)])
 
     def checkpoint(self) -> Path:
         """Write a checkpoint unless the last one already holds exactly this state."""
@@ -237,7 +297,7 @@ class Trainer:
         folder = make_private_dir(self.run.arm.root / "adapters") / checkpoint_name(self.state.step)
         return save_adapter(self.run.model, folder, self.run.adapter_meta)
 
-    def validate(self, *, reason: str, by: str) -> dict[str, Any]:
+    def validate(self, *, reason: str, by: str, extra: dict[str, Any] | None = None) -> dict[str, Any]:
         """Save the adapter, then score the live model on held-out samples; training resumes unchanged."""
         from ..validate import validate
 
@@ -250,13 +310,14 @@ class Trainer:
                           sample_size=run.profile.milestone.sample_size, seed=run.profile.milestone.sample_seed,
                           label_names=run.label_names, device=run.device, step=step, arm=run.profile.name,
                           out_path=out_path, max_length=run.profile.train.max_length,
-                          decoder="plain" if run.profile.train.engine == "plain" else "fast")
+                          decoder="plain" if run.profile.train.engine == "plain" else "fast",
+                          extra=extra if extra is not None else {"schedule": self.position()})
         run.model.train()
         set_rng_states(rng)
         self.writer.emit(events.VALIDATION, step=step, precision=result["precision"], recall=result["recall"],
                          f1=result["f1"], path=str(out_path), seconds=result.get("seconds"),
                          per_type=per_type_summary(result.get("per_type", {})), sample_size=result.get("n"),
-                         adapter=str(adapter), reason=reason, by=by)
+                         adapter=str(adapter), reason=reason, by=by, schedule=result.get("schedule"))
         return result
 
     # ------------------------------------------------------------------ endings
@@ -298,6 +359,18 @@ class Trainer:
             startup_seconds={**({"imports": self.imports_seconds} if self.imports_seconds is not None else {}),
                              **run.startup},
         )
+
+
+def experiment_extend_lr(experiment_dir: Path) -> float:
+    """rules.extend_lr of the experiment the arm belongs to (experiment.json beside the arm folders)."""
+    import json
+
+    try:
+        rules = json.loads((experiment_dir / "experiment.json").read_text(encoding="utf-8")).get("rules", {})
+        value = float(rules.get("extend_lr", 0.5))
+    except (OSError, ValueError, TypeError, AttributeError):
+        return 0.5
+    return value if 0.0 < value <= 1.0 else 0.5
 
 
 def per_type_summary(per_type: dict[str, Any]) -> dict[str, dict[str, Any]]:

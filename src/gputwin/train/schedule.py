@@ -1,4 +1,5 @@
-"""The learning-rate plan as a pure function of the step: warmup, then linear/cosine decay or constant.
+"""The learning-rate plan as a pure function of the step: warmup, then linear/cosine decay, constant, or
+warmup-stable-decay (wsd: the peak held, then a linear decay over the last `decay_steps`).
 
 Steps are numbered from 1 (the first optimizer update is step 1). Warmup rises linearly to the peak
 at step ``warmup_steps``; after it the decay follows a *progress* value from 0 towards 1 that never
@@ -9,6 +10,13 @@ Extending a run must not make the learning rate jump or warm up again. The plan 
 moves the anchor to the current step and stretches the remaining progress (anchor -> 1) over the new
 remainder, so the lr is continuous and the decay still reaches its end. The plan is a small frozen
 record that lives in every checkpoint and in the ``extended`` event.
+
+Stretching is right while there is decay left to stretch. An arm that has finished, or is in the last
+part of its decay, learns almost nothing from more steps at the LR where its decay ended, so extending
+it starts a new *cycle* instead (``start_step``): a short warmup to a fraction of the original peak
+(the experiment's ``rules.extend_lr``), then the arm's own decay shape over the added steps. A wsd arm
+still in its stable phase just holds the peak longer (the decay moves to the new end); one already
+decaying goes back to the checkpoint kept where its decay began (the trainer does that) and then holds.
 """
 
 from __future__ import annotations
@@ -17,7 +25,8 @@ import math
 from dataclasses import asdict, dataclass, replace
 from typing import Any
 
-SCHEDULERS = ("linear", "cosine", "constant")
+SCHEDULERS = ("linear", "cosine", "constant", "wsd")
+RESTART_FROM = 0.75  # an extension once this much of the decay is done starts a new cycle
 
 
 @dataclass(frozen=True)
@@ -28,12 +37,25 @@ class LrPlan:
     total_steps: int
     anchor_step: int = -1  # -1: the decay segment starts where warmup ends (no extension yet)
     anchor_progress: float = 0.0
+    start_step: int = 0  # the cycle's warmup begins after this step (0, or where an extension restarted)
+    decay_steps: int = 0  # wsd: the length of the final linear decay
 
     def __post_init__(self) -> None:
         if self.scheduler not in SCHEDULERS:
             raise ValueError(f"unknown scheduler {self.scheduler!r}; expected one of {SCHEDULERS}")
         if self.anchor_step < 0:
-            object.__setattr__(self, "anchor_step", self.warmup_steps)
+            object.__setattr__(self, "anchor_step", self.start_step + self.warmup_steps)
+
+    @property
+    def warmup_end(self) -> int:
+        return self.start_step + self.warmup_steps
+
+    @property
+    def decay_start(self) -> int:
+        """The last step at the peak before the decay (wsd: the stable phase's last step)."""
+        if self.scheduler == "wsd":
+            return max(self.warmup_end, self.total_steps - self.decay_steps)
+        return self.warmup_end
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -42,7 +64,15 @@ class LrPlan:
     def from_dict(cls, d: dict[str, Any]) -> LrPlan:
         return cls(peak_lr=float(d["peak_lr"]), warmup_steps=int(d["warmup_steps"]), scheduler=str(d["scheduler"]),
                    total_steps=int(d["total_steps"]), anchor_step=int(d["anchor_step"]),
-                   anchor_progress=float(d["anchor_progress"]))
+                   anchor_progress=float(d["anchor_progress"]), start_step=int(d.get("start_step", 0)),
+                   decay_steps=int(d.get("decay_steps", 0)))
+
+
+def make_plan(peak_lr: float, warmup_steps: int, scheduler: str, total_steps: int,
+              decay_fraction: float = 0.1) -> LrPlan:
+    """A fresh plan; for wsd the decay takes the last `decay_fraction` of the steps after warmup."""
+    decay = max(1, round(decay_fraction * max(1, total_steps - warmup_steps))) if scheduler == "wsd" else 0
+    return LrPlan(peak_lr, warmup_steps, scheduler, total_steps, decay_steps=decay)
 
 
 def progress_at(step: int, plan: LrPlan) -> float:
@@ -51,8 +81,12 @@ def progress_at(step: int, plan: LrPlan) -> float:
     Defined from the anchor on: steps before an extension's anchor are history (the event log has
     their lr), and the plan no longer describes them.
     """
+    if plan.scheduler == "wsd":
+        if step <= plan.decay_start:
+            return 0.0
+        return min(1.0, (step - plan.decay_start) / (plan.decay_steps + 1))
     if step < plan.anchor_step:
-        if step <= plan.warmup_steps:
+        if step <= plan.warmup_end:
             return 0.0
         raise ValueError(f"step {step} lies before the plan's anchor step {plan.anchor_step}")
     if step == plan.anchor_step:
@@ -64,24 +98,69 @@ def progress_at(step: int, plan: LrPlan) -> float:
 
 def lr_at(step: int, plan: LrPlan) -> float:
     """The learning rate of update number `step` (1-based)."""
-    if step <= plan.warmup_steps:
-        return plan.peak_lr * max(step, 0) / max(1, plan.warmup_steps)
+    if step <= plan.warmup_end:
+        return plan.peak_lr * max(step - plan.start_step, 0) / max(1, plan.warmup_steps)
     if plan.scheduler == "constant":
         return plan.peak_lr
     progress = progress_at(step, plan)
-    if plan.scheduler == "linear":
+    if plan.scheduler in ("linear", "wsd"):
         return plan.peak_lr * (1.0 - progress)
     return plan.peak_lr * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
-def extend_plan(plan: LrPlan, at_step: int, extra_steps: int) -> LrPlan:
+def decay_done(step: int, plan: LrPlan) -> float:
+    """The share of the current cycle's decay done after `step` updates: 0 before it starts, 1 at its end
+    (a constant plan never decays: 0)."""
+    if plan.scheduler == "constant" or step <= plan.decay_start:
+        return 0.0
+    if step >= plan.total_steps:
+        return 1.0
+    return progress_at(step, plan)
+
+
+def restarts(plan: LrPlan, at_step: int) -> bool:
+    """Would an extension now start a new cycle? (finished, or in the last part of a linear/cosine decay)"""
+    if plan.scheduler in ("constant", "wsd"):
+        return False
+    return at_step >= plan.total_steps or decay_done(at_step, plan) >= RESTART_FROM
+
+
+def wsd_rewind_step(plan: LrPlan, at_step: int) -> int | None:
+    """For a wsd plan already past its stable phase: the step to go back to (where the decay began)."""
+    if plan.scheduler == "wsd" and at_step > plan.decay_start:
+        return plan.decay_start
+    return None
+
+
+def extend_plan(plan: LrPlan, at_step: int, extra_steps: int, *, restart_peak: float | None = None) -> LrPlan:
     """The plan after adding `extra_steps` once `at_step` updates are done.
 
-    lr_at(at_step) is unchanged (no jump, no new warmup); after it the remaining decay is stretched
-    over the longer remainder. During warmup nothing needs anchoring: the decay has not started.
+    While there is decay left (restarts() is False), lr_at(at_step) is unchanged (no jump, no new
+    warmup) and the remaining decay is stretched over the longer remainder; during warmup nothing needs
+    anchoring. Past that, with `restart_peak` given, a new cycle starts at `at_step`: a warmup of about
+    5% of the added steps to restart_peak, then the plan's decay shape to the new end. A wsd plan holds
+    its peak longer; the caller rewinds one that is already decaying (wsd_rewind_step) first.
     """
     if extra_steps < 1:
         raise ValueError(f"extra_steps must be >= 1, got {extra_steps}")
+    if plan.scheduler == "wsd":
+        if at_step > plan.decay_start:
+            raise ValueError(f"a wsd plan extended at step {at_step} is already decaying (from step "
+                             f"{plan.decay_start}); go back to that step first")
+        return replace(plan, total_steps=plan.total_steps + extra_steps)
+    if restart_peak is not None and restarts(plan, at_step):
+        warmup = max(1, round(0.05 * extra_steps))
+        return LrPlan(peak_lr=restart_peak, warmup_steps=warmup, scheduler=plan.scheduler,
+                      total_steps=at_step + extra_steps, start_step=at_step)
     anchor = max(at_step, plan.anchor_step)
     return replace(plan, total_steps=plan.total_steps + extra_steps, anchor_step=anchor,
                    anchor_progress=progress_at(anchor, plan))
+
+
+def lr_curve(plan: LrPlan, from_step: int, to_step: int, points: int = 24) -> list[float]:
+    """lr_at sampled at `points` steps from from_step to to_step (for a sparkline of a plan)."""
+    if to_step <= from_step:
+        return [lr_at(max(from_step, 1), plan)]
+    span = to_step - from_step
+    steps = sorted({from_step + round(span * i / (points - 1)) for i in range(points)})
+    return [lr_at(max(step, 1), plan) for step in steps]
