@@ -192,6 +192,20 @@ def test_extend_prompt_warns_when_the_learning_rate_has_decayed_to_almost_nothin
     assert "note:" not in extend_prompt(arm, now=0.0)[1].plain
 
 
+def test_extend_prompt_shows_the_new_cycle_a_finished_arm_would_train_with() -> None:
+    plan = {"peak_lr": 1.5e-4, "warmup_steps": 50, "scheduler": "linear", "total_steps": 879, "anchor_step": 50,
+            "anchor_progress": 0.0}
+    arm = ArmState("a", status="finished", step=879, total_steps=879, steps_per_epoch=879, lr=1.7e-7, lr_plan=plan,
+                   hparams={"train.learning_rate": 1.5e-4, "train.scheduler": "linear"})
+    text = extend_prompt(arm, now=0.0, extend_lr=0.5)[1].plain
+    assert "a new cycle: warmup over 44 steps to 7.50e-05 (50% of its peak 1.50e-04), then linear decay" in text
+    assert "LR now 1.81e-07 · peak 7.50e-05" in text and "879 steps" in text and "step 879 → 1,758" in text
+    assert "█" in text and "note:" not in text
+    arm.step, arm.status, arm.lr = 300, "training", 1.0e-4  # mid-decay: the decay is stretched instead
+    text = extend_prompt(arm, now=0.0, extend_lr=0.5)[1].plain
+    assert "decay goes on from the current" in text and "new cycle" not in text
+
+
 def test_feed_reads_the_stderr_tail_only_when_it_changed(tmp_path: Path) -> None:
     exp = copy_fixture("crashed", tmp_path)
     feed = ExperimentFeed(exp, clock=lambda: CLOCKS["crashed"])

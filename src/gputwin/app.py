@@ -299,7 +299,8 @@ class GputwinApp(App[None]):
         if arm is None or self._refuse(arm, "extend"):
             return
         name = arm.name
-        self._confirm(extend_prompt(arm, self.clock()), "Extend",
+        extend_lr = self.state.rules.extend_lr if self.state.rules is not None else 0.5
+        self._confirm(extend_prompt(arm, self.clock(), extend_lr=extend_lr), "Extend",
                       lambda: launcher.request_extend(self.exp, name, 1, by=BY))
 
     def action_validate(self) -> None:

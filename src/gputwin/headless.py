@@ -53,8 +53,22 @@ def progress_line(arm: Any, now: float) -> str:
 
 def validation_line(arm_name: str, point: Any) -> str:
     size = f" on {point.sample_size} samples" if point.sample_size else ""
+    schedule = point.schedule or {}
+    where = ""
+    if isinstance(schedule.get("lr_fraction"), (int, float)):
+        where = f"  (LR {schedule['lr_fraction']:.0%} of peak, decay {schedule.get('decay_done', 0):.0%} done)"
+        if schedule.get("probe_steps"):
+            where += f"; cooling down over {schedule['probe_steps']} steps to score it as if finished"
     return (f"{arm_name}: validation at step {point.step}{size}: precision {_pct(point.precision)}  "
-            f"recall {_pct(point.recall)}  F1 {_pct(point.f1)}")
+            f"recall {_pct(point.recall)}  F1 {_pct(point.f1)}{where}")
+
+
+def probe_line(arm_name: str, point: Any) -> str:
+    if point.failed:
+        return f"{arm_name}: cooldown probe at step {point.step} gave no score: {point.failed}"
+    cost = f", {point.seconds:.1f} s" if point.seconds is not None else ""
+    return (f"{arm_name}: cooled down from step {point.step} ({point.steps} steps{cost}): precision "
+            f"{_pct(point.precision)}  recall {_pct(point.recall)}  F1 {_pct(point.f1)}")
 
 
 def verdict_lines(verdict: Any) -> list[str]:
@@ -106,6 +120,11 @@ class Monitor:
                 if key not in self.validations_seen:
                     self.validations_seen.add(key)
                     self.say(validation_line(arm.name, point))
+            for probe in arm.probes:
+                key = (arm.name + " probe", probe.step, probe.t)
+                if key not in self.validations_seen:
+                    self.validations_seen.add(key)
+                    self.say(probe_line(arm.name, probe))
         acted = False
         verdict = state.verdict
         if verdict is not None and verdict.scenario != WAITING and getattr(verdict, "stage", "") not in self.verdict_stages:

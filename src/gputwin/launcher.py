@@ -463,7 +463,16 @@ def cmd_stop(args: argparse.Namespace) -> int:
 
 
 def cmd_extend(args: argparse.Namespace) -> int:
-    print(request_extend(_arm_target(args), args.arm, args.epochs))
+    from rich.console import Console
+
+    from .planview import arm_plan_text
+
+    exp = _arm_target(args)
+    target = resolve_arm(exp, args.arm)
+    plan = arm_plan_text(exp.experiment_json, target.events, args.arm, args.epochs)  # before the trainer moves on
+    print(request_extend(exp, args.arm, args.epochs))
+    if plan is not None:
+        Console(highlight=False).print(plan)
     return 0
 
 

@@ -11,11 +11,11 @@ milestone result from ``<arm>/validation/step-NNNNNN.json``.
 
 from __future__ import annotations
 
-
 import json
 import math
 import time
 import unicodedata
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
@@ -66,21 +66,41 @@ def _waiting_text(arm: st.ArmState, milestone: int | None, now: float) -> str:
 
 def milestone_result(root: Path, arm: st.ArmState, now: float,
                      step: int | None = None) -> tuple[ArmResult | None, str]:
-    """The arm's milestone validation (or the one at `step`), or None and why not (the text the verdict
-    shows while waiting). An arm without a known milestone (e.g. an HF Trainer run) is judged by its
-    last validation.
+    """The arm's milestone validation (or the one at `step`), with its cooldown probe's validation when
+    one ran, or None and why not (the text the verdict shows while waiting). An arm without a known
+    milestone (e.g. an HF Trainer run) is judged by its last validation.
     """
     step = step if step is not None else arm.milestone_step
     if step is None and arm.validations:
         step = arm.validations[-1].step
     if step is None:
         return None, _waiting_text(arm, None, now)
-    path = ExperimentPaths(root).arm(arm.name).validation_file(step)
+    arm_paths = ExperimentPaths(root).arm(arm.name)
+    path = arm_paths.validation_file(step)
     point = arm.validation_at(step)
     if not path.is_file() and point is not None and point.path and Path(point.path).is_file():
         path = Path(point.path)  # written outside the arm folder
     if not path.is_file():
         return None, _waiting_text(arm, step, now)
+    data, problem = _read_validation(path)
+    if data is None:
+        return None, problem
+    epoch = step / arm.steps_per_epoch if arm.steps_per_epoch else None
+    result = ArmResult(step=step, validation=data, epoch=epoch, path=str(path))
+    planned = data.get("schedule", {}).get("probe_steps") if isinstance(data.get("schedule"), dict) else None
+    probe_path = arm_paths.probe_file(step)
+    if probe_path.is_file():
+        cooled, problem = _read_validation(probe_path)
+        if cooled is None:
+            return None, problem
+        return replace(result, cooled=ArmResult(step=step, validation=cooled, epoch=epoch, path=str(probe_path))), ""
+    probe = arm.probe_at(step)
+    if isinstance(planned, int) and planned > 0 and probe is None and not arm.ended:
+        return None, f"cooling down: a probe of {planned} steps scores it as if its schedule ended at step {step}"
+    return result, ""
+
+
+def _read_validation(path: Path) -> tuple[dict[str, Any] | None, str]:
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
         if not isinstance(data, dict) or not isinstance(data.get("per_sample"), list):
@@ -89,8 +109,7 @@ def milestone_result(root: Path, arm: st.ArmState, now: float,
             raise ValueError("no samples were scored")
     except (OSError, ValueError, TypeError) as exc:
         return None, f"validation file {path} cannot be used ({exc})"
-    epoch = step / arm.steps_per_epoch if arm.steps_per_epoch else None
-    return ArmResult(step=step, validation=data, epoch=epoch, path=str(path)), ""
+    return data, ""
 
 
 def _rules(state: st.ExperimentState) -> Rules:
@@ -262,6 +281,12 @@ def _metrics_section(verdict: Verdict, base: str) -> list[str]:
             for key, label in (("precision", "precision"), ("recall", "recall"), ("f1", "F1"))]
     rows.append(["macro F1", *("-" if m[a].get("macro_f1") is None else pct(m[a]["macro_f1"]) for a in m), *blank])
     rows.append(["tp / fp / fn", *(f"{m[a]['tp']} / {m[a]['fp']} / {m[a]['fn']}" for a in m), *blank])
+    rows.append(["LR at score", *(_position_cell(m[a]) for a in m), *blank])
+    if any(m[a].get("cooled") for a in m):
+        rows.append(["raw F1 (before cooling)", *(pct(m[a]["raw"]["f1"]) if m[a].get("cooled") else "-" for a in m),
+                     *blank])
+        rows.append(["cooldown probe", *(f"{m[a]['cooled']['steps']} steps, {m[a]['cooled'].get('seconds') or 0:.1f} s"
+                                         if m[a].get("cooled") else "-" for a in m), *blank])
     rows.append(["meets final goal", *("yes" if verdict.goal[a]["met"] else
                                        "no (" + ", ".join(k for k in METRICS if not verdict.goal[a][k]) + ")"
                                        for a in m), *blank])
@@ -274,6 +299,16 @@ def _metrics_section(verdict: Verdict, base: str) -> list[str]:
     out += [f"{c} beats {base} on F1 in {comp['f1']['p_b_better']:.1%} of {comp['resamples']:,} resamples."
             for c, comp in comparisons.items()]
     return out + [""]
+
+
+def _position_cell(m: Mapping[str, Any]) -> str:
+    schedule = m.get("schedule") or {}
+    fraction = schedule.get("lr_fraction")
+    if not isinstance(fraction, (int, float)):
+        return "-"
+    if m.get("cooled"):
+        return f"cooled from {fraction:.0%} of peak"
+    return "end of decay" if fraction <= 0.02 or schedule.get("decay_done", 0) >= 1 else f"{fraction:.0%} of peak"
 
 
 def _per_type_section(results: Mapping[str, ArmResult | None], base: str) -> list[str]:

@@ -24,7 +24,7 @@ import re
 from bisect import bisect_right
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterable
+from typing import TYPE_CHECKING, Any, Iterable, Mapping
 
 from . import events as ev
 from .eta import StepTimer
@@ -53,6 +53,28 @@ class ValidationPoint:
     path: str | None = None  # validation/step-NNNNNN.json with per-sample results, when written
     t: float = 0.0
     sample_size: int | None = None
+    schedule: Mapping[str, Any] | None = None  # where the arm stood in its LR schedule (lr_fraction, decay_done)
+
+    @property
+    def lr_fraction(self) -> float | None:
+        value = (self.schedule or {}).get("lr_fraction")
+        return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
+
+
+@dataclass(frozen=True)
+class ProbePoint:
+    """A cooldown probe's result: the arm at `step` as if its schedule had ended there."""
+
+    step: int
+    steps: int  # cooldown steps trained on the side branch
+    lr_from: float | None
+    f1: float | None
+    precision: float | None
+    recall: float | None
+    path: str | None
+    seconds: float | None
+    failed: str | None = None
+    t: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -82,6 +104,8 @@ class Extension:
     epochs: float
     total_steps: int
     t: float
+    new_cycle: bool = False  # a new LR cycle (warmup to rules.extend_lr of the peak), not a stretched decay
+    lr_curve: tuple[float, ...] = ()  # the LR from `step` to the new end, sampled
 
 
 @dataclass(frozen=True)
@@ -216,6 +240,8 @@ class ArmState:
     loss_history: LossHistory = field(default_factory=LossHistory)
     timer: StepTimer = field(default_factory=StepTimer)  # mean step time for ETA and stall detection
     validations: list[ValidationPoint] = field(default_factory=list)
+    probes: list[ProbePoint] = field(default_factory=list)
+    lr_plan: dict[str, Any] | None = None  # the trainer's LR plan (started/extended events)
     last_checkpoint: CheckpointPoint | None = None
     failure: Failure | None = None
     extended: list[Extension] = field(default_factory=list)
@@ -242,6 +268,12 @@ class ArmState:
 
     def validation_at(self, step: int) -> ValidationPoint | None:
         for point in reversed(self.validations):
+            if point.step == step:
+                return point
+        return None
+
+    def probe_at(self, step: int) -> ProbePoint | None:
+        for point in reversed(self.probes):
             if point.step == step:
                 return point
         return None
@@ -365,6 +397,8 @@ def _on_started(s: ArmState, e: ev.Event) -> None:
     s.steps_per_epoch = _int(e.get("steps_per_epoch"))
     s.total_steps = _int(e.get("total_steps"))
     s.milestone_step = _int(e.get("milestone_step"))
+    if isinstance(e.get("lr_plan"), dict):
+        s.lr_plan = e["lr_plan"]
     if _int(e.get("step")):  # a restart that names where it starts
         s.step = int(e["step"])
 
@@ -399,6 +433,19 @@ def _on_validation(s: ArmState, e: ev.Event) -> None:
         path=e.get("path"),
         t=e.t,
         sample_size=_int(e.get("sample_size")),
+        schedule=e.get("schedule") if isinstance(e.get("schedule"), dict) else None,
+    ))
+    probing = _int((s.validations[-1].schedule or {}).get("probe_steps"))
+    if s.status == VALIDATING and not probing:  # a cooldown probe follows: still validating
+        s.status = TRAINING
+    s.timer.pause()
+
+
+def _on_probe(s: ArmState, e: ev.Event) -> None:
+    s.probes.append(ProbePoint(
+        step=int(e["step"]), steps=int(e["steps"]), lr_from=_num(e.get("lr_from")), f1=_num(e.get("f1")),
+        precision=_num(e.get("precision")), recall=_num(e.get("recall")), path=e.get("path"),
+        seconds=_num(e.get("seconds")), failed=e.get("failed"), t=e.t,
     ))
     if s.status == VALIDATING:
         s.status = TRAINING
@@ -407,8 +454,13 @@ def _on_validation(s: ArmState, e: ev.Event) -> None:
 
 def _on_extended(s: ArmState, e: ev.Event) -> None:
     total = int(e["total_steps"])
-    s.extended.append(Extension(int(e["step"]), _num(e["epochs"]) or 0.0, total, e.t))
+    curve = e.get("lr_curve")
+    s.extended.append(Extension(int(e["step"]), _num(e["epochs"]) or 0.0, total, e.t,
+                                new_cycle=e.get("new_cycle") is True,
+                                lr_curve=tuple(x for x in curve if isinstance(x, (int, float))) if isinstance(curve, list) else ()))
     s.total_steps = total
+    if isinstance(e.get("lr_plan"), dict):
+        s.lr_plan = e["lr_plan"]
 
 
 def _on_end(status: str) -> Any:
@@ -444,6 +496,7 @@ _HANDLERS = {
     ev.FINISHED: _on_end(FINISHED),
     ev.FAILED: _on_failed,
     ev.ACTION: _on_action,
+    ev.PROBE: _on_probe,
 }
 
 

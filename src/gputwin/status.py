@@ -77,7 +77,8 @@ def arm_summary(arm: ArmState, now: float, baseline: str | None = None) -> dict[
         "last_step_t": arm.last_step_t,
         "last_validation": None if last is None else {
             "step": last.step, "precision": last.precision, "recall": last.recall, "f1": last.f1,
-            "sample_size": last.sample_size, "path": last.path, "t": last.t,
+            "sample_size": last.sample_size, "path": last.path, "t": last.t, "schedule": last.schedule,
+            "cooled": _probe_dict(arm.probe_at(last.step)),
         },
         "validations": len(arm.validations),
         "last_checkpoint": None if arm.last_checkpoint is None else arm.last_checkpoint.step,
@@ -89,6 +90,20 @@ def arm_summary(arm: ArmState, now: float, baseline: str | None = None) -> dict[
         "bad_lines": arm.bad_line_count,
         "first_bad_lines": [{"line": n, "reason": r} for n, r in arm.bad_lines[:5]],
     }
+
+
+def _position(schedule: Any) -> str:
+    """'  (LR 50% of peak, decay 50% done)': where in its schedule the score was taken."""
+    if not isinstance(schedule, dict) or not isinstance(schedule.get("lr_fraction"), (int, float)):
+        return ""
+    return f"  (LR {schedule['lr_fraction']:.0%} of peak, decay {schedule.get('decay_done', 0):.0%} done)"
+
+
+def _probe_dict(point: Any) -> dict[str, Any] | None:
+    if point is None:
+        return None
+    return {"steps": point.steps, "lr_from": point.lr_from, "precision": point.precision, "recall": point.recall,
+            "f1": point.f1, "seconds": point.seconds, "failed": point.failed}
 
 
 def summarize(state: ExperimentState, now: float) -> dict[str, Any]:
@@ -150,7 +165,14 @@ def arm_lines(a: dict[str, Any], now: float) -> list[str]:
     if v is not None:
         size = f" on {v['sample_size']} samples" if v["sample_size"] else ""
         lines.append(f"  validation at step {v['step']}{size}: precision {_pct(v['precision'])}  "
-                     f"recall {_pct(v['recall'])}  F1 {_pct(v['f1'])}")
+                     f"recall {_pct(v['recall'])}  F1 {_pct(v['f1'])}{_position(v.get('schedule'))}")
+        cooled = v.get("cooled")
+        if cooled is not None and cooled["failed"]:
+            lines.append(f"  cooldown probe ({cooled['steps']} steps) gave no score: {cooled['failed']}")
+        elif cooled is not None:
+            lines.append(f"  cooled down ({cooled['steps']} steps, LR {_num(cooled['lr_from'], '.2e')} -> 0, "
+                         f"{_num(cooled['seconds'], '.1f')} s): precision {_pct(cooled['precision'])}  "
+                         f"recall {_pct(cooled['recall'])}  F1 {_pct(cooled['f1'])}")
     failure = a["failure"]
     if failure is not None:
         lines.append(f"  crashed: {failure['error']}: {failure['message']}")

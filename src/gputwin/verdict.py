@@ -26,6 +26,9 @@ WAITING, A, B, C, MISMATCH = "waiting", "A", "B", "C", "mismatch"
 SCENARIOS = (WAITING, A, B, C, MISMATCH)
 STOP, EXTEND, CONTINUE = "stop", "extend", "continue"
 FAMILY_CONFIDENCE = 0.95
+POSITION_GAP = 0.25  # arms whose LR (as a share of its peak) differs by more were compared at different points
+SAMPLE_ONLY = ("The intervals cover the test sample only, not the run-to-run noise of training (another seed, or "
+               "the GPU's nondeterministic kernels, can move F1 by a point or more).")
 _EPS = 1e-12  # float slack when a difference sits exactly on the margin
 
 
@@ -37,6 +40,22 @@ class ArmResult:
     validation: Mapping[str, Any]
     epoch: float | None = None
     path: str | None = None  # the file it was read from, for the report
+    cooled: ArmResult | None = None  # the cooldown probe's validation at the same step, when one ran
+
+    @property
+    def fair(self) -> ArmResult:
+        """What the verdict compares: the arm finished (its own schedule) or cooled down (a probe)."""
+        return self.cooled or self
+
+    @property
+    def schedule(self) -> Mapping[str, Any]:
+        value = self.validation.get("schedule")
+        return value if isinstance(value, Mapping) else {}
+
+    @property
+    def lr_fraction(self) -> float | None:
+        value = self.schedule.get("lr_fraction")
+        return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
 
     @property
     def counts(self) -> Any:
@@ -116,9 +135,17 @@ def level(confidence: float) -> str:
 
 
 def _arm_metrics(result: ArmResult, n: int, intervals: Mapping[str, Any]) -> dict[str, Any]:
-    v = result.validation
-    return {"step": result.step, "epoch": result.epoch, "n": n, "macro_f1": v.get("macro_f1"),
-            "tp": v.get("tp"), "fp": v.get("fp"), "fn": v.get("fn"), **intervals}
+    """The compared (fair) result's figures, with the raw score and the schedule position beside them."""
+    v = result.fair.validation
+    out = {"step": result.step, "epoch": result.epoch, "n": n, "macro_f1": v.get("macro_f1"),
+           "tp": v.get("tp"), "fp": v.get("fp"), "fn": v.get("fn"), **intervals,
+           "schedule": dict(result.schedule) or None,
+           "raw": {k: result.validation.get(k) for k in METRICS}}
+    if result.cooled is not None:
+        probe = result.cooled.validation.get("probe") or {}
+        out["cooled"] = {"steps": probe.get("steps"), "lr_from": probe.get("lr_from"),
+                         "seconds": probe.get("train_seconds"), **{k: v.get(k) for k in METRICS}}
+    return out
 
 
 def _goal(metrics: Mapping[str, Any], rules: Rules) -> dict[str, bool]:
@@ -194,7 +221,8 @@ def decide(arms: Mapping[str, ArmResult | None], rules: Rules, *, waiting: Mappi
     if not challengers:
         raise ValueError("a verdict needs at least two arms")
     confidence = 1 - (1 - FAMILY_CONFIDENCE) / len(challengers)
-    done = {name: r for name, r in arms.items() if r is not None}
+    raw = {name: r for name, r in arms.items() if r is not None}
+    done = {name: r.fair for name, r in raw.items()}  # finished-or-cooled against finished-or-cooled
     counts = {name: r.counts for name, r in done.items()}
     totals: dict[str, Any] = {}
     if done and len({len(c) for c in counts.values()}) == 1:  # one shared resampling for every arm
@@ -203,7 +231,7 @@ def decide(arms: Mapping[str, ArmResult | None], rules: Rules, *, waiting: Mappi
     else:  # different sample counts: no comparison will be made, but each arm still gets its intervals
         intervals = {name: arm_intervals(counts[name], resamples=rules.bootstrap_resamples, seed=rules.seed,
                                          confidence=confidence) for name in done}
-    metrics = {name: _arm_metrics(r, len(counts[name]), intervals[name]) for name, r in done.items()}
+    metrics = {name: _arm_metrics(raw[name], len(counts[name]), intervals[name]) for name in done}
     goal = {name: _goal(m, rules) for name, m in metrics.items()}
     common = dict(baseline=base, metrics=metrics, goal=goal, confidence=confidence)
 
@@ -241,7 +269,8 @@ def decide(arms: Mapping[str, ArmResult | None], rules: Rules, *, waiting: Mappi
         comparisons[c] = {"vs": base, "outcome": outcome, "samples_needed": needed, "n": len(counts[base]),
                           "resamples": rules.bootstrap_resamples, "seed": rules.seed, "confidence": confidence,
                           **stats}
-    return _conclude(base, challengers, comparisons, metrics, goal, rules, common)
+    verdict = _conclude(base, challengers, comparisons, metrics, goal, rules, common)
+    return _fair_positions(verdict, raw, rules)
 
 
 def _comparison_sentence(c: str, base: str, comp: Mapping[str, Any], metrics: Mapping[str, Any]) -> str:
@@ -329,6 +358,62 @@ def _conclude(base: str, challengers: list[str], comparisons: dict[str, dict[str
     reasons.append(_goal_reason(goal, metrics, rules))
     return Verdict(scenario, headline, winner=winner, leader=leader, reasons=tuple(reasons), actions=tuple(actions),
                    comparisons=comparisons, **common)
+
+
+def _position(name: str, result: ArmResult) -> str:
+    s = result.schedule
+    if result.cooled is not None:
+        return f"{name} cooled down from LR {s.get('lr_fraction', 0):.0%} of its peak"
+    if s.get("decay_done", 0) >= 1 or (result.lr_fraction or 0) <= 0.02:
+        return f"{name} at the end of its decay"
+    return f"{name} at LR {result.lr_fraction:.0%} of its peak ({s.get('decay_done', 0):.0%} of its decay done)"
+
+
+def _fair_positions(verdict: Verdict, raw: Mapping[str, ArmResult], rules: Rules) -> Verdict:
+    """Say where in their LR schedules the arms were compared, and never recommend stopping an arm on a
+    comparison that favours the other for being further along its decay.
+
+    Finished-or-cooled results (lr_fraction 0 after a probe) compare fairly. Without a probe, an arm
+    mid-schedule is behind an arm at the end of its decay by what its own decay would still give it
+    (measured: several F1 points on a real model), so a stop of the arm with the higher LR is dropped and
+    the scenario falls back to B, with the reason in words.
+    """
+    reasons = list(verdict.reasons[:-1]) if verdict.reasons else []
+    goal_reason = verdict.reasons[-1:] if verdict.reasons else ()
+    cooled = [n for n, r in raw.items() if r.cooled is not None]
+    for name in cooled:
+        r, m = raw[name], verdict.metrics.get(name, {})
+        probe = r.cooled.validation.get("probe") or {}
+        raw_f1 = r.validation.get("f1")
+        reasons.append(f"{name} was validated mid-schedule (LR {r.lr_fraction or 0:.0%} of its peak); cooled down over "
+                       f"{probe.get('steps', '?')} steps with the LR falling to 0, it scores F1 {pct(m['f1']['value'])}"
+                       + (f" (raw {pct(raw_f1)})" if isinstance(raw_f1, (int, float)) else "")
+                       + ". The verdict compares finished or cooled scores.")
+    effective = {n: (0.0 if r.cooled is not None else r.lr_fraction) for n, r in raw.items()}
+    known = {n: f for n, f in effective.items() if f is not None}
+    if len(known) < len(raw) or max(known.values()) - min(known.values()) <= POSITION_GAP:
+        return replace(verdict, reasons=(*reasons, SAMPLE_ONLY, *goal_reason))
+    where = "; ".join(_position(n, raw[n]) for n in raw)
+    reasons.append(f"The arms were compared at different points of their LR schedules ({where}): a score taken "
+                   "mid-schedule understates what that arm will reach once its LR decays, so this comparison "
+                   "favours the arm further along its decay.")
+    kept, dropped = [], []
+    for action in verdict.actions:
+        beaten_by = verdict.winner if verdict.winner and verdict.winner != action.arm else None
+        if action.kind == STOP and beaten_by is not None and known[action.arm] > known[beaten_by] + POSITION_GAP:
+            dropped.append(action.arm)
+        else:
+            kept.append(action)
+    if not dropped:
+        return replace(verdict, reasons=(*reasons, SAMPLE_ONLY, *goal_reason))
+    names = ", ".join(dropped)
+    reasons.append(f"So gputwin does not recommend stopping {names} on it: let {names} finish (or turn on the cooldown "
+                   "probe, milestone.cooldown_steps) and compare again.")
+    kept = [a if a.kind != EXTEND else Action(CONTINUE, a.arm) for a in kept] + [Action(CONTINUE, n) for n in dropped]
+    headline = (f"B: uncertain - {verdict.winner} leads, but {names} {'was' if len(dropped) == 1 else 'were'} compared "
+                f"mid-schedule; let {names} finish, compare again")
+    return replace(verdict, scenario=B, headline=headline, leader=verdict.winner, winner=None,
+                   actions=tuple(kept), reasons=(*reasons, SAMPLE_ONLY, *goal_reason))
 
 
 def account_for_ended(verdict: Verdict, ended: Mapping[str, str]) -> Verdict:

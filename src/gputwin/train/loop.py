@@ -30,7 +30,7 @@ from .checkpoint import DISK_FULL_ERRNOS, CheckpointWriteError, TrainState, chec
     latest_loadable, prune, rng_states, save_checkpoint, set_rng_states
 from .engine import NonFiniteLoss, Outcome, StepOutput
 from . import probe
-from .schedule import decay_done, extend_plan, lr_at, lr_curve, make_plan, restarts
+from .schedule import decay_done, extension_preview, lr_at, make_plan
 from .setup import Run, TrainFailure, build_run
 
 NAN_HINT = ("lower train.learning_rate (e.g. halve it), add warmup_steps, or keep grad_clip at 1.0; "
@@ -263,17 +263,15 @@ class Trainer:
         new end; an arm that has finished, or is in the last part of its decay, starts a new cycle (a short
         warmup to rules.extend_lr of its peak, then its decay shape) so the added steps train."""
         state, per_epoch = self.state, self.run.steps_per_epoch
-        before = state.plan
-        lr_now = lr_at(max(state.step, 1), before)
-        restart_peak = self.run.profile.train.learning_rate * experiment_extend_lr(self.run.arm.root.parent)
-        state.plan = extend_plan(before, state.step, epochs * per_epoch, restart_peak=restart_peak)
-        plan = state.plan
+        peak = self.run.profile.train.learning_rate
+        preview = extension_preview(state.plan, state.step, epochs * per_epoch, profile_peak=peak,
+                                    extend_lr=experiment_extend_lr(self.run.arm.root.parent))
+        state.plan = plan = preview["plan"]
         self.writer.emit(events.EXTENDED, step=state.step, epochs=round(plan.total_steps / per_epoch, 6),
                          added_epochs=epochs, total_steps=plan.total_steps, lr_plan=plan.to_dict(),
-                         lr_next=lr_at(state.step + 1, plan), by=by, new_cycle=restarts(before, state.step),
-                         lr_now=lr_now, lr_peak=max(lr_curve(plan, state.step, plan.total_steps, 64)),
-                         lr_end=lr_at(plan.total_steps, plan),
-                         lr_curve=[round(x, 10) for x in lr_curve(plan, state.step, plan.total_steps)])
+                         lr_next=lr_at(state.step + 1, plan), by=by, new_cycle=preview["new_cycle"],
+                         lr_now=preview["lr_now"], lr_peak=preview["lr_peak"], lr_end=preview["lr_end"],
+                         lr_curve=[round(x, 10) for x in preview["curve"]])
 
     def checkpoint(self) -> Path:
         """Write a checkpoint unless the last one already holds exactly this state."""

@@ -164,3 +164,16 @@ def lr_curve(plan: LrPlan, from_step: int, to_step: int, points: int = 24) -> li
     span = to_step - from_step
     steps = sorted({from_step + round(span * i / (points - 1)) for i in range(points)})
     return [lr_at(max(step, 1), plan) for step in steps]
+
+
+def extension_preview(plan: LrPlan, at_step: int, extra_steps: int, *, profile_peak: float,
+                      extend_lr: float) -> dict[str, Any]:
+    """What extending by `extra_steps` at `at_step` would do to the LR, as numbers (for the extend dialog,
+    `gputwin extend` and the `extended` event): LR now, the new plan's peak and end, its steps, and a curve."""
+    new = extend_plan(plan, at_step, extra_steps, restart_peak=profile_peak * extend_lr)
+    curve = lr_curve(new, at_step, new.total_steps)
+    new_cycle = restarts(plan, at_step)
+    return {"new_cycle": new_cycle, "lr_now": lr_at(max(at_step, 1), plan),
+            "lr_peak": new.peak_lr if new_cycle else max(curve),
+            "lr_end": lr_at(new.total_steps, new), "steps": new.total_steps - at_step, "total_steps": new.total_steps,
+            "curve": curve, "plan": new, "profile_peak": profile_peak}

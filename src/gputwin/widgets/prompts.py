@@ -11,6 +11,7 @@ from typing import Any, Sequence
 from rich.text import Text
 
 from ..eta import eta, human_duration
+from ..planview import plan_text
 from .formatting import is_number, sci
 
 RUNNING = ("starting", "training", "validating", "stalled")
@@ -50,8 +51,9 @@ def stop_prompt(arm: Any) -> tuple[str, Text]:
     return f"Stop {arm.name}", body
 
 
-def extend_prompt(arm: Any, now: float, epochs: int = 1) -> tuple[str, Text]:
-    """New end step, when it would be reached, and what happens to the learning rate."""
+def extend_prompt(arm: Any, now: float, epochs: int = 1, extend_lr: float = 0.5) -> tuple[str, Text]:
+    """New end step, when it would be reached, and what happens to the learning rate (the trainer's own
+    plan, as numbers and a sparkline, when its started/extended events gave it)."""
     extra = arm.steps_per_epoch * epochs
     new_end = arm.total_steps + extra
     body = Text.assemble("Extend ", (arm.name, "bold"), f" by {epochs} epoch ({extra:,} steps)?\n\n")
@@ -73,6 +75,10 @@ def extend_prompt(arm: Any, now: float, epochs: int = 1) -> tuple[str, Text]:
         body.append(f"{estimate.clock} (in {estimate.human})" if estimate else "not known yet (measuring step time)",
                     style="bold")
         body.append("\n")
+    peak = arm.hparams.get("train.learning_rate")
+    if arm.lr_plan and is_number(peak) and peak > 0:
+        body.append_text(plan_text(arm.lr_plan, arm.step, extra, float(peak), extend_lr))
+        return f"Extend {arm.name} by {epochs} epoch", body
     scheduler = arm.hparams.get("train.scheduler", "linear")
     body.append("LR plan:    ")
     if scheduler == "constant":
@@ -80,7 +86,6 @@ def extend_prompt(arm: Any, now: float, epochs: int = 1) -> tuple[str, Text]:
     else:
         body.append(f"{scheduler} decay goes on from the current {sci(arm.lr)} without a jump or a new warmup, "
                     f"stretched to end at step {new_end:,}")
-        peak = arm.hparams.get("train.learning_rate")
         if is_number(arm.lr) and is_number(peak) and peak > 0 and arm.lr < LOW_LR_SHARE * peak:
             body.append(f"\nnote: the learning rate is down to {arm.lr / peak:.1%} of its peak {sci(peak)}, "
                         "so the added steps would change the adapter very little", style="bold yellow")

@@ -34,6 +34,10 @@ def waiting_view(state: Any, now: float) -> tuple[RenderableType, list[Text]]:
         if point is not None:
             row = Text(f"validated at step {point.step:,}: precision {percent(point.precision)} · "
                        f"recall {percent(point.recall)} · F1 {percent(point.f1)}", style="green")
+            planned = (point.schedule or {}).get("probe_steps")
+            if planned and arm.probe_at(point.step) is None and not arm.ended:
+                row.append(f" · cooling down ({planned:,}-step probe, LR {point.lr_fraction or 0:.0%} of peak → 0)",
+                           style="yellow")
         elif arm.status == "crashed":
             row = Text(f"crashed at step {arm.step:,} before its validation (R resumes it)", style="red")
         elif arm.ended:
@@ -66,6 +70,7 @@ def metrics_table(verdict: Any) -> Table:
     table.add_column("step", justify="right", no_wrap=True)
     for name in ("precision", "recall", "F1"):
         table.add_column(name, justify="right", no_wrap=True)
+    table.add_column("LR at score", no_wrap=True)
     table.add_column("final goal")
     for arm, m in verdict.metrics.items():
         cells = []
@@ -78,8 +83,23 @@ def metrics_table(verdict: Any) -> Table:
         met = Text("✓ met", style="green") if goal.get("met") else Text("✗ " + ", ".join(missed), style="yellow")
         step = m.get("step")
         style = "bold" if arm in (verdict.winner, verdict.leader) else ""
-        table.add_row(Text(arm, style=style), f"{step:,}" if isinstance(step, int) else "–", *cells, met)
+        table.add_row(Text(arm, style=style), f"{step:,}" if isinstance(step, int) else "–", *cells,
+                      schedule_cell(m), met)
     return table
+
+
+def schedule_cell(m: Any) -> Text:
+    """Where in its LR schedule the compared score was taken: finished, cooled (with the raw F1), or mid-way."""
+    schedule, cooled = m.get("schedule") or {}, m.get("cooled")
+    fraction = schedule.get("lr_fraction")
+    if cooled is not None:
+        raw = (m.get("raw") or {}).get("f1")
+        return Text(f"{fraction or 0:.0%}→0 cooled{'' if raw is None else ' (raw ' + percent(raw) + ')'}", style="cyan")
+    if not isinstance(fraction, (int, float)):
+        return Text("–", style="dim")
+    if fraction <= 0.02 or schedule.get("decay_done", 0) >= 1:
+        return Text("end of decay")
+    return Text(f"{fraction:.0%} of peak", style="yellow")
 
 
 def verdict_view(verdict: Any, applied: Sequence[str], auto: bool) -> RenderableType:
