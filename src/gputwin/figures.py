@@ -38,6 +38,7 @@ STYLE = {  # matplotlib rc settings for every figure
     "svg.fonttype": "none",  # text stays text: smaller files, sharp and searchable in a browser
     "svg.hashsalt": "gputwin",  # ids from a fixed salt: the same figure gives the same bytes
     "svg.id": "gputwin",
+    "path.simplify": False,  # every point of the (already thinned) curves is drawn, at its exact place
     "font.family": "sans-serif",
     "font.sans-serif": ["DejaVu Sans", "Helvetica", "Arial"],  # DejaVu ships with matplotlib; a short list per text
     "font.size": 9,
