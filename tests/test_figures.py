@@ -7,6 +7,8 @@ from __future__ import annotations
 import json
 import re
 import shutil
+import subprocess
+import sys
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
@@ -183,3 +185,10 @@ def test_thin_merges_neighbours_and_keeps_the_newest_point():
     assert figures.thin(steps[:5], raw[:5], smoothed[:5], max_points=3) == ([1, 3, 5], [1.0, 2.5, 4.5],
                                                                             [0.1, 0.3, 0.5])
     assert figures.thin(steps, raw, smoothed, max_points=20) == (steps, raw, smoothed)
+
+
+def test_the_ui_and_the_report_module_start_without_matplotlib():
+    code = ("import sys, gputwin.app, gputwin.report, gputwin.figures, gputwin.cli; "
+            "print(sorted(m for m in sys.modules if m.split('.')[0] in ('matplotlib', 'tensorboardX')))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"

@@ -42,6 +42,7 @@ STYLE = {  # matplotlib rc settings for every figure
     "font.family": "sans-serif",
     "font.sans-serif": ["DejaVu Sans", "Helvetica", "Arial"],  # DejaVu ships with matplotlib; a short list per text
     "font.size": 9,
+    "text.parse_math": False,  # an entity type or arm name with a '$' is text, not a formula
     "axes.spines.top": False,
     "axes.spines.right": False,
     "axes.grid": True,
