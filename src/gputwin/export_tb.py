@@ -137,7 +137,8 @@ def _hparams(arm: ArmPaths, experiment: Mapping[str, Any]) -> dict[str, bool | i
     try:
         profile = json.loads(arm.profile_json.read_text(encoding="utf-8"))
     except (OSError, ValueError):
-        profile = next((a for a in experiment.get("arms", []) if isinstance(a, dict) and a.get("name") == arm.name), None)
+        arms = experiment.get("arms", [])
+        profile = next((a for a in arms if isinstance(a, dict) and a.get("name") == arm.name), None)
     if not isinstance(profile, dict):
         return {}
     out: dict[str, bool | int | float | str] = {}
@@ -146,8 +147,10 @@ def _hparams(arm: ArmPaths, experiment: Mapping[str, Any]) -> dict[str, bool | i
             continue
         if isinstance(value, (bool, int, str)) or (isinstance(value, float) and math.isfinite(value)):
             out[key] = value
+        elif isinstance(value, tuple):
+            out[key] = ", ".join(map(str, value))  # target_modules: "q_proj, v_proj"
         else:
-            out[key] = "none" if value is None else ", ".join(map(str, value)) if isinstance(value, tuple) else str(value)
+            out[key] = "none" if value is None else str(value)
     return out
 
 

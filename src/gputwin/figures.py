@@ -268,16 +268,17 @@ def write_figures(folder: Path, state: st.ExperimentState, results: Mapping[str,
     with rc_context(STYLE):
         if curves:
             write_atomic(folder / LOSS_FILE, svg_text(draw_loss(curves)))
-            out += [f"![Training loss of each arm, raw and smoothed, validations and the milestone marked]({LOSS_FILE})", ""]
+            alt = "Training loss of each arm, raw and smoothed, validations and the milestone marked"
+            out += [f"![{alt}]({LOSS_FILE})", ""]
         else:
             (folder / LOSS_FILE).unlink(missing_ok=True)
         if table is not None:
             write_atomic(folder / SCORES_FILE, svg_text(draw_scores(table, _goals(state))))
-            out += [f"![Precision, recall and F1 per entity type with {level(table.confidence)} intervals]({SCORES_FILE})",
-                    "",
-                    f"Bars are {level(table.confidence)} intervals: for all types the paired bootstrap over samples "
-                    "(as in the metrics table); per type a bootstrap over the entities, somewhat narrower because "
-                    "per-sample counts are not kept by type. Dotted lines: the final goal.", ""]
+            interval = level(table.confidence)
+            out += [f"![Precision, recall and F1 per entity type with {interval} intervals]({SCORES_FILE})", "",
+                    f"Bars are {interval} intervals: for all types the paired bootstrap over samples (as in the "
+                    "metrics table); per type a bootstrap over the entities, somewhat narrower because per-sample "
+                    "counts are not kept by type. Dotted lines: the final goal.", ""]
         else:
             (folder / SCORES_FILE).unlink(missing_ok=True)
     return out
