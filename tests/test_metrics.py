@@ -16,6 +16,7 @@ from gputwin.metrics import (
     normalize_type,
     normalize_value,
     paired_bootstrap,
+    pooled_intervals,
     prf,
     resampled_totals,
     samples_needed,
@@ -185,6 +186,26 @@ def test_intervals_contain_the_point_estimate():
     tp_b, fp_b, fn_b = b.sum(axis=0)
     assert r["f1"]["diff"] == pytest.approx(prf(tp_b, fp_b, fn_b)[2] - prf(tp_a, fp_a, fn_a)[2])
     assert r["a"]["f1"] == arm_intervals(a)["f1"]  # same indices: the same interval on its own
+
+
+def test_pooled_intervals_match_the_binomial_and_the_sample_bootstrap_of_one_entity_samples():
+    tp, fp, fn = 300, 60, 90
+    got = pooled_intervals(tp, fp, fn, resamples=4000, seed=1)
+    for name, hits, trials in (("precision", tp, tp + fp), ("recall", tp, tp + fn)):
+        p = hits / trials
+        half = 1.96 * (p * (1 - p) / trials) ** 0.5  # the normal approximation of a binomial proportion
+        m = got[name]
+        assert m["value"] == pytest.approx(p)
+        assert m["low"] == pytest.approx(p - half, abs=0.15 * half)
+        assert m["high"] == pytest.approx(p + half, abs=0.15 * half)
+    # With one entity outcome a sample, resampling samples is resampling entities: the same widths.
+    rows = [[1, 0, 0]] * tp + [[0, 1, 0]] * fp + [[0, 0, 1]] * fn
+    by_sample = arm_intervals(rows, resamples=4000, seed=1)
+    for name in ("precision", "recall", "f1"):
+        width, expected = got[name]["high"] - got[name]["low"], by_sample[name]["high"] - by_sample[name]["low"]
+        assert width == pytest.approx(expected, rel=0.1)
+    assert pooled_intervals(0, 0, 0)["f1"] == {"value": 1.0, "low": 1.0, "high": 1.0}
+    assert pooled_intervals(5, 0, 0)["precision"] == {"value": 1.0, "low": 1.0, "high": 1.0}
 
 
 def test_identical_arms_differ_by_exactly_zero():

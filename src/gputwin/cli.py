@@ -23,6 +23,7 @@ HANDLERS = {
     "resume": "gputwin.launcher:cmd_resume",
     "validate": "gputwin.validate:cmd_validate",
     "report": "gputwin.report:cmd_report",
+    "export": "gputwin.export_tb:cmd_export",
     "check": "gputwin.plan:cmd_check",
     "data": "gputwin.data.synth:cmd_data",
 }
@@ -83,6 +84,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", dest="json_out", help="write the full result to this file")
 
     p = sub.add_parser("report", help="write comparison.md and verdict.json for an experiment")
+    p.add_argument("name", nargs="?", help="experiment name or folder (default: the most recent one)")
+
+    p = sub.add_parser("export", help="write an experiment's arms as TensorBoard runs (one per arm)")
+    p.add_argument("--tensorboard", required=True, metavar="DIR", help="folder for the runs: DIR/NAME/ARM/")
     p.add_argument("name", nargs="?", help="experiment name or folder (default: the most recent one)")
 
     p = sub.add_parser("check", help="validate profiles and print the figures to plan with, side by side")

@@ -305,6 +305,25 @@ def arm_intervals(counts: Any, *, resamples: int = 2000, seed: int = 0, confiden
     return interval_stats(counts, totals, confidence=confidence)
 
 
+def pooled_intervals(tp: int, fp: int, fn: int, *, resamples: int = 2000, seed: int = 0,
+                     confidence: float = 0.95) -> dict[str, Any]:
+    """Precision/recall/F1 of pooled counts with intervals from resampling the entity outcomes themselves.
+
+    For scores whose per-sample counts are not kept (a validation file keeps per-type counts pooled
+    only): each resample draws tp + fp + fn outcomes with the observed shares. Entities of one sample
+    are treated as independent, so these intervals run somewhat narrower than the sample-level
+    bootstrap of ``arm_intervals``. No outcome at all is the perfect score of ``prf``, with no spread.
+    """
+    counts = np.asarray([[tp, fp, fn]], dtype=np.int64)
+    total = tp + fp + fn
+    if total == 0:
+        totals = np.zeros((max(1, resamples), 3), dtype=np.int64)
+    else:
+        rng = np.random.default_rng(seed)
+        totals = rng.multinomial(total, [tp / total, fp / total, fn / total], size=max(1, resamples))
+    return interval_stats(counts, totals, confidence=confidence)
+
+
 def paired_bootstrap(
     a: Any, b: Any, *, resamples: int = 2000, seed: int = 0, confidence: float = 0.95
 ) -> dict[str, Any]:

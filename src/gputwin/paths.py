@@ -4,6 +4,7 @@ logs/<experiment>/
     experiment.json        resolved experiment (arms, rules) written by `gputwin run`
     run.lock               held while a launcher is starting arms
     comparison.md, verdict.json
+    comparison-loss.svg, comparison-scores.svg   the figures comparison.md links (gputwin.figures)
     actions.jsonl          verdict actions taken (by a key, a CLI command or automatically)
     <arm>/
         profile.toml       the user's profile as given (snapshot)

@@ -2,7 +2,7 @@
 ``verdict.json`` (for scripts), written from an experiment folder's files only.
 
     verdict_for_experiment(source) -> Verdict | None   the verdict from files or from a live ExperimentState
-    write_report(exp_dir) -> (comparison.md, verdict.json)
+    write_report(exp_dir) -> (comparison.md, verdict.json)      the SVG figures it links go beside them
     cmd_report(args)                                  `gputwin report [NAME]`
 
 The arms' state comes from the same fold the UI uses (tailer.ExperimentWatcher); each arm's
@@ -395,8 +395,9 @@ def _actions_taken(state: st.ExperimentState) -> list[dict[str, Any]]:
 
 
 def render(state: st.ExperimentState, verdict: Verdict | None, results: Mapping[str, ArmResult | None],
-           waiting: Mapping[str, str], now: float) -> str:
-    """comparison.md from the folded state, the verdict and the milestone results."""
+           waiting: Mapping[str, str], now: float, figures: Sequence[str] = ()) -> str:
+    """comparison.md from the folded state, the verdict and the milestone results (``figures``: the
+    section that links the pictures, from gputwin.figures)."""
     base = verdict.baseline if verdict else state.baseline or ""
     out = [f"# gputwin comparison: {state.name}", "",
            f"Experiment folder `{state.root}`, baseline **{base}**, written {_when(now)}.", ""]
@@ -408,6 +409,7 @@ def render(state: st.ExperimentState, verdict: Verdict | None, results: Mapping[
     if verdict is not None:
         out += _metrics_section(verdict, base)
     out += _per_type_section(results, base)
+    out += list(figures)
     out += _training_section(state)
     out += _disagreements_section(results, base)
     problems = list(state.problems) + [f"{n}: line {line}: {why}" for n, a in state.arms.items() for line, why in a.bad_lines]
@@ -417,11 +419,13 @@ def render(state: st.ExperimentState, verdict: Verdict | None, results: Mapping[
 
 
 def _write(exp: ExperimentPaths, now: float) -> tuple[Path, Path, Verdict | None]:
+    from .figures import write_figures
     from .supervise import write_atomic
 
     state = load_state(exp, now)
     verdict, results, waiting = _decide(state, now)
-    write_atomic(exp.comparison, render(state, verdict, results, waiting, now))
+    figures = write_figures(exp.root, state, results, verdict)
+    write_atomic(exp.comparison, render(state, verdict, results, waiting, now, figures))
     summary = {"experiment": state.name, "written_at": now,
                "validation_files": {name: r.path for name, r in results.items() if r is not None},
                **(verdict.to_dict() if verdict else {"scenario": None, "headline": "only one arm: nothing to compare"})}
