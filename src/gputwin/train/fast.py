@@ -491,7 +491,7 @@ class FastStep:
         paths["attention"] = fastpaths.status(varlen, "torch's flash varlen kernel, checked against masked SDPA"
                                               if varlen else "SDPA with a block-causal mask (no checked varlen kernel here)")
         paths["cuda_graphs"] = fastpaths.status(self.use_graphs, "one graph per batch shape" if self.use_graphs
-                                                else "off: they need CUDA and fused AdamW")
+                                                else "they need CUDA and a fused AdamW")
         return paths
 
     # -- public
