@@ -214,8 +214,8 @@ def cmd_check(args: Any) -> int:
     differ = set(differing_keys(arms))
     if getattr(args, "json", False):
         print(json.dumps({"experiment": experiment.name, "differing_keys": sorted(differ),
-                          "arms": [{"profile": a.to_dict(), "plan": asdict(p), "fast_paths": f}
-                                   for a, p, f in zip(arms, plans, paths)]}, indent=2))
+                          "arms": [{"profile": a.to_dict(), "from_adapter": list(a.from_adapter), "plan": asdict(p),
+                                    "fast_paths": f} for a, p, f in zip(arms, plans, paths)]}, indent=2))
         return 0
     console = Console()
     table = Table(title=f"gputwin check: {experiment.name}", title_justify="left", show_lines=False)
@@ -236,6 +236,8 @@ def cmd_check(args: Any) -> int:
     table.add_row("  fast paths", *[_paths_cell(f) for f in paths])
     console.print(table)
     notes = [f"{a.name}: {p.samples_note}" for a, p in zip(arms, plans) if p.samples_note]
+    notes += [f"{a.name}: {', '.join(a.from_adapter)} taken from the init adapter {a.model.init_adapter}"
+              for a in arms if a.from_adapter]
     notes += [f"{a.name}: {name} off: {s['why']}" for a, f in zip(arms, paths) for name, s in f.items()
               if not s["on"] and name != "fast_engine"]
     for note in notes:
