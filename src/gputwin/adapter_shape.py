@@ -112,7 +112,7 @@ def describe_mismatches(found: list[Mismatch]) -> tuple[str, str, str]:
                        for x in found[1:])
     settings = ", ".join(f"{k} = {toml_value(x.trained)}" for k, x in zip(short, same_table))
     hint = (f"set {settings} in [{table}] as the adapter has {'it' if len(short) == 1 else 'them'}, or leave "
-            f"{'/'.join(short)} out to take the adapter's; to train another shape, start a new adapter "
+            f"{'/'.join(short)} out to take the adapter's; to train with other values, start a new adapter "
             "(remove model.init_adapter)")
     return first.key, problem, hint
 
