@@ -18,6 +18,7 @@ from .errors import UserError
 from .profiles import Profile, ProfileError, differing_keys, flatten, load_any
 
 BUNDLED_CONFIGS = Path(__file__).parent / "model_configs"
+SYNTH_LABELS = 19  # O and B-/I- for each of the synthetic corpus's 9 entity types
 
 
 @dataclass(frozen=True)
@@ -52,17 +53,27 @@ def count_samples(profile: Profile) -> tuple[int, str]:
         raise ProfileError(profile.source, "data.train", f"data file {path} does not exist",
                            "make one with `gputwin data synth --out DIR` or set synth_if_missing = true")
     info = path.stat()
-    samples, bad = _count_valid(str(path.resolve()), info.st_mtime_ns, info.st_size)
+    samples, bad, _ = _count_valid(str(path.resolve()), info.st_mtime_ns, info.st_size)
     return samples, f"{bad} bad lines skipped" if bad else ""
 
 
+def head_labels(profile: Profile) -> int:
+    """Labels of a tag arm's classifier head as the trainer builds it: B- and I- per entity type of the
+    training set, and O (for data made on first run, the synthetic corpus's 9 types: 19)."""
+    path = Path(profile.data.train)
+    if not path.is_file():
+        return SYNTH_LABELS
+    info = path.stat()
+    return _count_valid(str(path.resolve()), info.st_mtime_ns, info.st_size)[2]
+
+
 @functools.lru_cache(maxsize=16)
-def _count_valid(path: str, mtime_ns: int, size: int) -> tuple[int, int]:
-    """Valid samples and bad lines of a data file, read once per version of it (arms share a file)."""
+def _count_valid(path: str, mtime_ns: int, size: int) -> tuple[int, int, int]:
+    """Valid samples, bad lines and BIO labels of a data file, read once per version of it (arms share a file)."""
     from .data import load_dataset
 
     dataset = load_dataset(Path(path))
-    return len(dataset.samples), len(dataset.bad_lines)
+    return len(dataset.samples), len(dataset.bad_lines), 1 + 2 * len(set(dataset.entity_types))
 
 
 def load_model_config(base: str, trust_remote_code: bool = False) -> Any:
@@ -110,7 +121,7 @@ def fast_paths(profile: Profile) -> dict[str, dict[str, Any]]:
     from .train import fastpaths
     from .train.fast import decoder_parts
 
-    model = _meta_model(profile.model.base, profile.model.task, profile.model.trust_remote_code, 19)
+    model = _meta_model(profile.model.base, profile.model.task, profile.model.trust_remote_code, SYNTH_LABELS)
     try:
         decoder_parts(model)
     except TypeError as exc:
@@ -119,7 +130,7 @@ def fast_paths(profile: Profile) -> dict[str, dict[str, Any]]:
             "rotary": fastpaths.rotary_status(model)}
 
 
-def lora_params(profile: Profile, num_labels: int = 19) -> tuple[int, int]:
+def lora_params(profile: Profile, num_labels: int = SYNTH_LABELS) -> tuple[int, int]:
     """(LoRA trainable parameters, base parameters) for the profile's model, computed on the meta device.
 
     For the `tag` task the classifier head trains too; num_labels is its width (B/I per type + O).
@@ -167,7 +178,7 @@ def plan_profile(profile: Profile, *, with_params: bool = True) -> Plan:
                            "move the milestone earlier or train more epochs")
     trainable = base = None
     if with_params:
-        trainable, base = lora_params(profile)
+        trainable, base = lora_params(profile, head_labels(profile) if profile.model.task == "tag" else SYNTH_LABELS)
     return Plan(samples, per_epoch, total, milestone, trainable, base, note)
 
 
