@@ -12,8 +12,8 @@ from typing import Any
 
 import pytest
 
-from gputwin.adapter_shape import (AdapterError, base_difference, describe_mismatches, hub_id, mismatches,
-                                   read_adapter, toml_value)
+from gputwin.adapter_shape import (AdapterError, base_difference, describe_mismatches, hub_id, label_types,
+                                   mismatches, read_adapter, toml_value)
 
 # What peft 0.21 writes for a gputwin tag arm (the keys that matter here, and a few that do not).
 PEFT_CONFIG: dict[str, Any] = {
@@ -46,6 +46,14 @@ def test_the_shape_comes_from_adapter_config_and_where_it_came_from_from_gputwin
     assert shape.base == "/home/me/minilm" and shape.base_file.endswith("a/gputwin.json")
     assert shape.lora_defaults() == {"model.task": "tag", "lora.r": 12, "lora.alpha": 24, "lora.dropout": 0.05,
                                      "lora.target_modules": ["value", "query", "key"]}
+
+
+def test_a_tag_adapters_head_is_its_label_names(tmp_path: Path) -> None:
+    labels = ["O", "B-PHONE", "I-PHONE", "B-EMAIL", "I-EMAIL"]
+    shape = read_adapter(adapter(tmp_path / "a", meta={"task": "tag", "label_names": labels}))
+    assert shape.label_names == tuple(labels) and shape.meta_file.endswith("a/gputwin.json")
+    assert label_types(labels) == ["EMAIL", "PHONE"]
+    assert read_adapter(adapter(tmp_path / "b")).label_names is None
 
 
 def test_an_adapter_without_gputwin_json_is_read_from_peft_alone(tmp_path: Path) -> None:

@@ -185,6 +185,12 @@ CASES: list[Case] = [
          ("a.toml:5: model.base:", "is not the model the init adapter was trained on", "/other (",
           "hidden_size 32 against 64", "set base ="),
          edit=INIT_ADAPTER, files=OTHER_BASE),
+    Case("adapter-head-differs", "a training set with other entity types than the init adapter's tag head",
+         _run("{d}/a.toml"),
+         ("a.toml: data.train:", "has the entity types EMAIL, PERSON, PHONE, but the init adapter's head was "
+          "trained for ADDRESS, EMAIL", "adapter/gputwin.json", "the adapter's entity types"),
+         edit=INIT_ADAPTER, files={"adapter/adapter_config.json": adapter_config(), "adapter/gputwin.json": json.dumps(
+             {"task": "tag", "base": "{d}/model", "label_names": ["O", "B-ADDRESS", "I-ADDRESS", "B-EMAIL", "I-EMAIL"]})}),
     Case("adapter-folder-not-an-adapter", "model.init_adapter names a folder without adapter_config.json",
          _run("{d}/a.toml"), ("a.toml:7: model.init_adapter:", "holds no adapter_config.json", "written by gputwin or peft"),
          edit=('task = "tag"', 'task = "tag"\ninit_adapter = "data"')),

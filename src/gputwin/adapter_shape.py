@@ -20,7 +20,7 @@ import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 from .errors import UserError
 
@@ -56,6 +56,8 @@ class AdapterShape:
     task_file: str = ""
     base: str | None = None
     base_file: str = ""
+    label_names: tuple[str, ...] | None = None  # a tag adapter's head, row by row (gputwin.json)
+    meta_file: str = ""
 
     def lora_defaults(self) -> dict[str, Any]:
         """Profile values taken from the adapter when the profile leaves them out."""
@@ -187,8 +189,19 @@ def read_adapter(folder: str | Path) -> AdapterShape:
         folder=str(folder), config_file=where, r=r, alpha=int(alpha) if float(alpha).is_integer() else float(alpha),
         dropout=float(dropout) if _number(dropout) else 0.0, target_modules=tuple(targets),
         task=task, task_file=task_file if task else "", base=base if isinstance(base, str) and base else None,
-        base_file=base_file,
+        base_file=base_file, label_names=_label_names(meta.get("label_names")), meta_file=str(meta_path),
     )
+
+
+def _label_names(value: Any) -> tuple[str, ...] | None:
+    if isinstance(value, list) and value and all(isinstance(v, str) for v in value):
+        return tuple(value)
+    return None
+
+
+def label_types(label_names: Sequence[str]) -> list[str]:
+    """The entity types of BIO label names: ["O", "B-EMAIL", "I-EMAIL"] -> ["EMAIL"]."""
+    return sorted({name[2:] for name in label_names if name[:2] in ("B-", "I-")})
 
 
 # ---------------------------------------------------------------- are two base models the same?

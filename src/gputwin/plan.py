@@ -57,23 +57,54 @@ def count_samples(profile: Profile) -> tuple[int, str]:
     return samples, f"{bad} bad lines skipped" if bad else ""
 
 
-def head_labels(profile: Profile) -> int:
-    """Labels of a tag arm's classifier head as the trainer builds it: B- and I- per entity type of the
-    training set, and O (for data made on first run, the synthetic corpus's 9 types: 19)."""
+def entity_types(profile: Profile) -> tuple[str, ...] | None:
+    """The training set's entity types, sorted; None for data made on first run."""
     path = Path(profile.data.train)
     if not path.is_file():
-        return SYNTH_LABELS
+        return None
     info = path.stat()
     return _count_valid(str(path.resolve()), info.st_mtime_ns, info.st_size)[2]
 
 
+def head_labels(profile: Profile) -> int:
+    """Labels of a tag arm's classifier head as the trainer builds it: B- and I- per entity type of the
+    training set, and O (for data made on first run, the synthetic corpus's 9 types: 19)."""
+    types = entity_types(profile)
+    return SYNTH_LABELS if types is None else 1 + 2 * len(types)
+
+
 @functools.lru_cache(maxsize=16)
-def _count_valid(path: str, mtime_ns: int, size: int) -> tuple[int, int, int]:
-    """Valid samples, bad lines and BIO labels of a data file, read once per version of it (arms share a file)."""
+def _count_valid(path: str, mtime_ns: int, size: int) -> tuple[int, int, tuple[str, ...]]:
+    """Valid samples, bad lines and entity types of a data file, read once per version of it (arms share a file)."""
     from .data import load_dataset
 
     dataset = load_dataset(Path(path))
-    return len(dataset.samples), len(dataset.bad_lines), 1 + 2 * len(set(dataset.entity_types))
+    return len(dataset.samples), len(dataset.bad_lines), tuple(dataset.entity_types)
+
+
+def check_adapter_head(profile: Profile) -> None:
+    """A tag arm continuing an adapter trains the adapter's classifier head, one row per label it was saved
+    with; a training set with other entity types would not fit it, or would fit it with rows that meant
+    other labels. Refused before anything starts (data made on first run is checked by the trainer's load)."""
+    if profile.model.task != "tag" or not profile.model.init_adapter:
+        return
+    from .adapter_shape import AdapterError, label_types, read_adapter
+    from .encoding import bio_label_names
+
+    try:
+        adapter = read_adapter(profile.model.init_adapter)
+    except AdapterError:
+        return  # the profile was read without its files; the trainer's load reports it
+    types = entity_types(profile)
+    if adapter.label_names is None or types is None or list(adapter.label_names) == bio_label_names(types):
+        return
+    same = label_types(adapter.label_names) == list(types)
+    raise ProfileError(profile.source, "data.train",
+                       f"{profile.data.train} has the entity types {', '.join(types) or 'none'}, but the init "
+                       f"adapter's head was trained for {', '.join(label_types(adapter.label_names))} "
+                       f"({adapter.meta_file}{'; its rows are in another order' if same else ''})",
+                       "train on data with the adapter's entity types, or start a new adapter (remove "
+                       "model.init_adapter)")
 
 
 def load_model_config(base: str, trust_remote_code: bool = False) -> Any:
@@ -169,6 +200,7 @@ def lora_params(profile: Profile, num_labels: int = SYNTH_LABELS) -> tuple[int, 
 def plan_profile(profile: Profile, *, with_params: bool = True) -> Plan:
     samples, note = count_samples(profile)
     per_epoch, total = steps_for(samples, profile.train.batch_size, profile.train.epochs)
+    check_adapter_head(profile)
     milestone = milestone_step(profile, per_epoch)
     if milestone > total:
         key = "milestone.step" if profile.milestone.step is not None else "milestone.epoch"
