@@ -143,7 +143,8 @@ def attach_lora(model: Any, lora_spec: LoraSpec, task: str, init_adapter: str | 
 
 def _same_shape_or_refuse(config: Any, lora_spec: LoraSpec, init_adapter: str) -> None:
     """peft trains the adapter's own shape; one that is not the resolved profile's (the adapter was
-    replaced after `gputwin run` checked it) would train under the wrong name, so it stops here."""
+    replaced after `gputwin run` checked it, or the arm predates that check) would train under the wrong
+    name, so it stops here."""
     targets = config.target_modules
     saved = (config.r, config.lora_alpha, set(targets) if not isinstance(targets, str) else targets)
     wanted = (lora_spec.r, lora_spec.alpha, set(lora_spec.target_modules))
@@ -152,8 +153,8 @@ def _same_shape_or_refuse(config: Any, lora_spec: LoraSpec, init_adapter: str) -
             f"model.init_adapter: adapter {init_adapter} has r {config.r}, alpha {config.lora_alpha}, target modules "
             f"{sorted(saved[2]) if isinstance(saved[2], set) else saved[2]}, but this arm's profile says r "
             f"{lora_spec.r}, alpha {lora_spec.alpha}, target modules {sorted(wanted[2])}",
-            "the adapter changed since the arm was started: restore it, or start the profile again with "
-            "`gputwin run` (which takes the shape from the adapter when [lora] leaves it out)")
+            "restore the adapter the arm was started with, or start the profile again with `gputwin run` "
+            "(it refuses a shape other than the adapter's, and takes the adapter's when [lora] leaves it out)")
 
 
 def linear_module_names(model: Any) -> list[str]:
