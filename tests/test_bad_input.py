@@ -67,6 +67,21 @@ target_f1 = 0.85
 
 BAD_LINES = '{"text": "no entities key"}\n[1, 2]\nnot json at all\n'
 
+INIT_ADAPTER = ('task = "tag"', 'task = "tag"\ninit_adapter = "adapter"')  # a.toml continues adapter/
+BERT_CONFIG = '{{"model_type": "bert", "hidden_size": {hidden}, "num_hidden_layers": 2, "vocab_size": 400}}'
+
+
+def adapter_config(*, r: int = 4, alpha: int = 8, targets: tuple[str, ...] = ("query", "value"),
+                   task: str = "TOKEN_CLS", base: str = "model") -> str:
+    """adapter_config.json as peft writes it (the keys gputwin reads) for an adapter trained on {d}/base."""
+    return json.dumps({"peft_type": "LORA", "task_type": task, "r": r, "lora_alpha": alpha, "lora_dropout": 0.0,
+                       "target_modules": list(targets), "base_model_name_or_path": f"{{d}}/{base}"})
+
+
+# an adapter trained on {d}/other, a model whose config is not that of {d}/model
+OTHER_BASE = {"adapter/adapter_config.json": adapter_config(base="other"),
+              "model/config.json": BERT_CONFIG.format(hidden=32), "other/config.json": BERT_CONFIG.format(hidden=64)}
+
 
 @dataclass(frozen=True)
 class Case:
@@ -148,6 +163,37 @@ CASES: list[Case] = [
          edit=('device = "cpu"', "device = 99")),
     Case("required-base", "a required key left out: model.base", _run("{d}/a.toml"),
          ("a.toml: model.base: is required", "hub id"), edit=('base = "model"\n', "")),
+    # ---- continuing an adapter: model.init_adapter
+    Case("adapter-r-differs", "lora.r other than the init adapter's (r 4, the adapter's r 8)", _run("{d}/a.toml"),
+         ("a.toml:10: lora.r: 4, but the init adapter was trained with r = 8", "adapter/adapter_config.json",
+          "set r = 8 in [lora]", "leave r out to take the adapter's"),
+         edit=INIT_ADAPTER, files={"adapter/adapter_config.json": adapter_config(r=8)}),
+    Case("adapter-alpha-differs", "lora.alpha other than the init adapter's, found by `check`", ("check", "{d}/a.toml"),
+         ("a.toml:11: lora.alpha: 8, but the init adapter was trained with alpha = 16", "adapter/adapter_config.json",
+          "leave alpha out"),
+         edit=INIT_ADAPTER, files={"adapter/adapter_config.json": adapter_config(alpha=16)}),
+    Case("adapter-targets-differ", "lora.target_modules other than the init adapter's", _run("{d}/a.toml"),
+         ('a.toml:12: lora.target_modules: ["query", "value"], but the init adapter was trained with '
+          'target_modules = ["query", "key", "value"]', "adapter/adapter_config.json", "leave target_modules out"),
+         edit=INIT_ADAPTER, files={"adapter/adapter_config.json": adapter_config(targets=("query", "key", "value"))}),
+    Case("adapter-task-differs", "model.task other than the init adapter's (tag, the adapter's generate)",
+         _run("{d}/a.toml"),
+         ('a.toml:6: model.task: "tag", but the init adapter was trained with task = "generate"',
+          "adapter/adapter_config.json", 'set task = "generate" in [model]'),
+         edit=INIT_ADAPTER, files={"adapter/adapter_config.json": adapter_config(task="CAUSAL_LM")}),
+    Case("adapter-base-differs", "model.base other than the model the init adapter was trained on", _run("{d}/a.toml"),
+         ("a.toml:5: model.base:", "is not the model the init adapter was trained on", "/other (",
+          "hidden_size 32 against 64", "set base ="),
+         edit=INIT_ADAPTER, files=OTHER_BASE),
+    Case("adapter-head-differs", "a training set with other entity types than the init adapter's tag head",
+         _run("{d}/a.toml"),
+         ("a.toml: data.train:", "has the entity types EMAIL, PERSON, PHONE, but the init adapter's head was "
+          "trained for ADDRESS, EMAIL", "adapter/gputwin.json", "the adapter's entity types"),
+         edit=INIT_ADAPTER, files={"adapter/adapter_config.json": adapter_config(), "adapter/gputwin.json": json.dumps(
+             {"task": "tag", "base": "{d}/model", "label_names": ["O", "B-ADDRESS", "I-ADDRESS", "B-EMAIL", "I-EMAIL"]})}),
+    Case("adapter-folder-not-an-adapter", "model.init_adapter names a folder without adapter_config.json",
+         _run("{d}/a.toml"), ("a.toml:7: model.init_adapter:", "holds no adapter_config.json", "written by gputwin or peft"),
+         edit=('task = "tag"', 'task = "tag"\ninit_adapter = "data"')),
     # ---- files
     Case("profile-missing", "a profile file that does not exist", _run("{d}/nope.toml"),
          ("nope.toml: file not found", "check the path")),
@@ -235,6 +281,14 @@ CASES: list[Case] = [
     Case("validate-sample-size-zero", "validate with --sample-size 0",
          ("validate", "--model", "{d}/model", "--test-data", "{d}/data/test.jsonl", "--sample-size", "0"),
          ("--sample-size 0: expected a positive number of samples", "e.g. --sample-size 500")),
+    Case("validate-base-differs", "validate with a --base other than the model the adapter was trained on",
+         ("validate", "--model", "{d}/adapter", "--base", "{d}/model", "--test-data", "{d}/data/test.jsonl"),
+         ("--base", "not the model the adapter", "was trained on", "hidden_size 32 against 64", "leave --base out"),
+         files=OTHER_BASE),
+    Case("validate-task-differs", "validate with a --task other than the adapter's",
+         ("validate", "--model", "{d}/adapter", "--task", "generate", "--test-data", "{d}/data/test.jsonl"),
+         ("--task generate: the adapter", "was trained for task 'tag'", "leave --task out"),
+         files={"adapter/adapter_config.json": adapter_config()}),
     Case("synth-zero", "data synth with --train 0", ("data", "synth", "--out", "{d}/synth", "--train", "0"),
          ("--train must be at least 1, got 0", "number of samples")),
     Case("synth-out-is-file", "data synth into a path that is a file", ("data", "synth", "--out", "{d}/a.toml"),
@@ -286,7 +340,7 @@ def make_folder(case: Case, folder: Path) -> Path:
     for name, text in case.files.items():
         path = folder / name
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_bytes(text.encode("utf-8", errors="surrogateescape"))
+        path.write_bytes(text.replace("{d}", str(folder)).encode("utf-8", errors="surrogateescape"))
     return folder
 
 

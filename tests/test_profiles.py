@@ -217,3 +217,75 @@ def test_experiment_from_profiles_first_is_baseline(folder: Path) -> None:
     assert exp.arm_names == ["arm-a", "arm-b"]
     assert exp.rules.baseline == "arm-a"
     assert differing_keys(list(exp.arms)) == ["lora.r"]
+
+
+# ---------------------------------------------------------------- model.init_adapter
+
+ADAPTER_CONFIG = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": 12, "lora_alpha": 24, "lora_dropout": 0.1,
+                  "target_modules": ["v_proj", "q_proj"], "base_model_name_or_path": "Qwen/Qwen3-0.6B"}
+
+
+def continuing(folder: Path, text: str = GOOD, **config: object) -> Path:
+    """GOOD with model.init_adapter pointing at an adapter saved with ADAPTER_CONFIG (plus `config`)."""
+    (folder / "adapter").mkdir(exist_ok=True)
+    (folder / "adapter" / "adapter_config.json").write_text(json.dumps(ADAPTER_CONFIG | config))
+    return write(folder, text.replace('task = "generate"', 'task = "generate"\ninit_adapter = "adapter"'))
+
+
+def test_lora_keys_left_out_are_the_adapters_and_are_listed_as_such(folder: Path) -> None:
+    without_lora = GOOD.replace('r = 8\nalpha = 16\ntarget_modules = ["q_proj", "v_proj"]\n', "")
+    profile = load_profile(continuing(folder, without_lora))
+    assert profile.model.init_adapter == str(folder / "adapter")
+    assert (profile.lora.r, profile.lora.alpha, profile.lora.dropout) == (12, 24, 0.1)
+    assert profile.lora.target_modules == ("v_proj", "q_proj")
+    assert profile.from_adapter == ("lora.r", "lora.alpha", "lora.dropout", "lora.target_modules")
+    assert "from_adapter" not in profile.to_dict()  # the resolved values are what profile.json keeps
+    assert Profile.from_dict(json.loads(json.dumps(profile.to_dict()))) == profile
+
+
+def test_a_task_left_out_is_the_adapters_too(folder: Path) -> None:
+    (folder / "adapter").mkdir()
+    (folder / "adapter" / "adapter_config.json").write_text(json.dumps(ADAPTER_CONFIG | {"task_type": "TOKEN_CLS"}))
+    text = GOOD.replace('task = "generate"', 'init_adapter = "adapter"').replace("r = 8\nalpha = 16\n", "r = 12\n")
+    profile = load_profile(write(folder, text))  # targets in another order than the adapter's agree
+    assert profile.model.task == "tag" and profile.lora.alpha == 24
+    assert profile.from_adapter == ("model.task", "lora.alpha", "lora.dropout")
+
+
+def test_keys_that_agree_with_the_adapter_are_the_profiles_and_dropout_never_disagrees(folder: Path) -> None:
+    text = GOOD.replace("r = 8\nalpha = 16", "r = 12\nalpha = 24\ndropout = 0.0")
+    profile = load_profile(continuing(folder, text))
+    assert (profile.lora.r, profile.lora.alpha, profile.lora.dropout) == (12, 24, 0.0)
+    assert profile.lora.target_modules == ("q_proj", "v_proj") and profile.from_adapter == ()
+
+
+def test_a_shape_the_adapter_was_not_trained_with_is_refused_at_its_line(folder: Path) -> None:
+    path = continuing(folder)
+    with pytest.raises(ProfileError) as info:
+        load_profile(path)
+    err = info.value
+    assert (err.key, err.line) == ("lora.r", GOOD.splitlines().index("r = 8") + 2)  # init_adapter added a line
+    assert str(err).startswith(f"{path}:{err.line}: lora.r: 8, but the init adapter was trained with r = 12 "
+                               f"({folder / 'adapter' / 'adapter_config.json'}); lora.alpha differs too")
+    assert "set r = 12, alpha = 24 in [lora]" in err.hint and "leave r/alpha out" in err.hint
+
+
+def test_a_task_or_base_model_the_adapter_was_not_trained_on_is_refused(folder: Path) -> None:
+    same_shape = GOOD.replace("r = 8\nalpha = 16", "r = 12\nalpha = 24")
+    with pytest.raises(ProfileError) as info:
+        load_profile(continuing(folder, same_shape, task_type="TOKEN_CLS"))
+    assert info.value.key == "model.task" and 'trained with task = "tag"' in str(info.value)
+    with pytest.raises(ProfileError) as info:
+        load_profile(continuing(folder, same_shape, base_model_name_or_path="Qwen/Qwen3-1.7B"))
+    assert info.value.key == "model.base" and info.value.line == 5
+    assert "Qwen/Qwen3-0.6B is not the model the init adapter was trained on, Qwen/Qwen3-1.7B" in str(info.value)
+    assert 'set base = "Qwen/Qwen3-1.7B"' in info.value.hint
+
+
+def test_an_init_adapter_folder_without_an_adapter_is_refused(folder: Path) -> None:
+    (folder / "adapter").mkdir()
+    path = write(folder, GOOD.replace('task = "generate"', 'task = "generate"\ninit_adapter = "adapter"'))
+    with pytest.raises(ProfileError) as info:
+        load_profile(path)
+    assert info.value.key == "model.init_adapter" and "holds no adapter_config.json" in str(info.value)
+    assert load_profile(path, check_files=False).lora.r == 8  # read away from its files: passed over

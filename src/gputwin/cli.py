@@ -75,8 +75,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--test-data", required=True, help="JSONL test file")
     p.add_argument("--sample-size", type=int, default=500, help="number of test samples (default 500)")
     p.add_argument("--seed", type=int, default=1234, help="seed for the sample (same seed = same samples)")
-    p.add_argument("--base", help="base model when the adapter does not name a reachable one")
-    p.add_argument("--task", choices=["generate", "tag"], help="task head (default: read from the adapter)")
+    p.add_argument("--base", help="base model when the adapter's is not on this machine (a copy of it; "
+                   "another model is refused)")
+    p.add_argument("--task", choices=["generate", "tag"],
+                   help="task head when the adapter does not record one (default: read from the adapter)")
     p.add_argument("--batch-size", type=int, default=0, help="samples per batch (default: chosen for the device)")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto")
     p.add_argument("--decoder", choices=["fast", "plain"], default="fast",

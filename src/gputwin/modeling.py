@@ -110,12 +110,22 @@ def attach_lora(model: Any, lora_spec: LoraSpec, task: str, init_adapter: str | 
     from peft import LoraConfig, PeftModel, TaskType, get_peft_model
 
     if init_adapter:
+        hint = ("point it at a folder written by gputwin or peft (adapter_config.json) for the same base model "
+                "and task")
         try:
-            return PeftModel.from_pretrained(model, init_adapter, is_trainable=True)
+            if not (Path(init_adapter) / "adapter_config.json").is_file():  # a local folder, never a hub lookup
+                raise OSError(f"{init_adapter} holds no adapter_config.json")
+            config = LoraConfig.from_pretrained(init_adapter)
+        except (OSError, ValueError, TypeError) as exc:
+            raise ModelLoadError(f"model.init_adapter: cannot load adapter {init_adapter}: {_first_line(exc)}",
+                                 hint) from None
+        _same_shape_or_refuse(config, lora_spec, init_adapter)
+        config.lora_dropout = lora_spec.dropout  # no weights of its own: the profile's value trains
+        try:
+            return PeftModel.from_pretrained(model, init_adapter, is_trainable=True, config=config)
         except (OSError, ValueError, KeyError, RuntimeError) as exc:
             raise ModelLoadError(f"model.init_adapter: cannot load adapter {init_adapter}: {_first_line(exc)}",
-                                 "point it at a folder written by gputwin or peft (adapter_config.json) "
-                                 "for the same base model and task") from None
+                                 hint) from None
     config = LoraConfig(
         r=lora_spec.r,
         lora_alpha=lora_spec.alpha,
@@ -129,6 +139,22 @@ def attach_lora(model: Any, lora_spec: LoraSpec, task: str, init_adapter: str | 
     except ValueError as exc:
         raise UserError(f"lora.target_modules: {_first_line(exc)}",
                         f"linear layers this model has: {', '.join(linear_module_names(model)) or 'none'}") from None
+
+
+def _same_shape_or_refuse(config: Any, lora_spec: LoraSpec, init_adapter: str) -> None:
+    """peft trains the adapter's own shape; one that is not the resolved profile's (the adapter was
+    replaced after `gputwin run` checked it, or the arm predates that check) would train under the wrong
+    name, so it stops here."""
+    targets = config.target_modules
+    saved = (config.r, config.lora_alpha, set(targets) if not isinstance(targets, str) else targets)
+    wanted = (lora_spec.r, lora_spec.alpha, set(lora_spec.target_modules))
+    if saved != wanted:
+        raise ModelLoadError(
+            f"model.init_adapter: adapter {init_adapter} has r {config.r}, alpha {config.lora_alpha}, target modules "
+            f"{sorted(saved[2]) if isinstance(saved[2], set) else saved[2]}, but this arm's profile says r "
+            f"{lora_spec.r}, alpha {lora_spec.alpha}, target modules {sorted(wanted[2])}",
+            "restore the adapter the arm was started with, or start the profile again with `gputwin run` "
+            "(it refuses a shape other than the adapter's, and takes the adapter's when [lora] leaves it out)")
 
 
 def linear_module_names(model: Any) -> list[str]:

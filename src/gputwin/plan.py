@@ -18,6 +18,7 @@ from .errors import UserError
 from .profiles import Profile, ProfileError, differing_keys, flatten, load_any
 
 BUNDLED_CONFIGS = Path(__file__).parent / "model_configs"
+SYNTH_LABELS = 19  # O and B-/I- for each of the synthetic corpus's 9 entity types
 
 
 @dataclass(frozen=True)
@@ -52,17 +53,58 @@ def count_samples(profile: Profile) -> tuple[int, str]:
         raise ProfileError(profile.source, "data.train", f"data file {path} does not exist",
                            "make one with `gputwin data synth --out DIR` or set synth_if_missing = true")
     info = path.stat()
-    samples, bad = _count_valid(str(path.resolve()), info.st_mtime_ns, info.st_size)
+    samples, bad, _ = _count_valid(str(path.resolve()), info.st_mtime_ns, info.st_size)
     return samples, f"{bad} bad lines skipped" if bad else ""
 
 
+def entity_types(profile: Profile) -> tuple[str, ...] | None:
+    """The training set's entity types, sorted; None for data made on first run."""
+    path = Path(profile.data.train)
+    if not path.is_file():
+        return None
+    info = path.stat()
+    return _count_valid(str(path.resolve()), info.st_mtime_ns, info.st_size)[2]
+
+
+def head_labels(profile: Profile) -> int:
+    """Labels of a tag arm's classifier head as the trainer builds it: B- and I- per entity type of the
+    training set, and O (for data made on first run, the synthetic corpus's 9 types: 19)."""
+    types = entity_types(profile)
+    return SYNTH_LABELS if types is None else 1 + 2 * len(types)
+
+
 @functools.lru_cache(maxsize=16)
-def _count_valid(path: str, mtime_ns: int, size: int) -> tuple[int, int]:
-    """Valid samples and bad lines of a data file, read once per version of it (arms share a file)."""
+def _count_valid(path: str, mtime_ns: int, size: int) -> tuple[int, int, tuple[str, ...]]:
+    """Valid samples, bad lines and entity types of a data file, read once per version of it (arms share a file)."""
     from .data import load_dataset
 
     dataset = load_dataset(Path(path))
-    return len(dataset.samples), len(dataset.bad_lines)
+    return len(dataset.samples), len(dataset.bad_lines), tuple(dataset.entity_types)
+
+
+def check_adapter_head(profile: Profile) -> None:
+    """A tag arm continuing an adapter trains the adapter's classifier head, one row per label it was saved
+    with; a training set with other entity types would not fit it, or would fit it with rows that meant
+    other labels. Refused before anything starts (data made on first run is checked by the trainer's load)."""
+    if profile.model.task != "tag" or not profile.model.init_adapter:
+        return
+    from .adapter_shape import AdapterError, label_types, read_adapter
+    from .encoding import bio_label_names
+
+    try:
+        adapter = read_adapter(profile.model.init_adapter)
+    except AdapterError:
+        return  # the profile was read without its files; the trainer's load reports it
+    types = entity_types(profile)
+    if adapter.label_names is None or types is None or list(adapter.label_names) == bio_label_names(types):
+        return
+    same = label_types(adapter.label_names) == list(types)
+    raise ProfileError(profile.source, "data.train",
+                       f"{profile.data.train} has the entity types {', '.join(types) or 'none'}, but the init "
+                       f"adapter's head was trained for {', '.join(label_types(adapter.label_names))} "
+                       f"({adapter.meta_file}{'; its rows are in another order' if same else ''})",
+                       "train on data with the adapter's entity types, or start a new adapter (remove "
+                       "model.init_adapter)")
 
 
 def load_model_config(base: str, trust_remote_code: bool = False) -> Any:
@@ -110,7 +152,7 @@ def fast_paths(profile: Profile) -> dict[str, dict[str, Any]]:
     from .train import fastpaths
     from .train.fast import decoder_parts
 
-    model = _meta_model(profile.model.base, profile.model.task, profile.model.trust_remote_code, 19)
+    model = _meta_model(profile.model.base, profile.model.task, profile.model.trust_remote_code, SYNTH_LABELS)
     try:
         decoder_parts(model)
     except TypeError as exc:
@@ -119,7 +161,7 @@ def fast_paths(profile: Profile) -> dict[str, dict[str, Any]]:
             "rotary": fastpaths.rotary_status(model)}
 
 
-def lora_params(profile: Profile, num_labels: int = 19) -> tuple[int, int]:
+def lora_params(profile: Profile, num_labels: int = SYNTH_LABELS) -> tuple[int, int]:
     """(LoRA trainable parameters, base parameters) for the profile's model, computed on the meta device.
 
     For the `tag` task the classifier head trains too; num_labels is its width (B/I per type + O).
@@ -158,6 +200,7 @@ def lora_params(profile: Profile, num_labels: int = 19) -> tuple[int, int]:
 def plan_profile(profile: Profile, *, with_params: bool = True) -> Plan:
     samples, note = count_samples(profile)
     per_epoch, total = steps_for(samples, profile.train.batch_size, profile.train.epochs)
+    check_adapter_head(profile)
     milestone = milestone_step(profile, per_epoch)
     if milestone > total:
         key = "milestone.step" if profile.milestone.step is not None else "milestone.epoch"
@@ -167,7 +210,7 @@ def plan_profile(profile: Profile, *, with_params: bool = True) -> Plan:
                            "move the milestone earlier or train more epochs")
     trainable = base = None
     if with_params:
-        trainable, base = lora_params(profile)
+        trainable, base = lora_params(profile, head_labels(profile) if profile.model.task == "tag" else SYNTH_LABELS)
     return Plan(samples, per_epoch, total, milestone, trainable, base, note)
 
 
@@ -214,8 +257,8 @@ def cmd_check(args: Any) -> int:
     differ = set(differing_keys(arms))
     if getattr(args, "json", False):
         print(json.dumps({"experiment": experiment.name, "differing_keys": sorted(differ),
-                          "arms": [{"profile": a.to_dict(), "plan": asdict(p), "fast_paths": f}
-                                   for a, p, f in zip(arms, plans, paths)]}, indent=2))
+                          "arms": [{"profile": a.to_dict(), "from_adapter": list(a.from_adapter), "plan": asdict(p),
+                                    "fast_paths": f} for a, p, f in zip(arms, plans, paths)]}, indent=2))
         return 0
     console = Console()
     table = Table(title=f"gputwin check: {experiment.name}", title_justify="left", show_lines=False)
@@ -236,6 +279,8 @@ def cmd_check(args: Any) -> int:
     table.add_row("  fast paths", *[_paths_cell(f) for f in paths])
     console.print(table)
     notes = [f"{a.name}: {p.samples_note}" for a, p in zip(arms, plans) if p.samples_note]
+    notes += [f"{a.name}: {', '.join(a.from_adapter)} taken from the init adapter {a.model.init_adapter}"
+              for a in arms if a.from_adapter]
     notes += [f"{a.name}: {name} off: {s['why']}" for a, f in zip(arms, paths) for name, s in f.items()
               if not s["on"] and name != "fast_engine"]
     for note in notes:

@@ -12,7 +12,7 @@ import math
 import os
 import re
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +21,8 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover
     import tomli as tomllib
 
+from .adapter_shape import (AdapterError, AdapterShape, base_difference, describe_mismatches, mismatches, read_adapter,
+                            toml_value)
 from .errors import UserError
 from .paths import NAME_HINT, valid_name
 
@@ -107,9 +109,14 @@ class Profile:
     milestone: MilestoneSpec
     device: int | None = None  # GPU index; None = CPU
     source: str = ""  # the file it came from
+    # Dotted keys the profile left out and model.init_adapter filled in (for `gputwin check`'s notes);
+    # not part of the resolved profile: the values themselves are.
+    from_adapter: tuple[str, ...] = field(default=(), compare=False)
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        d = dataclasses.asdict(self)
+        d.pop("from_adapter")
+        return d
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Profile:
@@ -351,30 +358,36 @@ def parse_profile(path: Path, data: dict[str, Any], text: str, *, check_files: b
         base = str(resolved)
         if check_files and not resolved.exists():
             raise m.error("base", f"model folder {base} does not exist", "give a hub id (org/name) or an existing folder")
+    init_adapter = m.path_value("init_adapter", None)
+    if check_files and init_adapter and not Path(init_adapter).is_dir():
+        raise m.error("init_adapter", f"adapter folder {init_adapter} does not exist",
+                      "point it at a folder holding adapter_config.json")
+    adapter = _init_adapter(m, init_adapter, check_files)
+    fill = adapter.lora_defaults() if adapter else {}  # what a continued adapter fixes, for keys left out
     model = ModelSpec(
         base=base,
-        task=m.choice("task", TASKS, "generate"),
+        task=m.choice("task", TASKS, fill.get("model.task", "generate")),
         dtype=m.choice("dtype", DTYPES, "auto"),
-        init_adapter=m.path_value("init_adapter", None),
+        init_adapter=init_adapter,
         trust_remote_code=m.get("trust_remote_code", bool, False),
     )
-    if check_files and model.init_adapter and not Path(model.init_adapter).is_dir():
-        raise m.error("init_adapter", f"adapter folder {model.init_adapter} does not exist",
-                      "point it at a folder holding adapter_config.json")
 
     lo = _Section(path, text, "lora", data.get("lora", {}))
     lo.check_unknown({"r", "alpha", "dropout", "target_modules"})
-    r = lo.get("r", int, 8)
+    r = lo.get("r", int, fill.get("lora.r", 8))
     if r < 1:
         raise lo.error("r", f"must be >= 1, got {r}", "typical ranks are 4 to 64")
-    alpha = lo.positive("alpha", int, 2 * r, hint="alpha is usually 2 x r")
-    dropout = lo.get("dropout", float, 0.05)
+    alpha = lo.positive("alpha", int, fill.get("lora.alpha", 2 * r), hint="alpha is usually 2 x r")
+    dropout = lo.get("dropout", float, fill.get("lora.dropout", 0.05))
     if not 0.0 <= dropout < 1.0:
         raise lo.error("dropout", f"must be in [0, 1), got {dropout}", "LoRA dropout is usually 0.0 to 0.1")
-    targets = lo.get("target_modules", list, ["q_proj", "k_proj", "v_proj", "o_proj"])
+    targets = lo.get("target_modules", list, fill.get("lora.target_modules", ["q_proj", "k_proj", "v_proj", "o_proj"]))
     if not targets or not all(isinstance(t, str) and t for t in targets):
         raise lo.error("target_modules", "expected a non-empty list of module names", "e.g. [\"q_proj\", \"v_proj\"]")
     lora = LoraSpec(r=r, alpha=alpha, dropout=dropout, target_modules=tuple(targets))
+    from_adapter: tuple[str, ...] = ()
+    if adapter is not None:
+        from_adapter = _agree_with_adapter(m, lo, model, lora, adapter, check_files)
 
     tr = _Section(path, text, "train", data.get("train", {}))
     tr.check_unknown({f.name for f in dataclasses.fields(TrainSpec)})
@@ -461,7 +474,42 @@ def parse_profile(path: Path, data: dict[str, Any], text: str, *, check_files: b
                               sample_seed=ms.get("sample_seed", int, 1234), cooldown_steps=cooldown)
 
     return Profile(name=name, model=model, lora=lora, train=train, data=data_spec, milestone=milestone,
-                   device=device, source=str(path.resolve()))
+                   device=device, source=str(path.resolve()), from_adapter=from_adapter)
+
+
+def _init_adapter(m: _Section, folder: str | None, check_files: bool) -> AdapterShape | None:
+    """The shape of model.init_adapter; a folder that holds no readable LoRA adapter is refused
+    (with check_files off, as for a profile read away from its files, it is passed over)."""
+    if not folder:
+        return None
+    try:
+        return read_adapter(folder)
+    except AdapterError as exc:
+        if not check_files:
+            return None
+        raise m.error("init_adapter", exc.message, exc.hint) from None
+
+
+def _agree_with_adapter(m: _Section, lo: _Section, model: ModelSpec, lora: LoraSpec, adapter: AdapterShape,
+                        check_files: bool) -> tuple[str, ...]:
+    """Refuse a profile whose task, LoRA shape or base model is not what the init adapter was trained
+    with (peft would train the adapter's shape under the profile's name); returns the keys taken from it."""
+    sections = {"model": m, "lora": lo}
+    given = {f"model.{k}": getattr(model, k) for k in ("task",) if k in m.data}
+    given.update({f"lora.{k}": list(getattr(lora, k)) if k == "target_modules" else getattr(lora, k)
+                  for k in ("r", "alpha", "target_modules") if k in lo.data})
+    found = mismatches(given, adapter)
+    if found:
+        key, problem, hint = describe_mismatches(found)
+        table, name = key.split(".")
+        raise sections[table].error(name, problem, hint)
+    why = base_difference(model.base, adapter.base) if check_files and adapter.base else None
+    if why:
+        raise m.error("base", f"{model.base} is not the model the init adapter was trained on, {adapter.base} "
+                      f"({adapter.base_file}): {why}",
+                      f"set base = {toml_value(adapter.base)} (or a copy of that model), or train a new adapter "
+                      "on this base (remove model.init_adapter)")
+    return tuple(k for k in adapter.lora_defaults() if k.split(".")[1] not in sections[k.split(".")[0]].data)
 
 
 def load_profile(path: str | Path, *, check_files: bool = True) -> Profile:

@@ -1,8 +1,9 @@
 """`gputwin status [NAME] [--json]`: a one-shot summary of an experiment, for cron, scripts and SSH.
 
-Per arm: status, step/total, milestone progress, ETA to the milestone and to the end (clock time and
-duration), loss (raw and smoothed), tokens/s, the last validation's P/R/F1, and why it crashed; then
-the verdict headline when there is one. ``--json`` prints the same summary as one JSON object.
+Per arm: status, the hyperparameters its pane shows (resolved: the values that train), step/total,
+milestone progress, ETA to the milestone and to the end (clock time and duration), loss (raw and
+smoothed), tokens/s, the last validation's P/R/F1, and why it crashed; then the verdict headline
+when there is one. ``--json`` prints the same summary as one JSON object.
 
 Exit status: 0, or 3 when an arm crashed or failed (so `gputwin status || alert` works from cron);
 2 for a user error such as an unknown experiment name.
@@ -22,6 +23,7 @@ from . import paths
 from .errors import UserError
 from .paths import ExperimentPaths
 from .state import CRASHED, ENDED, STALLED, ArmState, ExperimentState
+from .widgets.formatting import shown_hparams
 from .tailer import ExperimentWatcher
 
 EXIT_OK = 0
@@ -49,7 +51,8 @@ def _eta_dict(value: eta_mod.Eta | None) -> dict[str, Any] | None:
     return {"seconds": round(value.seconds, 1), "clock": value.clock, "human": value.human}
 
 
-def arm_summary(arm: ArmState, now: float, baseline: str | None = None) -> dict[str, Any]:
+def arm_summary(arm: ArmState, now: float, baseline: str | None = None,
+                differing: list[str] | None = None) -> dict[str, Any]:
     """One arm as plain data (the JSON output, and what the text is printed from)."""
     last = arm.last_validation
     milestone_eta = None
@@ -59,6 +62,7 @@ def arm_summary(arm: ArmState, now: float, baseline: str | None = None) -> dict[
         "name": arm.name,
         "baseline": arm.name == baseline,
         "status": arm.status,
+        "hparams": {label: value for label, value, _ in shown_hparams(arm.hparams, differing or [])},
         "device": arm.device,
         "pid": arm.pid,
         "step": arm.step,
@@ -113,7 +117,7 @@ def summarize(state: ExperimentState, now: float) -> dict[str, Any]:
         "folder": str(state.root),
         "baseline": state.baseline,
         "now": now,
-        "arms": [arm_summary(a, now, state.baseline) for a in state.arms.values()],
+        "arms": [arm_summary(a, now, state.baseline, state.differing_keys) for a in state.arms.values()],
         "verdict": None if verdict is None else verdict.to_dict(),
         "problems": list(state.problems),
     }
@@ -144,7 +148,10 @@ def arm_lines(a: dict[str, Any], now: float) -> list[str]:
     progress = f" ({_pct(a['progress'])})" if a["progress"] is not None else ""
     speed = f"  {a['mean_step_s']:.2f} s/step" if a["mean_step_s"] else ""
     tokens = f"  {a['tokens_per_s']:,.0f} tokens/s" if a["tokens_per_s"] else ""
-    lines = [head, f"  step {a['step']}/{total}{progress}  epoch {_num(a['epoch'], '.2f')}{speed}{tokens}"]
+    lines = [head]
+    if a["hparams"]:
+        lines.append("  " + "  ".join(f"{label} {value}" for label, value in a["hparams"].items()))
+    lines.append(f"  step {a['step']}/{total}{progress}  epoch {_num(a['epoch'], '.2f')}{speed}{tokens}")
     if a["milestone_step"]:
         ms = a["milestone_step"]
         if a["step"] < ms:

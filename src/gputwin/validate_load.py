@@ -9,11 +9,9 @@ import os
 from pathlib import Path
 from typing import Any
 
+from .adapter_shape import ADAPTER_CONFIG, META_FILE, PEFT_TASKS, base_difference
 from .errors import UserError
 
-ADAPTER_CONFIG = "adapter_config.json"
-META_FILE = "gputwin.json"
-PEFT_TASKS = {"CAUSAL_LM": "generate", "TOKEN_CLS": "tag"}
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt")
 
 
@@ -86,6 +84,7 @@ def load_for_validation(model_dir: str | Path, *, base: str | None = None, task:
     is_adapter = (folder / ADAPTER_CONFIG).is_file()
     if is_adapter:
         adapter = _read_json(folder / ADAPTER_CONFIG)
+        _same_as_trained_or_refuse(folder, meta, adapter, base, task)
         base_name = base or meta.get("base") or adapter.get("base_model_name_or_path")
         if not base_name:
             raise UserError(f"{folder / ADAPTER_CONFIG}: names no base model", hint="pass --base MODEL_FOLDER")
@@ -125,6 +124,30 @@ def load_for_validation(model_dir: str | Path, *, base: str | None = None, task:
         model = _attach_adapter(model, folder, device)
     model.eval()
     return model, tokenizer, task, label_names
+
+
+def _same_as_trained_or_refuse(folder: Path, meta: dict[str, Any], adapter: dict[str, Any], base: str | None,
+                               task: str | None) -> None:
+    """--base and --task may stand in for what the adapter does not record or this machine lacks, never
+    contradict it: an adapter applied to another model, or read with another head, scores something else."""
+    meta_file, config_file = folder / META_FILE, folder / ADAPTER_CONFIG
+    trained_task, task_file = meta.get("task"), meta_file
+    if trained_task not in ("generate", "tag"):
+        trained_task, task_file = PEFT_TASKS.get(str(adapter.get("task_type"))), config_file
+    if task and trained_task and task != trained_task:
+        raise UserError(f"--task {task}: the adapter {folder} was trained for task {trained_task!r} ({task_file})",
+                        hint=f"leave --task out to take the adapter's, or pass --task {trained_task}")
+    trained_on, base_file = meta.get("base"), meta_file
+    if not isinstance(trained_on, str) or not trained_on:
+        trained_on, base_file = adapter.get("base_model_name_or_path"), config_file
+    if not base or not isinstance(trained_on, str) or not trained_on:
+        return
+    why = base_difference(_resolve_base(base), trained_on)
+    if why:
+        raise UserError(f"--base {base}: not the model the adapter {folder} was trained on, {trained_on} "
+                        f"({base_file}): {why}",
+                        hint="leave --base out to use the adapter's base, or pass --base with that model (or a copy "
+                        "of it); --base is for an adapter whose base is not on this machine")
 
 
 def _attach_adapter(model: Any, folder: Path, device: str) -> Any:

@@ -13,20 +13,11 @@ from ..eta import eta, human_duration
 from ..state import STATUSES
 from ..supervise import describe_exit
 from .device_panel import DevicePanel
-from .formatting import device_label, num, percent, rate, sci, shorten_paths, status_style, value_text
+from .formatting import device_label, num, percent, rate, sci, shorten_paths, shown_hparams, status_style
 from .live_text import LiveText
 from .loss_chart import LossChart, LossSeries
 from .progress import StepProgress
 
-# Hyperparameters every pane shows, with the short names people use for them.
-SHOWN_KEYS = {
-    "train.learning_rate": "lr",
-    "lora.r": "r",
-    "lora.alpha": "alpha",
-    "train.batch_size": "batch",
-    "train.epochs": "epochs",
-}
-NOT_SHOWN = {"device", "name", "source"}  # the device is in the header already
 CRASH_LINES = 6  # stderr lines shown in a crashed arm's pane (the log view, l, shows more)
 WATCHER_ERRORS = ("exited", "killed", "gone")  # failures the watcher inferred; its message says it all
 
@@ -74,15 +65,11 @@ def header_text(arm: Any, now: float, baseline: str | None) -> Text:
 
 def hparams_text(arm: Any, differing: list[str]) -> Text:
     """The usual hyperparameters, and every key that differs between arms highlighted."""
-    keys = [k for k in SHOWN_KEYS if k in arm.hparams]
-    keys += [k for k in differing if k not in SHOWN_KEYS and k not in NOT_SHOWN and k in arm.hparams]
     text = Text()
-    for key in keys:
+    for label, value, differs in shown_hparams(arm.hparams, differing):
         if text:
             text.append("  ")
-        label = SHOWN_KEYS.get(key, key)
-        style = "bold yellow" if key in differing else "dim"
-        text.append(f"{label} {value_text(arm.hparams[key])}", style=style)
+        text.append(f"{label} {value}", style="bold yellow" if differs else "dim")
     return text
 
 

@@ -101,6 +101,24 @@ def value_text(value: object) -> str:
     return str(value)
 
 
+# Hyperparameters every arm shows (pane, `gputwin status`), with the short names people use for them.
+SHOWN_KEYS = {
+    "train.learning_rate": "lr",
+    "lora.r": "r",
+    "lora.alpha": "alpha",
+    "train.batch_size": "batch",
+    "train.epochs": "epochs",
+}
+NOT_SHOWN = {"device", "name", "source"}  # the device is shown with the status already
+
+
+def shown_hparams(hparams: dict[str, object], differing: list[str]) -> list[tuple[str, str, bool]]:
+    """(label, value, differs between arms) for the usual keys, then every other key that differs."""
+    keys = [k for k in SHOWN_KEYS if k in hparams]
+    keys += [k for k in differing if k not in SHOWN_KEYS and k not in NOT_SHOWN and k in hparams]
+    return [(SHOWN_KEYS.get(k, k), value_text(hparams[k]), k in differing) for k in keys]
+
+
 def step_ticks(first: int, last: int, count: int = 5) -> list[int]:
     """Round step numbers (0, 200, 400, ...) for a chart axis from `first` to `last`, at most `count`+1."""
     span = last - first
