@@ -52,6 +52,10 @@ def ended(exp: ExperimentPaths, arms: list[str] | None = None) -> bool:
     return all(a.ended and a.status == "finished" for a in chosen) or any(a.status == "crashed" for a in chosen)
 
 
+def state_now(exp: ExperimentPaths) -> Any:
+    return load_state(exp, time.time())
+
+
 def final_f1(exp: ExperimentPaths) -> dict[str, dict[str, Any]]:
     """Each arm's validation at the step it ended on."""
     state = load_state(exp, time.time())
@@ -89,24 +93,26 @@ def run(experiment: Experiment, logs: Path, limit: float) -> dict[str, Any]:
     print("every arm ended: " + ", ".join(f"{n} {r['status']}, F1 {f3(r['f1'])} at step {r['step']}"
                                           for n, r in finished.items()))
 
-    # follow the verdict from here: stopped arms keep their milestone adapter; extended arms train on
-    followed = {name: dict(r) for name, r in finished.items()}
-    stopped = [a.arm for a in verdict.actions if a.kind == STOP]
-    for name in stopped:
-        r = results[name]
-        followed[name] = {"step": r.step, "f1": r.validation["f1"], "status": "stopped at the milestone"}
-    extended = [a for a in verdict.actions if a.kind == EXTEND]
-    for action in extended:
-        print(launcher.request_extend(exp, action.arm, action.epochs, by="bench"))
-    if extended:
-        time.sleep(2)
-        wait_until(lambda: ended(exp, [a.arm for a in extended]), limit, "the extended arms")
-        after = final_f1(exp)
-        for action in extended:
-            followed[action.arm] = {**after[action.arm], "status": f"extended by {action.epochs} epoch(s)"}
-    kept = {n: r for n, r in followed.items() if n not in stopped and r["f1"] is not None}
+    # follow from here: stopped arms keep their milestone adapter; extended arms train on (each extension
+    # that either the verdict or the raw rule asks for runs once; both outcomes are read from it)
+    wanted = {a.arm: a.epochs for v in (verdict, old) for a in v.actions if a.kind == EXTEND}
+    targets = {}
+    for name, epochs in wanted.items():
+        arm = state_now(exp).arms[name]
+        targets[name] = arm.step + epochs * (arm.steps_per_epoch or 0)
+        print(launcher.request_extend(exp, name, epochs, by="bench"))
+
+    def extensions_done() -> bool:
+        arms = state_now(exp).arms
+        return all((arms[n].status == "finished" and arms[n].step >= end and arms[n].validation_at(end) is not None)
+                   or arms[n].status == "crashed" for n, end in targets.items())
+
+    if targets:
+        wait_until(extensions_done, limit, "the extended arms")
+    after = final_f1(exp)
+    new_rule = follow(verdict, results, finished, after)
+    raw_rule = follow(old, results, finished, after)
     best_end = max(finished, key=lambda n: finished[n]["f1"] or -1)
-    keep = max(kept, key=lambda n: kept[n]["f1"])
     state = load_state(exp, time.time())
     probes = {n: {"steps": p.steps, "seconds": p.seconds, "f1": p.f1} for n, a in state.arms.items() for p in a.probes}
     return {
@@ -118,14 +124,31 @@ def run(experiment: Experiment, logs: Path, limit: float) -> dict[str, Any]:
         "milestone_scores": {n: {"raw_f1": r.validation.get("f1"), "cooled_f1": r.cooled.validation.get("f1") if r.cooled else None,
                                  "lr_fraction": r.lr_fraction} for n, r in results.items() if r is not None},
         "probes": probes,
-        "all_finish": finished, "followed": followed,
-        "best_arm_at_the_end": best_end, "verdict_stopped_the_best_arm": best_end in stopped,
-        "raw_rule_stopped_the_best_arm": best_end in [a.arm for a in old.actions if a.kind == STOP],
-        "kept_arm": keep, "kept_f1": kept[keep]["f1"], "best_f1_all_finish": finished[best_end]["f1"],
-        "kept_minus_best": kept[keep]["f1"] - finished[best_end]["f1"],
+        "all_finish": finished, "best_arm_at_the_end": best_end, "best_f1_all_finish": finished[best_end]["f1"],
+        "followed": new_rule, "raw_rule_followed": raw_rule,
+        "kept_minus_best": new_rule["kept_f1"] - finished[best_end]["f1"],
+        "raw_rule_kept_minus_best": raw_rule["kept_f1"] - finished[best_end]["f1"],
         "seconds": {"milestone_verdict": round(milestone_at, 1), "all_finished": round(all_done_s, 1),
                     "total": round(time.time() - launched, 1)},
     }
+
+
+def follow(verdict: Any, results: dict[str, ArmResult | None], finished: dict[str, Any],
+           after: dict[str, Any]) -> dict[str, Any]:
+    """Where each arm ends when the verdict's actions are followed, and the arm the user keeps."""
+    arms = {name: dict(r) for name, r in finished.items()}
+    stopped = [a.arm for a in verdict.actions if a.kind == STOP]
+    for action in verdict.actions:
+        if action.kind == STOP:
+            r = results[action.arm]
+            arms[action.arm] = {"step": r.step, "f1": r.validation["f1"], "status": "stopped at the milestone"}
+        elif action.kind == EXTEND:
+            arms[action.arm] = {**after[action.arm], "status": f"extended by {action.epochs} epoch(s)"}
+    kept = {n: r for n, r in arms.items() if n not in stopped and r["f1"] is not None}
+    keep = max(kept, key=lambda n: kept[n]["f1"])
+    return {"arms": arms, "stopped": stopped, "kept_arm": keep, "kept_f1": kept[keep]["f1"],
+            # the decision that matters: did an arm it stopped end (left alone) above what following it kept?
+            "stopped_an_arm_that_ends_better": any((finished[n]["f1"] or 0) > kept[keep]["f1"] for n in stopped)}
 
 
 def demo_experiment(logs: Path, *, tiny: bool) -> Experiment:
@@ -153,20 +176,25 @@ def f3(value: Any) -> str:
 
 
 def print_summary(result: dict[str, Any]) -> None:
-    print(f"\n{'arm':20} {'raw F1 @ms':>10} {'cooled':>8} {'LR share':>9} {'all finish':>11} {'following':>10}")
+    print(f"\n{'arm':20} {'raw F1 @ms':>10} {'cooled':>8} {'LR share':>9} {'all finish':>11} {'following':>22} "
+          f"{'raw rule':>22}")
     for name, end in result["all_finish"].items():
         ms = result["milestone_scores"].get(name, {})
-        cooled = f3(ms.get("cooled_f1"))
         lr = "-" if ms.get("lr_fraction") is None else f"{ms['lr_fraction']:.0%}"
-        follow = result["followed"][name]
-        print(f"{name:20} {f3(ms.get('raw_f1')):>10} {cooled:>8} {lr:>9} {f3(end['f1']):>7}@{end['step']:<4}"
-              f" {f3(follow['f1']):>6}@{follow['step']} ({follow['status']})")
-    print(f"milestone verdict: {result['milestone_verdict']['headline']}")
-    print(f"raw scores alone (old rule): {result['raw_rule_verdict']['headline']}")
-    print(f"best arm when all finish: {result['best_arm_at_the_end']} (F1 {result['best_f1_all_finish']:.3f}); "
-          f"following the verdict keeps {result['kept_arm']} (F1 {result['kept_f1']:.3f}): "
-          f"{result['kept_minus_best'] * 100:+.1f} points; the verdict stopped the best arm: "
-          f"{result['verdict_stopped_the_best_arm']}; the old rule would have: {result['raw_rule_stopped_the_best_arm']}")
+        cells = []
+        for rule in (result["followed"], result["raw_rule_followed"]):
+            r = rule["arms"][name]
+            cells.append(f"{f3(r['f1'])}@{r['step']} {r['status'].split(' ')[0]}")
+        print(f"{name:20} {f3(ms.get('raw_f1')):>10} {f3(ms.get('cooled_f1')):>8} {lr:>9} "
+              f"{f3(end['f1']):>6}@{end['step']:<4} {cells[0]:>22} {cells[1]:>22}")
+    for label, key, rule in (("milestone verdict", "milestone_verdict", "followed"),
+                             ("raw scores alone (old rule)", "raw_rule_verdict", "raw_rule_followed")):
+        r = result[rule]
+        print(f"{label}: {result[key]['headline']}\n  following it keeps {r['kept_arm']} (F1 {f3(r['kept_f1'])}); "
+              f"it stops an arm that ends better than that: {r['stopped_an_arm_that_ends_better']}")
+    print(f"best arm when every arm finishes its own schedule: {result['best_arm_at_the_end']} "
+          f"(F1 {f3(result['best_f1_all_finish'])}); following the verdict: {result['kept_minus_best'] * 100:+.1f} "
+          f"points against that, the raw rule: {result['raw_rule_kept_minus_best'] * 100:+.1f}")
 
 
 def main() -> int:
@@ -206,7 +234,7 @@ def main() -> int:
     path.write_text(json.dumps(result, indent=2, default=str) + "\n")
     print_summary(result)
     print(f"wrote {path}")
-    return 0 if result["followed"] else 1
+    return 0 if result["followed"]["arms"] else 1
 
 
 if __name__ == "__main__":

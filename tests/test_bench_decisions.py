@@ -21,5 +21,6 @@ def test_decisions_smoke_runs_to_the_end_both_ways(tmp_path: Path) -> None:
     assert set(result["all_finish"]) == {"demo-conservative", "demo-aggressive"}
     assert result["all_finish"]["demo-conservative"]["step"] == 2 * result["all_finish"]["demo-aggressive"]["step"]
     assert result["milestone_verdict"]["scenario"] in ("A", "B", "C")
-    assert result["kept_arm"] in result["followed"] and "best arm when all finish" in done.stdout
+    assert result["followed"]["kept_arm"] in result["all_finish"] and "best arm when every arm finishes" in done.stdout
+    assert set(result["raw_rule_followed"]["arms"]) == set(result["all_finish"])
     assert result["milestone_scores"]["demo-conservative"]["cooled_f1"] is not None  # mid-schedule: probed
