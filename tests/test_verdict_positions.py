@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import json
 from dataclasses import replace
+from pathlib import Path
 
 from gputwin.profiles import Rules
 from gputwin.verdict import A, B, SAMPLE_ONLY, ArmResult, decide
 from test_verdict import GOLD, outcomes, result
 
+REPO = Path(__file__).resolve().parents[1]
 RULES = Rules(baseline="conservative", extend_epochs=1, bootstrap_resamples=1000)
 MID = {"lr_fraction": 0.5, "decay_done": 0.5, "probe_steps": 88}
 END = {"lr_fraction": 0.001, "decay_done": 1.0, "probe_steps": 0}
@@ -69,3 +71,43 @@ def test_a_cooled_arm_that_stays_behind_is_stopped_as_before() -> None:
 def test_without_schedule_information_nothing_changes() -> None:
     arms = {"conservative": scored(1, 0.78, 0.80, None), "aggressive": scored(2, 0.90, 0.90, None)}
     assert decide(arms, RULES).scenario == A
+
+
+# ---------------------------------------------------------------- replicates: the run-to-run noise
+
+
+def test_replicates_widen_the_interval_by_the_spread_between_runs() -> None:
+    runs = {"conservative": scored(1, 0.80, 0.80, END), "conservative-seed43": scored(5, 0.86, 0.86, END),
+            "aggressive": scored(2, 0.84, 0.84, END), "aggressive-seed43": scored(6, 0.78, 0.78, END)}
+    replicate_of = {"conservative-seed43": "conservative", "aggressive-seed43": "aggressive"}
+    alone = decide({k: runs[k] for k in ("conservative", "aggressive")}, RULES)
+    grouped = decide(runs, RULES, replicate_of=replicate_of)
+    width = lambda v: v.comparisons["aggressive"]["f1"]["high"] - v.comparisons["aggressive"]["f1"]["low"]  # noqa: E731
+    assert width(grouped) > 1.5 * width(alone)
+    assert set(grouped.metrics) == {"conservative", "aggressive"} and len(grouped.metrics["aggressive"]["runs"]) == 2
+    assert any("run-to-run noise of training: conservative over 2 runs" in r for r in grouped.reasons)
+    assert SAMPLE_ONLY not in grouped.reasons and SAMPLE_ONLY in alone.reasons
+
+
+def test_a_stopped_arm_stops_with_its_replicates_and_a_pending_replicate_is_waited_for() -> None:
+    runs = {"conservative": scored(1, 0.60, 0.60, END), "conservative-seed43": scored(5, 0.61, 0.61, END),
+            "aggressive": scored(2, 0.92, 0.92, END), "aggressive-seed43": scored(6, 0.91, 0.91, END)}
+    replicate_of = {"conservative-seed43": "conservative", "aggressive-seed43": "aggressive"}
+    v = decide(runs, RULES, replicate_of=replicate_of)
+    assert v.scenario == A and [a.describe() for a in v.actions] == [
+        "stop conservative", "extend aggressive by 1 epoch", "stop conservative-seed43"]
+    waiting = decide({**runs, "aggressive-seed43": None}, RULES, replicate_of=replicate_of)
+    assert waiting.scenario == "waiting" and "aggressive-seed43" in waiting.waiting
+
+
+def test_with_replicates_adds_seeded_copies_of_every_arm() -> None:
+    from gputwin.profiles import load_experiment, with_replicates
+
+    exp = load_experiment(REPO / "profiles" / "seed.toml", check_files=False)
+    more = with_replicates(exp, 1)
+    assert [a.name for a in more.arms] == ["conservative", "conservative-seed43", "aggressive", "aggressive-seed43"]
+    copy = more.arms[1]
+    assert copy.replicate_of == "conservative" and copy.train.seed == 43 and copy.device == exp.arms[0].device
+    assert more.rules.replicates == 1 and with_replicates(more, 1) == more
+    assert "replicate_of" not in exp.arms[0].to_dict() and copy.to_dict()["replicate_of"] == "conservative"
+    assert with_replicates(exp) == exp  # rules.replicates = 0

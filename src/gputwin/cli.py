@@ -51,6 +51,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("paths", nargs="+", metavar="EXPERIMENT_OR_PROFILES", help="an experiment .toml, or two or more arm profiles")
     p.add_argument("--name", help="experiment name (default: from the experiment file or the arm names)")
     p.add_argument("--headless", action="store_true", help="print progress lines and the verdict instead of the UI; exit when all arms end")
+    p.add_argument("--replicates", type=int, default=None, metavar="N",
+                   help="run every arm N more times with the next seeds (rules.replicates): the verdict's "
+                        "intervals then include the run-to-run noise")
 
     p = sub.add_parser("attach", help="open the UI on a running or finished experiment")
     p.add_argument("name", nargs="?", help="experiment name (default: the most recent one)")

@@ -24,7 +24,7 @@ from . import control, paths
 from .errors import UserError
 from .paths import ArmPaths, ExperimentPaths, make_private_dir
 from .preflight import check_arms_can_start
-from .profiles import Experiment, Profile, load_any, load_experiment, load_resolved
+from .profiles import Experiment, Profile, load_any, load_experiment, load_resolved, with_replicates
 from .supervise import (CRASHED, ENDED, FAILED, FINISHED, NOT_STARTED, RUNNING, STOPPED, arm_alive, arm_lock,
                         SpawnError, arm_status, ending, spawn_supervised, supervisor_active, write_atomic)
 
@@ -150,6 +150,7 @@ def start_experiment(experiment: Experiment, *, root: Path | None = None, say: S
         exp = paths.experiment(experiment.name, root)
     except ValueError as exc:
         raise UserError(str(exc), "pass --name NAME") from None
+    experiment = with_replicates(experiment)
     check_arms_can_start([p for p in experiment.arms if p.name not in (commands or {})])
     with launch_lock(exp):
         _refuse_rerun(exp)
@@ -402,6 +403,10 @@ def _renamed(experiment: Experiment, name: str | None) -> Experiment:
 
 def cmd_run(args: argparse.Namespace) -> int:
     experiment = _renamed(load_any(args.paths, name=args.name), args.name)
+    replicates = getattr(args, "replicates", None)
+    if replicates is not None and not 0 <= replicates <= 8:
+        raise UserError(f"--replicates must be from 0 to 8, got {replicates}", "1 runs every arm once more with the next seed")
+    experiment = with_replicates(experiment, replicates)
     exp = start_experiment(experiment, say=print)
     return _watch(exp, experiment, args.headless)
 

@@ -109,6 +109,7 @@ class Profile:
     milestone: MilestoneSpec
     device: int | None = None  # GPU index; None = CPU
     source: str = ""  # the file it came from
+    replicate_of: str | None = None  # another arm this one repeats with another seed (rules.replicates)
     # Dotted keys the profile left out and model.init_adapter filled in (for `gputwin check`'s notes);
     # not part of the resolved profile: the values themselves are.
     from_adapter: tuple[str, ...] = field(default=(), compare=False)
@@ -116,6 +117,8 @@ class Profile:
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
         d.pop("from_adapter")
+        if d["replicate_of"] is None:
+            d.pop("replicate_of")
         return d
 
     @classmethod
@@ -131,6 +134,7 @@ class Profile:
             milestone=MilestoneSpec(**d["milestone"]),
             device=d.get("device"),
             source=d.get("source", ""),
+            replicate_of=d.get("replicate_of"),
         )
 
 
@@ -148,6 +152,7 @@ class Rules:
     on_verdict: str = "suggest"
     extend_epochs: int = 1
     extend_lr: float = 0.5  # an extension that starts a new cycle warms up to this share of the arm's peak
+    replicates: int = 0  # extra runs of every arm with other seeds: the verdict's intervals then include their spread
     bootstrap_resamples: int = 2000
     seed: int = 0
 
@@ -541,9 +546,39 @@ def _parse_rules(path: Path, text: str, data: Any, baseline: str) -> Rules:
         on_verdict=ru.choice("on_verdict", ON_VERDICT, "suggest"),
         extend_epochs=extend,
         extend_lr=_extend_lr(ru),
+        replicates=_replicates(ru),
         bootstrap_resamples=resamples,
         seed=ru.get("seed", int, 0),
     )
+
+
+def _replicates(ru: _Section) -> int:
+    value = ru.get("replicates", int, 0)
+    if not 0 <= value <= 8:
+        raise ru.error("replicates", f"must be from 0 to 8, got {value}",
+                       "1 runs every arm once more with the next seed: enough to see the run-to-run noise")
+    return value
+
+
+def with_replicates(experiment: Experiment, count: int | None = None) -> Experiment:
+    """Every arm once more per replicate, with the seeds that follow its own (`<arm>-seed<N>`, same device).
+
+    count: rules.replicates when None. The replicates are arms like the others (own process, events,
+    checkpoints); the verdict groups them with their arm and widens its intervals by their spread.
+    """
+    count = experiment.rules.replicates if count is None else count
+    if count <= 0 or any(a.replicate_of for a in experiment.arms):
+        return experiment
+    arms = []
+    for arm in experiment.arms:
+        arms.append(arm)
+        for k in range(1, count + 1):
+            seed = arm.train.seed + k
+            output = f"{arm.train.output_dir}-seed{seed}" if arm.train.output_dir else None
+            arms.append(dataclasses.replace(arm, name=f"{arm.name}-seed{seed}", replicate_of=arm.name,
+                                            train=dataclasses.replace(arm.train, seed=seed, output_dir=output)))
+    rules = dataclasses.replace(experiment.rules, replicates=count)
+    return dataclasses.replace(experiment, arms=tuple(arms), rules=rules)
 
 
 def _extend_lr(ru: _Section) -> float:
@@ -634,7 +669,7 @@ def differing_keys(arms: list[Profile]) -> list[str]:
 
 def differing_flat(flats: list[dict[str, Any]]) -> list[str]:
     """The same, for profiles already flattened with flatten_dict."""
-    keys = sorted({k for f in flats for k in f} - {"source", "name"})
+    keys = sorted({k for f in flats for k in f} - {"source", "name", "replicate_of"})
     return [k for k in keys if len({repr(f.get(k)) for f in flats}) > 1]
 
 

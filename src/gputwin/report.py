@@ -161,12 +161,12 @@ def _decide(state: st.ExperimentState, now: float) -> tuple[Verdict | None, dict
     final = final_results(state, now)
     if final is not None:
         results, waiting = dict(final), {}
-        verdict = decide(final, _rules(state), stage="final")
+        verdict = decide(final, _rules(state), stage="final", replicate_of=state.replicate_of)
     else:
         results, waiting = _collect(state, now)
         if len(state.arms) < 2:
             return None, results, waiting
-        verdict = decide(results, _rules(state), waiting=waiting)
+        verdict = decide(results, _rules(state), waiting=waiting, replicate_of=state.replicate_of)
     ended = {name: arm.status for name, arm in state.arms.items() if arm.status in st.ENDED}
     return account_for_ended(verdict, ended), results, waiting
 

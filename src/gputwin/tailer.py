@@ -254,6 +254,7 @@ class ExperimentWatcher:
         self.state.name = experiment.name
         self.state.rules = experiment.rules
         self.state.baseline = experiment.rules.baseline
+        self.state.replicate_of = {a.name: a.replicate_of for a in experiment.arms if a.replicate_of}
         for profile in experiment.arms:
             if profile.name not in self._arm_paths:
                 self._add_arm(profile.name)

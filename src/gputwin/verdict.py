@@ -201,13 +201,16 @@ def mismatch_reasons(base: str, base_result: ArmResult, other: str, result: ArmR
 
 
 def decide(arms: Mapping[str, ArmResult | None], rules: Rules, *, waiting: Mapping[str, str] | None = None,
-           stage: str = "milestone") -> Verdict:
+           stage: str = "milestone", replicate_of: Mapping[str, str] | None = None) -> Verdict:
     """The verdict for arms validated at the same milestone; None marks an arm that has not got there yet.
 
     stage "final" compares every arm's validation at the end of its schedule (steps may differ): the
-    second look that scenario B asks for once the arms have finished."""
+    second look that scenario B asks for once the arms have finished.
+
+    replicate_of maps a replicate arm (the same profile with another seed) to its arm: each arm is then
+    compared as the group of its runs, with intervals that resample runs, then samples."""
     if stage == "final":
-        verdict = decide(arms, rules, waiting=waiting, stage="final-inner")
+        verdict = decide(arms, rules, waiting=waiting, stage="final-inner", replicate_of=replicate_of)
         where = ", ".join(f"{name} at step {r.step}" for name, r in arms.items() if r is not None)
         headline = verdict.headline.split(" - ")[0] if verdict.scenario == B else verdict.headline
         return replace(verdict, stage="final", headline="final: " + headline,
@@ -217,7 +220,8 @@ def decide(arms: Mapping[str, ArmResult | None], rules: Rules, *, waiting: Mappi
     base = rules.baseline
     if base not in arms:
         raise ValueError(f"baseline {base!r} is not one of the arms {sorted(arms)}")
-    challengers = [name for name in arms if name != base]
+    groups = run_groups(arms, replicate_of or {})
+    challengers = [name for name in groups if name != base]
     if not challengers:
         raise ValueError("a verdict needs at least two arms")
     confidence = 1 - (1 - FAMILY_CONFIDENCE) / len(challengers)
@@ -227,11 +231,18 @@ def decide(arms: Mapping[str, ArmResult | None], rules: Rules, *, waiting: Mappi
     totals: dict[str, Any] = {}
     if done and len({len(c) for c in counts.values()}) == 1:  # one shared resampling for every arm
         totals = dict(zip(done, resampled_totals(counts.values(), resamples=rules.bootstrap_resamples, seed=rules.seed)))
+        if len(done) == len(arms):
+            counts, totals = pooled_runs(groups, counts, totals, seed=rules.seed)
+            raw = {name: raw[name] for name in groups}
+            done = {name: done[name] for name in groups}
         intervals = {name: interval_stats(counts[name], totals[name], confidence=confidence) for name in done}
     else:  # different sample counts: no comparison will be made, but each arm still gets its intervals
         intervals = {name: arm_intervals(counts[name], resamples=rules.bootstrap_resamples, seed=rules.seed,
                                          confidence=confidence) for name in done}
     metrics = {name: _arm_metrics(raw[name], len(counts[name]), intervals[name]) for name in done}
+    for name, runs in groups.items():
+        if len(runs) > 1 and name in metrics:
+            metrics[name]["runs"] = {run: arms[run].fair.validation.get("f1") for run in runs if arms[run] is not None}
     goal = {name: _goal(m, rules) for name, m in metrics.items()}
     common = dict(baseline=base, metrics=metrics, goal=goal, confidence=confidence)
 
@@ -270,7 +281,7 @@ def decide(arms: Mapping[str, ArmResult | None], rules: Rules, *, waiting: Mappi
                           "resamples": rules.bootstrap_resamples, "seed": rules.seed, "confidence": confidence,
                           **stats}
     verdict = _conclude(base, challengers, comparisons, metrics, goal, rules, common)
-    return _fair_positions(verdict, raw, rules)
+    return _with_replicates(_fair_positions(verdict, raw, rules), groups, metrics)
 
 
 def _comparison_sentence(c: str, base: str, comp: Mapping[str, Any], metrics: Mapping[str, Any]) -> str:
@@ -358,6 +369,54 @@ def _conclude(base: str, challengers: list[str], comparisons: dict[str, dict[str
     reasons.append(_goal_reason(goal, metrics, rules))
     return Verdict(scenario, headline, winner=winner, leader=leader, reasons=tuple(reasons), actions=tuple(actions),
                    comparisons=comparisons, **common)
+
+
+def run_groups(arms: Mapping[str, Any], replicate_of: Mapping[str, str]) -> dict[str, list[str]]:
+    """Each arm with its replicates (in the arms' order); replicates of unknown arms stand alone."""
+    groups = {name: [name] for name in arms if replicate_of.get(name) not in arms}
+    for name in arms:
+        primary = replicate_of.get(name)
+        if primary in groups:
+            groups[primary].append(name)
+    return groups
+
+
+def pooled_runs(groups: Mapping[str, list[str]], counts: Mapping[str, Any], totals: Mapping[str, Any], *,
+                seed: int) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Each group's per-sample counts pooled over its runs, and resampled totals that pick one of its runs
+    at random for each resample (runs, then samples: the shared sample resampling is kept, so the
+    comparison stays paired). A group of one run keeps its own."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed + 1)
+    pooled_counts, mixed = {}, {}
+    for name, runs in groups.items():
+        if len(runs) == 1:
+            pooled_counts[name], mixed[name] = counts[name], totals[name]
+            continue
+        pooled_counts[name] = sum(np.asarray(as_counts(counts[r]), dtype=np.int64) for r in runs)
+        stacked = np.stack([totals[r] for r in runs])  # (runs, resamples, 3)
+        pick = rng.integers(0, len(runs), size=stacked.shape[1])
+        mixed[name] = stacked[pick, np.arange(stacked.shape[1])]
+    return pooled_counts, mixed
+
+
+def _with_replicates(verdict: Verdict, groups: Mapping[str, list[str]], metrics: Mapping[str, Any]) -> Verdict:
+    """Say what the intervals cover; a stopped arm's replicates stop with it."""
+    repeated = {name: runs for name, runs in groups.items() if len(runs) > 1}
+    if not repeated:
+        return verdict
+    spread = "; ".join(f"{name} over {len(runs)} runs (F1 " + ", ".join(
+        pct(f) for f in metrics.get(name, {}).get("runs", {}).values() if isinstance(f, (int, float))) + ")"
+        for name, runs in repeated.items())
+    covers = (f"The intervals include the run-to-run noise of training: {spread}; each resample picks one run of "
+              "each arm, then resamples the test samples.")
+    reasons = tuple(covers if r == SAMPLE_ONLY else r for r in verdict.reasons)
+    actions = list(verdict.actions)
+    for action in verdict.actions:
+        if action.kind == STOP:
+            actions += [Action(STOP, run) for run in groups.get(action.arm, [])[1:]]
+    return replace(verdict, reasons=reasons, actions=tuple(actions))
 
 
 def _position(name: str, result: ArmResult) -> str:
