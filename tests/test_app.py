@@ -115,7 +115,12 @@ async def wait_until(pilot: Any, condition: Any, what: str, tries: int = 200) ->
 
 
 async def loaded(pilot: Any) -> None:
-    await wait_until(pilot, lambda: pilot.app.updates >= 1 and pilot.app.query(ArmPane), "the first state")
+    """The first state is on screen, and the report of a decided verdict has been kept (it says so)."""
+    app = pilot.app
+    await wait_until(pilot, lambda: app.updates >= 1 and app.query(ArmPane), "the first state")
+    verdict = app.state.verdict
+    if verdict is not None and verdict.scenario != "waiting":
+        await wait_until(pilot, lambda: app.reports >= 1, "the report")
     await pilot.pause()
 
 
