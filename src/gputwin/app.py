@@ -150,7 +150,7 @@ class GputwinApp(App[None]):
         share = VERDICT_SHARE_BESIDE_LOG if log_shown else VERDICT_SHARE
         log_rows = max(LOG_MIN_ROWS, int(height * LOG_SHARE)) if log_shown else 0
         room = height - 2 - log_rows - rows * PANE_MIN_ROWS  # 2: the top bar and the key bar
-        self._verdict.styles.max_height = max(VERDICT_MIN_ROWS, min(int(height * share), room))
+        self._verdict.styles.max_height = max(VERDICT_MIN_ROWS, min(int((height - 1) * share), room))  # 1: the key bar, docked
 
     def fit_notifications(self) -> None:
         """Keep the dashboard's notifications over the arm panes, centred on their height, where the loss

@@ -22,8 +22,8 @@ MIN_HEIGHT = 6
 LEGEND_MIN_HEIGHT = 12
 MIN_WIDTH = 20
 REDRAW_S = 10.0  # a redraw costs ~80 ms of CPU on a small machine: new steps wait for it, a validation does not
-TREND_LOW = Color.parse("bright_cyan")  # the sparkline's colours: low loss bright, high loss grey
-TREND_HIGH = Color.parse("grey50")
+TREND_LOW = Color.from_rgb(80, 210, 240)  # the sparkline's colours: low loss bright cyan, high loss grey
+TREND_HIGH = Color.from_rgb(110, 110, 110)
 
 
 @dataclass(frozen=True)
