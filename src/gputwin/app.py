@@ -8,7 +8,6 @@ never stops it.
 
 from __future__ import annotations
 
-import math
 import threading
 import time
 from functools import partial
@@ -17,9 +16,8 @@ from typing import Any, Callable
 from textual import work
 from textual.app import App, ComposeResult
 from textual.binding import Binding
-from textual.containers import Container
 from textual.css.query import NoMatches
-from textual.events import DescendantFocus, Resize
+from textual.events import DescendantFocus
 from textual.widgets import Footer, Static
 from textual.worker import Worker, WorkerState, get_current_worker
 
@@ -31,6 +29,7 @@ from .state import ArmState, ExperimentState
 from .widgets.arm_pane import ArmPane
 from .widgets.device_panel import SamplerLike
 from .widgets.feed import ExperimentFeed
+from .widgets.layout import ArmsArea, grid_shape, verdict_max_rows
 from .widgets.formatting import display_path
 from .widgets.live_text import LiveText
 from .widgets.log_view import LogView
@@ -43,24 +42,12 @@ POLL_S = 0.3  # how often the watcher reads the files (the screen updates only w
 UPDATE_S = 1.0  # at most one screen update a second: a redraw costs tens of ms of CPU, and arms that log
                 # 50 steps/s would otherwise repaint 3 times a second for figures nobody reads that fast
 DEVICE_S = 1.0  # device panels follow the sampler's 1 Hz
-PANE_MIN_WIDTH = 48  # columns an arm pane needs before another fits beside it
-PANE_MIN_ROWS = 7  # border, header, hyperparameters, milestone, end and the loss trend: the verdict gives way
-VERDICT_MIN_ROWS = 5  # ... down to its headline and two lines
-VERDICT_SHARE, VERDICT_SHARE_BESIDE_LOG = 0.40, 0.25  # of the screen's height, at most
-LOG_SHARE, LOG_MIN_ROWS = 0.30, 6  # the log view's height (gputwin.tcss #log)
 VERDICT_NOTICE_S = 8.0  # the verdict's toast: the verdict pane says the same, for good
 ATTACHED_NOTICE_S = 15.0
 DASHBOARD_ACTIONS = frozenset({"stop", "extend", "validate", "apply", "report", "toggle_log", "resume", "help",
                                "focus_arm"})
 BY = "ui"  # who asked, as recorded in control files and actions.jsonl
 TOAST_RACK = "#textual-toastrack"  # Textual's container of notifications on each screen
-
-
-class ArmsArea(Container):
-    """The grid of arm panes. Notifications are shown over it, never over the verdict under it."""
-
-    def on_resize(self, event: Resize) -> None:
-        self.call_after_refresh(self.app.fit_notifications)  # type: ignore[attr-defined]
 
 
 class GputwinApp(App[None]):
@@ -138,19 +125,10 @@ class GputwinApp(App[None]):
         self._arrange()
 
     def _arrange(self) -> None:
-        """Panes side by side as the width allows; the verdict takes at most its share of the height and
-        leaves every pane its PANE_MIN_ROWS (on an 80x24 terminal it gives up a row for that)."""
-        panes = len(self._panes) or 1
-        columns = max(1, min(panes, self.size.width // PANE_MIN_WIDTH))
-        rows = max(1, math.ceil(panes / columns))
+        columns, rows = grid_shape(len(self._panes), self.size.width)
         self._arms.styles.grid_size_columns = columns
         self._arms.styles.grid_size_rows = rows
-        height = self.size.height
-        log_shown = self._log.has_class("-shown")
-        share = VERDICT_SHARE_BESIDE_LOG if log_shown else VERDICT_SHARE
-        log_rows = max(LOG_MIN_ROWS, int(height * LOG_SHARE)) if log_shown else 0
-        room = height - 2 - log_rows - rows * PANE_MIN_ROWS  # 2: the top bar and the key bar
-        self._verdict.styles.max_height = max(VERDICT_MIN_ROWS, min(int((height - 1) * share), room))  # 1: the key bar, docked
+        self._verdict.styles.max_height = verdict_max_rows(self.size.height, rows, self._log.has_class("-shown"))
 
     def fit_notifications(self) -> None:
         """Keep the dashboard's notifications over the arm panes, centred on their height, where the loss
