@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -56,8 +57,11 @@ step = 3
     return files
 
 
+PROGRESS = r"^\d\d:\d\d:\d\d  "  # a --headless progress line: the monitor's loop runs (Ctrl-C detaches from here on)
+
+
 def read_until(stream: IO[str], pattern: str, limit_s: float = 60.0) -> str:
-    """Lines of a child's output up to the first that holds `pattern`."""
+    """Lines of a child's output up to the first that matches the regular expression `pattern`."""
     seen = []
     deadline = time.monotonic() + limit_s
     while time.monotonic() < deadline:
@@ -65,7 +69,7 @@ def read_until(stream: IO[str], pattern: str, limit_s: float = 60.0) -> str:
         if not line:
             break
         seen.append(line)
-        if pattern in line:
+        if re.search(pattern, line):
             return "".join(seen)
     raise AssertionError(f"{pattern!r} not printed; got:\n{''.join(seen)}")
 
@@ -132,7 +136,7 @@ def test_demo_again_attaches_to_the_running_demo_and_says_so(tmp_path: Path, log
         a.data, synth_if_missing=False)) for a in demo.arms))  # the sleepers need no data
     running = start_sleepers_as(demo, logs)
     child = gputwin("demo", "--headless", logs=logs, cwd=tmp_path)
-    out = read_until(child.stdout, "Watching")  # type: ignore[arg-type]
+    out = read_until(child.stdout, PROGRESS)  # type: ignore[arg-type]
     assert f"Attached to {running.name}, which is already running (arms alive: demo-conservative, " \
            "demo-aggressive); nothing new was started." in out
     assert "`gputwin demo --new` starts another demo beside it." in out
@@ -147,7 +151,7 @@ def test_run_again_attaches_when_the_profiles_are_the_same_and_refuses_other_set
     files = write_profiles(tmp_path)
     running = start_sleepers_as(load_any(files, name="ab"), logs)
     child = gputwin("run", *files, "--name", "ab", "--headless", logs=logs, cwd=tmp_path)
-    out = read_until(child.stdout, "Watching")  # type: ignore[arg-type]
+    out = read_until(child.stdout, PROGRESS)  # type: ignore[arg-type]
     assert "Attached to ab, which is already running (arms alive: a, b); nothing new was started." in out
     assert f"`gputwin run {files[0]} {files[1]} --new` starts these profiles again beside it." in out
     assert detach(child)[0] == 130
@@ -164,7 +168,7 @@ def test_run_new_starts_the_profiles_again_under_a_fresh_name(tmp_path: Path, lo
     files = write_profiles(tmp_path)
     start_sleepers_as(load_any(files, name="ab"), logs)
     child = gputwin("run", *files, "--name", "ab", "--new", "--headless", logs=logs, cwd=tmp_path)
-    out = read_until(child.stdout, "Watching")  # type: ignore[arg-type]
+    out = read_until(child.stdout, PROGRESS)  # type: ignore[arg-type]
     assert "Started a on CPU" in out and "Started b on CPU" in out and str(logs / "ab-2" / "a") in out
     assert "Attached" not in out
     detach(child)

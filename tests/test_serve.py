@@ -95,8 +95,13 @@ def test_the_page_shows_both_arms_and_the_verdict_in_headless_chromium(tmp_path:
     try:
         announced = server.stdout.readline()  # type: ignore[union-attr]
         assert f"Serving the UI of seed-verdict at http://127.0.0.1:{port}" in announced
-        listening = [c.laddr for c in psutil.Process(server.pid).net_connections() if c.status == "LISTEN"]
-        assert [(a.ip, a.port) for a in listening] == [("127.0.0.1", port)]
+        listening: list[tuple[str, int]] = []
+        deadline = time.monotonic() + 30  # the message comes as the server starts, the socket right after
+        while not listening and time.monotonic() < deadline:
+            time.sleep(0.1)
+            listening = [(c.laddr.ip, c.laddr.port) for c in psutil.Process(server.pid).net_connections()
+                         if c.status == "LISTEN"]
+        assert listening == [("127.0.0.1", port)]
         shot = tmp_path / "serve-seed-verdict.png"
         text = browser.screenshot(f"http://127.0.0.1:{port}/", shot,
                                   wanted=["1 conservative", "2 aggressive", "verdict: scenario A", "report "])
