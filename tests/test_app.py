@@ -9,6 +9,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -115,7 +116,12 @@ async def wait_until(pilot: Any, condition: Any, what: str, tries: int = 200) ->
 
 
 async def loaded(pilot: Any) -> None:
-    await wait_until(pilot, lambda: pilot.app.updates >= 1 and pilot.app.query(ArmPane), "the first state")
+    """The first state is on screen, and the report of a decided verdict has been kept (it says so)."""
+    app = pilot.app
+    await wait_until(pilot, lambda: app.updates >= 1 and app.query(ArmPane), "the first state")
+    verdict = app.state.verdict
+    if verdict is not None and verdict.scenario != "waiting":
+        await wait_until(pilot, lambda: app.reports >= 1, "the report")
     await pilot.pause()
 
 
@@ -595,3 +601,127 @@ async def test_a_key_typed_right_after_a_number_acts_on_that_arm(tmp_path: Path)
         await pilot.press("e")
         assert isinstance(app.screen, ConfirmScreen)
         assert "Extend aggressive by 1 epoch" in screen_text(app)
+
+
+# ---------------------------------------------------------------- the report kept in step with the verdict
+
+
+async def test_the_report_is_written_when_the_verdict_forms_and_said_under_it(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)  # the pane names the report relative to here
+    app = fixture_app("seed-verdict", tmp_path)
+    assert not app.exp.verdict.exists()
+    async with app.run_test(size=SIZE) as pilot:
+        await loaded(pilot)
+        saved = json.loads(app.exp.verdict.read_text())
+        assert saved["scenario"] == "A" and saved["written_at"] == CLOCKS["seed-verdict"]
+        assert "A: aggressive is clearly better" in app.exp.comparison.read_text()
+        assert "report seed-verdict/comparison.md, verdict.json: written 09:11:52" in screen_text(app)
+        assert not app._notifications or not any("Report" in n.message for n in app._notifications)
+
+
+async def test_attaching_again_leaves_a_current_report_alone(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    app = fixture_app("seed-verdict", tmp_path)
+    async with app.run_test(size=SIZE) as pilot:
+        await loaded(pilot)
+    written = app.exp.verdict.stat().st_mtime_ns, app.exp.comparison.stat().st_mtime_ns
+    later = CLOCKS["seed-verdict"] + 3600
+    again = make_app(app.exp, clock=lambda: later, sampler=FixedSampler(later))
+    async with again.run_test(size=SIZE) as pilot:
+        await loaded(pilot)
+        assert "verdict.json: up to date, written 09:11:52" in screen_text(again)
+    assert (app.exp.verdict.stat().st_mtime_ns, app.exp.comparison.stat().st_mtime_ns) == written
+
+
+async def test_the_report_is_rewritten_when_the_verdict_changes(tmp_path: Path) -> None:
+    app = fixture_app("seed-verdict", tmp_path)
+    t = CLOCKS["seed-verdict"]
+    async with app.run_test(size=SIZE) as pilot:
+        await loaded(pilot)
+        before = json.loads(app.exp.verdict.read_text())
+        assert [a["kind"] for a in before["actions"]] == ["stop", "extend"]
+        # The baseline stops by itself: nothing left to stop, so the verdict's actions change.
+        append_events(app.exp, "conservative", make("stopped", t=t + 1, step=1065, by="cli"))
+        await wait_until(pilot, lambda: app.reports >= 2, "the second report")
+    after = json.loads(app.exp.verdict.read_text())
+    assert [a["kind"] for a in after["actions"]] == ["extend"]
+    assert "conservative has already ended (stopped); nothing to stop." in after["reasons"]
+
+
+def test_keep_report_writes_only_what_verdict_json_does_not_hold(tmp_path: Path) -> None:
+    from gputwin import autoreport
+    from gputwin.report import verdict_for_experiment
+
+    exp = copy_fixture("seed-verdict", tmp_path)
+    verdict = verdict_for_experiment(exp, now=CLOCKS["seed-verdict"])
+    first = autoreport.keep_report(exp, verdict, now=100.0)
+    assert first.wrote and first.at == 100.0 and first.comparison == exp.comparison
+    second = autoreport.keep_report(exp, verdict, now=200.0)
+    assert not second.wrote and second.at == 100.0
+    data = json.loads(exp.verdict.read_text())
+    exp.verdict.write_text(json.dumps({**data, "headline": "an older verdict"}))
+    assert autoreport.keep_report(exp, verdict, now=300.0).wrote
+    exp.comparison.unlink()
+    assert autoreport.keep_report(exp, verdict, now=400.0).wrote
+
+
+# ---------------------------------------------------------------- notifications and small terminals
+
+
+@pytest.mark.parametrize("size", [(160, 48), (100, 30), (80, 24)])
+@pytest.mark.parametrize("log_open", [False, True])
+async def test_notifications_never_cover_the_verdict(tmp_path: Path, size: tuple[int, int], log_open: bool) -> None:
+    from textual.widgets._toast import Toast
+
+    app = fixture_app("seed-verdict", tmp_path)
+    async with app.run_test(size=size, notifications=True) as pilot:
+        await loaded(pilot)
+        if log_open:
+            await pilot.press("l")  # the verdict moves up and gives up rows
+        await pilot.pause(0.2)
+        for n in range(4):  # a pile of them, long ones too
+            app.notify(f"notification {n}: " + "a long message that wraps over several lines " * 3, timeout=30)
+        await wait_until(pilot, lambda: len(app.screen.query(Toast)) == 4, "the toasts")
+        await pilot.pause(0.2)
+        screen = app.screen
+
+        def on_top(region: Any) -> set[str]:
+            """What is drawn topmost in each cell of the region."""
+            return {type(screen.get_widget_at(x, y)[0]).__name__
+                    for y in range(region.y, region.bottom) for x in range(region.x, region.right)}
+
+        assert "Toast" not in on_top(app._verdict.region)
+        assert "Toast" in on_top(app._arms.region)  # they do show: over the arm panes
+
+
+async def test_at_80x24_each_pane_keeps_a_loss_trend_with_its_latest_value(tmp_path: Path) -> None:
+    app = fixture_app("seed-verdict", tmp_path)
+    async with app.run_test(size=(80, 24)) as pilot:
+        await loaded(pilot)
+        text = screen_text(app)
+        assert "too small" not in text
+        for arm in ("conservative", "aggressive"):
+            last = last_step(app.exp, arm)
+            assert re.search(rf"loss [▁▂▃▄▅▆▇█]{{20,}} {last['loss']:.4f} \(smoothed \d\.\d{{4}}\)", text), text
+        assert "verdict: scenario A" in text and "A: aggressive is clearly better" in text
+
+
+def test_the_trend_line_fits_its_width_and_says_when_there_is_nothing_yet() -> None:
+    from rich.console import Console
+
+    from gputwin.widgets.loss_chart import LossSeries, trend_line
+
+    def render(series: LossSeries, width: int) -> str:
+        console = Console(width=width, file=io.StringIO(), color_system=None, legacy_windows=False)
+        with console.capture() as captured:
+            console.print(trend_line(series, width))
+        return captured.get().rstrip("\n")
+
+    assert render(LossSeries(), 40) == "loss: no steps yet"
+    steps = list(range(1, 101))
+    series = LossSeries(steps=steps, raw=[2.0 / s for s in steps], smoothed=[2.2 / s for s in steps])
+    wide = render(series, 70)
+    assert wide.startswith("loss ▇") and wide.endswith("0.0200 (smoothed 0.0220)") and len(wide) == 70
+    assert "smoothed" not in render(series, 30) and render(series, 30).endswith(" 0.0200")
+    assert render(series, 12) == "loss  0.0200"

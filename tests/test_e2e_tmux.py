@@ -1,5 +1,5 @@
 """End to end in a real terminal: the CPU demo under tmux to a verdict, then `e` and `s` on an arm,
-detach with `q`, and re-attach to the same history. This is what a user at 2 a.m. over SSH sees."""
+`gputwin demo` again in a second terminal attaching to it, detach with `q`, and re-attach to the same history. This is what a user at 2 a.m. over SSH sees."""
 
 from __future__ import annotations
 
@@ -91,6 +91,19 @@ def test_demo_in_tmux_reaches_a_verdict_then_extend_stop_detach_and_reattach(tmp
         assert "demo-aggressive" in modal
         term.keys("y")
         term.wait_for(r"\b2\d\d/400 steps", 120)
+
+        # `gputwin demo` typed again while the demo trains: it attaches and says so; nothing new starts.
+        second = Terminal(name + "-second", [GPUTWIN, "demo"], env)
+        try:
+            screen = second.wait_for(rf"{exp_dir.name} · attached \(it was running\)", 30)
+            assert "demo-conservative" in screen and "demo-aggressive" in screen
+            screen = second.wait_for(r"Attached to a running experiment", 10)  # the notification's title
+            assert "--new" in screen
+            second.keys("q")
+            second.wait_for(r"Detached\. Training continues", 20)
+        finally:
+            second.close()
+        assert [p.name for p in (tmp_path / "logs").iterdir() if p.name.startswith("demo-")] == [exp_dir.name]
 
         # Stop it again: it checkpoints and ends as stopped.
         term.keys("s")

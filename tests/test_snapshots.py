@@ -16,7 +16,7 @@ from test_app import CLOCKS, FixedSampler, copy_fixture, loaded, utc  # noqa: F4
 
 pytestmark = pytest.mark.usefixtures("utc")
 
-SIZES = {"160x48": (160, 48), "100x30": (100, 30)}
+SIZES = {"160x48": (160, 48), "100x30": (100, 30), "80x24": (80, 24)}
 
 
 @pytest.mark.parametrize("size", SIZES)

@@ -192,3 +192,15 @@ async def test_device_panels_follow_the_sampler_when_no_state_update_comes(tmp_p
                               gpu0[-1].t + 1, {48210: 18 * GIB}))
         await wait_until(pilot, lambda: "util 57%" in screen_text(app), "the new GPU reading", tries=100)
         assert app.updates == 1
+
+
+def test_the_verdict_gives_up_rows_only_where_the_panes_need_them_for_their_loss_trend() -> None:
+    from gputwin.widgets.layout import grid_shape, verdict_max_rows
+
+    assert grid_shape(2, 160) == (2, 1) and grid_shape(2, 100) == (2, 1) and grid_shape(2, 80) == (1, 2)
+    assert grid_shape(3, 160) == (3, 1) and grid_shape(4, 100) == (2, 2)
+    assert verdict_max_rows(48, 1, log_shown=False) == 18  # 40% of the rows under the key bar
+    assert verdict_max_rows(30, 1, log_shown=False) == 11
+    assert verdict_max_rows(24, 2, log_shown=False) == 8  # 80x24: two stacked panes keep 7 rows each
+    assert verdict_max_rows(24, 2, log_shown=True) == 5  # the log open too: the verdict keeps its minimum
+    assert verdict_max_rows(48, 1, log_shown=True) == 11  # 25% beside the log

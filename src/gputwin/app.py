@@ -1,26 +1,27 @@
 """The terminal UI: one pane per arm, the verdict, keys that stop/extend/validate/resume arms.
 
 The app only reads files (through ExperimentWatcher, in a worker thread) and asks the launcher to
-act; it never writes control files itself. Training runs in other processes, so quitting here
+act; it never writes control files itself. It keeps the report (comparison.md, verdict.json) in step
+with the verdict it shows, as `--headless` does. Training runs in other processes, so quitting here
 never stops it.
 """
 
 from __future__ import annotations
 
-import math
 import threading
 import time
+from functools import partial
 from typing import Any, Callable
 
 from textual import work
 from textual.app import App, ComposeResult
 from textual.binding import Binding
-from textual.containers import Container
+from textual.css.query import NoMatches
 from textual.events import DescendantFocus
 from textual.widgets import Footer, Static
 from textual.worker import Worker, WorkerState, get_current_worker
 
-from . import launcher
+from . import autoreport, launcher
 from .errors import UserError
 from .headless import AUTO
 from .paths import ExperimentPaths
@@ -28,6 +29,7 @@ from .state import ArmState, ExperimentState
 from .widgets.arm_pane import ArmPane
 from .widgets.device_panel import SamplerLike
 from .widgets.feed import ExperimentFeed
+from .widgets.layout import ArmsArea, grid_shape, verdict_max_rows
 from .widgets.formatting import display_path
 from .widgets.live_text import LiveText
 from .widgets.log_view import LogView
@@ -40,10 +42,12 @@ POLL_S = 0.3  # how often the watcher reads the files (the screen updates only w
 UPDATE_S = 1.0  # at most one screen update a second: a redraw costs tens of ms of CPU, and arms that log
                 # 50 steps/s would otherwise repaint 3 times a second for figures nobody reads that fast
 DEVICE_S = 1.0  # device panels follow the sampler's 1 Hz
-PANE_MIN_WIDTH = 48  # columns an arm pane needs before another fits beside it
+VERDICT_NOTICE_S = 8.0  # the verdict's toast: the verdict pane says the same, for good
+ATTACHED_NOTICE_S = 15.0
 DASHBOARD_ACTIONS = frozenset({"stop", "extend", "validate", "apply", "report", "toggle_log", "resume", "help",
                                "focus_arm"})
 BY = "ui"  # who asked, as recorded in control files and actions.jsonl
+TOAST_RACK = "#textual-toastrack"  # Textual's container of notifications on each screen
 
 
 class GputwinApp(App[None]):
@@ -67,14 +71,16 @@ class GputwinApp(App[None]):
     ]
 
     def __init__(self, exp: ExperimentPaths, *, clock: Callable[[], float] = time.time,
-                 sampler: SamplerLike | None = None, own_sampler: bool = False) -> None:
+                 sampler: SamplerLike | None = None, own_sampler: bool = False, note: str | None = None) -> None:
         super().__init__()
         self.exp = exp
+        self.note = note  # said on opening: e.g. that this attached to an experiment already running
         self.clock = clock
         self.sampler = sampler
         self._own_sampler = own_sampler
         self.state: ExperimentState | None = None  # the UI thread's copy; replaced on every update
         self.updates = 0  # state updates shown so far (tests wait on it)
+        self.reports = 0  # reports kept (written, or found current) so far
         self.applied: list[str] = []  # verdict actions taken, as lines for the verdict pane
         self._focused_arm: str | None = None
         self._log_arm: str | None = None  # read by the watch thread: whose stderr to tail
@@ -83,10 +89,11 @@ class GputwinApp(App[None]):
         self._auto_started = False
         self._sampler_failure_shown = False
         self._updated_at = float("-inf")  # time.monotonic() of the last state update shown
+        self._reported: str | None = None  # autoreport.signature of the last verdict the report was kept for
         # The dashboard's widgets, held: a query from the app searches the active screen, which is a
         # dialog while one is open, and the dashboard must keep updating under it.
         self._top = LiveText(f"gputwin · {exp.name} · {display_path(exp.root)}", id="top-bar")
-        self._arms = Container(Static(f"Reading {display_path(exp.root)} …", id="loading"), id="arms")
+        self._arms = ArmsArea(Static(f"Reading {display_path(exp.root)} …", id="loading"), id="arms")
         self._panes: list[ArmPane] = []
         self._verdict = VerdictPane(id="verdict", can_focus=False)
         self._log = LogView(id="log")
@@ -106,6 +113,8 @@ class GputwinApp(App[None]):
             self.sampler.start()  # type: ignore[attr-defined]
         self.watch_files()
         self.set_interval(DEVICE_S, self._tick_devices)
+        if self.note:
+            self.notify(self.note, title="Attached to a running experiment", timeout=ATTACHED_NOTICE_S)
 
     def on_unmount(self) -> None:
         self._stop_polling.set()
@@ -116,10 +125,22 @@ class GputwinApp(App[None]):
         self._arrange()
 
     def _arrange(self) -> None:
-        panes = len(self._panes) or 1
-        columns = max(1, min(panes, self.size.width // PANE_MIN_WIDTH))
+        columns, rows = grid_shape(len(self._panes), self.size.width)
         self._arms.styles.grid_size_columns = columns
-        self._arms.styles.grid_size_rows = max(1, math.ceil(panes / columns))
+        self._arms.styles.grid_size_rows = rows
+        self._verdict.styles.max_height = verdict_max_rows(self.size.height, rows, self._log.has_class("-shown"))
+
+    def fit_notifications(self) -> None:
+        """Keep the dashboard's notifications over the arm panes, centred on their height, where the loss
+        charts are: the verdict's reasons stay readable while a notification shows."""
+        try:
+            rack = self.screen_stack[0].query_one(TOAST_RACK)
+        except NoMatches:  # notifications disabled, or the screen is going away: nothing to fit
+            return
+        region = self._arms.region
+        if region.height:
+            rack.styles.margin = (region.y, 0, 0, 0)
+            rack.styles.height = region.height
 
     # ------------------------------------------------------------ reading the files (worker thread)
 
@@ -163,6 +184,7 @@ class GputwinApp(App[None]):
                 if arm is not None:
                     pane.show_arm(arm, now, state.differing_keys, state.baseline)
             self._show_verdict()
+        self._keep_report(state)
         if self.sampler is not None:
             self.sampler.set_pids(a.pid for a in state.arms.values() if a.pid is not None and not a.ended)
         if previous is not None:
@@ -195,10 +217,24 @@ class GputwinApp(App[None]):
         rules = self.state.rules
         auto = rules is not None and rules.on_verdict == "apply"
         self._verdict.show_state(self.state, self.clock(), self.applied, auto)
+        attached = " · attached (it was running)" if self.note else ""
         if rules is not None:
             self._top.show(
-                f"gputwin · {self.state.name} · baseline {rules.baseline} · on verdict: {rules.on_verdict}"
+                f"gputwin · {self.state.name}{attached} · baseline {rules.baseline} · on verdict: {rules.on_verdict}"
                 f" · {display_path(self.exp.root)}")
+
+    def _keep_report(self, state: ExperimentState) -> None:
+        """Write comparison.md and verdict.json when the verdict forms or changes (a thread: the report
+        folds the logs again and runs the bootstrap)."""
+        verdict = state.verdict
+        if verdict is None or verdict.scenario == "waiting":
+            return
+        key = autoreport.signature(verdict)
+        if key == self._reported:
+            return
+        self._reported = key
+        self.run_worker(partial(autoreport.keep_report, self.exp, verdict, now=self.clock()),
+                        name="write the report", group="report", thread=True, exit_on_error=False)
 
     def _announce(self, before: ExperimentState, after: ExperimentState) -> None:
         """Bell and a notification for each new validation and for the verdict when it forms."""
@@ -210,7 +246,7 @@ class GputwinApp(App[None]):
                             f"recall {point.recall:.1%}, F1 {point.f1:.1%}", title="Validation")
         if after.verdict is not None and before.verdict is None:
             self.bell()
-            self.notify(after.verdict.headline, title="Verdict", timeout=20)
+            self.notify(after.verdict.headline, title="Verdict", timeout=VERDICT_NOTICE_S)
 
     def on_log_tail_read(self, message: LogTailRead) -> None:
         if message.arm == self._log_arm:
@@ -355,6 +391,7 @@ class GputwinApp(App[None]):
         log.set_class(shown, "-shown")
         self._verdict.set_class(shown, "-beside-log")
         self._log_arm = arm.name if arm is not None else None
+        self._arrange()
 
     def action_help(self) -> None:
         self.push_screen(HelpScreen(KEY_HELP))
@@ -399,6 +436,9 @@ class GputwinApp(App[None]):
         worker = event.worker
         if event.state == WorkerState.SUCCESS and worker.group == "control" and worker.result:
             self.notify(str(worker.result), timeout=10)
+        elif event.state == WorkerState.SUCCESS and worker.group == "report":
+            self._verdict.show_report(worker.result)
+            self.reports += 1
         elif event.state == WorkerState.ERROR:
             error = worker.error
             if isinstance(error, UserError):
@@ -410,8 +450,9 @@ class GputwinApp(App[None]):
 
 
 def make_app(exp: ExperimentPaths, *, clock: Callable[[], float] = time.time,
-             sampler: SamplerLike | None = None) -> GputwinApp:
-    """The one way to build the UI (CLI and tests). Without a sampler, a real one (NVML or psutil) runs."""
+             sampler: SamplerLike | None = None, note: str | None = None) -> GputwinApp:
+    """The one way to build the UI (CLI and tests). Without a sampler, a real one (NVML or psutil) runs.
+    `note` is said when the UI opens (attaching to an experiment that was already running)."""
     if not exp.root.is_dir():
         raise UserError(f"{exp.root}: no such experiment folder",
                         "`gputwin status` lists experiments; GPUTWIN_LOGS sets where they live")
@@ -420,4 +461,4 @@ def make_app(exp: ExperimentPaths, *, clock: Callable[[], float] = time.time,
         from .gpu import Sampler
 
         sampler = Sampler(clock=clock)
-    return GputwinApp(exp, clock=clock, sampler=sampler, own_sampler=own)
+    return GputwinApp(exp, clock=clock, sampler=sampler, own_sampler=own, note=note)

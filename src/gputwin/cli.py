@@ -16,6 +16,7 @@ HANDLERS = {
     "run": "gputwin.launcher:cmd_run",
     "attach": "gputwin.launcher:cmd_attach",
     "demo": "gputwin.launcher:cmd_demo",
+    "serve": "gputwin.serve:cmd_serve",
     "status": "gputwin.status:cmd_status",
     "stop": "gputwin.launcher:cmd_stop",
     "extend": "gputwin.launcher:cmd_extend",
@@ -54,12 +55,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--replicates", type=int, default=None, metavar="N",
                    help="run every arm N more times with the next seeds (rules.replicates): the verdict's "
                         "intervals then include the run-to-run noise")
+    p.add_argument("--new", action="store_true", help="start the arms under a fresh name (NAME-2, ...) even when "
+                   "the experiment is running; without it a running experiment is attached to")
 
     p = sub.add_parser("attach", help="open the UI on a running or finished experiment")
     p.add_argument("name", nargs="?", help="experiment name (default: the most recent one)")
 
     p = sub.add_parser("demo", help="the embedded CPU demo: two arms to a verdict in a few minutes")
     p.add_argument("--headless", action="store_true", help="print progress lines instead of the UI")
+    p.add_argument("--new", action="store_true", help="start another demo even while one is running "
+                   "(without it, a running demo is attached to)")
+
+    p = sub.add_parser("serve", help="the UI in a web browser (textual-serve), bound to this machine by default",
+                       description="Serve the UI of an experiment over HTTP: each browser tab gets its own copy of "
+                       "the UI. Anyone who can reach the address can stop and extend arms.")
+    p.add_argument("name", nargs="?", help="experiment name or folder (default: the most recent one)")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=int, default=8000, help="port (default 8000)")
+    p.add_argument("--public-url", help="the URL browsers use to reach the server, when it is not http://HOST:PORT")
 
     p = sub.add_parser("status", help="one-shot summary of an experiment (for scripts, cron and SSH)",
                        description="One-shot summary of an experiment. Exit status: 0; 3 when an arm crashed or "

@@ -372,10 +372,10 @@ def _any_alive(exp: ExperimentPaths) -> bool:
     return any(arm_alive(a) for a in exp.arms())
 
 
-def _open_ui(exp: ExperimentPaths) -> int:
+def _open_ui(exp: ExperimentPaths, note: str | None = None) -> int:
     from .app import make_app
 
-    make_app(exp).run()
+    make_app(exp, note=note).run()
     if _any_alive(exp):
         first = exp.arms()[0].name if exp.arms() else "ARM"
         print(f"Detached. Training continues: gputwin attach {exp.name} | gputwin status {exp.name} | "
@@ -385,12 +385,14 @@ def _open_ui(exp: ExperimentPaths) -> int:
     return 0
 
 
-def _watch(exp: ExperimentPaths, experiment: Experiment, headless: bool) -> int:
+def _watch(exp: ExperimentPaths, experiment: Experiment, headless: bool, note: str | None = None) -> int:
+    if note is not None:
+        print(note)  # before the UI, so it is also in the terminal's scrollback after the UI closes
     if headless:
         from .headless import monitor
 
         return monitor(exp, rules=experiment.rules)
-    return _open_ui(exp)
+    return _open_ui(exp, note)
 
 
 def _renamed(experiment: Experiment, name: str | None) -> Experiment:
@@ -402,11 +404,27 @@ def _renamed(experiment: Experiment, name: str | None) -> Experiment:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    """Start the experiment; when its arms are alive already, attach to it instead (--new: start it under a
+    fresh name, beside whatever has the name now)."""
+    from . import rejoin
+
     experiment = _renamed(load_any(args.paths, name=args.name), args.name)
     replicates = getattr(args, "replicates", None)
     if replicates is not None and not 0 <= replicates <= 8:
         raise UserError(f"--replicates must be from 0 to 8, got {replicates}", "1 runs every arm once more with the next seed")
     experiment = with_replicates(experiment, replicates)
+    try:
+        target = paths.experiment(experiment.name)
+    except ValueError as exc:
+        raise UserError(str(exc), "pass --name NAME") from None
+    running = rejoin.running_experiment(target)
+    if getattr(args, "new", False):
+        experiment = dataclasses.replace(experiment, name=rejoin.fresh_name(target.root.parent, experiment.name))
+    elif running is not None:
+        rejoin.attach_or_refuse(experiment, running)
+        again = " ".join(["gputwin", "run", *args.paths, "--new"])
+        note = running.note(f"`{again}` starts these profiles again beside it.")
+        return _watch(running.exp, experiment, args.headless, note)
     exp = start_experiment(experiment, say=print)
     return _watch(exp, experiment, args.headless)
 
@@ -452,7 +470,23 @@ def demo_experiment(now: datetime | None = None, root: Path | None = None) -> Ex
     return dataclasses.replace(experiment, name=name, arms=arms)
 
 
+def _recorded(exp: ExperimentPaths) -> Experiment:
+    """The experiment as it was started (its experiment.json)."""
+    try:
+        return Experiment.from_dict(json.loads(exp.experiment_json.read_text(encoding="utf-8")))
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise UserError(f"{exp.experiment_json}: cannot be read ({exc})",
+                        f"`gputwin status {exp.name}` shows what its arms do") from None
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
+    """Start the demo; while one still trains, attach to it instead (--new: start another)."""
+    from . import rejoin
+
+    running = None if getattr(args, "new", False) else rejoin.running_demo(paths.logs_root())
+    if running is not None:
+        note = running.note("`gputwin demo --new` starts another demo beside it.")
+        return _watch(running.exp, _recorded(running.exp), args.headless, note)
     experiment = demo_experiment()
     exp = start_experiment(experiment, say=print)
     return _watch(exp, experiment, args.headless)

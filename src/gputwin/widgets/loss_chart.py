@@ -1,12 +1,18 @@
-"""The training-loss chart: raw and smoothed curves with axes, validation steps marked."""
+"""The training-loss chart: raw and smoothed curves with axes, validation steps marked; squeezed too small
+for axes (an 80x24 terminal), a one-line trend: a sparkline of the smoothed loss and the latest values."""
 
 from __future__ import annotations
 
+import math
+import statistics
 import time
 from dataclasses import dataclass, field
 
+from rich.color import Color
 from rich.console import RenderableType
+from rich.table import Table
 from rich.text import Text
+from textual.renderables.sparkline import Sparkline
 from textual.timer import Timer
 from textual_plotext import PlotextPlot
 
@@ -16,6 +22,8 @@ MIN_HEIGHT = 6
 LEGEND_MIN_HEIGHT = 12
 MIN_WIDTH = 20
 REDRAW_S = 10.0  # a redraw costs ~80 ms of CPU on a small machine: new steps wait for it, a validation does not
+TREND_LOW = Color.from_rgb(80, 210, 240)  # the sparkline's colours: low loss bright cyan, high loss grey
+TREND_HIGH = Color.from_rgb(110, 110, 110)
 
 
 @dataclass(frozen=True)
@@ -29,13 +37,45 @@ class LossSeries:
     milestone_step: int | None = None
 
 
+def trend_values(losses: list[float]) -> list[float]:
+    """On a log scale when every loss is positive: a loss falls fast, then slowly, and on a linear scale
+    the slow part (what decides whether to train on) is a flat row of the lowest bar."""
+    if losses and min(losses) > 0:
+        return [math.log(v) for v in losses]
+    return list(losses)
+
+
+def trend_line(series: LossSeries, width: int) -> RenderableType:
+    """One line for a chart too small for axes: "loss ▇▅▃▂▁ 0.3141 (smoothed 0.3312)". The sparkline shows the
+    smoothed loss (the raw one is mostly noise at this size) from the first step to the latest."""
+    if not series.steps:
+        return Text("loss: no steps yet", style="dim", no_wrap=True, overflow="ellipsis")
+    label = Text("loss ", style="bold")
+    latest = Text(f" {series.raw[-1]:.4f}", style="bold")
+    smoothed = f" (smoothed {series.smoothed[-1]:.4f})"
+    if width - len(label) - len(latest) - len(smoothed) >= 12:
+        latest.append(smoothed)  # only when the sparkline keeps a dozen cells beside it
+    room = width - len(label) - len(latest)
+    if room < 4:
+        return Text.assemble(label, latest, no_wrap=True, overflow="ellipsis")
+    grid = Table.grid()
+    grid.add_column(no_wrap=True)
+    grid.add_column(width=room, no_wrap=True)
+    grid.add_column(no_wrap=True)
+    grid.add_row(label, Sparkline(trend_values(series.smoothed), width=room, min_color=TREND_LOW,
+                                  max_color=TREND_HIGH, summary_function=statistics.fmean), latest)
+    return grid
+
+
 class LossChart(PlotextPlot):
     """A real chart with a step axis and a loss axis; redraws when its series changes, and for mere new
-    steps at most every REDRAW_S seconds (arms logging 50 steps/s would otherwise keep a core busy)."""
+    steps at most every REDRAW_S seconds (arms logging 50 steps/s would otherwise keep a core busy).
+    Smaller than MIN_HEIGHT x MIN_WIDTH it shows the one-line trend instead, which costs nothing to redraw."""
 
     def __init__(self, *, id: str | None = None, classes: str | None = None) -> None:
         super().__init__(id=id, classes=classes)
         self._series = LossSeries()
+        self._stale = False  # the plot does not hold the current series (it changed while the trend line showed)
         self._compact = False  # short plots drop the raw/smoothed legend rows to keep the curve visible
         self._drawn_at = float("-inf")  # time.monotonic() of the last redraw
         self._timer: Timer | None = None
@@ -44,10 +84,19 @@ class LossChart(PlotextPlot):
     def series(self) -> LossSeries:
         return self._series
 
+    @property
+    def too_small(self) -> bool:
+        """A plot squeezed smaller than this has no readable axes."""
+        return self.size.height < MIN_HEIGHT or self.size.width < MIN_WIDTH
+
     def show(self, series: LossSeries) -> None:
         if series == self._series:
             return
         old, self._series = self._series, series
+        if self.too_small:
+            self._stale = True
+            self.refresh()  # the trend line: cheap, shown at once
+            return
         urgent = (not old.steps or len(series.steps) < len(old.steps) or series.validations != old.validations
                   or series.milestone_step != old.milestone_step)
         wait = self._drawn_at + REDRAW_S - time.monotonic()
@@ -67,17 +116,16 @@ class LossChart(PlotextPlot):
         self._draw()
 
     def render(self) -> RenderableType:
-        if self.size.height < MIN_HEIGHT or self.size.width < MIN_WIDTH:
-            # A plot squeezed smaller than this has no readable axes.
-            return Text("(too small for the loss chart)", style="dim")
+        if self.too_small:
+            return trend_line(self._series, self.size.width)
         compact = self.size.height < LEGEND_MIN_HEIGHT
-        if compact != self._compact:
+        if compact != self._compact or self._stale:
             self._compact = compact
             self._draw()
         return super().render()
 
     def _draw(self) -> None:
-        self._drawn_at = time.monotonic()
+        self._drawn_at, self._stale = time.monotonic(), False
         plt, s = self.plt, self._series
         plt.clear_figure()
         plt.xlabel("step")

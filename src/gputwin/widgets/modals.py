@@ -53,7 +53,7 @@ KEY_HELP = [  # what the help screen lists: every key of the dashboard
     ("e", "extend the focused arm by one epoch (shows the new end step, ETA and LR plan; asks first)"),
     ("v", "validate the focused arm's current adapter now, without stopping it"),
     ("a", "apply the verdict's recommended actions (asks first)"),
-    ("r", "write the comparison report (comparison.md, verdict.json)"),
+    ("r", "write the report now (comparison.md, verdict.json; kept in step with the verdict anyway)"),
     ("l", "show or hide the focused arm's stderr log"),
     ("R", "resume a stopped or crashed arm from its last checkpoint"),
     ("tab, 1-9", "focus the next arm, or arm number N"),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from typing import Any, Sequence
 
 from rich.console import Group, RenderableType
@@ -10,7 +11,7 @@ from rich.text import Text
 from textual.containers import VerticalScroll
 
 from .arm_pane import eta_text
-from .formatting import interval, percent
+from .formatting import display_path, interval, percent
 from .live_text import LiveText
 
 SCENARIO_STYLE = {"A": "bold green", "B": "bold yellow", "C": "bold cyan", "mismatch": "bold red"}
@@ -132,6 +133,12 @@ class VerdictPane(VerticalScroll):
         # kept, not queried: an update may arrive while the app is closing and the children are gone
         self._body = LiveText(id="verdict-body")
         yield self._body
+
+    def show_report(self, report: Any) -> None:
+        """Say under the verdict where its report is (an autoreport.ReportState) and when it was written."""
+        when = time.strftime("%H:%M:%S", time.localtime(report.at))
+        how = "written" if report.wrote else "up to date, written"
+        self.border_subtitle = f"report {display_path(report.comparison)}, verdict.json: {how} {when}"
 
     def show_state(self, state: Any, now: float, applied: Sequence[str] = (), auto: bool = False) -> None:
         """Called on every update: the body repaints only when its text changed."""
