@@ -108,3 +108,35 @@ def test_cooldown_lr_falls_linearly_towards_zero_and_the_default_length_is_a_ten
     assert probe.cooldown_lrs(1.0, 4) == [1.0, 0.75, 0.5, 0.25]
     assert probe.probe_steps(None, 879) == 88 and probe.probe_steps(0, 879) == 0 and probe.probe_steps(12, 879) == 12
     assert probe.wanted(0.5, None, 879) == 88 and probe.wanted(0.05, None, 879) == 0
+
+
+def test_extending_a_decayed_wsd_arm_goes_back_to_where_its_decay_began(world: World, tmp_path: Path) -> None:
+    """wsd: the peak held, then a linear decay over the last half; extended after it finished, the arm
+    resumes from the checkpoint kept where the decay began, holds the peak for the added epoch, then decays."""
+    from gputwin import control
+    from gputwin.train.schedule import LrPlan
+
+    profile = world.profile("tag", epochs=1, batch_size=2, warmup_steps=2, scheduler="wsd", decay_fraction=0.5)
+    arm = make_arm(tmp_path, profile)
+    assert train(arm) == 0
+    first = events.read_events(arm / "events.jsonl").events
+    steps = [e for e in first if e.kind == events.STEP]
+    peak = profile.train.learning_rate
+    assert len(steps) == 12 and steps[6]["lr"] == pytest.approx(peak) and steps[-1]["lr"] < 0.2 * peak  # 2 + 5 + 5
+    assert (arm / "checkpoints" / "decay-start" / "step-000007").is_dir()
+    control.write_request(arm / "control", control.EXTEND, epochs=1)
+    assert train(arm) == 0
+    evs = events.read_events(arm / "events.jsonl").events
+    (extended,) = [e for e in evs if e.kind == events.EXTENDED]
+    assert extended["rewound_to"] == 7 and extended["total_steps"] == 24 and extended["new_cycle"] is False
+    plan = LrPlan.from_dict(extended["lr_plan"])
+    assert plan.decay_start == 24 - plan.decay_steps and plan.peak_lr == peak
+    later = [e for e in evs[evs.index(extended):] if e.kind == events.STEP]
+    assert [e["step"] for e in later] == list(range(8, 25))
+    assert all(e["lr"] == pytest.approx(peak) for e in later if e["step"] <= plan.decay_start)
+    assert later[-1]["lr"] < 0.2 * peak and later[-1]["loss"] < steps[0]["loss"]
+    from gputwin import state as st
+
+    folded = st.fold("arm", evs)
+    history = folded.loss_history.steps
+    assert folded.step == 24 and history == sorted(set(history))  # the abandoned steps 8-12 are not drawn twice

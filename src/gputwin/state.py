@@ -455,6 +455,11 @@ def _on_probe(s: ArmState, e: ev.Event) -> None:
 
 def _on_extended(s: ArmState, e: ev.Event) -> None:
     total = int(e["total_steps"])
+    rewound = _int(e.get("rewound_to"))
+    if rewound is not None:  # a wsd arm went back to where its decay began: the steps after it come again
+        s.step = rewound
+        s.loss_history.rewind(rewound)
+        s.timer.restart()
     curve = e.get("lr_curve")
     s.extended.append(Extension(int(e["step"]), _num(e["epochs"]) or 0.0, total, e.t,
                                 new_cycle=e.get("new_cycle") is True,

@@ -7,7 +7,9 @@ events.jsonl, polls control/ between steps, and writes checkpoints, adapters and
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
+import shutil
 import signal
 import sys
 import threading
@@ -27,10 +29,10 @@ from ..profiles import Profile, load_resolved
 from . import faults
 from .batching import EpochBatches, batch_tokens
 from .checkpoint import DISK_FULL_ERRNOS, CheckpointWriteError, TrainState, checkpoint_name, clean_leftovers, \
-    latest_loadable, prune, rng_states, save_checkpoint, set_rng_states
+    latest_loadable, list_checkpoints, load_checkpoint, prune, rng_states, save_checkpoint, set_rng_states
 from .engine import NonFiniteLoss, Outcome, StepOutput
 from . import probe
-from .schedule import decay_done, extension_preview, lr_at, make_plan
+from .schedule import decay_done, extension_preview, lr_at, make_plan, wsd_rewind_step
 from .setup import Run, TrainFailure, build_run
 
 NAN_HINT = ("lower train.learning_rate (e.g. halve it), add warmup_steps, or keep grad_clip at 1.0; "
@@ -155,6 +157,8 @@ class Trainer:
                 self.milestone()
             elif step % every == 0:
                 self.checkpoint()
+            if state.plan.scheduler == "wsd" and step == state.plan.decay_start < state.plan.total_steps:
+                self.keep_decay_start()
 
     def settle(self) -> None:
         """Write the event of the issued step, waiting for its figures if the device is still on it.
@@ -264,6 +268,7 @@ class Trainer:
         warmup to rules.extend_lr of its peak, then its decay shape) so the added steps train."""
         state, per_epoch = self.state, self.run.steps_per_epoch
         peak = self.run.profile.train.learning_rate
+        rewound = self.rewind_to_decay_start()
         preview = extension_preview(state.plan, state.step, epochs * per_epoch, profile_peak=peak,
                                     extend_lr=experiment_extend_lr(self.run.arm.root.parent))
         state.plan = plan = preview["plan"]
@@ -271,7 +276,42 @@ class Trainer:
                          added_epochs=epochs, total_steps=plan.total_steps, lr_plan=plan.to_dict(),
                          lr_next=lr_at(state.step + 1, plan), by=by, new_cycle=preview["new_cycle"],
                          lr_now=preview["lr_now"], lr_peak=preview["lr_peak"], lr_end=preview["lr_end"],
-                         lr_curve=[round(x, 10) for x in preview["curve"]])
+                         lr_curve=[round(x, 10) for x in preview["curve"]],
+                         **({"rewound_to": rewound} if rewound is not None else {}))
+
+    # -- wsd: the checkpoint where the decay began, so an extension can hold the peak longer instead
+
+    @property
+    def decay_start_root(self) -> Path:
+        return self.run.checkpoint_root / "decay-start"
+
+    def keep_decay_start(self) -> None:
+        """Keep this step's state apart from the pruned checkpoints: the decay begins after it."""
+        self.settle()
+        root = self.decay_start_root
+        for old in list_checkpoints(root):
+            shutil.rmtree(old[1])
+        run = self.run
+        save_checkpoint(root, self.state, run.model, run.optimizer, run.adapter_meta, run.fingerprint)
+
+    def rewind_to_decay_start(self) -> int | None:
+        """A wsd arm extended after its decay began goes back to where it began (weights, optimizer, RNG,
+        data position), so the extension holds the peak and decays again at the new end. The checkpoints
+        after that step are the abandoned branch and go. Returns the step gone back to, or None."""
+        rewind = wsd_rewind_step(self.state.plan, self.state.step)
+        kept = [path for step, path in list_checkpoints(self.decay_start_root) if step == rewind]
+        if rewind is None or not kept:
+            return None
+        self.settle()
+        run = self.run
+        loaded = load_checkpoint(kept[-1], run.model, run.optimizer, run.fingerprint, run.device)
+        for step, path in list_checkpoints(run.checkpoint_root):
+            if step > rewind:
+                shutil.rmtree(path)
+        for f in dataclasses.fields(loaded):  # in place: the loop holds this object
+            setattr(self.state, f.name, getattr(loaded, f.name))
+        self.saved, self.saved_path, self.reported_step = None, None, loaded.step
+        return rewind
 
     def checkpoint(self) -> Path:
         """Write a checkpoint unless the last one already holds exactly this state."""

@@ -120,8 +120,10 @@ def decay_done(step: int, plan: LrPlan) -> float:
 
 def restarts(plan: LrPlan, at_step: int) -> bool:
     """Would an extension now start a new cycle? (finished, or in the last part of a linear/cosine decay)"""
-    if plan.scheduler in ("constant", "wsd"):
+    if plan.scheduler == "constant":
         return False
+    if plan.scheduler == "wsd":  # past its stable phase (and not taken back to it: wsd_rewind_step)
+        return at_step > plan.decay_start
     return at_step >= plan.total_steps or decay_done(at_step, plan) >= RESTART_FROM
 
 
@@ -143,15 +145,19 @@ def extend_plan(plan: LrPlan, at_step: int, extra_steps: int, *, restart_peak: f
     """
     if extra_steps < 1:
         raise ValueError(f"extra_steps must be >= 1, got {extra_steps}")
-    if plan.scheduler == "wsd":
-        if at_step > plan.decay_start:
-            raise ValueError(f"a wsd plan extended at step {at_step} is already decaying (from step "
-                             f"{plan.decay_start}); go back to that step first")
+    if plan.scheduler == "wsd" and at_step <= plan.decay_start:
         return replace(plan, total_steps=plan.total_steps + extra_steps)
     if restart_peak is not None and restarts(plan, at_step):
         warmup = max(1, round(0.05 * extra_steps))
+        decay = 0
+        if plan.scheduler == "wsd":  # the same share of the new cycle decays
+            share = plan.decay_steps / max(1, plan.total_steps - plan.warmup_end)
+            decay = max(1, round(share * (extra_steps - warmup)))
         return LrPlan(peak_lr=restart_peak, warmup_steps=warmup, scheduler=plan.scheduler,
-                      total_steps=at_step + extra_steps, start_step=at_step)
+                      total_steps=at_step + extra_steps, start_step=at_step, decay_steps=decay)
+    if plan.scheduler == "wsd":
+        raise ValueError(f"a wsd plan extended at step {at_step} is already decaying (from step "
+                         f"{plan.decay_start}): go back to that step first, or give restart_peak")
     anchor = max(at_step, plan.anchor_step)
     return replace(plan, total_steps=plan.total_steps + extra_steps, anchor_step=anchor,
                    anchor_progress=progress_at(anchor, plan))
