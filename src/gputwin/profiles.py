@@ -558,6 +558,18 @@ def _parse_device(section: _Section, key: str, default: int | None) -> int | Non
     return raw
 
 
+def reference_folder_problem(folder: Path) -> tuple[str, str] | None:
+    """(problem, hint) when `folder` cannot be a reference: missing, or holding neither an adapter nor a model."""
+    if not folder.is_dir():
+        return (f"reference folder {folder} does not exist",
+                "point it at the adapter folder (adapter_config.json) or model folder (config.json) now in "
+                "production; relative paths start at the experiment file's folder")
+    if not (folder / "adapter_config.json").is_file() and not (folder / "config.json").is_file():
+        return f"{folder} holds neither adapter_config.json nor config.json", \
+            "point it at a folder written by gputwin, peft or transformers"
+    return None
+
+
 def _parse_reference(path: Path, text: str, data: Any, arms: list[Profile], baseline: str, *,
                      check_files: bool) -> ReferenceSpec:
     """[reference]: the model in production, validated like the arms (same sample, validator and decoder)."""
@@ -574,14 +586,9 @@ def _parse_reference(path: Path, text: str, data: Any, arms: list[Profile], base
         raise ref.error("model", "is empty", 'model = "path/to/the adapter or model in production"')
     folder = Path(raw).expanduser()
     folder = folder if folder.is_absolute() else (path.parent / folder).resolve()
-    if check_files:
-        if not folder.is_dir():
-            raise ref.error("model", f"reference folder {folder} does not exist",
-                            "point it at the adapter folder (adapter_config.json) or model folder (config.json) "
-                            "now in production; relative paths start at the experiment file's folder")
-        if not (folder / "adapter_config.json").is_file() and not (folder / "config.json").is_file():
-            raise ref.error("model", f"{folder} holds neither adapter_config.json nor config.json",
-                            "point it at a folder written by gputwin, peft or transformers")
+    problem = reference_folder_problem(folder) if check_files else None
+    if problem:
+        raise ref.error("model", *problem)
     base = ref.get("base", str, None, hint="a hub id, a local model folder, or package:NAME")
     if base is not None and base.startswith("package:"):
         found = package_model_dir(base.removeprefix("package:"))

@@ -26,6 +26,7 @@ from .eta import human_duration
 from .metrics import METRICS, as_counts, disagreements
 from .paths import ExperimentPaths
 from .profiles import Rules
+from .reference import OUTCOME_WORDS
 from .verdict import EXTEND, STOP, ArmResult, Verdict, account_for_ended, decide, level, pct
 
 DISAGREEMENTS_SHOWN = 10
@@ -142,12 +143,12 @@ def _decide(state: st.ExperimentState, now: float) -> tuple[Verdict | None, dict
     final = final_results(state, now)
     if final is not None:
         results, waiting = dict(final), {}
-        verdict = decide(final, _rules(state), stage="final")
+        verdict = decide(final, _rules(state), stage="final", reference=state.reference)
     else:
         results, waiting = _collect(state, now)
         if len(state.arms) < 2:
             return None, results, waiting
-        verdict = decide(results, _rules(state), waiting=waiting)
+        verdict = decide(results, _rules(state), waiting=waiting, reference=state.reference)
     ended = {name: arm.status for name, arm in state.arms.items() if arm.status in st.ENDED}
     return account_for_ended(verdict, ended), results, waiting
 
@@ -254,30 +255,60 @@ def _hyperparameters_section(state: st.ExperimentState) -> list[str]:
 
 
 def _metrics_section(verdict: Verdict, base: str) -> list[str]:
-    m, comparisons = verdict.metrics, verdict.comparisons
+    m, comparisons = dict(verdict.metrics), dict(verdict.comparisons)
     if not m:
         return []
+    goal = dict(verdict.goal)
+    reference = verdict.reference or {}
+    if reference.get("metrics"):  # the reference's column beside the arms', and each arm's difference from it
+        ref = f"{reference['name']} (reference)"
+        m[ref], goal[ref] = reference["metrics"], reference["goal"]
+        comparisons.update({f"{arm} - {reference['name']}": c for arm, c in reference["comparisons"].items()})
+    labels = [label if " - " in label else f"{label} - {base}" for label in comparisons]
     blank = [""] * len(comparisons)
     rows = [[label, *(_interval(m[a][key]) for a in m), *(_diff(c[key]) for c in comparisons.values())]
             for key, label in (("precision", "precision"), ("recall", "recall"), ("f1", "F1"))]
     rows.append(["macro F1", *("-" if m[a].get("macro_f1") is None else pct(m[a]["macro_f1"]) for a in m), *blank])
     rows.append(["tp / fp / fn", *(f"{m[a]['tp']} / {m[a]['fp']} / {m[a]['fn']}" for a in m), *blank])
-    rows.append(["meets final goal", *("yes" if verdict.goal[a]["met"] else
-                                       "no (" + ", ".join(k for k in METRICS if not verdict.goal[a][k]) + ")"
+    rows.append(["meets final goal", *("yes" if goal[a]["met"] else
+                                       "no (" + ", ".join(k for k in METRICS if not goal[a][k]) + ")"
                                        for a in m), *blank])
     n = next(iter(m.values()))["n"]
-    header = ["metric", *m, *(f"{c} - {base}" for c in comparisons)]
+    header = ["metric", *m, *labels]
     out = ["## Milestone metrics", "",
            f"Entity-level scores on {n} held-out samples; [low, high] is the {level(verdict.confidence)} paired "
            "bootstrap interval, pts are percentage points.", "",
            *table(header, rows, "l" + "r" * (len(header) - 1)), ""]
     out += [f"{c} beats {base} on F1 in {comp['f1']['p_b_better']:.1%} of {comp['resamples']:,} resamples."
-            for c, comp in comparisons.items()]
+            for c, comp in verdict.comparisons.items()]
+    for arm, comp in (reference.get("comparisons") or {}).items():
+        out.append(f"{arm} {OUTCOME_WORDS[comp['outcome']]} {reference['name']}: ahead on F1 in "
+                   f"{comp['f1']['p_b_better']:.1%} of {comp['resamples']:,} resamples "
+                   f"({level(comp['confidence'])} interval).")
     return out + [""]
 
 
-def _per_type_section(results: Mapping[str, ArmResult | None], base: str) -> list[str]:
+def _reference_section(verdict: Verdict | None, reference: Any) -> list[str]:
+    """Which model the arms were held against, how it was validated, and the targets taken from it."""
+    if reference is None:
+        return []
+    out = ["## Reference", "", f"**{reference.name}**: `{reference.model}`, the model in production, validated once "
+           "before the arms started on the same seeded sample, with the same validator and decoder."]
+    ran = (reference.validation or {}).get("reference", {}).get("command")
+    if ran:
+        out += ["", f"Validated with `{ran}`."]
+    if not reference.usable():
+        out += ["", f"It has no usable validation: {reference.problem}."]
+    targets = (verdict.reference or {}).get("targets") if verdict is not None else None
+    for key, t in (targets or {}).items():
+        out.append(f"- {key} = reference + {t['offset'] * 100:.1f} points: {pct(t['reference'])} -> {pct(t['value'])}")
+    return out + [""]
+
+
+def _per_type_section(results: Mapping[str, ArmResult | None], base: str, reference: Any = None) -> list[str]:
     done = {name: r.validation.get("per_type", {}) for name, r in results.items() if r is not None}
+    if done and reference is not None and reference.usable():
+        done[f"{reference.name} (reference)"] = reference.validation.get("per_type", {})
     if not done:
         return []
     types = sorted({t for per_type in done.values() for t in per_type})
@@ -370,9 +401,10 @@ def render(state: st.ExperimentState, verdict: Verdict | None, results: Mapping[
         out += ["## Not yet at the milestone", "", *(f"- **{name}**: {why}." for name, why in waiting.items()), ""]
     out += _arms_section(state, results)
     out += _hyperparameters_section(state)
+    out += _reference_section(verdict, state.reference)
     if verdict is not None:
         out += _metrics_section(verdict, base)
-    out += _per_type_section(results, base)
+    out += _per_type_section(results, base, state.reference)
     out += _training_section(state)
     out += _disagreements_section(results, base)
     problems = list(state.problems) + [f"{n}: line {line}: {why}" for n, a in state.arms.items() for line, why in a.bad_lines]

@@ -277,6 +277,7 @@ class ExperimentState:
     baseline: str | None = None
     differing_keys: list[str] = field(default_factory=list)  # dotted profile keys whose values differ
     verdict: Any = None  # gputwin.verdict.Verdict, from gputwin.report.verdict_for_experiment
+    reference: Any = None  # gputwin.reference.ReferenceResult when the experiment names a [reference]
     problems: list[str] = field(default_factory=list)  # e.g. experiment.json unreadable
 
     @property

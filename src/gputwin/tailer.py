@@ -254,6 +254,10 @@ class ExperimentWatcher:
         self.state.name = experiment.name
         self.state.rules = experiment.rules
         self.state.baseline = experiment.rules.baseline
+        if experiment.reference is not None:  # validated before the arms started: there with experiment.json
+            from .reference_run import load_reference
+
+            self.state.reference = load_reference(self.paths.root, experiment)
         for profile in experiment.arms:
             if profile.name not in self._arm_paths:
                 self._add_arm(profile.name)
