@@ -213,9 +213,10 @@ def cmd_check(args: Any) -> int:
     paths = [fast_paths(a) for a in arms]
     differ = set(differing_keys(arms))
     if getattr(args, "json", False):
+        reference = None if experiment.reference is None else asdict(experiment.reference)
         print(json.dumps({"experiment": experiment.name, "differing_keys": sorted(differ),
                           "arms": [{"profile": a.to_dict(), "plan": asdict(p), "fast_paths": f}
-                                   for a, p, f in zip(arms, plans, paths)]}, indent=2))
+                                   for a, p, f in zip(arms, plans, paths)], "reference": reference}, indent=2))
         return 0
     console = Console()
     table = Table(title=f"gputwin check: {experiment.name}", title_justify="left", show_lines=False)
@@ -238,6 +239,13 @@ def cmd_check(args: Any) -> int:
     notes = [f"{a.name}: {p.samples_note}" for a, p in zip(arms, plans) if p.samples_note]
     notes += [f"{a.name}: {name} off: {s['why']}" for a, f in zip(arms, paths) for name, s in f.items()
               if not s["on"] and name != "fast_engine"]
+    if experiment.reference is not None:
+        from .paths import logs_root
+        from .reference_run import REFERENCE_DIR, RESULT_FILE, inputs_for
+
+        out = logs_root() / experiment.name / REFERENCE_DIR / RESULT_FILE
+        notes.append(f"reference {experiment.reference.name}: validated before the arms start (unless cached) "
+                     f"with `{inputs_for(experiment).command(out)}`")
     for note in notes:
         console.print(f"note: {note}")
     if any("fast_engine" not in f for f in paths):
