@@ -24,8 +24,9 @@ pytestmark = pytest.mark.usefixtures("utc")
 
 
 def add_reference(exp: ExperimentPaths, *, f1_offset: float | None = None) -> dict[str, Any]:
-    """The seed team's production adapter (precision 95.4%, recall 74.4%, F1 83.6%: the seed's 95.37 / 74.31 / 83.53), validated on the arms'
-    500 samples, recorded as `gputwin run` records it: in experiment.json and _reference/validation.json."""
+    """The seed team's production adapter (precision 95.4%, recall 74.4%, F1 83.6%, near the seed's
+    95.37 / 74.31 / 83.53), validated on the arms' 500 samples, recorded as `gputwin run` records it: in
+    experiment.json and _reference/validation.json."""
     data = json.loads(exp.experiment_json.read_text())
     data["reference"] = {"model": "/models/pii-production", "name": "production", "base": None, "task": None,
                          "device": 0}

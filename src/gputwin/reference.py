@@ -159,7 +159,8 @@ def _targets_sentence(ref: str, targets: Mapping[str, Mapping[str, float]]) -> s
     for key, t in targets.items():
         metric = "F1" if RELATIVE_TARGETS[key] == "f1" else RELATIVE_TARGETS[key]
         sign = "+" if t["offset"] >= 0 else "-"
-        parts.append(f"{metric} >= {pct(t['reference'])} {sign} {abs(t['offset']) * 100:.1f} points = {pct(t['value'])}")
+        parts.append(f"{metric} >= {pct(t['reference'])} {sign} {abs(t['offset']) * 100:.1f} points "
+                     f"= {pct(t['value'])}")
     return f"Targets relative to {ref}: " + "; ".join(parts) + "."
 
 
@@ -201,8 +202,8 @@ def judge(verdict: Verdict, arms: Mapping[str, ArmResult | None], reference: Ref
             reasons += [_arm_sentence(arm, name, comp, rules.close_margin) for arm, comp in row["comparisons"].items()]
         if mismatched:
             reasons += [f"Cannot compare with the reference: {p}." for p in mismatched]
-            if resolved.targets:
-                problem = problem or f"the targets are relative to {name}, which was validated differently: {mismatched[0]}"
+            if resolved.targets and not problem:
+                problem = f"the targets are relative to {name}, which was validated differently: {mismatched[0]}"
     if problem:
         summary["problem"] = problem
         reasons.append(f"The reference cannot be used: {problem}.")

@@ -254,6 +254,7 @@ class ExperimentWatcher:
         self.state.name = experiment.name
         self.state.rules = experiment.rules
         self.state.baseline = experiment.rules.baseline
+        self.state.reference = None
         if experiment.reference is not None:  # validated before the arms started: there with experiment.json
             from .reference_run import load_reference
 
