@@ -275,9 +275,12 @@ def _metrics_section(verdict: Verdict, base: str) -> list[str]:
                                        for a in m), *blank])
     n = next(iter(m.values()))["n"]
     header = ["metric", *m, *labels]
+    versus = (f" The differences from {reference['name']} (the reference) have "
+              f"{level(next(iter(reference['comparisons'].values()))['confidence'])} intervals, one comparison "
+              "per arm." if reference.get("comparisons") else "")
     out = ["## Milestone metrics", "",
            f"Entity-level scores on {n} held-out samples; [low, high] is the {level(verdict.confidence)} paired "
-           "bootstrap interval, pts are percentage points.", "",
+           "bootstrap interval, pts are percentage points." + versus, "",
            *table(header, rows, "l" + "r" * (len(header) - 1)), ""]
     out += [f"{c} beats {base} on F1 in {comp['f1']['p_b_better']:.1%} of {comp['resamples']:,} resamples."
             for c, comp in verdict.comparisons.items()]
