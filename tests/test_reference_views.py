@@ -56,9 +56,9 @@ async def test_the_verdict_pane_shows_the_reference_row_and_each_arm_against_it(
         assert "verdict: scenario A" in text
         row = next(line for line in text.splitlines() if " production " in line and " ref " in line)
         assert "95.4% [" in row and "74.4% [" in row and "✗ recall, F1" in row  # it misses the final goal
-        versus = next(line for line in text.splitlines() if "F1 against production, the reference" in line)
-        assert "(97.5% intervals): conservative +0.2 [" in versus and "] ties it" in versus
-        assert "aggressive +4.1 [" in versus and "] beats it" in versus
+        versus = next(line for line in text.splitlines() if "F1 against the reference" in line)
+        assert "(97.5% intervals): conservative +0.2 [" in versus and "] ties production" in versus
+        assert "aggressive +4.1 [" in versus and "] beats production" in versus
         assert "Targets relative to production: F1 >= " in " ".join(app.state.verdict.reasons)  # scrolled below
 
 
@@ -85,7 +85,7 @@ def test_status_text_and_json_carry_the_reference(tmp_path: Path) -> None:
     text = status.render(summary)
     assert "production [reference]  /models/pii-production" in text
     assert "validation on 500 samples: precision 95." in text
-    assert "  aggressive vs production: F1 +" in text and "beats it" in text
+    assert "  aggressive beats production: F1 +" in text and "  conservative ties production: F1 +" in text
 
 
 def test_the_report_has_a_reference_column_and_section(tmp_path: Path) -> None:
@@ -113,7 +113,7 @@ def test_headless_prints_the_reference_beside_the_arms(tmp_path: Path) -> None:
     lines = headless.verdict_lines(verdict)
     scores = [line for line in lines if "F1 " in line and "[" in line and not line.startswith("  - ")]
     assert [line.split()[0] for line in scores] == ["conservative", "aggressive", "production"]
-    assert "vs production: +" in scores[1] and scores[1].endswith("beats it")
+    assert "  F1 +" in scores[1] and scores[1].endswith(": beats production")
     assert any(line.startswith("  - aggressive beats production") for line in lines)
 
 

@@ -25,7 +25,6 @@ POLL_EVERY_S = 0.3  # as often as the UI reads the files: a verdict shows within
 EXIT_ARM_CRASHED = 3
 AUTO = "auto"  # `by` of actions applied because rules.on_verdict = "apply"
 WAITING = "waiting"  # verdict.WAITING: an arm has not reached its milestone
-VERSUS_WORDS = {"beats": "beats it", "ties": "ties it", "short": "falls short"}  # an arm against the reference
 
 
 def _pct(value: float) -> str:
@@ -73,8 +72,8 @@ def score_lines(verdict: Any) -> list[str]:
         line = f"  {name:<{width}}  {cells}"
         if name in versus:
             f1 = versus[name]["f1"]
-            line += (f"  vs {reference['name']}: {100 * f1['diff']:+.1f} [{100 * f1['low']:+.1f}, "
-                     f"{100 * f1['high']:+.1f}] {VERSUS_WORDS.get(versus[name]['outcome'], versus[name]['outcome'])}")
+            line += (f"  F1 {100 * f1['diff']:+.1f} [{100 * f1['low']:+.1f}, {100 * f1['high']:+.1f}]: "
+                     f"{versus[name]['describe']}")
         lines.append(line)
     return lines
 

@@ -121,9 +121,11 @@ def compare(arms: Mapping[str, ArmResult | None], reference: ReferenceResult, ru
     comparisons = {}
     for name, arm_totals in zip(comparable, totals[1:]):
         stats = difference_stats(counts, totals[0], done[name].counts, arm_totals, confidence=confidence)
-        comparisons[name] = {"vs": reference.name, "outcome": _outcome(stats["f1"], rules.close_margin),
-                             "n": len(counts), "resamples": rules.bootstrap_resamples, "seed": rules.seed,
-                             "confidence": confidence, **stats}
+        outcome = _outcome(stats["f1"], rules.close_margin)
+        comparisons[name] = {"vs": reference.name, "outcome": outcome,
+                             "describe": f"{OUTCOME_WORDS[outcome]} {reference.name}", "n": len(counts),
+                             "resamples": rules.bootstrap_resamples, "seed": rules.seed, "confidence": confidence,
+                             **stats}
     metrics = _metrics(reference, counts, totals[0], row_confidence)
     row = {"metrics": metrics, "goal": _goal(metrics, rules), "comparisons": comparisons, "confidence": confidence}
     return row, [p for name in done for p in problems[name]]

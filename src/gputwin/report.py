@@ -26,7 +26,6 @@ from .eta import human_duration
 from .metrics import METRICS, as_counts, disagreements
 from .paths import ExperimentPaths
 from .profiles import Rules
-from .reference import OUTCOME_WORDS
 from .verdict import EXTEND, STOP, ArmResult, Verdict, account_for_ended, decide, level, pct
 
 DISAGREEMENTS_SHOWN = 10
@@ -285,7 +284,7 @@ def _metrics_section(verdict: Verdict, base: str) -> list[str]:
     out += [f"{c} beats {base} on F1 in {comp['f1']['p_b_better']:.1%} of {comp['resamples']:,} resamples."
             for c, comp in verdict.comparisons.items()]
     for arm, comp in (reference.get("comparisons") or {}).items():
-        out.append(f"{arm} {OUTCOME_WORDS[comp['outcome']]} {reference['name']}: ahead on F1 in "
+        out.append(f"{arm} {comp['describe']}: ahead on F1 in "
                    f"{comp['f1']['p_b_better']:.1%} of {comp['resamples']:,} resamples "
                    f"({level(comp['confidence'])} interval).")
     return out + [""]
@@ -304,7 +303,9 @@ def _reference_section(verdict: Verdict | None, reference: Any) -> list[str]:
         out += ["", f"It has no usable validation: {reference.problem}."]
     targets = (verdict.reference or {}).get("targets") if verdict is not None else None
     for key, t in (targets or {}).items():
-        out.append(f"- {key} = reference + {t['offset'] * 100:.1f} points: {pct(t['reference'])} -> {pct(t['value'])}")
+        sign = "+" if t["offset"] >= 0 else "-"
+        out.append(f"- {key} = reference {sign} {abs(t['offset']) * 100:.1f} points: {pct(t['reference'])} -> "
+                   f"{pct(t['value'])}")
     return out + [""]
 
 

@@ -189,9 +189,8 @@ def versus_lines(reference: dict[str, Any] | None) -> list[str]:
     """Each arm's F1 against the reference, as the verdict's paired bootstrap gives it."""
     if not reference:
         return []
-    words = {"beats": "beats it", "ties": "ties it", "short": "falls short of it"}
-    return [f"  {arm} vs {c['vs']}: F1 {100 * c['f1']['diff']:+.1f} points "
-            f"[{100 * c['f1']['low']:+.1f}, {100 * c['f1']['high']:+.1f}], {words.get(c['outcome'], c['outcome'])}"
+    return [f"  {arm} {c['describe']}: F1 {100 * c['f1']['diff']:+.1f} points "
+            f"[{100 * c['f1']['low']:+.1f}, {100 * c['f1']['high']:+.1f}]"
             for arm, c in (reference.get("comparisons") or {}).items()]
 
 

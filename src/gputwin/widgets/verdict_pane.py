@@ -15,8 +15,7 @@ from .live_text import LiveText
 
 SCENARIO_STYLE = {"A": "bold green", "B": "bold yellow", "C": "bold cyan", "mismatch": "bold red"}
 CHANGING_ACTIONS = ("stop", "extend")
-OUTCOME_TEXT = {"beats": "beats it", "ties": "ties it", "short": "falls short"}  # an arm against the reference
-OUTCOME_STYLE = {"beats": "green", "ties": "yellow", "short": "red"}
+OUTCOME_STYLE = {"beats": "green", "ties": "yellow", "short": "red"}  # an arm against the reference
 
 
 def changing_actions(verdict: Any) -> list[Any]:
@@ -77,13 +76,12 @@ def versus_line(reference: Any) -> Text | None:
     if not comparisons:
         return None
     first = next(iter(comparisons.values()))
-    text = Text(f"F1 against {reference['name']}, the reference ({first['confidence'] * 100:.4g}% intervals): ",
-                style="bold")
+    text = Text(f"F1 against the reference ({first['confidence'] * 100:.4g}% intervals): ", style="bold")
     for i, (arm, c) in enumerate(comparisons.items()):
         f1, outcome = c["f1"], c["outcome"]
         text.append(" · " if i else "")
         text.append(f"{arm} {f1['diff'] * 100:+.1f} [{f1['low'] * 100:+.1f}, {f1['high'] * 100:+.1f}] ")
-        text.append(OUTCOME_TEXT.get(outcome, outcome), style=OUTCOME_STYLE.get(outcome, ""))
+        text.append(c["describe"], style=OUTCOME_STYLE.get(outcome, ""))
     return text
 
 
