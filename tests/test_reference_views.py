@@ -125,3 +125,14 @@ def test_a_missing_reference_file_is_named_with_the_command_that_makes_it(tmp_pa
     assert verdict.scenario == "mismatch"
     assert "validation.json is missing; make it with `gputwin validate --model /models/pii-production" \
         in verdict.headline
+
+
+def test_a_damaged_reference_file_is_named_and_the_arms_verdict_stands(tmp_path: Path) -> None:
+    exp = copy_fixture("seed-verdict", tmp_path)
+    add_reference(exp)
+    path = exp.root / REFERENCE_DIR / RESULT_FILE
+    path.write_text(json.dumps({"per_sample": [[1, 2]]}))
+    verdict = state_of(exp, CLOCKS["seed-verdict"]).verdict
+    assert verdict.scenario == "A" and verdict.reference["metrics"] is None
+    assert f"its validation file {path} cannot be used (per-sample counts must be [tp, fp, fn] rows" \
+        in verdict.reference["problem"]

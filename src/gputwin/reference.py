@@ -193,15 +193,10 @@ def judge(verdict: Verdict, arms: Mapping[str, ArmResult | None], reference: Ref
     reasons: list[str] = []
     problem = resolved.problem if resolved.problem else None if reference.usable() else reference.problem
     if reference.usable():
-        try:
-            row, mismatched = compare(arms, reference, resolved.rules, row_confidence=verdict.confidence)
-        except ValueError as exc:  # per_sample of the wrong shape
-            row, mismatched = {}, []
-            problem = f"{name}'s validation file {reference.path} cannot be used ({exc})"
+        row, mismatched = compare(arms, reference, resolved.rules, row_confidence=verdict.confidence)
         summary.update(row)
-        if row:
-            reasons.append(_row_sentence(name, row["metrics"], verdict.confidence))
-            reasons += [_arm_sentence(arm, name, comp, rules.close_margin) for arm, comp in row["comparisons"].items()]
+        reasons.append(_row_sentence(name, row["metrics"], verdict.confidence))
+        reasons += [_arm_sentence(arm, name, comp, rules.close_margin) for arm, comp in row["comparisons"].items()]
         if mismatched:
             reasons += [f"Cannot compare with the reference: {p}." for p in mismatched]
             if resolved.targets and not problem:

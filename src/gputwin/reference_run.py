@@ -256,7 +256,18 @@ def load_reference(exp_root: Path, experiment: Experiment) -> ReferenceResult | 
                                problem=f"its validation file {path} is missing; make it with "
                                        f"`{inputs_for(experiment).command(path)}`")
     result = _read(path)
-    if result is None:
+    why = "no per_sample list" if result is None else _unusable_counts(result["per_sample"])
+    if why:
         return ReferenceResult(spec.name, None, path=str(path), model=spec.model,
-                               problem=f"its validation file {path} is not a validation result (no per_sample list)")
+                               problem=f"its validation file {path} cannot be used ({why})")
     return ReferenceResult(spec.name, result, path=str(path), model=spec.model)
+
+
+def _unusable_counts(rows: Any) -> str | None:
+    from .metrics import as_counts
+
+    try:
+        counts = as_counts(rows)
+    except (ValueError, TypeError) as exc:
+        return str(exc)
+    return "no samples were scored" if len(counts) == 0 else None
