@@ -191,7 +191,7 @@ def judge(verdict: Verdict, arms: Mapping[str, ArmResult | None], reference: Ref
     summary: dict[str, Any] = {"name": name, "model": reference.model, "path": reference.path, "metrics": None,
                                "goal": None, "comparisons": {}, "targets": resolved.targets, "problem": None}
     reasons: list[str] = []
-    problem = resolved.problem if resolved.problem else None if reference.usable() else reference.problem
+    problem = resolved.problem or (None if reference.usable() else reference.problem)
     if reference.usable():
         row, mismatched = compare(arms, reference, resolved.rules, row_confidence=verdict.confidence)
         summary.update(row)
@@ -210,7 +210,7 @@ def judge(verdict: Verdict, arms: Mapping[str, ArmResult | None], reference: Ref
     if winner:
         reasons.append(winner)
     judged = replace(verdict, reference=summary, reasons=(*verdict.reasons, *reasons))
-    if problem and (resolved.problem or resolved.targets) and verdict.scenario not in (WAITING, MISMATCH):
+    if problem and relative_offsets(rules) and verdict.scenario not in (WAITING, MISMATCH):
         return replace(judged, scenario=MISMATCH, headline="cannot judge the targets: " + problem, winner=None,
                        leader=None, actions=())
     return judged
