@@ -76,7 +76,8 @@ def test_demo_in_tmux_reaches_a_verdict_then_extend_stop_detach_and_reattach(tmp
     again = None
     try:
         # Both arms train, validate at step 200 and the verdict pane fills in.
-        term.wait_for(r"demo-conservative.*demo-aggressive", 60)
+        # (the first run validates the demo's reference before the arms start: allow for it on a busy machine)
+        term.wait_for(r"demo-conservative.*demo-aggressive", 120)
         term.wait_for(r"verdict: scenario [ABC]", 420)
         # Both panes finished at 200 steps with an F1 each (a capture may catch a half-drawn frame, and a
         # notification may cover a corner for a few seconds: wait rather than look once).

@@ -420,7 +420,7 @@ def test_the_packaged_demo_profiles_match_the_checkouts() -> None:
     shipped = launcher.demo_profile()
     assert shipped.parent.name == "demo_profiles"
     checkout = Path(__file__).resolve().parents[1] / "profiles"
-    for name in ("demo.toml", "demo-conservative.toml", "demo-aggressive.toml"):
+    for name in ("demo.toml", "demo-conservative.toml", "demo-aggressive.toml", "demo-reference.toml"):
         assert (shipped.parent / name).read_text() == (checkout / name).read_text(), name
     assert load_experiment(shipped).arm_names == ["demo-conservative", "demo-aggressive"]
 

@@ -97,6 +97,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="task head when the adapter does not record one (default: read from the adapter)")
     p.add_argument("--batch-size", type=int, default=0, help="samples per batch (default: chosen for the device)")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto")
+    p.add_argument("--max-length", type=int, default=0,
+                   help="tokens per sample before truncation (default: the adapter's gputwin.json, else 512)")
     p.add_argument("--decoder", choices=["fast", "plain"], default="fast",
                    help="generate head: gputwin's fast greedy decoder (default) or transformers' generate")
     p.add_argument("--json", dest="json_out", help="write the full result to this file")

@@ -71,9 +71,31 @@ def probe_line(arm_name: str, point: Any) -> str:
             f"{_pct(point.precision)}  recall {_pct(point.recall)}  F1 {_pct(point.f1)}")
 
 
+def score_lines(verdict: Any) -> list[str]:
+    """Each arm's and the reference's P/R/F1 with intervals, and each arm's F1 against the reference."""
+    reference = getattr(verdict, "reference", None) or {}
+    if not reference.get("metrics"):
+        return []  # without a reference the reasons say it all
+    rows = [*getattr(verdict, "metrics", {}).items(), (f"{reference['name']} (reference)", reference["metrics"])]
+    width = max(len(name) for name, _ in rows)
+    versus = reference.get("comparisons") or {}
+    lines = []
+    for name, m in rows:
+        cells = "  ".join(f"{label} {_pct(m[key]['value'])} [{100 * m[key]['low']:.1f}, {100 * m[key]['high']:.1f}]"
+                          for key, label in (("precision", "P"), ("recall", "R"), ("f1", "F1")))
+        line = f"  {name:<{width}}  {cells}"
+        if name in versus:
+            f1 = versus[name]["f1"]
+            line += (f"  F1 {100 * f1['diff']:+.1f} [{100 * f1['low']:+.1f}, {100 * f1['high']:+.1f}]: "
+                     f"{versus[name]['describe']}")
+        lines.append(line)
+    return lines
+
+
 def verdict_lines(verdict: Any) -> list[str]:
     headline = getattr(verdict, "headline", "")
     lines = [f"Verdict: scenario {verdict.scenario}" + (f" — {headline}" if headline else "")]
+    lines += score_lines(verdict)
     lines += [f"  - {reason}" for reason in verdict.reasons]
     if verdict.actions:
         lines.append("Recommended actions:")

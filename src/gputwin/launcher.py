@@ -23,7 +23,7 @@ from typing import Any, Callable, Iterator, Sequence
 from . import control, paths
 from .errors import UserError
 from .paths import ArmPaths, ExperimentPaths, make_private_dir
-from .preflight import check_arms_can_start
+from .preflight import check_arms_can_start, check_reference
 from .profiles import Experiment, Profile, load_any, load_experiment, load_resolved, with_replicates
 from .supervise import (CRASHED, ENDED, FAILED, FINISHED, NOT_STARTED, RUNNING, STOPPED, arm_alive, arm_lock,
                         SpawnError, arm_status, ending, spawn_supervised, supervisor_active, write_atomic)
@@ -152,9 +152,14 @@ def start_experiment(experiment: Experiment, *, root: Path | None = None, say: S
         raise UserError(str(exc), "pass --name NAME") from None
     experiment = with_replicates(experiment)
     check_arms_can_start([p for p in experiment.arms if p.name not in (commands or {})])
+    check_reference(experiment)
     with launch_lock(exp):
         _refuse_rerun(exp)
         _ensure_data(experiment.arms, say)
+        if experiment.reference is not None:  # validated (or found in the cache) before any arm starts
+            from .reference_run import ensure_reference
+
+            ensure_reference(experiment, exp.root, say)
         for profile in experiment.arms:
             _write_arm_files(exp.arm(profile.name), profile)
         write_atomic(exp.experiment_json, json.dumps(experiment.to_dict(), indent=2) + "\n")

@@ -256,9 +256,11 @@ def cmd_check(args: Any) -> int:
     paths = [fast_paths(a) for a in arms]
     differ = set(differing_keys(arms))
     if getattr(args, "json", False):
+        reference = None if experiment.reference is None else asdict(experiment.reference)
         print(json.dumps({"experiment": experiment.name, "differing_keys": sorted(differ),
                           "arms": [{"profile": a.to_dict(), "from_adapter": list(a.from_adapter), "plan": asdict(p),
-                                    "fast_paths": f} for a, p, f in zip(arms, plans, paths)]}, indent=2))
+                                    "fast_paths": f} for a, p, f in zip(arms, plans, paths)],
+                          "reference": reference}, indent=2))
         return 0
     console = Console()
     table = Table(title=f"gputwin check: {experiment.name}", title_justify="left", show_lines=False)
@@ -283,6 +285,13 @@ def cmd_check(args: Any) -> int:
               for a in arms if a.from_adapter]
     notes += [f"{a.name}: {name} off: {s['why']}" for a, f in zip(arms, paths) for name, s in f.items()
               if not s["on"] and name != "fast_engine"]
+    if experiment.reference is not None:
+        from .paths import logs_root
+        from .reference_run import REFERENCE_DIR, RESULT_FILE, inputs_for
+
+        out = logs_root() / experiment.name / REFERENCE_DIR / RESULT_FILE
+        notes.append(f"reference {experiment.reference.name}: validated before the arms start (unless cached) "
+                     f"with `{inputs_for(experiment).command(out)}`")
     for note in notes:
         console.print(f"note: {note}")
     if any("fast_engine" not in f for f in paths):

@@ -1,6 +1,7 @@
 """What `gputwin run` refuses before it writes anything: mistakes a trainer would only fail on later.
 
     check_arms_can_start(profiles)   check_devices + check_plans; raises a UserError naming the file and key
+    check_reference(experiment)      the [reference] folder is there and holds a model or an adapter
 
 A GPU index the machine does not have, a dataset without one usable line and a milestone after the
 last step would each leave an experiment folder with failed arms behind; refused here, they change
@@ -13,7 +14,7 @@ import re
 from pathlib import Path
 from typing import Sequence
 
-from .profiles import Profile, ProfileError
+from .profiles import Experiment, Profile, ProfileError, reference_folder_problem
 
 
 def check_arms_can_start(profiles: Sequence[Profile]) -> None:
@@ -77,3 +78,13 @@ def check_plans(profiles: Sequence[Profile]) -> None:
         if test not in tests and (Path(test).is_file() or not profile.data.synth_if_missing):
             tests.add(test)
             load_dataset(test)
+
+
+def check_reference(experiment: Experiment) -> None:
+    """A reference folder that is gone, or holds neither an adapter nor a model, is refused here; whether it
+    loads is then settled by validating it, still before any arm starts (gputwin.reference_run)."""
+    if experiment.reference is None:
+        return
+    problem = reference_folder_problem(Path(experiment.reference.model))
+    if problem:
+        raise ProfileError(experiment.source or experiment.name, "reference.model", *problem)

@@ -155,6 +155,25 @@ class Rules:
     replicates: int = 0  # extra runs of every arm with other seeds: the verdict's intervals then include their spread
     bootstrap_resamples: int = 2000
     seed: int = 0
+    # target_f1 = "reference + 1.5": the reference's F1 plus this fraction (0.015) replaces target_f1 once the
+    # reference is validated; None keeps target_f1 as written. The same for recall.
+    target_f1_reference_offset: float | None = None
+    target_recall_reference_offset: float | None = None
+
+
+RELATIVE_TARGETS = {"target_f1": "f1", "target_recall": "recall"}  # rules that may be "reference + N"
+
+
+@dataclass(frozen=True)
+class ReferenceSpec:
+    """The model in production (an adapter or model folder): validated once on the arms' sample and shown
+    beside them in every verdict, so the winner is also judged against what is deployed."""
+
+    model: str  # adapter folder (adapter_config.json) or model folder (config.json), absolute
+    name: str = "reference"
+    base: str | None = None  # base model when the adapter does not name a reachable one
+    task: str | None = None  # generate | tag; None: read from the folder, as `gputwin validate` does
+    device: int | None = None  # GPU index; None = CPU. Default: the baseline arm's device
 
 
 @dataclass(frozen=True)
@@ -163,6 +182,7 @@ class Experiment:
     arms: tuple[Profile, ...]
     rules: Rules
     source: str = ""
+    reference: ReferenceSpec | None = None
 
     @property
     def arm_names(self) -> list[str]:
@@ -175,6 +195,7 @@ class Experiment:
             "arms": [a.to_dict() for a in self.arms],
             "rules": dataclasses.asdict(self.rules),
             "source": self.source,
+            "reference": None if self.reference is None else dataclasses.asdict(self.reference),
         }
 
     @classmethod
@@ -184,6 +205,7 @@ class Experiment:
             arms=tuple(Profile.from_dict(a) for a in d["arms"]),
             rules=Rules(**d["rules"]),
             source=d.get("source", ""),
+            reference=ReferenceSpec(**d["reference"]) if d.get("reference") else None,
         )
 
 
@@ -526,19 +548,24 @@ def load_profile(path: str | Path, *, check_files: bool = True) -> Profile:
 # ---------------------------------------------------------------- experiments
 
 
-def _parse_rules(path: Path, text: str, data: Any, baseline: str) -> Rules:
+def _parse_rules(path: Path, text: str, data: Any, baseline: str, reference: ReferenceSpec | None = None) -> Rules:
     ru = _Section(path, text, "rules", data)
-    ru.check_unknown({f.name for f in dataclasses.fields(Rules)} - {"baseline"})
+    offsets = {f"{key}_reference_offset" for key in RELATIVE_TARGETS}
+    ru.check_unknown({f.name for f in dataclasses.fields(Rules)} - {"baseline"} - offsets)
     extend = ru.get("extend_epochs", int, 1)
     if extend < 1:
         raise ru.error("extend_epochs", f"must be >= 1, got {extend}", "e.g. extend_epochs = 1")
     resamples = ru.get("bootstrap_resamples", int, 2000)
     if resamples < 1000:
         raise ru.error("bootstrap_resamples", f"must be >= 1000, got {resamples}", "fewer resamples give shaky intervals")
+    target_f1, f1_offset = _target(ru, "target_f1", 0.85, reference)
+    target_recall, recall_offset = _target(ru, "target_recall", 0.80, reference)
     return Rules(
         baseline=baseline,
-        target_f1=ru.fraction("target_f1", 0.85),
-        target_recall=ru.fraction("target_recall", 0.80),
+        target_f1=target_f1,
+        target_recall=target_recall,
+        target_f1_reference_offset=f1_offset,
+        target_recall_reference_offset=recall_offset,
         close_margin=ru.fraction("close_margin", 0.03),
         goal_precision=ru.fraction("goal_precision", 0.85),
         goal_recall=ru.fraction("goal_recall", 0.90),
@@ -589,6 +616,100 @@ def _extend_lr(ru: _Section) -> float:
     return value
 
 
+_RELATIVE = re.compile(r"^\s*reference\s*(?:([+-])\s*(\d+(?:\.\d*)?|\.\d+)\s*(?:points?|pts?)?)?\s*$", re.IGNORECASE)
+
+
+def _target(ru: _Section, key: str, default: float, reference: ReferenceSpec | None) -> tuple[float, float | None]:
+    """A target as a fraction (0.85), or relative to the reference: "reference + 1.5" (percentage points).
+
+    Returns (absolute target, offset as a fraction or None). A relative target keeps the default as its
+    absolute value until the reference's result replaces it (gputwin.reference.resolve_targets)."""
+    value = ru.data.get(key)
+    if not isinstance(value, str):
+        return ru.fraction(key, default), None
+    metric = "F1" if RELATIVE_TARGETS[key] == "f1" else RELATIVE_TARGETS[key]
+    match = _RELATIVE.match(value)
+    if not match:
+        raise ru.error(key, f'expected a fraction such as 0.85 or a target relative to the reference such as '
+                       f'"reference + 1.5", got {value!r}',
+                       f'"reference + 1.5" asks for {metric} 1.5 percentage points above the [reference] model; '
+                       f"{key} = 0.85 asks for 85%")
+    if reference is None:
+        raise ru.error(key, f"{value!r} is relative to the reference, but {ru.path.name} has no [reference] table",
+                       'add [reference] with model = "path/to/the adapter in production", or give a fraction '
+                       f"such as {key} = 0.85")
+    sign, number = match.groups()
+    points = 0.0 if number is None else float(number)
+    if 0 < points < 0.1:
+        raise ru.error(key, f"{value!r}: the offset is in percentage points, and {points:g} is under a tenth of one",
+                       f'"reference + 1.5" means {metric} at least 1.5 points above the reference\'s (83.5% -> 85.0%)')
+    if points > 100:
+        raise ru.error(key, f"{value!r}: an offset of {points:g} points is more than the whole scale",
+                       "offsets are percentage points, e.g. \"reference + 1.5\"")
+    return default, (-points if sign == "-" else points) / 100
+
+
+def _parse_device(section: _Section, key: str, default: int | None) -> int | None:
+    """A GPU index (int >= 0) or "cpu" (None)."""
+    hint = 'device = 0 for the first GPU (as nvidia-smi numbers them), device = "cpu" for none'
+    raw = section.get(key, (int, str), "cpu" if default is None else default, hint)
+    if isinstance(raw, str):
+        if raw.lower() != "cpu":
+            raise section.error(key, f"expected a GPU index or \"cpu\", got {raw!r}", hint)
+        return None
+    if raw < 0:
+        raise section.error(key, f"GPU index must be >= 0, got {raw}", hint)
+    return raw
+
+
+def reference_folder_problem(folder: Path) -> tuple[str, str] | None:
+    """(problem, hint) when `folder` cannot be a reference: missing, or holding neither an adapter nor a model."""
+    if not folder.is_dir():
+        return (f"reference folder {folder} does not exist",
+                "point it at the adapter folder (adapter_config.json) or model folder (config.json) now in "
+                "production; relative paths start at the experiment file's folder")
+    if not (folder / "adapter_config.json").is_file() and not (folder / "config.json").is_file():
+        return f"{folder} holds neither adapter_config.json nor config.json", \
+            "point it at a folder written by gputwin, peft or transformers"
+    return None
+
+
+def _parse_reference(path: Path, text: str, data: Any, arms: list[Profile], baseline: str, *,
+                     check_files: bool) -> ReferenceSpec:
+    """[reference]: the model in production, validated like the arms (same sample, validator and decoder)."""
+    ref = _Section(path, text, "reference", data)
+    ref.check_unknown({"name", "model", "base", "task", "device"})
+    name = ref.get("name", str, "reference")
+    if not valid_name(name):
+        raise ref.error("name", f"{name!r} cannot name the reference", NAME_HINT)
+    if name in [a.name for a in arms]:
+        raise ref.error("name", f"{name!r} is also the name of an arm", 'give the reference its own name, e.g. '
+                        'name = "production"')
+    raw = ref.get("model", str, hint='model = "path/to/the adapter or model in production"')
+    if not raw.strip():
+        raise ref.error("model", "is empty", 'model = "path/to/the adapter or model in production"')
+    folder = Path(raw).expanduser()
+    folder = folder if folder.is_absolute() else (path.parent / folder).resolve()
+    problem = reference_folder_problem(folder) if check_files else None
+    if problem:
+        raise ref.error("model", *problem)
+    base = ref.get("base", str, None, hint="a hub id, a local model folder, or package:NAME")
+    if base is not None and base.startswith("package:"):
+        found = package_model_dir(base.removeprefix("package:"))
+        if found is None:
+            raise ref.error("base", f"no installed package {base.removeprefix('package:')!r} ships a model/ folder",
+                            "install it, or give a hub id or a local folder")
+    elif base is not None and _looks_local(base):
+        resolved = Path(base).expanduser()
+        base = str(resolved if resolved.is_absolute() else (path.parent / resolved).resolve())
+        if check_files and not Path(base).exists():
+            raise ref.error("base", f"model folder {base} does not exist",
+                            "give the base model the reference adapter was trained on: a hub id or a folder")
+    task = ref.choice("task", TASKS, TASKS[0]) if "task" in ref.data else None
+    device = _parse_device(ref, "device", next(a.device for a in arms if a.name == baseline))
+    return ReferenceSpec(model=str(folder), name=name, base=base, task=task, device=device)
+
+
 def check_arms(arms: list[Profile], source: Path | str) -> None:
     """Rules that concern arms together: unique names, one output folder each, one arm per GPU is advised."""
     seen: dict[str, str] = {}
@@ -615,7 +736,7 @@ def load_experiment(path: str | Path, *, check_files: bool = True) -> Experiment
         raise ProfileError(path, None, "is an arm profile, not an experiment file",
                            "pass several profiles (gputwin run a.toml b.toml) or an experiment file with arms = [...]")
     top = _Section(path, text, None, data)
-    top.check_unknown({"name", "arms", "baseline", "rules"})
+    top.check_unknown({"name", "arms", "baseline", "rules", "reference"})
     name = top.get("name", str, path.stem)
     if not valid_name(name):
         raise top.error("name", f"{name!r} cannot be an experiment name", NAME_HINT)
@@ -632,8 +753,11 @@ def load_experiment(path: str | Path, *, check_files: bool = True) -> Experiment
     if baseline not in [a.name for a in arms]:
         raise top.error("baseline", f"{baseline!r} is not one of the arms {[a.name for a in arms]}",
                         "baseline names an arm by its profile's name")
-    rules = _parse_rules(path, text, data.get("rules", {}), baseline)
-    return Experiment(name=name, arms=tuple(arms), rules=rules, source=str(path.resolve()))
+    reference = None
+    if "reference" in data:
+        reference = _parse_reference(path, text, data["reference"], arms, baseline, check_files=check_files)
+    rules = _parse_rules(path, text, data.get("rules", {}), baseline, reference)
+    return Experiment(name=name, arms=tuple(arms), rules=rules, source=str(path.resolve()), reference=reference)
 
 
 def _resolve(relative_to: Path, value: str) -> Path:

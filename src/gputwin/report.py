@@ -161,12 +161,14 @@ def _decide(state: st.ExperimentState, now: float) -> tuple[Verdict | None, dict
     final = final_results(state, now)
     if final is not None:
         results, waiting = dict(final), {}
-        verdict = decide(final, _rules(state), stage="final", replicate_of=state.replicate_of)
+        verdict = decide(final, _rules(state), stage="final", replicate_of=state.replicate_of,
+                         reference=state.reference)
     else:
         results, waiting = _collect(state, now)
         if len(state.arms) < 2:
             return None, results, waiting
-        verdict = decide(results, _rules(state), waiting=waiting, replicate_of=state.replicate_of)
+        verdict = decide(results, _rules(state), waiting=waiting, replicate_of=state.replicate_of,
+                         reference=state.reference)
     ended = {name: arm.status for name, arm in state.arms.items() if arm.status in st.ENDED}
     return account_for_ended(verdict, ended), results, waiting
 
@@ -273,9 +275,16 @@ def _hyperparameters_section(state: st.ExperimentState) -> list[str]:
 
 
 def _metrics_section(verdict: Verdict, base: str) -> list[str]:
-    m, comparisons = verdict.metrics, verdict.comparisons
+    m, comparisons = dict(verdict.metrics), dict(verdict.comparisons)
     if not m:
         return []
+    goal = dict(verdict.goal)
+    reference = verdict.reference or {}
+    if reference.get("metrics"):  # the reference's column beside the arms', and each arm's difference from it
+        ref = f"{reference['name']} (reference)"
+        m[ref], goal[ref] = reference["metrics"], reference["goal"]
+        comparisons.update({f"{arm} - {reference['name']}": c for arm, c in reference["comparisons"].items()})
+    labels = [label if " - " in label else f"{label} - {base}" for label in comparisons]
     blank = [""] * len(comparisons)
     rows = [[label, *(_interval(m[a][key]) for a in m), *(_diff(c[key]) for c in comparisons.values())]
             for key, label in (("precision", "precision"), ("recall", "recall"), ("f1", "F1"))]
@@ -287,17 +296,24 @@ def _metrics_section(verdict: Verdict, base: str) -> list[str]:
                      *blank])
         rows.append(["cooldown probe", *(f"{m[a]['cooled']['steps']} steps, {m[a]['cooled'].get('seconds') or 0:.1f} s"
                                          if m[a].get("cooled") else "-" for a in m), *blank])
-    rows.append(["meets final goal", *("yes" if verdict.goal[a]["met"] else
-                                       "no (" + ", ".join(k for k in METRICS if not verdict.goal[a][k]) + ")"
+    rows.append(["meets final goal", *("yes" if goal[a]["met"] else
+                                       "no (" + ", ".join(k for k in METRICS if not goal[a][k]) + ")"
                                        for a in m), *blank])
     n = next(iter(m.values()))["n"]
-    header = ["metric", *m, *(f"{c} - {base}" for c in comparisons)]
+    header = ["metric", *m, *labels]
+    versus = (f" The differences from {reference['name']} (the reference) have "
+              f"{level(next(iter(reference['comparisons'].values()))['confidence'])} intervals, one comparison "
+              "per arm." if reference.get("comparisons") else "")
     out = ["## Milestone metrics", "",
            f"Entity-level scores on {n} held-out samples; [low, high] is the {level(verdict.confidence)} paired "
-           "bootstrap interval, pts are percentage points.", "",
+           "bootstrap interval, pts are percentage points." + versus, "",
            *table(header, rows, "l" + "r" * (len(header) - 1)), ""]
     out += [f"{c} beats {base} on F1 in {comp['f1']['p_b_better']:.1%} of {comp['resamples']:,} resamples."
-            for c, comp in comparisons.items()]
+            for c, comp in verdict.comparisons.items()]
+    for arm, comp in (reference.get("comparisons") or {}).items():
+        out.append(f"{arm} {comp['describe']}: ahead on F1 in "
+                   f"{comp['f1']['p_b_better']:.1%} of {comp['resamples']:,} resamples "
+                   f"({level(comp['confidence'])} interval).")
     return out + [""]
 
 
@@ -311,8 +327,29 @@ def _position_cell(m: Mapping[str, Any]) -> str:
     return "end of decay" if fraction <= 0.02 or schedule.get("decay_done", 0) >= 1 else f"{fraction:.0%} of peak"
 
 
-def _per_type_section(results: Mapping[str, ArmResult | None], base: str) -> list[str]:
+def _reference_section(verdict: Verdict | None, reference: Any) -> list[str]:
+    """Which model the arms were held against, how it was validated, and the targets taken from it."""
+    if reference is None:
+        return []
+    out = ["## Reference", "", f"**{reference.name}**: `{reference.model}`, the model in production, validated once "
+           "before the arms started on the same seeded sample, with the same validator and decoder."]
+    ran = (reference.validation or {}).get("reference", {}).get("command")
+    if ran:
+        out += ["", f"Validated with `{ran}`."]
+    if not reference.usable():
+        out += ["", f"It has no usable validation: {reference.problem}."]
+    targets = (verdict.reference or {}).get("targets") if verdict is not None else None
+    for key, t in (targets or {}).items():
+        sign = "+" if t["offset"] >= 0 else "-"
+        out.append(f"- {key} = reference {sign} {abs(t['offset']) * 100:.1f} points: {pct(t['reference'])} -> "
+                   f"{pct(t['value'])}")
+    return out + [""]
+
+
+def _per_type_section(results: Mapping[str, ArmResult | None], base: str, reference: Any = None) -> list[str]:
     done = {name: r.validation.get("per_type", {}) for name, r in results.items() if r is not None}
+    if done and reference is not None and reference.usable():
+        done[f"{reference.name} (reference)"] = reference.validation.get("per_type", {})
     if not done:
         return []
     types = sorted({t for per_type in done.values() for t in per_type})
@@ -406,9 +443,10 @@ def render(state: st.ExperimentState, verdict: Verdict | None, results: Mapping[
         out += ["## Not yet at the milestone", "", *(f"- **{name}**: {why}." for name, why in waiting.items()), ""]
     out += _arms_section(state, results)
     out += _hyperparameters_section(state)
+    out += _reference_section(verdict, state.reference)
     if verdict is not None:
         out += _metrics_section(verdict, base)
-    out += _per_type_section(results, base)
+    out += _per_type_section(results, base, state.reference)
     out += list(figures)
     out += _training_section(state)
     out += _disagreements_section(results, base)

@@ -310,6 +310,7 @@ class ExperimentState:
     differing_keys: list[str] = field(default_factory=list)  # dotted profile keys whose values differ
     replicate_of: dict[str, str] = field(default_factory=dict)  # replicate arm -> the arm it repeats (rules.replicates)
     verdict: Any = None  # gputwin.verdict.Verdict, from gputwin.report.verdict_for_experiment
+    reference: Any = None  # gputwin.reference.ReferenceResult when the experiment names a [reference]
     problems: list[str] = field(default_factory=list)  # e.g. experiment.json unreadable
 
     @property

@@ -110,6 +110,15 @@ def _probe_dict(point: Any) -> dict[str, Any] | None:
             "f1": point.f1, "seconds": point.seconds, "failed": point.failed}
 
 
+def reference_summary(reference: Any) -> dict[str, Any] | None:
+    """The experiment's reference (validated before the arms started) as plain data."""
+    if reference is None:
+        return None
+    v = reference.validation or {}
+    return {"name": reference.name, "model": reference.model, "path": reference.path, "problem": reference.problem,
+            **{key: v.get(key) for key in ("precision", "recall", "f1", "n")}}
+
+
 def summarize(state: ExperimentState, now: float) -> dict[str, Any]:
     verdict = state.verdict
     return {
@@ -118,6 +127,7 @@ def summarize(state: ExperimentState, now: float) -> dict[str, Any]:
         "baseline": state.baseline,
         "now": now,
         "arms": [arm_summary(a, now, state.baseline, state.differing_keys) for a in state.arms.values()],
+        "reference": reference_summary(getattr(state, "reference", None)),
         "verdict": None if verdict is None else verdict.to_dict(),
         "problems": list(state.problems),
     }
@@ -196,6 +206,23 @@ def arm_lines(a: dict[str, Any], now: float) -> list[str]:
     return lines
 
 
+def reference_lines(r: dict[str, Any]) -> list[str]:
+    lines = [f"{r['name']} [reference]  {r['model']}"]
+    if r["problem"]:
+        return lines + [f"  no usable validation: {r['problem']}"]
+    return lines + [f"  validation on {r['n']} samples: precision {_pct(r['precision'])}  recall {_pct(r['recall'])}  "
+                    f"F1 {_pct(r['f1'])}"]
+
+
+def versus_lines(reference: dict[str, Any] | None) -> list[str]:
+    """Each arm's F1 against the reference, as the verdict's paired bootstrap gives it."""
+    if not reference:
+        return []
+    return [f"  {arm} {c['describe']}: F1 {100 * c['f1']['diff']:+.1f} points "
+            f"[{100 * c['f1']['low']:+.1f}, {100 * c['f1']['high']:+.1f}]"
+            for arm, c in (reference.get("comparisons") or {}).items()]
+
+
 def render(summary: dict[str, Any]) -> str:
     when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(summary["now"]))
     lines = [f"{summary['experiment']}  ({len(summary['arms'])} arms)  {summary['folder']}  at {when}"]
@@ -203,10 +230,14 @@ def render(summary: dict[str, Any]) -> str:
     for arm in summary["arms"]:
         lines.append("")
         lines += arm_lines(arm, summary["now"])
+    if summary.get("reference"):
+        lines.append("")
+        lines += reference_lines(summary["reference"])
     lines.append("")
     verdict = summary["verdict"]
     if verdict is not None:
         lines.append(f"verdict: {verdict['headline']}")
+        lines += versus_lines(verdict.get("reference"))
     else:
         waiting = [a["name"] for a in summary["arms"] if not a["validations"]]
         lines.append("verdict: not yet" + (f" (waiting for validation of {', '.join(waiting)})" if waiting else ""))

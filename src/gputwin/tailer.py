@@ -255,6 +255,11 @@ class ExperimentWatcher:
         self.state.rules = experiment.rules
         self.state.baseline = experiment.rules.baseline
         self.state.replicate_of = {a.name: a.replicate_of for a in experiment.arms if a.replicate_of}
+        self.state.reference = None
+        if experiment.reference is not None:  # validated before the arms started: there with experiment.json
+            from .reference_run import load_reference
+
+            self.state.reference = load_reference(self.paths.root, experiment)
         for profile in experiment.arms:
             if profile.name not in self._arm_paths:
                 self._add_arm(profile.name)

@@ -132,6 +132,10 @@ def cmd_validate(args: Any) -> int:
                         hint="e.g. --sample-size 500 (a number above the test set size takes all samples)")
     if args.batch_size < 0:
         raise UserError(f"--batch-size {args.batch_size}: expected 0 (automatic) or a positive number")
+    max_length = getattr(args, "max_length", 0)
+    if max_length < 0 or 0 < max_length < 8:
+        raise UserError(f"--max-length {max_length}: expected 0 (from the adapter) or at least 8 tokens",
+                        hint="use the max_length the arms validate with, e.g. --max-length 512")
     model_dir = Path(args.model).expanduser()
     if not model_dir.is_dir():  # before anything heavy is imported
         raise UserError(f"--model {model_dir}: no such folder",
@@ -144,7 +148,7 @@ def cmd_validate(args: Any) -> int:
     device = resolve_device(args.device)
     model, tokenizer, task, label_names = load_for_validation(args.model, base=args.base, task=args.task,
                                                               device=device)
-    max_length = int(read_meta(args.model).get("max_length") or 512)
+    max_length = max_length or int(read_meta(args.model).get("max_length") or 512)
     result = validate(model, tokenizer, task=task, test_path=test_path, sample_size=args.sample_size,
                       seed=args.seed, label_names=label_names, device=model_device(model), max_length=max_length,
                       batch_size=args.batch_size, decoder=args.decoder)

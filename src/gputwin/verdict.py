@@ -102,6 +102,7 @@ class Verdict:
     waiting: Mapping[str, str] = field(default_factory=dict)
     confidence: float = FAMILY_CONFIDENCE
     stage: str = "milestone"  # or "final": every arm's adapter at the end of its schedule
+    reference: Mapping[str, Any] | None = None  # the reference's row and each arm against it (gputwin.reference)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -118,6 +119,7 @@ class Verdict:
             "waiting": dict(self.waiting),
             "confidence": self.confidence,
             "stage": self.stage,
+            "reference": None if self.reference is None else dict(self.reference),
         }
 
 
@@ -201,14 +203,23 @@ def mismatch_reasons(base: str, base_result: ArmResult, other: str, result: ArmR
 
 
 def decide(arms: Mapping[str, ArmResult | None], rules: Rules, *, waiting: Mapping[str, str] | None = None,
-           stage: str = "milestone", replicate_of: Mapping[str, str] | None = None) -> Verdict:
+           stage: str = "milestone", replicate_of: Mapping[str, str] | None = None,
+           reference: Any = None) -> Verdict:
     """The verdict for arms validated at the same milestone; None marks an arm that has not got there yet.
 
     stage "final" compares every arm's validation at the end of its schedule (steps may differ): the
     second look that scenario B asks for once the arms have finished.
 
     replicate_of maps a replicate arm (the same profile with another seed) to its arm: each arm is then
-    compared as the group of its runs, with intervals that resample runs, then samples."""
+    compared as the group of its runs, with intervals that resample runs, then samples. `reference` (a
+    gputwin.reference.ReferenceResult) adds the model in production as a row that every arm is compared
+    with, and resolves targets written relative to it."""
+    if reference is not None:
+        from . import reference as ref  # it builds on this module
+
+        resolved = ref.resolve_targets(rules, reference)
+        verdict = decide(arms, resolved.rules, waiting=waiting, stage=stage, replicate_of=replicate_of)
+        return ref.judge(verdict, arms, reference, resolved, rules)
     if stage == "final":
         verdict = decide(arms, rules, waiting=waiting, stage="final-inner", replicate_of=replicate_of)
         where = ", ".join(f"{name} at step {r.step}" for name, r in arms.items() if r is not None)

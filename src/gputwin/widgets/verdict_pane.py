@@ -16,6 +16,7 @@ from .live_text import LiveText
 
 SCENARIO_STYLE = {"A": "bold green", "B": "bold yellow", "C": "bold cyan", "mismatch": "bold red"}
 CHANGING_ACTIONS = ("stop", "extend")
+OUTCOME_STYLE = {"beats": "green", "ties": "yellow", "short": "red"}  # an arm against the reference
 
 
 def changing_actions(verdict: Any) -> list[Any]:
@@ -48,6 +49,9 @@ def waiting_view(state: Any, now: float) -> tuple[RenderableType, list[Text]]:
         else:
             row = Text(f"at step {arm.step:,} of {arm.milestone_step:,} · {eta_text(arm, arm.milestone_step, now)}")
         table.add_row(Text(arm.name), row)
+    reference = getattr(state, "reference", None)
+    if reference is not None:
+        table.add_row(*reference_waiting_row(reference))
     missing = [a for a in state.arms.values() if not a.validations]
     live = [a.name for a in missing if not a.ended]
     if live:
@@ -60,10 +64,49 @@ def waiting_view(state: Any, now: float) -> tuple[RenderableType, list[Text]]:
     return Group(title, table), [title, *cells]
 
 
+def reference_waiting_row(reference: Any) -> tuple[Text, Text]:
+    """The reference's scores (validated before the arms started), or why it has none."""
+    name = Text(f"{reference.name} (reference)", style="italic")
+    if not reference.usable():
+        return name, Text(f"no usable validation: {reference.problem}", style="yellow")
+    v = reference.validation
+    return name, Text(f"validated on {v.get('n', '?')} samples: precision {percent(v.get('precision'))} · "
+                      f"recall {percent(v.get('recall'))} · F1 {percent(v.get('f1'))}", style="italic")
+
+
+def versus_line(reference: Any) -> Text | None:
+    """Each arm's F1 against the reference with its interval and what it means, on one line under the table
+    (a column would not fit a 100-column terminal beside the intervals)."""
+    comparisons = (reference or {}).get("comparisons") or {}
+    if not comparisons:
+        return None
+    first = next(iter(comparisons.values()))
+    text = Text(f"F1 against the reference ({first['confidence'] * 100:.4g}% intervals): ", style="bold")
+    for i, (arm, c) in enumerate(comparisons.items()):
+        f1, outcome = c["f1"], c["outcome"]
+        text.append(" · " if i else "")
+        text.append(f"{arm} {f1['diff'] * 100:+.1f} [{f1['low'] * 100:+.1f}, {f1['high'] * 100:+.1f}] ")
+        text.append(c["describe"], style=OUTCOME_STYLE.get(outcome, ""))
+    return text
+
+
+def _score_cells(m: Any, goal: Any) -> list[Any]:
+    """Precision, recall and F1 with their intervals, then which final goals are still missed."""
+    cells: list[Any] = []
+    for key in ("precision", "recall", "f1"):
+        figure = m.get(key, {})
+        cells.append(f"{percent(figure.get('value'))} {interval(figure.get('low'), figure.get('high'))}")
+    missed = [label for key, label in (("precision", "precision"), ("recall", "recall"), ("f1", "F1"))
+              if goal.get(key) is False]
+    cells.append(Text("✓ met", style="green") if goal.get("met") else Text("✗ " + ", ".join(missed), style="yellow"))
+    return cells
+
+
 def metrics_table(verdict: Any) -> Table:
     """Per-arm precision, recall and F1 with the verdict's intervals; the last column says which final
-    goals an arm still misses."""
+    goals an arm still misses. With a reference: its row under the arms' and each arm's F1 against it."""
     confidence = getattr(verdict, "confidence", 0.95)
+    reference = getattr(verdict, "reference", None) or {}
     table = Table(box=None, padding=(0, 1), header_style="bold", show_edge=False,
                   title=Text(f"entity-level scores at the milestone, [low, high] = {confidence:.0%} interval"),
                   title_justify="left", title_style="dim")
@@ -74,18 +117,15 @@ def metrics_table(verdict: Any) -> Table:
     table.add_column("LR at score", no_wrap=True)
     table.add_column("final goal")
     for arm, m in verdict.metrics.items():
-        cells = []
-        for key in ("precision", "recall", "f1"):
-            figure = m.get(key, {})
-            cells.append(f"{percent(figure.get('value'))} {interval(figure.get('low'), figure.get('high'))}")
-        goal = verdict.goal.get(arm, {})
-        missed = [label for key, label in (("precision", "precision"), ("recall", "recall"), ("f1", "F1"))
-                  if goal.get(key) is False]
-        met = Text("✓ met", style="green") if goal.get("met") else Text("✗ " + ", ".join(missed), style="yellow")
         step = m.get("step")
         style = "bold" if arm in (verdict.winner, verdict.leader) else ""
-        table.add_row(Text(arm, style=style), f"{step:,}" if isinstance(step, int) else "–", *cells,
-                      schedule_cell(m), met)
+        cells = _score_cells(m, verdict.goal.get(arm, {}))
+        table.add_row(Text(arm, style=style), f"{step:,}" if isinstance(step, int) else "–", *cells[:3],
+                      schedule_cell(m), cells[3])
+    if reference.get("metrics"):  # "ref" where an arm's step is: the table gets no wider than without it
+        cells = _score_cells(reference["metrics"], reference.get("goal") or {})
+        table.add_row(Text(reference["name"], style="italic"), Text("ref", style="italic"), *cells[:3],
+                      Text("–", style="dim"), cells[3])
     return table
 
 
@@ -108,6 +148,9 @@ def verdict_view(verdict: Any, applied: Sequence[str], auto: bool) -> Renderable
     parts: list[RenderableType] = [Text(verdict.headline, style=SCENARIO_STYLE.get(verdict.scenario, "bold"))]
     if verdict.metrics:
         parts.append(metrics_table(verdict))
+        versus = versus_line(getattr(verdict, "reference", None))
+        if versus is not None:
+            parts.append(versus)
     for reason in verdict.reasons:
         parts.append(Text(f"• {reason}"))
     actions = list(verdict.actions)

@@ -1,0 +1,273 @@
+"""Validating an experiment's reference: `gputwin validate` in a process of its own, before the arms start,
+on the baseline arm's seeded sample, cached by the hashes of everything that goes into it.
+
+Why before the arms rather than beside them: loading the reference is the only sure check that it loads,
+so a reference that cannot be loaded is refused before anything starts; it has the device to itself (no
+contention for the arms' GPU memory, no slower first steps); and the UI opens with the row already there,
+with nothing to supervise. It costs the validation's seconds once: a later run with the same inputs, in
+this experiment or another one under the same logs folder, reuses the result.
+
+    <experiment>/_reference/validation.json   `gputwin validate --json`'s result, plus "reference": the
+                                              inputs, their hashes, the key and the command that ran
+    <experiment>/_reference/stdout.log, stderr.log
+    <logs>/.reference-cache/<key>.json        the same result, found by the key of its inputs
+
+No torch here: the validation runs in the child process; the UI and `status` only read the file.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import shlex
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+from .errors import UserError
+from .paths import make_private_dir
+from .profiles import Experiment, Profile, ReferenceSpec, package_model_dir
+from .reference import ReferenceResult
+
+REFERENCE_DIR = "_reference"  # under the experiment folder; no arm can be called that (names start alnum)
+CACHE_DIR = ".reference-cache"  # under the logs folder, shared by its experiments
+RESULT_FILE = "validation.json"
+CONTENT_HASH_LIMIT = 64 * 2**20  # bigger files (a full model's weights) are fingerprinted by size and mtime
+
+Say = Callable[[str], None]
+
+
+@dataclass(frozen=True)
+class ValidationInputs:
+    """What `gputwin validate` is given: the reference, and the baseline arm's sample, decoder and device."""
+
+    model: str
+    base: str | None
+    task: str | None
+    test_data: str
+    sample_size: int
+    seed: int
+    max_length: int
+    decoder: str
+    device: int | None  # GPU index; None = CPU
+
+    def arguments(self, json_out: Path | str) -> list[str]:
+        """The `gputwin validate` arguments (after the program name)."""
+        args = ["validate", "--model", self.model, "--test-data", self.test_data,
+                "--sample-size", str(self.sample_size), "--seed", str(self.seed),
+                "--max-length", str(self.max_length), "--decoder", self.decoder,
+                "--device", "cpu" if self.device is None else f"cuda:{self.device}", "--json", str(json_out)]
+        if self.base:
+            args += ["--base", self.base]
+        if self.task:
+            args += ["--task", self.task]
+        return args
+
+    def command(self, json_out: Path | str) -> str:
+        """The same as a line to paste into a shell."""
+        return shlex.join(["gputwin", *self.arguments(json_out)])
+
+
+def inputs_for(experiment: Experiment) -> ValidationInputs:
+    """The reference is validated exactly as the baseline arm is: same test file, sample, seed, max_length and
+    decoder (the arms must agree on these anyway, or the verdict refuses to compare them)."""
+    spec = experiment.reference
+    if spec is None:
+        raise ValueError(f"experiment {experiment.name} names no reference")
+    baseline = _baseline(experiment)
+    return ValidationInputs(model=spec.model, base=spec.base, task=spec.task, test_data=baseline.data.test,
+                            sample_size=baseline.milestone.sample_size, seed=baseline.milestone.sample_seed,
+                            max_length=baseline.train.max_length,
+                            decoder="plain" if baseline.train.engine == "plain" else "fast", device=spec.device)
+
+
+def _baseline(experiment: Experiment) -> Profile:
+    for arm in experiment.arms:
+        if arm.name == experiment.rules.baseline:
+            return arm
+    return experiment.arms[0]
+
+
+# ---------------------------------------------------------------- hashes
+
+
+def file_digest(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def folder_hashes(folder: Path) -> dict[str, str]:
+    """Every file under `folder` (hidden ones and README.md left out): sha256 of its content, or size and
+    modification time for files over CONTENT_HASH_LIMIT."""
+    out = {}
+    for path in sorted(folder.rglob("*")):
+        rel = path.relative_to(folder).as_posix()
+        if not path.is_file() or any(part.startswith(".") for part in rel.split("/")) or rel == "README.md":
+            continue
+        info = path.stat()
+        out[rel] = (file_digest(path) if info.st_size <= CONTENT_HASH_LIMIT
+                    else f"size {info.st_size} mtime {info.st_mtime_ns}")
+    return out
+
+
+def _effective_base(inputs: ValidationInputs) -> str | None:
+    """The base `gputwin validate` will load: --base, else the adapter's gputwin.json, else its peft config."""
+    if inputs.base:
+        return inputs.base
+    for name, key in (("gputwin.json", "base"), ("adapter_config.json", "base_model_name_or_path")):
+        try:
+            value = json.loads((Path(inputs.model) / name).read_text(encoding="utf-8")).get(key)
+        except (OSError, ValueError, AttributeError):
+            continue
+        if value:
+            return str(value)
+    return None
+
+
+def _base_hashes(base: str | None) -> dict[str, str] | str | None:
+    """A local base folder by its files; a hub id by the revision the local cache holds."""
+    if base is None:
+        return None
+    folder = package_model_dir(base.removeprefix("package:")) if base.startswith("package:") else Path(base)
+    if folder is not None and folder.is_dir():
+        return folder_hashes(folder)
+    hub = Path(os.environ.get("HF_HUB_CACHE") or Path(os.environ.get("HF_HOME", "~/.cache/huggingface")) / "hub")
+    ref = hub.expanduser() / f"models--{base.replace('/', '--')}" / "refs" / "main"
+    try:
+        return "revision " + ref.read_text(encoding="utf-8").strip()
+    except OSError:
+        return "not in the local cache"
+
+
+def input_hashes(inputs: ValidationInputs) -> dict[str, Any]:
+    """What the result depends on, content included; the cache key is the hash of all of it."""
+    from . import __version__
+
+    base = _effective_base(inputs)
+    return {"gputwin": __version__, "inputs": dataclasses.asdict(inputs), "model": folder_hashes(Path(inputs.model)),
+            "base": base, "base_files": _base_hashes(base), "test_data": file_digest(Path(inputs.test_data))}
+
+
+def cache_key(hashes: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(hashes, sort_keys=True).encode()).hexdigest()[:24]
+
+
+# ---------------------------------------------------------------- running it
+
+
+def _read(path: Path) -> dict[str, Any] | None:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) and isinstance(data.get("per_sample"), list) else None
+
+
+def _write(path: Path, data: dict[str, Any]) -> None:
+    from .supervise import write_atomic
+
+    make_private_dir(path.parent)
+    write_atomic(path, json.dumps(data, ensure_ascii=False, indent=2) + "\n")
+
+
+def _scores(result: dict[str, Any]) -> str:
+    return (f"precision {100 * result['precision']:.1f}%  recall {100 * result['recall']:.1f}%  "
+            f"F1 {100 * result['f1']:.1f}% on {result.get('n')} samples")
+
+
+def _failure(stderr: Path, code: int) -> tuple[str, str]:
+    """The validator's own message and hint (`gputwin: error: ...`), else the last line it wrote."""
+    try:
+        lines = [line for line in stderr.read_text(encoding="utf-8", errors="replace").splitlines() if line.strip()]
+    except OSError:
+        lines = []
+    for i in range(len(lines) - 1, -1, -1):
+        if lines[i].startswith("gputwin: error: "):
+            message = lines[i].removeprefix("gputwin: error: ")
+            hints = [line.strip().removeprefix("hint: ") for line in lines[i + 1:] if line.strip().startswith("hint:")]
+            return message, (hints[0] + f"; details in {stderr}") if hints else f"details in {stderr}"
+    last = lines[-1] if lines else f"it exited with status {code} and wrote nothing to stderr"
+    return last, f"the traceback is in {stderr}"
+
+
+def ensure_reference(experiment: Experiment, exp_root: Path, say: Say) -> dict[str, Any]:
+    """The reference's validation in `exp_root`/_reference/: reused when its inputs' hashes match, else
+    `gputwin validate` runs now. A reference that cannot be validated is a UserError naming it."""
+    spec = experiment.reference
+    assert spec is not None
+    inputs = inputs_for(experiment)
+    hashes = input_hashes(inputs)
+    key = cache_key(hashes)
+    folder = exp_root / REFERENCE_DIR
+    target = folder / RESULT_FILE
+    cached = exp_root.parent / CACHE_DIR / f"{key}.json"
+    for source in (target, cached):
+        result = _read(source)
+        if result is not None and result.get("reference", {}).get("key") == key:
+            if source != target:
+                _write(target, result)
+            say(f"Reference {spec.name}: {_scores(result)} (validated before with the same inputs, {key}; "
+                f"{source})")
+            return result
+    partial = folder / f".{RESULT_FILE}.{os.getpid()}.tmp"
+    command = inputs.command(target)
+    say(f"Validating the reference {spec.name} before the arms start: {command}")
+    make_private_dir(folder)
+    env = dict(os.environ, CUDA_DEVICE_ORDER=os.environ.get("CUDA_DEVICE_ORDER", "PCI_BUS_ID"))
+    started = time.monotonic()
+    with open(folder / "stdout.log", "wb") as out, open(folder / "stderr.log", "wb") as err:
+        code = subprocess.run([sys.executable, "-m", "gputwin.cli", *inputs.arguments(partial)], stdout=out,
+                              stderr=err, stdin=subprocess.DEVNULL, env=env).returncode
+    result = _read(partial) if code == 0 else None
+    if result is None:
+        partial.unlink(missing_ok=True)
+        message, hint = _failure(folder / "stderr.log", code)
+        where = experiment.source or experiment.name
+        raise UserError(f"{where}: reference.model: {spec.model} cannot be validated, so no arm was started: "
+                        f"{message}", hint)
+    result["reference"] = {"name": spec.name, "key": key, "command": command, "hashes": hashes,
+                           "seconds": round(time.monotonic() - started, 1)}
+    _write(target, result)
+    partial.unlink(missing_ok=True)
+    _write(cached, result)
+    say(f"Reference {spec.name}: {_scores(result)} ({time.monotonic() - started:.0f} s; {target})")
+    return result
+
+
+# ---------------------------------------------------------------- reading it
+
+
+def load_reference(exp_root: Path, experiment: Experiment) -> ReferenceResult | None:
+    """What the verdict compares with: the experiment's reference validation, or why it cannot be used."""
+    spec: ReferenceSpec | None = experiment.reference
+    if spec is None:
+        return None
+    path = exp_root / REFERENCE_DIR / RESULT_FILE
+    if not path.is_file():
+        return ReferenceResult(spec.name, None, path=str(path), model=spec.model,
+                               problem=f"its validation file {path} is missing; make it with "
+                                       f"`{inputs_for(experiment).command(path)}`")
+    result = _read(path)
+    why = "no per_sample list" if result is None else _unusable_counts(result["per_sample"])
+    if why:
+        return ReferenceResult(spec.name, None, path=str(path), model=spec.model,
+                               problem=f"its validation file {path} cannot be used ({why})")
+    return ReferenceResult(spec.name, result, path=str(path), model=spec.model)
+
+
+def _unusable_counts(rows: Any) -> str | None:
+    from .metrics import as_counts
+
+    try:
+        counts = as_counts(rows)
+    except (ValueError, TypeError) as exc:
+        return str(exc)
+    return "no samples were scored" if len(counts) == 0 else None
