@@ -375,8 +375,9 @@ sample_size = 4
        "Two UIs and two headless monitors watch one live experiment side by side, each rebuilding the same state "
        "from the files; a new watcher or `gputwin status` later shows the full history from step 1.")
 @fault("A second `gputwin run` into the same experiment while its arms are alive",
-       "Refused (exit 2) naming the arms alive and how to watch, stop or rename; no trainer is started and the "
-       "running one is untouched.")
+       "With the same profiles it attaches to the running experiment and says so (tests/test_rejoin.py); with "
+       "other settings it is refused (exit 2) naming the arms alive, the settings that differ and how to watch it "
+       "or start beside it; no trainer is started and the running one is untouched.")
 @pytest.mark.slow
 def test_a_dropped_terminal_and_killed_uis_and_monitors_leave_training_running(
         world: SimpleNamespace, tmp_path: Path, logs: Path, terminals: list[Terminal],
@@ -409,9 +410,12 @@ def test_a_dropped_terminal_and_killed_uis_and_monitors_leave_training_running(
         terminal.wait_for_output(shows)
     assert all(t.alive() for t in terminals)  # four watchers at once
 
-    assert cli.main(["run", str(profile), "--name", "live"]) == 2
+    changed = tmp_path / "changed" / "a.toml"  # the same arm with another learning rate
+    changed.parent.mkdir()
+    changed.write_text(profile.read_text().replace("learning_rate = 5e-3", "learning_rate = 4e-3"))
+    assert cli.main(["run", str(changed), "--name", "live"]) == 2
     err = capsys.readouterr().err
-    assert "experiment live is running (arms alive: a)" in err and "gputwin attach live" in err
+    assert "experiment live is running (arms alive: a) with other settings" in err and "gputwin attach live" in err
     assert supervise.read_pid(arm) == trainer
 
     assert ui.kill9() == -signal.SIGKILL
