@@ -79,17 +79,20 @@ def test_demo_in_tmux_reaches_a_verdict_then_extend_stop_detach_and_reattach(tmp
         # (the first run validates the demo's reference before the arms start: allow for it on a busy machine)
         term.wait_for(r"demo-conservative.*demo-aggressive", 120)
         term.wait_for(r"verdict: scenario [ABC]", 420)
-        # Both panes finished at 200 steps with an F1 each (a capture may catch a half-drawn frame, and a
-        # notification may cover a corner for a few seconds: wait rather than look once).
-        term.wait_for(r"(?s)(200/200 steps.*){2}", 60)
-        term.wait_for(r"(?s)(CPU · finished.*){2}", 60)
+        # The aggressive arm (1 epoch) finished at 200 steps, the conservative one (2 epochs) trains on to 400;
+        # both have their F1 at step 200 (a capture may catch a half-drawn frame, and a notification may
+        # cover a corner for a few seconds: wait rather than look once).
+        term.wait_for(r"200/200 steps", 60)
+        term.wait_for(r"/400 steps", 60)
+        term.wait_for(r"CPU · finished", 60)
         term.wait_for(r"(?s)(validated at step 200: F1 \d+\.\d%.*){2}", 60)
         [exp_dir] = [p for p in (tmp_path / "logs").iterdir() if p.name.startswith("demo-")]
 
-        # Extend the aggressive arm by one epoch: the modal shows the new end step, then it trains on.
+        # Extend the finished aggressive arm by one epoch: the modal shows the new end step and the new LR
+        # cycle it will train with, then it trains on.
         term.keys("2", "e")
-        modal = term.wait_for(r"400", 20)
-        assert "demo-aggressive" in modal
+        modal = term.wait_for(r"a new cycle", 20)
+        assert "demo-aggressive" in modal and "400" in modal
         term.keys("y")
         term.wait_for(r"\b2\d\d/400 steps", 120)
 
@@ -125,7 +128,7 @@ def test_demo_in_tmux_reaches_a_verdict_then_extend_stop_detach_and_reattach(tmp
         assert status.returncode == 0, status.stderr
         assert re.search(r"demo-aggressive\s+STOPPED", status.stdout), status.stdout
         events = (ExperimentPaths(exp_dir).arm("demo-aggressive").events).read_text()
-        assert '"kind":"extended"' in events and '"kind":"stopped"' in events
+        assert '"kind":"extended"' in events and '"new_cycle":true' in events and '"kind":"stopped"' in events
     finally:
         term.close()
         if again is not None:

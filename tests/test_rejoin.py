@@ -132,8 +132,8 @@ def test_fresh_names_count_up_past_the_folders_there(tmp_path: Path) -> None:
 
 def test_demo_again_attaches_to_the_running_demo_and_says_so(tmp_path: Path, logs: Path) -> None:
     demo = launcher.demo_experiment(root=logs)
-    demo = dataclasses.replace(demo, arms=tuple(dataclasses.replace(a, data=dataclasses.replace(
-        a.data, synth_if_missing=False)) for a in demo.arms))  # the sleepers need no data
+    demo = dataclasses.replace(demo, reference=None, arms=tuple(dataclasses.replace(a, data=dataclasses.replace(
+        a.data, synth_if_missing=False)) for a in demo.arms))  # the sleepers need no data (nor a reference)
     running = start_sleepers_as(demo, logs)
     child = gputwin("demo", "--headless", logs=logs, cwd=tmp_path)
     out = read_until(child.stdout, PROGRESS)  # type: ignore[arg-type]
