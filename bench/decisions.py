@@ -32,7 +32,7 @@ from gputwin import launcher  # noqa: E402
 from gputwin.paths import ExperimentPaths  # noqa: E402
 from gputwin.profiles import Experiment, load_experiment  # noqa: E402
 from gputwin.report import _collect, load_state  # noqa: E402
-from gputwin.verdict import EXTEND, STOP, ArmResult, decide  # noqa: E402
+from gputwin.verdict import EXTEND, STOP, ArmResult, account_for_ended, decide  # noqa: E402
 
 RESULTS = REPO / "bench" / "results"
 
@@ -83,7 +83,11 @@ def run(experiment: Experiment, logs: Path, limit: float) -> dict[str, Any]:
                               limit, "milestone verdict")
     state = load_state(exp, time.time())
     results, _ = _collect(state, time.time())
-    verdict = decide(results, experiment.rules, replicate_of=state.replicate_of)
+    # what the screen showed then: the arms that had ended by the verdict (a finished arm that should
+    # "continue" is extended while the other trains on)
+    ended = {name: arm.status for name, arm in state.arms.items() if arm.ended}
+    verdict = account_for_ended(decide(results, experiment.rules, replicate_of=state.replicate_of), ended,
+                                extend_epochs=experiment.rules.extend_epochs)
     old = decide(raw_only(results), experiment.rules, replicate_of=state.replicate_of)
     print(f"milestone verdict after {milestone_at:.1f} s: {verdict.headline}")
     print(f"  the raw scores alone (old rule): {old.headline}")

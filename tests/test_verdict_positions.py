@@ -111,3 +111,16 @@ def test_with_replicates_adds_seeded_copies_of_every_arm() -> None:
     assert more.rules.replicates == 1 and with_replicates(more, 1) == more
     assert "replicate_of" not in exp.arms[0].to_dict() and copy.to_dict()["replicate_of"] == "conservative"
     assert with_replicates(exp) == exp  # rules.replicates = 0
+
+
+def test_at_the_milestone_a_finished_arm_that_should_continue_is_extended_while_the_other_trains() -> None:
+    from gputwin.verdict import account_for_ended
+
+    arms = {"conservative": cooled(scored(1, 0.70, 0.72, MID), 3, 0.90, 0.90), "aggressive": scored(2, 0.90, 0.90, END)}
+    v = account_for_ended(decide(arms, RULES), {"aggressive": "finished"}, extend_epochs=1)
+    assert [a.describe() for a in v.actions] == ["let conservative continue to the end of its schedule",
+                                                  "extend aggressive by 1 epoch"]
+    assert v.headline.endswith("let conservative continue to the end of its schedule, extend aggressive by 1 epoch")
+    assert any("aggressive has finished its schedule while conservative trains on" in r for r in v.reasons)
+    final = account_for_ended(replace(decide(arms, RULES), stage="final"), {"aggressive": "finished"})
+    assert not [a for a in final.actions if a.kind == "extend"]  # the final comparison extends nothing

@@ -170,7 +170,7 @@ def _decide(state: st.ExperimentState, now: float) -> tuple[Verdict | None, dict
         verdict = decide(results, _rules(state), waiting=waiting, replicate_of=state.replicate_of,
                          reference=state.reference)
     ended = {name: arm.status for name, arm in state.arms.items() if arm.status in st.ENDED}
-    return account_for_ended(verdict, ended), results, waiting
+    return account_for_ended(verdict, ended, extend_epochs=_rules(state).extend_epochs), results, waiting
 
 
 def _experiment_paths(source: ExperimentPaths | Path | str) -> ExperimentPaths:
