@@ -85,8 +85,8 @@ def run(experiment: Experiment, logs: Path, limit: float) -> dict[str, Any]:
     results, _ = _collect(state, time.time())
     # what the screen showed then: the arms that had ended by the verdict (a finished arm that should
     # "continue" is extended while the other trains on)
-    ended = {name: arm.status for name, arm in state.arms.items() if arm.ended}
-    verdict = account_for_ended(decide(results, experiment.rules, replicate_of=state.replicate_of), ended,
+    ended_then = {name: arm.status for name, arm in state.arms.items() if arm.ended}
+    verdict = account_for_ended(decide(results, experiment.rules, replicate_of=state.replicate_of), ended_then,
                                 extend_epochs=experiment.rules.extend_epochs)
     old = decide(raw_only(results), experiment.rules, replicate_of=state.replicate_of)
     print(f"milestone verdict after {milestone_at:.1f} s: {verdict.headline}")
