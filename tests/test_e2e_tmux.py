@@ -94,7 +94,12 @@ def test_demo_in_tmux_reaches_a_verdict_then_extend_stop_detach_and_reattach(tmp
         modal = term.wait_for(r"a new cycle", 20)
         assert "demo-aggressive" in modal and "400" in modal
         term.keys("y")
-        term.wait_for(r"\b2\d\d/400 steps", 120)
+        # it trains again once its trainer is back (the conservative pane shows /400 too: read its log)
+        events_log = ExperimentPaths(exp_dir).arm("demo-aggressive").events
+        deadline = time.monotonic() + 120
+        while '"kind":"step","step":201' not in events_log.read_text():
+            assert time.monotonic() < deadline, "the extended arm did not train on within 120 s"
+            time.sleep(0.5)
 
         # `gputwin demo` typed again while the demo trains: it attaches and says so; nothing new starts.
         second = Terminal(name + "-second", [GPUTWIN, "demo"], env)
