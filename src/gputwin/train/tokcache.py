@@ -33,7 +33,7 @@ import tempfile
 import time
 from array import array
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import lru_cache
 from pathlib import Path
 from typing import Any, Iterator
@@ -108,11 +108,11 @@ def load_training_data(train_file: str | Path, tokenizer: Any, *, base: str, tas
             return found
         data = _tokenise(train_file, tokenizer, task, max_length, REBUILT if path.exists() else WRITTEN)
         if _file_digest(Path(train_file).expanduser()) != data_digest:
-            return _replace_status(data, UNSAVED)  # the file changed while it was read: the key no longer fits
+            return replace(data, cache=UNSAVED)  # the file changed while it was read: the key no longer fits
         try:
             write_entry(path, key, data, task=task, max_length=max_length)
         except OSError:
-            return _replace_status(data, UNSAVED)
+            return replace(data, cache=UNSAVED)
         return data
 
 
@@ -121,10 +121,6 @@ def _tokenise(train_file: str | Path, tokenizer: Any, task: str, max_length: int
     label_names = bio_label_names(dataset.entity_types) if task == "tag" else None
     examples = encode_samples(dataset.samples, tokenizer, task=task, max_length=max_length, label_names=label_names)
     return TrainingData(examples, label_names, len(dataset.bad_lines), status)
-
-
-def _replace_status(data: TrainingData, status: str) -> TrainingData:
-    return TrainingData(data.examples, data.label_names, data.bad_lines, status)
 
 
 # ---------------------------------------------------------------- the key
