@@ -13,8 +13,9 @@
     libraries it imported on the way (there should be none);
   - per launch, cold (the tokenised-data cache emptied first) and warm (the cache from the cold launch): the
     seed's conservative profile on the given data and model as a one-arm experiment, timed from launch to the
-    printed "Started" line, to the trainer's `started` event and to its first `step` event; then the arm is
-    stopped. The `started` event's startup_seconds give the trainer's phases and data_cache its cache outcome.
+    printed "Started" line, to the start of the trainer process, to its `started` event and to its first
+    `step` event; then the arm is stopped. The `started` event's startup_seconds give the trainer's phases
+    (data runs beside model, lora and engine; total is their wall time) and data_cache its cache outcome.
 Prints a table and writes RESULTS/startup_TAG.json (default bench/results/).
 """
 
@@ -166,8 +167,9 @@ def launch(profile: Path, logs: Path, name: str, env: dict[str, str], wait_s: fl
 
     reader = threading.Thread(target=read_output, daemon=True)
     reader.start()
-    first_step = None
+    first_step, trainer_began = None, None
     while time.perf_counter() - launched < wait_s and proc.poll() is None:
+        trainer_began = trainer_began or _process_began(logs / name / ARM / "pid")
         first_step = next((e for e in _events(log) if e["kind"] == "step"), None)
         if first_step is not None:
             break
@@ -187,17 +189,34 @@ def launch(profile: Path, logs: Path, name: str, env: dict[str, str], wait_s: fl
         raise SystemExit(f"launch {name}: no {'started' if started is None else 'step'} event "
                          f"(failed: {failed})\n{''.join(output)[-3000:]}")
     phases = started.get("startup_seconds") or {}
+    began = round(trainer_began - launched_wall, 3) if trainer_began else None
+    counted = phases.get("imports", 0) + phases.get("total", 0)
     return {
         "data_cache": phases.get("data_cache"),
         "started_line_s": round(started_line[0], 3) if started_line else None,
-        "trainer_process_s": round(started["t"] - launched_wall - phases.get("imports", 0) - phases.get("total", 0), 3),
+        "trainer_process_s": began,
         "started_s": round(started["t"] - launched_wall, 3),
+        # the trainer's time outside imports and build_run (its log, its checkpoint look-up, the event itself)
+        "other_s": round(started["t"] - launched_wall - began - counted, 3) if began is not None else None,
         "first_step_s": round(first_step["t"] - launched_wall, 3),
         "startup_seconds": phases,
         "engine": started.get("engine"),
         "device": started.get("device"),
         "samples": started.get("samples"),
     }
+
+
+def _process_began(pid_file: Path) -> float | None:
+    """Wall time at which the process in `pid_file` started (Linux: its start in clock ticks since boot,
+    exact to a tick; the create time in the pid file rests on a boot time in whole seconds)."""
+    try:
+        pid = int(pid_file.read_text().split()[0])
+        with open(f"/proc/{pid}/stat", encoding="ascii") as fh:
+            ticks = int(fh.read().rsplit(")", 1)[1].split()[19])
+        age = time.clock_gettime(time.CLOCK_BOOTTIME) - ticks / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError, AttributeError):
+        return None
+    return time.time() - age
 
 
 def _end_trainer(arm: Path) -> None:
@@ -269,14 +288,15 @@ def report(result: dict[str, Any]) -> None:
     for item in result["launches"]:
         phases = item["startup_seconds"]
         rows.append([f"{item['launch']} {item['round']}", item["data_cache"], item["started_line_s"],
-                     item["trainer_process_s"], *(phases.get(p) for p in PHASES), item["started_s"],
-                     item["first_step_s"]])
-    columns = ["launch", "cache", "'Started'", "trainer up", *PHASES, "started", "1st step"]
+                     item["trainer_process_s"], *(phases.get(p) for p in PHASES), item["other_s"],
+                     item["started_s"], item["first_step_s"]])
+    columns = ["launch", "cache", "'Started'", "trainer", *PHASES, "other", "started", "1st step"]
     cells = [[("-" if v is None else f"{v:.2f}" if isinstance(v, float) else str(v)) for v in row] for row in rows]
     widths = [max(len(c), *(len(r[i]) for r in cells)) for i, c in enumerate(columns)]
     samples = result["launches"][0]["samples"] if result["launches"] else "?"
     print(f"\nstart-up of one arm on {result['launches'][0]['device'] if result['launches'] else '?'} "
-          f"({samples} samples); seconds after launch, phases in seconds")
+          f"({samples} samples). 'Started': the launcher printed it; trainer: its process began; started, 1st step: "
+          f"its events (seconds after launch). Phases in seconds; data runs beside model, lora and engine.")
     print("  ".join(c.rjust(w) for c, w in zip(columns, widths)))
     for row in cells:
         print("  ".join(v.rjust(w) for v, w in zip(row, widths)))

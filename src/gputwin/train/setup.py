@@ -115,6 +115,19 @@ def load_model(profile: Profile, device: torch.device, label_names: list[str] | 
                               device=device, label_names=label_names, trust_remote_code=spec.trust_remote_code)
 
 
+def quiet_transformers() -> None:
+    """No download/loading progress bars in stderr.log: the event log is the progress report."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+
+
+def load_tokenizer(profile: Profile) -> Any:
+    """transformers imported (quietened) and the profile's tokenizer loaded: the `tokenizer` phase."""
+    quiet_transformers()
+    return modeling.load_tokenizer(profile.model.base, profile.model.trust_remote_code)
+
+
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     torch.manual_seed(seed)
@@ -141,7 +154,7 @@ def build_run(arm: ArmPaths, profile: Profile) -> Run:
         torch.set_num_threads(cpu_threads(profile))
     seed_everything(profile.train.seed)
     spec = profile.model
-    tokenizer = timed("tokenizer", lambda: modeling.load_tokenizer(spec.base, spec.trust_remote_code))
+    tokenizer = timed("tokenizer", lambda: load_tokenizer(profile))
     pad_id = int(tokenizer.pad_token_id)  # read now: while the worker tokenises, only it touches the tokenizer
 
     def data() -> tokcache.TrainingData:
