@@ -14,6 +14,7 @@ import fcntl
 import json
 import os
 import shutil
+import subprocess
 import time
 from contextlib import contextmanager
 from datetime import datetime
@@ -84,7 +85,7 @@ def spawn_arm(arm: ArmPaths, profile: Profile, *, threads: int | None,
     return _trainer_pid(arm, start_supervisor(arm, _arm_env(profile, threads), command))
 
 
-def _trainer_pid(arm: ArmPaths, supervisor: Any) -> int:
+def _trainer_pid(arm: ArmPaths, supervisor: subprocess.Popen[bytes]) -> int:
     try:
         return wait_for_trainer(arm, supervisor)
     except SpawnError as exc:
@@ -169,12 +170,11 @@ def start_experiment(experiment: Experiment, *, root: Path | None = None, say: S
         write_atomic(exp.experiment_json, json.dumps(experiment.to_dict(), indent=2) + "\n")
         cpu_arms = sum(1 for p in experiment.arms if p.device is None)
         # Every supervisor starts before the launcher waits for any: the arms' trainers start side by side.
-        supervisors = [(profile, exp.arm(profile.name),
-                        start_supervisor(exp.arm(profile.name), _arm_env(profile, _cpu_threads(profile, cpu_arms)),
-                                         (commands or {}).get(profile.name)))
-                       for profile in experiment.arms]
+        arms = [(profile, exp.arm(profile.name)) for profile in experiment.arms]
+        supervisors = [start_supervisor(arm, _arm_env(profile, _cpu_threads(profile, cpu_arms)),
+                                        (commands or {}).get(profile.name)) for profile, arm in arms]
         failure: UserError | None = None
-        for profile, arm, supervisor in supervisors:
+        for (profile, arm), supervisor in zip(arms, supervisors):
             try:
                 pid = _trainer_pid(arm, supervisor)
             except UserError as exc:

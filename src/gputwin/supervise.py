@@ -191,11 +191,6 @@ def trainer_command(arm: ArmPaths) -> list[str]:
     return [sys.executable, "-m", "gputwin.train", str(arm.root)]
 
 
-def spawn_supervised(arm: ArmPaths, env: Mapping[str, str], command: Sequence[str] | None = None) -> int:
-    """Start a detached supervisor for `arm` and return the trainer's pid once it is recorded."""
-    return wait_for_trainer(arm, start_supervisor(arm, env, command))
-
-
 def start_supervisor(arm: ArmPaths, env: Mapping[str, str],
                      command: Sequence[str] | None = None) -> subprocess.Popen[bytes]:
     """Start a detached supervisor for `arm` without waiting for it (wait_for_trainer does), so the
