@@ -5,6 +5,7 @@
     python3 bench/startup.py model --work DIR [--out M]      (any machine) random-init Qwen3-0.6B from its config
                                                              with that tokenizer, saved to M (default /tmp/...)
     python3 bench/startup.py run --train F --test F --model M [--device 0] [--tag h100] [--rounds N]
+                             [--results DIR] [--milestone STEP --sample-size N (data smaller than the seed's)]
     python bench/startup.py smoke --work DIR                 (CPU, tests) all of it at toy sizes
 
 `run` times, on whatever device the profile names:
@@ -264,7 +265,8 @@ def run(*, train: Path, test: Path, model: Path, device: str, tag: str, rounds: 
         wait_s: float, milestone: int | None = None, sample_size: int | None = None) -> dict[str, Any]:
     profile = write_profile(logs / "profiles", train=train.resolve(), test=test.resolve(), model=model.resolve(),
                             device=device, milestone=milestone, sample_size=sample_size)
-    env = dict(os.environ, PYTHONPATH=str(REPO / "src"), PYTHONUNBUFFERED="1")
+    paths = [str(REPO / "src"), *filter(None, os.environ.get("PYTHONPATH", "").split(os.pathsep))]
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(paths), PYTHONUNBUFFERED="1")
     cache = logs / ".cache" / "tokenized"
     result: dict[str, Any] = {"tag": tag, "machine": machine(device), "profile": str(profile),
                               "launcher": launcher_seconds(profile, logs, env), "launches": []}
@@ -331,6 +333,8 @@ def main() -> int:
     parser.add_argument("--logs", type=Path, default=Path("/tmp/gputwin-startup-logs"), help="run: logs root")
     parser.add_argument("--results", type=Path, default=RESULTS, help=f"run: folder for the result (default {RESULTS})")
     parser.add_argument("--wait", type=float, default=600, help="run: seconds to wait for a first step")
+    parser.add_argument("--milestone", type=int, help="run: milestone step instead of the seed's 879 (small data)")
+    parser.add_argument("--sample-size", type=int, help="run: validation samples instead of the seed's 500")
     args = parser.parse_args()
     if args.stage == "probe":
         return probe(Path(args.profile))
@@ -344,7 +348,8 @@ def main() -> int:
         if not (args.train and args.test and args.model):
             parser.error("run needs --train, --test and --model")
         run(train=args.train, test=args.test, model=args.model, device=args.device, tag=args.tag,
-            rounds=args.rounds, logs=args.logs.resolve(), results=args.results, wait_s=args.wait)
+            rounds=args.rounds, logs=args.logs.resolve(), results=args.results, wait_s=args.wait,
+            milestone=args.milestone, sample_size=args.sample_size)
     return 0
 
 
