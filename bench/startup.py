@@ -321,8 +321,10 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("stage", choices=["prepare", "model", "run", "smoke", "probe"])
     parser.add_argument("profile", nargs="?", help="probe: the profile to launch")
-    parser.add_argument("--work", type=Path, default=WORK, help=f"prepare/model/smoke: data and tokenizer (default {WORK})")
-    parser.add_argument("--out", type=Path, default=Path("/tmp/gputwin-startup-qwen3-0.6b"), help="model: folder to write")
+    parser.add_argument("--work", type=Path, default=WORK,
+                        help=f"prepare/model/smoke: data and tokenizer (default {WORK})")
+    parser.add_argument("--out", type=Path, default=Path("/tmp/gputwin-startup-qwen3-0.6b"),
+                        help="model: folder to write")
     parser.add_argument("--tiny", action="store_true", help="model: a 2-layer model (CPU plumbing checks)")
     parser.add_argument("--train", type=Path, help="run: training data (JSONL)")
     parser.add_argument("--test", type=Path, help="run: test data (JSONL)")

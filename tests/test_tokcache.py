@@ -63,7 +63,7 @@ def test_a_miss_writes_and_the_next_start_hits_with_the_same_examples(world: Wor
     assert first.examples == second.examples == expected and len(expected) == 40
     assert first.label_names == second.label_names == names and second.bad_lines == first.bad_lines == 0
     assert len(entries(folder)) == 1 and not list(folder.glob(".*.tmp"))
-    assert oct(os.stat(folder).st_mode & 0o777) == oct(0o700) and oct(os.stat(entries(folder)[0]).st_mode & 0o777) == oct(0o600)
+    assert os.stat(folder).st_mode & 0o777 == 0o700 and os.stat(entries(folder)[0]).st_mode & 0o777 == 0o600
 
 
 def damage_body(path: Path) -> None:
