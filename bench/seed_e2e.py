@@ -25,15 +25,17 @@ sys.path.insert(0, str(REPO / "src"))
 WORK = REPO / "bench" / "out" / "seed-e2e"
 
 
-def prepare(train: int = 3516, test: int = 600, vocab: int = 16000) -> None:
+def prepare(train: int = 3516, test: int = 600, vocab: int = 16000, work: Path | None = None) -> None:
+    """Synthetic data and a byte-level BPE tokenizer in `work` (default WORK); bench/startup.py uses it too."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
     from gputwin.data import ensure_synth, load_dataset
 
-    WORK.mkdir(parents=True, exist_ok=True)
-    ensure_synth(WORK / "train.jsonl", WORK / "test.jsonl", train=train, test=test, seed=0, locales=["en_US", "zh_CN"])
-    texts = [s.text for s in load_dataset(WORK / "train.jsonl").samples]
+    work = work or WORK
+    work.mkdir(parents=True, exist_ok=True)
+    ensure_synth(work / "train.jsonl", work / "test.jsonl", train=train, test=test, seed=0, locales=["en_US", "zh_CN"])
+    texts = [s.text for s in load_dataset(work / "train.jsonl").samples]
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
@@ -42,8 +44,8 @@ def prepare(train: int = 3516, test: int = 600, vocab: int = 16000) -> None:
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     tok.train_from_iterator(texts + ['[{"type":"EMAIL","value":"x"}]'] * 50, trainer)
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>")
-    fast.save_pretrained(WORK / "tokenizer")
-    print(f"prepared {WORK}: {len(texts)} train texts, tokenizer of {len(fast)} tokens")
+    fast.save_pretrained(work / "tokenizer")
+    print(f"prepared {work}: {len(texts)} train texts, tokenizer of {len(fast)} tokens")
 
 
 def run(wait_limit: float, tiny: bool = False, tag: str = "both", only: str | None = None,

@@ -20,6 +20,7 @@ from gputwin.encoding import (
     encode_prompt,
     encode_prompts,
     encode_tag,
+    encode_tag_many,
     parse_answer,
     prompt_ids,
 )
@@ -126,6 +127,15 @@ def test_tag_truncation_is_flagged(bert):
     enc = encode_tag(text, gold, bert, {n: i for i, n in enumerate(names)}, max_length=16)
     assert enc["truncated"] and len(enc["input_ids"]) == 16
     assert decode_tag(text, enc["offsets"], enc["labels"], names) == []
+
+
+def test_tag_batch_encoding_equals_one_sample_at_a_time(bert):
+    samples = [(text, spans(text, *pairs)) for text, pairs in TAG_CASES]
+    samples.append((" ".join(["hello"] * 50) + " john", ()))  # cut at max_length
+    label2id = {n: i for i, n in enumerate(bio_label_names(["PERSON", "PHONE", "EMAIL", "ADDRESS"]))}
+    batch = encode_tag_many(samples, bert, label2id, max_length=16)
+    assert batch == [encode_tag(text, gold, bert, label2id, max_length=16) for text, gold in samples]
+    assert batch[-1]["truncated"] and encode_tag_many([], bert, label2id, max_length=16) == []
 
 
 def test_bio_label_names_sorted_and_deduplicated():

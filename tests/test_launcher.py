@@ -151,12 +151,17 @@ def test_normal_and_failing_exits_are_recorded(tmp_path: Path, logs: Path) -> No
 
 def test_a_trainer_that_cannot_start_is_reported_not_hidden(tmp_path: Path, logs: Path) -> None:
     missing = [str(tmp_path / "no-such-program")]
+    said: list[str] = []
     with pytest.raises(UserError, match="exited .* before starting the trainer") as failed:
-        launcher.start_experiment(experiment(tmp_path), root=logs, commands={"a": missing, "b": SLEEPER})
-    assert "stderr.log" in str(failed.value)
+        launcher.start_experiment(experiment(tmp_path), root=logs, commands={"a": missing, "b": SLEEPER},
+                                  say=said.append)
+    assert "stderr.log" in str(failed.value) and "gputwin resume a" in str(failed.value)
     a = ArmPaths(logs / "exp" / "a")
     assert supervise.read_exit(a) == supervise.EXEC_FAILED
     assert "cannot start" in a.stderr.read_text()
+    # the arms start side by side: the other one is running, and said so
+    assert [line.split(" (")[0] for line in said] == ["Started b on CPU"]
+    assert launcher.arm_status(ArmPaths(logs / "exp" / "b")) == launcher.RUNNING
 
 
 def test_a_second_run_is_refused_while_arms_are_alive_and_after_they_ended(tmp_path: Path, logs: Path) -> None:
@@ -315,6 +320,7 @@ for path, request in control.pending(arm / "control"):
         with ev.EventWriter(arm / "events.jsonl") as log:
             log.emit(ev.EXTENDED, step=6, epochs=2, total_steps=12)
         sys.exit(0)
+(arm / "waiting").touch()
 while not (arm / "go").exists():
     time.sleep(0.02)
 """
@@ -326,6 +332,7 @@ def test_an_extend_that_arrives_while_the_trainer_ends_restarts_it_once(tmp_path
     command = [sys.executable, "-c", GO_TRAINER.format(answer=answers), str(logs / "exp" / "a")]
     exp = launcher.start_experiment(experiment(tmp_path), root=logs, commands={"a": command, "b": SLEEPER})
     a = exp.arm("a")
+    wait_for(lambda: (a.root / "waiting").exists(), "the first life to pass its look at control/")
     record_events(a, ev.FINISHED, pid=supervise.read_pid(a)[0])  # type: ignore[index]  # on its way out
     assert "Extend requested" in launcher.request_extend(exp, "a", 1)
     (a.root / "go").touch()

@@ -88,3 +88,15 @@ def test_an_internal_error_is_reported_then_raised_with_its_traceback(world: Wor
     assert code == 1 and "Traceback" in err and "ZeroDivisionError" in err
     failed = events.read_events(arm / "events.jsonl").events[-1]
     assert failed.kind == events.FAILED and failed["error"] == "ZeroDivisionError" and "traceback" in failed["hint"]
+
+
+def test_the_process_start_it_reports_imports_from_lies_between_spawn_and_exit() -> None:
+    """`imports` in the started event is the process's age when the trainer's code begins: the start that age
+    implies must fall inside the window the parent saw (psutil's create_time alone is up to 1 s early)."""
+    code = "import time; from gputwin.train.__main__ import process_age; print(repr(time.time() - process_age()))"
+    before = time.time()
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    after = time.time()
+    assert done.returncode == 0, done.stderr[-2000:]
+    began = float(done.stdout.strip().splitlines()[-1])
+    assert before - 0.02 <= began <= after  # 0.02: the start is known to a clock tick (10 ms)

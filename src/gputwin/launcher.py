@@ -14,6 +14,7 @@ import fcntl
 import json
 import os
 import shutil
+import subprocess
 import time
 from contextlib import contextmanager
 from datetime import datetime
@@ -26,7 +27,8 @@ from .paths import ArmPaths, ExperimentPaths, make_private_dir
 from .preflight import check_arms_can_start, check_reference
 from .profiles import Experiment, Profile, load_any, load_experiment, load_resolved, with_replicates
 from .supervise import (CRASHED, ENDED, FAILED, FINISHED, NOT_STARTED, RUNNING, STOPPED, arm_alive, arm_lock,
-                        SpawnError, arm_status, ending, spawn_supervised, supervisor_active, write_atomic)
+                        SpawnError, arm_status, ending, start_supervisor, supervisor_active, wait_for_trainer,
+                        write_atomic)
 
 __all__ = [
     "start_experiment", "spawn_arm", "arm_alive", "arm_status", "request_stop", "request_extend",
@@ -64,20 +66,28 @@ def _cpu_threads(profile: Profile, cpu_arms: int) -> int | None:
 # ---------------------------------------------------------------- starting
 
 
-def spawn_arm(arm: ArmPaths, profile: Profile, *, threads: int | None,
-              command: Sequence[str] | None = None) -> int:
-    """Start the arm's trainer detached (through its supervisor); returns the trainer's pid.
-
-    `command` replaces `python -m gputwin.train ARM_DIR` (tests use a trivial child).
-    """
+def _arm_env(profile: Profile, threads: int | None) -> dict[str, str]:
     env = dict(os.environ)
     env["CUDA_VISIBLE_DEVICES"] = "" if profile.device is None else str(profile.device)
     env.setdefault("CUDA_DEVICE_ORDER", "PCI_BUS_ID")  # GPU indices as nvidia-smi and NVML number them
     env["PYTHONUNBUFFERED"] = "1"  # stdout.log stays live
     if threads is not None:
         env["GPUTWIN_THREADS"] = str(threads)
+    return env
+
+
+def spawn_arm(arm: ArmPaths, profile: Profile, *, threads: int | None,
+              command: Sequence[str] | None = None) -> int:
+    """Start the arm's trainer detached (through its supervisor); returns the trainer's pid.
+
+    `command` replaces `python -m gputwin.train ARM_DIR` (tests use a trivial child).
+    """
+    return _trainer_pid(arm, start_supervisor(arm, _arm_env(profile, threads), command))
+
+
+def _trainer_pid(arm: ArmPaths, supervisor: subprocess.Popen[bytes]) -> int:
     try:
-        return spawn_supervised(arm, env, command)
+        return wait_for_trainer(arm, supervisor)
     except SpawnError as exc:
         raise UserError(str(exc), f"fix what {arm.stderr} reports, then `gputwin resume {arm.name}`") from None
 
@@ -164,12 +174,21 @@ def start_experiment(experiment: Experiment, *, root: Path | None = None, say: S
             _write_arm_files(exp.arm(profile.name), profile)
         write_atomic(exp.experiment_json, json.dumps(experiment.to_dict(), indent=2) + "\n")
         cpu_arms = sum(1 for p in experiment.arms if p.device is None)
-        for profile in experiment.arms:
-            arm = exp.arm(profile.name)
-            pid = spawn_arm(arm, profile, threads=_cpu_threads(profile, cpu_arms),
-                            command=(commands or {}).get(profile.name))
+        # Every supervisor starts before the launcher waits for any: the arms' trainers start side by side.
+        arms = [(profile, exp.arm(profile.name)) for profile in experiment.arms]
+        supervisors = [start_supervisor(arm, _arm_env(profile, _cpu_threads(profile, cpu_arms)),
+                                        (commands or {}).get(profile.name)) for profile, arm in arms]
+        failure: UserError | None = None
+        for (profile, arm), supervisor in zip(arms, supervisors):
+            try:
+                pid = _trainer_pid(arm, supervisor)
+            except UserError as exc:
+                failure = failure or exc
+                continue
             where = "CPU" if profile.device is None else f"GPU {profile.device}"
             say(f"Started {profile.name} on {where} (pid {pid}); log: {arm.root}")
+        if failure is not None:
+            raise failure
     return exp
 
 

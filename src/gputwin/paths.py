@@ -1,5 +1,6 @@
 """Where things live on disk. One experiment is one folder; one arm is one sub-folder.
 
+logs/.cache/tokenized/     tokenised training data, shared by every experiment (gputwin.train.tokcache)
 logs/<experiment>/
     experiment.json        resolved experiment (arms, rules) written by `gputwin run`
     run.lock               held while a launcher is starting arms

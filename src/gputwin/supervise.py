@@ -191,8 +191,10 @@ def trainer_command(arm: ArmPaths) -> list[str]:
     return [sys.executable, "-m", "gputwin.train", str(arm.root)]
 
 
-def spawn_supervised(arm: ArmPaths, env: Mapping[str, str], command: Sequence[str] | None = None) -> int:
-    """Start a detached supervisor for `arm` and return the trainer's pid once it is recorded.
+def start_supervisor(arm: ArmPaths, env: Mapping[str, str],
+                     command: Sequence[str] | None = None) -> subprocess.Popen[bytes]:
+    """Start a detached supervisor for `arm` without waiting for it (wait_for_trainer does), so the
+    supervisors of several arms start side by side.
 
     The supervisor gets its own session (no terminal, immune to the launcher's Ctrl-C and hang-up),
     stdin from /dev/null and the arm's stdout.log/stderr.log, appended. Stale pid and exit files
@@ -214,6 +216,11 @@ def spawn_supervised(arm: ArmPaths, env: Mapping[str, str], command: Sequence[st
         os.close(out)
         os.close(err)
     _supervisors.append(proc)
+    return proc
+
+
+def wait_for_trainer(arm: ArmPaths, proc: subprocess.Popen[bytes]) -> int:
+    """The pid of the trainer that `proc` (start_supervisor's) started, once recorded; SpawnError if none."""
     deadline = time.monotonic() + PID_WAIT_S
     while time.monotonic() < deadline:
         recorded = read_pid(arm)

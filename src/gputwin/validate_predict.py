@@ -13,7 +13,7 @@ import time
 from typing import Any, Sequence
 
 from .data import Entity, Sample
-from .encoding import answer_closed, answer_text, decode_tag, encode_prompts, encode_tag, eos_id, parse_answer
+from .encoding import answer_closed, answer_text, decode_tag, encode_prompts, encode_tag_many, eos_id, parse_answer
 
 DEFAULT_BATCH = {("generate", "cuda"): 64, ("generate", "cpu"): 8, ("tag", "cuda"): 128, ("tag", "cpu"): 32}
 UNPARSABLE_KEPT = 5  # raw outputs kept in info for a look at what went wrong
@@ -214,7 +214,7 @@ def _predict_tag(model: Any, tokenizer: Any, samples: Sequence[Sample], *, label
 
     names = _label_names(model, label_names)
     label2id = {name: i for i, name in enumerate(names)}
-    encoded = [encode_tag(s.text, (), tokenizer, label2id, max_length) for s in samples]
+    encoded = encode_tag_many([(s.text, ()) for s in samples], tokenizer, label2id, max_length)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     preds: list[list[Entity]] = [[] for _ in samples]
     batches = _batches([len(e["input_ids"]) for e in encoded], batch_size)

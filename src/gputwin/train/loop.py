@@ -417,13 +417,6 @@ def per_type_summary(per_type: dict[str, Any]) -> dict[str, dict[str, Any]]:
     return {t: {k: v[k] for k in keys if k in v} for t, v in per_type.items() if isinstance(v, dict)}
 
 
-def quiet_transformers() -> None:
-    """No download/loading progress bars in stderr.log: the event log is the progress report."""
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.disable_progress_bar()
-
-
 def disk_full(exc: BaseException) -> bool:
     """ENOSPC/EDQUOT, also where a library reports it only in words (safetensors)."""
     return getattr(exc, "errno", None) in DISK_FULL_ERRNOS or "No space left on device" in str(exc)
@@ -440,7 +433,6 @@ def train(arm_dir: str | Path, *, imports_seconds: float | None = None) -> int:
     hint and no traceback; anything else is re-raised after the event so stderr has the traceback.
     """
     arm = ArmPaths(Path(arm_dir).resolve())
-    quiet_transformers()
     stop = StopSignal()
     with events.EventWriter(arm.events, fold=True) as writer, stop.installed():
         trainer: Trainer | None = None

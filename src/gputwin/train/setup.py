@@ -1,7 +1,9 @@
 """Everything the loop needs before its first step: device, threads, data, model, optimizer, engine.
 
 Kept apart from the loop so the loop reads as the training story and a faster engine can reuse the
-same setup.
+same setup. The training data (from the tokenised-data cache, or read and tokenised) is prepared in a
+worker thread while the model loads: the two need nothing from each other, except the tag head, whose
+size comes from the data's labels, so a tag run waits for the data before it loads its model.
 """
 
 from __future__ import annotations
@@ -9,6 +11,7 @@ from __future__ import annotations
 import os
 import random
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, TypeVar
@@ -16,12 +19,11 @@ from typing import Any, Callable, TypeVar
 import torch
 
 from .. import modeling
-from ..data import load_dataset
-from ..encoding import bio_label_names
 from ..paths import ArmPaths
 from ..plan import milestone_step, steps_for
 from ..profiles import Profile
-from .batching import Example, encode_samples
+from . import tokcache
+from .batching import Example
 from .engine import Engine, build_optimizer, make_engine
 
 T = TypeVar("T")
@@ -55,7 +57,7 @@ class Run:
     milestone_step: int
     checkpoint_root: Path
     bad_lines: int
-    startup: dict[str, float]  # seconds of build_run's phases, and in total
+    startup: dict[str, float | str]  # seconds of build_run's phases and in total; data_cache: how data was got
 
     @property
     def adapter_meta(self) -> dict[str, Any]:
@@ -113,20 +115,38 @@ def load_model(profile: Profile, device: torch.device, label_names: list[str] | 
                               device=device, label_names=label_names, trust_remote_code=spec.trust_remote_code)
 
 
+def quiet_transformers() -> None:
+    """No download/loading progress bars in stderr.log: the event log is the progress report."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+
+
+def load_tokenizer(profile: Profile) -> Any:
+    """transformers imported (quietened) and the profile's tokenizer loaded: the `tokenizer` phase."""
+    quiet_transformers()
+    return modeling.load_tokenizer(profile.model.base, profile.model.trust_remote_code)
+
+
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     torch.manual_seed(seed)
 
 
 def build_run(arm: ArmPaths, profile: Profile) -> Run:
-    """Device, data, tokenizer, model with LoRA, optimizer and engine, in that order (each phase timed)."""
+    """Device, tokenizer, then data beside model with LoRA, optimizer and engine (each phase timed).
+
+    startup: seconds of each phase; `data` runs in a worker beside `model`, `lora` and `engine`, and
+    `data_wait` is how long they then waited for it; `total` is the wall time of it all; `data_cache` says
+    whether the tokenised data came from the cache (tokcache's HIT, WRITTEN, REBUILT, UNSAVED or OFF).
+    """
     started = time.perf_counter()
-    startup: dict[str, float] = {}
+    startup: dict[str, float | str] = {}
 
     def timed(phase: str, work: Callable[[], T]) -> T:
         begin = time.perf_counter()
         result = work()
-        startup[phase] = round(time.perf_counter() - begin, 3)
+        startup[phase] = round(float(startup.get(phase, 0.0)) + time.perf_counter() - begin, 3)
         return result
 
     device, device_name = timed("device", lambda: pick_device(profile))
@@ -134,32 +154,40 @@ def build_run(arm: ArmPaths, profile: Profile) -> Run:
         torch.set_num_threads(cpu_threads(profile))
     seed_everything(profile.train.seed)
     spec = profile.model
+    tokenizer = timed("tokenizer", lambda: load_tokenizer(profile))
+    pad_id = int(tokenizer.pad_token_id)  # read now: while the worker tokenises, only it touches the tokenizer
 
-    def data() -> tuple[Any, list[str] | None, Any, list[Example]]:
-        dataset = load_dataset(profile.data.train)
-        label_names = bio_label_names(dataset.entity_types) if spec.task == "tag" else None
-        tokenizer = modeling.load_tokenizer(spec.base, spec.trust_remote_code)
-        return dataset, label_names, tokenizer, encode_samples(dataset.samples, tokenizer, task=spec.task,
-                                                               max_length=profile.train.max_length,
-                                                               label_names=label_names)
+    def data() -> tokcache.TrainingData:
+        return tokcache.load_training_data(
+            profile.data.train, tokenizer, base=spec.base, task=spec.task, max_length=profile.train.max_length,
+            trust_remote_code=spec.trust_remote_code, folder=tokcache.cache_folder(arm.root.parent.parent))
 
-    dataset, label_names, tokenizer, examples = timed("data", data)
-    base = timed("model", lambda: load_model(profile, device, label_names))
-    model_dtype = modeling.resolve_dtype(spec.dtype, device)
-    model = timed("lora", lambda: modeling.attach_lora(base, profile.lora, spec.task, spec.init_adapter).to(device))
-    model.train()
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="gputwin-data") as worker:
+        pending = worker.submit(timed, "data", data)
+        label_names = None
+        if spec.task == "tag":  # the head's size is the data's label count
+            label_names = timed("data_wait", pending.result).label_names
+        base = timed("model", lambda: load_model(profile, device, label_names))
+        model_dtype = modeling.resolve_dtype(spec.dtype, device)
+        model = timed("lora", lambda: modeling.attach_lora(base, profile.lora, spec.task, spec.init_adapter).to(device))
+        model.train()
 
-    def optimizer_and_engine() -> tuple[torch.optim.Optimizer, Engine]:
-        optimizer = build_optimizer(model, lr=profile.train.learning_rate, weight_decay=profile.train.weight_decay,
-                                    device=device)
-        return optimizer, make_engine(profile.train.engine, model, optimizer, device=device, model_dtype=model_dtype,
-                                      grad_clip=profile.train.grad_clip, pad_id=int(tokenizer.pad_token_id))
+        def optimizer_and_engine() -> tuple[torch.optim.Optimizer, Engine]:
+            optimizer = build_optimizer(model, lr=profile.train.learning_rate, weight_decay=profile.train.weight_decay,
+                                        device=device)
+            return optimizer, make_engine(profile.train.engine, model, optimizer, device=device,
+                                          model_dtype=model_dtype, grad_clip=profile.train.grad_clip,
+                                          pad_id=pad_id)
 
-    optimizer, engine = timed("engine", optimizer_and_engine)
+        optimizer, engine = timed("engine", optimizer_and_engine)
+        training = timed("data_wait", pending.result)
+    startup["data_cache"] = training.cache
     startup["total"] = round(time.perf_counter() - started, 3)
+    examples = training.examples
     per_epoch, total = steps_for(len(examples), profile.train.batch_size, profile.train.epochs)
     root = Path(profile.train.output_dir) if profile.train.output_dir else arm.checkpoints
     return Run(arm=arm, profile=profile, device=device, device_name=device_name, model_dtype=model_dtype,
                tokenizer=tokenizer, model=model, optimizer=optimizer, engine=engine, examples=examples,
-               label_names=label_names, steps_per_epoch=per_epoch, total_steps=total, milestone_step=milestone_step(profile, per_epoch),
-               checkpoint_root=root, bad_lines=len(dataset.bad_lines), startup=startup)
+               label_names=training.label_names, steps_per_epoch=per_epoch, total_steps=total,
+               milestone_step=milestone_step(profile, per_epoch), checkpoint_root=root,
+               bad_lines=training.bad_lines, startup=startup)

@@ -1,0 +1,31 @@
+"""bench/startup.py at toy sizes on the CPU: the launcher probe, a cold and a warm launch of one arm to its
+first step, the table and the result file. Correctness of the benchmark's path only, no timing."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.slow
+def test_the_startup_benchmark_times_a_cold_and_a_warm_launch_at_toy_sizes(tmp_path: Path) -> None:
+    done = subprocess.run([sys.executable, str(REPO / "bench" / "startup.py"), "smoke", "--work", str(tmp_path)],
+                          capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    result = json.loads((tmp_path / "results" / "startup_smoke.json").read_text())
+    launcher = result["launcher"]
+    assert launcher["heavy_imports"] == [] and len(launcher["runs_s"]) == 3 and launcher["median_s"] > 0
+    assert [(r["launch"], r["data_cache"]) for r in result["launches"]] == [("cold", "written"), ("warm", "hit")]
+    for launch in result["launches"]:
+        assert launch["device"] == "cpu" and launch["samples"] == 64
+        assert 0 < launch["started_line_s"] and 0 < launch["started_s"] < launch["first_step_s"]
+        assert {"imports", "tokenizer", "data", "data_wait", "model", "lora", "engine", "total"} \
+            <= set(launch["startup_seconds"])
+    assert "launcher to the spawn of its arms" in done.stdout and "warm 0" in done.stdout
+    assert not list((tmp_path / "logs").glob("probe-*"))  # the probe's experiments are cleared away
