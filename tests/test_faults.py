@@ -28,6 +28,7 @@ from typing import Any, Callable, Iterator
 
 import pytest
 
+from gputwin.eventlog import EventWriter
 from gputwin import cli, control, launcher, status, supervise
 from gputwin import events as ev
 from gputwin import state as st
@@ -530,7 +531,7 @@ def _damaged_experiment(root: Path) -> ExperimentPaths:
         arm = exp.arm(name)
         arm.root.mkdir()
         arms[name] = arm
-        with ev.EventWriter(arm.events) as log:
+        with EventWriter(arm.events) as log:
             log.emit(ev.STARTED, arm=name, pid=1, device="cpu", samples=24, steps_per_epoch=6, total_steps=6,
                      milestone_step=3)
             for step in (1, 2, 3):

@@ -29,6 +29,7 @@ import psutil
 
 from . import control, paths
 from . import events as ev
+from .eventlog import EventWriter
 from .errors import UserError
 from .paths import ArmPaths, ExperimentPaths, make_private_dir
 from .profiles import (DataSpec, Experiment, LoraSpec, MilestoneSpec, ModelSpec, Profile, Rules,
@@ -68,7 +69,7 @@ class _GputwinCallbackLogic:
         self.milestone_step = milestone_step
         make_private_dir(self.exp.root)
         make_private_dir(self.arm.root)
-        self._writer: ev.EventWriter | None = None
+        self._writer: EventWriter | None = None
         self._stop_by: str | None = None
         self._last_step_event = 0.0
         self._step = 0
@@ -78,7 +79,7 @@ class _GputwinCallbackLogic:
 
     def _emit(self, kind: str, **fields: Any) -> None:
         if self._writer is None:
-            self._writer = ev.EventWriter(self.arm.events, fold=True)
+            self._writer = EventWriter(self.arm.events, fold=True)
         self._writer.emit(kind, **fields)
 
     def _register(self, profile: Profile) -> None:

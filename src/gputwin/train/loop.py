@@ -22,6 +22,7 @@ from typing import Any, Iterator
 import torch
 
 from .. import control, events
+from ..eventlog import EventWriter
 from ..errors import UserError
 from ..modeling import count_params, count_trainable, save_adapter
 from ..paths import ArmPaths, make_private_dir
@@ -81,7 +82,7 @@ class Issued:
 class Trainer:
     """The loop and what happens between its steps (control requests, checkpoints, validation)."""
 
-    def __init__(self, run: Run, writer: events.EventWriter, stop: StopSignal,
+    def __init__(self, run: Run, writer: EventWriter, stop: StopSignal,
                  imports_seconds: float | None = None) -> None:
         self.run, self.writer, self.stop = run, writer, stop
         self.imports_seconds = imports_seconds  # process start to train(): Python, torch and the rest
@@ -442,7 +443,7 @@ def train(arm_dir: str | Path, *, imports_seconds: float | None = None) -> int:
     arm = ArmPaths(Path(arm_dir).resolve())
     quiet_transformers()
     stop = StopSignal()
-    with events.EventWriter(arm.events, fold=True) as writer, stop.installed():
+    with EventWriter(arm.events, fold=True) as writer, stop.installed():
         trainer: Trainer | None = None
 
         def fail(error: str, message: str, hint: str) -> None:
