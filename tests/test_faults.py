@@ -34,7 +34,7 @@ from gputwin import events as ev
 from gputwin import state as st
 from gputwin.paths import ArmPaths, ExperimentPaths
 from gputwin.profiles import Experiment, Profile, Rules
-from gputwin.tailer import STALL_MIN_S, STALL_STEPS, ExperimentWatcher
+from gputwin.watcher import STALL_MIN_S, STALL_STEPS, ExperimentWatcher
 from gputwin.train import faults
 from tiny import make_arm, make_samples, profile_for, tiny_bert, write_data
 

@@ -20,7 +20,7 @@ from gputwin import control, launcher, paths, supervise
 from gputwin.errors import UserError
 from gputwin.paths import ArmPaths, ExperimentPaths
 from gputwin.profiles import Experiment, ModelSpec, ProfileError, Rules, load_profile
-from gputwin.tailer import ExperimentWatcher
+from gputwin.watcher import ExperimentWatcher
 from tiny import make_arm, make_samples, profile_for, tiny_bert, write_data
 
 SRC = Path(__file__).resolve().parents[1] / "src" / "gputwin"

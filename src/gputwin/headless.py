@@ -118,7 +118,7 @@ class Monitor:
     watcher: Any = None
 
     def __post_init__(self) -> None:
-        from .tailer import ExperimentWatcher
+        from .watcher import ExperimentWatcher
 
         self.watcher = ExperimentWatcher(self.exp, clock=self.clock)
 

@@ -24,7 +24,7 @@ from .errors import UserError
 from .paths import ExperimentPaths
 from .state import CRASHED, ENDED, STALLED, ArmState, ExperimentState
 from .widgets.formatting import shown_hparams
-from .tailer import ExperimentWatcher
+from .watcher import ExperimentWatcher
 
 EXIT_OK = 0
 EXIT_ARM_CRASHED = 3

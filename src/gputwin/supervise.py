@@ -28,12 +28,12 @@ from typing import Iterator, Mapping, Sequence
 import psutil
 
 from . import control
+from .liveness import describe_exit, process_alive, read_exit, read_pid
 from .paths import ArmPaths
 
 FORWARDED_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 EXEC_FAILED = 127  # exit status recorded when the trainer could not be started at all
 PID_WAIT_S = 30.0  # how long the launcher waits for a fresh supervisor to report the trainer's pid
-CREATE_TIME_SLACK_S = 0.05
 SUPERVISOR_FILE = "supervisor"
 RUNNING, FINISHED, STOPPED, FAILED, CRASHED, NOT_STARTED = (
     "running", "finished", "stopped", "failed", "crashed", "not started")
@@ -58,34 +58,6 @@ def write_atomic(path: Path, text: str) -> None:
     with os.fdopen(fd, "w") as fh:
         fh.write(text)
     os.replace(tmp, path)
-
-
-def read_pid(arm: ArmPaths) -> tuple[int, float] | None:
-    """``(pid, create_time)`` from the pid file, or None when absent or unreadable."""
-    try:
-        pid_text, created_text = arm.pid.read_text().split()[:2]
-        return int(pid_text), float(created_text)
-    except (OSError, ValueError):
-        return None
-
-
-def read_exit(arm: ArmPaths) -> int | None:
-    """The trainer's exit status as the supervisor recorded it (negative = signal)."""
-    try:
-        return int(arm.exit.read_text().split()[0])
-    except (OSError, ValueError, IndexError):
-        return None
-
-
-def process_alive(pid: int, create_time: float) -> bool:
-    """True when `pid` is running and is the very process that was recorded (not a reused pid)."""
-    try:
-        proc = psutil.Process(pid)
-        if abs(proc.create_time() - create_time) > CREATE_TIME_SLACK_S:
-            return False
-        return proc.status() != psutil.STATUS_ZOMBIE
-    except (psutil.NoSuchProcess, psutil.AccessDenied):
-        return False
 
 
 def supervisor_file(arm: ArmPaths) -> Path:
@@ -123,15 +95,6 @@ def arm_alive(arm: ArmPaths) -> bool:
     _reap()
     recorded = read_pid(arm)
     return recorded is not None and process_alive(*recorded)
-
-
-def describe_exit(status: int) -> str:
-    if status < 0:
-        try:
-            return f"killed by signal {-status} ({signal.Signals(-status).name})"
-        except ValueError:
-            return f"killed by signal {-status}"
-    return f"exit status {status}"
 
 
 # ---------------------------------------------------------------- an arm's lives
