@@ -33,7 +33,7 @@ from .checkpoint import DISK_FULL_ERRNOS, CheckpointWriteError, TrainState, chec
     latest_loadable, list_checkpoints, load_checkpoint, prune, rng_states, save_checkpoint, set_rng_states
 from .engine import NonFiniteLoss, Outcome, StepOutput
 from . import probe
-from .schedule import decay_done, extension_preview, lr_at, make_plan, wsd_rewind_step
+from ..schedule import decay_done, extension_preview, lr_at, make_plan, wsd_rewind_step
 from .setup import Run, TrainFailure, build_run
 
 NAN_HINT = ("lower train.learning_rate (e.g. halve it), add warmup_steps, or keep grad_clip at 1.0; "
