@@ -25,7 +25,7 @@ HANDLERS = {
     "validate": "gputwin.validate:cmd_validate",
     "report": "gputwin.report:cmd_report",
     "export": "gputwin.export_tb:cmd_export",
-    "check": "gputwin.plan:cmd_check",
+    "check": "gputwin.check:cmd_check",
     "data": "gputwin.data.synth:cmd_data",
 }
 
