@@ -1,6 +1,6 @@
 """Numbers as the screen shows them, each with its unit.
 
-Pure string helpers shared by the widgets; no Textual here, so they are tested as plain functions.
+Pure string helpers shared by the widgets, `gputwin status` and the plan preview; no Textual here, so they are tested as plain functions.
 """
 
 from __future__ import annotations

@@ -10,7 +10,7 @@ from rich.text import Text
 
 from .sparkline import sparkline
 from .schedule import LrPlan, extension_preview
-from .widgets.formatting import sci
+from .formatting import sci
 
 
 def plan_text(lr_plan: dict[str, Any], step: int, extra: int, peak: float, extend_lr: float) -> Text:

@@ -23,7 +23,7 @@ from . import paths
 from .errors import UserError
 from .paths import ExperimentPaths
 from .state import CRASHED, ENDED, STALLED, ArmState, ExperimentState
-from .widgets.formatting import shown_hparams
+from .formatting import shown_hparams
 from .watcher import ExperimentWatcher
 
 EXIT_OK = 0
