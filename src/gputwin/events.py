@@ -14,7 +14,7 @@ import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 SCHEMA_VERSION = 1
 
@@ -146,7 +146,3 @@ def read_events(path: Path) -> ReadResult:
         except EventError as exc:
             bad.append((number, str(exc)))
     return ReadResult(events, bad)
-
-
-def iter_kind(events: list[Event], kind: str) -> Iterator[Event]:
-    return (e for e in events if e.kind == kind)

@@ -83,11 +83,6 @@ def device_label(device: object) -> str:
     return text.upper() if text.lower() == "cpu" else text
 
 
-def short_key(key: str) -> str:
-    """A dotted profile key without its table (train.learning_rate -> learning_rate)."""
-    return key.rsplit(".", 1)[-1]
-
-
 def value_text(value: object) -> str:
     """A hyperparameter value, short: 1.5e-04, 12, bf16, q_proj+v_proj."""
     if isinstance(value, float):

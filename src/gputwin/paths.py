@@ -103,9 +103,6 @@ class ArmPaths:
         """The cooldown probe's validation: the arm at `step`, cooled down (see gputwin.train.probe)."""
         return self.validation / f"step-{step:06d}-cooled.json"
 
-    def checkpoint_dir(self, step: int) -> Path:
-        return self.checkpoints / f"step-{step:06d}"
-
 
 @dataclass(frozen=True)
 class ExperimentPaths:
