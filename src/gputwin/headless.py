@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, TextIO
 
 from . import eta as eta_mod
+from .errors import EXIT_ARM_CRASHED
 from .paths import ExperimentPaths
 from .profiles import Rules
 from .state import CRASHED
@@ -22,7 +23,6 @@ from .supervise import arm_alive
 
 PROGRESS_EVERY_S = 10.0
 POLL_EVERY_S = 0.3  # as often as the UI reads the files: a verdict shows within 0.3 s
-EXIT_ARM_CRASHED = 3
 AUTO = "auto"  # `by` of actions applied because rules.on_verdict = "apply"
 WAITING = "waiting"  # verdict.WAITING: an arm has not reached its milestone
 

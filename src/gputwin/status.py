@@ -20,14 +20,13 @@ from typing import Any, Callable
 
 from . import eta as eta_mod
 from . import paths
-from .errors import UserError
+from .errors import EXIT_ARM_CRASHED, UserError
+from .formatting import shown_hparams
 from .paths import ExperimentPaths
 from .state import CRASHED, ENDED, STALLED, ArmState, ExperimentState
-from .formatting import shown_hparams
 from .watcher import ExperimentWatcher
 
 EXIT_OK = 0
-EXIT_ARM_CRASHED = 3
 STDERR_LINES_SHOWN = 5
 
 
