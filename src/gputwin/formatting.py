@@ -8,6 +8,8 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
+from .verdict import pct
+
 GIB = 1024**3
 
 STATUS_STYLE = {
@@ -41,8 +43,8 @@ def sci(value: object) -> str:
 
 
 def percent(fraction: object, digits: int = 1) -> str:
-    """A fraction (0.861) as a percentage (86.1%)."""
-    return f"{fraction * 100:.{digits}f}%" if is_number(fraction) else "–"
+    """A fraction (0.861) as a percentage (86.1%); a dash when there is none."""
+    return pct(float(fraction), digits) if is_number(fraction) else "–"
 
 
 def rate(value: object, unit: str) -> str:

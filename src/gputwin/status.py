@@ -24,6 +24,7 @@ from .errors import EXIT_ARM_CRASHED, UserError
 from .formatting import shown_hparams
 from .paths import ExperimentPaths
 from .state import CRASHED, ENDED, STALLED, ArmState, ExperimentState
+from .verdict import pct
 from .watcher import ExperimentWatcher
 
 EXIT_OK = 0
@@ -136,7 +137,7 @@ def summarize(state: ExperimentState, now: float) -> dict[str, Any]:
 
 
 def _pct(x: float | None) -> str:
-    return "-" if x is None else f"{100 * x:.1f}%"
+    return "-" if x is None else pct(x)
 
 
 def _num(x: float | None, spec: str) -> str:

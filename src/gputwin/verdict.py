@@ -123,8 +123,9 @@ class Verdict:
         }
 
 
-def pct(x: float) -> str:
-    return f"{x * 100:.1f}%"
+def pct(x: float, digits: int = 1) -> str:
+    """A fraction (0.861) as a percentage (86.1%): the one way scores and progress are written as percent."""
+    return f"{x * 100:.{digits}f}%"
 
 
 def points(x: float) -> str:
