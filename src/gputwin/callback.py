@@ -31,10 +31,10 @@ from . import control, paths
 from . import events as ev
 from .eventlog import EventWriter
 from .errors import UserError
-from .paths import ArmPaths, ExperimentPaths, make_private_dir
+from .paths import ArmPaths, ExperimentPaths, make_private_dir, write_atomic
 from .profiles import (DataSpec, Experiment, LoraSpec, MilestoneSpec, ModelSpec, Profile, Rules,
                        TrainSpec)
-from .supervise import arm_alive, read_pid, write_atomic
+from .supervise import arm_alive, read_pid
 
 SOURCE_PREFIX = "hf-trainer:"  # Profile.source of arms run by this callback: gputwin cannot respawn them
 STEP_EVENT_EVERY_S = 1.0  # between logged steps, progress-only step events at most this often

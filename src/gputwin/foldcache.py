@@ -20,7 +20,6 @@ import io
 import os
 import pickle
 import stat
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,6 +28,7 @@ from typing import Any, Callable
 from . import __version__
 from . import events as ev
 from . import state as st
+from .paths import write_atomic
 from .eta import StepTimer
 from .tailer import HEAD_BYTES, LogPosition, Tailer, fold_new, head_of
 
@@ -77,7 +77,7 @@ def save(log: Path, state: st.ArmState, position: LogPosition) -> bool:
         saved = {"format": FORMAT_VERSION, "gputwin": __version__, "layout": LAYOUT, "offset": position.offset,
                  "lines": position.lines, "ident": position.ident, "head": position.head, "before": before,
                  "state": dataclasses.replace(state, hparams={})}  # the profile is the reader's, not the log's
-        _write_atomic(fold_path(log), pickle.dumps(saved, protocol=pickle.HIGHEST_PROTOCOL))
+        write_atomic(fold_path(log), pickle.dumps(saved, protocol=pickle.HIGHEST_PROTOCOL))
     except OSError:
         return False
     return True
@@ -95,18 +95,6 @@ def _bytes_before(log: Path, position: LogPosition) -> bytes | None:
         fh.seek(start)
         before = fh.read(position.offset - start)
     return before if before.endswith(b"\n") else None
-
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    """A unique temporary file renamed over `path`: two processes saving at once leave one whole file."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")  # mode 0600
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
 
 
 # ---------------------------------------------------------------- load

@@ -21,11 +21,11 @@ from typing import Any, Callable, Iterator, Sequence
 
 from . import control, paths
 from .errors import UserError
-from .paths import ArmPaths, ExperimentPaths, make_private_dir
+from .paths import ArmPaths, ExperimentPaths, make_private_dir, write_atomic
 from .preflight import check_arms_can_start, check_reference
 from .profiles import Experiment, Profile, load_experiment, load_resolved, with_replicates
 from .supervise import (CRASHED, ENDED, FAILED, FINISHED, NOT_STARTED, RUNNING, STOPPED, arm_alive, arm_lock,
-                        SpawnError, arm_status, ending, spawn_supervised, supervisor_active, write_atomic)
+                        SpawnError, arm_status, ending, spawn_supervised, supervisor_active)
 
 __all__ = [
     "start_experiment", "spawn_arm", "arm_alive", "arm_status", "request_stop", "request_extend",

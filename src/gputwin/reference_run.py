@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from .errors import UserError
-from .paths import make_private_dir
+from .paths import make_private_dir, write_atomic
 from .profiles import Experiment, package_model_dir
 from .reference_file import REFERENCE_DIR, RESULT_FILE, ValidationInputs, inputs_for, read_result
 
@@ -109,8 +109,6 @@ def cache_key(hashes: dict[str, Any]) -> str:
 
 
 def _write(path: Path, data: dict[str, Any]) -> None:
-    from .supervise import write_atomic
-
     make_private_dir(path.parent)
     write_atomic(path, json.dumps(data, ensure_ascii=False, indent=2) + "\n")
 

@@ -22,7 +22,7 @@ from . import state as st
 from .errors import UserError
 from .eta import human_duration
 from .metrics import METRICS, disagreements
-from .paths import ExperimentPaths
+from .paths import ExperimentPaths, write_atomic
 from .results import decide_experiment, verdict_for_state
 from .verdict import EXTEND, STOP, ArmResult, Verdict, level, pct
 
@@ -335,7 +335,6 @@ def render(state: st.ExperimentState, verdict: Verdict | None, results: Mapping[
 
 def _write(exp: ExperimentPaths, now: float) -> tuple[Path, Path, Verdict | None]:
     from .figures import write_figures
-    from .supervise import write_atomic
 
     state = load_state(exp, now)
     verdict, results, waiting = decide_experiment(state, now)

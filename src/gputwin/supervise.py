@@ -29,7 +29,7 @@ import psutil
 
 from . import control
 from .liveness import describe_exit, process_alive, read_exit, read_pid
-from .paths import ArmPaths
+from .paths import ArmPaths, write_atomic
 
 FORWARDED_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 EXEC_FAILED = 127  # exit status recorded when the trainer could not be started at all
@@ -49,15 +49,6 @@ class SpawnError(RuntimeError):
 
 
 # ---------------------------------------------------------------- pid and exit files
-
-
-def write_atomic(path: Path, text: str) -> None:
-    """Readers poll these files: they must see the old content or the new, never half."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as fh:
-        fh.write(text)
-    os.replace(tmp, path)
 
 
 def supervisor_file(arm: ArmPaths) -> Path:
