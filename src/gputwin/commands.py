@@ -13,9 +13,9 @@ import json
 
 from . import paths
 from .errors import UserError
-from .launcher import (demo_experiment, request_extend, request_stop, request_validate, resolve_arm,
-                       resolve_experiment, resume_arm, start_experiment)
-from .paths import ExperimentPaths
+from .launcher import (demo_experiment, request_extend, request_stop, request_validate, resolve_arm, resume_arm,
+                       start_experiment)
+from .paths import ExperimentPaths, resolve_experiment
 from .profiles import Experiment, load_any, with_replicates
 from .supervise import arm_alive
 

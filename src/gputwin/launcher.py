@@ -21,7 +21,7 @@ from typing import Any, Callable, Iterator, Sequence
 
 from . import control, paths
 from .errors import UserError
-from .paths import ArmPaths, ExperimentPaths, make_private_dir, write_atomic
+from .paths import ArmPaths, ExperimentPaths, make_private_dir, resolve_experiment, write_atomic
 from .preflight import check_arms_can_start, check_reference
 from .profiles import Experiment, Profile, load_experiment, load_resolved, with_replicates
 from .supervise import (CRASHED, ENDED, FAILED, FINISHED, NOT_STARTED, RUNNING, STOPPED, arm_alive, arm_lock,
@@ -196,32 +196,6 @@ def _clear_stale_stops(arm: ArmPaths) -> None:
 
 
 # ---------------------------------------------------------------- control requests
-
-
-def resolve_experiment(name: str | None, root: Path | None = None) -> ExperimentPaths:
-    """The named experiment, or the most recent one; UserError naming what exists otherwise."""
-    root = root or paths.logs_root()
-    if name is None:
-        latest = paths.latest_experiment(root)
-        if latest is None:
-            raise UserError(f"no experiments under {root}",
-                            "start one with `gputwin run EXPERIMENT.toml` or `gputwin demo` (GPUTWIN_LOGS sets the folder)")
-        return latest
-    candidate = Path(name)
-    if (candidate / "experiment.json").is_file():  # a folder path works too
-        return ExperimentPaths(candidate.resolve())
-    if candidate.is_dir() and not paths.valid_name(name):
-        raise UserError(f"{candidate}: not an experiment folder (it holds no experiment.json)",
-                        f"name an experiment under {root}, or a folder that `gputwin run` made")
-    try:
-        exp = paths.experiment(name, root)
-    except ValueError as exc:
-        raise UserError(str(exc)) from None
-    if not exp.experiment_json.is_file():
-        known = sorted(p.name for p in root.iterdir() if (p / "experiment.json").is_file()) if root.is_dir() else []
-        raise UserError(f"no experiment {name!r} under {root}",
-                        f"experiments there: {', '.join(known)}" if known else "start one with `gputwin run` or `gputwin demo`")
-    return exp
 
 
 def resolve_arm(exp: ExperimentPaths, name: str) -> ArmPaths:

@@ -29,6 +29,8 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from .errors import UserError
+
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 NAME_HINT = "use letters, digits, '.', '_' or '-' (at most 64, starting with a letter or digit)"
 
@@ -185,3 +187,30 @@ def latest_experiment(root: Path | None = None) -> ExperimentPaths | None:
         return max(times)
 
     return ExperimentPaths(max(candidates, key=last_change))
+
+
+def resolve_experiment(name: str | None, root: Path | None = None) -> ExperimentPaths:
+    """The named experiment, or the most recent one; UserError naming what exists otherwise."""
+    root = root or logs_root()
+    if name is None:
+        latest = latest_experiment(root)
+        if latest is None:
+            raise UserError(f"no experiment found under {root}",
+                            "start one with `gputwin demo` or `gputwin run profiles/seed.toml` "
+                            "(GPUTWIN_LOGS names another logs folder)")
+        return latest
+    candidate = Path(name)
+    if (candidate / "experiment.json").is_file():  # a folder path works too
+        return ExperimentPaths(candidate.resolve())
+    if candidate.is_dir() and not valid_name(name):
+        raise UserError(f"{candidate}: not an experiment folder (it holds no experiment.json)",
+                        f"name an experiment under {root}, or a folder that `gputwin run` made")
+    try:
+        exp = experiment(name, root)
+    except ValueError as exc:
+        raise UserError(str(exc)) from None
+    if not exp.experiment_json.is_file():
+        known = sorted(p.name for p in root.iterdir() if (p / "experiment.json").is_file()) if root.is_dir() else []
+        raise UserError(f"no experiment {name!r} under {root}",
+                        f"experiments there: {', '.join(known)}" if known else "start one with `gputwin run` or `gputwin demo`")
+    return exp

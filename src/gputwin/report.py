@@ -355,7 +355,7 @@ def write_report(exp_dir: Path | str, *, now: float | None = None) -> tuple[Path
 
 def cmd_report(args: Any) -> int:
     """`gputwin report [NAME]`: write the report, print where it is and the verdict headline."""
-    from .launcher import resolve_experiment
+    from .paths import resolve_experiment
 
     comparison, verdict_json, verdict = _write(resolve_experiment(getattr(args, "name", None)), time.time())
     print(f"wrote {comparison}\nwrote {verdict_json}")
