@@ -30,13 +30,15 @@ import psutil
 from . import control
 from .liveness import describe_exit, process_alive, read_exit, read_pid
 from .paths import ArmPaths, write_atomic
+from .state import CRASHED, FINISHED, STARTING, STOPPED
 
 FORWARDED_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 EXEC_FAILED = 127  # exit status recorded when the trainer could not be started at all
 PID_WAIT_S = 30.0  # how long the launcher waits for a fresh supervisor to report the trainer's pid
 SUPERVISOR_FILE = "supervisor"
-RUNNING, FINISHED, STOPPED, FAILED, CRASHED, NOT_STARTED = (
-    "running", "finished", "stopped", "failed", "crashed", "not started")
+# An arm's status as the launcher sees it (between lives): the words it shares with the live view's
+# statuses (state.FINISHED, STOPPED, CRASHED) are those, plus what only a process can tell.
+RUNNING, FAILED, NOT_STARTED = "running", "failed", "not started"
 ENDED = frozenset({FINISHED, STOPPED, FAILED, CRASHED})
 ARM_LOCK_FILE = "supervise.lock"
 
@@ -98,16 +100,13 @@ def _last_life(arm: ArmPaths) -> tuple[str, int | None]:
     costs what was appended since the fold was saved, not a parse of every line.
     """
     from . import foldcache
-    from . import state as st
 
     fold, _ = foldcache.fold_log(arm.events, arm.name)
-    if fold.status == st.FINISHED:
-        return FINISHED, fold.pid
-    if fold.status == st.STOPPED:
-        return STOPPED, fold.pid
+    if fold.status in (FINISHED, STOPPED):
+        return fold.status, fold.pid
     if fold.failure is not None:
         return FAILED, fold.pid
-    if fold.status == st.STARTING and not fold.step:
+    if fold.status == STARTING and not fold.step:
         return NOT_STARTED, fold.pid
     return CRASHED, fold.pid  # ran, with no final event (yet)
 
