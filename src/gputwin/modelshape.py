@@ -67,8 +67,8 @@ def fast_paths(profile: Profile) -> dict[str, dict[str, Any]]:
         return off('train.engine = "plain"')
     if profile.model.task != "generate":
         return off("the fast engine trains decoders for the generate task; tag arms use the plain engine")
-    from .train import fastpaths
-    from .train.fast import decoder_parts
+    from .kernels import fastpaths
+    from .kernels.decoder import decoder_parts
 
     model = _meta_model(profile.model.base, profile.model.task, profile.model.trust_remote_code, SYNTH_LABELS)
     try:
