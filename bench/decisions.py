@@ -31,7 +31,8 @@ sys.path.insert(0, str(REPO / "src"))
 from gputwin import launcher  # noqa: E402
 from gputwin.paths import ExperimentPaths  # noqa: E402
 from gputwin.profiles import Experiment, load_experiment  # noqa: E402
-from gputwin.report import _collect, load_state  # noqa: E402
+from gputwin.report import load_state  # noqa: E402
+from gputwin.results import collect  # noqa: E402
 from gputwin.verdict import EXTEND, STOP, ArmResult, account_for_ended, decide  # noqa: E402
 
 RESULTS = REPO / "bench" / "results"
@@ -79,10 +80,10 @@ def run(experiment: Experiment, logs: Path, limit: float) -> dict[str, Any]:
     launched = time.time()
     exp = launcher.start_experiment(experiment, root=logs, say=print)
     state = load_state(exp, time.time())
-    milestone_at = wait_until(lambda: all(r is not None for r in _collect(load_state(exp, time.time()), time.time())[0].values()),
+    milestone_at = wait_until(lambda: all(r is not None for r in collect(load_state(exp, time.time()), time.time())[0].values()),
                               limit, "milestone verdict")
     state = load_state(exp, time.time())
-    results, _ = _collect(state, time.time())
+    results, _ = collect(state, time.time())
     # what the screen showed then: the arms that had ended by the verdict (a finished arm that should
     # "continue" is extended while the other trains on)
     ended_then = {name: arm.status for name, arm in state.arms.items() if arm.ended}

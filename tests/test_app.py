@@ -29,7 +29,7 @@ from gputwin.paths import ExperimentPaths
 from gputwin.state import ArmState
 from gputwin.widgets.arm_pane import ArmPane
 from gputwin.widgets.feed import ExperimentFeed
-from gputwin.widgets.formatting import device_label, shorten_paths, step_ticks
+from gputwin.formatting import device_label, shorten_paths, step_ticks
 from gputwin.widgets.log_view import LogView
 from gputwin.widgets.modals import KEY_HELP, ConfirmScreen, HelpScreen
 from gputwin.widgets.progress import StepProgress

@@ -17,6 +17,7 @@ from typing import Iterator
 
 import pytest
 
+from gputwin.eventlog import EventWriter
 from gputwin import cli, events, supervise
 from gputwin.paths import ArmPaths
 from gputwin.profiles import Experiment, Rules, load_profile
@@ -315,7 +316,7 @@ def _finished_experiment(root: Path, folder: Path) -> None:
         arm.root.mkdir(mode=0o700)
         (arm.root / supervise.ARM_LOCK_FILE).touch(mode=0o600)
         arm.profile_json.write_text(json.dumps(profile.to_dict()))
-        with events.EventWriter(arm.events) as log:
+        with EventWriter(arm.events) as log:
             log.emit(events.STARTED, arm=profile.name, pid=1, device="cpu", samples=24, steps_per_epoch=6,
                      total_steps=6, milestone_step=3)
             for step in range(1, 7):

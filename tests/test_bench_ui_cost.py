@@ -15,7 +15,8 @@ import pytest
 from gputwin import events as ev
 from gputwin import state as st
 from gputwin import tailer
-from gputwin.tailer import ExperimentWatcher, Tailer
+from gputwin.tailer import Tailer
+from gputwin.watcher import ExperimentWatcher
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "bench"))

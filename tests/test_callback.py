@@ -16,7 +16,7 @@ from gputwin import events as ev
 from gputwin.errors import UserError
 from gputwin.paths import ExperimentPaths
 from gputwin.profiles import Experiment, Profile
-from gputwin.tailer import ExperimentWatcher
+from gputwin.watcher import ExperimentWatcher
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")

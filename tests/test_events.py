@@ -1,4 +1,4 @@
-"""gputwin.events.EventWriter with its fold on: what it saves is what a reader of the log would fold."""
+"""gputwin.EventWriter with its fold on: what it saves is what a reader of the log would fold."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from gputwin.eventlog import EventWriter
 from gputwin import events as ev
 from gputwin import foldcache
 from gputwin import state as st
@@ -18,7 +19,7 @@ from foldlog import BAD_LINE, comparable, realistic_lines, whole_fold
 PARTIAL = '{"v":1,"t":5,"kind":"step","step":4,"epo'  # the last trainer died while writing this line
 
 
-def emit_line(writer: ev.EventWriter, line: str) -> None:
+def emit_line(writer: EventWriter, line: str) -> None:
     """Emit the event a log line holds, through the writer (the same line comes out)."""
     fields = json.loads(line)
     del fields["v"]
@@ -33,7 +34,7 @@ def test_the_saved_fold_is_the_readers_fold_after_each_ending_event_and_on_close
     path = tmp_path / "a" / "events.jsonl"
     lines = events_only(realistic_lines())
     checked = 0
-    with ev.EventWriter(path, fold=True) as writer:
+    with EventWriter(path, fold=True) as writer:
         for line in lines:
             emit_line(writer, line)
             if json.loads(line)["kind"] in ev.TERMINAL_KINDS:  # stopped, failed: saved at once
@@ -54,7 +55,7 @@ def test_between_ending_events_the_fold_is_saved_every_save_every_s(every_s: flo
     path = tmp_path / "a" / "events.jsonl"
     lines = realistic_lines()[:30]  # no ending event among them
     monkeypatch.setattr(foldcache, "SAVE_EVERY_S", every_s)
-    writer = ev.EventWriter(path, fold=True)
+    writer = EventWriter(path, fold=True)
     for line in lines:
         emit_line(writer, line)
         saved = foldcache.load(path)
@@ -69,7 +70,7 @@ def test_between_ending_events_the_fold_is_saved_every_save_every_s(every_s: flo
 def test_a_resumed_writer_starts_from_the_saved_fold_and_folds_only_what_follows(tmp_path: Path) -> None:
     path = tmp_path / "a" / "events.jsonl"
     lines = events_only(realistic_lines())
-    with ev.EventWriter(path, fold=True) as writer:
+    with EventWriter(path, fold=True) as writer:
         for line in lines[:800]:
             emit_line(writer, line)
     saved = foldcache.load(path)
@@ -77,7 +78,7 @@ def test_a_resumed_writer_starts_from_the_saved_fold_and_folds_only_what_follows
     mark = st.ActionRecord("a mark no event sets", "a", "test", 0.0)
     saved.state.actions.insert(0, mark)  # seen again only if the next writer starts from this fold
     assert foldcache.save(path, saved.state, saved.position)
-    with ev.EventWriter(path, fold=True) as writer:
+    with EventWriter(path, fold=True) as writer:
         for line in lines[800:850]:
             emit_line(writer, line)
     resumed = foldcache.load(path)
@@ -92,7 +93,7 @@ def test_a_writer_on_a_log_without_a_fold_folds_it_once_and_saves_it_at_once(tmp
     lines = realistic_lines()
     path.parent.mkdir()
     path.write_text("".join(lines[:1000]), encoding="utf-8")  # written by an older gputwin: no fold beside it
-    writer = ev.EventWriter(path, fold=True)
+    writer = EventWriter(path, fold=True)
     saved = foldcache.load(path)
     assert saved is not None and saved.position.offset == path.stat().st_size
     assert comparable(saved.state) == comparable(whole_fold(path)) and saved.state.bad_line_count == 1
@@ -107,7 +108,7 @@ def test_a_cut_last_line_is_ended_so_the_new_events_stand_on_their_own(tmp_path:
     lines = realistic_lines()[:40]
     path.parent.mkdir()
     path.write_text("".join(lines) + PARTIAL, encoding="utf-8")
-    with ev.EventWriter(path, fold=True) as writer:
+    with EventWriter(path, fold=True) as writer:
         emit_line(writer, lines[0])  # a new trainer process starts
         emit_line(writer, lines[1])
     reader = whole_fold(path)
@@ -120,7 +121,7 @@ def test_lines_another_process_appends_stop_the_saving_and_the_fold_saved_before
     path = tmp_path / "a" / "events.jsonl"
     lines = events_only(realistic_lines())
     stop = next(i for i, line in enumerate(lines) if '"kind":"stopped"' in line)
-    with ev.EventWriter(path, fold=True) as writer:
+    with EventWriter(path, fold=True) as writer:
         for line in lines[:stop + 1]:
             emit_line(writer, line)
         covered = path.stat().st_size  # the stopped event saved the fold up to here
@@ -136,7 +137,7 @@ def test_lines_another_process_appends_stop_the_saving_and_the_fold_saved_before
 
 def test_a_writer_without_its_fold_leaves_no_fold_file(tmp_path: Path) -> None:
     path = tmp_path / "a" / "events.jsonl"
-    with ev.EventWriter(path) as writer:
+    with EventWriter(path) as writer:
         for line in realistic_lines()[:10]:
             emit_line(writer, line)
     assert sorted(p.name for p in path.parent.iterdir()) == ["events.jsonl"]

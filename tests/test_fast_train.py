@@ -16,8 +16,8 @@ from transformers import Qwen3Config, Qwen3ForCausalLM
 from gputwin.encoding import IGNORE_INDEX
 from gputwin.train.batching import Example
 from gputwin.train.engine import EngineUnsupported, NonFiniteLoss, StepOutput, make_engine
-from gputwin.train.fast import (FastEngine, FastStep, answer_only_loss, block_causal_mask, decoder_parts,
-                                fuse_rms_norms, masked_attention, pack, preserved_state, run_decoder)
+from gputwin.kernels.decoder import block_causal_mask, decoder_parts, fuse_rms_norms, masked_attention, run_decoder
+from gputwin.train.fast import FastEngine, FastStep, answer_only_loss, pack, preserved_state
 
 REPO = Path(__file__).resolve().parents[1]
 VOCAB = 96
@@ -226,7 +226,7 @@ def test_bench_cpu_smoke_runs_every_variant_with_matching_losses(tmp_path: Path)
 
 
 def test_varlen_check_runs_from_inference_code_and_rejects_a_wrong_kernel() -> None:
-    from gputwin.train import fast
+    from gputwin.kernels import decoder as fast
 
     def right(q, k, v, cu, max_len, scale):  # [T, H, D] in and out, like torch's varlen kernel
         as_rows = [x.transpose(0, 1).unsqueeze(0) for x in (q, k, v)]

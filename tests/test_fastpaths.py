@@ -13,10 +13,11 @@ from torch import nn
 from transformers import Qwen3Config, Qwen3ForCausalLM
 
 from gputwin.cli import main
-from gputwin.plan import fast_paths
-from gputwin.train import fastpaths
-from gputwin.train.fast import FastStep, fuse_rms_norms
-from gputwin.train.fused_lora import fuse_lora
+from gputwin.modelshape import fast_paths
+from gputwin.kernels import fastpaths
+from gputwin.kernels.decoder import fuse_rms_norms
+from gputwin.train.fast import FastStep
+from gputwin.kernels.fused_lora import fuse_lora
 
 REPO = Path(__file__).resolve().parents[1]
 

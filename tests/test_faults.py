@@ -28,12 +28,13 @@ from typing import Any, Callable, Iterator
 
 import pytest
 
+from gputwin.eventlog import EventWriter
 from gputwin import cli, control, launcher, status, supervise
 from gputwin import events as ev
 from gputwin import state as st
 from gputwin.paths import ArmPaths, ExperimentPaths
 from gputwin.profiles import Experiment, Profile, Rules
-from gputwin.tailer import STALL_MIN_S, STALL_STEPS, ExperimentWatcher
+from gputwin.watcher import STALL_MIN_S, STALL_STEPS, ExperimentWatcher
 from gputwin.train import faults
 from tiny import make_arm, make_samples, profile_for, tiny_bert, write_data
 
@@ -534,7 +535,7 @@ def _damaged_experiment(root: Path) -> ExperimentPaths:
         arm = exp.arm(name)
         arm.root.mkdir()
         arms[name] = arm
-        with ev.EventWriter(arm.events) as log:
+        with EventWriter(arm.events) as log:
             log.emit(ev.STARTED, arm=name, pid=1, device="cpu", samples=24, steps_per_epoch=6, total_steps=6,
                      milestone_step=3)
             for step in (1, 2, 3):

@@ -9,9 +9,9 @@ from transformers import Qwen3Config, Qwen3ForCausalLM
 
 from counting import count_applies
 
-from gputwin.train import fused_lora
+from gputwin.kernels import fused_lora
 from gputwin.train.fast import FastStep, answer_only_loss, pack
-from gputwin.train.fused_lora import LoraLinearFunction, fuse_lora
+from gputwin.kernels.fused_lora import LoraLinearFunction, fuse_lora
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj"]
 

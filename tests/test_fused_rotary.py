@@ -12,7 +12,7 @@ from transformers.models.qwen3 import modeling_qwen3
 from counting import count_applies
 
 from gputwin.train.fast import FastStep, answer_only_loss, pack
-from gputwin.train.fused_rotary import RotaryFunction, apply_rotary, fused_rotary, rotary_modules
+from gputwin.kernels.fused_rotary import RotaryFunction, apply_rotary, fused_rotary, rotary_modules
 
 
 def rope_inputs(dtype: torch.dtype = torch.float64) -> tuple[torch.Tensor, ...]:
@@ -55,7 +55,7 @@ def test_functions_that_compute_something_else_are_left_alone() -> None:
         cos, sin = cos.unsqueeze(unsqueeze_dim), sin.unsqueeze(unsqueeze_dim)
         return q * cos + rot(q) * sin, k * cos + rot(k) * sin
 
-    from gputwin.train import fused_rotary as module
+    from gputwin.kernels import fused_rotary as module
 
     assert module._same_as_ours(modeling_qwen3.apply_rotary_pos_emb)
     assert not module._same_as_ours(interleaved)

@@ -13,6 +13,7 @@ from typing import Callable
 
 import pytest
 
+from gputwin.eventlog import EventWriter
 from gputwin import cli, headless, launcher, supervise
 from gputwin import events as ev
 from gputwin.paths import ArmPaths, ExperimentPaths
@@ -31,11 +32,12 @@ ANSWERING_TRAINER = """
 import sys, time
 from pathlib import Path
 from gputwin import control, events as ev
+from gputwin.eventlog import EventWriter
 arm = Path(sys.argv[1])
 while True:
     for path, request in control.pending(arm / "control"):
         control.consume(path)
-        with ev.EventWriter(arm / "events.jsonl") as log:
+        with EventWriter(arm / "events.jsonl") as log:
             if request.action == control.STOP:
                 log.emit(ev.STOPPED, step=8, by=request.by)
             else:
@@ -59,7 +61,7 @@ def record_arm(arm: ArmPaths, rows: list[list[int]], *, end: str | None) -> None
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps({"precision": precision, "recall": recall, "f1": f1, "per_sample": rows,
                                 "indices": list(range(SAMPLES))}))
-    with ev.EventWriter(arm.events) as log:
+    with EventWriter(arm.events) as log:
         log.emit(ev.STARTED, t=T0, arm=arm.name, pid=1, device="cpu", samples=32, steps_per_epoch=8,
                  total_steps=8, milestone_step=MILESTONE)
         for step in range(1, MILESTONE + 1):

@@ -133,7 +133,7 @@ def test_the_arm_trains_the_shape_status_the_pane_and_the_report_show(folder: Fo
     assert cli.main(["status", str(exp.root)]) == 0
     assert "  lr 5.0e-03  r 6  alpha 12  batch 4  epochs 1" in capsys.readouterr().out
 
-    from gputwin.tailer import ExperimentWatcher
+    from gputwin.watcher import ExperimentWatcher
     from gputwin.widgets.arm_pane import hparams_text
 
     watcher = ExperimentWatcher(exp)

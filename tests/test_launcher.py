@@ -17,6 +17,7 @@ from typing import Callable
 import psutil
 import pytest
 
+from gputwin.eventlog import EventWriter
 from gputwin import cli, control, launcher, supervise
 from gputwin import events as ev
 from gputwin.errors import UserError
@@ -60,7 +61,7 @@ def start_sleepers(tmp_path: Path, logs: Path, name: str = "exp") -> ExperimentP
 
 def record_events(arm: ArmPaths, *kinds: str, pid: int = 1) -> None:
     """Append a plausible life to an arm's log, ending with the given kinds (stopped, finished, ...)."""
-    with ev.EventWriter(arm.events) as writer:
+    with EventWriter(arm.events) as writer:
         writer.emit(ev.STARTED, arm=arm.name, pid=pid, device="cpu", samples=24, steps_per_epoch=6, total_steps=6,
                     milestone_step=3)
         writer.emit(ev.STEP, step=1, epoch=0.17, loss=2.0, lr=1e-3)
@@ -313,11 +314,12 @@ GO_TRAINER = """
 import sys, time
 from pathlib import Path
 from gputwin import control, events as ev
+from gputwin.eventlog import EventWriter
 arm = Path(sys.argv[1])
 for path, request in control.pending(arm / "control"):
     if {answer} and request.action == control.EXTEND:
         control.consume(path)
-        with ev.EventWriter(arm / "events.jsonl") as log:
+        with EventWriter(arm / "events.jsonl") as log:
             log.emit(ev.EXTENDED, step=6, epochs=2, total_steps=12)
         sys.exit(0)
 (arm / "waiting").touch()
@@ -461,7 +463,7 @@ def test_two_tiny_arms_train_detached_and_a_finished_arm_extends(tmp_path: Path,
 # ---------------------------------------------------------------- the last life, from the log
 
 
-def _life(writer: ev.EventWriter, pid: int, end: str | None, steps: int = 3) -> None:
+def _life(writer: EventWriter, pid: int, end: str | None, steps: int = 3) -> None:
     writer.emit(ev.STARTED, arm="a", pid=pid, device="cpu", samples=8, steps_per_epoch=4, total_steps=8,
                 milestone_step=4)
     for step in range(1, steps + 1):
@@ -484,7 +486,7 @@ def _life(writer: ev.EventWriter, pid: int, end: str | None, steps: int = 3) -> 
 def test_an_arms_status_is_how_its_last_life_ended(tmp_path: Path, lives: list, status: str) -> None:
     arm = ArmPaths(tmp_path / "a")
     arm.root.mkdir()
-    with ev.EventWriter(arm.events, fold=True) as writer:
+    with EventWriter(arm.events, fold=True) as writer:
         for pid, (end,) in enumerate(lives, start=100):
             _life(writer, pid, end)
     assert supervise.arm_status(arm) == status
@@ -493,10 +495,10 @@ def test_an_arms_status_is_how_its_last_life_ended(tmp_path: Path, lives: list, 
 def test_status_reads_the_saved_fold_and_what_follows_it(tmp_path: Path) -> None:
     arm = ArmPaths(tmp_path / "a")
     arm.root.mkdir()
-    with ev.EventWriter(arm.events, fold=True) as writer:
+    with EventWriter(arm.events, fold=True) as writer:
         _life(writer, 100, ev.FINISHED)
     assert (arm.root / "events.fold").is_file() and supervise.arm_status(arm) == supervise.FINISHED
-    with ev.EventWriter(arm.events) as writer:  # appended without keeping the fold: read from where it ends
+    with EventWriter(arm.events) as writer:  # appended without keeping the fold: read from where it ends
         _life(writer, 101, None)
     assert supervise.arm_status(arm) == supervise.CRASHED
 
@@ -505,7 +507,7 @@ def test_ending_names_the_final_event_of_the_recorded_trainer_only(tmp_path: Pat
     arm = ArmPaths(tmp_path / "a")
     arm.root.mkdir()
     me = psutil.Process()
-    with ev.EventWriter(arm.events, fold=True) as writer:
+    with EventWriter(arm.events, fold=True) as writer:
         _life(writer, me.pid + 1, ev.FINISHED)  # an older life's end does not count
         arm.pid.write_text(f"{me.pid} {me.create_time():.3f}\n")
         _life(writer, me.pid, None)

@@ -114,7 +114,7 @@ def test_extending_a_decayed_wsd_arm_goes_back_to_where_its_decay_began(world: W
     """wsd: the peak held, then a linear decay over the last half; extended after it finished, the arm
     resumes from the checkpoint kept where the decay began, holds the peak for the added epoch, then decays."""
     from gputwin import control
-    from gputwin.train.schedule import LrPlan
+    from gputwin.schedule import LrPlan
 
     profile = world.profile("tag", epochs=1, batch_size=2, warmup_steps=2, scheduler="wsd", decay_fraction=0.5)
     arm = make_arm(tmp_path, profile)

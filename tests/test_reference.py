@@ -10,8 +10,8 @@ import numpy as np
 
 from gputwin.metrics import paired_bootstrap
 from gputwin.profiles import Rules
-from gputwin.reference import BEATS, SHORT, TIES, ReferenceResult, resolve_targets
-from gputwin.verdict import A, B, MISMATCH, WAITING, decide
+from gputwin.reference import BEATS, SHORT, TIES, ReferenceResult, decide, resolve_targets
+from gputwin.verdict import A, B, MISMATCH, WAITING
 from test_verdict import GOLD, arms, outcomes
 
 RULES = Rules(baseline="conservative", bootstrap_resamples=1000)

@@ -14,7 +14,7 @@ from gputwin import headless, report, status
 from gputwin.app import make_app
 from gputwin.paths import ExperimentPaths
 from gputwin.reference_run import REFERENCE_DIR, RESULT_FILE
-from gputwin.tailer import ExperimentWatcher
+from gputwin.watcher import ExperimentWatcher
 from test_app import CLOCKS, SIZE, FixedSampler, copy_fixture, loaded, screen_text, utc  # noqa: F401  (utc: fixture)
 
 sys.path.insert(0, str(Path(__file__).parent / "fixtures" / "events"))

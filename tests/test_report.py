@@ -14,7 +14,7 @@ from gputwin import events as ev
 from gputwin.errors import UserError
 from gputwin.report import _width, cmd_report, table, verdict_for_experiment, write_report
 from gputwin.paths import ExperimentPaths
-from gputwin.tailer import ExperimentWatcher
+from gputwin.watcher import ExperimentWatcher
 
 FIXTURE = Path(__file__).parent / "fixtures" / "recorded_experiment"
 NOW = 1767230000.0

@@ -16,11 +16,11 @@ from typing import Any
 import psutil
 import pytest
 
-from gputwin import control, launcher, paths, supervise
+from gputwin import commands, control, launcher, paths, supervise
 from gputwin.errors import UserError
 from gputwin.paths import ArmPaths, ExperimentPaths
 from gputwin.profiles import Experiment, ModelSpec, ProfileError, Rules, load_profile
-from gputwin.tailer import ExperimentWatcher
+from gputwin.watcher import ExperimentWatcher
 from tiny import make_arm, make_samples, profile_for, tiny_bert, write_data
 
 SRC = Path(__file__).resolve().parents[1] / "src" / "gputwin"
@@ -191,7 +191,7 @@ def test_profile_and_experiment_names_are_checked_where_they_are_read(tmp_path: 
     with pytest.raises(ProfileError, match="cannot be an arm name"):
         load_profile(profile, check_files=False)
     with pytest.raises(UserError, match="cannot be an experiment name"):
-        launcher._renamed(Experiment("ok", (), Rules(baseline="a")), name)
+        commands._renamed(Experiment("ok", (), Rules(baseline="a")), name)
 
 
 def test_arm_names_from_the_files_are_checked_before_use(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -12,7 +12,8 @@ import pytest
 from gputwin import events as ev
 from gputwin import state as st
 from gputwin.paths import ExperimentPaths
-from gputwin.state import ArmState, ExperimentWatcher, LossHistory, apply, fold
+from gputwin.state import ArmState, LossHistory, apply, fold
+from gputwin.watcher import ExperimentWatcher
 
 FIXTURES = Path(__file__).parent / "fixtures" / "events"
 

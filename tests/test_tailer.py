@@ -9,9 +9,10 @@ import pytest
 from gputwin import events as ev
 from gputwin import foldcache
 from gputwin import state as st
-from gputwin import tailer as tailer_module
+from gputwin import watcher as watcher_module
 from gputwin.paths import ExperimentPaths
-from gputwin.tailer import ExperimentWatcher, Tailer
+from gputwin.tailer import Tailer
+from gputwin.watcher import ExperimentWatcher
 
 from foldlog import comparable, realistic_lines, whole_fold
 
@@ -239,10 +240,10 @@ def test_the_watcher_saves_the_fold_of_a_long_log_it_read_from_the_top(tmp_path:
     lines = realistic_lines()
     exp = _experiment(tmp_path, lines, device=1)
     log = exp.arm("a").events
-    monkeypatch.setattr(tailer_module, "SAVE_FOLD_AFTER_BYTES", log.stat().st_size + 1)
+    monkeypatch.setattr(watcher_module, "SAVE_FOLD_AFTER_BYTES", log.stat().st_size + 1)
     ExperimentWatcher(exp, never_stalled, check_liveness=False).poll()
     assert foldcache.load(log) is None  # shorter than the threshold: not worth a file
-    monkeypatch.setattr(tailer_module, "SAVE_FOLD_AFTER_BYTES", log.stat().st_size)
+    monkeypatch.setattr(watcher_module, "SAVE_FOLD_AFTER_BYTES", log.stat().st_size)
     first = ExperimentWatcher(exp, never_stalled, check_liveness=False)
     first.poll()
     saved = foldcache.load(log)
@@ -262,7 +263,7 @@ def test_the_watcher_saves_no_fold_once_liveness_has_marked_the_arm(tmp_path: Pa
     arm.root.mkdir(parents=True)
     arm.profile_json.write_text(json.dumps({"name": "a"}))
     arm.exit.write_text("-9\n")  # the trainer died before it wrote anything
-    monkeypatch.setattr(tailer_module, "SAVE_FOLD_AFTER_BYTES", 1)
+    monkeypatch.setattr(watcher_module, "SAVE_FOLD_AFTER_BYTES", 1)
     watcher = ExperimentWatcher(exp)
     watcher.poll()
     assert watcher.state.arms["a"].status == "crashed"

@@ -11,7 +11,7 @@ import torch
 from gputwin import control, events
 from gputwin.train import faults
 from gputwin.train.loop import train
-from gputwin.train.schedule import LrPlan, lr_at
+from gputwin.schedule import LrPlan, lr_at
 from tiny import World, make_arm
 
 pytestmark = pytest.mark.slow

@@ -30,7 +30,7 @@ from .widgets.arm_pane import ArmPane
 from .widgets.device_panel import SamplerLike
 from .widgets.feed import ExperimentFeed
 from .widgets.layout import ArmsArea, grid_shape, verdict_max_rows
-from .widgets.formatting import display_path
+from .formatting import display_path
 from .widgets.live_text import LiveText
 from .widgets.log_view import LogView
 from .widgets.messages import LogTailRead, StateUpdated

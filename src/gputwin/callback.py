@@ -29,11 +29,12 @@ import psutil
 
 from . import control, paths
 from . import events as ev
+from .eventlog import EventWriter
 from .errors import UserError
-from .paths import ArmPaths, ExperimentPaths, make_private_dir
+from .paths import ArmPaths, ExperimentPaths, make_private_dir, write_atomic
 from .profiles import (DataSpec, Experiment, LoraSpec, MilestoneSpec, ModelSpec, Profile, Rules,
                        TrainSpec)
-from .supervise import arm_alive, read_pid, write_atomic
+from .supervise import arm_alive, read_pid
 
 SOURCE_PREFIX = "hf-trainer:"  # Profile.source of arms run by this callback: gputwin cannot respawn them
 STEP_EVENT_EVERY_S = 1.0  # between logged steps, progress-only step events at most this often
@@ -68,7 +69,7 @@ class _GputwinCallbackLogic:
         self.milestone_step = milestone_step
         make_private_dir(self.exp.root)
         make_private_dir(self.arm.root)
-        self._writer: ev.EventWriter | None = None
+        self._writer: EventWriter | None = None
         self._stop_by: str | None = None
         self._last_step_event = 0.0
         self._step = 0
@@ -78,7 +79,7 @@ class _GputwinCallbackLogic:
 
     def _emit(self, kind: str, **fields: Any) -> None:
         if self._writer is None:
-            self._writer = ev.EventWriter(self.arm.events, fold=True)
+            self._writer = EventWriter(self.arm.events, fold=True)
         self._writer.emit(kind, **fields)
 
     def _register(self, profile: Profile) -> None:

@@ -13,19 +13,19 @@ from .errors import UserError
 
 # command -> "module:function"; each function takes the parsed args and returns an exit code.
 HANDLERS = {
-    "run": "gputwin.launcher:cmd_run",
-    "attach": "gputwin.launcher:cmd_attach",
-    "demo": "gputwin.launcher:cmd_demo",
+    "run": "gputwin.commands:cmd_run",
+    "attach": "gputwin.commands:cmd_attach",
+    "demo": "gputwin.commands:cmd_demo",
     "serve": "gputwin.serve:cmd_serve",
     "status": "gputwin.status:cmd_status",
-    "stop": "gputwin.launcher:cmd_stop",
-    "extend": "gputwin.launcher:cmd_extend",
-    "validate-now": "gputwin.launcher:cmd_validate_now",
-    "resume": "gputwin.launcher:cmd_resume",
+    "stop": "gputwin.commands:cmd_stop",
+    "extend": "gputwin.commands:cmd_extend",
+    "validate-now": "gputwin.commands:cmd_validate_now",
+    "resume": "gputwin.commands:cmd_resume",
     "validate": "gputwin.validate:cmd_validate",
     "report": "gputwin.report:cmd_report",
     "export": "gputwin.export_tb:cmd_export",
-    "check": "gputwin.plan:cmd_check",
+    "check": "gputwin.check:cmd_check",
     "data": "gputwin.data.synth:cmd_data",
 }
 

@@ -1,6 +1,9 @@
-"""The one error type a user can cause. The CLI prints it (no traceback) and exits non-zero."""
+"""The one error type a user can cause (the CLI prints it, no traceback, and exits non-zero), and the exit
+status that tells scripts an arm crashed."""
 
 from __future__ import annotations
+
+EXIT_ARM_CRASHED = 3  # `gputwin status` and `--headless` exit with it, so cron jobs and scripts notice a crash
 
 
 class UserError(Exception):

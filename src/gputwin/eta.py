@@ -16,10 +16,7 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Iterable
-
-if TYPE_CHECKING:
-    from .state import ArmState
+from typing import Iterable, Protocol
 
 WARMUP_STEPS = 10  # first steps after a (re)start: compilation, allocator and cache warm-up
 
@@ -125,7 +122,16 @@ def clock_time(t: float, now: float) -> str:
     return time.strftime("%Y-%m-%d %H:%M", at)
 
 
-def eta(state: ArmState, target_step: int | None, now: float) -> Eta | None:
+class Progress(Protocol):
+    """What an ETA needs of an arm (state.ArmState has it), so this module stays below the state it serves."""
+
+    step: int
+    status: str
+    timer: StepTimer
+    last_step_t: float | None
+
+
+def eta(state: Progress, target_step: int | None, now: float) -> Eta | None:
     """Estimated time ``state``'s arm reaches ``target_step``.
 
     None when it cannot be known: no target, not training, or no mean step time yet. A target

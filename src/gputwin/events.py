@@ -11,14 +11,10 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, TYPE_CHECKING, Any, Iterator
-
-if TYPE_CHECKING:
-    from .foldcache import WriterFold
+from typing import Any
 
 SCHEMA_VERSION = 1
 
@@ -125,53 +121,6 @@ def parse(line: str | bytes) -> Event:
     return Event(kind=kind, t=float(t), data=obj)
 
 
-class EventWriter:
-    """Appends events to a log, one flushed line each, so readers never see half an event
-    unless the process dies mid-write (readers hold back a partial last line).
-
-    With ``fold=True`` it also keeps the fold of its log (gputwin.foldcache.WriterFold) and saves it
-    beside the log as ``events.fold``, so a reader attaches to a long run without parsing every line.
-    A log whose last line was cut (the previous writer died mid-line) first gets that line ended, so
-    this process's events start on a line of their own, as every reader of the log will see them."""
-
-    def __init__(self, path: Path, *, fold: bool = False) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        self.path = path
-        self._fh: IO[str] = open(path, "a", encoding="utf-8")
-        os.chmod(path, 0o600)
-        self._fold: WriterFold | None = None
-        if fold:
-            from .foldcache import WriterFold  # the fold's imports only in processes that keep one
-
-            self._fold = WriterFold(path)
-            if self._fold.cut_line:
-                self._write("\n")
-                self._fold.catch_up()
-
-    def _write(self, text: str) -> None:
-        self._fh.write(text)
-        self._fh.flush()
-
-    def emit(self, kind: str, **fields: Any) -> dict[str, Any]:
-        event = make(kind, **fields)
-        line = dumps(event) + "\n"
-        self._write(line)
-        if self._fold is not None:
-            self._fold.add(event, line)
-        return event
-
-    def close(self) -> None:
-        if self._fold is not None and not self._fh.closed:
-            self._fold.save()
-        self._fh.close()
-
-    def __enter__(self) -> EventWriter:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-
 @dataclass
 class ReadResult:
     events: list[Event]
@@ -197,7 +146,3 @@ def read_events(path: Path) -> ReadResult:
         except EventError as exc:
             bad.append((number, str(exc)))
     return ReadResult(events, bad)
-
-
-def iter_kind(events: list[Event], kind: str) -> Iterator[Event]:
-    return (e for e in events if e.kind == kind)

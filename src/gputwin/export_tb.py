@@ -229,7 +229,7 @@ def export_tensorboard(exp: ExperimentPaths, out_dir: Path) -> list[Exported]:
 
 def cmd_export(args: Any) -> int:
     """`gputwin export --tensorboard DIR [NAME]`: write the runs and say where they are."""
-    from .launcher import resolve_experiment
+    from .paths import resolve_experiment
 
     exp = resolve_experiment(getattr(args, "name", None))
     out_dir = Path(args.tensorboard).expanduser().resolve()

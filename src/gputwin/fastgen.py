@@ -18,7 +18,7 @@ from typing import Any, Callable, Sequence
 import torch
 import torch.nn.functional as F
 
-from .train.fast import DecoderParts, attend_packed, decoder_parts, fuse_rms_norms, run_decoder, varlen_backend
+from .kernels.decoder import DecoderParts, attend_packed, decoder_parts, fuse_rms_norms, run_decoder, varlen_backend
 
 StopFn = Callable[[list[int]], bool]
 

@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
 from . import state as st
 from .metrics import METRICS, arm_intervals, pooled_intervals
+from .paths import write_atomic
 from .verdict import FAMILY_CONFIDENCE, ArmResult, Verdict, level
 
 if TYPE_CHECKING:
@@ -250,8 +251,6 @@ def write_figures(folder: Path, state: st.ExperimentState, results: Mapping[str,
                   verdict: Verdict | None) -> list[str]:
     """Draw the figures that have data into ``folder`` (a figure with none is removed, so no stale picture
     stays beside a new report) and return the markdown section that links them."""
-    from .supervise import write_atomic
-
     curves = loss_curves(state)
     rules = state.rules
     table = score_table(results, verdict, resamples=rules.bootstrap_resamples if rules else 2000,

@@ -4,7 +4,6 @@
     load(log) -> SavedFold | None        the saved fold, only when it still matches the log on disk
     fold_log(log, name) -> (state, tailer)   the whole log folded as a reader would, from its saved fold if valid
     WriterFold(log)                      the fold an EventWriter keeps of its own log and saves now and then
-    LogPosition, head_of                 where a reader stands in a log; the first bytes that identify it
 
 Parsing a line costs several microseconds and folding it well under one, so a million-line log takes
 seconds to read from the top but milliseconds from a saved fold. The file is a cache: it is trusted only
@@ -21,23 +20,20 @@ import io
 import os
 import pickle
 import stat
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable
+from typing import Any, Callable
 
 from . import __version__
 from . import events as ev
 from . import state as st
+from .paths import write_atomic
 from .eta import StepTimer
-
-if TYPE_CHECKING:
-    from .tailer import Tailer
+from .tailer import HEAD_BYTES, LogPosition, Tailer, fold_new, head_of
 
 FORMAT_VERSION = 1
 SUFFIX = ".fold"
-HEAD_BYTES = 64  # first bytes of a log, remembered to notice a file rewritten in place
 BEFORE_BYTES = 64  # bytes just before the offset, checked on load
 MAX_FOLD_BYTES = 16 << 20  # the state is bounded (512 loss buckets); a bigger file is not ours
 SAVE_EVERY_S = 30.0  # a writer saves its fold this often (and after an ending event, and on close)
@@ -52,29 +48,11 @@ LAYOUT = (*(tuple(f.name for f in dataclasses.fields(c)) for c in _RECORDS), *(t
 
 
 @dataclass(frozen=True)
-class LogPosition:
-    """Where a reader stands in a log: ``offset`` bytes (just after a newline) and ``lines`` lines read,
-    in the file with identity ``ident`` (st_dev, st_ino) whose first bytes are ``head``."""
-
-    offset: int
-    lines: int
-    ident: tuple[int, int]
-    head: bytes
-
-
-@dataclass(frozen=True)
 class SavedFold:
     """A fold file that matches its log: ``state`` is the fold of everything before ``position``."""
 
     position: LogPosition
     state: st.ArmState
-
-
-def head_of(data: bytes) -> bytes:
-    """The bytes that identify a log, from its first bytes: its first HEAD_BYTES, or its first line if shorter."""
-    head = data[:HEAD_BYTES]
-    newline = head.find(b"\n")
-    return head if newline < 0 else head[:newline]
 
 
 def fold_path(log: Path) -> Path:
@@ -99,7 +77,7 @@ def save(log: Path, state: st.ArmState, position: LogPosition) -> bool:
         saved = {"format": FORMAT_VERSION, "gputwin": __version__, "layout": LAYOUT, "offset": position.offset,
                  "lines": position.lines, "ident": position.ident, "head": position.head, "before": before,
                  "state": dataclasses.replace(state, hparams={})}  # the profile is the reader's, not the log's
-        _write_atomic(fold_path(log), pickle.dumps(saved, protocol=pickle.HIGHEST_PROTOCOL))
+        write_atomic(fold_path(log), pickle.dumps(saved, protocol=pickle.HIGHEST_PROTOCOL))
     except OSError:
         return False
     return True
@@ -117,18 +95,6 @@ def _bytes_before(log: Path, position: LogPosition) -> bytes | None:
         fh.seek(start)
         before = fh.read(position.offset - start)
     return before if before.endswith(b"\n") else None
-
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    """A unique temporary file renamed over `path`: two processes saving at once leave one whole file."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")  # mode 0600
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
 
 
 # ---------------------------------------------------------------- load
@@ -201,8 +167,6 @@ def _matches(log: Path, position: LogPosition, before: bytes) -> bool:
 def fold_log(log: Path, name: str) -> tuple[st.ArmState, Tailer]:
     """The fold of everything `log` holds, as a reader makes it: from its saved fold when that is valid,
     else from the top. The tailer returned stands at the end of what was read."""
-    from .tailer import Tailer, fold_new  # tailer imports this module
-
     tailer = Tailer(log)
     state = st.ArmState(name)
     saved = load(log)
@@ -241,8 +205,6 @@ class WriterFold:
 
     def catch_up(self) -> None:
         """Fold what this process appended without ``add`` (the newline that ends a cut line)."""
-        from .tailer import fold_new
-
         if self._tailer is not None:
             self.state = fold_new(self._tailer, self.state, lambda: st.ArmState(self.state.name))[0]
         self._take_position()

@@ -15,20 +15,17 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, TextIO
 
 from . import eta as eta_mod
+from .errors import EXIT_ARM_CRASHED
 from .paths import ExperimentPaths
 from .profiles import Rules
 from .state import CRASHED
 from .supervise import arm_alive
+from .verdict import pct
 
 PROGRESS_EVERY_S = 10.0
 POLL_EVERY_S = 0.3  # as often as the UI reads the files: a verdict shows within 0.3 s
-EXIT_ARM_CRASHED = 3
 AUTO = "auto"  # `by` of actions applied because rules.on_verdict = "apply"
 WAITING = "waiting"  # verdict.WAITING: an arm has not reached its milestone
-
-
-def _pct(value: float) -> str:
-    return f"{100 * value:.1f}%"
 
 
 def progress_line(arm: Any, now: float) -> str:
@@ -59,8 +56,8 @@ def validation_line(arm_name: str, point: Any) -> str:
         where = f"  (LR {schedule['lr_fraction']:.0%} of peak, decay {schedule.get('decay_done', 0):.0%} done)"
         if schedule.get("probe_steps"):
             where += f"; cooling down over {schedule['probe_steps']} steps to score it as if finished"
-    return (f"{arm_name}: validation at step {point.step}{size}: precision {_pct(point.precision)}  "
-            f"recall {_pct(point.recall)}  F1 {_pct(point.f1)}{where}")
+    return (f"{arm_name}: validation at step {point.step}{size}: precision {pct(point.precision)}  "
+            f"recall {pct(point.recall)}  F1 {pct(point.f1)}{where}")
 
 
 def probe_line(arm_name: str, point: Any) -> str:
@@ -68,7 +65,7 @@ def probe_line(arm_name: str, point: Any) -> str:
         return f"{arm_name}: cooldown probe at step {point.step} gave no score: {point.failed}"
     cost = f", {point.seconds:.1f} s" if point.seconds is not None else ""
     return (f"{arm_name}: cooled down from step {point.step} ({point.steps} steps{cost}): precision "
-            f"{_pct(point.precision)}  recall {_pct(point.recall)}  F1 {_pct(point.f1)}")
+            f"{pct(point.precision)}  recall {pct(point.recall)}  F1 {pct(point.f1)}")
 
 
 def score_lines(verdict: Any) -> list[str]:
@@ -81,7 +78,7 @@ def score_lines(verdict: Any) -> list[str]:
     versus = reference.get("comparisons") or {}
     lines = []
     for name, m in rows:
-        cells = "  ".join(f"{label} {_pct(m[key]['value'])} [{100 * m[key]['low']:.1f}, {100 * m[key]['high']:.1f}]"
+        cells = "  ".join(f"{label} {pct(m[key]['value'])} [{100 * m[key]['low']:.1f}, {100 * m[key]['high']:.1f}]"
                           for key, label in (("precision", "P"), ("recall", "R"), ("f1", "F1")))
         line = f"  {name:<{width}}  {cells}"
         if name in versus:
@@ -118,7 +115,7 @@ class Monitor:
     watcher: Any = None
 
     def __post_init__(self) -> None:
-        from .tailer import ExperimentWatcher
+        from .watcher import ExperimentWatcher
 
         self.watcher = ExperimentWatcher(self.exp, clock=self.clock)
 

@@ -26,8 +26,11 @@ from __future__ import annotations
 
 import os
 import re
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+
+from .errors import UserError
 
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 NAME_HINT = "use letters, digits, '.', '_' or '-' (at most 64, starting with a letter or digit)"
@@ -47,6 +50,19 @@ def make_private_dir(path: Path) -> Path:
     path.mkdir(parents=True, exist_ok=True)
     os.chmod(path, 0o700)
     return path
+
+
+def write_atomic(path: Path, data: str | bytes) -> None:
+    """Write `data` to `path` so that readers polling it see the old content or the new, never half: a unique
+    temporary file beside it (mode 0600) renamed over it, so two processes writing at once leave one whole file."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data.encode("utf-8") if isinstance(data, str) else data)
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
 
 
 @dataclass(frozen=True)
@@ -103,9 +119,6 @@ class ArmPaths:
     def probe_file(self, step: int) -> Path:
         """The cooldown probe's validation: the arm at `step`, cooled down (see gputwin.train.probe)."""
         return self.validation / f"step-{step:06d}-cooled.json"
-
-    def checkpoint_dir(self, step: int) -> Path:
-        return self.checkpoints / f"step-{step:06d}"
 
 
 @dataclass(frozen=True)
@@ -175,3 +188,30 @@ def latest_experiment(root: Path | None = None) -> ExperimentPaths | None:
         return max(times)
 
     return ExperimentPaths(max(candidates, key=last_change))
+
+
+def resolve_experiment(name: str | None, root: Path | None = None) -> ExperimentPaths:
+    """The named experiment, or the most recent one; UserError naming what exists otherwise."""
+    root = root or logs_root()
+    if name is None:
+        latest = latest_experiment(root)
+        if latest is None:
+            raise UserError(f"no experiment found under {root}",
+                            "start one with `gputwin demo` or `gputwin run profiles/seed.toml` "
+                            "(GPUTWIN_LOGS names another logs folder)")
+        return latest
+    candidate = Path(name)
+    if (candidate / "experiment.json").is_file():  # a folder path works too
+        return ExperimentPaths(candidate.resolve())
+    if candidate.is_dir() and not valid_name(name):
+        raise UserError(f"{candidate}: not an experiment folder (it holds no experiment.json)",
+                        f"name an experiment under {root}, or a folder that `gputwin run` made")
+    try:
+        exp = experiment(name, root)
+    except ValueError as exc:
+        raise UserError(str(exc)) from None
+    if not exp.experiment_json.is_file():
+        known = sorted(p.name for p in root.iterdir() if (p / "experiment.json").is_file()) if root.is_dir() else []
+        raise UserError(f"no experiment {name!r} under {root}",
+                        f"experiments there: {', '.join(known)}" if known else "start one with `gputwin run` or `gputwin demo`")
+    return exp

@@ -1,5 +1,5 @@
 """An extension's LR plan in words, numbers and a sparkline: the extend dialog and `gputwin extend` say
-what the trainer will do (gputwin.train.schedule.extension_preview is the same function it uses)."""
+what the trainer will do (gputwin.schedule.extension_preview is the same function it uses)."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ from typing import Any
 from rich.text import Text
 
 from .sparkline import sparkline
-from .train.schedule import LrPlan, extension_preview
-from .widgets.formatting import sci
+from .schedule import LrPlan, extension_preview
+from .formatting import sci
 
 
 def plan_text(lr_plan: dict[str, Any], step: int, extra: int, peak: float, extend_lr: float) -> Text:

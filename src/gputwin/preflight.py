@@ -73,7 +73,7 @@ def check_plans(profiles: Sequence[Profile]) -> None:
 
     tests: set[str] = set()
     for profile in profiles:
-        plan_profile(profile, with_params=False)  # reads the training data (unless it is made on first run)
+        plan_profile(profile)  # reads the training data (unless it is made on first run)
         test = profile.data.test
         if test not in tests and (Path(test).is_file() or not profile.data.synth_if_missing):
             tests.add(test)

@@ -25,6 +25,7 @@ from typing import Any, Mapping
 from .metrics import METRICS, as_counts, difference_stats, interval_stats, prf, resampled_totals
 from .profiles import RELATIVE_TARGETS, Rules
 from .verdict import FAMILY_CONFIDENCE, MISMATCH, WAITING, ArmResult, Verdict, level, mismatch_reasons, pct, points
+from .verdict import decide as decide_arms
 
 BEATS, TIES, SHORT = "beats", "ties", "short"
 OUTCOME_WORDS = {BEATS: "beats", TIES: "ties", SHORT: "falls short of"}
@@ -214,3 +215,15 @@ def judge(verdict: Verdict, arms: Mapping[str, ArmResult | None], reference: Ref
         return replace(judged, scenario=MISMATCH, headline="cannot judge the targets: " + problem, winner=None,
                        leader=None, actions=())
     return judged
+
+
+def decide(arms: Mapping[str, ArmResult | None], rules: Rules, *, waiting: Mapping[str, str] | None = None,
+           stage: str = "milestone", replicate_of: Mapping[str, str] | None = None,
+           reference: ReferenceResult | None = None) -> Verdict:
+    """The verdict (gputwin.verdict.decide) with the experiment's reference, when it has one: the model in
+    production as a row that every arm is compared with, and targets written relative to it resolved."""
+    if reference is None:
+        return decide_arms(arms, rules, waiting=waiting, stage=stage, replicate_of=replicate_of)
+    resolved = resolve_targets(rules, reference)
+    verdict = decide_arms(arms, resolved.rules, waiting=waiting, stage=stage, replicate_of=replicate_of)
+    return judge(verdict, arms, reference, resolved, rules)

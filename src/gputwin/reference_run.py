@@ -21,76 +21,21 @@ import dataclasses
 import hashlib
 import json
 import os
-import shlex
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
 from .errors import UserError
-from .paths import make_private_dir
-from .profiles import Experiment, Profile, ReferenceSpec, package_model_dir
-from .reference import ReferenceResult
+from .paths import make_private_dir, write_atomic
+from .profiles import Experiment, package_model_dir
+from .reference_file import REFERENCE_DIR, RESULT_FILE, ValidationInputs, inputs_for, read_result
 
-REFERENCE_DIR = "_reference"  # under the experiment folder; no arm can be called that (names start alnum)
 CACHE_DIR = ".reference-cache"  # under the logs folder, shared by its experiments
-RESULT_FILE = "validation.json"
 CONTENT_HASH_LIMIT = 64 * 2**20  # bigger files (a full model's weights) are fingerprinted by size and mtime
 
 Say = Callable[[str], None]
-
-
-@dataclass(frozen=True)
-class ValidationInputs:
-    """What `gputwin validate` is given: the reference, and the baseline arm's sample, decoder and device."""
-
-    model: str
-    base: str | None
-    task: str | None
-    test_data: str
-    sample_size: int
-    seed: int
-    max_length: int
-    decoder: str
-    device: int | None  # GPU index; None = CPU
-
-    def arguments(self, json_out: Path | str) -> list[str]:
-        """The `gputwin validate` arguments (after the program name)."""
-        args = ["validate", "--model", self.model, "--test-data", self.test_data,
-                "--sample-size", str(self.sample_size), "--seed", str(self.seed),
-                "--max-length", str(self.max_length), "--decoder", self.decoder,
-                "--device", "cpu" if self.device is None else f"cuda:{self.device}", "--json", str(json_out)]
-        if self.base:
-            args += ["--base", self.base]
-        if self.task:
-            args += ["--task", self.task]
-        return args
-
-    def command(self, json_out: Path | str) -> str:
-        """The same as a line to paste into a shell."""
-        return shlex.join(["gputwin", *self.arguments(json_out)])
-
-
-def inputs_for(experiment: Experiment) -> ValidationInputs:
-    """The reference is validated exactly as the baseline arm is: same test file, sample, seed, max_length and
-    decoder (the arms must agree on these anyway, or the verdict refuses to compare them)."""
-    spec = experiment.reference
-    if spec is None:
-        raise ValueError(f"experiment {experiment.name} names no reference")
-    baseline = _baseline(experiment)
-    return ValidationInputs(model=spec.model, base=spec.base, task=spec.task, test_data=baseline.data.test,
-                            sample_size=baseline.milestone.sample_size, seed=baseline.milestone.sample_seed,
-                            max_length=baseline.train.max_length,
-                            decoder="plain" if baseline.train.engine == "plain" else "fast", device=spec.device)
-
-
-def _baseline(experiment: Experiment) -> Profile:
-    for arm in experiment.arms:
-        if arm.name == experiment.rules.baseline:
-            return arm
-    return experiment.arms[0]
 
 
 # ---------------------------------------------------------------- hashes
@@ -163,17 +108,7 @@ def cache_key(hashes: dict[str, Any]) -> str:
 # ---------------------------------------------------------------- running it
 
 
-def _read(path: Path) -> dict[str, Any] | None:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
-    return data if isinstance(data, dict) and isinstance(data.get("per_sample"), list) else None
-
-
 def _write(path: Path, data: dict[str, Any]) -> None:
-    from .supervise import write_atomic
-
     make_private_dir(path.parent)
     write_atomic(path, json.dumps(data, ensure_ascii=False, indent=2) + "\n")
 
@@ -210,7 +145,7 @@ def ensure_reference(experiment: Experiment, exp_root: Path, say: Say) -> dict[s
     target = folder / RESULT_FILE
     cached = exp_root.parent / CACHE_DIR / f"{key}.json"
     for source in (target, cached):
-        result = _read(source)
+        result = read_result(source)
         if result is not None and result.get("reference", {}).get("key") == key:
             if source != target:
                 _write(target, result)
@@ -226,7 +161,7 @@ def ensure_reference(experiment: Experiment, exp_root: Path, say: Say) -> dict[s
     with open(folder / "stdout.log", "wb") as out, open(folder / "stderr.log", "wb") as err:
         code = subprocess.run([sys.executable, "-m", "gputwin.cli", *inputs.arguments(partial)], stdout=out,
                               stderr=err, stdin=subprocess.DEVNULL, env=env).returncode
-    result = _read(partial) if code == 0 else None
+    result = read_result(partial) if code == 0 else None
     if result is None:
         partial.unlink(missing_ok=True)
         message, hint = _failure(folder / "stderr.log", code)
@@ -243,31 +178,3 @@ def ensure_reference(experiment: Experiment, exp_root: Path, say: Say) -> dict[s
 
 
 # ---------------------------------------------------------------- reading it
-
-
-def load_reference(exp_root: Path, experiment: Experiment) -> ReferenceResult | None:
-    """What the verdict compares with: the experiment's reference validation, or why it cannot be used."""
-    spec: ReferenceSpec | None = experiment.reference
-    if spec is None:
-        return None
-    path = exp_root / REFERENCE_DIR / RESULT_FILE
-    if not path.is_file():
-        return ReferenceResult(spec.name, None, path=str(path), model=spec.model,
-                               problem=f"its validation file {path} is missing; make it with "
-                                       f"`{inputs_for(experiment).command(path)}`")
-    result = _read(path)
-    why = "no per_sample list" if result is None else _unusable_counts(result["per_sample"])
-    if why:
-        return ReferenceResult(spec.name, None, path=str(path), model=spec.model,
-                               problem=f"its validation file {path} cannot be used ({why})")
-    return ReferenceResult(spec.name, result, path=str(path), model=spec.model)
-
-
-def _unusable_counts(rows: Any) -> str | None:
-    from .metrics import as_counts
-
-    try:
-        counts = as_counts(rows)
-    except (ValueError, TypeError) as exc:
-        return str(exc)
-    return "no samples were scored" if len(counts) == 0 else None

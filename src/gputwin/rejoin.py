@@ -3,7 +3,7 @@
 `gputwin demo` typed again while a demo trains, or `gputwin run` of an experiment whose arms are
 alive, should bring the user back to what runs: two more trainers on the same cores would slow both
 runs down and leave the first one unwatched. This module finds such an experiment and says, in words
-for the terminal, what was found; the launcher's handlers decide what to open.
+for the terminal, what was found; the CLI's handlers (gputwin.commands) decide what to open.
 """
 
 from __future__ import annotations

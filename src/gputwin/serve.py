@@ -77,7 +77,7 @@ def _server(exp: ExperimentPaths, host: str, port: int, url: str) -> Any:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from .launcher import resolve_experiment
+    from .paths import resolve_experiment
 
     exp = resolve_experiment(args.name)
     if not 0 < args.port < 65536:

@@ -8,13 +8,12 @@ Public API
     LossHistory               bounded, bucketed loss curve (raw and EMA-smoothed) for charts
     ValidationPoint, CheckpointPoint, Failure, Extension, ActionRecord   what the lists hold
     STATUSES                  "starting" "training" "validating" "stopped" "finished" "crashed" "stalled"
-    ExperimentWatcher         (defined in gputwin.tailer, importable from here) reads the files and keeps
-                              an ExperimentState up to date, with liveness ("crashed") and stall detection
 
 ``apply`` does no I/O and reads no clock: the same events always give the same state. It is O(1)
 per event (a million events fold in about a second) because the state is updated in place and the
 loss history is kept as a fixed number of buckets that double in width as the run grows.
-"crashed" from a dead process and "stalled" need the files and a clock: the watcher sets them.
+"crashed" from a dead process and "stalled" need the files and a clock: gputwin.watcher.ExperimentWatcher,
+which reads the files and keeps an ExperimentState up to date, sets them.
 """
 
 from __future__ import annotations
@@ -523,12 +522,3 @@ def fold(name: str, events: Iterable[ev.Event], state: ArmState | None = None) -
     for event in events:
         apply(state, event)
     return state
-
-
-def __getattr__(name: str) -> Any:
-    # The watcher does file and process I/O, so it lives in tailer.py; importing it from here works too.
-    if name == "ExperimentWatcher":
-        from .tailer import ExperimentWatcher
-
-        return ExperimentWatcher
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -19,30 +19,15 @@ import time
 from typing import Any, Callable
 
 from . import eta as eta_mod
-from . import paths
-from .errors import UserError
-from .paths import ExperimentPaths
+from .errors import EXIT_ARM_CRASHED
+from .formatting import shown_hparams
+from .paths import resolve_experiment
 from .state import CRASHED, ENDED, STALLED, ArmState, ExperimentState
-from .widgets.formatting import shown_hparams
-from .tailer import ExperimentWatcher
+from .verdict import pct
+from .watcher import ExperimentWatcher
 
 EXIT_OK = 0
-EXIT_ARM_CRASHED = 3
 STDERR_LINES_SHOWN = 5
-
-
-def find_experiment(name: str | None) -> ExperimentPaths:
-    """The named experiment (a name under the logs folder, or a folder path), or the most recent one."""
-    if name is None:
-        latest = paths.latest_experiment()
-        if latest is None:
-            raise UserError(f"no experiment found under {paths.logs_root()}",
-                            "start one with `gputwin demo` or `gputwin run profiles/seed.toml` "
-                            "(GPUTWIN_LOGS names another logs folder)")
-        return latest
-    from .launcher import resolve_experiment
-
-    return resolve_experiment(name)
 
 
 def _eta_dict(value: eta_mod.Eta | None) -> dict[str, Any] | None:
@@ -137,7 +122,7 @@ def summarize(state: ExperimentState, now: float) -> dict[str, Any]:
 
 
 def _pct(x: float | None) -> str:
-    return "-" if x is None else f"{100 * x:.1f}%"
+    return "-" if x is None else pct(x)
 
 
 def _num(x: float | None, spec: str) -> str:
@@ -246,7 +231,7 @@ def render(summary: dict[str, Any]) -> str:
 
 def cmd_status(args: argparse.Namespace, clock: Callable[[], float] = time.time) -> int:
     """Print the summary; 3 when an arm crashed, else 0."""
-    exp = find_experiment(getattr(args, "name", None))
+    exp = resolve_experiment(getattr(args, "name", None))
     watcher = ExperimentWatcher(exp, clock=clock)
     watcher.poll()
     summary = summarize(watcher.state, clock())

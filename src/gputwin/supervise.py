@@ -28,15 +28,17 @@ from typing import Iterator, Mapping, Sequence
 import psutil
 
 from . import control
-from .paths import ArmPaths
+from .liveness import describe_exit, process_alive, read_exit, read_pid
+from .paths import ArmPaths, write_atomic
+from .state import CRASHED, FINISHED, STARTING, STOPPED
 
 FORWARDED_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 EXEC_FAILED = 127  # exit status recorded when the trainer could not be started at all
 PID_WAIT_S = 30.0  # how long the launcher waits for a fresh supervisor to report the trainer's pid
-CREATE_TIME_SLACK_S = 0.05
 SUPERVISOR_FILE = "supervisor"
-RUNNING, FINISHED, STOPPED, FAILED, CRASHED, NOT_STARTED = (
-    "running", "finished", "stopped", "failed", "crashed", "not started")
+# An arm's status as the launcher sees it (between lives): the words it shares with the live view's
+# statuses (state.FINISHED, STOPPED, CRASHED) are those, plus what only a process can tell.
+RUNNING, FAILED, NOT_STARTED = "running", "failed", "not started"
 ENDED = frozenset({FINISHED, STOPPED, FAILED, CRASHED})
 ARM_LOCK_FILE = "supervise.lock"
 
@@ -49,43 +51,6 @@ class SpawnError(RuntimeError):
 
 
 # ---------------------------------------------------------------- pid and exit files
-
-
-def write_atomic(path: Path, text: str) -> None:
-    """Readers poll these files: they must see the old content or the new, never half."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as fh:
-        fh.write(text)
-    os.replace(tmp, path)
-
-
-def read_pid(arm: ArmPaths) -> tuple[int, float] | None:
-    """``(pid, create_time)`` from the pid file, or None when absent or unreadable."""
-    try:
-        pid_text, created_text = arm.pid.read_text().split()[:2]
-        return int(pid_text), float(created_text)
-    except (OSError, ValueError):
-        return None
-
-
-def read_exit(arm: ArmPaths) -> int | None:
-    """The trainer's exit status as the supervisor recorded it (negative = signal)."""
-    try:
-        return int(arm.exit.read_text().split()[0])
-    except (OSError, ValueError, IndexError):
-        return None
-
-
-def process_alive(pid: int, create_time: float) -> bool:
-    """True when `pid` is running and is the very process that was recorded (not a reused pid)."""
-    try:
-        proc = psutil.Process(pid)
-        if abs(proc.create_time() - create_time) > CREATE_TIME_SLACK_S:
-            return False
-        return proc.status() != psutil.STATUS_ZOMBIE
-    except (psutil.NoSuchProcess, psutil.AccessDenied):
-        return False
 
 
 def supervisor_file(arm: ArmPaths) -> Path:
@@ -125,15 +90,6 @@ def arm_alive(arm: ArmPaths) -> bool:
     return recorded is not None and process_alive(*recorded)
 
 
-def describe_exit(status: int) -> str:
-    if status < 0:
-        try:
-            return f"killed by signal {-status} ({signal.Signals(-status).name})"
-        except ValueError:
-            return f"killed by signal {-status}"
-    return f"exit status {status}"
-
-
 # ---------------------------------------------------------------- an arm's lives
 
 
@@ -144,16 +100,13 @@ def _last_life(arm: ArmPaths) -> tuple[str, int | None]:
     costs what was appended since the fold was saved, not a parse of every line.
     """
     from . import foldcache
-    from . import state as st
 
     fold, _ = foldcache.fold_log(arm.events, arm.name)
-    if fold.status == st.FINISHED:
-        return FINISHED, fold.pid
-    if fold.status == st.STOPPED:
-        return STOPPED, fold.pid
+    if fold.status in (FINISHED, STOPPED):
+        return fold.status, fold.pid
     if fold.failure is not None:
         return FAILED, fold.pid
-    if fold.status == st.STARTING and not fold.step:
+    if fold.status == STARTING and not fold.step:
         return NOT_STARTED, fold.pid
     return CRASHED, fold.pid  # ran, with no final event (yet)
 

@@ -153,7 +153,7 @@ def _predict_generate(model: Any, tokenizer: Any, samples: Sequence[Sample], *, 
 
 def _fast_decoder_fits(model: Any) -> bool:
     """The fast decoder runs decoder-only models whose layers it knows (Llama/Qwen-style); others use generate."""
-    from .train.fast import decoder_parts
+    from .kernels.decoder import decoder_parts
 
     try:
         decoder_parts(model)

@@ -123,8 +123,9 @@ class Verdict:
         }
 
 
-def pct(x: float) -> str:
-    return f"{x * 100:.1f}%"
+def pct(x: float, digits: int = 1) -> str:
+    """A fraction (0.861) as a percentage (86.1%): the one way scores and progress are written as percent."""
+    return f"{x * 100:.{digits}f}%"
 
 
 def points(x: float) -> str:
@@ -203,23 +204,15 @@ def mismatch_reasons(base: str, base_result: ArmResult, other: str, result: ArmR
 
 
 def decide(arms: Mapping[str, ArmResult | None], rules: Rules, *, waiting: Mapping[str, str] | None = None,
-           stage: str = "milestone", replicate_of: Mapping[str, str] | None = None,
-           reference: Any = None) -> Verdict:
+           stage: str = "milestone", replicate_of: Mapping[str, str] | None = None) -> Verdict:
     """The verdict for arms validated at the same milestone; None marks an arm that has not got there yet.
 
     stage "final" compares every arm's validation at the end of its schedule (steps may differ): the
     second look that scenario B asks for once the arms have finished.
 
     replicate_of maps a replicate arm (the same profile with another seed) to its arm: each arm is then
-    compared as the group of its runs, with intervals that resample runs, then samples. `reference` (a
-    gputwin.reference.ReferenceResult) adds the model in production as a row that every arm is compared
-    with, and resolves targets written relative to it."""
-    if reference is not None:
-        from . import reference as ref  # it builds on this module
-
-        resolved = ref.resolve_targets(rules, reference)
-        verdict = decide(arms, resolved.rules, waiting=waiting, stage=stage, replicate_of=replicate_of)
-        return ref.judge(verdict, arms, reference, resolved, rules)
+    compared as the group of its runs, with intervals that resample runs, then samples. The model in
+    production as a row beside the arms is gputwin.reference.decide's, which builds on this one."""
     if stage == "final":
         verdict = decide(arms, rules, waiting=waiting, stage="final-inner", replicate_of=replicate_of)
         where = ", ".join(f"{name} at step {r.step}" for name, r in arms.items() if r is not None)

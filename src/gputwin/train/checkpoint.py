@@ -24,7 +24,7 @@ from safetensors import SafetensorError
 
 from ..errors import UserError
 from ..modeling import save_adapter
-from .schedule import LrPlan
+from ..schedule import LrPlan
 
 STATE_FILE = "trainer_state.pt"
 MANIFEST = "checkpoint.json"  # written last inside the temporary folder

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import inspect
 import math
 import time
 from dataclasses import dataclass, replace
@@ -26,14 +25,12 @@ import torch
 import torch.nn.functional as F
 
 from ..encoding import IGNORE_INDEX
-from . import fastpaths
-from .fastpaths import rms_norm_matches
-from .fused_lora import fuse_lora
-from .fused_rotary import fused_rotary, rotary_modules
+from ..kernels import fastpaths
+from ..kernels.decoder import DecoderParts, decoder_parts, fuse_rms_norms, run_decoder, varlen_backend
+from ..kernels.fused_lora import fuse_lora
+from ..kernels.fused_rotary import fused_rotary, rotary_modules
 
-ATTENTION_NAME = "gputwin_packed"  # registered with transformers' AttentionInterface below
 LABEL_BUCKET = 256  # the trainer's label slots (pack's label_bucket): each distinct shape costs a graph capture
-CAUSAL_LM_HINT = "the fast path needs a decoder with embed_tokens, rotary_emb, layers and norm (Llama/Qwen family)"
 
 
 # ---------------------------------------------------------------- packing
@@ -123,234 +120,6 @@ def pack(samples: Sequence[Any], *, bucket: int = 128, label_bucket: int = 64, p
         label_target=torch.tensor(label_target, dtype=torch.long),
         n_tokens=n_tokens, n_label_tokens=n_labels, n_samples=len(samples),
     )
-
-
-# ---------------------------------------------------------------- document-causal attention
-
-
-def _resolve_varlen(*, repeat_kv: bool, contiguous: bool) -> Callable[..., torch.Tensor] | None:
-    """torch's flash varlen attention, called the way this torch version spells causal and GQA.
-
-    Inputs are [T, H, D] views of the layers' [H, T, D] tensors. The flash kernel itself takes fewer K/V
-    heads than query heads and strided inputs; `repeat_kv` and `contiguous` copy them first instead, for a
-    torch whose wrapper does not pass them through (varlen_backend finds out which works here).
-    """
-    try:
-        from torch.nn.attention.varlen import varlen_attn
-    except ImportError:
-        return None
-    params = inspect.signature(varlen_attn).parameters
-    if "window_size" in params:
-        causal: dict[str, Any] = {"window_size": (-1, 0)}
-    elif "is_causal" in params:
-        causal = {"is_causal": True}
-    else:
-        return None
-    native_gqa, has_scale = "enable_gqa" in params, "scale" in params
-
-    def call(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu: torch.Tensor, max_len: int,
-             scale: float) -> torch.Tensor:
-        extra = dict(causal)
-        if contiguous:
-            q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
-        if q.shape[1] != k.shape[1]:
-            if native_gqa:
-                extra["enable_gqa"] = True
-            elif repeat_kv:
-                k, v = (x.repeat_interleave(q.shape[1] // k.shape[1], dim=1) for x in (k, v))
-        if has_scale:
-            extra["scale"] = scale
-        elif not math.isclose(scale, q.shape[-1] ** -0.5):
-            raise ValueError(f"varlen_attn of this torch has no scale argument; the model wants {scale}")
-        return varlen_attn(q, k, v, cu, cu, max_len, max_len, **extra)
-
-    return call
-
-
-_VARLEN: dict[str, Callable[..., torch.Tensor] | None] = {}  # "cuda" -> checked varlen call, or None
-# tried in this order: fewest copies first (K/V heads as they are, strided views), then with copies
-_VARLEN_WAYS = ({"repeat_kv": False, "contiguous": False}, {"repeat_kv": False, "contiguous": True},
-                {"repeat_kv": True, "contiguous": True})
-
-
-def varlen_backend(device: torch.device | str) -> str:
-    """'varlen' where torch's flash varlen kernel runs here and matches masked SDPA (checked once,
-    forward and backward), else 'sdpa-mask' (a block-diagonal causal mask; always correct, slower)."""
-    if torch.device(device).type != "cuda":
-        return "sdpa-mask"
-    if "cuda" not in _VARLEN:
-        _VARLEN["cuda"] = None
-        for way in _VARLEN_WAYS:
-            call = _resolve_varlen(**way)
-            if call is not None and _varlen_matches_sdpa(call, device):
-                _VARLEN["cuda"] = call
-                break
-    return "varlen" if _VARLEN["cuda"] is not None else "sdpa-mask"
-
-
-def _varlen_matches_sdpa(call: Callable[..., torch.Tensor], device: torch.device | str) -> bool:
-    # a backward runs here, also when the first question comes from inference code (a validator)
-    with torch.inference_mode(False), torch.enable_grad():
-        return _compare_with_sdpa(call, device)
-
-
-def _compare_with_sdpa(call: Callable[..., torch.Tensor], device: torch.device | str) -> bool:
-    """Forward and backward of `call` against masked SDPA, on inputs laid out as attend_packed passes them
-    ([T, H, D] views of [H, T, D] tensors) with fewer K/V heads than query heads."""
-    generator = torch.Generator(device=device).manual_seed(0)
-    cu = torch.tensor([0, 37, 200, 256], dtype=torch.int32, device=device)
-    shapes = ((4, 256, 64), (2, 256, 64), (2, 256, 64))
-    leaves = [torch.randn(s, device=device, dtype=torch.bfloat16, generator=generator).requires_grad_()
-              for s in shapes]
-    try:
-        out = call(*(x.transpose(0, 1) for x in leaves), cu, 256, 0.125)
-        out.float().square().sum().backward()
-    except (RuntimeError, TypeError, ValueError, NotImplementedError):
-        return False
-    grads = [x.grad.float() for x in leaves]
-    ref_leaves = [x.detach().clone().requires_grad_() for x in leaves]
-    ref = masked_attention(*(x.unsqueeze(0) for x in ref_leaves), cu, 0.125)
-    ref.float().square().sum().backward()
-    pairs = [(out.detach(), ref[0].detach())] + [(g, x.grad.float()) for g, x in zip(grads, ref_leaves)]
-    return all(a.shape == b.shape and float((a.float() - b.float()).norm() / b.float().norm().clamp_min(1e-6)) < 2e-2
-               for a, b in pairs)
-
-
-def block_causal_mask(cu_seqlens: torch.Tensor, length: int) -> torch.Tensor:
-    """[1, 1, T, T] bool: a position sees earlier positions of its own segment only."""
-    index = torch.arange(length, device=cu_seqlens.device)
-    segment = torch.searchsorted(cu_seqlens[1:].long(), index, right=True)
-    mask = (segment[:, None] == segment[None, :]) & (index[:, None] >= index[None, :])
-    return mask[None, None]
-
-
-def masked_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, cu_seqlens: torch.Tensor,
-                     scale: float, mask: torch.Tensor | None = None) -> torch.Tensor:
-    """Packed attention through SDPA and a block-diagonal causal mask: [1, H, T, D] in, [1, T, H, D] out."""
-    if mask is None:
-        mask = block_causal_mask(cu_seqlens, query.shape[2])
-    groups = query.shape[1] // key.shape[1]
-    if groups > 1:
-        key, value = key.repeat_interleave(groups, dim=1), value.repeat_interleave(groups, dim=1)
-    out = F.scaled_dot_product_attention(query, key, value, attn_mask=mask, scale=scale)
-    return out.transpose(1, 2)
-
-
-def attend_packed(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, cu_seqlens: torch.Tensor,
-                  max_len: int, scale: float, mask: torch.Tensor | None = None) -> torch.Tensor:
-    """Document-causal attention over one packed row ([1, H, T, D] in, [1, T, H, D] out)."""
-    varlen = _VARLEN.get("cuda")
-    if mask is None and varlen is not None and query.is_cuda and query.dtype in (torch.bfloat16, torch.float16):
-        q, k, v = (x[0].transpose(0, 1) for x in (query, key, value))
-        return varlen(q, k, v, cu_seqlens, max_len, scale).unsqueeze(0)
-    return masked_attention(query, key, value, cu_seqlens, scale, mask)
-
-
-def packed_attention(module: Any, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-                     attention_mask: torch.Tensor | None, scaling: float, dropout: float = 0.0,
-                     **kwargs: Any) -> tuple[torch.Tensor, None]:
-    """transformers attention function: packed rows (cu_seq_lens_q), or a cache's own attention
-    (a `gputwin_cache` object, used by gputwin.fastgen) when one is passed along."""
-    cache = kwargs.get("gputwin_cache")
-    if cache is not None:
-        return cache.attend(module, query, key, value, attention_mask, scaling), None
-    cu_seqlens = kwargs.get("cu_seq_lens_q")
-    if cu_seqlens is None:
-        raise ValueError(f"the {ATTENTION_NAME} attention needs cu_seq_lens_q (use gputwin.train.fast.run_decoder)")
-    return attend_packed(query, key, value, cu_seqlens, kwargs["max_length_q"], scaling, attention_mask), None
-
-
-def _register_attention() -> None:
-    from transformers import AttentionInterface
-
-    AttentionInterface.register(ATTENTION_NAME, packed_attention)
-
-
-_register_attention()
-
-
-# ---------------------------------------------------------------- running the decoder
-
-
-def _fused_rms_norm_forward(self: Any, hidden: torch.Tensor) -> torch.Tensor:
-    """An HF RMSNorm's forward (fp32 statistics, scaled by the weight) as torch's one fused kernel."""
-    if hidden.dtype != self.weight.dtype:
-        return type(self).forward(self, hidden)
-    with torch.autocast(hidden.device.type, enabled=False):  # keep the kernel in the input's dtype
-        return F.rms_norm(hidden, (hidden.shape[-1],), self.weight, self.variance_epsilon)
-
-
-def fuse_rms_norms(model: Any) -> int:
-    """Give the model's RMSNorm modules torch's fused rms_norm (forward and backward), in place.
-
-    HF's RMSNorm is six elementwise kernels forward and about twice that backward; a Qwen3 layer has
-    four of them, so at batch 4 they are a good part of a step's kernel launches. The maths is the same
-    (statistics in fp32); the output is rounded once instead of twice. Only classes checked to compute
-    rms_norm (fastpaths.rms_norm_matches) are changed. Returns how many modules were changed.
-    """
-    changed = 0
-    for module in model.modules():
-        weight, eps = getattr(module, "weight", None), getattr(module, "variance_epsilon", None)
-        if (type(module).__name__.endswith("RMSNorm") and isinstance(weight, torch.nn.Parameter)
-                and weight.dim() == 1 and isinstance(eps, float) and rms_norm_matches(type(module))):
-            module.forward = _fused_rms_norm_forward.__get__(module)
-            changed += 1
-    return changed
-
-
-@dataclass(frozen=True)
-class DecoderParts:
-    """The pieces of a causal LM (PEFT-wrapped or not) that the fast paths call directly."""
-
-    body: Any                 # embed_tokens, rotary_emb, layers, norm
-    lm_head: torch.nn.Module
-    layers: Sequence[Any]     # body.layers, or torch.compile'd wrappers of them
-
-    @property
-    def config(self) -> Any:
-        return self.body.config
-
-
-def decoder_parts(model: Any) -> DecoderParts:
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    body = base.get_decoder() if hasattr(base, "get_decoder") else getattr(base, "model", None)
-    head = base.get_output_embeddings() if hasattr(base, "get_output_embeddings") else None
-    if head is None or not all(hasattr(body, name) for name in ("embed_tokens", "rotary_emb", "layers", "norm")):
-        raise TypeError(f"{type(base).__name__}: {CAUSAL_LM_HINT}")
-    return DecoderParts(body=body, lm_head=head, layers=list(body.layers))
-
-
-@contextlib.contextmanager
-def attention_implementation(config: Any, name: str) -> Iterator[None]:
-    """Route the layers' attention through `name` for the duration (no mask creation, no cache)."""
-    previous = config._attn_implementation
-    config._attn_implementation = name
-    try:
-        yield
-    finally:
-        config._attn_implementation = previous
-
-
-def run_decoder(parts: DecoderParts, input_ids: torch.Tensor, position_ids: torch.Tensor, *,
-                cu_seqlens: torch.Tensor | None = None, max_len: int | None = None, **extra: Any) -> torch.Tensor:
-    """Final hidden states of the decoder body for packed rows (cu_seqlens) or a cache step (extra).
-
-    The same embed -> layers -> norm as the model's own forward, minus mask building and caches.
-    """
-    body = parts.body
-    hidden = body.embed_tokens(input_ids)
-    position_embeddings = body.rotary_emb(hidden, position_ids)
-    mask = None
-    if cu_seqlens is not None:
-        extra.update(cu_seq_lens_q=cu_seqlens, cu_seq_lens_k=cu_seqlens, max_length_q=max_len, max_length_k=max_len)
-        if varlen_backend(hidden.device) != "varlen":  # build the fallback mask once, not in every layer
-            mask = block_causal_mask(cu_seqlens, input_ids.shape[1])
-    with attention_implementation(parts.config, ATTENTION_NAME):
-        for layer in parts.layers:
-            out = layer(hidden, attention_mask=mask, position_ids=position_ids,
-                        position_embeddings=position_embeddings, use_cache=False, **extra)
-            hidden = out[0] if isinstance(out, tuple) else out
-    return body.norm(hidden)
 
 
 def answer_only_loss(model: Any, batch: PackedBatch, *, parts: DecoderParts | None = None) -> torch.Tensor:

@@ -22,6 +22,7 @@ from typing import Any, Iterator
 import torch
 
 from .. import control, events
+from ..eventlog import EventWriter
 from ..errors import UserError
 from ..modeling import count_params, count_trainable, save_adapter
 from ..paths import ArmPaths, make_private_dir
@@ -32,7 +33,7 @@ from .checkpoint import DISK_FULL_ERRNOS, CheckpointWriteError, TrainState, chec
     latest_loadable, list_checkpoints, load_checkpoint, prune, rng_states, save_checkpoint, set_rng_states
 from .engine import NonFiniteLoss, Outcome, StepOutput
 from . import probe
-from .schedule import decay_done, extension_preview, lr_at, make_plan, wsd_rewind_step
+from ..schedule import decay_done, extension_preview, lr_at, make_plan, wsd_rewind_step
 from .setup import Run, TrainFailure, build_run
 
 NAN_HINT = ("lower train.learning_rate (e.g. halve it), add warmup_steps, or keep grad_clip at 1.0; "
@@ -81,7 +82,7 @@ class Issued:
 class Trainer:
     """The loop and what happens between its steps (control requests, checkpoints, validation)."""
 
-    def __init__(self, run: Run, writer: events.EventWriter, stop: StopSignal,
+    def __init__(self, run: Run, writer: EventWriter, stop: StopSignal,
                  imports_seconds: float | None = None) -> None:
         self.run, self.writer, self.stop = run, writer, stop
         self.imports_seconds = imports_seconds  # process start to train(): Python, torch and the rest
@@ -434,7 +435,7 @@ def train(arm_dir: str | Path, *, imports_seconds: float | None = None) -> int:
     """
     arm = ArmPaths(Path(arm_dir).resolve())
     stop = StopSignal()
-    with events.EventWriter(arm.events, fold=True) as writer, stop.installed():
+    with EventWriter(arm.events, fold=True) as writer, stop.installed():
         trainer: Trainer | None = None
 
         def fail(error: str, message: str, hint: str) -> None:

@@ -13,7 +13,7 @@ from ..eta import eta, human_duration
 from ..state import STATUSES
 from ..supervise import describe_exit
 from .device_panel import DevicePanel
-from .formatting import device_label, num, percent, rate, sci, shorten_paths, shown_hparams, status_style
+from ..formatting import device_label, num, percent, rate, sci, shorten_paths, shown_hparams, status_style
 from .live_text import LiveText
 from .loss_chart import LossChart, LossSeries
 from .progress import StepProgress

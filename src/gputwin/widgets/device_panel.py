@@ -10,7 +10,7 @@ from textual.app import ComposeResult
 from textual.containers import Horizontal, Vertical
 from textual.widgets import Sparkline
 
-from .formatting import gib, is_number
+from ..formatting import gib, is_number
 from .live_text import LiveText
 
 SPARK_POINTS = 60  # the last minute at the sampler's 1 Hz

@@ -14,8 +14,8 @@ from typing import Any, Callable
 from ..launcher import ACTIONS_FILE, read_actions
 from ..paths import ExperimentPaths
 from ..state import ExperimentState
-from .. import tailer
-from ..tailer import ExperimentWatcher
+from .. import watcher
+from ..watcher import ExperimentWatcher
 
 LOG_LINES = 200  # stderr lines the log view shows
 LOG_TAIL_BYTES = 64 * 1024
@@ -23,7 +23,7 @@ LOG_TAIL_BYTES = 64 * 1024
 
 def read_tail(path: Path, lines: int = LOG_LINES) -> list[str]:
     """The last `lines` lines of a text file that may be growing; [] when it is not there."""
-    return tailer.read_tail(path, lines, LOG_TAIL_BYTES)
+    return watcher.read_tail(path, lines, LOG_TAIL_BYTES)
 
 
 def action_line(entry: dict[str, Any]) -> str:

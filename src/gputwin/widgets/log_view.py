@@ -7,7 +7,7 @@ from typing import Sequence
 
 from textual.widgets import Log
 
-from .formatting import display_path
+from ..formatting import display_path
 
 
 class LogView(Log):

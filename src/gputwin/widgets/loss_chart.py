@@ -16,7 +16,7 @@ from textual.renderables.sparkline import Sparkline
 from textual.timer import Timer
 from textual_plotext import PlotextPlot
 
-from .formatting import percent, step_ticks
+from ..formatting import percent, step_ticks
 
 MIN_HEIGHT = 6
 LEGEND_MIN_HEIGHT = 12

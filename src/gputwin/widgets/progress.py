@@ -10,7 +10,7 @@ from textual.geometry import Size
 from textual.reactive import reactive
 from textual.widget import Widget
 
-from .formatting import steps
+from ..formatting import steps
 
 LABEL_WIDTH = 9
 MIN_BAR = 8

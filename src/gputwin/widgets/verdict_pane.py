@@ -11,7 +11,7 @@ from rich.text import Text
 from textual.containers import VerticalScroll
 
 from .arm_pane import eta_text
-from .formatting import display_path, interval, percent
+from ..formatting import display_path, interval, percent
 from .live_text import LiveText
 
 SCENARIO_STYLE = {"A": "bold green", "B": "bold yellow", "C": "bold cyan", "mismatch": "bold red"}

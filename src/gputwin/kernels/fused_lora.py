@@ -19,6 +19,7 @@ than x's, such as bf16 inputs to fp32 adapters without autocast) run peft's own 
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import torch
@@ -79,6 +80,30 @@ def _lora_layer_type() -> type | None:
     return Linear
 
 
+@functools.lru_cache(maxsize=None)
+def lora_matches_peft() -> bool:
+    """Does peft's LoRA Linear forward compute base(x) + s * B(A(x))? (one small layer, fp32, CPU)"""
+    try:
+        from peft import LoraConfig, get_peft_model
+
+        generator = torch.Generator().manual_seed(0)
+        holder = nn.Module()
+        holder.proj = nn.Linear(12, 6)
+        model = get_peft_model(holder, LoraConfig(r=2, lora_alpha=6, lora_dropout=0.0, target_modules=["proj"]))
+        layer = next(m for m in model.modules() if type(m) is _lora_layer_type())
+        base, name = layer.base_layer, layer.active_adapters[0]
+        with torch.no_grad():
+            for p in layer.parameters():
+                p.copy_(torch.randn(p.shape, generator=generator))
+            x = torch.randn(4, 12, generator=generator)
+            theirs = type(layer).forward(layer, x)
+            ours = LoraLinearFunction.apply(x, base.weight, base.bias, layer.lora_A[name].weight,
+                                            layer.lora_B[name].weight, float(layer.scaling[name]), 0.0)
+        return torch.allclose(theirs, ours, atol=1e-5, rtol=1e-5)
+    except Exception:  # noqa: BLE001 - a peft that builds or computes its layer otherwise: keep its forward
+        return False
+
+
 def _fusable(module: Any) -> bool:
     """The parts of a layer that do not change between calls: a plain nn.Linear base, plain LoRA."""
     base = getattr(module, "base_layer", None)
@@ -118,8 +143,6 @@ def fuse_lora(model: Any) -> int:
 
     Returns how many layers have it; calls it does not cover still run peft's forward.
     """
-    from .fastpaths import lora_matches_peft
-
     layer_type = _lora_layer_type()
     if layer_type is None or not lora_matches_peft():  # a peft whose layer computes otherwise keeps its own
         return 0

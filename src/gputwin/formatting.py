@@ -1,12 +1,14 @@
 """Numbers as the screen shows them, each with its unit.
 
-Pure string helpers shared by the widgets; no Textual here, so they are tested as plain functions.
+Pure string helpers shared by the widgets, `gputwin status` and the plan preview; no Textual here, so they are tested as plain functions.
 """
 
 from __future__ import annotations
 
 import math
 from pathlib import Path
+
+from .verdict import pct
 
 GIB = 1024**3
 
@@ -41,8 +43,8 @@ def sci(value: object) -> str:
 
 
 def percent(fraction: object, digits: int = 1) -> str:
-    """A fraction (0.861) as a percentage (86.1%)."""
-    return f"{fraction * 100:.{digits}f}%" if is_number(fraction) else "–"
+    """A fraction (0.861) as a percentage (86.1%); a dash when there is none."""
+    return pct(float(fraction), digits) if is_number(fraction) else "–"
 
 
 def rate(value: object, unit: str) -> str:
@@ -81,11 +83,6 @@ def device_label(device: object) -> str:
     if text == "cuda":
         return "GPU 0"
     return text.upper() if text.lower() == "cpu" else text
-
-
-def short_key(key: str) -> str:
-    """A dotted profile key without its table (train.learning_rate -> learning_rate)."""
-    return key.rsplit(".", 1)[-1]
 
 
 def value_text(value: object) -> str:

@@ -18,6 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .fused_lora import lora_matches_peft
+
 __all__ = ["lora_matches_peft", "lora_status", "norm_status", "rms_norm_matches", "rotary_status", "summary"]
 
 
@@ -85,32 +87,6 @@ def rotary_status(model: Any, modules: list[Any] | None = None) -> dict[str, Any
 
 
 # ---------------------------------------------------------------- peft's LoRA Linear
-
-
-@functools.lru_cache(maxsize=None)
-def lora_matches_peft() -> bool:
-    """Does peft's LoRA Linear forward compute base(x) + s * B(A(x))? (one small layer, fp32, CPU)"""
-    try:
-        from peft import LoraConfig, get_peft_model
-
-        from .fused_lora import LoraLinearFunction, _lora_layer_type
-
-        generator = torch.Generator().manual_seed(0)
-        holder = nn.Module()
-        holder.proj = nn.Linear(12, 6)
-        model = get_peft_model(holder, LoraConfig(r=2, lora_alpha=6, lora_dropout=0.0, target_modules=["proj"]))
-        layer = next(m for m in model.modules() if type(m) is _lora_layer_type())
-        base, name = layer.base_layer, layer.active_adapters[0]
-        with torch.no_grad():
-            for p in layer.parameters():
-                p.copy_(torch.randn(p.shape, generator=generator))
-            x = torch.randn(4, 12, generator=generator)
-            theirs = type(layer).forward(layer, x)
-            ours = LoraLinearFunction.apply(x, base.weight, base.bias, layer.lora_A[name].weight,
-                                            layer.lora_B[name].weight, float(layer.scaling[name]), 0.0)
-        return torch.allclose(theirs, ours, atol=1e-5, rtol=1e-5)
-    except Exception:  # noqa: BLE001 - a peft that builds or computes its layer otherwise: keep its forward
-        return False
 
 
 def lora_status(fused: int | None = None) -> dict[str, Any]:
