@@ -48,6 +48,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "src"))  # run from a checkout without installing
 
 from gputwin import events as ev  # noqa: E402
+from gputwin.eventlog import EventWriter  # noqa: E402
 from gputwin import foldcache  # noqa: E402
 from gputwin import supervise  # noqa: E402
 from gputwin.paths import ArmPaths, ExperimentPaths  # noqa: E402
@@ -238,7 +239,7 @@ FOLDS_MADE_BY = ("EventWriter(events.jsonl, fold=True) opened and closed on each
 def save_writer_folds(exp: ExperimentPaths) -> None:
     """Each arm's fold, saved by the writer's own code (FOLDS_MADE_BY)."""
     for arm in exp.arms():
-        ev.EventWriter(arm.events, fold=True).close()
+        EventWriter(arm.events, fold=True).close()
 
 
 def remove_folds(exp: ExperimentPaths) -> None:
@@ -324,7 +325,7 @@ def bench_emit(root: Path, events: int, repeats: int) -> dict[str, Any]:
     for run in range(repeats):
         for mode in ("off", "on"):
             path = root / f"emit-{run}-{mode}" / "events.jsonl"
-            with ev.EventWriter(path, fold=mode == "on") as writer:
+            with EventWriter(path, fold=mode == "on") as writer:
                 writer.emit(ev.STARTED, arm="emit", pid=os.getpid(), device="cpu", samples=4 * events,
                             steps_per_epoch=events, total_steps=events, milestone_step=events)
                 t0 = time.perf_counter()
@@ -375,7 +376,7 @@ def run_writer(arm_dir: str, rate: float, total: int, history: int = 200) -> Non
     arm = ArmPaths(Path(arm_dir))
     write_pid_file(arm, os.getpid())
     rng, seen, per_epoch = random.Random(arm.name), [0, 0], total // 2
-    with ev.EventWriter(arm.events) as writer:
+    with EventWriter(arm.events) as writer:
         writer.emit(ev.STARTED, arm=arm.name, pid=os.getpid(), device="cpu", samples=4 * per_epoch,
                     steps_per_epoch=per_epoch, total_steps=total, milestone_step=per_epoch)
         t = time.time() - history / rate
