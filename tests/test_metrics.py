@@ -77,8 +77,9 @@ def test_hand_computed_sample_set():
     assert r["per_sample"] == [[1, 1, 1], [0, 0, 1]]
     assert r["indices"] == [100, 101] and r["n"] == 2
     assert r["per_type"]["PERSON"]["f1"] == 1.0 and r["per_type"]["PERSON"]["support"] == 1
-    assert r["per_type"]["EMAIL"] == pytest.approx(
-        {"precision": 0.0, "recall": 0.0, "f1": 0.0, "tp": 0, "fp": 1, "fn": 1, "support": 1, "undefined": []})
+    email = dict(r["per_type"]["EMAIL"])
+    assert email.pop("undefined") == []  # pytest.approx compares numbers only (pytest 9 refuses a nested list)
+    assert email == pytest.approx({"precision": 0.0, "recall": 0.0, "f1": 0.0, "tp": 0, "fp": 1, "fn": 1, "support": 1})
     assert r["per_type"]["PHONE"]["undefined"] == ["precision"]
     assert r["macro_f1"] == pytest.approx(1 / 3)
     json.dumps(r)  # JSON-ready
