@@ -27,6 +27,7 @@ from typing import Any, Iterable, Mapping
 from . import events as ev
 from .errors import UserError
 from .paths import ArmPaths, ExperimentPaths
+from .state import event_number
 
 STEP_FIELDS = ("loss", "lr", "grad_norm", "tokens_per_s")
 METRICS = ("precision", "recall", "f1")
@@ -57,22 +58,8 @@ class RunScalars:
         return [(step, values[name], t) for step, t, values in self.steps if name in values]
 
 
-def _number(value: Any) -> float | None:
-    """Event numbers; NaN and infinities come as strings ("nan") and are kept: a diverged loss is news."""
-    if isinstance(value, bool):
-        return None
-    if isinstance(value, (int, float)):
-        return float(value)
-    if isinstance(value, str):
-        try:
-            return float(value)
-        except ValueError:
-            return None
-    return None
-
-
 def _scores(source: Mapping[str, Any]) -> dict[str, float]:
-    return {m: v for m in METRICS if (v := _number(source.get(m))) is not None}
+    return {m: v for m in METRICS if (v := event_number(source.get(m))) is not None}
 
 
 def _per_type(value: Any) -> dict[str, dict[str, float]] | None:
@@ -96,16 +83,16 @@ def run_scalars(events: Iterable[ev.Event]) -> RunScalars:
             step = event.get("step")
             if not isinstance(step, int) or isinstance(step, bool):
                 continue
-            values = {name: v for name in STEP_FIELDS if (v := _number(event.get(name))) is not None}
+            values = {name: v for name in STEP_FIELDS if (v := event_number(event.get(name))) is not None}
             scalars.steps.append((step, event.t, values))
         elif event.kind == ev.STARTED:
             if started:
-                _rewind(scalars, int(_number(event.get("step")) or 0))
+                _rewind(scalars, int(event_number(event.get("step")) or 0))
             started = True
-        elif event.kind == ev.RESUMED and _number(event.get("step")) is not None:
-            _rewind(scalars, int(_number(event.get("step")) or 0))
-        elif event.kind == ev.VALIDATION and _number(event.get("step")) is not None:
-            step, path = int(_number(event.get("step")) or 0), event.get("path")
+        elif event.kind == ev.RESUMED and event_number(event.get("step")) is not None:
+            _rewind(scalars, int(event_number(event.get("step")) or 0))
+        elif event.kind == ev.VALIDATION and event_number(event.get("step")) is not None:
+            step, path = int(event_number(event.get("step")) or 0), event.get("path")
             scalars.validations[step] = Validation(step, event.t, _scores(event.data), _per_type(event.get("per_type")),
                                                    path if isinstance(path, str) else None)
     return scalars

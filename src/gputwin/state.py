@@ -324,7 +324,7 @@ class ExperimentState:
 # ---------------------------------------------------------------- the fold
 
 
-def _num(value: Any) -> float | None:
+def event_number(value: Any) -> float | None:
     """Event numbers may be NaN/inf written as strings ("nan"); anything else unusable -> None."""
     if isinstance(value, (int, float)) and not isinstance(value, bool):
         return float(value)
@@ -357,7 +357,7 @@ def _on_step(s: ArmState, e: ev.Event) -> None:
     s.epoch = d["epoch"]
     loss = d["loss"]
     if type(loss) is not float:
-        loss = _num(loss)
+        loss = event_number(loss)
     s.loss = loss
     s.lr = d["lr"]
     s.grad_norm = d.get("grad_norm")
@@ -428,9 +428,9 @@ def _on_milestone(s: ArmState, e: ev.Event) -> None:
 def _on_validation(s: ArmState, e: ev.Event) -> None:
     s.validations.append(ValidationPoint(
         step=int(e["step"]),
-        precision=_num(e["precision"]) or 0.0,
-        recall=_num(e["recall"]) or 0.0,
-        f1=_num(e["f1"]) or 0.0,
+        precision=event_number(e["precision"]) or 0.0,
+        recall=event_number(e["recall"]) or 0.0,
+        f1=event_number(e["f1"]) or 0.0,
         path=e.get("path"),
         t=e.t,
         sample_size=_int(e.get("sample_size")),
@@ -444,9 +444,9 @@ def _on_validation(s: ArmState, e: ev.Event) -> None:
 
 def _on_probe(s: ArmState, e: ev.Event) -> None:
     s.probes.append(ProbePoint(
-        step=int(e["step"]), steps=int(e["steps"]), lr_from=_num(e.get("lr_from")), f1=_num(e.get("f1")),
-        precision=_num(e.get("precision")), recall=_num(e.get("recall")), path=e.get("path"),
-        seconds=_num(e.get("seconds")), failed=e.get("failed"), t=e.t,
+        step=int(e["step"]), steps=int(e["steps"]), lr_from=event_number(e.get("lr_from")), f1=event_number(e.get("f1")),
+        precision=event_number(e.get("precision")), recall=event_number(e.get("recall")), path=e.get("path"),
+        seconds=event_number(e.get("seconds")), failed=e.get("failed"), t=e.t,
     ))
     if s.status == VALIDATING:
         s.status = TRAINING
@@ -461,7 +461,7 @@ def _on_extended(s: ArmState, e: ev.Event) -> None:
         s.loss_history.rewind(rewound)
         s.timer.restart()
     curve = e.get("lr_curve")
-    s.extended.append(Extension(int(e["step"]), _num(e["epochs"]) or 0.0, total, e.t,
+    s.extended.append(Extension(int(e["step"]), event_number(e["epochs"]) or 0.0, total, e.t,
                                 new_cycle=e.get("new_cycle") is True,
                                 lr_curve=tuple(x for x in curve if isinstance(x, (int, float))) if isinstance(curve, list) else ()))
     s.total_steps = total
