@@ -19,7 +19,6 @@ import dataclasses
 import io
 import os
 import pickle
-import stat
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,7 +27,7 @@ from typing import Any, Callable
 from . import __version__
 from . import events as ev
 from . import state as st
-from .paths import write_atomic
+from .paths import read_own_file, write_atomic
 from .eta import StepTimer
 from .tailer import HEAD_BYTES, LogPosition, Tailer, fold_new, head_of
 
@@ -123,16 +122,9 @@ def load(log: Path) -> SavedFold | None:
 
 def _read(path: Path) -> dict[str, Any] | None:
     """The fold file's dict when it is ours (owner, mode, size), whole, of this version and layout."""
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
-    except OSError:
+    data = read_own_file(path, MAX_FOLD_BYTES)
+    if data is None:
         return None
-    with os.fdopen(fd, "rb") as fh:
-        info = os.fstat(fd)
-        if (not stat.S_ISREG(info.st_mode) or info.st_uid != os.getuid() or info.st_mode & 0o022
-                or info.st_size > MAX_FOLD_BYTES):
-            return None
-        data = fh.read()
     try:
         saved = _Unpickler(io.BytesIO(data)).load()
     except Exception:  # noqa: BLE001 - a damaged pickle raises almost anything; it is only a cache

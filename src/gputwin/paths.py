@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import os
 import re
+import stat
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -50,6 +51,21 @@ def make_private_dir(path: Path) -> Path:
     path.mkdir(parents=True, exist_ok=True)
     os.chmod(path, 0o700)
     return path
+
+
+def read_own_file(path: Path, max_bytes: int | None = None) -> bytes | None:
+    """A cache file's bytes when it is a regular file (no symlink) of this user that nobody else may write,
+    and not over max_bytes; else None (a cache never trusts a file someone else could have put there)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+    except OSError:
+        return None
+    with os.fdopen(fd, "rb") as fh:
+        info = os.fstat(fd)
+        if (not stat.S_ISREG(info.st_mode) or info.st_uid != os.getuid() or info.st_mode & 0o022
+                or (max_bytes is not None and info.st_size > max_bytes)):
+            return None
+        return fh.read()
 
 
 def write_atomic(path: Path, data: str | bytes) -> None:

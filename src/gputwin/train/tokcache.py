@@ -27,7 +27,6 @@ import importlib
 import importlib.metadata
 import json
 import os
-import stat
 import sys
 import tempfile
 import time
@@ -42,6 +41,7 @@ from .. import __version__
 from ..adapter_shape import hub_id
 from ..data import load_dataset
 from ..encoding import bio_label_names
+from ..paths import read_own_file
 from .batching import Example, encode_samples
 
 FORMAT_VERSION = 1
@@ -268,22 +268,10 @@ def write_entry(path: Path, key: str, data: TrainingData, *, task: str, max_leng
 def read_entry(path: Path, key: str) -> TrainingData | None:
     """The data saved at `path` when it is ours, whole and under `key` (status HIT); None otherwise. Never raises."""
     try:
-        raw = _read_own_file(path)
+        raw = read_own_file(path)
         return None if raw is None else _parse(raw, key)
     except (OSError, ValueError, TypeError, KeyError, OverflowError):
         return None
-
-
-def _read_own_file(path: Path) -> bytes | None:
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
-    except OSError:
-        return None
-    with os.fdopen(fd, "rb") as fh:
-        info = os.fstat(fd)
-        if not stat.S_ISREG(info.st_mode) or info.st_uid != os.getuid() or info.st_mode & 0o022:
-            return None
-        return fh.read()
 
 
 def _parse(raw: bytes, key: str) -> TrainingData | None:
