@@ -25,8 +25,9 @@ from .errors import UserError
 from .paths import ArmPaths, ExperimentPaths, make_private_dir, resolve_experiment, write_atomic
 from .preflight import check_arms_can_start, check_reference
 from .profiles import Experiment, Profile, load_experiment, load_resolved, with_replicates
-from .supervise import (CRASHED, ENDED, FAILED, FINISHED, NOT_STARTED, RUNNING, STOPPED, arm_alive, arm_lock,
-                        SpawnError, arm_status, ending, start_supervisor, supervisor_active, wait_for_trainer)
+from .lifecycle import CRASHED, FAILED, FINISHED, LIFE_ENDED as ENDED, NOT_STARTED, RUNNING, STOPPED
+from .supervise import (arm_alive, arm_lock, SpawnError, arm_status, ending, start_supervisor, supervisor_active,
+                        wait_for_trainer)
 
 __all__ = [
     "start_experiment", "spawn_arm", "arm_alive", "arm_status", "request_stop", "request_extend",

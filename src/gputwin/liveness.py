@@ -1,15 +1,13 @@
 """Whether an arm's trainer still lives, from the pid and exit files its supervisor writes.
 
     read_pid(arm) -> (pid, create_time) | None     read_exit(arm) -> status | None
-    process_alive(pid, create_time)                describe_exit(status) -> "exit status 1", "killed by ..."
+    process_alive(pid, create_time)
 
 Readers (the watcher, `status`) and the supervisor both need these; they live below both so that reading
 an experiment never imports the code that starts and steers trainers.
 """
 
 from __future__ import annotations
-
-import signal
 
 import psutil
 
@@ -44,12 +42,3 @@ def process_alive(pid: int, create_time: float) -> bool:
         return proc.status() != psutil.STATUS_ZOMBIE
     except (psutil.NoSuchProcess, psutil.AccessDenied):
         return False
-
-
-def describe_exit(status: int) -> str:
-    if status < 0:
-        try:
-            return f"killed by signal {-status} ({signal.Signals(-status).name})"
-        except ValueError:
-            return f"killed by signal {-status}"
-    return f"exit status {status}"

@@ -27,14 +27,12 @@ from typing import TYPE_CHECKING, Any, Iterable, Mapping
 
 from . import events as ev
 from .eta import StepTimer
+from .lifecycle import CRASHED, ENDED, FINISHED, LIVE, STALLED, STARTING, STOPPED, TRAINING, VALIDATING, Failure
 
 if TYPE_CHECKING:
     from .profiles import Rules
 
-STARTING, TRAINING, VALIDATING = "starting", "training", "validating"
-STOPPED, FINISHED, CRASHED, STALLED = "stopped", "finished", "crashed", "stalled"
-STATUSES = (STARTING, TRAINING, VALIDATING, STOPPED, FINISHED, CRASHED, STALLED)
-ENDED = frozenset({STOPPED, FINISHED, CRASHED})  # the trainer process is gone
+STATUSES = LIVE  # the live view's words (gputwin.lifecycle holds the one vocabulary)
 
 LOSS_EMA_BETA = 0.9  # smoothing of the loss curve (TensorBoard-style, bias-corrected)
 HISTORY_POINTS = 512  # at most this many points per curve, whatever the run length
@@ -83,16 +81,6 @@ class CheckpointPoint:
     step: int
     path: str
     t: float
-
-
-@dataclass(frozen=True)
-class Failure:
-    """Why an arm ended badly: from a ``failed`` event, or from a process that died without one."""
-
-    error: str
-    message: str
-    hint: str = ""
-    t: float | None = None
 
 
 @dataclass(frozen=True)

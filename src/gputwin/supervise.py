@@ -28,18 +28,16 @@ from typing import Iterator, Mapping, Sequence
 import psutil
 
 from . import control
-from .liveness import describe_exit, process_alive, read_exit, read_pid
+from .lifecycle import CRASHED, FAILED, FINISHED, LIFE_ENDED, NOT_STARTED, RUNNING, STOPPED, Process, between_lives, \
+    describe_exit, last_life
+from .liveness import process_alive, read_exit, read_pid
 from .paths import ArmPaths, write_atomic
-from .state import CRASHED, FINISHED, STARTING, STOPPED
 
 FORWARDED_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 EXEC_FAILED = 127  # exit status recorded when the trainer could not be started at all
 PID_WAIT_S = 30.0  # how long the launcher waits for a fresh supervisor to report the trainer's pid
 SUPERVISOR_FILE = "supervisor"
-# An arm's status as the launcher sees it (between lives): the words it shares with the live view's
-# statuses (state.FINISHED, STOPPED, CRASHED) are those, plus what only a process can tell.
-RUNNING, FAILED, NOT_STARTED = "running", "failed", "not started"
-ENDED = frozenset({FINISHED, STOPPED, FAILED, CRASHED})
+ENDED = LIFE_ENDED  # an arm's status between lives: gputwin.lifecycle.BETWEEN_LIVES
 ARM_LOCK_FILE = "supervise.lock"
 
 # Supervisors this process started; kept so they are reaped (no zombies, no ResourceWarning).
@@ -102,27 +100,18 @@ def _last_life(arm: ArmPaths) -> tuple[str, int | None]:
     from . import foldcache
 
     fold, _ = foldcache.fold_log(arm.events, arm.name)
-    if fold.status in (FINISHED, STOPPED):
-        return fold.status, fold.pid
-    if fold.failure is not None:
-        return FAILED, fold.pid
-    if fold.status == STARTING and not fold.step:
-        return NOT_STARTED, fold.pid
-    return CRASHED, fold.pid  # ran, with no final event (yet)
+    return last_life(fold), fold.pid
 
 
 def arm_status(arm: ArmPaths) -> str:
-    """running / finished / stopped / failed / crashed / not started, from liveness and the event log.
+    """running / finished / stopped / failed / crashed / not started (gputwin.lifecycle.between_lives)."""
+    from . import foldcache
 
-    A live trainer is running whatever its log says; a dead one is what its last life ended as,
-    and "crashed" when that life ended without a final event (killed, out of memory, power loss).
-    """
-    if arm_alive(arm):
+    if arm_alive(arm):  # running whatever its log says: no need to read the log
         return RUNNING
-    status, _ = _last_life(arm)
-    if status == NOT_STARTED and (read_pid(arm) is not None or read_exit(arm) is not None):
-        status = CRASHED
-    return status
+    fold, _ = foldcache.fold_log(arm.events, arm.name)
+    recorded = read_pid(arm) is not None or read_exit(arm) is not None
+    return between_lives(fold, Process(alive=False, recorded=recorded))
 
 
 def ending(arm: ArmPaths) -> str | None:

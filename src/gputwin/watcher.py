@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from . import foldcache
+from . import lifecycle
 from . import liveness
 from . import state as st
 from .paths import ArmPaths, ExperimentPaths
@@ -28,8 +29,6 @@ from .reference_file import load_reference
 from .results import verdict_for_state
 from .tailer import Tailer, fold_new
 
-STALL_MIN_S = 60.0
-STALL_STEPS = 10
 STDERR_TAIL_BYTES = 8192
 STDERR_TAIL_LINES = 20
 SAVE_FOLD_AFTER_BYTES = 8 << 20  # a reader that folded this much from the top saves the fold beside the log
@@ -210,7 +209,7 @@ class ExperimentWatcher:
         if gone and not arm.ended:
             self._mark_crashed(arm, paths, tailer)
             changed = True
-        elif arm.status == st.TRAINING and self._stalled(arm, now):
+        elif arm.status == st.TRAINING and lifecycle.stalled(arm, now):
             arm.status = st.STALLED
             changed = True
         if arm.ended:
@@ -236,27 +235,10 @@ class ExperimentWatcher:
 
     def _mark_crashed(self, arm: st.ArmState, paths: ArmPaths, tailer: Tailer) -> None:
         arm.status = st.CRASHED
-        code = liveness.read_exit(paths)
-        arm.exit_code = code
-        if code is None:
-            how = "the trainer process is gone and no exit status was recorded (supervisor killed or machine restarted)"
-        else:
-            how = f"the trainer ended without a final event: {liveness.describe_exit(code)}"
+        arm.exit_code = liveness.read_exit(paths)
         if tailer.partial:
             arm.add_bad_lines([(tailer.line_no + 1, "incomplete last line: the trainer died while writing it")])
-        arm.failure = st.Failure(
-            error="exited" if code is not None and code >= 0 else "killed" if code is not None else "gone",
-            message=how,
-            hint=f"see {paths.stderr}; `gputwin resume {arm.name}` restarts it from its last checkpoint",
-            t=None,
-        )
-
-    def _stalled(self, arm: st.ArmState, now: float) -> bool:
-        if arm.last_step_t is None:
-            return False
-        mean = arm.timer.mean
-        limit = max(STALL_MIN_S, STALL_STEPS * mean) if mean is not None else STALL_MIN_S
-        return now - arm.last_step_t > limit
+        arm.failure = lifecycle.crash_failure(arm.name, arm.exit_code, paths.stderr)
 
     def _read_exit_info(self, name: str, arm: st.ArmState, paths: ArmPaths) -> bool:
         """Exit status and stderr tail of an ended arm (the supervisor writes them just after the end)."""

@@ -11,7 +11,7 @@ from textual.containers import Vertical
 
 from ..eta import eta, human_duration
 from ..state import STATUSES
-from ..supervise import describe_exit
+from ..lifecycle import describe_exit
 from .device_panel import DevicePanel
 from ..formatting import device_label, num, percent, rate, sci, shorten_paths, shown_hparams, status_style
 from .live_text import LiveText
