@@ -34,7 +34,7 @@ def _steps(first: int, last: int, t: float) -> tuple[list[str], float]:
 def realistic_lines(arm: str = "a") -> list[str]:
     """About 1,500 lines as a trainer writes them: steps past 512 loss buckets, checkpoints, the milestone and
     its validation, a stop, a resume from an earlier checkpoint (steps logged again), an extension, a
-    verdict action, a bad line, a failure, another resume and the end."""
+    bad line, a failure, another resume and the end."""
     t = 1_767_600_000.0
     started = {"arm": arm, "pid": 11, "device": "cuda:0 NVIDIA H200", "samples": 2400, "steps_per_epoch": 600,
                "milestone_step": 600}
@@ -42,8 +42,7 @@ def realistic_lines(arm: str = "a") -> list[str]:
     more, t = _steps(1, 600, t)
     lines += more
     lines += [_line(ev.MILESTONE, t + 0.1, step=600),
-              _line(ev.VALIDATION, t + 5, step=600, precision=0.81, recall=0.77, f1=0.79, sample_size=500),
-              _line(ev.ACTION, t + 6, action="extend", arm=arm, by="key")]
+              _line(ev.VALIDATION, t + 5, step=600, precision=0.81, recall=0.77, f1=0.79, sample_size=500)]
     more, t = _steps(601, 720, t + 6)
     lines += more + [_line(ev.STOPPED, t + 1, step=720, reason="request", by="cli")]
     t += 60

@@ -75,16 +75,16 @@ def test_a_resumed_writer_starts_from_the_saved_fold_and_folds_only_what_follows
             emit_line(writer, line)
     saved = foldcache.load(path)
     assert saved is not None
-    mark = st.ActionRecord("a mark no event sets", "a", "test", 0.0)
-    saved.state.actions.insert(0, mark)  # seen again only if the next writer starts from this fold
+    mark = "a mark no event sets"  # a line of stderr_tail, which only the watcher sets
+    saved.state.stderr_tail.insert(0, mark)  # seen again only if the next writer starts from this fold
     assert foldcache.save(path, saved.state, saved.position)
     with EventWriter(path, fold=True) as writer:
         for line in lines[800:850]:
             emit_line(writer, line)
     resumed = foldcache.load(path)
     assert resumed is not None and resumed.position.lines == 850
-    assert resumed.state.actions[0] == mark and resumed.state.events_seen == 850
-    del resumed.state.actions[0]
+    assert resumed.state.stderr_tail[0] == mark and resumed.state.events_seen == 850
+    del resumed.state.stderr_tail[0]
     assert comparable(resumed.state) == comparable(whole_fold(path))
 
 

@@ -380,6 +380,20 @@ def test_apply_actions_requests_and_records_each_action(tmp_path: Path, logs: Pa
     assert len(launcher.read_actions(exp)) == 1
 
 
+def test_the_verdict_is_applied_automatically_once_and_never_over_a_persons_action(tmp_path: Path,
+                                                                                 logs: Path) -> None:
+    exp = start_sleepers(tmp_path, logs)
+    verdict = Verdict(scenario="C", headline="a is better", baseline="a",
+                      actions=(Action("stop", "b"), Action("continue", "a")))
+    nothing = Verdict(scenario="C", headline="keep both", baseline="a", actions=(Action("continue", "a"),))
+    assert launcher.apply_verdict_once(exp, nothing) == (False, [])  # nothing that changes a run
+    launcher.apply_actions(exp, Verdict(scenario="C", headline="", baseline="a", actions=(Action("stop", "b"),)),
+                           by="ui")  # a person pressed `a` first
+    applied, lines = launcher.apply_verdict_once(exp, verdict)
+    assert not applied and "already taken (by ui)" in lines[0]
+    assert [r["by"] for r in launcher.read_actions(exp)] == ["ui"]
+
+
 # ---------------------------------------------------------------- CLI
 
 

@@ -51,8 +51,8 @@ def test_report_from_the_recorded_experiment(exp: Path):
     assert "`gputwin stop conservative -x pii-mini`" not in verdict  # it was stopped already (by key)
     assert "conservative has already ended (stopped); nothing to stop." in verdict
     assert "`gputwin extend aggressive --epochs 1 -x pii-mini`" in verdict
-    taken = verdict.split("### Actions taken")[1]  # one from an action event, one from actions.jsonl
-    assert re.search(r"\| stop +\| conservative +\| +\| key", taken)
+    taken = verdict.split("### Actions taken")[1]  # both from actions.jsonl
+    assert re.search(r"\| stop +\| conservative +\| +\| ui", taken)
     assert re.search(r"\| extend +\| aggressive +\| +1 \| cli", taken)
 
     metrics = section(text, "Milestone metrics")

@@ -85,8 +85,6 @@ def test_milestone_validation_and_end() -> None:
     assert math.isnan(s.validations[0].recall) and s.validations[0].precision == 0.9
     apply(s, event(ev.EXTENDED, 41.0, step=100, epochs=1, total_steps=300))
     assert s.total_steps == 300 and s.extended[0].epochs == 1
-    apply(s, event(ev.ACTION, 42.0, action="extend", arm="a", by="key"))
-    assert s.actions[0].by == "key"
     apply(s, event(ev.STOPPED, 43.0, step=101))
     assert s.status == "stopped" and s.step == 101 and s.ended
 

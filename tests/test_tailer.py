@@ -183,7 +183,7 @@ def test_start_at_a_position_in_a_file_since_replaced_reads_it_from_the_top(tmp_
     assert [e.t for e in events] == [7.0, 8.0, 9.0] and later.restarts == 1
 
 
-MARK = st.ActionRecord("a mark no event sets", "a", "test", 0.0)
+MARK = "a mark no event sets"  # a line of stderr_tail, which only the watcher sets
 
 
 def never_stalled() -> float:
@@ -206,15 +206,15 @@ def test_the_watcher_starts_from_the_saved_fold_with_its_own_profile(tmp_path: P
     exp = _experiment(tmp_path, lines[:900], device=3)
     log = exp.arm("a").events
     state, reader = foldcache.fold_log(log, "a")
-    state.actions.insert(0, MARK)  # the watcher has it only if it started from this fold
+    state.stderr_tail.insert(0, MARK)  # the watcher has it only if it started from this fold
     assert reader.position is not None and foldcache.save(log, state, reader.position)
     with open(log, "a", encoding="utf-8") as fh:
         fh.write("".join(lines[900:]))
     watcher = ExperimentWatcher(exp, never_stalled, check_liveness=False)
     assert watcher.poll() == {"a"}
     got = watcher.state.arms["a"]
-    assert got.actions[0] == MARK and got.hparams == {"name": "a", "device": 3} and got.gpu_index == 3
-    del got.actions[0]
+    assert got.stderr_tail[0] == MARK and got.hparams == {"name": "a", "device": 3} and got.gpu_index == 3
+    del got.stderr_tail[0]
     expected = whole_fold(log)
     expected.hparams, expected.gpu_index = got.hparams, 3  # a started event takes the profile's GPU index
     assert comparable(got) == comparable(expected)

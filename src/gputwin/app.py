@@ -23,7 +23,6 @@ from textual.worker import Worker, WorkerState, get_current_worker
 
 from . import autoreport, launcher
 from .errors import UserError
-from .headless import AUTO
 from .paths import ExperimentPaths
 from .state import ArmState, ExperimentState
 from .widgets.arm_pane import ArmPane
@@ -36,7 +35,7 @@ from .widgets.log_view import LogView
 from .widgets.messages import LogTailRead, StateUpdated
 from .widgets.modals import KEY_HELP, ConfirmScreen, HelpScreen
 from .widgets.prompts import apply_prompt, extend_prompt, stop_prompt, why_not
-from .widgets.verdict_pane import VerdictPane, changing_actions
+from .widgets.verdict_pane import VerdictPane
 
 POLL_S = 0.3  # how often the watcher reads the files (the screen updates only when they changed)
 UPDATE_S = 1.0  # at most one screen update a second: a redraw costs tens of ms of CPU, and arms that log
@@ -361,7 +360,7 @@ class GputwinApp(App[None]):
                         + (f" (waiting for {', '.join(waiting)})." if waiting else "."),
                         title="apply: not now", severity="warning")
             return
-        if not changing_actions(verdict):
+        if not launcher.changing_actions(verdict):
             self.notify(f"The verdict recommends no stop or extend ({verdict.headline}).",
                         title="apply: nothing to do", severity="warning")
             return
@@ -418,16 +417,14 @@ class GputwinApp(App[None]):
         verdict, rules = state.verdict, state.rules
         if self._auto_started or verdict is None or rules is None or rules.on_verdict != "apply":
             return
-        if verdict.scenario == "waiting" or not changing_actions(verdict):
+        if verdict.scenario == "waiting" or not launcher.changing_actions(verdict):
             return
         self._auto_started = True
 
         def apply_once() -> str:
-            taken = launcher.read_actions(self.exp)
-            if taken:
-                who = ", ".join(sorted({str(a.get("by")) for a in taken}))
-                return f"Verdict actions were already taken (by {who}); not applying them again."
-            return "Applied the verdict automatically (rules.on_verdict = \"apply\"):\n" + self._apply_actions(verdict, AUTO)
+            applied, lines = launcher.apply_verdict_once(self.exp, verdict)
+            head = ["Applied the verdict automatically (rules.on_verdict = \"apply\"):"] if applied else []
+            return "\n".join(head + lines)
 
         self.run_control(apply_once, "apply automatically")
 

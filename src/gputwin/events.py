@@ -28,11 +28,10 @@ STOPPED = "stopped"
 FINISHED = "finished"
 FAILED = "failed"
 RESUMED = "resumed"
-ACTION = "action"  # a verdict action taken (by a key, a CLI command or automatically)
 PROBE = "probe"  # a cooldown probe's validation: the arm as if its schedule ended at `step`
 
 KINDS = frozenset(
-    {STARTED, STEP, CHECKPOINT, MILESTONE, VALIDATION, EXTENDED, STOPPED, FINISHED, FAILED, RESUMED, ACTION, PROBE}
+    {STARTED, STEP, CHECKPOINT, MILESTONE, VALIDATION, EXTENDED, STOPPED, FINISHED, FAILED, RESUMED, PROBE}
 )
 TERMINAL_KINDS = frozenset({STOPPED, FINISHED, FAILED})
 
@@ -48,7 +47,6 @@ REQUIRED: dict[str, tuple[str, ...]] = {
     FINISHED: ("step",),
     FAILED: ("error", "message", "hint"),
     RESUMED: ("step", "checkpoint"),
-    ACTION: ("action", "arm", "by"),
     PROBE: ("step", "steps"),
 }
 

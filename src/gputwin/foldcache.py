@@ -37,8 +37,7 @@ BEFORE_BYTES = 64  # bytes just before the offset, checked on load
 MAX_FOLD_BYTES = 16 << 20  # the state is bounded (512 loss buckets); a bigger file is not ours
 SAVE_EVERY_S = 30.0  # a writer saves its fold this often (and after an ending event, and on close)
 
-_RECORDS = (st.ArmState, st.ValidationPoint, st.ProbePoint, st.CheckpointPoint, st.Failure, st.Extension,
-            st.ActionRecord)
+_RECORDS = (st.ArmState, st.ValidationPoint, st.ProbePoint, st.CheckpointPoint, st.Failure, st.Extension)
 _SLOTTED = (st.LossHistory, StepTimer)
 # Classes a fold file may name; anything else in the pickle is refused before it is built.
 _ALLOWED = {(c.__module__, c.__name__) for c in (*_RECORDS, *_SLOTTED)}

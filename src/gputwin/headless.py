@@ -24,7 +24,6 @@ from .verdict import pct
 
 PROGRESS_EVERY_S = 10.0
 POLL_EVERY_S = 0.3  # as often as the UI reads the files: a verdict shows within 0.3 s
-AUTO = "auto"  # `by` of actions applied because rules.on_verdict = "apply"
 WAITING = "waiting"  # verdict.WAITING: an arm has not reached its milestone
 
 
@@ -190,17 +189,16 @@ class Monitor:
             self.say(line)
         self.say("Report: " + ", ".join(str(p) for p in write_report(self.exp.root)))
         rules = self.rules or self.watcher.state.rules
-        if rules is None or rules.on_verdict != "apply" or not verdict.actions:
+        if rules is None or rules.on_verdict != "apply":
             return False
-        from .launcher import actions_applied_by, apply_actions
+        from .launcher import apply_verdict_once
 
-        if actions_applied_by(self.exp, AUTO):
-            self.say("Verdict actions were applied before; not repeating them.")
-            return False
-        self.say("Applying the verdict (rules.on_verdict = \"apply\"):")
-        for message in apply_actions(self.exp, verdict, by=AUTO):
-            self.say(f"  {message}")
-        return True
+        applied, lines = apply_verdict_once(self.exp, verdict)
+        if applied:
+            self.say("Applying the verdict (rules.on_verdict = \"apply\"):")
+        for line in lines:
+            self.say(f"  {line}" if applied else line)
+        return applied
 
 
 def monitor(exp: ExperimentPaths, *, rules: Rules | None = None, out: TextIO | None = None,

@@ -32,12 +32,15 @@ from .supervise import (arm_alive, arm_lock, SpawnError, arm_status, ending, sta
 __all__ = [
     "start_experiment", "spawn_arm", "arm_alive", "arm_status", "request_stop", "request_extend",
     "request_validate", "resume_arm", "apply_actions", "read_actions", "actions_applied_by",
+    "changing_actions", "apply_verdict_once",
     "resolve_experiment", "resolve_arm", "demo_profile", "demo_experiment",
     "RUNNING", "FINISHED", "STOPPED", "FAILED", "CRASHED", "NOT_STARTED", "ENDED",
 ]
 
 SUPERVISOR_WAIT_S = 30.0  # how long resume waits for an ending arm's supervisor to record the exit
 ACTIONS_FILE = "actions.jsonl"
+AUTO = "auto"  # `by` of actions applied because rules.on_verdict = "apply"
+CHANGING_ACTIONS = frozenset({"stop", "extend"})
 CALLBACK_SOURCE = "hf-trainer:"  # callback.SOURCE_PREFIX: arms run by a user's own HF Trainer script
 DEMO_DATA_DIR = ".demo-data"  # under the logs root: shared by every demo run, never an experiment name
 
@@ -360,6 +363,28 @@ def apply_actions(exp: ExperimentPaths, verdict: Any, *, by: str) -> list[str]:
 
 def actions_applied_by(exp: ExperimentPaths, by: str) -> bool:
     return any(entry.get("by") == by for entry in read_actions(exp))
+
+
+def changing_actions(verdict: Any) -> list[Any]:
+    """The verdict's actions that change a run (continue changes nothing)."""
+    return [a for a in getattr(verdict, "actions", ()) if a.kind in CHANGING_ACTIONS]
+
+
+def apply_verdict_once(exp: ExperimentPaths, verdict: Any) -> tuple[bool, list[str]]:
+    """rules.on_verdict = "apply": carry out the verdict's stop/extend actions, once per experiment.
+
+    The one rule for the terminal UI and `--headless` alike: whoever acts first wins. Once any action is
+    recorded in actions.jsonl (a key, a CLI command, an earlier automatic apply by this monitor or another
+    one on the same experiment), nothing is applied automatically: a person who acted has decided.
+    Returns (applied, one line per action or the line that says why not).
+    """
+    if not changing_actions(verdict):
+        return False, []
+    taken = read_actions(exp)
+    if taken:
+        who = ", ".join(sorted({str(entry.get("by")) for entry in taken}))
+        return False, [f"The verdict's actions were already taken (by {who}) and applied before; not repeating them."]
+    return True, apply_actions(exp, verdict, by=AUTO)
 
 
 # ---------------------------------------------------------------- the demo

@@ -303,9 +303,7 @@ def _disagreements_section(results: Mapping[str, ArmResult | None], base: str) -
 def _actions_taken(state: st.ExperimentState) -> list[dict[str, Any]]:
     from .launcher import read_actions
 
-    taken = [{"t": a.t, "action": a.action, "arm": a.arm, "by": a.by} for arm in state.arms.values() for a in arm.actions]
-    taken += read_actions(ExperimentPaths(state.root))
-    return sorted(taken, key=lambda a: a.get("t") or 0.0)
+    return sorted(read_actions(ExperimentPaths(state.root)), key=lambda a: a.get("t") or 0.0)
 
 
 def render(state: st.ExperimentState, verdict: Verdict | None, results: Mapping[str, ArmResult | None],

@@ -6,7 +6,7 @@ Public API
     apply(state, event)       fold one event into an ArmState (updates it in place and returns it)
     fold(name, events)        a fresh ArmState with every event applied
     LossHistory               bounded, bucketed loss curve (raw and EMA-smoothed) for charts
-    ValidationPoint, CheckpointPoint, Failure, Extension, ActionRecord   what the lists hold
+    ValidationPoint, CheckpointPoint, Failure, Extension        what the lists hold
     STATUSES                  "starting" "training" "validating" "stopped" "finished" "crashed" "stalled"
 
 ``apply`` does no I/O and reads no clock: the same events always give the same state. It is O(1)
@@ -93,16 +93,6 @@ class Extension:
     t: float
     new_cycle: bool = False  # a new LR cycle (warmup to rules.extend_lr of the peak), not a stretched decay
     lr_curve: tuple[float, ...] = ()  # the LR from `step` to the new end, sampled
-
-
-@dataclass(frozen=True)
-class ActionRecord:
-    """A verdict action taken (stop, extend, ...), by a key, a CLI command or automatically."""
-
-    action: str
-    arm: str
-    by: str
-    t: float
 
 
 class LossHistory:
@@ -232,7 +222,6 @@ class ArmState:
     last_checkpoint: CheckpointPoint | None = None
     failure: Failure | None = None
     extended: list[Extension] = field(default_factory=list)
-    actions: list[ActionRecord] = field(default_factory=list)
     restarts: int = 0  # ``started`` events after the first (resumes, extensions after the end)
     hparams: dict[str, Any] = field(default_factory=dict)  # flattened profile ("train.learning_rate": 1e-4)
     exit_code: int | None = None  # from <arm>/exit, set by the watcher
@@ -474,10 +463,6 @@ def _on_failed(s: ArmState, e: ev.Event) -> None:
         s.step = step
 
 
-def _on_action(s: ArmState, e: ev.Event) -> None:
-    s.actions.append(ActionRecord(str(e["action"]), str(e["arm"]), str(e["by"]), e.t))
-
-
 _HANDLERS = {
     ev.STEP: _on_step,
     ev.STARTED: _on_started,
@@ -489,7 +474,6 @@ _HANDLERS = {
     ev.STOPPED: _on_end(STOPPED),
     ev.FINISHED: _on_end(FINISHED),
     ev.FAILED: _on_failed,
-    ev.ACTION: _on_action,
     ev.PROBE: _on_probe,
 }
 

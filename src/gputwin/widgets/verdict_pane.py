@@ -12,16 +12,11 @@ from textual.containers import VerticalScroll
 
 from .arm_pane import eta_text
 from ..formatting import display_path, interval, percent
+from ..launcher import changing_actions
 from .live_text import LiveText
 
 SCENARIO_STYLE = {"A": "bold green", "B": "bold yellow", "C": "bold cyan", "mismatch": "bold red"}
-CHANGING_ACTIONS = ("stop", "extend")
 OUTCOME_STYLE = {"beats": "green", "ties": "yellow", "short": "red"}  # an arm against the reference
-
-
-def changing_actions(verdict: Any) -> list[Any]:
-    """The actions that change a run (continue changes nothing)."""
-    return [a for a in getattr(verdict, "actions", ()) if a.kind in CHANGING_ACTIONS]
 
 
 def waiting_view(state: Any, now: float) -> tuple[RenderableType, list[Text]]:
