@@ -34,7 +34,8 @@ from gputwin import events as ev
 from gputwin import state as st
 from gputwin.paths import ArmPaths, ExperimentPaths
 from gputwin.profiles import Experiment, Profile, Rules
-from gputwin.watcher import STALL_MIN_S, STALL_STEPS, ExperimentWatcher
+from gputwin.lifecycle import STALL_MIN_S, STALL_STEPS
+from gputwin.watcher import ExperimentWatcher
 from gputwin.train import faults
 from tiny import make_arm, make_samples, profile_for, tiny_bert, write_data
 

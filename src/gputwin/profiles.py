@@ -353,24 +353,30 @@ def _looks_local(base: str) -> bool:
 
 
 def parse_profile(path: Path, data: dict[str, Any], text: str, *, check_files: bool = True) -> Profile:
+    """An arm profile's tables, each checked by its own function below; errors name the file, key and line."""
     top = _Section(path, text, None, data)
     top.check_unknown({"name", "device", "model", "lora", "train", "data", "milestone"})
     name = top.get("name", str, path.stem)
     if not valid_name(name):
         raise top.error("name", f"{name!r} cannot be an arm name", NAME_HINT)
-    device_raw = top.get("device", (int, str), "cpu", "a GPU index such as 0, or \"cpu\"")
-    if isinstance(device_raw, str):
-        if device_raw.lower() != "cpu":
-            raise top.error("device", f"expected a GPU index or \"cpu\", got {device_raw!r}",
-                            'device = 0 for the first GPU (as nvidia-smi numbers them), device = "cpu" for none')
-        device = None
-    else:
-        if device_raw < 0:
-            raise top.error("device", f"GPU index must be >= 0, got {device_raw}",
-                            'device = 0 for the first GPU (as nvidia-smi numbers them), device = "cpu" for none')
-        device = device_raw
+    device = _parse_device(top, "device", None)
 
-    m = _Section(path, text, "model", data.get("model", {}))
+    def section(table: str) -> _Section:
+        return _Section(path, text, table, data.get(table, {}))
+
+    m, lo = section("model"), section("lora")
+    model, adapter = _parse_model(m, path, check_files)
+    fill = adapter.lora_defaults() if adapter else {}  # what a continued adapter fixes, for keys left out
+    lora = _parse_lora(lo, fill)
+    from_adapter = _agree_with_adapter(m, lo, model, lora, adapter, check_files) if adapter is not None else ()
+    return Profile(name=name, model=model, lora=lora, train=_parse_train(section("train")),
+                   data=_parse_data(section("data"), check_files), milestone=_parse_milestone(section("milestone")),
+                   device=device, source=str(path.resolve()), from_adapter=from_adapter)
+
+
+def _parse_model(m: _Section, path: Path, check_files: bool) -> tuple[ModelSpec, AdapterShape | None]:
+    """[model]: the base (a hub id, a local folder relative to the profile, or package:NAME) and any
+    adapter to continue from."""
     m.check_unknown({"base", "task", "dtype", "init_adapter", "trust_remote_code"})
     base = m.get("base", str, hint="a hub id such as \"Qwen/Qwen3-0.6B\" or a local model folder")
     if base.startswith("package:"):
@@ -390,7 +396,7 @@ def parse_profile(path: Path, data: dict[str, Any], text: str, *, check_files: b
         raise m.error("init_adapter", f"adapter folder {init_adapter} does not exist",
                       "point it at a folder holding adapter_config.json")
     adapter = _init_adapter(m, init_adapter, check_files)
-    fill = adapter.lora_defaults() if adapter else {}  # what a continued adapter fixes, for keys left out
+    fill = adapter.lora_defaults() if adapter else {}
     model = ModelSpec(
         base=base,
         task=m.choice("task", TASKS, fill.get("model.task", "generate")),
@@ -398,8 +404,11 @@ def parse_profile(path: Path, data: dict[str, Any], text: str, *, check_files: b
         init_adapter=init_adapter,
         trust_remote_code=m.get("trust_remote_code", bool, False),
     )
+    return model, adapter
 
-    lo = _Section(path, text, "lora", data.get("lora", {}))
+
+def _parse_lora(lo: _Section, fill: dict[str, Any]) -> LoraSpec:
+    """[lora]: rank, alpha, dropout, targets; `fill` holds what an init adapter fixes."""
     lo.check_unknown({"r", "alpha", "dropout", "target_modules"})
     r = lo.get("r", int, fill.get("lora.r", 8))
     if r < 1:
@@ -411,12 +420,10 @@ def parse_profile(path: Path, data: dict[str, Any], text: str, *, check_files: b
     targets = lo.get("target_modules", list, fill.get("lora.target_modules", ["q_proj", "k_proj", "v_proj", "o_proj"]))
     if not targets or not all(isinstance(t, str) and t for t in targets):
         raise lo.error("target_modules", "expected a non-empty list of module names", "e.g. [\"q_proj\", \"v_proj\"]")
-    lora = LoraSpec(r=r, alpha=alpha, dropout=dropout, target_modules=tuple(targets))
-    from_adapter: tuple[str, ...] = ()
-    if adapter is not None:
-        from_adapter = _agree_with_adapter(m, lo, model, lora, adapter, check_files)
+    return LoraSpec(r=r, alpha=alpha, dropout=dropout, target_modules=tuple(targets))
 
-    tr = _Section(path, text, "train", data.get("train", {}))
+
+def _parse_train(tr: _Section) -> TrainSpec:
     tr.check_unknown({f.name for f in dataclasses.fields(TrainSpec)})
     lr = tr.get("learning_rate", float, 1e-4)
     if not (lr > 0 and math.isfinite(lr)):
@@ -456,8 +463,10 @@ def parse_profile(path: Path, data: dict[str, Any], text: str, *, check_files: b
     if not 0.0 < train.decay_fraction < 1.0:
         raise tr.error("decay_fraction", f"must be between 0 and 1, got {train.decay_fraction}",
                        "the wsd scheduler decays over the last decay_fraction of the steps, e.g. 0.1 or 0.2")
+    return train
 
-    d = _Section(path, text, "data", data.get("data", {}))
+
+def _parse_data(d: _Section, check_files: bool) -> DataSpec:
     d.check_unknown({f.name for f in dataclasses.fields(DataSpec)})
     locales = d.get("synth_locales", list, ["en_US", "zh_CN"])
     if not locales or not all(isinstance(x, str) and re.match(r"^[a-z]{2}_[A-Z]{2}$", x) for x in locales):
@@ -477,8 +486,10 @@ def parse_profile(path: Path, data: dict[str, Any], text: str, *, check_files: b
             if not p.is_file():
                 raise d.error(key, f"data file {p} does not exist",
                               "make one with `gputwin data synth --out DIR` or set synth_if_missing = true")
+    return data_spec
 
-    ms = _Section(path, text, "milestone", data.get("milestone", {}))
+
+def _parse_milestone(ms: _Section) -> MilestoneSpec:
     ms.check_unknown({"step", "epoch", "sample_size", "sample_seed", "cooldown_steps"})
     step = ms.get("step", int, None)
     epoch = ms.get("epoch", float, None)
@@ -497,11 +508,8 @@ def parse_profile(path: Path, data: dict[str, Any], text: str, *, check_files: b
     if cooldown is not None and cooldown < 0:
         raise ms.error("cooldown_steps", f"must be >= 0, got {cooldown}",
                        "0 turns the cooldown probe off; leave it out for 10% of the steps done")
-    milestone = MilestoneSpec(step=step, epoch=epoch, sample_size=sample_size,
+    return MilestoneSpec(step=step, epoch=epoch, sample_size=sample_size,
                               sample_seed=ms.get("sample_seed", int, 1234), cooldown_steps=cooldown)
-
-    return Profile(name=name, model=model, lora=lora, train=train, data=data_spec, milestone=milestone,
-                   device=device, source=str(path.resolve()), from_adapter=from_adapter)
 
 
 def _init_adapter(m: _Section, folder: str | None, check_files: bool) -> AdapterShape | None:
