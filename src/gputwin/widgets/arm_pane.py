@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
 
 from rich.text import Text
 from textual.app import ComposeResult
 from textual.containers import Vertical
 
+from ..state import ArmState, ValidationPoint
 from ..eta import eta, human_duration
 from ..state import STATUSES
 from ..lifecycle import describe_exit
@@ -22,7 +22,7 @@ CRASH_LINES = 6  # stderr lines shown in a crashed arm's pane (the log view, l, 
 WATCHER_ERRORS = ("exited", "killed", "gone")  # failures the watcher inferred; its message says it all
 
 
-def eta_text(arm: Any, target: int | None, now: float) -> str:
+def eta_text(arm: ArmState, target: int | None, now: float) -> str:
     """ "ETA 14:52 (in 20m 03s)" toward `target`, or why there is none."""
     if target is None:
         return ""
@@ -36,12 +36,12 @@ def eta_text(arm: Any, target: int | None, now: float) -> str:
     return f"ETA {estimate.clock} (in {estimate.human})"
 
 
-def milestone_validation(arm: Any) -> Any:
+def milestone_validation(arm: ArmState) -> ValidationPoint | None:
     """The validation taken at the milestone step, if there is one yet."""
     return arm.validation_at(arm.milestone_step) if arm.milestone_step is not None else None
 
 
-def milestone_text(arm: Any, now: float) -> str:
+def milestone_text(arm: ArmState, now: float) -> str:
     point = milestone_validation(arm)
     if point is not None:
         return f"validated at step {point.step:,}: F1 {percent(point.f1)}"
@@ -50,7 +50,7 @@ def milestone_text(arm: Any, now: float) -> str:
     return eta_text(arm, arm.milestone_step, now)
 
 
-def header_text(arm: Any, now: float, baseline: str | None) -> Text:
+def header_text(arm: ArmState, now: float, baseline: str | None) -> Text:
     """Device, status in its colour, pid and role."""
     device = f"GPU {arm.gpu_index}" if arm.gpu_index is not None else device_label(arm.device)
     text = Text.assemble((device, "bold"), " · ", (arm.status, status_style(arm.status)))
@@ -63,7 +63,7 @@ def header_text(arm: Any, now: float, baseline: str | None) -> Text:
     return text
 
 
-def hparams_text(arm: Any, differing: list[str]) -> Text:
+def hparams_text(arm: ArmState, differing: list[str]) -> Text:
     """The usual hyperparameters, and every key that differs between arms highlighted."""
     text = Text()
     for label, value, differs in shown_hparams(arm.hparams, differing):
@@ -73,7 +73,7 @@ def hparams_text(arm: Any, differing: list[str]) -> Text:
     return text
 
 
-def stats_text(arm: Any) -> Text:
+def stats_text(arm: ArmState) -> Text:
     """The latest step's figures, each with its name and unit."""
     text = Text.assemble(
         "loss ", (num(arm.loss), "bold"),
@@ -88,7 +88,7 @@ def stats_text(arm: Any) -> Text:
     return text
 
 
-def crash_text(arm: Any, root: Path) -> Text:
+def crash_text(arm: ArmState, root: Path) -> Text:
     """Why a crashed arm ended: exit code, the failure and the hint."""
     text = Text(f"crashed at step {arm.step:,}", style="bold red")
     text.overflow = "fold"
@@ -104,7 +104,7 @@ def crash_text(arm: Any, root: Path) -> Text:
     return text
 
 
-def stderr_lines(arm: Any, lines: int = CRASH_LINES) -> Text:
+def stderr_lines(arm: ArmState, lines: int = CRASH_LINES) -> Text:
     """The last lines of stderr.log, one screen line each (the log view, l, shows them whole)."""
     tail = arm.stderr_tail[-lines:]
     text = Text("stderr.log, last lines:" if tail else "stderr.log is empty", style="dim", no_wrap=True,
@@ -114,7 +114,7 @@ def stderr_lines(arm: Any, lines: int = CRASH_LINES) -> Text:
     return text
 
 
-def loss_series(arm: Any) -> LossSeries:
+def loss_series(arm: ArmState) -> LossSeries:
     history = arm.loss_history
     return LossSeries(
         steps=list(history.steps),
@@ -156,7 +156,7 @@ class ArmPane(Vertical, can_focus=True):
         yield self._stats
         yield self._device
 
-    def show_arm(self, arm: Any, now: float, differing: list[str], baseline: str | None) -> None:
+    def show_arm(self, arm: ArmState, now: float, differing: list[str], baseline: str | None) -> None:
         """Redraw from one ArmState (a copy owned by the UI thread): only what changed repaints, since
         setting a border title repaints the whole pane even when it is the same."""
         with self.app.batch_update():

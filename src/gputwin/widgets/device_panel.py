@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import Any, Protocol
+from collections.abc import Iterable, Sequence
+from typing import Protocol
 
 from rich.text import Text
 from textual.app import ComposeResult
 from textual.containers import Horizontal, Vertical
 from textual.widgets import Sparkline
 
+from ..gpu import CpuSample, GpuSample
+from ..state import ArmState
 from ..formatting import gib, is_number
 from .live_text import LiveText
 
@@ -19,18 +21,18 @@ SPARK_POINTS = 60  # the last minute at the sampler's 1 Hz
 class SamplerLike(Protocol):
     """What the app reads from gputwin.gpu.Sampler (tests pass an object with fixed samples)."""
 
-    def latest_gpus(self) -> dict[int, Any]: ...
-    def latest_cpus(self) -> dict[int, Any]: ...
-    def gpu_history(self, index: int) -> list[Any]: ...
-    def cpu_history(self, pid: int) -> list[Any]: ...
-    def set_pids(self, pids: Any) -> None: ...
+    def latest_gpus(self) -> dict[int, GpuSample]: ...
+    def latest_cpus(self) -> dict[int, CpuSample]: ...
+    def gpu_history(self, index: int) -> list[GpuSample]: ...
+    def cpu_history(self, pid: int) -> list[CpuSample]: ...
+    def set_pids(self, pids: Iterable[int]) -> None: ...
 
 
 def _fig(value: object, spec: str, unit: str) -> str:
     return f"{value:{spec}}{unit}" if is_number(value) else "–"
 
 
-def gpu_lines(sample: Any, pid: int | None) -> tuple[Text, Text]:
+def gpu_lines(sample: GpuSample, pid: int | None) -> tuple[Text, Text]:
     """Two lines for a GpuSample: utilisation and temperature, then memory (the arm's own too) and power."""
     head = Text.assemble((f"GPU {sample.index}", "bold"), "  util ", (_fig(sample.util_pct, ".0f", "%"), "bold"),
                          f" · {_fig(sample.temp_c, '.0f', ' °C')}")
@@ -45,7 +47,7 @@ def gpu_lines(sample: Any, pid: int | None) -> tuple[Text, Text]:
     return head, body
 
 
-def cpu_lines(sample: Any) -> tuple[Text, Text]:
+def cpu_lines(sample: CpuSample) -> tuple[Text, Text]:
     """Two lines for a CpuSample: the arm's CPU % (100% = one core) and RSS, then the machine's."""
     head = Text.assemble(("CPU", "bold"), "  arm ", (_fig(sample.cpu_pct, ".0f", "%"), "bold"), " (100% = 1 core)")
     body = Text(f"arm RSS {gib(sample.rss)} GiB · machine {_fig(sample.machine_cpu_pct, '.0f', '%')} CPU, "
@@ -89,12 +91,12 @@ class DevicePanel(Vertical):
             yield self._spark
         yield self._body
 
-    def show_gpu(self, sample: Any, history: Sequence[Any], pid: int | None) -> None:
+    def show_gpu(self, sample: GpuSample, history: Sequence[GpuSample], pid: int | None) -> None:
         head, body = gpu_lines(sample, pid)
         self._set(head, body, [s.util_pct for s in history if is_number(s.util_pct)])
         self._tip(f"{sample.name or 'GPU'}: utilisation over the last minute (NVML)")
 
-    def show_cpu(self, sample: Any, history: Sequence[Any]) -> None:
+    def show_cpu(self, sample: CpuSample, history: Sequence[CpuSample]) -> None:
         head, body = cpu_lines(sample)
         self._set(head, body, [s.cpu_pct for s in history if is_number(s.cpu_pct)])
         self._tip("the arm process's CPU % over the last minute (psutil)")
@@ -114,7 +116,7 @@ class DevicePanel(Vertical):
         if self.tooltip != tooltip:
             self.tooltip = tooltip
 
-    def show_for(self, arm: Any, sampler: SamplerLike, gpus: dict[int, Any], cpus: dict[int, Any]) -> None:
+    def show_for(self, arm: ArmState, sampler: SamplerLike, gpus: dict[int, GpuSample], cpus: dict[int, CpuSample]) -> None:
         """Pick the arm's reading from the sampler's latest: its GPU, or its process on CPU."""
         if arm.gpu_index is not None:
             sample = gpus.get(arm.gpu_index)

@@ -12,6 +12,7 @@ from rich.color import Color
 from rich.console import RenderableType
 from rich.table import Table
 from rich.text import Text
+from textual.reactive import reactive
 from textual.renderables.sparkline import Sparkline
 from textual.timer import Timer
 from textual_plotext import PlotextPlot
@@ -70,19 +71,19 @@ def trend_line(series: LossSeries, width: int) -> RenderableType:
 class LossChart(PlotextPlot):
     """A real chart with a step axis and a loss axis; redraws when its series changes, and for mere new
     steps at most every REDRAW_S seconds (arms logging 50 steps/s would otherwise keep a core busy).
-    Smaller than MIN_HEIGHT x MIN_WIDTH it shows the one-line trend instead, which costs nothing to redraw."""
+    Smaller than MIN_HEIGHT x MIN_WIDTH it shows the one-line trend instead, which costs nothing to redraw.
+
+    `series` drives the view: set it (or call show()) and watch_series decides when to redraw; an equal
+    series changes nothing. No automatic repaint: a plot repaint is the costly part, so the watcher asks."""
+
+    series: reactive[LossSeries] = reactive(LossSeries, repaint=False, init=False)
 
     def __init__(self, *, id: str | None = None, classes: str | None = None) -> None:
         super().__init__(id=id, classes=classes)
-        self._series = LossSeries()
         self._stale = False  # the plot does not hold the current series (it changed while the trend line showed)
         self._compact = False  # short plots drop the raw/smoothed legend rows to keep the curve visible
         self._drawn_at = float("-inf")  # time.monotonic() of the last redraw
         self._timer: Timer | None = None
-
-    @property
-    def series(self) -> LossSeries:
-        return self._series
 
     @property
     def too_small(self) -> bool:
@@ -90,9 +91,9 @@ class LossChart(PlotextPlot):
         return self.size.height < MIN_HEIGHT or self.size.width < MIN_WIDTH
 
     def show(self, series: LossSeries) -> None:
-        if series == self._series:
-            return
-        old, self._series = self._series, series
+        self.series = series
+
+    def watch_series(self, old: LossSeries, series: LossSeries) -> None:
         if self.too_small:
             self._stale = True
             self.refresh()  # the trend line: cheap, shown at once
@@ -117,7 +118,7 @@ class LossChart(PlotextPlot):
 
     def render(self) -> RenderableType:
         if self.too_small:
-            return trend_line(self._series, self.size.width)
+            return trend_line(self.series, self.size.width)
         compact = self.size.height < LEGEND_MIN_HEIGHT
         if compact != self._compact or self._stale:
             self._compact = compact
@@ -126,7 +127,7 @@ class LossChart(PlotextPlot):
 
     def _draw(self) -> None:
         self._drawn_at, self._stale = time.monotonic(), False
-        plt, s = self.plt, self._series
+        plt, s = self.plt, self.series
         plt.clear_figure()
         plt.xlabel("step")
         plt.ylabel("loss")

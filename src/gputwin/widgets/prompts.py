@@ -6,10 +6,12 @@ again when it acts (the files may have moved on since the screen was drawn).
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Sequence
 
 from rich.text import Text
 
+from ..state import ArmState
+from ..verdict import Verdict
 from ..eta import eta, human_duration
 from ..planview import plan_text
 from ..formatting import is_number, sci
@@ -18,7 +20,7 @@ RUNNING = ("starting", "training", "validating", "stalled")
 LOW_LR_SHARE = 0.05  # below this share of the peak, an extension's learning rate is worth a warning
 
 
-def why_not(arm: Any, action: str) -> str | None:
+def why_not(arm: ArmState, action: str) -> str | None:
     """The reason `action` (stop, extend, validate, resume) does not apply to `arm` now, or None."""
     name, status = arm.name, arm.status
     if action in ("stop", "validate") and status not in RUNNING:
@@ -41,7 +43,7 @@ def why_not(arm: Any, action: str) -> str | None:
     return None
 
 
-def stop_prompt(arm: Any) -> tuple[str, Text]:
+def stop_prompt(arm: ArmState) -> tuple[str, Text]:
     total = f" of {arm.total_steps:,}" if arm.total_steps else ""
     body = Text.assemble(
         "Stop ", (arm.name, "bold"), f" at step {arm.step:,}{total}?\n\n",
@@ -51,7 +53,7 @@ def stop_prompt(arm: Any) -> tuple[str, Text]:
     return f"Stop {arm.name}", body
 
 
-def extend_prompt(arm: Any, now: float, epochs: int = 1, extend_lr: float = 0.5) -> tuple[str, Text]:
+def extend_prompt(arm: ArmState, now: float, epochs: int = 1, extend_lr: float = 0.5) -> tuple[str, Text]:
     """New end step, when it would be reached, and what happens to the learning rate (the trainer's own
     plan, as numbers and a sparkline, when its started/extended events gave it)."""
     extra = arm.steps_per_epoch * epochs
@@ -92,7 +94,7 @@ def extend_prompt(arm: Any, now: float, epochs: int = 1, extend_lr: float = 0.5)
     return f"Extend {arm.name} by {epochs} epoch", body
 
 
-def apply_prompt(verdict: Any, applied: Sequence[str] = ()) -> tuple[str, Text]:
+def apply_prompt(verdict: Verdict, applied: Sequence[str] = ()) -> tuple[str, Text]:
     body = Text(verdict.headline + "\n\n", style="bold")
     if applied:
         body.append("Already done: " + "; ".join(applied) + ". Applying again extends again.\n\n", style="bold yellow")

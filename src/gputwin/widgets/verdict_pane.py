@@ -11,6 +11,8 @@ from rich.text import Text
 from textual.containers import VerticalScroll
 
 from .arm_pane import eta_text
+from ..state import ExperimentState
+from ..verdict import Verdict
 from ..formatting import display_path, interval, percent
 from ..launcher import changing_actions
 from .live_text import LiveText
@@ -19,7 +21,7 @@ SCENARIO_STYLE = {"A": "bold green", "B": "bold yellow", "C": "bold cyan", "mism
 OUTCOME_STYLE = {"beats": "green", "ties": "yellow", "short": "red"}  # an arm against the reference
 
 
-def waiting_view(state: Any, now: float) -> tuple[RenderableType, list[Text]]:
+def waiting_view(state: ExperimentState, now: float) -> tuple[RenderableType, list[Text]]:
     """Before every arm has a validation: where each arm stands toward its milestone; with the Texts the
     view is made of (what LiveText compares)."""
     table = Table.grid(padding=(0, 2))
@@ -97,7 +99,7 @@ def _score_cells(m: Any, goal: Any) -> list[Any]:
     return cells
 
 
-def metrics_table(verdict: Any) -> Table:
+def metrics_table(verdict: Verdict) -> Table:
     """Per-arm precision, recall and F1 with the verdict's intervals; the last column says which final
     goals an arm still misses. With a reference: its row under the arms' and each arm's F1 against it."""
     confidence = getattr(verdict, "confidence", 0.95)
@@ -138,7 +140,7 @@ def schedule_cell(m: Any) -> Text:
     return Text(f"{fraction:.0%} of peak", style="yellow")
 
 
-def verdict_view(verdict: Any, applied: Sequence[str], auto: bool) -> RenderableType:
+def verdict_view(verdict: Verdict, applied: Sequence[str], auto: bool) -> RenderableType:
     """The decided verdict: headline in the scenario's colour, figures, reasons and what to do."""
     parts: list[RenderableType] = [Text(verdict.headline, style=SCENARIO_STYLE.get(verdict.scenario, "bold"))]
     if verdict.metrics:
@@ -178,7 +180,7 @@ class VerdictPane(VerticalScroll):
         how = "written" if report.wrote else "up to date, written"
         self.border_subtitle = f"report {display_path(report.comparison)}, verdict.json: {how} {when}"
 
-    def show_state(self, state: Any, now: float, applied: Sequence[str] = (), auto: bool = False) -> None:
+    def show_state(self, state: ExperimentState, now: float, applied: Sequence[str] = (), auto: bool = False) -> None:
         """Called on every update: the body repaints only when its text changed."""
         verdict = state.verdict
         scenario = getattr(verdict, "scenario", None)
