@@ -30,9 +30,12 @@ FAILED = "failed"
 RESUMED = "resumed"
 ACTION = "action"  # a verdict action taken (by a key, a CLI command or automatically)
 PROBE = "probe"  # a cooldown probe's validation: the arm as if its schedule ended at `step`
+QUEUED = "queued"  # on a Ray cluster: the arm waits in the cluster's queue for its CPUs or GPU (docs/cluster.md)
+PLACED = "placed"  # on a Ray cluster: the arm has its node; the trainer starts there
 
 KINDS = frozenset(
-    {STARTED, STEP, CHECKPOINT, MILESTONE, VALIDATION, EXTENDED, STOPPED, FINISHED, FAILED, RESUMED, ACTION, PROBE}
+    {STARTED, STEP, CHECKPOINT, MILESTONE, VALIDATION, EXTENDED, STOPPED, FINISHED, FAILED, RESUMED, ACTION, PROBE,
+     QUEUED, PLACED}
 )
 TERMINAL_KINDS = frozenset({STOPPED, FINISHED, FAILED})
 
@@ -50,6 +53,8 @@ REQUIRED: dict[str, tuple[str, ...]] = {
     RESUMED: ("step", "checkpoint"),
     ACTION: ("action", "arm", "by"),
     PROBE: ("step", "steps"),
+    QUEUED: ("arm",),
+    PLACED: ("arm", "node"),
 }
 
 

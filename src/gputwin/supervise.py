@@ -30,7 +30,7 @@ import psutil
 from . import control
 from .liveness import describe_exit, process_alive, read_exit, read_pid
 from .paths import ArmPaths, write_atomic
-from .state import CRASHED, FINISHED, STARTING, STOPPED
+from .state import CRASHED, FINISHED, QUEUED, STARTING, STOPPED
 
 FORWARDED_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 EXEC_FAILED = 127  # exit status recorded when the trainer could not be started at all
@@ -87,7 +87,19 @@ def arm_alive(arm: ArmPaths) -> bool:
     """Is this arm's trainer running now? Pid file plus a create-time match."""
     _reap()
     recorded = read_pid(arm)
-    return recorded is not None and process_alive(*recorded)
+    if recorded is None or not process_alive(*recorded):
+        return False
+    # An arm on a Ray cluster names its mirror (gputwin.ray_backend) in both files: once the mirror has
+    # recorded the exit, the arm has ended, though the mirror may take a moment to leave.
+    return not (arm.exit.exists() and _supervisor_record(arm) == recorded)
+
+
+def _supervisor_record(arm: ArmPaths) -> tuple[int, float] | None:
+    try:
+        pid_text, created_text = supervisor_file(arm).read_text().split()[:2]
+        return int(pid_text), float(created_text)
+    except (OSError, ValueError):
+        return None
 
 
 # ---------------------------------------------------------------- an arm's lives
@@ -106,7 +118,7 @@ def _last_life(arm: ArmPaths) -> tuple[str, int | None]:
         return fold.status, fold.pid
     if fold.failure is not None:
         return FAILED, fold.pid
-    if fold.status == STARTING and not fold.step:
+    if fold.status in (STARTING, QUEUED) and not fold.step:
         return NOT_STARTED, fold.pid
     return CRASHED, fold.pid  # ran, with no final event (yet)
 

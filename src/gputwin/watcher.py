@@ -238,8 +238,11 @@ class ExperimentWatcher:
         arm.status = st.CRASHED
         code = liveness.read_exit(paths)
         arm.exit_code = code
+        cause = liveness.read_exit_cause(paths)
         if code is None:
             how = "the trainer process is gone and no exit status was recorded (supervisor killed or machine restarted)"
+        elif cause is not None:
+            how = f"the trainer ended without a final event: {cause}"
         else:
             how = f"the trainer ended without a final event: {liveness.describe_exit(code)}"
         if tailer.partial:
