@@ -219,6 +219,9 @@ def test_three_cpu_arms_on_two_cpus_queue_run_and_reach_the_verdict(
     state = watcher.state
     assert all(a.status == st.FINISHED and a.node for a in state.arms.values())
     assert state.verdict is not None and set(state.verdict.metrics) == {"a", "b", "c"} and state.verdict.headline
+    # Scored on the node's copy of the test file, but on the same file as far as the verdict can tell.
+    assert state.verdict.scenario != "mismatch" and not any("different test files" in r for r in state.verdict.reasons)
+    assert json.loads(arms[0].validation_file(6).read_text())["test_data"] == str(model.test)
     assert cli.main(["status", "trio"]) == 0
     out = capsys.readouterr().out
     assert "FINISHED" in out and "on node" in out

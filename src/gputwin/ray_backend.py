@@ -508,6 +508,8 @@ class Mirror:
             self._say(str(exc))
             raise Lost(self._cause(exc)) from None
         self.cursor["placed"] = where
+        for name, size in where.get("log_sizes", {}).items():
+            self.cursor["offsets"].setdefault(name, size)
         self.spec["node"] = where
         write_atomic(spec_path(self.arm), json.dumps(self.spec, indent=2) + "\n")
         self._append_event(ev.PLACED, arm=self.arm.name, node=where["host"], ip=where["ip"],
@@ -531,7 +533,7 @@ class Mirror:
         for rel, data in pulled["files"].items():
             target = self.arm.root / rel
             make_private_dir(target.parent)
-            write_atomic(target, data)
+            write_atomic(target, self._localised(rel, data))
             self.cursor["have"][rel] = pulled["stamps"][rel]
         for name in LOGS:
             data = pulled["logs"].get(name)
@@ -551,6 +553,24 @@ class Mirror:
         if changed:
             self._save_cursor()
         return changed
+
+    def _localised(self, rel: str, data: bytes) -> bytes:
+        """A validation result names the test file it scored: the node's copy becomes the file it is a copy of,
+        so the verdict sees every arm (and the reference) scored on the same file, as they were."""
+        work = (self.cursor.get("placed") or {}).get("work")
+        if not work or not rel.startswith("validation/") or not rel.endswith(".json"):
+            return data
+        try:
+            result = json.loads(data)
+            from .profiles import load_resolved
+
+            local = load_resolved(self.arm.profile_json).data.test
+        except (ValueError, UserError):
+            return data
+        if not isinstance(result, dict) or result.get("test_data") != str(Path(work) / "inputs" / f"test{Path(local).suffix}"):
+            return data
+        result["test_data"] = local
+        return (json.dumps(result, indent=2) + "\n").encode("utf-8")
 
     def _pull(self, actor: Any) -> dict[str, Any]:
         offsets = {name: self.cursor["offsets"].get(name, 0) for name in LOGS}

@@ -129,6 +129,9 @@ class ArmRunner:
         self.root = make_private_dir(experiment / arm)
         relocate_profile(self.root / "profile.json",
                          {k: None if v is None else str(self.root / safe_relative(v)) for k, v in relocate.items()})
+        # The node's stdout.log and stderr.log go on from an earlier life here: this life's begin at these sizes.
+        self.log_sizes = {name: (self.root / name).stat().st_size if (self.root / name).exists() else 0
+                          for name in LOGS if name != "events.jsonl"}
         self.env = {**os.environ, **env}
         self.command = list(command) if command else [sys.executable, "-m", "gputwin.train", str(self.root)]
         self.proc: subprocess.Popen[bytes] | None = None
@@ -153,7 +156,7 @@ class ArmRunner:
         context = ray.get_runtime_context()
         return {"node_id": context.get_node_id(), "host": socket.gethostname(),
                 "ip": ray.util.get_node_ip_address(), "work": str(self.root),
-                "pid": self.proc.pid if self.proc else None, "worker_pid": os.getpid()}
+                "pid": self.proc.pid if self.proc else None, "worker_pid": os.getpid(), "log_sizes": self.log_sizes}
 
     def pull(self, offsets: dict[str, int], have: dict[str, tuple[int, int]]) -> dict[str, Any]:
         """What the trainer wrote since the mirror's last call; ``exit`` once it has ended.
