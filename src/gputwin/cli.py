@@ -57,6 +57,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "intervals then include the run-to-run noise")
     p.add_argument("--new", action="store_true", help="start the arms under a fresh name (NAME-2, ...) even when "
                    "the experiment is running; without it a running experiment is attached to")
+    p.add_argument("--ray", metavar="ADDRESS", help="run the arms on the Ray cluster at ADDRESS (HOST:PORT of its "
+                   "head, or auto) instead of this machine; as [placement] backend = \"ray\" (docs/cluster.md)")
 
     p = sub.add_parser("attach", help="open the UI on a running or finished experiment")
     p.add_argument("name", nargs="?", help="experiment name (default: the most recent one)")
@@ -65,6 +67,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--headless", action="store_true", help="print progress lines instead of the UI")
     p.add_argument("--new", action="store_true", help="start another demo even while one is running "
                    "(without it, a running demo is attached to)")
+    p.add_argument("--ray", metavar="ADDRESS", help="run the demo's arms on the Ray cluster at ADDRESS (docs/cluster.md)")
 
     p = sub.add_parser("serve", help="the UI in a web browser (textual-serve), bound to this machine by default",
                        description="Serve the UI of an experiment over HTTP: each browser tab gets its own copy of "

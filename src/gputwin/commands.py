@@ -16,7 +16,7 @@ from .errors import UserError
 from .launcher import (demo_experiment, request_extend, request_stop, request_validate, resolve_arm, resume_arm,
                        start_experiment)
 from .paths import ExperimentPaths, resolve_experiment
-from .profiles import Experiment, load_any, with_replicates
+from .profiles import Experiment, Placement, load_any, with_replicates
 from .supervise import arm_alive
 
 
@@ -55,6 +55,16 @@ def _renamed(experiment: Experiment, name: str | None) -> Experiment:
     return dataclasses.replace(experiment, name=name)
 
 
+def _placed(experiment: Experiment, address: str | None) -> Experiment:
+    """--ray ADDRESS: the arms go to that Ray cluster (a shared_path of the experiment file is kept)."""
+    if address is None:
+        return experiment
+    if not address.strip():
+        raise UserError("--ray needs the cluster's address", "e.g. --ray 10.0.0.5:6379, or --ray auto on a node of it")
+    return dataclasses.replace(experiment, placement=Placement("ray", address.strip(),
+                                                               experiment.placement.shared_path))
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     """Start the experiment; when its arms are alive already, attach to it instead (--new: start it under a
     fresh name, beside whatever has the name now)."""
@@ -64,7 +74,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     replicates = getattr(args, "replicates", None)
     if replicates is not None and not 0 <= replicates <= 8:
         raise UserError(f"--replicates must be from 0 to 8, got {replicates}", "1 runs every arm once more with the next seed")
-    experiment = with_replicates(experiment, replicates)
+    experiment = _placed(with_replicates(experiment, replicates), getattr(args, "ray", None))
     try:
         target = paths.experiment(experiment.name)
     except ValueError as exc:
@@ -110,7 +120,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     if running is not None:
         note = running.note("`gputwin demo --new` starts another demo beside it.")
         return _watch(running.exp, _recorded(running.exp), args.headless, note)
-    experiment = demo_experiment()
+    experiment = _placed(demo_experiment(), getattr(args, "ray", None))
     exp = start_experiment(experiment, say=print)
     return _watch(exp, experiment, args.headless)
 

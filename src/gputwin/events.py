@@ -29,9 +29,12 @@ FINISHED = "finished"
 FAILED = "failed"
 RESUMED = "resumed"
 PROBE = "probe"  # a cooldown probe's validation: the arm as if its schedule ended at `step`
+QUEUED = "queued"  # on a Ray cluster: the arm waits in the cluster's queue for its CPUs or GPU (docs/cluster.md)
+PLACED = "placed"  # on a Ray cluster: the arm has its node; the trainer starts there
 
 KINDS = frozenset(
-    {STARTED, STEP, CHECKPOINT, MILESTONE, VALIDATION, EXTENDED, STOPPED, FINISHED, FAILED, RESUMED, PROBE}
+    {STARTED, STEP, CHECKPOINT, MILESTONE, VALIDATION, EXTENDED, STOPPED, FINISHED, FAILED, RESUMED, PROBE,
+     QUEUED, PLACED}
 )
 TERMINAL_KINDS = frozenset({STOPPED, FINISHED, FAILED})
 
@@ -48,6 +51,8 @@ REQUIRED: dict[str, tuple[str, ...]] = {
     FAILED: ("error", "message", "hint"),
     RESUMED: ("step", "checkpoint"),
     PROBE: ("step", "steps"),
+    QUEUED: ("arm",),
+    PLACED: ("arm", "node"),
 }
 
 

@@ -13,6 +13,7 @@ from .verdict import pct
 GIB = 1024**3
 
 STATUS_STYLE = {
+    "queued": "magenta",
     "starting": "yellow",
     "training": "green",
     "validating": "cyan",
@@ -26,6 +27,15 @@ STATUS_STYLE = {
 def status_style(status: str) -> str:
     """The colour a status is drawn in (unknown ones stay plain)."""
     return STATUS_STYLE.get(status, "")
+
+
+def status_text(arm: object) -> str:
+    """An arm's status in words; a queued arm on a Ray cluster with its place ("queued 2/3": second of three)."""
+    status = str(getattr(arm, "status", ""))
+    place, length = getattr(arm, "queue_place", None), getattr(arm, "queue_length", None)
+    if status == "queued" and place:
+        return f"queued {place}/{length}" if length else f"queued {place}"
+    return status
 
 
 def is_number(value: object) -> bool:

@@ -16,6 +16,7 @@ from typing import Any, Callable, TextIO
 
 from . import eta as eta_mod
 from .errors import EXIT_ARM_CRASHED
+from .formatting import status_text
 from .paths import ExperimentPaths
 from .profiles import Rules
 from .state import CRASHED
@@ -32,7 +33,7 @@ def progress_line(arm: Any, now: float) -> str:
     total = arm.total_steps if arm.total_steps is not None else "?"
     loss = arm.smoothed_loss if arm.smoothed_loss is not None else arm.loss
     loss_text = f"loss {loss:.4f}" if isinstance(loss, float) else "loss -"
-    parts = [f"{arm.name:<20}", f"{arm.status:<10}", f"step {arm.step}/{total}", loss_text]
+    parts = [f"{arm.name:<20}", f"{status_text(arm):<10}", f"step {arm.step}/{total}", loss_text]
     if not arm.ended:
         finish = eta_mod.eta(arm, arm.total_steps, now)
         parts.append(f"ETA {finish.clock} ({finish.human})" if finish else "ETA -")

@@ -23,7 +23,7 @@ from typing import Any, Callable, Iterator, Sequence
 from . import control, paths
 from .errors import UserError
 from .paths import ArmPaths, ExperimentPaths, make_private_dir, resolve_experiment, write_atomic
-from .preflight import check_arms_can_start, check_reference
+from .preflight import check_arms_can_start, check_plans, check_reference
 from .profiles import Experiment, Profile, load_experiment, load_resolved, with_replicates
 from .lifecycle import CRASHED, FAILED, FINISHED, LIFE_ENDED as ENDED, NOT_STARTED, RUNNING, STOPPED
 from .supervise import (arm_alive, arm_lock, SpawnError, arm_status, ending, start_supervisor, supervisor_active,
@@ -163,7 +163,15 @@ def start_experiment(experiment: Experiment, *, root: Path | None = None, say: S
     except ValueError as exc:
         raise UserError(str(exc), "pass --name NAME") from None
     experiment = with_replicates(experiment)
-    check_arms_can_start([p for p in experiment.arms if p.name not in (commands or {})])
+    on_ray = experiment.placement.backend == "ray"
+    runnable = [p for p in experiment.arms if p.name not in (commands or {})]
+    if on_ray:  # GPU indices are the cluster's business: only what every node would fail on is checked here
+        from . import ray_backend
+
+        check_plans(runnable)
+        ray_backend.check_cluster(experiment, say)
+    else:
+        check_arms_can_start(runnable)
     check_reference(experiment)
     with launch_lock(exp):
         _refuse_rerun(exp)
@@ -175,6 +183,9 @@ def start_experiment(experiment: Experiment, *, root: Path | None = None, say: S
         for profile in experiment.arms:
             _write_arm_files(exp.arm(profile.name), profile)
         write_atomic(exp.experiment_json, json.dumps(experiment.to_dict(), indent=2) + "\n")
+        if on_ray:
+            ray_backend.start_arms(exp, experiment, say, commands)
+            return exp
         cpu_arms = sum(1 for p in experiment.arms if p.device is None)
         # Every supervisor starts before the launcher waits for any: the arms' trainers start side by side.
         arms = [(profile, exp.arm(profile.name)) for profile in experiment.arms]
@@ -205,6 +216,10 @@ def _respawnable_profile(arm: ArmPaths) -> Profile:
 
 def _respawn(exp: ExperimentPaths, arm: ArmPaths, command: Sequence[str] | None = None) -> int:
     profile = _respawnable_profile(arm)
+    from . import ray_backend  # its own imports only; Ray itself is imported when an arm is on a cluster
+
+    if ray_backend.is_ray_arm(arm):
+        return ray_backend.respawn(arm)
     others = sum(1 for a in exp.arms() if a.name != arm.name and arm_alive(a)
                  and _read_profile(a).device is None)
     return spawn_arm(arm, profile, threads=_cpu_threads(profile, others + 1), command=command)

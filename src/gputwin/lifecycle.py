@@ -1,12 +1,12 @@
 """An arm's lifecycle: the one vocabulary of its statuses, and the pure rules that give them.
 
-    STARTING TRAINING VALIDATING STOPPED FINISHED CRASHED STALLED   what the live view shows (LIVE)
+    QUEUED STARTING TRAINING VALIDATING STOPPED FINISHED CRASHED STALLED   what the live view shows (LIVE)
     RUNNING FINISHED STOPPED FAILED CRASHED NOT_STARTED             an arm between lives (BETWEEN_LIVES)
 
     last_life(fold) -> status          what the event log says the arm's last life ended as
     between_lives(fold, process)       the launcher's question: may I resume, extend, respawn?
     stalled(fold, now) -> bool         no step for max(60 s, 10 x the mean step time)
-    crash_failure(arm, exit_status, stderr_path) -> Failure   why a trainer that left no final event crashed
+    crash_failure(arm, exit_status, stderr_path, cause) -> Failure   why a trainer that left no final event crashed
     describe_exit(status) -> "exit status 1", "killed by signal 9 (SIGKILL)"
     Failure                            why an arm ended badly (a `failed` event, or a crash)
 
@@ -28,11 +28,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
+QUEUED = "queued"  # on a Ray cluster, waiting for a node with the CPUs or GPU it asks for
 STARTING, TRAINING, VALIDATING = "starting", "training", "validating"
 STOPPED, FINISHED, CRASHED, STALLED = "stopped", "finished", "crashed", "stalled"
 RUNNING, FAILED, NOT_STARTED = "running", "failed", "not started"
 
-LIVE = (STARTING, TRAINING, VALIDATING, STOPPED, FINISHED, CRASHED, STALLED)
+LIVE = (QUEUED, STARTING, TRAINING, VALIDATING, STOPPED, FINISHED, CRASHED, STALLED)
 BETWEEN_LIVES = (RUNNING, FINISHED, STOPPED, FAILED, CRASHED, NOT_STARTED)
 ENDED = frozenset({STOPPED, FINISHED, CRASHED})  # live view: the trainer process is gone
 LIFE_ENDED = frozenset({FINISHED, STOPPED, FAILED, CRASHED})  # between lives: nothing runs
@@ -78,7 +79,7 @@ def last_life(fold: Fold) -> str:
         return fold.status
     if fold.failure is not None:
         return FAILED
-    if fold.status == STARTING and not fold.step:
+    if fold.status in (STARTING, QUEUED) and not fold.step:
         return NOT_STARTED
     return CRASHED
 
@@ -111,10 +112,13 @@ def describe_exit(status: int) -> str:
     return f"exit status {status}"
 
 
-def crash_failure(arm: str, exit_status: int | None, stderr_path: Path) -> Failure:
-    """The failure shown for a trainer that ended without a final event."""
+def crash_failure(arm: str, exit_status: int | None, stderr_path: Path, cause: str | None = None) -> Failure:
+    """The failure shown for a trainer that ended without a final event; `cause` is what the exit file adds
+    after the status (an arm on a Ray cluster whose worker or node was lost)."""
     if exit_status is None:
         how = "the trainer process is gone and no exit status was recorded (supervisor killed or machine restarted)"
+    elif cause is not None:
+        how = f"the trainer ended without a final event: {cause}"
     else:
         how = f"the trainer ended without a final event: {describe_exit(exit_status)}"
     return Failure(

@@ -1,6 +1,7 @@
 """Whether an arm's trainer still lives, from the pid and exit files its supervisor writes.
 
     read_pid(arm) -> (pid, create_time) | None     read_exit(arm) -> status | None
+    read_exit_cause(arm) -> words | None           (an arm on a Ray cluster: "its node left the cluster ...")
     process_alive(pid, create_time)
 
 Readers (the watcher, `status`) and the supervisor both need these; they live below both so that reading
@@ -31,6 +32,18 @@ def read_exit(arm: ArmPaths) -> int | None:
         return int(arm.exit.read_text().split()[0])
     except (OSError, ValueError, IndexError):
         return None
+
+
+def read_exit_cause(arm: ArmPaths) -> str | None:
+    """What follows the status in the exit file: why a trainer that could not report its own end ended.
+
+    The local supervisor writes the status alone; the mirror of an arm on a Ray cluster (gputwin.ray_backend)
+    adds the cause when the worker or the node under the trainer was lost."""
+    try:
+        parts = arm.exit.read_text(encoding="utf-8").split(None, 1)
+    except (OSError, UnicodeDecodeError):
+        return None
+    return parts[1].strip() or None if len(parts) > 1 else None
 
 
 def process_alive(pid: int, create_time: float) -> bool:

@@ -176,6 +176,18 @@ class ReferenceSpec:
     device: int | None = None  # GPU index; None = CPU. Default: the baseline arm's device
 
 
+BACKENDS = ("local", "ray")
+
+
+@dataclass(frozen=True)
+class Placement:
+    """Where the arms run: this machine (`local`), or a Ray cluster (`ray`, docs/cluster.md)."""
+
+    backend: str = "local"
+    address: str | None = None  # the Ray cluster: "HOST:PORT" of its head, "ray://HOST:10001", or "auto"
+    shared_path: str | None = None  # a folder every node sees: the arms' work folders (and checkpoints) go there
+
+
 @dataclass(frozen=True)
 class Experiment:
     name: str
@@ -183,6 +195,7 @@ class Experiment:
     rules: Rules
     source: str = ""
     reference: ReferenceSpec | None = None
+    placement: Placement = Placement()
 
     @property
     def arm_names(self) -> list[str]:
@@ -196,6 +209,7 @@ class Experiment:
             "rules": dataclasses.asdict(self.rules),
             "source": self.source,
             "reference": None if self.reference is None else dataclasses.asdict(self.reference),
+            "placement": dataclasses.asdict(self.placement),
         }
 
     @classmethod
@@ -206,6 +220,7 @@ class Experiment:
             rules=Rules(**d["rules"]),
             source=d.get("source", ""),
             reference=ReferenceSpec(**d["reference"]) if d.get("reference") else None,
+            placement=Placement(**d["placement"]) if d.get("placement") else Placement(),
         )
 
 
@@ -744,7 +759,7 @@ def load_experiment(path: str | Path, *, check_files: bool = True) -> Experiment
         raise ProfileError(path, None, "is an arm profile, not an experiment file",
                            "pass several profiles (gputwin run a.toml b.toml) or an experiment file with arms = [...]")
     top = _Section(path, text, None, data)
-    top.check_unknown({"name", "arms", "baseline", "rules", "reference"})
+    top.check_unknown({"name", "arms", "baseline", "rules", "reference", "placement"})
     name = top.get("name", str, path.stem)
     if not valid_name(name):
         raise top.error("name", f"{name!r} cannot be an experiment name", NAME_HINT)
@@ -765,7 +780,25 @@ def load_experiment(path: str | Path, *, check_files: bool = True) -> Experiment
     if "reference" in data:
         reference = _parse_reference(path, text, data["reference"], arms, baseline, check_files=check_files)
     rules = _parse_rules(path, text, data.get("rules", {}), baseline, reference)
-    return Experiment(name=name, arms=tuple(arms), rules=rules, source=str(path.resolve()), reference=reference)
+    placement = parse_placement(_Section(path, text, "placement", data.get("placement", {})))
+    return Experiment(name=name, arms=tuple(arms), rules=rules, source=str(path.resolve()), reference=reference,
+                      placement=placement)
+
+
+def parse_placement(section: _Section) -> Placement:
+    """[placement]: backend = "local" (default) | "ray", with the cluster's `address` and an optional `shared_path`."""
+    section.check_unknown({"backend", "address", "shared_path"})
+    backend = section.choice("backend", BACKENDS, "local")
+    address = section.get("address", str, None, 'e.g. address = "10.0.0.5:6379" (the head node\'s `ray start` port)')
+    if backend == "ray" and not address:
+        raise section.error("address", "is required with backend = \"ray\"",
+                            'address = "HEAD_HOST:6379" (or "auto" on a node of the cluster); see docs/cluster.md')
+    shared = section.get("shared_path", str, None, 'e.g. shared_path = "/mnt/shared/gputwin"')
+    if shared is not None and not Path(shared).expanduser().is_absolute():
+        raise section.error("shared_path", f"must be an absolute path every node sees, got {shared!r}",
+                            'e.g. shared_path = "/mnt/shared/gputwin" (the same path on every node)')
+    return Placement(backend=backend, address=address or None,
+                     shared_path=str(Path(shared).expanduser()) if shared else None)
 
 
 def _resolve(relative_to: Path, value: str) -> Path:

@@ -7,7 +7,7 @@ Public API
     fold(name, events)        a fresh ArmState with every event applied
     LossHistory               bounded, bucketed loss curve (raw and EMA-smoothed) for charts
     ValidationPoint, CheckpointPoint, Failure, Extension        what the lists hold
-    STATUSES                  "starting" "training" "validating" "stopped" "finished" "crashed" "stalled"
+    STATUSES                  "queued" "starting" "training" "validating" "stopped" "finished" "crashed" "stalled"
 
 ``apply`` does no I/O and reads no clock: the same events always give the same state. It is O(1)
 per event (a million events fold in about a second) because the state is updated in place and the
@@ -27,7 +27,8 @@ from typing import TYPE_CHECKING, Any, Iterable, Mapping
 
 from . import events as ev
 from .eta import StepTimer
-from .lifecycle import CRASHED, ENDED, FINISHED, LIVE, STALLED, STARTING, STOPPED, TRAINING, VALIDATING, Failure
+from .lifecycle import CRASHED, ENDED, FINISHED, LIVE, QUEUED, STALLED, STARTING, STOPPED, TRAINING, VALIDATING, \
+    Failure
 
 if TYPE_CHECKING:
     from .profiles import Rules
@@ -229,6 +230,9 @@ class ArmState:
     bad_lines: list[tuple[int, str]] = field(default_factory=list)  # (line number, reason), first MAX_BAD_LINES
     bad_line_count: int = 0
     events_seen: int = 0
+    node: str | None = None  # on a Ray cluster: the node the arm runs on (``placed``)
+    queue_place: int | None = None  # on a Ray cluster, while queued: 1 = next to be placed (``queued``)
+    queue_length: int | None = None  # ... among this many gputwin arms waiting
 
     @property
     def smoothed_loss(self) -> float | None:
@@ -371,6 +375,8 @@ def _on_started(s: ArmState, e: ev.Event) -> None:
     # The trainer sees only its own GPU (as cuda:0); the profile names the physical index NVML uses.
     physical = s.hparams.get("device")
     s.gpu_index = physical if isinstance(physical, int) and not isinstance(physical, bool) else _gpu_index(device)
+    if s.node is not None:
+        s.gpu_index = None  # a cluster node's GPU: this machine's NVML does not see it
     s.samples = _int(e.get("samples"))
     s.steps_per_epoch = _int(e.get("steps_per_epoch"))
     s.total_steps = _int(e.get("total_steps"))
@@ -388,6 +394,18 @@ def _on_resumed(s: ArmState, e: ev.Event) -> None:
     s.status, s.failure, s.exit_code = TRAINING, None, None
     if _int(e.get("total_steps")):
         s.total_steps = int(e["total_steps"])
+
+
+def _on_queued(s: ArmState, e: ev.Event) -> None:
+    """A new life on a Ray cluster waits for its node; the place may be repeated as the queue moves."""
+    s.status, s.failure, s.exit_code, s.node = QUEUED, None, None, None
+    s.queue_place, s.queue_length = _int(e.get("place")), _int(e.get("of"))
+
+
+def _on_placed(s: ArmState, e: ev.Event) -> None:
+    s.status, s.failure, s.exit_code = STARTING, None, None
+    s.node = str(e["node"])
+    s.queue_place = s.queue_length = None
 
 
 def _on_checkpoint(s: ArmState, e: ev.Event) -> None:
@@ -475,6 +493,8 @@ _HANDLERS = {
     ev.FINISHED: _on_end(FINISHED),
     ev.FAILED: _on_failed,
     ev.PROBE: _on_probe,
+    ev.QUEUED: _on_queued,
+    ev.PLACED: _on_placed,
 }
 
 

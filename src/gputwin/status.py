@@ -49,6 +49,8 @@ def arm_summary(arm: ArmState, now: float, baseline: str | None = None,
         "status": arm.status,
         "hparams": {label: value for label, value, _ in shown_hparams(arm.hparams, differing or [])},
         "device": arm.device,
+        "node": arm.node,
+        "queue": None if arm.queue_place is None else {"place": arm.queue_place, "of": arm.queue_length},
         "pid": arm.pid,
         "step": arm.step,
         "total_steps": arm.total_steps,
@@ -135,8 +137,12 @@ def _eta_text(e: dict[str, Any] | None) -> str:
 
 def arm_lines(a: dict[str, Any], now: float) -> list[str]:
     head = f"{a['name']}{' [baseline]' if a['baseline'] else ''}  {a['status'].upper()}"
+    if a["queue"]:
+        head += f" {a['queue']['place']}" + (f"/{a['queue']['of']}" if a["queue"]["of"] else "")
     if a["device"]:
         head += f"  {a['device']}"
+    if a["node"]:
+        head += f" on node {a['node']}"
     if a["pid"]:
         head += f"  pid {a['pid']}"
     total = a["total_steps"] if a["total_steps"] is not None else "?"

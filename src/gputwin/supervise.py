@@ -85,7 +85,19 @@ def arm_alive(arm: ArmPaths) -> bool:
     """Is this arm's trainer running now? Pid file plus a create-time match."""
     _reap()
     recorded = read_pid(arm)
-    return recorded is not None and process_alive(*recorded)
+    if recorded is None or not process_alive(*recorded):
+        return False
+    # An arm on a Ray cluster names its mirror (gputwin.ray_backend) in both files: once the mirror has
+    # recorded the exit, the arm has ended, though the mirror may take a moment to leave.
+    return not (arm.exit.exists() and _supervisor_record(arm) == recorded)
+
+
+def _supervisor_record(arm: ArmPaths) -> tuple[int, float] | None:
+    try:
+        pid_text, created_text = supervisor_file(arm).read_text().split()[:2]
+        return int(pid_text), float(created_text)
+    except (OSError, ValueError):
+        return None
 
 
 # ---------------------------------------------------------------- an arm's lives

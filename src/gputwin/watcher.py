@@ -238,7 +238,7 @@ class ExperimentWatcher:
         arm.exit_code = liveness.read_exit(paths)
         if tailer.partial:
             arm.add_bad_lines([(tailer.line_no + 1, "incomplete last line: the trainer died while writing it")])
-        arm.failure = lifecycle.crash_failure(arm.name, arm.exit_code, paths.stderr)
+        arm.failure = lifecycle.crash_failure(arm.name, arm.exit_code, paths.stderr, liveness.read_exit_cause(paths))
 
     def _read_exit_info(self, name: str, arm: st.ArmState, paths: ArmPaths) -> bool:
         """Exit status and stderr tail of an ended arm (the supervisor writes them just after the end)."""

@@ -13,7 +13,8 @@ from ..eta import eta, human_duration
 from ..state import STATUSES
 from ..lifecycle import describe_exit
 from .device_panel import DevicePanel
-from ..formatting import device_label, num, percent, rate, sci, shorten_paths, shown_hparams, status_style
+from ..formatting import (device_label, num, percent, rate, sci, shorten_paths, shown_hparams, status_style,
+                          status_text)
 from .live_text import LiveText
 from .loss_chart import LossChart, LossSeries
 from .progress import StepProgress
@@ -53,7 +54,9 @@ def milestone_text(arm: ArmState, now: float) -> str:
 def header_text(arm: ArmState, now: float, baseline: str | None) -> Text:
     """Device, status in its colour, pid and role."""
     device = f"GPU {arm.gpu_index}" if arm.gpu_index is not None else device_label(arm.device)
-    text = Text.assemble((device, "bold"), " · ", (arm.status, status_style(arm.status)))
+    if arm.node is not None:
+        device += f" on {arm.node}"
+    text = Text.assemble((device, "bold"), " · ", (status_text(arm), status_style(arm.status)))
     if arm.status == "stalled" and arm.last_step_t is not None:
         text.append(f" (no step for {human_duration(now - arm.last_step_t)})", style="yellow")
     if arm.pid is not None and not arm.ended:

@@ -127,6 +127,8 @@ class DevicePanel(Vertical):
                 self.show_nothing(f"GPU {arm.gpu_index}", "no NVML reading here" + (f" ({reason})" if reason else ""))
         elif arm.pid is None or arm.ended:
             self.show_nothing("CPU", f"the arm's process is not running ({arm.status})")
+        elif getattr(arm, "node", None) is not None:
+            self.show_nothing("CPU", f"runs on the cluster node {arm.node}; its readings stay there")
         elif arm.pid in cpus:
             self.show_cpu(cpus[arm.pid], sampler.cpu_history(arm.pid))
         else:

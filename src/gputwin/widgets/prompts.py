@@ -16,7 +16,7 @@ from ..eta import eta, human_duration
 from ..planview import plan_text
 from ..formatting import is_number, sci
 
-RUNNING = ("starting", "training", "validating", "stalled")
+RUNNING = ("queued", "starting", "training", "validating", "stalled")
 LOW_LR_SHARE = 0.05  # below this share of the peak, an extension's learning rate is worth a warning
 
 
