@@ -6,6 +6,7 @@
                                                              with that tokenizer, saved to M (default /tmp/...)
     python3 bench/startup.py run --train F --test F --model M [--device 0] [--tag h100] [--rounds N]
                              [--results DIR] [--milestone STEP --sample-size N (data smaller than the seed's)]
+    python3 bench/startup.py imports [--results DIR --tag T]  (any machine) the trainer's imports alone
     python bench/startup.py smoke --work DIR                 (CPU, tests) all of it at toy sizes
 
 `run` times, on whatever device the profile names:
@@ -16,8 +17,14 @@
     seed's conservative profile on the given data and model as a one-arm experiment, timed from launch to the
     printed "Started" line, to the start of the trainer process, to its `started` event and to its first
     `step` event; then the arm is stopped. The `started` event's startup_seconds give the trainer's phases
-    (data runs beside model, lora and engine; total is their wall time) and data_cache its cache outcome.
-Prints a table and writes RESULTS/startup_TAG.json (default bench/results/).
+    (data runs beside model, lora and engine; total is their wall time), data_cache its cache outcome and
+    tokenizer_load whether the tokenizer loaded before training ("startup") or after its first step
+    ("deferred": the cached data holds what training needs of it);
+  - the trainer's imports one by one in fresh processes (also alone: `imports`): torch, gputwin's trainer,
+    transformers, its tokenizer and modeling modules, peft, the fast engine, each as what it adds to those
+    before it; then again with the heavy parts that transformers pulls in (torch._dynamo, torch.distributed,
+    scipy, kernels, accelerate, ...) imported first, each on its own; and -X importtime's self time by package.
+Prints tables and writes RESULTS/startup_TAG.json (default bench/results/).
 """
 
 from __future__ import annotations
@@ -40,7 +47,7 @@ WORK = REPO / "bench" / "out" / "startup"
 RESULTS = REPO / "bench" / "results"
 HEAVY = ("torch", "transformers", "peft", "tokenizers", "safetensors", "numpy", "textual")
 ARM = "conservative"
-PHASES = ("imports", "device", "tokenizer", "data", "data_wait", "model", "lora", "engine", "total")
+PHASES = ("imports", "device", "data", "transformers", "tokenizer", "data_wait", "model", "lora", "engine", "total")
 
 
 # ---------------------------------------------------------------- inputs
@@ -239,6 +246,94 @@ def _end_trainer(arm: Path) -> None:
         pass
 
 
+# ---------------------------------------------------------------- the trainer's imports, one by one
+
+# In the trainer's order: each step's wall time is what it adds to the steps before it (a fresh process).
+IMPORT_STEPS = (("torch", "torch"), ("gputwin trainer", "gputwin.train.loop"), ("transformers", "transformers"),
+                ("tokenizer classes", "transformers.models.auto.tokenization_auto"),
+                ("modeling_utils", "transformers.modeling_utils"),
+                ("model class", "transformers.models.qwen3.modeling_qwen3"), ("peft", "peft"),
+                ("fast engine", "gputwin.train.fast"))
+# What transformers' modeling_utils and peft pull in although a LoRA run needs none of it: imported first, after
+# torch and the trainer, in a process of their own, so each shows its own cost and the steps after them the rest.
+IMPORT_PARTS = ("triton", "torch.distributed.tensor", "torch.distributed.fsdp", "torch._dynamo", "scipy.optimize",
+                "kernels", "accelerate")
+TRANSFORMERS_PARTS = ("transformers.tokenization_utils_base", "transformers.generation.utils")
+IMPORTER = """
+import importlib, json, sys, time
+steps, out, began = json.loads(sys.argv[1]), [], time.perf_counter()
+for label, module in steps:
+    t = time.perf_counter()
+    try:
+        importlib.import_module(module)
+        seconds = round(time.perf_counter() - t, 3)
+    except ImportError:
+        seconds = None
+    out.append([label, seconds])
+print(json.dumps({"steps": out, "total": round(time.perf_counter() - began, 3)}))
+"""
+
+
+def _import_run(steps: list[tuple[str, str]], env: dict[str, str], importtime: bool = False) -> dict[str, Any]:
+    flags = ["-X", "importtime"] if importtime else []
+    done = subprocess.run([sys.executable, *flags, "-c", IMPORTER, json.dumps(steps)], env=env, capture_output=True,
+                          text=True, timeout=600)
+    if done.returncode != 0:
+        raise SystemExit(f"import timing failed:\n{done.stderr[-3000:]}")
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    if importtime:
+        result["self_by_package"] = _self_by_package(done.stderr)
+    return result
+
+
+def _self_by_package(text: str, top: int = 12) -> dict[str, float]:
+    """-X importtime's self times summed by top-level package, heaviest first (seconds)."""
+    totals: dict[str, int] = {}
+    for line in text.splitlines():
+        parts = line.split("|")
+        if len(parts) != 3 or not line.startswith("import time:"):
+            continue
+        try:
+            self_us = int(parts[0].rsplit(":", 1)[1])
+        except ValueError:
+            continue
+        package = parts[2].strip().split(".")[0]
+        totals[package] = totals.get(package, 0) + self_us
+    return {k: round(v / 1e6, 3) for k, v in sorted(totals.items(), key=lambda kv: -kv[1])[:top]}
+
+
+def import_breakdown(env: dict[str, str], times: int = 2) -> dict[str, Any]:
+    """The trainer's imports step by step (median of `times` fresh processes), the same with IMPORT_PARTS first,
+    and one run under -X importtime summed by package."""
+    import statistics
+
+    def median_of(steps: list[tuple[str, str]]) -> dict[str, Any]:
+        runs = [_import_run(steps, env) for _ in range(times)]
+        seconds = {}
+        for i, (label, _) in enumerate(steps):
+            values = [r["steps"][i][1] for r in runs if r["steps"][i][1] is not None]
+            seconds[label] = round(statistics.median(values), 3) if values else None
+        return {"seconds": seconds, "total": round(statistics.median(r["total"] for r in runs), 3)}
+
+    trainer = list(IMPORT_STEPS)
+    parted = (trainer[:2] + [(name, name) for name in IMPORT_PARTS] + trainer[2:3]
+              + [(name, name) for name in TRANSFORMERS_PARTS] + trainer[3:])
+    profiled = _import_run(trainer, env, importtime=True)
+    return {"trainer_order": median_of(trainer), "parts_first": median_of(parted),
+            "self_by_package": profiled["self_by_package"]}
+
+
+def report_imports(imports: dict[str, Any]) -> None:
+    print("\nthe trainer's imports, each step what it adds to those before it (s, median of fresh processes; "
+          "'-': not installed):")
+    for name in ("trainer_order", "parts_first"):
+        block = imports[name]
+        steps = "  ".join(f"{k} {'-' if v is None else f'{v:.2f}'}" for k, v in block["seconds"].items())
+        print(f"  {name.replace('_', ' ')} (total {block['total']:.2f}): {steps}")
+    print("  self time by package (-X importtime, trainer order): "
+          + ", ".join(f"{k} {v:.2f}" for k, v in imports["self_by_package"].items()))
+
+
 # ---------------------------------------------------------------- run and report
 
 
@@ -262,7 +357,8 @@ def machine(device: str) -> dict[str, Any]:
 
 
 def run(*, train: Path, test: Path, model: Path, device: str, tag: str, rounds: int, logs: Path, results: Path,
-        wait_s: float, milestone: int | None = None, sample_size: int | None = None) -> dict[str, Any]:
+        wait_s: float, milestone: int | None = None, sample_size: int | None = None,
+        import_times: int = 2) -> dict[str, Any]:
     profile = write_profile(logs / "profiles", train=train.resolve(), test=test.resolve(), model=model.resolve(),
                             device=device, milestone=milestone, sample_size=sample_size)
     paths = [str(REPO / "src"), *filter(None, os.environ.get("PYTHONPATH", "").split(os.pathsep))]
@@ -276,10 +372,12 @@ def run(*, train: Path, test: Path, model: Path, device: str, tag: str, rounds: 
             shutil.rmtree(logs / f"startup-{kind}-{round_}", ignore_errors=True)
             figures = launch(profile, logs, f"startup-{kind}-{round_}", env, wait_s)
             result["launches"].append({"launch": kind, "round": round_, **figures})
+    result["imports"] = import_breakdown(env, times=import_times)
     results.mkdir(parents=True, exist_ok=True)
     path = results / f"startup_{tag}.json"
     path.write_text(json.dumps(result, indent=2) + "\n")
     report(result)
+    report_imports(result["imports"])
     print(f"\nwritten: {path}")
     return result
 
@@ -289,10 +387,11 @@ def report(result: dict[str, Any]) -> None:
     rows = []
     for item in result["launches"]:
         phases = item["startup_seconds"]
-        rows.append([f"{item['launch']} {item['round']}", item["data_cache"], item["started_line_s"],
+        rows.append([f"{item['launch']} {item['round']}", item["data_cache"], phases.get("tokenizer_load"),
+                     item["started_line_s"],
                      item["trainer_process_s"], *(phases.get(p) for p in PHASES), item["other_s"],
                      item["started_s"], item["first_step_s"]])
-    columns = ["launch", "cache", "'Started'", "trainer", *PHASES, "other", "started", "1st step"]
+    columns = ["launch", "cache", "tok. load", "'Started'", "trainer", *PHASES, "other", "started", "1st step"]
     cells = [[("-" if v is None else f"{v:.2f}" if isinstance(v, float) else str(v)) for v in row] for row in rows]
     widths = [max(len(c), *(len(r[i]) for r in cells)) for i, c in enumerate(columns)]
     samples = result["launches"][0]["samples"] if result["launches"] else "?"
@@ -312,14 +411,15 @@ def smoke(work: Path) -> int:
     prepare(work, train=64, test=40, vocab=1000)
     model = build_model(work / "tokenizer", work / "model-tiny", tiny=True)
     result = run(train=work / "train.jsonl", test=work / "test.jsonl", model=model, device="cpu", tag="smoke",
-                 rounds=1, logs=work / "logs", results=work / "results", wait_s=300, milestone=8, sample_size=8)
+                 rounds=1, logs=work / "logs", results=work / "results", wait_s=300, milestone=8, sample_size=8,
+                 import_times=1)
     caches = [item["data_cache"] for item in result["launches"]]
     return 0 if caches == ["written", "hit"] and not result["launcher"]["heavy_imports"] else 1
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("stage", choices=["prepare", "model", "run", "smoke", "probe"])
+    parser.add_argument("stage", choices=["prepare", "model", "run", "imports", "smoke", "probe"])
     parser.add_argument("profile", nargs="?", help="probe: the profile to launch")
     parser.add_argument("--work", type=Path, default=WORK,
                         help=f"prepare/model/smoke: data and tokenizer (default {WORK})")
@@ -346,6 +446,15 @@ def main() -> int:
         build_model(args.work.resolve() / "tokenizer", args.out, tiny=args.tiny)
     elif args.stage == "smoke":
         return smoke(args.work.resolve())
+    elif args.stage == "imports":
+        paths = [str(REPO / "src"), *filter(None, os.environ.get("PYTHONPATH", "").split(os.pathsep))]
+        imports = import_breakdown(dict(os.environ, PYTHONPATH=os.pathsep.join(paths)))
+        args.results.mkdir(parents=True, exist_ok=True)
+        path = args.results / f"startup_imports_{args.tag}.json"
+        record = {"tag": args.tag, "machine": machine(args.device), "imports": imports}
+        path.write_text(json.dumps(record, indent=2) + "\n")
+        report_imports(imports)
+        print(f"\nwritten: {path}")
     else:
         if not (args.train and args.test and args.model):
             parser.error("run needs --train, --test and --model")

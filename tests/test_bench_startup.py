@@ -1,5 +1,6 @@
 """bench/startup.py at toy sizes on the CPU: the launcher probe, a cold and a warm launch of one arm to its
-first step, the table and the result file. Correctness of the benchmark's path only, no timing."""
+first step, the trainer's imports one by one, the tables and the result file. Correctness of the benchmark's
+path only, no timing."""
 
 from __future__ import annotations
 
@@ -25,7 +26,15 @@ def test_the_startup_benchmark_times_a_cold_and_a_warm_launch_at_toy_sizes(tmp_p
     for launch in result["launches"]:
         assert launch["device"] == "cpu" and launch["samples"] == 64
         assert 0 < launch["started_line_s"] and 0 < launch["started_s"] < launch["first_step_s"]
-        assert {"imports", "tokenizer", "data", "data_wait", "model", "lora", "engine", "total"} \
+        assert {"imports", "transformers", "tokenizer", "data", "data_wait", "model", "lora", "engine", "total"} \
             <= set(launch["startup_seconds"])
+    # the warm launch has the tokenizer's ids with its cached data: its tokenizer loads once training runs
+    assert [r["startup_seconds"]["tokenizer_load"] for r in result["launches"]] == ["startup", "deferred"]
+    imports = result["imports"]
+    for order in ("trainer_order", "parts_first"):
+        seconds = imports[order]["seconds"]
+        assert seconds["torch"] > 0 and seconds["modeling_utils"] is not None and imports[order]["total"] > 0
+    assert "torch._dynamo" in imports["parts_first"]["seconds"] and imports["self_by_package"]["torch"] > 0
+    assert "the trainer's imports" in done.stdout
     assert "launcher to the spawn of its arms" in done.stdout and "warm 0" in done.stdout
     assert not list((tmp_path / "logs").glob("probe-*"))  # the probe's experiments are cleared away

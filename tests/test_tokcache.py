@@ -231,3 +231,54 @@ def test_the_started_event_says_whether_the_data_came_from_the_cache(world: Worl
     assert starts[0].data["tokens_per_epoch"] == starts[1].data["tokens_per_epoch"] > 0
     assert starts[0].data["samples"] == starts[1].data["samples"] == len(make_samples(40))
     assert len(entries(tokcache.cache_folder(logs))) == 1
+
+
+def test_the_cache_holds_the_tokenizers_ids_and_a_lookup_needs_no_tokenizer(world: World, tmp_path: Path) -> None:
+    folder = tmp_path / "logs" / ".cache" / "tokenized"
+    keys = {"base": str(world.qwen), "task": "generate", "max_length": 256, "folder": folder}
+    assert tokcache.lookup(world.train, **keys) is None  # nothing there yet
+    written = load(world, folder)
+    tokenizer = load_tokenizer(str(world.qwen))
+    facts = tokcache.TokenizerFacts(tokenizer.pad_token_id, tokenizer.eos_token_id, tokenizer.bos_token_id,
+                                    len(tokenizer))
+    assert written.cache == tokcache.WRITTEN and written.tokenizer == facts
+    found = tokcache.lookup(world.train, **keys)
+    assert found is not None and found.cache == tokcache.HIT and found.tokenizer == facts
+    assert found.examples == written.examples
+    assert tokcache.lookup(world.train, **{**keys, "max_length": 64}) is None
+    assert tokcache.lookup(world.train, **{**keys, "folder": None}) is None
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("task", ["generate", "tag"])
+def test_on_a_cache_hit_the_tokenizer_loads_only_once_training_runs_and_the_run_is_the_same(
+        world: World, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, task: str) -> None:
+    from gputwin.train import setup
+
+    loaded_at: list[int] = []  # step events in the log when the tokenizer was loaded
+    real = setup.load_tokenizer
+
+    def counting(profile):
+        log = tmp_path / "logs" / current[0] / "arm" / "events.jsonl"
+        loaded_at.append(sum(json.loads(line)["kind"] == events.STEP for line in log.read_text().splitlines()))
+        return real(profile)
+
+    monkeypatch.setattr(setup, "load_tokenizer", counting)
+    current, runs = [""], []
+    for experiment in ("cold", "warm"):
+        current[0] = experiment
+        arm = make_arm(tmp_path / "logs" / experiment, world.profile(task, name="arm", epochs=1, milestone_step=5))
+        assert train(arm) == 0
+        runs.append(events.read_events(Path(arm) / "events.jsonl").events)
+    (cold, warm) = runs
+    assert [e.data["startup_seconds"]["tokenizer_load"] for e in (cold[0], warm[0])] == ["startup", "deferred"]
+    assert warm[0].data["startup_seconds"]["data_cache"] == tokcache.HIT
+    assert loaded_at[0] == 0 and loaded_at[1] >= 1 and len(loaded_at) == 2  # warm: after its first step, once
+
+    def figures(log: list) -> list:  # all but times and paths: same steps, losses and validation scores
+        wall = {"t", "seconds", "step_seconds", "tokens_per_s", "train_seconds", "validate_seconds",
+                "startup_seconds", "pid", "path", "adapter", "checkpoint"}
+        return [(e.kind, {k: v for k, v in e.data.items() if k not in wall}) for e in log]
+
+    assert figures(cold) == figures(warm)
+    assert any(e.kind == events.VALIDATION for e in warm)

@@ -184,6 +184,7 @@ class Trainer:
                          tokens=issued.tokens, samples_seen=issued.samples_seen, tokens_seen=issued.tokens_seen,
                          step_seconds=round(seconds, 6), tokens_per_s=round(issued.tokens / max(seconds, 1e-9), 1))
         self.reported_step = issued.step
+        self.run.prefetch_tokenizer()  # training runs: a tokenizer left out of the start-up loads now (once)
 
     # ------------------------------------------------------------------ between steps
 
@@ -223,7 +224,7 @@ class Trainer:
         try:
             with probe.side_branch(run.model, run.optimizer):
                 trained = probe.train_cooldown(run, self.batches, state.epoch, state.index, position["lr"], steps)
-                result = validate(run.model, run.tokenizer, task=run.profile.model.task,
+                result = validate(run.model, run.tokenizer_now(), task=run.profile.model.task,
                                   test_path=run.profile.data.test, sample_size=run.profile.milestone.sample_size,
                                   seed=run.profile.milestone.sample_seed, label_names=run.label_names,
                                   device=run.device, step=state.step, arm=run.profile.name, out_path=out_path,
@@ -345,7 +346,7 @@ class Trainer:
         rng = rng_states()  # validation must not shift the training run's random stream
         make_private_dir(run.arm.validation)
         out_path = run.arm.validation_file(step)
-        result = validate(run.model, run.tokenizer, task=run.profile.model.task, test_path=run.profile.data.test,
+        result = validate(run.model, run.tokenizer_now(), task=run.profile.model.task, test_path=run.profile.data.test,
                           sample_size=run.profile.milestone.sample_size, seed=run.profile.milestone.sample_seed,
                           label_names=run.label_names, device=run.device, step=step, arm=run.profile.name,
                           out_path=out_path, max_length=run.profile.train.max_length,

@@ -1,17 +1,20 @@
 """Everything the loop needs before its first step: device, threads, data, model, optimizer, engine.
 
 Kept apart from the loop so the loop reads as the training story and a faster engine can reuse the
-same setup. The training data (from the tokenised-data cache, or read and tokenised) is prepared in a
-worker thread while the model loads: the two need nothing from each other, except the tag head, whose
-size comes from the data's labels, so a tag run waits for the data before it loads its model.
+same setup. Training data found in the tokenised-data cache comes with the tokenizer's special ids, so such a
+run starts without its tokenizer (DeferredTokenizer: loaded on a thread once training runs, for validation).
+Otherwise the tokenizer loads first and the data is read and tokenised in a worker thread while the model
+loads: the two need nothing from each other, except the tag head, whose size comes from the data's labels,
+so a tag run waits for the data before it loads its model.
 """
 
 from __future__ import annotations
 
 import os
 import random
+import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, TypeVar
@@ -46,7 +49,7 @@ class Run:
     device: torch.device
     device_name: str
     model_dtype: torch.dtype
-    tokenizer: Any
+    tokenizer: Any  # the tokenizer, or a DeferredTokenizer: read it through tokenizer_now()
     model: Any
     optimizer: torch.optim.Optimizer
     engine: Engine
@@ -58,6 +61,15 @@ class Run:
     checkpoint_root: Path
     bad_lines: int
     startup: dict[str, float | str]  # seconds of build_run's phases and in total; data_cache: how data was got
+
+    def tokenizer_now(self) -> Any:
+        """The tokenizer, waiting for a deferred one to finish loading (validation needs it; training never)."""
+        return self.tokenizer.get() if isinstance(self.tokenizer, DeferredTokenizer) else self.tokenizer
+
+    def prefetch_tokenizer(self) -> None:
+        """Start loading a deferred tokenizer on a thread (the loop calls it once its first step is reported)."""
+        if isinstance(self.tokenizer, DeferredTokenizer):
+            self.tokenizer.start()
 
     @property
     def adapter_meta(self) -> dict[str, Any]:
@@ -128,17 +140,66 @@ def load_tokenizer(profile: Profile) -> Any:
     return modeling.load_tokenizer(profile.model.base, profile.model.trust_remote_code)
 
 
+class DeferredTokenizer:
+    """A tokenizer that training does not need: loaded on a daemon thread after start(), or by the first get().
+
+    get() returns the tokenizer, or raises what loading it raised (a ModelLoadError says why, as at start-up)."""
+
+    def __init__(self, load: Callable[[], Any]) -> None:
+        self._load = load
+        self._lock = threading.Lock()
+        self._future: Future[Any] | None = None
+        self.seconds: float | None = None  # how long the load took, once done
+
+    def start(self) -> None:
+        with self._lock:
+            if self._future is not None:
+                return
+            self._future = Future()
+        threading.Thread(target=self._run, name="gputwin-tokenizer", daemon=True).start()
+
+    def _run(self) -> None:
+        assert self._future is not None
+        began = time.perf_counter()
+        try:
+            value = self._load()
+        except BaseException as exc:  # handed to get(), in the thread that needs the tokenizer
+            self._future.set_exception(exc)
+        else:
+            self._future.set_result(value)
+        finally:
+            self.seconds = round(time.perf_counter() - began, 3)
+
+    def get(self) -> Any:
+        with self._lock:
+            inline = self._future is None
+            if inline:
+                self._future = Future()
+        if inline:
+            self._run()
+        assert self._future is not None
+        return self._future.result()
+
+    @property
+    def loaded(self) -> bool:
+        return self._future is not None and self._future.done()
+
+
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     torch.manual_seed(seed)
 
 
 def build_run(arm: ArmPaths, profile: Profile) -> Run:
-    """Device, tokenizer, then data beside model with LoRA, optimizer and engine (each phase timed).
+    """Device, the data from the cache or the tokenizer and the data beside the model; then LoRA, optimizer and
+    engine (each phase timed).
 
-    startup: seconds of each phase; `data` runs in a worker beside `model`, `lora` and `engine`, and
-    `data_wait` is how long they then waited for it; `total` is the wall time of it all; `data_cache` says
-    whether the tokenised data came from the cache (tokcache's HIT, WRITTEN, REBUILT, UNSAVED or OFF).
+    startup: seconds of each phase. `data` begins with a look in the cache; `transformers` is its first import.
+    With the data in the cache, that look is all of `data` and the tokenizer is left for later (`tokenizer` 0,
+    `tokenizer_load` "deferred"); otherwise `tokenizer` is its load, the rest of `data` runs in a worker beside
+    `model`, `lora` and `engine`, and `data_wait` is how long they then waited for it (`tokenizer_load`
+    "startup"). `total` is the wall time of it all; `data_cache` says whether the tokenised data came from the
+    cache (tokcache's HIT, WRITTEN, REBUILT, UNSAVED or OFF).
     """
     started = time.perf_counter()
     startup: dict[str, float | str] = {}
@@ -154,16 +215,31 @@ def build_run(arm: ArmPaths, profile: Profile) -> Run:
         torch.set_num_threads(cpu_threads(profile))
     seed_everything(profile.train.seed)
     spec = profile.model
-    tokenizer = timed("tokenizer", lambda: load_tokenizer(profile))
-    pad_id = int(tokenizer.pad_token_id)  # read now: while the worker tokenises, only it touches the tokenizer
+    folder = tokcache.cache_folder(arm.root.parent.parent)
+    cached = timed("data", lambda: tokcache.lookup(profile.data.train, base=spec.base, task=spec.task,
+                                                   max_length=profile.train.max_length,
+                                                   trust_remote_code=spec.trust_remote_code, folder=folder))
+    timed("transformers", quiet_transformers)  # its first import: the model needs it in any case
+    if cached is not None and cached.tokenizer is not None:
+        # everything training needs of the tokenizer came with the data: it loads once training runs
+        tokenizer: Any = DeferredTokenizer(lambda: load_tokenizer(profile))
+        pad_id = cached.tokenizer.pad_token_id
+        startup.update(tokenizer=0.0, tokenizer_load="deferred")
+    else:
+        cached = None  # (an entry without the tokenizer's ids: the tokenizer loads now, as without a cache)
+        tokenizer = timed("tokenizer", lambda: load_tokenizer(profile))
+        pad_id = int(tokenizer.pad_token_id)  # read now: while the worker tokenises, only it touches the tokenizer
+        startup["tokenizer_load"] = "startup"
 
     def data() -> tokcache.TrainingData:
+        if cached is not None:
+            return cached
         return tokcache.load_training_data(
             profile.data.train, tokenizer, base=spec.base, task=spec.task, max_length=profile.train.max_length,
-            trust_remote_code=spec.trust_remote_code, folder=tokcache.cache_folder(arm.root.parent.parent))
+            trust_remote_code=spec.trust_remote_code, folder=folder)
 
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="gputwin-data") as worker:
-        pending = worker.submit(timed, "data", data)
+        pending = worker.submit(timed, "data", data) if cached is None else worker.submit(data)
         label_names = None
         if spec.task == "tag":  # the head's size is the data's label count
             label_names = timed("data_wait", pending.result).label_names

@@ -3,14 +3,17 @@
     load_training_data(train_file, tokenizer, ...) -> TrainingData   the examples, label names and bad-line count
                                       of a data file: from the cache when it holds them, else read, tokenised
                                       and saved there (status in TrainingData.cache)
+    lookup(train_file, ...) -> TrainingData | None   the cached data only (no tokenizer needed): a trainer
+                                      whose data is cached starts without loading its tokenizer at all
     cache_folder(logs_root)           logs/.cache/tokenized/: one file per key
 
 Tokenising the seed's 3,516 samples is most of a trainer's start-up, and every arm of every experiment on the
 same data and tokenizer would do the same work again. The key is a SHA-256 of the data file's bytes, the
 tokenizer folder's files (all but weights), the task, max_length, trust_remote_code, the versions of the
 tokenising libraries and the source of gputwin's own encoding modules: change any of them and the key changes.
-The label names of the tag head and the bad-line count are a function of the data file, so they are stored,
-not keyed.
+The label names of the tag head and the bad-line count are a function of the data file, and the tokenizer's
+special ids (pad, eos, bos) and size a function of the tokenizer folder, so they are stored, not keyed: with
+them a trainer on cached data needs its tokenizer only to validate, and loads it once training runs.
 
 Two arms starting at once: the first takes ``<key>.lock`` (flock) and writes; the second waits for it and then
 reads the file (after LOCK_WAIT_S it stops waiting and tokenises for itself). Files are written to a unique
@@ -44,7 +47,7 @@ from ..encoding import bio_label_names
 from ..paths import read_own_file
 from .batching import Example, encode_samples
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: the header holds the tokenizer's special ids (TokenizerFacts)
 MAGIC = b"gputwin-tokens\n"
 SUFFIX = ".tokens"
 LOCK_WAIT_S = 300.0  # how long an arm waits for another that is writing the same key
@@ -68,13 +71,57 @@ OFF = "off"            # no key: the tokenizer's files are not in a folder on th
 
 
 @dataclass(frozen=True)
+class TokenizerFacts:
+    """What training needs of the tokenizer (collation pads with pad_token_id); the rest is for reports."""
+
+    pad_token_id: int
+    eos_token_id: int | None
+    bos_token_id: int | None
+    vocab_size: int | None  # len(tokenizer): the base vocabulary and the added tokens
+
+    @classmethod
+    def of(cls, tokenizer: Any) -> TokenizerFacts | None:
+        """Read from a loaded tokenizer; None when it has no integer pad id."""
+        def number(name: str) -> int | None:
+            value = getattr(tokenizer, name, None)
+            return value if isinstance(value, int) and not isinstance(value, bool) else None
+
+        pad = number("pad_token_id")
+        if pad is None:
+            return None
+        try:
+            size: int | None = len(tokenizer)
+        except TypeError:
+            size = None
+        return cls(pad, number("eos_token_id"), number("bos_token_id"), size)
+
+    def to_dict(self) -> dict[str, int | None]:
+        return {"pad_token_id": self.pad_token_id, "eos_token_id": self.eos_token_id,
+                "bos_token_id": self.bos_token_id, "vocab_size": self.vocab_size}
+
+    @classmethod
+    def from_dict(cls, raw: Any) -> TokenizerFacts | None:
+        """None for anything but the dict to_dict writes."""
+        if not isinstance(raw, dict):
+            return None
+        values = [raw.get(k) for k in ("pad_token_id", "eos_token_id", "bos_token_id", "vocab_size")]
+        if not isinstance(values[0], int) or not all(v is None or isinstance(v, int) for v in values) \
+                or any(isinstance(v, bool) for v in values):
+            return None
+        return cls(*values)
+
+
+@dataclass(frozen=True)
 class TrainingData:
-    """What the trainer needs from its data file; `cache` says how it was got (HIT, WRITTEN, ...)."""
+    """What the trainer needs from its data file; `cache` says how it was got (HIT, WRITTEN, ...);
+    `tokenizer` the tokenizer's special ids, when known (always, for data tokenised here or read from the cache
+    written by this version)."""
 
     examples: list[Example]
     label_names: list[str] | None
     bad_lines: int
     cache: str
+    tokenizer: TokenizerFacts | None = None
 
 
 def cache_folder(logs_root: Path) -> Path:
@@ -88,12 +135,10 @@ def load_training_data(train_file: str | Path, tokenizer: Any, *, base: str, tas
     """The examples of `train_file` for `tokenizer` (loaded from `base`), through the cache in `folder`.
 
     Never fails because of the cache: a cache that cannot be read or written costs only the tokenising."""
-    data_digest = _file_digest(Path(train_file).expanduser())
-    material = None if folder is None or data_digest is None else key_material(
-        data_digest, base, task=task, max_length=max_length, trust_remote_code=trust_remote_code)
-    if folder is None or material is None:
+    data_digest, key = _digest_and_key(train_file, base, task=task, max_length=max_length,
+                                       trust_remote_code=trust_remote_code, folder=folder)
+    if folder is None or key is None:
         return _tokenise(train_file, tokenizer, task, max_length, OFF)
-    key = _hash(material)
     path = folder / f"{key}{SUFFIX}"
     found = read_entry(path, key)
     if found is not None:
@@ -116,11 +161,29 @@ def load_training_data(train_file: str | Path, tokenizer: Any, *, base: str, tas
         return data
 
 
+def lookup(train_file: str | Path, *, base: str, task: str, max_length: int, trust_remote_code: bool = False,
+           folder: Path | None = None) -> TrainingData | None:
+    """What load_training_data would read from the cache (status HIT), without a tokenizer and without waiting
+    for an arm that is writing it; None when the cache does not hold it (yet). Never raises."""
+    _, key = _digest_and_key(train_file, base, task=task, max_length=max_length,
+                             trust_remote_code=trust_remote_code, folder=folder)
+    return None if folder is None or key is None else read_entry(folder / f"{key}{SUFFIX}", key)
+
+
+def _digest_and_key(train_file: str | Path, base: str, *, task: str, max_length: int, trust_remote_code: bool,
+                    folder: Path | None) -> tuple[str | None, str | None]:
+    """SHA-256 of the data file and the cache key; the key is None without a folder or anything to key on."""
+    data_digest = _file_digest(Path(train_file).expanduser())
+    material = None if folder is None or data_digest is None else key_material(
+        data_digest, base, task=task, max_length=max_length, trust_remote_code=trust_remote_code)
+    return data_digest, None if material is None else _hash(material)
+
+
 def _tokenise(train_file: str | Path, tokenizer: Any, task: str, max_length: int, status: str) -> TrainingData:
     dataset = load_dataset(train_file)
     label_names = bio_label_names(dataset.entity_types) if task == "tag" else None
     examples = encode_samples(dataset.samples, tokenizer, task=task, max_length=max_length, label_names=label_names)
-    return TrainingData(examples, label_names, len(dataset.bad_lines), status)
+    return TrainingData(examples, label_names, len(dataset.bad_lines), status, TokenizerFacts.of(tokenizer))
 
 
 # ---------------------------------------------------------------- the key
@@ -252,7 +315,8 @@ def write_entry(path: Path, key: str, data: TrainingData, *, task: str, max_leng
     body = lengths.tobytes() + truncated + ids.tobytes() + labels.tobytes()
     header = {"format": FORMAT_VERSION, "key": key, "gputwin": __version__, "task": task, "max_length": max_length,
               "samples": len(data.examples), "tokens": len(ids), "label_names": data.label_names,
-              "bad_lines": data.bad_lines, "itemsize": ids.itemsize, "byteorder": sys.byteorder,
+              "bad_lines": data.bad_lines, "tokenizer": data.tokenizer.to_dict() if data.tokenizer else None,
+              "itemsize": ids.itemsize, "byteorder": sys.byteorder,
               "body_sha256": hashlib.sha256(body).hexdigest(), "written": round(time.time(), 3)}
     head = json.dumps(header).encode()
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
@@ -302,7 +366,8 @@ def _parse(raw: bytes, key: str) -> TrainingData | None:
     label_names = header.get("label_names")
     if label_names is not None and not (isinstance(label_names, list) and all(isinstance(x, str) for x in label_names)):
         return None
-    return TrainingData(examples, label_names, int(header.get("bad_lines", 0)), HIT)
+    return TrainingData(examples, label_names, int(header.get("bad_lines", 0)), HIT,
+                        TokenizerFacts.from_dict(header.get("tokenizer")))
 
 
 # ---------------------------------------------------------------- folder and lock
