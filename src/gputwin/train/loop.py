@@ -66,6 +66,16 @@ class StopSignal:
 
 
 @dataclass(frozen=True)
+class Batch:
+    """The next step's work: its number, its examples (at the data position) and its lr."""
+
+    step: int
+    examples: list[Any]
+    lr: float
+    started: float  # perf_counter before the batch was built
+
+
+@dataclass(frozen=True)
 class Issued:
     """A step given to the engine: what its event will say besides the loss and gradient norm."""
 
@@ -101,65 +111,82 @@ class Trainer:
     # ------------------------------------------------------------------ the loop
 
     def train(self) -> int:
-        run, state = self.run, self.state
-        # -- resume: the newest checkpoint that loads continues the run exactly
+        self.begin()
+        while True:
+            ended = self.between_steps()
+            if ended is not None:
+                return ended
+            batch = self.next_batch()
+            engine = self.run.engine
+            try:
+                outcome = engine.step(engine.collate(batch.examples), batch.lr)
+            except NonFiniteLoss as exc:
+                raise NonFiniteLoss(f"{exc} at step {batch.step}") from None
+            self.advance(batch, outcome)
+
+    # The loop's parts, also stepped by a co-trained group (gputwin.train.cotrain), one arm each.
+
+    def begin(self) -> None:
+        """Resume from the newest checkpoint that loads (it continues the run exactly), and say so."""
+        run = self.run
         clean_leftovers(run.checkpoint_root)
         resumed = latest_loadable(run.checkpoint_root, run.model, run.optimizer, run.fingerprint, run.device)
         if resumed is not None:
             self.state, self.saved_path = resumed
-            state, self.saved = self.state, self.state.to_dict()
-            self.reported_step = state.step
+            self.saved = self.state.to_dict()
+            self.reported_step = self.state.step
         self.emit_started()
         if resumed is not None:
-            self.writer.emit(events.RESUMED, step=state.step, checkpoint=str(self.saved_path))
+            self.writer.emit(events.RESUMED, step=self.state.step, checkpoint=str(self.saved_path))
             if self.at_milestone():  # the last run ended between the milestone checkpoint and its validation
                 self.milestone()
-        batches = self.batches
-        every = run.profile.train.checkpoint_every
 
-        while True:
-            # -- between steps: requests and signals
-            self.poll_control()
-            if self.stop_request is not None or self.stop.received:
-                return self.finish_stopped()
-            if state.step >= state.plan.total_steps:
-                return self.finish_done()
+    def between_steps(self) -> int | None:
+        """Requests and signals; the exit code once the arm has ended (stopped or done), else None."""
+        self.poll_control()
+        if self.stop_request is not None or self.stop.received:
+            return self.finish_stopped()
+        if self.state.step >= self.state.plan.total_steps:
+            return self.finish_done()
+        return None
 
-            # -- one step: batch at the data position, lr from the plan, forward/backward/update issued
-            started = time.perf_counter()
-            step = state.step + 1
-            examples = [run.examples[i] for i in batches.indices(state.epoch, state.index)]
-            lr = lr_at(step, state.plan)
-            faults.before_step(self.fault, step, run.model)
-            try:
-                outcome = run.engine.step(run.engine.collate(examples), lr)
-            except NonFiniteLoss as exc:
-                raise NonFiniteLoss(f"{exc} at step {step}") from None
+    def next_batch(self) -> Batch:
+        """The batch at the data position and its lr from the plan."""
+        run, state = self.run, self.state
+        started = time.perf_counter()
+        step = state.step + 1
+        examples = [run.examples[i] for i in self.batches.indices(state.epoch, state.index)]
+        faults.before_step(self.fault, step, run.model)
+        return Batch(step=step, examples=examples, lr=lr_at(step, state.plan), started=started)
 
-            # -- advance the position; the step's event is written once its loss is read (settle)
-            tokens = batch_tokens(examples)
-            state.step, state.index = step, state.index + 1
-            if state.index >= run.steps_per_epoch:
-                state.epoch, state.index = state.epoch + 1, 0
-            state.samples_seen += len(examples)
-            state.tokens_seen += tokens
-            issued = Issued(step=step, lr=lr, samples=len(examples), tokens=tokens, samples_seen=state.samples_seen,
-                            tokens_seen=state.tokens_seen, started=started, outcome=outcome)
-            # The previous step's loss is read while the device already runs this one: reading a loss
-            # waits for its step, and waiting every step would leave the device idle between steps.
+    def advance(self, batch: Batch, outcome: Outcome) -> None:
+        """The step is issued: advance the position, report it, and do what falls due after it."""
+        run, state = self.run, self.state
+        # -- advance the position; the step's event is written once its loss is read (settle)
+        step, examples = batch.step, batch.examples
+        tokens = batch_tokens(examples)
+        state.step, state.index = step, state.index + 1
+        if state.index >= run.steps_per_epoch:
+            state.epoch, state.index = state.epoch + 1, 0
+        state.samples_seen += len(examples)
+        state.tokens_seen += tokens
+        issued = Issued(step=step, lr=batch.lr, samples=len(examples), tokens=tokens, samples_seen=state.samples_seen,
+                        tokens_seen=state.tokens_seen, started=batch.started, outcome=outcome)
+        # The previous step's loss is read while the device already runs this one: reading a loss
+        # waits for its step, and waiting every step would leave the device idle between steps.
+        self.settle()
+        self.issued = issued
+        if isinstance(outcome, StepOutput):  # known already (a synchronous engine): report it now
             self.settle()
-            self.issued = issued
-            if isinstance(outcome, StepOutput):  # known already (a synchronous engine): report it now
-                self.settle()
-            faults.after_step(self.fault, step)
+        faults.after_step(self.fault, step)
 
-            # -- milestone (checkpoint, adapter, validation of the live model), else a periodic checkpoint
-            if self.at_milestone():
-                self.milestone()
-            elif step % every == 0:
-                self.checkpoint()
-            if state.plan.scheduler == "wsd" and step == state.plan.decay_start < state.plan.total_steps:
-                self.keep_decay_start()
+        # -- milestone (checkpoint, adapter, validation of the live model), else a periodic checkpoint
+        if self.at_milestone():
+            self.milestone()
+        elif step % run.profile.train.checkpoint_every == 0:
+            self.checkpoint()
+        if state.plan.scheduler == "wsd" and step == state.plan.decay_start < state.plan.total_steps:
+            self.keep_decay_start()
 
     def settle(self) -> None:
         """Write the event of the issued step, waiting for its figures if the device is still on it.
@@ -224,18 +251,19 @@ class Trainer:
         try:
             with probe.side_branch(run.model, run.optimizer):
                 trained = probe.train_cooldown(run, self.batches, state.epoch, state.index, position["lr"], steps)
-                result = validate(run.model, run.tokenizer_now(), task=run.profile.model.task,
-                                  test_path=run.profile.data.test, sample_size=run.profile.milestone.sample_size,
-                                  seed=run.profile.milestone.sample_seed, label_names=run.label_names,
-                                  device=run.device, step=state.step, arm=run.profile.name, out_path=out_path,
-                                  max_length=run.profile.train.max_length,
-                                  decoder="plain" if run.profile.train.engine == "plain" else "fast",
-                                  extra={"probe": {"steps": steps, "lr_from": position["lr"],
-                                                   "train_seconds": trained["seconds"],
-                                                   "loss_first": trained["losses"][0],
-                                                   "loss_last": trained["losses"][-1]},
-                                         "schedule": {**position, "lr": 0.0, "lr_fraction": 0.0, "decay_done": 1.0,
-                                                      "cooled_from": position}})
+                with self.scoring_model() as model:
+                    result = validate(model, run.tokenizer_now(), task=run.profile.model.task,
+                                      test_path=run.profile.data.test, sample_size=run.profile.milestone.sample_size,
+                                      seed=run.profile.milestone.sample_seed, label_names=run.label_names,
+                                      device=run.device, step=state.step, arm=run.profile.name, out_path=out_path,
+                                      max_length=run.profile.train.max_length,
+                                      decoder="plain" if run.profile.train.engine == "plain" else "fast",
+                                      extra={"probe": {"steps": steps, "lr_from": position["lr"],
+                                                       "train_seconds": trained["seconds"],
+                                                       "loss_first": trained["losses"][0],
+                                                       "loss_last": trained["losses"][-1]},
+                                             "schedule": {**position, "lr": 0.0, "lr_fraction": 0.0, "decay_done": 1.0,
+                                                          "cooled_from": position}})
                 run.model.train()
         except (NonFiniteLoss, torch.cuda.OutOfMemoryError) as exc:
             out_path.unlink(missing_ok=True)
@@ -337,6 +365,12 @@ class Trainer:
         folder = make_private_dir(self.run.arm.root / "adapters") / checkpoint_name(self.state.step)
         return save_adapter(self.run.model, folder, self.run.adapter_meta)
 
+    @contextmanager
+    def scoring_model(self) -> Iterator[Any]:
+        """The model that validation scores: the arm's own (a co-trained arm's yields the shared model
+        with only its adapter active)."""
+        yield self.run.model
+
     def validate(self, *, reason: str, by: str, extra: dict[str, Any] | None = None) -> dict[str, Any]:
         """Save the adapter, then score the live model on held-out samples; training resumes unchanged."""
         from ..validate import validate
@@ -346,12 +380,13 @@ class Trainer:
         rng = rng_states()  # validation must not shift the training run's random stream
         make_private_dir(run.arm.validation)
         out_path = run.arm.validation_file(step)
-        result = validate(run.model, run.tokenizer_now(), task=run.profile.model.task, test_path=run.profile.data.test,
-                          sample_size=run.profile.milestone.sample_size, seed=run.profile.milestone.sample_seed,
-                          label_names=run.label_names, device=run.device, step=step, arm=run.profile.name,
-                          out_path=out_path, max_length=run.profile.train.max_length,
-                          decoder="plain" if run.profile.train.engine == "plain" else "fast",
-                          extra=extra if extra is not None else {"schedule": self.position()})
+        with self.scoring_model() as model:
+            result = validate(model, run.tokenizer_now(), task=run.profile.model.task, test_path=run.profile.data.test,
+                              sample_size=run.profile.milestone.sample_size, seed=run.profile.milestone.sample_seed,
+                              label_names=run.label_names, device=run.device, step=step, arm=run.profile.name,
+                              out_path=out_path, max_length=run.profile.train.max_length,
+                              decoder="plain" if run.profile.train.engine == "plain" else "fast",
+                              extra=extra if extra is not None else {"schedule": self.position()})
         run.model.train()
         set_rng_states(rng)
         self.writer.emit(events.VALIDATION, step=step, precision=result["precision"], recall=result["recall"],
@@ -428,6 +463,46 @@ def read_profile(arm: ArmPaths) -> Profile:
     return load_resolved(arm.profile_json)
 
 
+def report_failure(writer: EventWriter, trainer: Trainer | None, arm: ArmPaths, error: str, message: str,
+                   hint: str) -> None:
+    """The `failed` event (after the event of a step that finished before the failure) and a line on stderr."""
+    step = None
+    if trainer is not None:
+        with contextlib.suppress(Exception):  # a step that finished before the failure keeps its event
+            trainer.settle()
+        step = trainer.reported_step
+    unlogged = ""
+    try:
+        writer.emit(events.FAILED, error=error, message=message, hint=hint, step=step)
+    except OSError as exc:  # the disk under the log is full too: stderr and the exit status remain
+        unlogged = f"\n  (this failed event could not be written to {arm.events}: {exc})"
+    print(f"gputwin: {arm.name}: {error}: {message}\n  hint: {hint}{unlogged}", file=sys.stderr, flush=True)
+
+
+def known_failure(exc: Exception, arm: ArmPaths) -> tuple[str, str, str, int] | None:
+    """error, message, hint and exit code of a failure reported without a traceback; None for an internal
+    error (reported, then re-raised so stderr has the traceback)."""
+    if isinstance(exc, TrainFailure):
+        return exc.error, exc.message, exc.hint, exc.exit_code
+    if isinstance(exc, NonFiniteLoss):
+        return "NonFiniteLoss", str(exc), NAN_HINT, 1
+    if isinstance(exc, torch.OutOfMemoryError):
+        return "OutOfMemory", str(exc).splitlines()[0] if str(exc) else "CUDA out of memory", OOM_HINT, 1
+    if isinstance(exc, UserError):
+        return type(exc).__name__, exc.message, exc.hint or "see stderr.log", 2
+    if isinstance(exc, CheckpointWriteError):
+        return ("DiskFull" if exc.errno in DISK_FULL_ERRNOS else "CheckpointWriteFailed", exc.strerror or str(exc),
+                DISK_HINT.format(arm=arm.name), 1)
+    if disk_full(exc):
+        where = getattr(exc, "filename", None) or arm.root
+        return ("DiskFull", f"cannot write to {where}: {getattr(exc, 'strerror', None) or exc}",
+                DISK_HINT.format(arm=arm.name), 1)
+    return None
+
+
+INTERNAL_HINT = "an internal error: stderr.log has the traceback"
+
+
 def train(arm_dir: str | Path, *, imports_seconds: float | None = None) -> int:
     """Run the arm in `arm_dir` to its end; the exit code of `python -m gputwin.train`.
 
@@ -438,44 +513,13 @@ def train(arm_dir: str | Path, *, imports_seconds: float | None = None) -> int:
     stop = StopSignal()
     with EventWriter(arm.events, fold=True) as writer, stop.installed():
         trainer: Trainer | None = None
-
-        def fail(error: str, message: str, hint: str) -> None:
-            step = None
-            if trainer is not None:
-                with contextlib.suppress(Exception):  # a step that finished before the failure keeps its event
-                    trainer.settle()
-                step = trainer.reported_step
-            unlogged = ""
-            try:
-                writer.emit(events.FAILED, error=error, message=message, hint=hint, step=step)
-            except OSError as exc:  # the disk under the log is full too: stderr and the exit status remain
-                unlogged = f"\n  (this failed event could not be written to {arm.events}: {exc})"
-            print(f"gputwin: {arm.name}: {error}: {message}\n  hint: {hint}{unlogged}", file=sys.stderr, flush=True)
-
         try:
             trainer = Trainer(build_run(arm, read_profile(arm)), writer, stop, imports_seconds)
             return trainer.train()
-        except TrainFailure as exc:
-            fail(exc.error, exc.message, exc.hint)
-            return exc.exit_code
-        except NonFiniteLoss as exc:
-            fail("NonFiniteLoss", str(exc), NAN_HINT)
-            return 1
-        except torch.OutOfMemoryError as exc:
-            fail("OutOfMemory", str(exc).splitlines()[0] if str(exc) else "CUDA out of memory", OOM_HINT)
-            return 1
-        except UserError as exc:
-            fail(type(exc).__name__, exc.message, exc.hint or "see stderr.log")
-            return 2
-        except CheckpointWriteError as exc:
-            fail("DiskFull" if exc.errno in DISK_FULL_ERRNOS else "CheckpointWriteFailed", exc.strerror or str(exc),
-                 DISK_HINT.format(arm=arm.name))
-            return 1
         except Exception as exc:
-            if disk_full(exc):
-                where = getattr(exc, "filename", None) or arm.root
-                fail("DiskFull", f"cannot write to {where}: {getattr(exc, 'strerror', None) or exc}",
-                     DISK_HINT.format(arm=arm.name))
-                return 1
-            fail(type(exc).__name__, str(exc), "an internal error: stderr.log has the traceback")
-            raise
+            known = known_failure(exc, arm)
+            if known is None:
+                report_failure(writer, trainer, arm, type(exc).__name__, str(exc), INTERNAL_HINT)
+                raise
+            report_failure(writer, trainer, arm, *known[:3])
+            return known[3]
