@@ -1,4 +1,5 @@
-"""The per-arm supervisor: ``python -m gputwin.supervise ARM_DIR [-- COMMAND...]``.
+"""The per-arm supervisor: ``python -m gputwin.supervise ARM_DIR [-- COMMAND...]`` (and
+``--group ARM_DIR ARM_DIR... [-- COMMAND...]`` for arms co-trained in one process: `supervise_group`).
 
 The launcher starts one supervisor per arm in a session of its own; the supervisor runs the
 trainer (``python -m gputwin.train ARM_DIR`` unless a command follows ``--``) as its child,
@@ -256,8 +257,104 @@ def supervise(arm: ArmPaths, command: Sequence[str]) -> int:
     return status
 
 
+# ---------------------------------------------------------------- a group's supervisor (co-trained arms)
+
+
+def group_trainer_command(arms: Sequence[ArmPaths]) -> list[str]:
+    return [sys.executable, "-m", "gputwin.train", "--group", *(str(arm.root) for arm in arms)]
+
+
+def release_arm(arm: ArmPaths, status: int) -> bool:
+    """Called by a co-training process when one of its arms ends while it trains the others on: record the
+    arm's exit now (as the supervisor does when a process ends) and drop its pid, so it reads as ended and
+    `resume`/`extend` start it again in a process of its own. Under the arm lock, like the supervisor's
+    decision: an extend request already waiting is not lost; it returns False, records nothing, and the
+    process trains the arm on."""
+    with arm_lock(arm):
+        if status == 0 and _pending_extends(arm):
+            return False
+        write_atomic(arm.exit, f"{status}\n")
+        arm.pid.unlink(missing_ok=True)
+    return True
+
+
+def supervise_group(arms: Sequence[ArmPaths], command: Sequence[str]) -> int:
+    """Run one process for several arms: its pid goes into every arm's pid file, and when it ends its status
+    goes into the exit file of every arm it still held (the process has already given back the arms that
+    ended before it: release_arm). A kill -9 of the process thus marks each of its arms crashed."""
+    for arm in arms:
+        write_atomic(supervisor_file(arm), f"{os.getpid()} {psutil.Process().create_time():.3f}\n")
+    child: subprocess.Popen[bytes] | None = None
+
+    def forward(signum: int, _frame: object) -> None:
+        if child is not None:
+            try:
+                child.send_signal(signum)
+            except ProcessLookupError:
+                pass
+
+    for sig in FORWARDED_SIGNALS:
+        signal.signal(sig, forward)
+    child = _start(command)
+    if child is None:
+        status = EXEC_FAILED
+    else:
+        try:
+            created = psutil.Process(child.pid).create_time()
+        except psutil.NoSuchProcess:
+            created = time.time()
+        for arm in arms:
+            write_atomic(arm.pid, f"{child.pid} {created:.3f}\n")
+        status = child.wait()
+    for arm in arms:
+        with arm_lock(arm):
+            held = read_pid(arm)
+            if child is None or (held is not None and held[0] == child.pid):
+                write_atomic(arm.exit, f"{status}\n")
+    if status != 0:
+        pid = child.pid if child is not None else "-"
+        print(f"gputwin.supervise: trainer {pid} of {', '.join(a.name for a in arms)} ended: "
+              f"{describe_exit(status)}", file=sys.stderr, flush=True)
+    return status
+
+
+def start_group_supervisor(arms: Sequence[ArmPaths], env: Mapping[str, str],
+                           command: Sequence[str] | None = None) -> subprocess.Popen[bytes]:
+    """start_supervisor for a co-trained group: one detached supervisor and process for all of `arms`.
+
+    The process's stdout/stderr go to the first arm's logs; every other arm's stderr.log says where."""
+    _reap()
+    for arm in arms:
+        for stale in (arm.pid, arm.exit):
+            stale.unlink(missing_ok=True)
+    for arm in arms[1:]:
+        with open(arm.stderr, "a", encoding="utf-8") as fh:
+            fh.write(f"gputwin: {arm.name} trains in one process with {', '.join(a.name for a in arms if a != arm)}; "
+                     f"that process writes to {arms[0].stderr}\n")
+    argv = [sys.executable, "-m", "gputwin.supervise", "--group", *(str(a.root) for a in arms), "--",
+            *(group_trainer_command(arms) if command is None else command)]
+    out = os.open(arms[0].stdout, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+    err = os.open(arms[0].stderr, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+    try:
+        proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=out, stderr=err, env=dict(env),
+                                cwd=os.getcwd(), start_new_session=True, close_fds=True)
+    finally:
+        os.close(out)
+        os.close(err)
+    _supervisors.append(proc)
+    return proc
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
+    if args[:1] == ["--group"]:
+        folders = args[1:args.index("--")] if "--" in args else args[1:]
+        arms = [ArmPaths(Path(f).resolve()) for f in folders]
+        command = args[args.index("--") + 1:] if "--" in args else group_trainer_command(arms)
+        if len(arms) < 2 or not command:
+            print("usage: python -m gputwin.supervise --group ARM_DIR ARM_DIR... [-- COMMAND...]", file=sys.stderr)
+            return 2
+        return 0 if supervise_group(arms, command) == 0 else 1
     if not args or args[0].startswith("-"):
         print("usage: python -m gputwin.supervise ARM_DIR [-- COMMAND...]", file=sys.stderr)
         return 2

@@ -1,4 +1,5 @@
-"""`python -m gputwin.train ARM_DIR`: the trainer process of one arm (the launcher starts it detached)."""
+"""`python -m gputwin.train ARM_DIR`: the trainer process of one arm (the launcher starts it detached);
+`python -m gputwin.train --group ARM_DIR ARM_DIR...`: one process co-training arms that share a base model."""
 
 from __future__ import annotations
 
@@ -29,10 +30,19 @@ def process_age() -> float:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m gputwin.train",
                                      description="Train one gputwin arm; events go to ARM_DIR/events.jsonl.")
-    parser.add_argument("arm_dir", help="the arm folder holding profile.json (made by `gputwin run`)")
+    parser.add_argument("arm_dir", nargs="+", help="the arm folder holding profile.json (made by `gputwin run`)")
+    parser.add_argument("--group", action="store_true",
+                        help="co-train the arms named (one base model for all of them; gputwin.train.cotrain)")
     args = parser.parse_args(argv)
+    if len(args.arm_dir) > 1 and not args.group:
+        parser.error("several arm folders need --group")
     # process start to here: Python, torch, transformers and the rest imported (reported in `started`)
-    return train(args.arm_dir, imports_seconds=round(process_age(), 3))
+    imports_seconds = round(process_age(), 3)
+    if args.group:
+        from .cotrain import train_group
+
+        return train_group(args.arm_dir, imports_seconds=imports_seconds)
+    return train(args.arm_dir[0], imports_seconds=imports_seconds)
 
 
 if __name__ == "__main__":

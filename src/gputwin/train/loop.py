@@ -107,6 +107,7 @@ class Trainer:
         self.issued: Issued | None = None  # a step given to the engine whose event is not written yet
         self.reported_step = 0  # the last step whose event is in the log
         self.last_done = 0.0  # perf_counter when the last reported step's figures were read
+        self.started_extra: dict[str, Any] = {}  # more fields of the started event (a co-trained arm's partners)
 
     # ------------------------------------------------------------------ the loop
 
@@ -433,6 +434,7 @@ class Trainer:
             tokens_per_epoch=run.tokens_per_epoch, step=state.step, lr_plan=state.plan.to_dict(),
             startup_seconds={**({"imports": self.imports_seconds} if self.imports_seconds is not None else {}),
                              **run.startup},
+            **self.started_extra,
         )
 
 

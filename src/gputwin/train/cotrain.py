@@ -1,0 +1,315 @@
+"""Co-training: arms that share a base model train in one process, with one pass of the base for all.
+
+`python -m gputwin.train --group ARM_DIR ARM_DIR...` runs the arms the launcher placed together (same base,
+task, device and dtype; `placement.cotrain_groups`). The process loads the base once and gives each arm
+its own adapter on it (multilora.SharedModel), its own AdamW, LR plan, data order, checkpoints, event log
+and control folder: each arm is a `Trainer` of its own (train/loop.py) whose model is its view of the
+shared model and whose engine steps it together with the others.
+
+A step stacks every live arm's batch (each a block of rows), runs the base over all of them at once and
+each adapter over its own rows, and backpropagates the sum of the arms' own mean losses: each adapter's
+gradient is then exactly the gradient it gets alone. Clipping, the update and the lr are each arm's own.
+An arm that ends (finishes, is stopped, fails) is given back at once (supervise.release_arm: its exit is
+recorded, so it reads as ended and `gputwin resume`/`extend` start it again in a process of its own),
+and the others train on. A failure of the shared step itself (out of memory) ends every arm in it.
+
+The step is the plain engine's (padded batches, eager PyTorch) whatever train.engine says: the fast
+engine's packed, graph-captured step serves one adapter. Validation still uses the decoder the profile asks
+for, with only the validated arm's adapter active, and pauses the other arms while it runs.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+import time
+import traceback
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from ..eventlog import EventWriter
+from ..modeling import resolve_dtype
+from ..paths import ArmPaths
+from ..plan import milestone_step, steps_for
+from ..profiles import Profile
+from ..supervise import release_arm
+from . import tokcache
+from .batching import IGNORE_INDEX, Example, collate_padded
+from .engine import NonFiniteLoss, StepOutput, autocast_for, build_optimizer, set_lr
+from .loop import INTERNAL_HINT, Batch, StopSignal, Trainer, known_failure, read_profile, report_failure
+from .multilora import ArmView, NotCoTrainable, SharedModel, adapter_name
+from .setup import Run, TrainFailure, cpu_threads, load_model, load_tokenizer, pick_device, seed_everything
+
+COTRAIN_HINT = "train these arms apart: set cotrain = \"off\" in the experiment's [placement] table"
+
+
+# ---------------------------------------------------------------- the step
+
+
+def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """transformers' causal-LM loss: the mean over label tokens of the next token's cross-entropy, in fp32."""
+    shifted = F.pad(labels, (0, 1), value=IGNORE_INDEX)[..., 1:]
+    return F.cross_entropy(logits.float().flatten(0, 1), shifted.flatten(), ignore_index=IGNORE_INDEX)
+
+
+def stack_batches(batches: Sequence[dict[str, torch.Tensor]], pad_id: int) -> dict[str, torch.Tensor]:
+    """Padded batches one under another, right-padded to the widest (padding changes no real token's output)."""
+    width = max(b["input_ids"].shape[1] for b in batches)
+    fill = {"input_ids": pad_id, "attention_mask": 0, "labels": IGNORE_INDEX}
+    return {key: torch.cat([F.pad(b[key], (0, width - b[key].shape[1]), value=value) for b in batches])
+            for key, value in fill.items()}
+
+
+@dataclass
+class Member:
+    """One arm's part of the group step."""
+
+    adapter: str
+    params: list[torch.nn.Parameter]
+    optimizer: torch.optim.Optimizer
+    grad_clip: float
+
+
+class GroupEngine:
+    """One forward/backward over every arm's batch; each arm clipped and updated on its own."""
+
+    name = "plain"
+
+    def __init__(self, shared: SharedModel, *, device: torch.device, model_dtype: torch.dtype, pad_id: int) -> None:
+        self.shared, self.device, self.model_dtype, self.pad_id = shared, device, model_dtype, pad_id
+        self.members: dict[str, Member] = {}
+
+    def join(self, view: ArmView, optimizer: torch.optim.Optimizer, grad_clip: float) -> None:
+        self.members[view.adapter] = Member(view.adapter, view.trainable(), optimizer, grad_clip)
+
+    def step(self, work: Sequence[tuple[str, Sequence[Example], float]]) -> dict[str, StepOutput | NonFiniteLoss]:
+        """work: (adapter, examples, lr) of each arm stepping now. An arm whose loss is NaN/inf gets a
+        NonFiniteLoss and no update; the others update as if it were not there."""
+        batches = [collate_padded(examples, self.pad_id) for _, examples, _ in work]
+        stacked = {k: v.to(self.device, non_blocking=True) for k, v in stack_batches(batches, self.pad_id).items()}
+        blocks, row = [], 0
+        for (adapter, _, _), batch in zip(work, batches):
+            blocks.append((adapter, row, row + len(batch["input_ids"])))
+            row = blocks[-1][2]
+        with self.shared.routed(blocks) as model, autocast_for(self.device, self.model_dtype):
+            logits = model(input_ids=stacked["input_ids"], attention_mask=stacked["attention_mask"]).logits
+        losses = [causal_lm_loss(logits[start:stop], stacked["labels"][start:stop]) for _, start, stop in blocks]
+        values = torch.stack([loss.detach() for loss in losses]).tolist()  # one wait for the device, not one per arm
+        finite = [loss for loss, value in zip(losses, values) if math.isfinite(value)]
+        if finite:
+            torch.stack(finite).sum().backward()  # d(sum)/d(adapter i) = d(loss i)/d(adapter i): rows never mix
+        out: dict[str, StepOutput | NonFiniteLoss] = {}
+        for (adapter, _, lr), value in zip(work, values):
+            member = self.members[adapter]
+            if not math.isfinite(value):
+                for p in member.params:
+                    p.grad = None
+                out[adapter] = NonFiniteLoss(f"loss is {value}")
+                continue
+            max_norm = member.grad_clip if member.grad_clip > 0 else math.inf
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(member.params, max_norm))
+            set_lr(member.optimizer, lr)
+            member.optimizer.step()
+            member.optimizer.zero_grad(set_to_none=True)
+            out[adapter] = StepOutput(loss=value, grad_norm=grad_norm)
+        return out
+
+
+class ArmEngine:
+    """The group engine as one arm's engine: what the cooldown probe steps (this arm alone, its side branch)."""
+
+    name = GroupEngine.name
+
+    def __init__(self, group: GroupEngine, adapter: str, partners: Sequence[str]) -> None:
+        self.group, self.adapter = group, adapter
+        self.paths = {"cotrain": {"on": True, "why": "one base pass with " + ", ".join(partners)},
+                      "fast_engine": {"on": False, "why": "co-trained arms step with the plain engine"}}
+
+    def collate(self, examples: Sequence[Example]) -> Sequence[Example]:
+        return examples
+
+    def step(self, examples: Sequence[Example], lr: float) -> StepOutput:
+        outcome = self.group.step([(self.adapter, examples, lr)])[self.adapter]
+        if isinstance(outcome, NonFiniteLoss):
+            raise outcome
+        return outcome
+
+
+# ---------------------------------------------------------------- building the group
+
+
+def check_group(profiles: Sequence[Profile]) -> None:
+    """What one shared model needs (the launcher's placement groups only such arms; profiles may have changed)."""
+    first = profiles[0]
+    for p in profiles:
+        same = (p.model.base, p.model.task, p.model.dtype, p.device, p.model.trust_remote_code)
+        if same != (first.model.base, first.model.task, first.model.dtype, first.device, first.model.trust_remote_code):
+            raise TrainFailure("NotCoTrainable", f"arms {first.name} and {p.name} differ in base model, task, dtype "
+                               "or device and cannot share one", COTRAIN_HINT)
+        if p.model.task != "generate" or p.model.init_adapter:
+            raise TrainFailure("NotCoTrainable", f"arm {p.name}: co-training covers new adapters of causal LMs "
+                               "(task generate, no init_adapter)", COTRAIN_HINT)
+
+
+def build_group(arms: Sequence[ArmPaths], profiles: Sequence[Profile]) -> tuple[SharedModel, GroupEngine, list[Run]]:
+    """Device, tokenizer, every arm's data, the base once with every adapter, each arm's optimizer: each arm's
+    Run (as build_run makes it) over the shared model."""
+    started = time.perf_counter()
+    check_group(profiles)
+    first = profiles[0]
+    device, device_name = pick_device(first)
+    if device.type == "cpu":
+        torch.set_num_threads(cpu_threads(first))
+    seed_everything(first.train.seed)
+    tokenizer = load_tokenizer(first)
+    pad_id = int(tokenizer.pad_token_id)
+    data = [tokcache.load_training_data(p.data.train, tokenizer, base=p.model.base, task=p.model.task,
+                                        max_length=p.train.max_length, trust_remote_code=p.model.trust_remote_code,
+                                        folder=tokcache.cache_folder(arm.root.parent.parent))
+            for arm, p in zip(arms, profiles)]
+    model_dtype = resolve_dtype(first.model.dtype, device)
+    try:
+        shared = SharedModel(load_model(first, device, None), [(p.lora, p.train.seed) for p in profiles])
+    except NotCoTrainable as exc:
+        raise TrainFailure("NotCoTrainable", str(exc), COTRAIN_HINT) from None
+    shared.model.to(device).train()
+    engine = GroupEngine(shared, device=device, model_dtype=model_dtype, pad_id=pad_id)
+    seconds = round(time.perf_counter() - started, 3)
+    runs = []
+    for i, (arm, profile, training) in enumerate(zip(arms, profiles, data)):
+        view = ArmView(shared, adapter_name(i))
+        optimizer = build_optimizer(view, lr=profile.train.learning_rate, weight_decay=profile.train.weight_decay,
+                                    device=device)
+        engine.join(view, optimizer, profile.train.grad_clip)
+        partners = [p.name for p in profiles if p.name != profile.name]
+        per_epoch, total = steps_for(len(training.examples), profile.train.batch_size, profile.train.epochs)
+        root = Path(profile.train.output_dir) if profile.train.output_dir else arm.checkpoints
+        runs.append(Run(arm=arm, profile=profile, device=device, device_name=device_name, model_dtype=model_dtype,
+                        tokenizer=tokenizer, model=view, optimizer=optimizer,
+                        engine=ArmEngine(engine, view.adapter, partners), examples=training.examples,
+                        label_names=training.label_names, steps_per_epoch=per_epoch, total_steps=total,
+                        milestone_step=milestone_step(profile, per_epoch), checkpoint_root=root,
+                        bad_lines=training.bad_lines, startup={"total": seconds, "data_cache": training.cache}))
+    return shared, engine, runs
+
+
+# ---------------------------------------------------------------- the group's loop
+
+
+class CoTrainer(Trainer):
+    """One arm of a group: the Trainer of that arm, validated with only its adapter active."""
+
+    def __init__(self, run: Run, writer: EventWriter, stop: StopSignal, imports_seconds: float | None,
+                 shared: SharedModel, partners: Sequence[str]) -> None:
+        super().__init__(run, writer, stop, imports_seconds)
+        self.shared, self.partners = shared, list(partners)
+        self.adapter = run.model.adapter
+        self.started_extra = {"shares_process_with": self.partners}
+
+    @contextmanager
+    def scoring_model(self) -> Iterator[Any]:
+        with self.shared.only(self.adapter) as model:
+            yield model
+
+
+class Group:
+    """The arms of one process, stepped together until every one has ended."""
+
+    def __init__(self, trainers: Sequence[CoTrainer], engine: GroupEngine) -> None:
+        self.live, self.engine = list(trainers), engine
+        self.codes: dict[str, int] = {}
+
+    def train(self) -> int:
+        for trainer in list(self.live):
+            self.arm(trainer, trainer.begin)
+        while self.live:
+            # -- between steps: each arm's requests and signals; an arm that has ended is given back
+            for trainer in list(self.live):
+                ended = self.arm(trainer, trainer.between_steps)
+                if ended is not None:
+                    self.end(trainer, ended)
+            # -- one step of every live arm: one pass of the base, each adapter on its own rows
+            work = [(t, b) for t in list(self.live) if (b := self.arm(t, t.next_batch)) is not None]
+            if not work:
+                continue
+            try:
+                outcomes = self.engine.step([(t.adapter, b.examples, b.lr) for t, b in work])
+            except Exception as exc:  # the shared step itself (out of memory, ...): every arm in it fails
+                return self.fail_all([t for t, _ in work], exc)
+            for trainer, batch in work:
+                self.arm(trainer, lambda t=trainer, b=batch: self.advance(t, b, outcomes[t.adapter]))
+        return max(self.codes.values(), default=0)
+
+    @staticmethod
+    def advance(trainer: CoTrainer, batch: Batch, outcome: StepOutput | NonFiniteLoss) -> None:
+        if isinstance(outcome, NonFiniteLoss):
+            raise NonFiniteLoss(f"{outcome} at step {batch.step}")
+        trainer.advance(batch, outcome)
+
+    def arm(self, trainer: CoTrainer, work: Any) -> Any:
+        """One arm's part of the loop; a failure there ends that arm alone (its failed event, its exit)."""
+        try:
+            return work()
+        except Exception as exc:
+            known = known_failure(exc, trainer.run.arm)
+            if known is None:
+                traceback.print_exc()
+                known = (type(exc).__name__, str(exc), INTERNAL_HINT, 1)
+            report_failure(trainer.writer, trainer, trainer.run.arm, *known[:3])
+            self.end(trainer, known[3])
+            return None
+
+    def end(self, trainer: CoTrainer, code: int) -> None:
+        """Give the arm back (its exit recorded), unless an extend request came for it as it ended: then it
+        starts a new life here, resuming from the checkpoint it has just written, as its supervisor would."""
+        if trainer not in self.live:
+            return
+        index = self.live.index(trainer)
+        if release_arm(trainer.run.arm, code):
+            del self.live[index]
+            self.codes[trainer.run.profile.name] = code
+            return
+        print(f"gputwin: {trainer.run.arm.name}: an extend request arrived as it ended; training it on",
+              file=sys.stderr, flush=True)
+        again = CoTrainer(trainer.run, trainer.writer, trainer.stop, None, trainer.shared, trainer.partners)
+        self.live[index] = again
+        self.arm(again, again.begin)
+
+    def fail_all(self, trainers: Sequence[CoTrainer], exc: Exception) -> int:
+        """Every arm of the failed step gets the failed event; the exits are the process's (its supervisor)."""
+        known = known_failure(exc, trainers[0].run.arm)
+        error, message, hint = known[:3] if known else (type(exc).__name__, str(exc), INTERNAL_HINT)
+        for trainer in trainers:
+            report_failure(trainer.writer, trainer, trainer.run.arm, error, message, hint)
+        if known is None:
+            raise exc
+        return known[3]
+
+
+def train_group(arm_dirs: Sequence[str | Path], *, imports_seconds: float | None = None) -> int:
+    """Co-train the arms in `arm_dirs` to their ends; the exit code of `python -m gputwin.train --group`."""
+    arms = [ArmPaths(Path(d).resolve()) for d in arm_dirs]
+    stop = StopSignal()
+    with ExitStack() as stack:
+        writers = [stack.enter_context(EventWriter(arm.events, fold=True)) for arm in arms]
+        stack.enter_context(stop.installed())
+        try:
+            profiles = [read_profile(arm) for arm in arms]
+            shared, engine, runs = build_group(arms, profiles)
+        except Exception as exc:  # nothing trained yet: every arm fails the same way
+            known = known_failure(exc, arms[0])
+            error, message, hint = known[:3] if known else (type(exc).__name__, str(exc), INTERNAL_HINT)
+            for arm, writer in zip(arms, writers):
+                report_failure(writer, None, arm, error, message, hint)
+            if known is None:
+                raise
+            return known[3]
+        names = [p.name for p in profiles]
+        trainers = [CoTrainer(run, writer, stop, imports_seconds, shared, [n for n in names if n != run.profile.name])
+                    for run, writer in zip(runs, writers)]
+        return Group(trainers, engine).train()

@@ -1,0 +1,172 @@
+"""One frozen base with several arms' LoRA adapters: the model side of co-training.
+
+Each arm's adapter is a named peft adapter on the one base (`adapter_name(i)`: a peft adapter name may not
+hold the dots an arm name may). In a co-trained step the batch is every arm's batch stacked, each arm's rows
+a contiguous block; inside `SharedModel.routed(blocks)` every LoRA layer adds each adapter to its own rows
+only, so the base's GEMMs run once over all the rows while each adapter sees exactly the rows it would see
+alone. An arm that does not target a layer simply has no adapter there. Outside `routed` a layer runs peft's
+own forward with the active adapter: `only(name)` makes one arm's adapter the active one, which is how that
+arm is validated.
+
+`ArmView` is one arm's face of the shared model, for everything that works on "the arm's model"
+(checkpoints, saving the adapter, the optimizer, the cooldown probe, fault injection): the base's
+parameters and this arm's adapter, under the names a model of its own gives them (`.default.`), so a
+checkpoint written co-trained resumes in a process of its own, and the other way round.
+"""
+
+from __future__ import annotations
+
+import copy
+import types
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+import torch
+
+from ..profiles import LoraSpec
+
+DEFAULT = "default"  # peft's name for the adapter of a model with one
+Block = tuple[str, int, int]  # (adapter name, first row, row after the last)
+
+
+class NotCoTrainable(ValueError):
+    """A model or adapter the routed layers do not cover; the message says which."""
+
+
+def adapter_name(index: int) -> str:
+    return f"arm{index}"
+
+
+def lora_config(spec: LoraSpec) -> Any:
+    """The adapter config `modeling.attach_lora` gives a new causal-LM adapter."""
+    from peft import LoraConfig, TaskType
+
+    return LoraConfig(r=spec.r, lora_alpha=spec.alpha, lora_dropout=spec.dropout,
+                      target_modules=list(spec.target_modules), task_type=TaskType.CAUSAL_LM)
+
+
+def _routed_forward(self: Any, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+    """peft's LoRA Linear, with each adapter added to its own block of rows (when blocks are set)."""
+    blocks: Sequence[Block] | None = self.gputwin_blocks
+    if blocks is None:
+        return type(self).forward(self, x, *args, **kwargs)
+    result = self.base_layer(x, *args, **kwargs)
+    parts = []
+    for name, start, stop in blocks:
+        rows = result[start:stop]
+        if name in self.lora_A and not self.disable_adapters:
+            lora_a, lora_b = self.lora_A[name], self.lora_B[name]
+            xs = self._cast_input_dtype(x[start:stop], lora_a.weight.dtype)
+            # as peft: in the adapter's dtype (or autocast's), then back to the base's output dtype
+            rows = (rows + lora_b(lora_a(self.lora_dropout[name](xs))) * self.scaling[name]).to(result.dtype)
+        parts.append(rows)
+    return torch.cat(parts)
+
+
+class SharedModel:
+    """The base with every arm's adapter; `model` is the peft model holding them."""
+
+    def __init__(self, base: Any, adapters: Sequence[tuple[LoraSpec, int]]) -> None:
+        """adapters: each arm's (lora spec, seed), in the arms' order."""
+        from peft import get_peft_model
+        from peft.tuners.lora import Linear as LoraLinear
+        from peft.tuners.lora import LoraLayer
+
+        self.names = [adapter_name(i) for i in range(len(adapters))]
+        model = None
+        for name, (spec, seed) in zip(self.names, adapters):
+            torch.manual_seed(seed)  # each adapter starts where the arm alone starts (load_base draws nothing)
+            if model is None:
+                model = get_peft_model(base, lora_config(spec), adapter_name=name)
+            else:
+                model.add_adapter(name, lora_config(spec))
+        self.model = model
+        self.layers = [m for m in model.modules() if isinstance(m, LoraLayer)]
+        odd = [type(m).__name__ for m in self.layers if type(m) is not LoraLinear]
+        if odd:
+            raise NotCoTrainable(f"LoRA on {odd[0]} layers (co-training routes Linear layers only)")
+        for layer in self.layers:
+            layer.gputwin_blocks = None
+            layer.forward = types.MethodType(_routed_forward, layer)
+        self.make_trainable()
+
+    def make_trainable(self) -> None:
+        """Every arm's adapter trains (peft freezes all but the active adapter when one is added or set)."""
+        for layer in self.layers:
+            for name in self.names:
+                if name in layer.lora_A:
+                    layer.lora_A[name].requires_grad_(True)
+                    layer.lora_B[name].requires_grad_(True)
+
+    def owner(self, parameter_name: str) -> str | None:
+        """The adapter a parameter belongs to; None for the base's."""
+        return next((name for name in self.names if f".{name}." in parameter_name), None)
+
+    @contextmanager
+    def routed(self, blocks: Sequence[Block]) -> Iterator[Any]:
+        """Forward passes inside see each adapter on its own rows: blocks cover the batch's rows in order."""
+        for layer in self.layers:
+            layer.gputwin_blocks = tuple(blocks)
+        try:
+            yield self.model
+        finally:
+            for layer in self.layers:
+                layer.gputwin_blocks = None
+
+    @contextmanager
+    def only(self, name: str) -> Iterator[Any]:
+        """The peft model with `name` as its one active adapter: the arm's model as it would be alone."""
+        self.model.set_adapter(name)
+        try:
+            yield self.model
+        finally:
+            self.make_trainable()
+
+
+class ArmView:
+    """One arm's share of the shared model, under the names its own model would give it."""
+
+    def __init__(self, shared: SharedModel, adapter: str) -> None:
+        self.shared, self.adapter = shared, adapter
+        self._named = [(name.replace(f".{adapter}.", f".{DEFAULT}."), p)
+                       for name, p in shared.model.named_parameters() if shared.owner(name) in (None, adapter)]
+
+    def named_parameters(self) -> Iterator[tuple[str, torch.nn.Parameter]]:
+        return iter(self._named)
+
+    def parameters(self) -> Iterator[torch.nn.Parameter]:
+        return (p for _, p in self._named)
+
+    def trainable(self) -> list[torch.nn.Parameter]:
+        return [p for _, p in self._named if p.requires_grad]
+
+    def train(self, mode: bool = True) -> ArmView:
+        self.shared.model.train(mode)
+        return self
+
+    def eval(self) -> ArmView:
+        return self.train(False)
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        for p in self.trainable():
+            if set_to_none:
+                p.grad = None
+            elif p.grad is not None:
+                p.grad.zero_()
+
+    def save_pretrained(self, folder: str | Path) -> None:
+        """The adapter as peft saves a model's only adapter: adapter_model.safetensors + adapter_config.json."""
+        from peft.utils import get_peft_model_state_dict
+        from safetensors.torch import save_file
+
+        model, folder = self.shared.model, Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        state = get_peft_model_state_dict(model, adapter_name=self.adapter)  # keys without the adapter's name
+        save_file({k: v.detach().cpu().contiguous() for k, v in state.items()},
+                  str(folder / "adapter_model.safetensors"), metadata={"format": "pt"})
+        config = copy.deepcopy(model.peft_config[self.adapter])
+        config.inference_mode = True
+        if config.base_model_name_or_path is None:  # as peft's save_pretrained fills it in
+            config.base_model_name_or_path = model.base_model.model.__dict__.get("name_or_path") or None
+        config.save_pretrained(str(folder))
