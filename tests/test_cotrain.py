@@ -82,3 +82,60 @@ def test_each_co_trained_arm_trains_exactly_as_it_trains_alone(world: World, tmp
     started = [e for e in log(together[0]) if e.kind == events.STARTED][0]
     assert started["shares_process_with"] == ["b"] and started["fast_paths"]["cotrain"]["on"]
     assert len(losses(together[0])) == 12 and len(losses(together[1])) == 8  # b ended first; a trained on
+
+
+def at_step(monkeypatch: pytest.MonkeyPatch, actions: dict[tuple[str, int], object]) -> None:
+    """Run actions[(arm, step)](trainer) between steps, as a user's command would arrive then."""
+    from gputwin.train.cotrain import CoTrainer
+
+    original = CoTrainer.between_steps
+
+    def between_steps(self: CoTrainer) -> int | None:
+        action = actions.pop((self.run.profile.name, self.state.step), None)
+        if action is not None:
+            action(self)
+        return original(self)
+
+    monkeypatch.setattr(CoTrainer, "between_steps", between_steps)
+
+
+def test_a_stopped_arm_leaves_the_other_training_and_extend_and_validate_now_are_per_arm(
+        world: World, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    a, b = pair(world)
+    arms = [make_arm(tmp_path, p) for p in (a, b)]
+    control_of = {p.name: ArmPaths(arm).control for p, arm in zip((a, b), arms)}
+    at_step(monkeypatch, {
+        ("b", 3): lambda t: control.write_request(control_of["b"], control.STOP, by="test"),
+        ("a", 2): lambda t: control.write_request(control_of["a"], control.EXTEND, epochs=1, by="test"),
+        ("a", 5): lambda t: control.write_request(control_of["a"], control.VALIDATE, by="test"),
+    })
+    assert train_group(arms) == 0
+    first, second = log(arms[0]), log(arms[1])
+    # b stopped at its step 3 with a checkpoint; its exit is recorded while a trains on, and only a extended
+    stopped = [e for e in second if e.kind == events.STOPPED]
+    assert [e["step"] for e in stopped] == [3] and stopped[0]["checkpoint"]
+    assert [e.kind for e in second].count(events.STEP) == 3
+    assert not any(e.kind == events.EXTENDED for e in second)
+    # a: extended by one epoch at step 2 (12 -> 18 steps), validated on request at step 5, trained to its end
+    assert [e["total_steps"] for e in first if e.kind == events.EXTENDED] == [18]
+    assert [e["step"] for e in first if e.kind == events.VALIDATION and e["reason"] == "requested"] == [5]
+    assert first[-1].kind == events.FINISHED and first[-1]["step"] == 18
+    assert ArmPaths(arms[1]).exit.read_text().strip() == "0" and not ArmPaths(arms[1]).pid.exists()
+    # resume of the stopped arm: in a process of its own, from its own checkpoint
+    assert train(arms[1]) == 0
+    again = log(arms[1])
+    assert [e["step"] for e in again if e.kind == events.RESUMED] == [3]
+    assert again[-1].kind == events.FINISHED and again[-1]["step"] == 8
+
+
+def test_an_arm_whose_loss_diverges_fails_alone_and_the_other_trains_to_its_end(
+        world: World, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    a, b = pair(world)
+    arms = [make_arm(tmp_path, p) for p in (a, b)]
+    at_step(monkeypatch, {("b", 2): lambda t: setattr(t, "fault", faults.Fault("nan", 3))})
+    assert train_group(arms) == 1  # the worst of the arms' exits
+    failed = [e for e in log(arms[1]) if e.kind == events.FAILED]
+    assert len(failed) == 1 and failed[0]["error"] == "NonFiniteLoss" and "step 3" in failed[0]["message"]
+    assert ArmPaths(arms[1]).exit.read_text().strip() == "1"
+    assert log(arms[0])[-1].kind == events.FINISHED and len(losses(arms[0])) == 12
+    assert all(torch.isfinite(torch.tensor(losses(arms[0]))))
