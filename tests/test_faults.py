@@ -205,6 +205,64 @@ def test_a_hung_trainer_is_flagged_stalled_and_after_kill_9_crashed_then_resume_
         assert a.loss_history.raw[3] == pytest.approx(again[0]["loss"])
 
 
+@fault("kill -9 of a process co-training several arms",
+       "Its supervisor records the signal in the exit file of every arm the process still held: each shows `crashed`. "
+       "`gputwin resume ARM` brings each back in a process of its own from its own last checkpoint, with the "
+       "losses it had co-trained.")
+@pytest.mark.slow
+def test_kill_9_of_a_co_training_process_crashes_each_of_its_arms_and_each_resumes_on_its_own(
+        world: SimpleNamespace, logs: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    from dataclasses import replace
+
+    from tiny import tiny_qwen3
+
+    qwen = world.folder / "qwen3"
+    if not qwen.is_dir():
+        tiny_qwen3(qwen, make_samples(24))
+    arms = []
+    for name, rank, targets in (("a", 4, ("q_proj", "v_proj")), ("b", 8, ("q_proj", "k_proj", "v_proj", "o_proj"))):
+        profile = profile_for(qwen, world.train, world.test, name=name, milestone_step=6)
+        arms.append(replace(profile, lora=replace(profile.lora, r=rank, alpha=2 * rank, dropout=0.0,
+                                                  target_modules=targets)))
+    monkeypatch.setenv(faults.ENV_VAR, "hang@5")  # steps 1-4 (a checkpoint at 3), then step 5 never ends
+    experiment = Experiment("shared-crash", tuple(arms), Rules(baseline="a"), cotrain="on")
+    exp = launcher.start_experiment(experiment, root=logs)
+    a, b = exp.arm("a"), exp.arm("b")
+    assert supervise.read_pid(a) == supervise.read_pid(b)  # one process for both
+    wait_for(lambda: faults.HANG_MESSAGE in a.stderr.read_text(), "the shared process to hang inside step 5")
+    first_life = {arm.name: steps_logged(arm) for arm in (a, b)}
+    assert all([e["step"] for e in steps] == [1, 2, 3, 4] for steps in first_life.values())
+
+    pid, _ = supervise.read_pid(a)  # type: ignore[misc]
+    os.kill(pid, signal.SIGKILL)
+    wait_for(lambda: all(supervise.read_exit(arm) is not None for arm in (a, b)), "the supervisor to record the kill")
+    watcher = ExperimentWatcher(exp)
+    watcher.poll()
+    for name in ("a", "b"):
+        crashed = watcher.state.arms[name]
+        assert crashed.status == st.CRASHED and crashed.exit_code == -signal.SIGKILL
+        assert crashed.failure is not None and f"gputwin resume {name}" in crashed.failure.hint
+    assert cli.main(["status", "shared-crash"]) == status.EXIT_ARM_CRASHED
+    assert capsys.readouterr().out.count("CRASHED") >= 2
+
+    # -- resume each: alone, from its own checkpoint of step 3, step 4 again with the loss it had co-trained
+    monkeypatch.delenv(faults.ENV_VAR)
+    for name in ("a", "b"):
+        assert cli.main(["resume", name, "-x", "shared-crash"]) == 0
+    assert supervise.read_pid(a) != supervise.read_pid(b)
+    for arm in (a, b):
+        wait_for(lambda arm=arm: supervise.read_exit(arm) is not None, f"the resumed arm {arm.name} to end")
+        assert supervise.read_exit(arm) == 0, arm.stderr.read_text()[-3000:]
+        first, second = lives(arm)
+        assert first[0]["shares_process_with"] == ["b" if arm.name == "a" else "a"]
+        assert "shares_process_with" not in second[0].data
+        resumed = next(e for e in second if e.kind == ev.RESUMED)
+        assert resumed["step"] == 3 and Path(resumed["checkpoint"]).name == "step-000003"
+        again = [e for e in second if e.kind == ev.STEP]
+        assert [e["step"] for e in again] == [4, 5, 6] and second[-1].kind == ev.FINISHED
+        assert math.isclose(again[0]["loss"], first_life[arm.name][3]["loss"], rel_tol=1e-5)
+
+
 @fault("kill -9 of a trainer mid-step, late in a long run",
        "The same for a curve kept in merged buckets (runs longer than 512 steps): the points after the checkpoint "
        "are dropped, the smoothed curve continues from the last point kept, steps stay in order.")

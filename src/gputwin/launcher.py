@@ -1,7 +1,7 @@
 """Start arms detached from the terminal, and control them afterwards.
 
-`start_experiment` writes the experiment folder and spawns one supervised trainer per arm
-(see supervise.py); the request functions turn `gputwin stop/extend/validate-now/resume` into
+`start_experiment` writes the experiment folder and spawns one supervised trainer per arm, or one per
+group of arms co-trained on one base model (gputwin.placement, supervise.supervise_group); the request functions turn `gputwin stop/extend/validate-now/resume` into
 control files or respawns after checking the arm is in a state where that makes sense. The
 CLI's handlers for these (`gputwin run`, `attach`, `demo`, `stop`, ...) are in gputwin.commands.
 """
@@ -23,11 +23,12 @@ from typing import Any, Callable, Iterator, Sequence
 from . import control, paths
 from .errors import UserError
 from .paths import ArmPaths, ExperimentPaths, make_private_dir, resolve_experiment, write_atomic
+from .placement import cotrain_groups
 from .preflight import check_arms_can_start, check_plans, check_reference
 from .profiles import Experiment, Profile, load_experiment, load_resolved, with_replicates
 from .lifecycle import CRASHED, FAILED, FINISHED, LIFE_ENDED as ENDED, NOT_STARTED, RUNNING, STOPPED
-from .supervise import (arm_alive, arm_lock, SpawnError, arm_status, ending, start_supervisor, supervisor_active,
-                        wait_for_trainer)
+from .supervise import (arm_alive, arm_lock, SpawnError, arm_status, ending, start_group_supervisor, start_supervisor,
+                        supervisor_active, wait_for_trainer)
 
 __all__ = [
     "start_experiment", "spawn_arm", "arm_alive", "arm_status", "request_stop", "request_extend",
@@ -186,23 +187,39 @@ def start_experiment(experiment: Experiment, *, root: Path | None = None, say: S
         if on_ray:
             ray_backend.start_arms(exp, experiment, say, commands)
             return exp
-        cpu_arms = sum(1 for p in experiment.arms if p.device is None)
+        # One process per arm, or per group of arms co-trained on one base model ([placement] cotrain)
+        by_name = {profile.name: profile for profile in experiment.arms}
+        processes = [[by_name[name] for name in group] for group in
+                     cotrain_groups(experiment.arms, experiment.placement.cotrain, alone=set(commands or {}))]
+        cpu_processes = sum(1 for group in processes if group[0].device is None)
         # Every supervisor starts before the launcher waits for any: the arms' trainers start side by side.
-        arms = [(profile, exp.arm(profile.name)) for profile in experiment.arms]
-        supervisors = [start_supervisor(arm, _arm_env(profile, _cpu_threads(profile, cpu_arms)),
-                                        (commands or {}).get(profile.name)) for profile, arm in arms]
+        supervisors = [_start_process(exp, group, _cpu_threads(group[0], cpu_processes), commands)
+                       for group in processes]
         failure: UserError | None = None
-        for (profile, arm), supervisor in zip(arms, supervisors):
-            try:
-                pid = _trainer_pid(arm, supervisor)
-            except UserError as exc:
-                failure = failure or exc
-                continue
-            where = "CPU" if profile.device is None else f"GPU {profile.device}"
-            say(f"Started {profile.name} on {where} (pid {pid}); log: {arm.root}")
+        for group, supervisor in zip(processes, supervisors):
+            for profile in group:
+                arm = exp.arm(profile.name)
+                try:
+                    pid = _trainer_pid(arm, supervisor)
+                except UserError as exc:
+                    failure = failure or exc
+                    continue
+                where = "CPU" if profile.device is None else f"GPU {profile.device}"
+                shared = [p.name for p in group if p is not profile]
+                together = f", co-trained with {', '.join(shared)} in one process" if shared else ""
+                say(f"Started {profile.name} on {where} (pid {pid}{together}); log: {arm.root}")
         if failure is not None:
             raise failure
     return exp
+
+
+def _start_process(exp: ExperimentPaths, group: Sequence[Profile], threads: int | None,
+                   commands: dict[str, Sequence[str]] | None) -> subprocess.Popen[bytes]:
+    """The supervisor of one arm, or of a co-trained group of arms (one trainer process for them all)."""
+    first = group[0]
+    if len(group) == 1:
+        return start_supervisor(exp.arm(first.name), _arm_env(first, threads), (commands or {}).get(first.name))
+    return start_group_supervisor([exp.arm(p.name) for p in group], _arm_env(first, threads))
 
 
 def _respawnable_profile(arm: ArmPaths) -> Profile:

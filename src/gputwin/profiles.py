@@ -177,6 +177,10 @@ class ReferenceSpec:
 
 
 BACKENDS = ("local", "ray")
+COTRAIN_MODES = ("auto", "on", "off")
+# "off" until the GPU bench (bench/cotrain.py) shows co-training ahead of separate fast-engine processes;
+# docs/profiles.md, "Placement", says why. Placement.cotrain's default must stay the same.
+COTRAIN_DEFAULT = "off"
 
 
 @dataclass(frozen=True)
@@ -186,6 +190,7 @@ class Placement:
     backend: str = "local"
     address: str | None = None  # the Ray cluster: "HOST:PORT" of its head, "ray://HOST:10001", or "auto"
     shared_path: str | None = None  # a folder every node sees: the arms' work folders (and checkpoints) go there
+    cotrain: str = "off"  # COTRAIN_MODES: arms that share a base model train in one process (gputwin.placement)
 
 
 @dataclass(frozen=True)
@@ -786,9 +791,14 @@ def load_experiment(path: str | Path, *, check_files: bool = True) -> Experiment
 
 
 def parse_placement(section: _Section) -> Placement:
-    """[placement]: backend = "local" (default) | "ray", with the cluster's `address` and an optional `shared_path`."""
-    section.check_unknown({"backend", "address", "shared_path"})
+    """[placement]: backend = "local" (default) | "ray", with the cluster's `address` and an optional `shared_path`;
+    cotrain (the local backend's): arms that share a base model in one process."""
+    section.check_unknown({"backend", "address", "shared_path", "cotrain"})
     backend = section.choice("backend", BACKENDS, "local")
+    cotrain = section.choice("cotrain", COTRAIN_MODES, COTRAIN_DEFAULT)
+    if backend == "ray" and "cotrain" in section.data and cotrain != "off":
+        raise section.error("cotrain", "co-training runs arms in one process on this machine, not on a Ray cluster",
+                            'leave cotrain out (or "off") with backend = "ray"')
     address = section.get("address", str, None, 'e.g. address = "10.0.0.5:6379" (the head node\'s `ray start` port)')
     if backend == "ray" and not address:
         raise section.error("address", "is required with backend = \"ray\"",
@@ -798,7 +808,7 @@ def parse_placement(section: _Section) -> Placement:
         raise section.error("shared_path", f"must be an absolute path every node sees, got {shared!r}",
                             'e.g. shared_path = "/mnt/shared/gputwin" (the same path on every node)')
     return Placement(backend=backend, address=address or None,
-                     shared_path=str(Path(shared).expanduser()) if shared else None)
+                     shared_path=str(Path(shared).expanduser()) if shared else None, cotrain=cotrain)
 
 
 def _resolve(relative_to: Path, value: str) -> Path:
