@@ -210,6 +210,21 @@ def test_experiment_rules_validated(folder: Path) -> None:
         load_experiment(folder / "a.toml")
 
 
+def test_placement_cotrain_is_read_defaults_to_off_and_refuses_other_values(folder: Path) -> None:
+    write(folder, GOOD, "a.toml")
+    write(folder, GOOD.replace("arm-a", "arm-b"), "b.toml")
+    base = 'arms = ["a.toml", "b.toml"]\n'
+    assert load_experiment(write(folder, base, "exp.toml")).cotrain == "off"
+    exp = load_experiment(write(folder, base + '[placement]\ncotrain = "auto"\n', "exp.toml"))
+    assert exp.cotrain == "auto" and Experiment.from_dict(json.loads(json.dumps(exp.to_dict()))) == exp
+    for extra, key in (('[placement]\ncotrain = "yes"\n', "placement.cotrain"),
+                       ("[placement]\ncotrain = true\n", "placement.cotrain"),
+                       ("[placement]\ncotrian = \"on\"\n", "placement.cotrian")):
+        with pytest.raises(ProfileError) as info:
+            load_experiment(write(folder, base + extra, "exp.toml"))
+        assert info.value.key == key and info.value.line == 3, extra
+
+
 def test_experiment_from_profiles_first_is_baseline(folder: Path) -> None:
     a = write(folder, GOOD, "a.toml")
     b = write(folder, GOOD.replace("arm-a", "arm-b").replace("r = 8", "r = 12"), "b.toml")

@@ -11,6 +11,7 @@ from dataclasses import asdict
 from typing import Any
 
 from .modelshape import fast_paths, plan_with_params
+from .placement import cotrain_groups
 from .profiles import differing_keys, flatten, load_any
 
 
@@ -44,6 +45,13 @@ def _paths_cell(paths: dict[str, dict[str, Any]]) -> str:
     return ", ".join(on) + " on" + (f"; {', '.join(off)} off" if off else "") if on else "all off"
 
 
+def _process_cell(name: str, groups: list[list[str]]) -> str:
+    """Whether the arm trains in a process of its own or co-trained with others ([placement] cotrain)."""
+    group = next(g for g in groups if name in g)
+    others = [n for n in group if n != name]
+    return f"co-trained with {', '.join(others)}" if others else "its own"
+
+
 def cmd_check(args: Any) -> int:
     from rich.console import Console
     from rich.table import Table
@@ -53,12 +61,14 @@ def cmd_check(args: Any) -> int:
     plans = [plan_with_params(a) for a in arms]
     paths = [fast_paths(a) for a in arms]
     differ = set(differing_keys(arms))
+    groups = cotrain_groups(arms, experiment.cotrain)
     if getattr(args, "json", False):
         reference = None if experiment.reference is None else asdict(experiment.reference)
         print(json.dumps({"experiment": experiment.name, "differing_keys": sorted(differ),
                           "arms": [{"profile": a.to_dict(), "from_adapter": list(a.from_adapter), "plan": asdict(p),
                                     "fast_paths": f} for a, p, f in zip(arms, plans, paths)],
-                          "reference": reference}, indent=2))
+                          "reference": reference, "cotrain": experiment.cotrain, "processes": groups},
+                         indent=2))
         return 0
     console = Console()
     table = Table(title=f"gputwin check: {experiment.name}", title_justify="left", show_lines=False)
@@ -77,6 +87,7 @@ def cmd_check(args: Any) -> int:
         marker = "≠ " if len(set(values)) > 1 else "  "
         table.add_row(marker + label, *[_fmt(v, commas=True) for v in values], style="bold" if marker.strip() else None)
     table.add_row("  fast paths", *[_paths_cell(f) for f in paths])
+    table.add_row("  process", *[_process_cell(a.name, groups) for a in arms])
     console.print(table)
     notes = [f"{a.name}: {p.samples_note}" for a, p in zip(arms, plans) if p.samples_note]
     notes += [f"{a.name}: {', '.join(a.from_adapter)} taken from the init adapter {a.model.init_adapter}"

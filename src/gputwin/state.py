@@ -194,6 +194,7 @@ class ArmState:
     device: str | None = None  # as the trainer reported it: "cuda:1 NVIDIA H200", "cpu", ...
     gpu_index: int | None = None  # NVML index when on a GPU (for the GPU panel)
     pid: int | None = None
+    shares_process_with: tuple[str, ...] = ()  # the arms co-trained in the same process (this life)
     samples: int | None = None  # training samples
     step: int = 0
     total_steps: int | None = None
@@ -370,6 +371,8 @@ def _on_started(s: ArmState, e: ev.Event) -> None:
     s.timer.restart()
     s.status, s.failure, s.exit_code = TRAINING, None, None
     s.pid = _int(e.get("pid"))
+    partners = e.get("shares_process_with")
+    s.shares_process_with = tuple(str(x) for x in partners) if isinstance(partners, list) else ()
     device = e.get("device")
     s.device = None if device is None else str(device)
     # The trainer sees only its own GPU (as cuda:0); the profile names the physical index NVML uses.

@@ -52,6 +52,7 @@ def arm_summary(arm: ArmState, now: float, baseline: str | None = None,
         "node": arm.node,
         "queue": None if arm.queue_place is None else {"place": arm.queue_place, "of": arm.queue_length},
         "pid": arm.pid,
+        "shares_process_with": list(arm.shares_process_with) if not arm.ended else [],
         "step": arm.step,
         "total_steps": arm.total_steps,
         "progress": arm.progress,
@@ -145,6 +146,8 @@ def arm_lines(a: dict[str, Any], now: float) -> list[str]:
         head += f" on node {a['node']}"
     if a["pid"]:
         head += f"  pid {a['pid']}"
+    if a.get("shares_process_with"):
+        head += f"  co-trained with {', '.join(a['shares_process_with'])} (one process)"
     total = a["total_steps"] if a["total_steps"] is not None else "?"
     progress = f" ({_pct(a['progress'])})" if a["progress"] is not None else ""
     speed = f"  {a['mean_step_s']:.2f} s/step" if a["mean_step_s"] else ""

@@ -52,7 +52,7 @@ def milestone_text(arm: ArmState, now: float) -> str:
 
 
 def header_text(arm: ArmState, now: float, baseline: str | None) -> Text:
-    """Device, status in its colour, pid and role."""
+    """Device, status in its colour, pid, the arms sharing its process, and role."""
     device = f"GPU {arm.gpu_index}" if arm.gpu_index is not None else device_label(arm.device)
     if arm.node is not None:
         device += f" on {arm.node}"
@@ -61,6 +61,8 @@ def header_text(arm: ArmState, now: float, baseline: str | None) -> Text:
         text.append(f" (no step for {human_duration(now - arm.last_step_t)})", style="yellow")
     if arm.pid is not None and not arm.ended:
         text.append(f" · pid {arm.pid}")
+    if arm.shares_process_with and not arm.ended:  # one process, one base model: see [placement] cotrain
+        text.append(f" · co-trained with {', '.join(arm.shares_process_with)}", style="cyan")
     if arm.name == baseline:
         text.append(" · baseline", style="italic")
     return text
