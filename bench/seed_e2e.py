@@ -7,6 +7,7 @@ Two stages, because the GPU machine has no network and no Faker:
 The model has the real architecture (same FLOPs) with random weights: F1 is near zero and means nothing; the
 figure is the time from launch to verdict. Writes bench/out/seed-e2e/result-TAG.json and prints a table.
   python3 bench/seed_e2e.py run --only conservative --tag solo   one arm alone, to its validation
+  python3 bench/seed_e2e.py run --cotrain on --tag cotrain       both arms co-trained in one process
   python bench/seed_e2e.py smoke --work DIR          (CPU, tests) the same path at toy sizes, to a verdict
 """
 
@@ -49,10 +50,12 @@ def prepare(train: int = 3516, test: int = 600, vocab: int = 16000, work: Path |
 
 
 def run(wait_limit: float, tiny: bool = False, tag: str = "both", only: str | None = None,
-        profile_to: str | None = None, milestone: int | None = None, sample_size: int | None = None) -> dict:
+        profile_to: str | None = None, milestone: int | None = None, sample_size: int | None = None,
+        cotrain: str | None = None) -> dict:
     """Launch the seed experiment (or one arm of it, `only`) and time it to the verdict (to its validation).
 
-    milestone and sample_size replace the seed's 879 and 500 (the smoke run's small sizes)."""
+    milestone and sample_size replace the seed's 879 and 500 (the smoke run's small sizes); cotrain sets the
+    experiment's [placement] cotrain (on: both arms in one process, gputwin.train.cotrain)."""
     import torch
     from transformers import PreTrainedTokenizerFast, Qwen3Config, Qwen3ForCausalLM
 
@@ -91,7 +94,8 @@ def run(wait_limit: float, tiny: bool = False, tag: str = "both", only: str | No
         if sample_size:
             text = text.replace("sample_size = 500", f"sample_size = {sample_size}")
         (folder / Path(arm.source).name).write_text(text)
-    (folder / "seed.toml").write_text(Path(exp.source).read_text())
+    placement = f'\n[placement]\ncotrain = "{cotrain}"\n' if cotrain else ""
+    (folder / "seed.toml").write_text(Path(exp.source).read_text() + placement)
     logs = WORK / f"logs-{tag}" if tiny else Path(f"/tmp/gputwin-logs-{tag}")
     arms = [only] if only else ["conservative", "aggressive"]
     env = dict(os.environ, GPUTWIN_LOGS=str(logs), PYTHONPATH=str(REPO / "src"), PYTHONUNBUFFERED="1")
@@ -132,7 +136,7 @@ def run(wait_limit: float, tiny: bool = False, tag: str = "both", only: str | No
     except subprocess.TimeoutExpired:
         monitor.kill()
 
-    result = {"model_build_seconds": round(built, 1), "arms_run": arms,
+    result = {"model_build_seconds": round(built, 1), "arms_run": arms, "cotrain": cotrain or "off",
               ("launch_to_validation_seconds" if only else "launch_to_verdict_seconds"): to_verdict, "arms": {}}
     for arm in arms:
         events = [json.loads(line) for line in (logs / "pii-seed" / arm / "events.jsonl").read_text().splitlines()
@@ -144,6 +148,8 @@ def run(wait_limit: float, tiny: bool = False, tag: str = "both", only: str | No
         validation = next((e for e in events if e["kind"] == "validation"), None)
         result["arms"][arm] = {
             "engine": started.get("engine"),
+            "shares_process_with": started.get("shares_process_with", []),
+            "f1": validation.get("f1") if validation else None,
             "started_after_launch_s": round(started["t"] - launched, 1),
             "first_step_after_launch_s": round(steps[0]["t"] - launched, 1) if steps else None,
             "milestone_after_launch_s": round(reached["t"] - launched, 1) if reached else None,
@@ -165,11 +171,12 @@ def run(wait_limit: float, tiny: bool = False, tag: str = "both", only: str | No
     return result
 
 
-def smoke() -> int:
+def smoke(cotrain: str | None = None) -> int:
     """The whole path on the CPU at toy sizes, for the tests: prepare, launch both arms of the seed
     experiment with a 2-layer model, milestone at step 8 on 16 samples, wait for the verdict."""
     prepare(train=64, test=40, vocab=1000)
-    result = run(240, tiny=True, tag="smoke", milestone=8, sample_size=16)
+    result = run(240, tiny=True, tag=f"smoke-{cotrain}" if cotrain else "smoke", milestone=8, sample_size=16,
+                 cotrain=cotrain)
     validated = all(r["validated_after_launch_s"] is not None for r in result["arms"].values())
     return 0 if result["launch_to_verdict_seconds"] is not None and validated else 1
 
@@ -185,14 +192,16 @@ def main() -> int:
     parser.add_argument("--only", choices=["conservative", "aggressive"],
                         help="run this arm alone and time it to its validation (an arm with a GPU of its own)")
     parser.add_argument("--cprofile", metavar="FILE", help="with --only: run the trainer under cProfile, stats to FILE")
+    parser.add_argument("--cotrain", choices=["on", "off", "auto"],
+                        help="the experiment's [placement] cotrain (on: both arms co-trained in one process)")
     args = parser.parse_args()
     WORK = args.work.resolve()
     if args.stage == "prepare":
         prepare()
     elif args.stage == "smoke":
-        return smoke()
+        return smoke(args.cotrain)
     else:
-        run(args.wait, args.tiny, args.tag, args.only, args.cprofile)
+        run(args.wait, args.tiny, args.tag, args.only, args.cprofile, cotrain=args.cotrain)
     return 0
 
 

@@ -42,7 +42,7 @@ from . import tokcache
 from .batching import IGNORE_INDEX, Example, collate_padded
 from .engine import NonFiniteLoss, StepOutput, autocast_for, build_optimizer, set_lr
 from .loop import INTERNAL_HINT, Batch, StopSignal, Trainer, known_failure, read_profile, report_failure
-from .multilora import ArmView, NotCoTrainable, SharedModel, adapter_name
+from .multilora import ArmView, Block, NotCoTrainable, SharedModel, adapter_name
 from .setup import Run, TrainFailure, cpu_threads, load_model, load_tokenizer, pick_device, seed_everything
 
 COTRAIN_HINT = "train these arms apart: set cotrain = \"off\" in the experiment's [placement] table"
@@ -51,10 +51,30 @@ COTRAIN_HINT = "train these arms apart: set cotrain = \"off\" in the experiment'
 # ---------------------------------------------------------------- the step
 
 
+def next_token_targets(labels: torch.Tensor) -> torch.Tensor:
+    """The label each position predicts (the next token's), IGNORE_INDEX where there is none."""
+    return F.pad(labels, (0, 1), value=IGNORE_INDEX)[..., 1:]
+
+
 def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """transformers' causal-LM loss: the mean over label tokens of the next token's cross-entropy, in fp32."""
-    shifted = F.pad(labels, (0, 1), value=IGNORE_INDEX)[..., 1:]
-    return F.cross_entropy(logits.float().flatten(0, 1), shifted.flatten(), ignore_index=IGNORE_INDEX)
+    return F.cross_entropy(logits.float().flatten(0, 1), next_token_targets(labels).flatten(),
+                           ignore_index=IGNORE_INDEX)
+
+
+def split_head(model: Any) -> tuple[Any, Any] | None:
+    """(decoder, lm_head) of a plain causal LM, so the head runs at the answer's positions only: at
+    Qwen3's 151,936-token vocabulary the full logits of a padded batch are most of the step's memory. None
+    where the model does more than lm_head(hidden) to its logits (a soft cap, a scale)."""
+    causal = model.get_base_model()
+    config = causal.config
+    if getattr(config, "final_logit_softcapping", None) or getattr(config, "logit_scale", None):
+        return None
+    try:
+        decoder, head = causal.get_decoder(), causal.get_output_embeddings()
+    except (AttributeError, NotImplementedError):
+        return None
+    return (decoder, head) if decoder is not None and head is not None else None
 
 
 def stack_batches(batches: Sequence[dict[str, torch.Tensor]], pad_id: int) -> dict[str, torch.Tensor]:
@@ -83,6 +103,7 @@ class GroupEngine:
     def __init__(self, shared: SharedModel, *, device: torch.device, model_dtype: torch.dtype, pad_id: int) -> None:
         self.shared, self.device, self.model_dtype, self.pad_id = shared, device, model_dtype, pad_id
         self.members: dict[str, Member] = {}
+        self.split = split_head(shared.model)
 
     def join(self, view: ArmView, optimizer: torch.optim.Optimizer, grad_clip: float) -> None:
         self.members[view.adapter] = Member(view.adapter, view.trainable(), optimizer, grad_clip)
@@ -96,9 +117,7 @@ class GroupEngine:
         for (adapter, _, _), batch in zip(work, batches):
             blocks.append((adapter, row, row + len(batch["input_ids"])))
             row = blocks[-1][2]
-        with self.shared.routed(blocks) as model, autocast_for(self.device, self.model_dtype):
-            logits = model(input_ids=stacked["input_ids"], attention_mask=stacked["attention_mask"]).logits
-        losses = [causal_lm_loss(logits[start:stop], stacked["labels"][start:stop]) for _, start, stop in blocks]
+        losses = self.losses(stacked, blocks)
         values = torch.stack([loss.detach() for loss in losses]).tolist()  # one wait for the device, not one per arm
         finite = [loss for loss, value in zip(losses, values) if math.isfinite(value)]
         if finite:
@@ -118,6 +137,29 @@ class GroupEngine:
             member.optimizer.zero_grad(set_to_none=True)
             out[adapter] = StepOutput(loss=value, grad_norm=grad_norm)
         return out
+
+
+    def losses(self, stacked: dict[str, torch.Tensor], blocks: Sequence[Block]) -> list[torch.Tensor]:
+        """Each arm's mean loss over its rows: the decoder once over all rows, the head per arm at the
+        positions that have a label (with that arm's adapter, should it adapt the head)."""
+        inputs = {"input_ids": stacked["input_ids"], "attention_mask": stacked["attention_mask"]}
+        with autocast_for(self.device, self.model_dtype):
+            if self.split is None:
+                with self.shared.routed(blocks) as model:
+                    logits = model(**inputs).logits
+                return [causal_lm_loss(logits[start:stop], stacked["labels"][start:stop]) for _, start, stop in blocks]
+            decoder, head = self.split
+            with self.shared.routed(blocks):
+                hidden = decoder(**inputs).last_hidden_state
+            targets = next_token_targets(stacked["labels"])
+            losses = []
+            for adapter, start, stop in blocks:
+                keep = targets[start:stop] != IGNORE_INDEX
+                rows = hidden[start:stop][keep]  # [label tokens, hidden]: one block, this arm's
+                with self.shared.routed([(adapter, 0, len(rows))]):
+                    logits = head(rows)
+                losses.append(F.cross_entropy(logits.float(), targets[start:stop][keep]))
+            return losses
 
 
 class ArmEngine:

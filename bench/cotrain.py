@@ -1,0 +1,303 @@
+"""Co-training against separate processes: the seed's two arms on one GPU ([placement] cotrain).
+
+In one run, on the same random-init Qwen3-0.6B (from its config), the same seeded synthetic samples and the
+seed's two arms (conservative: r8/alpha16, lr 1e-4; aggressive: r12/alpha24, lr 1.5e-4; both q,k,v,o,
+batch 4, warm-up 50, linear decay, clip 1.0, dropout 0.05 unless --dropout), three placements:
+  separate-fast    two processes sharing the GPU, each stepping with the trainer's fast engine (today's)
+  separate-plain   two processes sharing the GPU, each with the plain engine (the co-trained step's maths)
+  cotrained        one process: the base once, both adapters, one pass (gputwin.train.cotrain.GroupEngine)
+Reported: combined tokens/s of both arms over their timed steps (after warm-up; two processes are timed
+over the same window, both started together), GPU memory (each process's peak reserved memory plus the
+CUDA context, as NVML reports the process at its end; two processes summed), and each arm's loss curve
+against its separate runs: the max relative gap of the EMA-smoothed curves over every step.
+
+  PYTHONPATH=src python3 bench/cotrain.py                         # GPU: 20 warm-up + 200 timed steps
+  PYTHONPATH=src python3 bench/cotrain.py --dropout 0 --tag nodrop # the same maths without dropout noise
+  python3 bench/cotrain.py --smoke --out DIR                      # CPU, tiny model, correctness only (tests)
+Writes OUT/cotrain[-TAG].json (OUT: bench/out unless --out) and prints a table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+
+import common
+from gputwin.profiles import LoraSpec
+from gputwin.schedule import lr_at, make_plan
+from gputwin.train.batching import EpochBatches, Example
+
+# The seed's arms (profiles/conservative.toml, profiles/aggressive.toml): name, r, alpha, lr, total steps.
+ARMS = (("conservative", 8, 16, 1e-4, 1758), ("aggressive", 12, 24, 1.5e-4, 879))
+TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
+BATCH, SEED, WARMUP_LR_STEPS = 4, 42, 50
+VARIANTS = ("separate-fast", "separate-plain", "cotrained")
+
+
+def settings(args: argparse.Namespace) -> dict[str, Any]:
+    return {"smoke": args.smoke, "steps": args.steps, "warmup": args.warmup, "samples": args.samples,
+            "dropout": args.dropout, "batch": BATCH}
+
+
+def build_base(smoke: bool, device: torch.device) -> Any:
+    """The random-init base, the same in every process (seeded)."""
+    from transformers import AutoModelForCausalLM
+
+    dtype = torch.float32 if smoke else torch.bfloat16
+    torch.manual_seed(0)
+    with torch.device(device):
+        return AutoModelForCausalLM.from_config(common.model_config(smoke), dtype=dtype, attn_implementation="sdpa")
+
+
+def examples_for(args: argparse.Namespace, base: Any) -> list[Example]:
+    config = base.config
+    kwargs = {"min_len": 24, "max_len": 48, "mean_len": 36.0} if args.smoke else {}
+    samples = common.synthetic_samples(args.samples, seed=1, vocab_size=config.vocab_size,
+                                       eos_id=int(config.eos_token_id), **kwargs)
+    return [Example(s["input_ids"], s["labels"], False) for s in samples]
+
+
+def lora_spec(arm: tuple[Any, ...], dropout: float) -> LoraSpec:
+    _, r, alpha, _, _ = arm
+    return LoraSpec(r=r, alpha=alpha, dropout=dropout, target_modules=TARGETS)
+
+
+def schedule(arm: tuple[Any, ...]) -> Any:
+    _, _, _, lr, total = arm
+    return make_plan(lr, WARMUP_LR_STEPS, "linear", total, 0.1)
+
+
+def process_memory_gib(device: torch.device) -> dict[str, float] | None:
+    """Peak reserved by torch, and what NVML says this process holds now (context included)."""
+    peak = common.peak_memory_gib(device)
+    if peak is None:
+        return None
+    try:
+        import pynvml
+
+        pynvml.nvmlInit()
+        handle = pynvml.nvmlDeviceGetHandleByIndex(torch.cuda.current_device())
+        for proc in pynvml.nvmlDeviceGetComputeRunningProcesses(handle):
+            if proc.pid == os.getpid() and proc.usedGpuMemory:
+                peak["nvml_process"] = round(proc.usedGpuMemory / 2**30, 2)
+    except Exception:  # noqa: BLE001 - no NVML (or no per-process figures in a VM): torch's figure stays
+        pass
+    return peak
+
+
+def wait_for_file(path: Path, limit_s: float = 900.0) -> None:
+    deadline = time.monotonic() + limit_s
+    while not path.exists():
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"no {path}")
+        time.sleep(0.005)
+
+
+# ---------------------------------------------------------------- one arm alone (a worker process)
+
+
+def worker(args: argparse.Namespace) -> int:
+    """One arm in a process of its own with the trainer's engine; steps in the trainer's way (each step's
+    loss read after the next is issued). Warm-up, then `ready`, then the timed steps once `go` exists."""
+    from peft import get_peft_model
+
+    from gputwin.train.engine import build_optimizer, make_engine
+    from gputwin.train.multilora import lora_config
+
+    device = torch.device("cpu" if args.smoke else "cuda")
+    arm = next(a for a in ARMS if a[0] == args.arm)
+    base = build_base(args.smoke, device)
+    examples = examples_for(args, base)
+    torch.manual_seed(SEED)  # the adapter's initialisation, as the trainer and the co-trained group do it
+    model = get_peft_model(base, lora_config(lora_spec(arm, args.dropout))).to(device)
+    model.train()
+    optimizer = build_optimizer(model, lr=arm[3], weight_decay=0.0, device=device)
+    engine = make_engine(args.engine, model, optimizer, device=device, model_dtype=base.dtype, grad_clip=1.0,
+                         pad_id=0)
+    batches, plan = EpochBatches(len(examples), BATCH, SEED), schedule(arm)
+    per_epoch = len(examples) // BATCH
+    losses: list[float] = []
+    pending = None
+    tokens = 0
+    t0 = 0.0
+    common.reset_memory(device)
+    for step in range(1, args.warmup + args.steps + 1):
+        if step == args.warmup + 1:  # the timed window starts together with the other process
+            if pending is not None:
+                losses.append(pending.result().loss)
+                pending = None
+            common.synchronize(device)
+            Path(args.ready).touch()
+            wait_for_file(Path(args.go))
+            t0 = time.time()
+        index = step - 1
+        chosen = [examples[i] for i in batches.indices(index // per_epoch, index % per_epoch)]
+        outcome = engine.step(engine.collate(chosen), lr_at(step, plan))
+        if pending is not None:
+            losses.append(pending.result().loss)
+        pending = outcome
+        if step > args.warmup:
+            tokens += sum(e.n_tokens for e in chosen)
+    losses.append(pending.result().loss)
+    common.synchronize(device)
+    t1 = time.time()
+    result = {"arm": args.arm, "engine": engine.name, "losses": losses, "tokens": tokens, "t0": t0, "t1": t1,
+              "memory_gib": process_memory_gib(device)}
+    Path(args.result).write_text(json.dumps(result))
+    return 0
+
+
+def separate(args: argparse.Namespace, engine: str, work: Path) -> dict[str, Any]:
+    """Both arms in processes of their own, sharing the device, timed over the same window."""
+    procs, files = [], []
+    go = work / f"go-{engine}"
+    for arm in ARMS:
+        ready, result = work / f"ready-{engine}-{arm[0]}", work / f"result-{engine}-{arm[0]}.json"
+        for f in (ready, result, go):
+            f.unlink(missing_ok=True)
+        cmd = [sys.executable, __file__, "worker", "--arm", arm[0], "--engine", engine, "--ready", str(ready),
+               "--go", str(go), "--result", str(result), *passthrough(args)]
+        procs.append(subprocess.Popen(cmd))
+        files.append((ready, result))
+    for ready, _ in files:
+        wait_for_file(ready)
+    go.touch()
+    for proc in procs:
+        if proc.wait() != 0:
+            raise RuntimeError(f"a {engine} worker failed (exit {proc.returncode})")
+    results = [json.loads(result.read_text()) for _, result in files]
+    window = max(r["t1"] for r in results) - min(r["t0"] for r in results)
+    memory = [r["memory_gib"] for r in results]
+    return {"variant": f"separate-{engine}", "engine": results[0]["engine"],
+            "tokens_per_s": round(sum(r["tokens"] for r in results) / window, 1),
+            "arms": {r["arm"]: {"losses": r["losses"], "tokens_per_s_alone_window": round(r["tokens"] / (r["t1"] - r["t0"]), 1)}
+                     for r in results},
+            "memory_gib": _sum_memory(memory)}
+
+
+def _sum_memory(memory: Sequence[dict[str, float] | None]) -> dict[str, float] | None:
+    if any(m is None for m in memory):
+        return None
+    keys = set.intersection(*(set(m) for m in memory if m is not None))
+    return {k: round(sum(m[k] for m in memory if m is not None), 2) for k in sorted(keys)}
+
+
+# ---------------------------------------------------------------- both arms in one process
+
+
+def cotrained(args: argparse.Namespace) -> dict[str, Any]:
+    from gputwin.train.cotrain import GroupEngine
+    from gputwin.train.engine import build_optimizer
+    from gputwin.train.multilora import ArmView, SharedModel
+
+    device = torch.device("cpu" if args.smoke else "cuda")
+    common.reset_memory(device)
+    base = build_base(args.smoke, device)
+    examples = examples_for(args, base)
+    shared = SharedModel(base, [(lora_spec(arm, args.dropout), SEED) for arm in ARMS])
+    shared.model.to(device).train()
+    engine = GroupEngine(shared, device=device, model_dtype=base.dtype, pad_id=0)
+    views = [ArmView(shared, name) for name in shared.names]
+    for arm, view in zip(ARMS, views):
+        engine.join(view, build_optimizer(view, lr=arm[3], weight_decay=0.0, device=device), 1.0)
+    batches, plans = EpochBatches(len(examples), BATCH, SEED), [schedule(arm) for arm in ARMS]
+    per_epoch = len(examples) // BATCH
+    losses: dict[str, list[float]] = {arm[0]: [] for arm in ARMS}
+    tokens, t0 = 0, time.time()
+    for step in range(1, args.warmup + args.steps + 1):
+        if step == args.warmup + 1:
+            common.synchronize(device)
+            t0 = time.time()
+        index = step - 1
+        chosen = [examples[i] for i in batches.indices(index // per_epoch, index % per_epoch)]
+        out = engine.step([(view.adapter, chosen, lr_at(step, plan)) for view, plan in zip(views, plans)])
+        for arm, view in zip(ARMS, views):
+            losses[arm[0]].append(out[view.adapter].loss)  # type: ignore[union-attr]
+        if step > args.warmup:
+            tokens += len(ARMS) * sum(e.n_tokens for e in chosen)
+    common.synchronize(device)
+    window = time.time() - t0
+    return {"variant": "cotrained", "engine": "cotrain (plain step)", "tokens_per_s": round(tokens / window, 1),
+            "arms": {name: {"losses": curve} for name, curve in losses.items()},
+            "memory_gib": process_memory_gib(device)}
+
+
+# ---------------------------------------------------------------- the run
+
+
+def passthrough(args: argparse.Namespace) -> list[str]:
+    out = ["--steps", str(args.steps), "--warmup", str(args.warmup), "--samples", str(args.samples),
+           "--dropout", str(args.dropout)]
+    return out + (["--smoke"] if args.smoke else [])
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("stage", nargs="?", default="run", choices=["run", "worker"])
+    parser.add_argument("--smoke", action="store_true", help="tiny model on the CPU, few steps: correctness only")
+    parser.add_argument("--steps", type=int, help="timed steps (default 200; 6 with --smoke)")
+    parser.add_argument("--warmup", type=int, help="untimed steps first (default 20; 2 with --smoke)")
+    parser.add_argument("--samples", type=int, help="synthetic samples (default 3516, the seed's; 48 with --smoke)")
+    parser.add_argument("--dropout", type=float, default=0.05, help="LoRA dropout of both arms (the seed's 0.05)")
+    parser.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated subset of " + ", ".join(VARIANTS))
+    parser.add_argument("--tag", default="", help="names the result file cotrain-TAG.json")
+    parser.add_argument("--out", type=Path, default=common.OUT_DIR)
+    for name in ("arm", "engine", "ready", "go", "result"):  # a worker's own
+        parser.add_argument(f"--{name}")
+    args = parser.parse_args(argv)
+    args.steps = args.steps or (6 if args.smoke else 200)
+    args.warmup = args.warmup if args.warmup is not None else (2 if args.smoke else 20)
+    args.samples = args.samples or (48 if args.smoke else 3516)
+    return args
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.stage == "worker":
+        return worker(args)
+    args.out.mkdir(parents=True, exist_ok=True)
+    wanted = [v for v in args.variants.split(",") if v]
+    results = []
+    for variant in wanted:
+        print(f"-- {variant}", flush=True)
+        if variant == "cotrained":
+            results.append(cotrained(args))
+        else:
+            results.append(separate(args, variant.removeprefix("separate-"), args.out))
+    by_name = {r["variant"]: r for r in results}
+    together = by_name.get("cotrained")
+    for r in results:
+        if together is not None and r is not together:
+            r["cotrained_speedup"] = round(together["tokens_per_s"] / r["tokens_per_s"], 3)
+            memory, ours = r.get("memory_gib"), together.get("memory_gib")
+            if memory and ours:
+                key = "nvml_process" if "nvml_process" in memory and "nvml_process" in ours else "reserved"
+                r["cotrained_memory_ratio"] = round(ours[key] / memory[key], 3)
+                r["memory_ratio_from"] = key
+            r["curve_gap_to_cotrained"] = {arm: common.curve_gap(r["arms"][arm]["losses"], together["arms"][arm]["losses"])
+                                           for arm in r["arms"]}
+    device = torch.device("cpu" if args.smoke else "cuda")
+    record = {"settings": settings(args), "machine": common.machine_info(device), "results": results}
+    path = args.out / (f"cotrain-{args.tag}.json" if args.tag else "cotrain.json")
+    path.write_text(json.dumps(record, indent=2))
+    rows = [{"variant": r["variant"], "tokens/s": r["tokens_per_s"], "speedup": r.get("cotrained_speedup", "-"),
+             "memory GiB": (r.get("memory_gib") or {}).get("nvml_process", (r.get("memory_gib") or {}).get("reserved", "-")),
+             "mem ratio": r.get("cotrained_memory_ratio", "-"),
+             "max EMA gap": max((g["max_rel_gap_ema"] for g in r.get("curve_gap_to_cotrained", {}).values()), default="-")}
+            for r in results]
+    common.print_table("co-trained against separate processes (speedup, memory ratio: cotrained / this row)", rows,
+                       ["variant", "tokens/s", "speedup", "memory GiB", "mem ratio", "max EMA gap"])
+    print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
