@@ -4,12 +4,15 @@ In one run, on the same random-init Qwen3-0.6B (from its config), the same seede
 seed's two arms (conservative: r8/alpha16, lr 1e-4; aggressive: r12/alpha24, lr 1.5e-4; both q,k,v,o,
 batch 4, warm-up 50, linear decay, clip 1.0, dropout 0.05 unless --dropout), three placements:
   separate-fast    two processes sharing the GPU, each stepping with the trainer's fast engine (today's)
-  separate-plain   two processes sharing the GPU, each with the plain engine (the co-trained step's maths)
-  cotrained        one process: the base once, both adapters, one pass (gputwin.train.cotrain.GroupEngine)
+  separate-plain   two processes sharing the GPU, each with the plain engine
+  cotrained-fast   one process: the base once, both adapters, one pass, both arms' samples packed in one row
+                   and the step a CUDA graph (gputwin.train.cotrain.GroupEngine, fast: train/cofast.py)
+  cotrained-plain  the same with the plain co-trained step (padded batches stacked, eager)
 Reported: combined tokens/s of both arms over their timed steps (after warm-up; two processes are timed
 over the same window, both started together), GPU memory (each process's peak reserved memory plus the
 CUDA context, as NVML reports the process at its end; two processes summed), and each arm's loss curve
-against its separate runs: the max relative gap of the EMA-smoothed curves over every step.
+against its separate runs: the max relative gap of the EMA-smoothed curves over every step. Speed-up and
+memory ratio are cotrained-fast's over each other row (cotrained-plain's when fast is not run).
 
   PYTHONPATH=src python3 bench/cotrain.py                         # GPU: 20 warm-up + 200 timed steps
   PYTHONPATH=src python3 bench/cotrain.py --dropout 0 --tag nodrop # the same maths without dropout noise
@@ -39,7 +42,7 @@ from gputwin.train.batching import EpochBatches, Example
 ARMS = (("conservative", 8, 16, 1e-4, 1758), ("aggressive", 12, 24, 1.5e-4, 879))
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
 BATCH, SEED, WARMUP_LR_STEPS = 4, 42, 50
-VARIANTS = ("separate-fast", "separate-plain", "cotrained")
+VARIANTS = ("separate-fast", "separate-plain", "cotrained-fast", "cotrained-plain")
 
 
 def settings(args: argparse.Namespace) -> dict[str, Any]:
@@ -193,7 +196,8 @@ def _sum_memory(memory: Sequence[dict[str, float] | None]) -> dict[str, float] |
 # ---------------------------------------------------------------- both arms in one process
 
 
-def cotrained(args: argparse.Namespace) -> dict[str, Any]:
+def cotrained(args: argparse.Namespace, fast: bool) -> dict[str, Any]:
+    """Both arms in one process, stepped the trainer's way (each step's figures read after the next is issued)."""
     from gputwin.train.cotrain import GroupEngine
     from gputwin.train.engine import build_optimizer
     from gputwin.train.multilora import ArmView, SharedModel
@@ -204,7 +208,7 @@ def cotrained(args: argparse.Namespace) -> dict[str, Any]:
     examples = examples_for(args, base)
     shared = SharedModel(base, [(lora_spec(arm, args.dropout), SEED) for arm in ARMS])
     shared.model.to(device).train()
-    engine = GroupEngine(shared, device=device, model_dtype=base.dtype, pad_id=0)
+    engine = GroupEngine(shared, device=device, model_dtype=base.dtype, pad_id=0, fast=fast)
     views = [ArmView(shared, name) for name in shared.names]
     for arm, view in zip(ARMS, views):
         engine.join(view, build_optimizer(view, lr=arm[3], weight_decay=0.0, device=device), 1.0)
@@ -212,20 +216,30 @@ def cotrained(args: argparse.Namespace) -> dict[str, Any]:
     per_epoch = len(examples) // BATCH
     losses: dict[str, list[float]] = {arm[0]: [] for arm in ARMS}
     tokens, t0 = 0, time.time()
+    pending: dict[str, Any] = {}
+
+    def read() -> None:
+        for arm, view in zip(ARMS, views):
+            if view.adapter in pending:
+                losses[arm[0]].append(pending.pop(view.adapter).result().loss)
+
     for step in range(1, args.warmup + args.steps + 1):
         if step == args.warmup + 1:
+            read()
             common.synchronize(device)
             t0 = time.time()
         index = step - 1
         chosen = [examples[i] for i in batches.indices(index // per_epoch, index % per_epoch)]
         out = engine.step([(view.adapter, chosen, lr_at(step, plan)) for view, plan in zip(views, plans)])
-        for arm, view in zip(ARMS, views):
-            losses[arm[0]].append(out[view.adapter].loss)  # type: ignore[union-attr]
+        read()
+        pending = dict(out)
         if step > args.warmup:
             tokens += len(ARMS) * sum(e.n_tokens for e in chosen)
+    read()
     common.synchronize(device)
     window = time.time() - t0
-    return {"variant": "cotrained", "engine": "cotrain (plain step)", "tokens_per_s": round(tokens / window, 1),
+    return {"variant": f"cotrained-{'fast' if fast else 'plain'}", "engine": engine.name,
+            "tokens_per_s": round(tokens / window, 1),
             "arms": {name: {"losses": curve} for name, curve in losses.items()},
             "memory_gib": process_memory_gib(device)}
 
@@ -268,12 +282,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     results = []
     for variant in wanted:
         print(f"-- {variant}", flush=True)
-        if variant == "cotrained":
-            results.append(cotrained(args))
+        if variant.startswith("cotrained-"):
+            results.append(cotrained(args, fast=variant == "cotrained-fast"))
         else:
             results.append(separate(args, variant.removeprefix("separate-"), args.out))
     by_name = {r["variant"]: r for r in results}
-    together = by_name.get("cotrained")
+    together = by_name.get("cotrained-fast") or by_name.get("cotrained-plain")
     for r in results:
         if together is not None and r is not together:
             r["cotrained_speedup"] = round(together["tokens_per_s"] / r["tokens_per_s"], 3)
@@ -293,7 +307,8 @@ def main(argv: Sequence[str] | None = None) -> int:
              "mem ratio": r.get("cotrained_memory_ratio", "-"),
              "max EMA gap": max((g["max_rel_gap_ema"] for g in r.get("curve_gap_to_cotrained", {}).values()), default="-")}
             for r in results]
-    common.print_table("co-trained against separate processes (speedup, memory ratio: cotrained / this row)", rows,
+    common.print_table(f"co-trained against separate processes (speedup, memory ratio: {together['variant'] if together else '-'}"
+                       " / this row)", rows,
                        ["variant", "tokens/s", "speedup", "memory GiB", "mem ratio", "max EMA gap"])
     print(f"wrote {path}")
     return 0

@@ -20,9 +20,9 @@ def test_the_cotrain_benchmark_runs_every_placement_and_the_curves_agree(tmp_pat
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     record = json.loads((tmp_path / "cotrain.json").read_text())
     results = {r["variant"]: r for r in record["results"]}
-    assert set(results) == {"separate-fast", "separate-plain", "cotrained"}
+    assert set(results) == {"separate-fast", "separate-plain", "cotrained-fast", "cotrained-plain"}
     assert all(r["tokens_per_s"] > 0 for r in results.values())
-    for variant in ("separate-fast", "separate-plain"):
+    for variant in ("separate-fast", "separate-plain", "cotrained-plain"):  # each against cotrained-fast
         gaps = results[variant]["curve_gap_to_cotrained"]
         assert set(gaps) == {"conservative", "aggressive"}
         for gap in gaps.values():

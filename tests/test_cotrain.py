@@ -41,19 +41,21 @@ def losses(arm: Path) -> list[float]:
     return [e["loss"] for e in log(arm) if e.kind == events.STEP]
 
 
-def pair(world: World, **b_fields: object) -> tuple:
+def pair(world: World, engine: str = "plain", **b_fields: object) -> tuple:
     """Two arms that differ in rank, alpha, targets, lr, batch size and epochs; dropout 0 (each arm's dropout
     masks would come from one stream in one process)."""
-    a = world.profile("generate", name="a", epochs=2, milestone_step=4)
+    a = world.profile("generate", name="a", epochs=2, milestone_step=4, engine=engine)
     a = replace(a, lora=replace(a.lora, dropout=0.0))
-    b = world.profile("generate", name="b", learning_rate=3e-3, batch_size=3, milestone_step=4, **b_fields)
+    b = world.profile("generate", name="b", learning_rate=3e-3, batch_size=3, milestone_step=4, engine=engine,
+                      **b_fields)
     b = replace(b, lora=replace(b.lora, r=8, alpha=8, dropout=0.0,
                                 target_modules=("q_proj", "k_proj", "v_proj", "o_proj", "down_proj")))
     return a, b
 
 
-def test_each_co_trained_arm_trains_exactly_as_it_trains_alone(world: World, tmp_path: Path) -> None:
-    a, b = pair(world)
+@pytest.mark.parametrize("engine", ["plain", "fast"])
+def test_each_co_trained_arm_trains_exactly_as_it_trains_alone(world: World, tmp_path: Path, engine: str) -> None:
+    a, b = pair(world, engine)
     alone = [make_arm(tmp_path / "alone", p) for p in (a, b)]
     for arm in alone:
         assert train(arm) == 0
@@ -81,6 +83,7 @@ def test_each_co_trained_arm_trains_exactly_as_it_trains_alone(world: World, tmp
             assert torch.allclose(weights[0][key], weights[1][key], atol=1e-5), key
     started = [e for e in log(together[0]) if e.kind == events.STARTED][0]
     assert started["shares_process_with"] == ["b"] and started["fast_paths"]["cotrain"]["on"]
+    assert started["engine"] == engine and started["fast_paths"]["fast_engine"]["on"] == (engine == "fast")
     assert len(losses(together[0])) == 12 and len(losses(together[1])) == 8  # b ended first; a trained on
 
 

@@ -13,9 +13,10 @@ An arm that ends (finishes, is stopped, fails) is given back at once (supervise.
 recorded, so it reads as ended and `gputwin resume`/`extend` start it again in a process of its own),
 and the others train on. A failure of the shared step itself (out of memory) ends every arm in it.
 
-The step is the plain engine's (padded batches, eager PyTorch) whatever train.engine says: the fast
-engine's packed, graph-captured step serves one adapter. Validation still uses the decoder the profile asks
-for, with only the validated arm's adapter active, and pauses the other arms while it runs.
+With train.engine = "fast" (every arm's) the step is the fast engine's, for the group (train/cofast.py:
+all arms' samples in one packed row, a captured CUDA graph per shape); with "plain" it is the plain
+engine's (padded batches stacked, eager). Validation uses the decoder the profile asks for, with only the
+validated arm's adapter active, and pauses the other arms while it runs.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ import torch
 import torch.nn.functional as F
 
 from ..eventlog import EventWriter
+from ..kernels.decoder import decoder_parts
 from ..modeling import resolve_dtype
 from ..paths import ArmPaths
 from ..plan import milestone_step, steps_for
@@ -96,21 +98,38 @@ class Member:
 
 
 class GroupEngine:
-    """One forward/backward over every arm's batch; each arm clipped and updated on its own."""
+    """One forward/backward over every arm's batch; each arm clipped and updated on its own.
 
-    name = "plain"
+    fast: every arm's samples packed in one row and the step captured as a CUDA graph (train/cofast.py);
+    else padded batches stacked, eager (the plain engine's step)."""
 
-    def __init__(self, shared: SharedModel, *, device: torch.device, model_dtype: torch.dtype, pad_id: int) -> None:
+    def __init__(self, shared: SharedModel, *, device: torch.device, model_dtype: torch.dtype, pad_id: int,
+                 fast: bool = False) -> None:
         self.shared, self.device, self.model_dtype, self.pad_id = shared, device, model_dtype, pad_id
         self.members: dict[str, Member] = {}
         self.split = split_head(shared.model)
+        self.fast: Any = None
+        self.fast_why = "train.engine is plain"
+        if fast:
+            try:
+                head = decoder_parts(shared.model).lm_head
+                if head in shared.layers:
+                    self.fast_why = "an arm adapts the output head (lm_head): the plain co-trained step"
+                else:
+                    self.fast = True  # the step itself is built at the first step, once every arm has joined
+                    self.fast_why = "every arm's samples in one packed row, one CUDA graph a shape (on CUDA)"
+            except TypeError as exc:
+                self.fast_why = str(exc)
+        self.name = "fast" if self.fast else "plain"
 
     def join(self, view: ArmView, optimizer: torch.optim.Optimizer, grad_clip: float) -> None:
         self.members[view.adapter] = Member(view.adapter, view.trainable(), optimizer, grad_clip)
 
-    def step(self, work: Sequence[tuple[str, Sequence[Example], float]]) -> dict[str, StepOutput | NonFiniteLoss]:
+    def step(self, work: Sequence[tuple[str, Sequence[Example], float]]) -> dict[str, Any]:
         """work: (adapter, examples, lr) of each arm stepping now. An arm whose loss is NaN/inf gets a
-        NonFiniteLoss and no update; the others update as if it were not there."""
+        NonFiniteLoss (or an outcome raising it) and no update; the others update as if it were not there."""
+        if self.fast:
+            return self.fast_step(work)
         batches = [collate_padded(examples, self.pad_id) for _, examples, _ in work]
         stacked = {k: v.to(self.device, non_blocking=True) for k, v in stack_batches(batches, self.pad_id).items()}
         blocks, row = [], 0
@@ -139,6 +158,16 @@ class GroupEngine:
         return out
 
 
+    def fast_step(self, work: Sequence[tuple[str, Sequence[Example], float]]) -> dict[str, Any]:
+        from .cofast import GroupFastStep, pack_group
+
+        if self.fast is True:
+            dtype = torch.bfloat16 if self.device.type == "cuda" and self.model_dtype != torch.float32 else None
+            self.fast = GroupFastStep(self.shared, self.members, device=self.device, autocast_dtype=dtype)
+        batch = pack_group([(adapter, examples) for adapter, examples, _ in work], pad_id=self.pad_id)
+        outcomes = self.fast(batch, [lr for _, _, lr in work])
+        return {adapter: outcome for (adapter, _, _), outcome in zip(work, outcomes)}
+
     def losses(self, stacked: dict[str, torch.Tensor], blocks: Sequence[Block]) -> list[torch.Tensor]:
         """Each arm's mean loss over its rows: the decoder once over all rows, the head per arm at the
         positions that have a label (with that arm's adapter, should it adapt the head)."""
@@ -165,17 +194,15 @@ class GroupEngine:
 class ArmEngine:
     """The group engine as one arm's engine: what the cooldown probe steps (this arm alone, its side branch)."""
 
-    name = GroupEngine.name
-
     def __init__(self, group: GroupEngine, adapter: str, partners: Sequence[str]) -> None:
-        self.group, self.adapter = group, adapter
+        self.group, self.adapter, self.name = group, adapter, group.name
         self.paths = {"cotrain": {"on": True, "why": "one base pass with " + ", ".join(partners)},
-                      "fast_engine": {"on": False, "why": "co-trained arms step with the plain engine"}}
+                      "fast_engine": {"on": bool(group.fast), "why": group.fast_why}}
 
     def collate(self, examples: Sequence[Example]) -> Sequence[Example]:
         return examples
 
-    def step(self, examples: Sequence[Example], lr: float) -> StepOutput:
+    def step(self, examples: Sequence[Example], lr: float) -> Any:
         outcome = self.group.step([(self.adapter, examples, lr)])[self.adapter]
         if isinstance(outcome, NonFiniteLoss):
             raise outcome
@@ -220,7 +247,8 @@ def build_group(arms: Sequence[ArmPaths], profiles: Sequence[Profile]) -> tuple[
     except NotCoTrainable as exc:
         raise TrainFailure("NotCoTrainable", str(exc), COTRAIN_HINT) from None
     shared.model.to(device).train()
-    engine = GroupEngine(shared, device=device, model_dtype=model_dtype, pad_id=pad_id)
+    engine = GroupEngine(shared, device=device, model_dtype=model_dtype, pad_id=pad_id,
+                         fast=all(p.train.engine == "fast" for p in profiles))
     seconds = round(time.perf_counter() - started, 3)
     runs = []
     for i, (arm, profile, training) in enumerate(zip(arms, profiles, data)):
@@ -288,7 +316,7 @@ class Group:
         return max(self.codes.values(), default=0)
 
     @staticmethod
-    def advance(trainer: CoTrainer, batch: Batch, outcome: StepOutput | NonFiniteLoss) -> None:
+    def advance(trainer: CoTrainer, batch: Batch, outcome: Any) -> None:
         if isinstance(outcome, NonFiniteLoss):
             raise NonFiniteLoss(f"{outcome} at step {batch.step}")
         trainer.advance(batch, outcome)

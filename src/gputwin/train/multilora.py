@@ -47,9 +47,12 @@ def lora_config(spec: LoraSpec) -> Any:
 
 
 def _routed_forward(self: Any, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-    """peft's LoRA Linear, with each adapter added to its own block of rows (when blocks are set)."""
+    """peft's LoRA Linear, with each adapter added to its own block of rows (when blocks are set), or to its
+    own tokens (when masks are set)."""
     blocks: Sequence[Block] | None = self.gputwin_blocks
     if blocks is None:
+        if self.gputwin_masks is not None:
+            return _masked_forward(self, x, *args, **kwargs)
         return type(self).forward(self, x, *args, **kwargs)
     result = self.base_layer(x, *args, **kwargs)
     parts = []
@@ -62,6 +65,20 @@ def _routed_forward(self: Any, x: torch.Tensor, *args: Any, **kwargs: Any) -> to
             rows = (rows + lora_b(lora_a(self.lora_dropout[name](xs))) * self.scaling[name]).to(result.dtype)
         parts.append(rows)
     return torch.cat(parts)
+
+
+def _masked_forward(self: Any, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+    """Each adapter over every token, kept only where its mask is set: for a packed row, where one arm's
+    tokens are not one block of rows. Shapes then do not depend on where each arm's samples fall, so one
+    captured graph serves every batch of a length; the cost is each adapter's small GEMMs over all tokens
+    (r/d of the base's FLOPs each). torch.where, not a product: another arm's NaN never leaks in."""
+    result = self.base_layer(x, *args, **kwargs)
+    for name, mask in self.gputwin_masks:
+        if name in self.lora_A and not self.disable_adapters:
+            lora_a, lora_b = self.lora_A[name], self.lora_B[name]
+            delta = lora_b(lora_a(self.lora_dropout[name](self._cast_input_dtype(x, lora_a.weight.dtype))))
+            result = result + torch.where(mask, delta * self.scaling[name], 0.0).to(result.dtype)
+    return result
 
 
 class SharedModel:
@@ -87,7 +104,7 @@ class SharedModel:
         if odd:
             raise NotCoTrainable(f"LoRA on {odd[0]} layers (co-training routes Linear layers only)")
         for layer in self.layers:
-            layer.gputwin_blocks = None
+            layer.gputwin_blocks = layer.gputwin_masks = None
             layer.forward = types.MethodType(_routed_forward, layer)
         self.make_trainable()
 
@@ -113,6 +130,18 @@ class SharedModel:
         finally:
             for layer in self.layers:
                 layer.gputwin_blocks = None
+
+    @contextmanager
+    def masked(self, masks: Sequence[tuple[str, torch.Tensor]]) -> Iterator[Any]:
+        """Forward passes inside see each adapter on the tokens its boolean mask (broadcast to the layers'
+        outputs, e.g. [1, T, 1] for a packed row) marks."""
+        for layer in self.layers:
+            layer.gputwin_masks = tuple(masks)
+        try:
+            yield self.model
+        finally:
+            for layer in self.layers:
+                layer.gputwin_masks = None
 
     @contextmanager
     def only(self, name: str) -> Iterator[Any]:

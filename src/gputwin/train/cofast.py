@@ -1,0 +1,227 @@
+"""The fast engine's step for co-trained arms: every arm's samples packed in one row, one graph a shape.
+
+As train/fast.py does for one arm: the samples back to back in one row (varlen attention, no padding
+between them), the head only at label positions, fused RMSNorm and rotary kernels, and forward, backward,
+each arm's clipping and AdamW update captured as one CUDA graph per shape and replayed. What differs:
+the row holds the samples of every arm stepping (arm after arm), each LoRA layer adds each arm's adapter to
+that arm's tokens only (multilora's masked layers: the shape of a step does not depend on where one arm's
+samples end, so a graph is keyed by the row's shape and the arms in it, as fast.py's by the shape alone),
+and each arm's loss is the mean over its own label tokens. The sum of the arms' finite losses is
+backpropagated; each arm is clipped and updated on its own, and an arm whose loss or gradient norm is not
+finite updates nothing (its fused AdamW's found_inf), as in fast.py.
+
+The peft LoRA layers keep the routed forward (no fused LoRA function: it serves one adapter).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from dataclasses import dataclass, replace
+from typing import Any, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from ..encoding import IGNORE_INDEX
+from ..kernels.decoder import decoder_parts, fuse_rms_norms, run_decoder, varlen_backend
+from ..kernels.fused_rotary import fused_rotary, rotary_modules
+from .batching import Example
+from .fast import LABEL_BUCKET, PackedBatch, PendingStep, _output, pack, preserved_state
+from .multilora import SharedModel
+
+
+@dataclass(frozen=True)
+class GroupBatch:
+    """A packed row of several arms' samples, and which arm each token and label slot belongs to."""
+
+    packed: PackedBatch
+    token_arm: torch.Tensor  # [T] long: the index in `adapters` of each token's arm, -1 for padding
+    label_arm: torch.Tensor  # [L] long: the same for each label slot
+    adapters: tuple[str, ...]
+
+    @property
+    def shape_key(self) -> tuple[Any, ...]:
+        return (self.adapters, *self.packed.shape_key)
+
+    def to(self, device: torch.device, non_blocking: bool = False) -> GroupBatch:
+        return replace(self, packed=self.packed.to(device, non_blocking=non_blocking),
+                       token_arm=self.token_arm.to(device, non_blocking=non_blocking),
+                       label_arm=self.label_arm.to(device, non_blocking=non_blocking))
+
+
+def pack_group(work: Sequence[tuple[str, Sequence[Example]]], *, pad_id: int) -> GroupBatch:
+    """work: (adapter, examples) of each arm stepping, packed in that order."""
+    examples = [e for _, chosen in work for e in chosen]
+    packed = pack(examples, pad_id=pad_id, label_bucket=LABEL_BUCKET)
+    token_arm = torch.full((packed.length,), -1, dtype=torch.long)
+    label_arm = torch.full((packed.label_index.shape[0],), -1, dtype=torch.long)
+    token, slot = 0, 0
+    for k, (_, chosen) in enumerate(work):
+        for e in chosen:
+            labels = sum(1 for t in range(e.n_tokens - 1) if e.labels[t + 1] != IGNORE_INDEX)  # as pack counts
+            token_arm[token:token + e.n_tokens] = k
+            label_arm[slot:slot + labels] = k
+            token, slot = token + e.n_tokens, slot + labels
+    return GroupBatch(packed, token_arm, label_arm, tuple(adapter for adapter, _ in work))
+
+
+@dataclass
+class _Captured:
+    graph: Any
+    inputs: GroupBatch
+    losses: torch.Tensor  # [arms]
+    norms: torch.Tensor   # [arms]
+
+
+class GroupFastStep:
+    """One step of several arms on a GroupBatch; members: adapter -> cotrain.Member (params, optimizer, clip)."""
+
+    def __init__(self, shared: SharedModel, members: dict[str, Any], *, device: torch.device,
+                 autocast_dtype: torch.dtype | None) -> None:
+        self.shared, self.members, self.device = shared, members, device
+        on_cuda = device.type == "cuda"
+        self.use_graphs = on_cuda and all(g.get("fused") for m in members.values()
+                                          for g in m.optimizer.param_groups)
+        self.autocast_dtype = autocast_dtype
+        self.parts = decoder_parts(shared.model)
+        self.fused_norms = fuse_rms_norms(shared.model) if on_cuda else 0
+        self.rotary = rotary_modules(shared.model) if on_cuda else []
+        self.attention = varlen_backend(device)
+        self._graphs: dict[tuple[Any, ...], _Captured] = {}
+        self._pool: Any = None
+        self._lr = {adapter: torch.zeros((), dtype=torch.float32, device=device) for adapter in members}
+        self._found_inf = {adapter: torch.zeros((), dtype=torch.float32, device=device) for adapter in members}
+        self._state_token: tuple[int, ...] = ()
+        self.captures, self.capture_seconds = 0, 0.0
+
+    def __call__(self, batch: GroupBatch, lrs: Sequence[float]) -> list[Any]:
+        """Issue the step; one outcome per arm of the batch (PendingStep on CUDA, else the figures)."""
+        for adapter, lr in zip(batch.adapters, lrs):
+            self._set_lr(adapter, lr)
+        if not self.use_graphs:
+            for adapter in batch.adapters:
+                self.members[adapter].optimizer.zero_grad(set_to_none=True)
+            losses, norms = self._body(batch.to(self.device, non_blocking=True))
+            for adapter in batch.adapters:
+                self.members[adapter].optimizer.zero_grad(set_to_none=True)
+        else:
+            self._make_capturable()
+            captured = self._graphs.get(batch.shape_key) or self._capture(batch)
+            sources = {"token_arm": batch.token_arm, "label_arm": batch.label_arm}
+            sources |= {name: getattr(batch.packed, name)
+                        for name in ("input_ids", "position_ids", "cu_seqlens", "label_index", "label_target")}
+            for name, source in sources.items():
+                target = getattr(captured.inputs, name, None)
+                if target is None:
+                    target = getattr(captured.inputs.packed, name)
+                target.copy_(source.pin_memory(), non_blocking=True)
+            captured.graph.replay()
+            losses, norms = captured.losses.clone(), captured.norms.clone()
+        if losses.device.type == "cuda":
+            return [PendingStep(losses[k], norms[k]) for k in range(len(batch.adapters))]
+        return [self._figures(float(loss), float(norm)) for loss, norm in zip(losses.tolist(), norms.tolist())]
+
+    @staticmethod
+    def _figures(loss: float, norm: float) -> Any:
+        try:
+            return _output(loss, norm)
+        except ArithmeticError as exc:  # NonFiniteLoss: that arm's outcome, not the group's
+            return exc
+
+    # -- the step itself
+
+    def _losses(self, batch: GroupBatch) -> torch.Tensor:
+        """Each arm's mean loss over its own label tokens: [arms]."""
+        packed = batch.packed
+        masks = [(adapter, (batch.token_arm == k).view(1, -1, 1)) for k, adapter in enumerate(batch.adapters)]
+        max_len = max(1024, 1 << (packed.length - 1).bit_length())  # as fast.answer_only_loss
+        with self.shared.masked(masks):
+            hidden = run_decoder(self.parts, packed.input_ids, packed.position_ids, cu_seqlens=packed.cu_seqlens,
+                                 max_len=max_len)
+        logits = self.parts.lm_head(hidden[0].index_select(0, packed.label_index)).float()
+        each = F.cross_entropy(logits, packed.label_target, ignore_index=IGNORE_INDEX, reduction="none")
+        losses = []
+        for k in range(len(batch.adapters)):
+            mine = batch.label_arm == k
+            losses.append(torch.where(mine, each, 0.0).sum() / mine.sum().clamp_min(1))
+        return torch.stack(losses)
+
+    def _body(self, batch: GroupBatch) -> tuple[torch.Tensor, torch.Tensor]:
+        """forward, backward, each arm's clip and update: the part a graph captures."""
+        autocast = (torch.autocast(self.device.type, dtype=self.autocast_dtype, cache_enabled=False)
+                    if self.autocast_dtype is not None else contextlib.nullcontext())
+        with autocast, fused_rotary(self.rotary):
+            losses = self._losses(batch)
+        torch.where(torch.isfinite(losses), losses, 0.0).sum().backward()
+        losses = losses.detach()
+        norms = []
+        for k, adapter in enumerate(batch.adapters):
+            member = self.members[adapter]
+            max_norm = member.grad_clip if member.grad_clip > 0 else float("inf")
+            norm = torch.nn.utils.clip_grad_norm_(member.params, max_norm)
+            found_inf = self._found_inf[adapter]
+            found_inf.copy_((~(torch.isfinite(losses[k]) & torch.isfinite(norm))).float())
+            if all(g.get("fused") for g in member.optimizer.param_groups):
+                member.optimizer.found_inf = found_inf  # read by fused Adam: skips the update when 1
+                try:
+                    member.optimizer.step()
+                finally:
+                    del member.optimizer.found_inf
+            elif not bool(found_inf):
+                member.optimizer.step()
+            norms.append(norm)
+        return losses, torch.stack(norms)
+
+    # -- graphs (as fast.FastStep's, for each arm's optimizer)
+
+    def _set_lr(self, adapter: str, lr: float) -> None:
+        for group in self.members[adapter].optimizer.param_groups:
+            if torch.is_tensor(group["lr"]):
+                group["lr"].fill_(lr)
+            else:
+                group["lr"] = lr
+
+    def _make_capturable(self) -> None:
+        """Device lr tensors and capturable AdamW, again whenever a checkpoint load swapped them."""
+        for adapter, member in self.members.items():
+            for group in member.optimizer.param_groups:
+                group["capturable"] = True
+                if group["lr"] is not self._lr[adapter]:
+                    self._lr[adapter].fill_(float(group["lr"]))
+                    group["lr"] = self._lr[adapter]
+        token = self._state_ids()
+        if token != self._state_token and self._state_token:
+            self._graphs.clear()  # they point at state tensors that are gone
+        self._state_token = token
+
+    def _state_ids(self) -> tuple[int, ...]:
+        return tuple(id(v) for m in self.members.values() for p in (m.params[0], m.params[-1])
+                     for v in m.optimizer.state.get(p, {}).values())
+
+    def _capture(self, batch: GroupBatch) -> _Captured:
+        started = time.perf_counter()
+        static = batch.to(self.device)
+        members = [self.members[adapter] for adapter in batch.adapters]
+        current, side = torch.cuda.current_stream(self.device), torch.cuda.Stream(self.device)
+        with contextlib.ExitStack() as kept:
+            for member in members:
+                kept.enter_context(preserved_state(member.optimizer, member.params))
+            side.wait_stream(current)
+            with torch.cuda.stream(side):  # lazy set-up happens here, outside the capture
+                for member in members:
+                    member.optimizer.zero_grad(set_to_none=True)
+                self._body(static)
+            current.wait_stream(side)
+        for member in members:
+            member.optimizer.zero_grad(set_to_none=True)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self._pool, capture_error_mode="thread_local"):
+            losses, norms = self._body(static)
+        self._pool = self._pool or graph.pool()
+        captured = _Captured(graph, static, losses, norms)
+        self._graphs[batch.shape_key] = captured
+        self._state_token = self._state_ids()
+        self.captures += 1
+        self.capture_seconds += time.perf_counter() - started
+        return captured
