@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 
 from ..eventlog import EventWriter
-from ..kernels.decoder import decoder_parts
+from ..kernels.decoder import decoder_parts, varlen_backend
 from ..modeling import resolve_dtype
 from ..paths import ArmPaths
 from ..plan import milestone_step, steps_for
@@ -111,16 +111,26 @@ class GroupEngine:
         self.fast: Any = None
         self.fast_why = "train.engine is plain"
         if fast:
-            try:
-                head = decoder_parts(shared.model).lm_head
-                if head in shared.layers:
-                    self.fast_why = "an arm adapts the output head (lm_head): the plain co-trained step"
-                else:
-                    self.fast = True  # the step itself is built at the first step, once every arm has joined
-                    self.fast_why = "every arm's samples in one packed row, one CUDA graph a shape (on CUDA)"
-            except TypeError as exc:
-                self.fast_why = str(exc)
+            self.fast_why = self.why_not_fast()
+            self.fast = not self.fast_why  # the step itself is built at the first step, once every arm has joined
+            self.fast_why = self.fast_why or "every arm's samples in one packed row, one CUDA graph a shape"
         self.name = "fast" if self.fast else "plain"
+
+    def why_not_fast(self) -> str:
+        """Why the packed step cannot serve these arms here ("" when it can).
+
+        One packed row keeps the arms apart only where attention runs per sample (the varlen kernel): the
+        block-causal-mask fallback multiplies masked-out values by 0, so one arm's inf/NaN would reach the
+        others' rows. There, and where an arm adapts the head, the stacked padded step runs instead."""
+        try:
+            head = decoder_parts(self.shared.model).lm_head
+        except TypeError as exc:
+            return str(exc)
+        if head in self.shared.layers:
+            return "an arm adapts the output head (lm_head)"
+        if varlen_backend(self.device) != "varlen":
+            return "no checked varlen attention on this device to keep the arms' samples apart in one row"
+        return ""
 
     def join(self, view: ArmView, optimizer: torch.optim.Optimizer, grad_clip: float) -> None:
         self.members[view.adapter] = Member(view.adapter, view.trainable(), optimizer, grad_clip)

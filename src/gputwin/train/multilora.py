@@ -71,13 +71,15 @@ def _masked_forward(self: Any, x: torch.Tensor, *args: Any, **kwargs: Any) -> to
     """Each adapter over every token, kept only where its mask is set: for a packed row, where one arm's
     tokens are not one block of rows. Shapes then do not depend on where each arm's samples fall, so one
     captured graph serves every batch of a length; the cost is each adapter's small GEMMs over all tokens
-    (r/d of the base's FLOPs each). torch.where, not a product: another arm's NaN never leaks in."""
+    (r/d of the base's FLOPs each). The input is masked too, and with torch.where rather than a product:
+    another arm's inf or NaN then reaches neither this adapter's output nor its gradients."""
     result = self.base_layer(x, *args, **kwargs)
     for name, mask in self.gputwin_masks:
         if name in self.lora_A and not self.disable_adapters:
             lora_a, lora_b = self.lora_A[name], self.lora_B[name]
-            delta = lora_b(lora_a(self.lora_dropout[name](self._cast_input_dtype(x, lora_a.weight.dtype))))
-            result = result + torch.where(mask, delta * self.scaling[name], 0.0).to(result.dtype)
+            mine = torch.where(mask, self._cast_input_dtype(x, lora_a.weight.dtype), 0.0)
+            delta = lora_b(lora_a(self.lora_dropout[name](mine))) * self.scaling[name]
+            result = result + torch.where(mask, delta, 0.0).to(result.dtype)
     return result
 
 
