@@ -203,3 +203,32 @@ def test_the_packed_step_of_several_arms_equals_each_arm_packed_alone(world: Wor
     for one, two in zip(alone, together):
         flat = [x for pair_ in one for x in pair_], [x for pair_ in two for x in pair_]
         assert flat[0] == pytest.approx(flat[1], rel=1e-5)
+
+
+@pytest.mark.parametrize("autocast", [True, False])
+def test_a_masked_lora_layer_gives_each_arm_s_tokens_exactly_that_arm_s_output(world: World, autocast: bool) -> None:
+    """bf16 base, fp32 adapters (as on a GPU), with and without autocast: bit for bit peft's layer with only
+    that arm's adapter active."""
+    from gputwin.modeling import load_base
+    from gputwin.train.multilora import SharedModel
+
+    base = load_base(str(world.qwen), task="generate", dtype="bf16", device="cpu")
+    a, b = pair(world)
+    shared = SharedModel(base, [(a.lora, 1), (b.lora, 2)])
+    with torch.no_grad():
+        for name, p in shared.model.named_parameters():
+            if "lora_B" in name:
+                p.normal_()
+    layer = shared.layers[0]
+    x = torch.randn(1, 10, layer.in_features).to(torch.bfloat16)
+    first = torch.zeros(1, 10, 1, dtype=torch.bool)
+    first[:, :6] = True
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        with shared.masked([("arm0", first), ("arm1", ~first)]):
+            both = layer(x)
+        alone = []
+        for name in ("arm0", "arm1"):
+            with shared.only(name):
+                alone.append(layer(x))
+    assert torch.equal(both[:, :6], alone[0][:, :6]) and torch.equal(both[:, 6:], alone[1][:, 6:])
+    assert all(p.requires_grad for name, p in shared.model.named_parameters() if "lora_" in name)

@@ -74,13 +74,17 @@ def _masked_forward(self: Any, x: torch.Tensor, *args: Any, **kwargs: Any) -> to
     (r/d of the base's FLOPs each). The input is masked too, and with torch.where rather than a product:
     another arm's inf or NaN then reaches neither this adapter's output nor its gradients."""
     result = self.base_layer(x, *args, **kwargs)
+    # Under autocast the adapter's GEMMs run in autocast's dtype whatever x's: peft's cast of x to the
+    # adapter's fp32 would only add a copy of every layer input per arm (bf16 -> fp32 -> bf16 is exact).
+    autocast = torch.is_autocast_enabled(x.device.type)
+    out = result
     for name, mask in self.gputwin_masks:
         if name in self.lora_A and not self.disable_adapters:
             lora_a, lora_b = self.lora_A[name], self.lora_B[name]
-            mine = torch.where(mask, self._cast_input_dtype(x, lora_a.weight.dtype), 0.0)
+            mine = torch.where(mask, x if autocast else self._cast_input_dtype(x, lora_a.weight.dtype), 0.0)
             delta = lora_b(lora_a(self.lora_dropout[name](mine))) * self.scaling[name]
-            result = result + torch.where(mask, delta, 0.0).to(result.dtype)
-    return result
+            out = out + torch.where(mask, delta, 0.0)  # in the wider of the two dtypes, as peft adds
+    return out.to(result.dtype)
 
 
 class SharedModel:
