@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import replace
 
+import pytest
+
 from gputwin import events as ev
 from gputwin import state as st
 from gputwin.placement import cotrain_groups
@@ -54,3 +56,14 @@ def test_the_arm_pane_and_status_say_which_arms_share_its_process() -> None:
     # a later life in a process of its own (resumed alone) no longer shares
     again = st.apply(shared, ev.Event(ev.STARTED, 3.0, {"pid": 99, "arm": "a", "step": 3}))
     assert again.shares_process_with == () and "co-trained" not in header_text(again, 4.0, "a").plain
+
+
+
+def test_gputwin_run_takes_cotrain_and_refuses_other_values(capsys: pytest.CaptureFixture[str]) -> None:
+    from gputwin import cli
+
+    assert cli.build_parser().parse_args(["run", "a.toml", "b.toml", "--cotrain", "on"]).cotrain == "on"
+    assert cli.build_parser().parse_args(["run", "a.toml", "b.toml"]).cotrain is None  # the file's, or off
+    with pytest.raises(SystemExit):
+        cli.build_parser().parse_args(["run", "a.toml", "--cotrain", "yes"])
+    assert "invalid choice" in capsys.readouterr().err

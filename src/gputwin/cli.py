@@ -55,6 +55,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--replicates", type=int, default=None, metavar="N",
                    help="run every arm N more times with the next seeds (rules.replicates): the verdict's "
                         "intervals then include the run-to-run noise")
+    p.add_argument("--cotrain", choices=["auto", "on", "off"], default=None,
+                   help="[placement] cotrain: train arms that share a base model in one process (docs/profiles.md)")
     p.add_argument("--new", action="store_true", help="start the arms under a fresh name (NAME-2, ...) even when "
                    "the experiment is running; without it a running experiment is attached to")
     p.add_argument("--ray", metavar="ADDRESS", help="run the arms on the Ray cluster at ADDRESS (HOST:PORT of its "

@@ -65,6 +65,16 @@ def _placed(experiment: Experiment, address: str | None) -> Experiment:
                                                                experiment.placement.shared_path))
 
 
+def _cotrained(experiment: Experiment, cotrain: str | None) -> Experiment:
+    """--cotrain MODE: [placement] cotrain over the experiment file's (arms sharing a base model in one process)."""
+    if cotrain is None:
+        return experiment
+    if experiment.placement.backend == "ray" and cotrain != "off":
+        raise UserError("--cotrain: co-training runs arms in one process on this machine, not on a Ray cluster",
+                        "leave --cotrain out with --ray (or [placement] backend = \"ray\")")
+    return dataclasses.replace(experiment, placement=dataclasses.replace(experiment.placement, cotrain=cotrain))
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     """Start the experiment; when its arms are alive already, attach to it instead (--new: start it under a
     fresh name, beside whatever has the name now)."""
@@ -75,6 +85,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     if replicates is not None and not 0 <= replicates <= 8:
         raise UserError(f"--replicates must be from 0 to 8, got {replicates}", "1 runs every arm once more with the next seed")
     experiment = _placed(with_replicates(experiment, replicates), getattr(args, "ray", None))
+    experiment = _cotrained(experiment, getattr(args, "cotrain", None))
     try:
         target = paths.experiment(experiment.name)
     except ValueError as exc:
