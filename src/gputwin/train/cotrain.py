@@ -108,15 +108,14 @@ class GroupEngine:
         self.shared, self.device, self.model_dtype, self.pad_id = shared, device, model_dtype, pad_id
         self.members: dict[str, Member] = {}
         self.split = split_head(shared.model)
-        self.fast: Any = None
-        self.fast_why = "train.engine is plain"
+        self.packed, self.why = False, "train.engine is plain"
         if fast:
-            self.fast_why = self.why_not_fast()
-            self.fast = not self.fast_why  # the step itself is built at the first step, once every arm has joined
-            self.fast_why = self.fast_why or "every arm's samples in one packed row, one CUDA graph a shape"
-        self.name = "fast" if self.fast else "plain"
+            why_not = self.why_not_packed()
+            self.packed, self.why = not why_not, why_not or "every arm's samples in one packed row, a CUDA graph a shape"
+        self.name = "fast" if self.packed else "plain"
+        self.packed_step: Any = None  # cofast.GroupFastStep, built at the first step, once every arm has joined
 
-    def why_not_fast(self) -> str:
+    def why_not_packed(self) -> str:
         """Why the packed step cannot serve these arms here ("" when it can).
 
         One packed row keeps the arms apart only where attention runs per sample (the varlen kernel): the
@@ -138,8 +137,8 @@ class GroupEngine:
     def step(self, work: Sequence[tuple[str, Sequence[Example], float]]) -> dict[str, Any]:
         """work: (adapter, examples, lr) of each arm stepping now. An arm whose loss is NaN/inf gets a
         NonFiniteLoss (or an outcome raising it) and no update; the others update as if it were not there."""
-        if self.fast:
-            return self.fast_step(work)
+        if self.packed:
+            return self.step_packed(work)
         batches = [collate_padded(examples, self.pad_id) for _, examples, _ in work]
         stacked = {k: v.to(self.device, non_blocking=True) for k, v in stack_batches(batches, self.pad_id).items()}
         blocks, row = [], 0
@@ -167,15 +166,15 @@ class GroupEngine:
             out[adapter] = StepOutput(loss=value, grad_norm=grad_norm)
         return out
 
-
-    def fast_step(self, work: Sequence[tuple[str, Sequence[Example], float]]) -> dict[str, Any]:
+    def step_packed(self, work: Sequence[tuple[str, Sequence[Example], float]]) -> dict[str, Any]:
+        """The fast engine's way (train/cofast.py): issued, the figures read later (PendingStep on CUDA)."""
         from .cofast import GroupFastStep, pack_group
 
-        if self.fast is True:
+        if self.packed_step is None:
             dtype = torch.bfloat16 if self.device.type == "cuda" and self.model_dtype != torch.float32 else None
-            self.fast = GroupFastStep(self.shared, self.members, device=self.device, autocast_dtype=dtype)
+            self.packed_step = GroupFastStep(self.shared, self.members, device=self.device, autocast_dtype=dtype)
         batch = pack_group([(adapter, examples) for adapter, examples, _ in work], pad_id=self.pad_id)
-        outcomes = self.fast(batch, [lr for _, _, lr in work])
+        outcomes = self.packed_step(batch, [lr for _, _, lr in work])
         return {adapter: outcome for (adapter, _, _), outcome in zip(work, outcomes)}
 
     def losses(self, stacked: dict[str, torch.Tensor], blocks: Sequence[Block]) -> list[torch.Tensor]:
@@ -207,7 +206,7 @@ class ArmEngine:
     def __init__(self, group: GroupEngine, adapter: str, partners: Sequence[str]) -> None:
         self.group, self.adapter, self.name = group, adapter, group.name
         self.paths = {"cotrain": {"on": True, "why": "one base pass with " + ", ".join(partners)},
-                      "fast_engine": {"on": bool(group.fast), "why": group.fast_why}}
+                      "fast_engine": {"on": group.packed, "why": group.why}}
 
     def collate(self, examples: Sequence[Example]) -> Sequence[Example]:
         return examples
