@@ -234,3 +234,42 @@ def test_a_masked_lora_layer_gives_each_arm_s_tokens_exactly_that_arm_s_output(w
                 alone.append(layer(x))
     assert torch.equal(both[:, :6], alone[0][:, :6]) and torch.equal(both[:, 6:], alone[1][:, 6:])
     assert all(p.requires_grad for name, p in shared.model.named_parameters() if "lora_" in name)
+
+
+def test_an_arm_that_ended_in_a_shared_process_is_extended_in_a_process_of_its_own(
+        world: World, logs: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    """b (one epoch) finishes while a trains on; its exit is recorded at once, so `gputwin extend b` restarts
+    it alone from its final checkpoint while a's process goes on untouched."""
+    import os
+    import signal
+    import time
+
+    from gputwin import cli, launcher, supervise
+    from gputwin.profiles import Experiment, Rules
+
+    a, b = pair(world)
+    a = replace(a, train=replace(a.train, epochs=3))
+    monkeypatch.setenv(faults.ENV_VAR, "hang@10")  # b ends at step 8; a never starts its step 10
+    exp = launcher.start_experiment(Experiment("extend-one", (a, b), Rules(baseline="a"), cotrain="on"), root=logs)
+    arm_a, arm_b = exp.arm("a"), exp.arm("b")
+    shared_pid = supervise.read_pid(arm_a)
+    deadline = time.monotonic() + 180
+    while supervise.read_exit(arm_b) is None or faults.HANG_MESSAGE not in arm_a.stderr.read_text():
+        assert time.monotonic() < deadline, "b did not finish while a trained on"
+        time.sleep(0.05)
+    assert supervise.read_exit(arm_b) == 0 and supervise.arm_status(arm_b) == supervise.FINISHED
+    assert supervise.arm_status(arm_a) == supervise.RUNNING and supervise.read_pid(arm_a) == shared_pid
+
+    monkeypatch.delenv(faults.ENV_VAR)
+    assert cli.main(["extend", "b", "-x", "extend-one", "--epochs", "1"]) == 0
+    assert "restarted from its last checkpoint" in capsys.readouterr().out
+    while supervise.read_exit(arm_b) is None:
+        assert time.monotonic() < deadline + 120, "the extended arm did not end"
+        time.sleep(0.05)
+    second = [e for e in events.read_events(arm_b.events).events if e.kind == events.STARTED][-1]
+    assert second["pid"] != shared_pid[0] and "shares_process_with" not in second.data
+    ended = log(arm_b.root)
+    assert [e["total_steps"] for e in ended if e.kind == events.EXTENDED] == [16]
+    assert ended[-1].kind == events.FINISHED and ended[-1]["step"] == 16
+    assert supervise.read_pid(arm_a) == shared_pid and supervise.arm_alive(arm_a)  # a's process never noticed
+    os.kill(shared_pid[0], signal.SIGKILL)
