@@ -245,12 +245,12 @@ def test_an_arm_that_ended_in_a_shared_process_is_extended_in_a_process_of_its_o
     import time
 
     from gputwin import cli, launcher, supervise
-    from gputwin.profiles import Experiment, Rules
+    from gputwin.profiles import Experiment, Placement, Rules
 
     a, b = pair(world)
     a = replace(a, train=replace(a.train, epochs=3))
     monkeypatch.setenv(faults.ENV_VAR, "hang@10")  # b ends at step 8; a never starts its step 10
-    exp = launcher.start_experiment(Experiment("extend-one", (a, b), Rules(baseline="a"), cotrain="on"), root=logs)
+    exp = launcher.start_experiment(Experiment("extend-one", (a, b), Rules(baseline="a"), placement=Placement(cotrain="on")), root=logs)
     arm_a, arm_b = exp.arm("a"), exp.arm("b")
     shared_pid = supervise.read_pid(arm_a)
     deadline = time.monotonic() + 180

@@ -33,7 +33,7 @@ from gputwin import cli, control, launcher, status, supervise
 from gputwin import events as ev
 from gputwin import state as st
 from gputwin.paths import ArmPaths, ExperimentPaths
-from gputwin.profiles import Experiment, Profile, Rules
+from gputwin.profiles import Experiment, Placement, Profile, Rules
 from gputwin.lifecycle import STALL_MIN_S, STALL_STEPS
 from gputwin.watcher import ExperimentWatcher
 from gputwin.train import faults
@@ -225,7 +225,7 @@ def test_kill_9_of_a_co_training_process_crashes_each_of_its_arms_and_each_resum
         arms.append(replace(profile, lora=replace(profile.lora, r=rank, alpha=2 * rank, dropout=0.0,
                                                   target_modules=targets)))
     monkeypatch.setenv(faults.ENV_VAR, "hang@5")  # steps 1-4 (a checkpoint at 3), then step 5 never ends
-    experiment = Experiment("shared-crash", tuple(arms), Rules(baseline="a"), cotrain="on")
+    experiment = Experiment("shared-crash", tuple(arms), Rules(baseline="a"), placement=Placement(cotrain="on"))
     exp = launcher.start_experiment(experiment, root=logs)
     a, b = exp.arm("a"), exp.arm("b")
     assert supervise.read_pid(a) == supervise.read_pid(b)  # one process for both

@@ -214,15 +214,20 @@ def test_placement_cotrain_is_read_defaults_to_off_and_refuses_other_values(fold
     write(folder, GOOD, "a.toml")
     write(folder, GOOD.replace("arm-a", "arm-b"), "b.toml")
     base = 'arms = ["a.toml", "b.toml"]\n'
-    assert load_experiment(write(folder, base, "exp.toml")).cotrain == "off"
+    assert load_experiment(write(folder, base, "exp.toml")).placement.cotrain == "off"
     exp = load_experiment(write(folder, base + '[placement]\ncotrain = "auto"\n', "exp.toml"))
-    assert exp.cotrain == "auto" and Experiment.from_dict(json.loads(json.dumps(exp.to_dict()))) == exp
+    assert exp.placement.cotrain == "auto" and Experiment.from_dict(json.loads(json.dumps(exp.to_dict()))) == exp
     for extra, key in (('[placement]\ncotrain = "yes"\n', "placement.cotrain"),
                        ("[placement]\ncotrain = true\n", "placement.cotrain"),
                        ("[placement]\ncotrian = \"on\"\n", "placement.cotrian")):
         with pytest.raises(ProfileError) as info:
             load_experiment(write(folder, base + extra, "exp.toml"))
         assert info.value.key == key and info.value.line == 3, extra
+    ray = '[placement]\nbackend = "ray"\naddress = "auto"\n'
+    assert load_experiment(write(folder, base + ray, "exp.toml")).placement.cotrain == "off"
+    with pytest.raises(ProfileError, match="not on a Ray cluster") as info:
+        load_experiment(write(folder, base + ray + 'cotrain = "on"\n', "exp.toml"))
+    assert info.value.key == "placement.cotrain"
 
 
 def test_experiment_from_profiles_first_is_baseline(folder: Path) -> None:

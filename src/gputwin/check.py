@@ -61,13 +61,13 @@ def cmd_check(args: Any) -> int:
     plans = [plan_with_params(a) for a in arms]
     paths = [fast_paths(a) for a in arms]
     differ = set(differing_keys(arms))
-    groups = cotrain_groups(arms, experiment.cotrain)
+    groups = cotrain_groups(arms, experiment.placement.cotrain)
     if getattr(args, "json", False):
         reference = None if experiment.reference is None else asdict(experiment.reference)
         print(json.dumps({"experiment": experiment.name, "differing_keys": sorted(differ),
                           "arms": [{"profile": a.to_dict(), "from_adapter": list(a.from_adapter), "plan": asdict(p),
                                     "fast_paths": f} for a, p, f in zip(arms, plans, paths)],
-                          "reference": reference, "cotrain": experiment.cotrain, "processes": groups},
+                          "reference": reference, "cotrain": experiment.placement.cotrain, "processes": groups},
                          indent=2))
         return 0
     console = Console()
