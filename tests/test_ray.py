@@ -85,7 +85,7 @@ def test_placement_is_parsed_with_its_file_and_key(tmp_path: Path) -> None:
                               ('[placement]\nbackend = "ray"\n', "placement.address", "is required"),
                               ('[placement]\nbackend = "ray"\naddress = "h:1"\nshared_path = "rel"\n',
                                "placement.shared_path", "absolute path"),
-                              ('[placement]\nadress = "h:1"\n', "placement.adress", "known keys: address, backend, shared_path")):
+                              ('[placement]\nadress = "h:1"\n', "placement.adress", "known keys: address, backend, cotrain, shared_path")):
         with pytest.raises(ProfileError) as caught:
             experiment_with(extra)
         assert key in str(caught.value) and words in str(caught.value), str(caught.value)
