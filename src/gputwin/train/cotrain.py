@@ -28,7 +28,7 @@ import traceback
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence, TypeVar
 
 import torch
 import torch.nn.functional as F
@@ -47,6 +47,7 @@ from .loop import INTERNAL_HINT, Batch, StopSignal, Trainer, known_failure, read
 from .multilora import ArmView, Block, NotCoTrainable, SharedModel, adapter_name
 from .setup import Run, TrainFailure, cpu_threads, load_model, load_tokenizer, pick_device, seed_everything
 
+T = TypeVar("T")
 COTRAIN_HINT = "train these arms apart: set cotrain = \"off\" in the experiment's [placement] table"
 
 
@@ -236,29 +237,39 @@ def check_group(profiles: Sequence[Profile]) -> None:
 
 def build_group(arms: Sequence[ArmPaths], profiles: Sequence[Profile]) -> tuple[SharedModel, GroupEngine, list[Run]]:
     """Device, tokenizer, every arm's data, the base once with every adapter, each arm's optimizer: each arm's
-    Run (as build_run makes it) over the shared model."""
+    Run (as build_run makes it) over the shared model. Every arm's startup_seconds hold the group's phases."""
     started = time.perf_counter()
+    startup: dict[str, float | str] = {}
+
+    def timed(phase: str, work: Callable[[], T]) -> T:
+        begin = time.perf_counter()
+        result = work()
+        startup[phase] = round(time.perf_counter() - begin, 3)
+        return result
+
     check_group(profiles)
     first = profiles[0]
-    device, device_name = pick_device(first)
+    device, device_name = timed("device", lambda: pick_device(first))
     if device.type == "cpu":
         torch.set_num_threads(cpu_threads(first))
     seed_everything(first.train.seed)
-    tokenizer = load_tokenizer(first)
+    tokenizer = timed("tokenizer", lambda: load_tokenizer(first))
     pad_id = int(tokenizer.pad_token_id)
-    data = [tokcache.load_training_data(p.data.train, tokenizer, base=p.model.base, task=p.model.task,
-                                        max_length=p.train.max_length, trust_remote_code=p.model.trust_remote_code,
-                                        folder=tokcache.cache_folder(arm.root.parent.parent))
-            for arm, p in zip(arms, profiles)]
+    data = timed("data", lambda: [
+        tokcache.load_training_data(p.data.train, tokenizer, base=p.model.base, task=p.model.task,
+                                    max_length=p.train.max_length, trust_remote_code=p.model.trust_remote_code,
+                                    folder=tokcache.cache_folder(arm.root.parent.parent))
+        for arm, p in zip(arms, profiles)])
     model_dtype = resolve_dtype(first.model.dtype, device)
+    base = timed("model", lambda: load_model(first, device, None))
     try:
-        shared = SharedModel(load_model(first, device, None), [(p.lora, p.train.seed) for p in profiles])
+        shared = timed("lora", lambda: SharedModel(base, [(p.lora, p.train.seed) for p in profiles]))
     except NotCoTrainable as exc:
         raise TrainFailure("NotCoTrainable", str(exc), COTRAIN_HINT) from None
     shared.model.to(device).train()
-    engine = GroupEngine(shared, device=device, model_dtype=model_dtype, pad_id=pad_id,
-                         fast=all(p.train.engine == "fast" for p in profiles))
-    seconds = round(time.perf_counter() - started, 3)
+    engine = timed("engine", lambda: GroupEngine(shared, device=device, model_dtype=model_dtype, pad_id=pad_id,
+                                                 fast=all(p.train.engine == "fast" for p in profiles)))
+    startup["total"] = round(time.perf_counter() - started, 3)
     runs = []
     for i, (arm, profile, training) in enumerate(zip(arms, profiles, data)):
         view = ArmView(shared, adapter_name(i))
@@ -273,7 +284,7 @@ def build_group(arms: Sequence[ArmPaths], profiles: Sequence[Profile]) -> tuple[
                         engine=ArmEngine(engine, view.adapter, partners), examples=training.examples,
                         label_names=training.label_names, steps_per_epoch=per_epoch, total_steps=total,
                         milestone_step=milestone_step(profile, per_epoch), checkpoint_root=root,
-                        bad_lines=training.bad_lines, startup={"total": seconds, "data_cache": training.cache}))
+                        bad_lines=training.bad_lines, startup={**startup, "data_cache": training.cache}))
     return shared, engine, runs
 
 
