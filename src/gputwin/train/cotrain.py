@@ -13,9 +13,10 @@ An arm that ends (finishes, is stopped, fails) is given back at once (supervise.
 recorded, so it reads as ended and `gputwin resume`/`extend` start it again in a process of its own),
 and the others train on. A failure of the shared step itself (out of memory) ends every arm in it.
 
-With train.engine = "fast" (every arm's) the step is the fast engine's, for the group (train/cofast.py:
-all arms' samples in one packed row, a captured CUDA graph per shape); with "plain" it is the plain
-engine's (padded batches stacked, eager). Validation uses the decoder the profile asks for, with only the
+With train.engine = "fast" (every arm's) on a device with the checked varlen attention kernel, the step is
+the fast engine's, for the group (train/cofast.py: all arms' samples in one packed row, a captured CUDA graph
+per shape); otherwise (engine "plain", a CPU, no such kernel) it is the plain engine's: padded batches
+stacked, eager (GroupEngine.why_not_packed says which, in the started event). Validation uses the decoder the profile asks for, with only the
 validated arm's adapter active, and pauses the other arms while it runs.
 """
 
