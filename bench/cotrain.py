@@ -34,8 +34,8 @@ from typing import Any, Sequence
 import torch
 
 import common
-from gputwin.profiles import LoraSpec
-from gputwin.schedule import lr_at, make_plan
+from gputwin.core.profiles import LoraSpec
+from gputwin.core.schedule import lr_at, make_plan
 from gputwin.train.batching import EpochBatches, Example
 
 # The seed's arms (profiles/conservative.toml, profiles/aggressive.toml): name, r, alpha, lr, total steps.

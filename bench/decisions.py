@@ -28,12 +28,12 @@ from typing import Any
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "src"))
 
-from gputwin import launcher  # noqa: E402
-from gputwin.paths import ExperimentPaths  # noqa: E402
-from gputwin.profiles import Experiment, load_experiment  # noqa: E402
-from gputwin.report import load_state  # noqa: E402
-from gputwin.results import collect  # noqa: E402
-from gputwin.verdict import EXTEND, STOP, ArmResult, account_for_ended, decide  # noqa: E402
+from gputwin.control import launcher
+from gputwin.core.paths import ExperimentPaths  # noqa: E402
+from gputwin.core.profiles import Experiment, load_experiment  # noqa: E402
+from gputwin.faces.report import load_state  # noqa: E402
+from gputwin.reading.results import collect  # noqa: E402
+from gputwin.core.verdict import EXTEND, STOP, ArmResult, account_for_ended, decide  # noqa: E402
 
 RESULTS = REPO / "bench" / "results"
 

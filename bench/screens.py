@@ -18,9 +18,9 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "src"))
 
-from gputwin.app import make_app  # noqa: E402
-from gputwin.paths import ExperimentPaths  # noqa: E402
-from gputwin.report import verdict_for_experiment  # noqa: E402
+from gputwin.faces.app import make_app  # noqa: E402
+from gputwin.core.paths import ExperimentPaths  # noqa: E402
+from gputwin.faces.report import verdict_for_experiment  # noqa: E402
 
 
 async def shoot(exp: ExperimentPaths, out: Path, size: tuple[int, int], tag: str, wait: float) -> Path:

@@ -31,7 +31,7 @@ def prepare(train: int = 3516, test: int = 600, vocab: int = 16000, work: Path |
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
-    from gputwin.data import ensure_synth, load_dataset
+    from gputwin.core.data import ensure_synth, load_dataset
 
     work = work or WORK
     work.mkdir(parents=True, exist_ok=True)
@@ -59,7 +59,7 @@ def run(wait_limit: float, tiny: bool = False, tag: str = "both", only: str | No
     import torch
     from transformers import PreTrainedTokenizerFast, Qwen3Config, Qwen3ForCausalLM
 
-    from gputwin.profiles import load_experiment
+    from gputwin.core.profiles import load_experiment
 
     t0 = time.time()
     model_dir = WORK / "model-tiny" if tiny else Path("/tmp/qwen3-0.6b-random")
@@ -101,8 +101,8 @@ def run(wait_limit: float, tiny: bool = False, tag: str = "both", only: str | No
     env = dict(os.environ, GPUTWIN_LOGS=str(logs), PYTHONPATH=str(REPO / "src"), PYTHONUNBUFFERED="1")
     out = open(WORK / f"headless-{tag}.log", "w")
     if only:  # one arm alone on the GPU (what an arm takes with a GPU of its own): its trainer, started directly
-        from gputwin.launcher import _write_arm_files
-        from gputwin.paths import ArmPaths
+        from gputwin.control.launcher import _write_arm_files
+        from gputwin.core.paths import ArmPaths
 
         profile = next(a for a in load_experiment(folder / "seed.toml").arms if a.name == only)
         _write_arm_files(ArmPaths(logs / "pii-seed" / only), profile)
@@ -112,7 +112,7 @@ def run(wait_limit: float, tiny: bool = False, tag: str = "both", only: str | No
                                    env=env, stdout=out, stderr=subprocess.STDOUT)
     else:
         launched = time.time()
-        monitor = subprocess.Popen([sys.executable, "-m", "gputwin.cli", "run", str(folder / "seed.toml"),
+        monitor = subprocess.Popen([sys.executable, "-m", "gputwin.faces.cli", "run", str(folder / "seed.toml"),
                                     "--headless"], env=env, stdout=out, stderr=subprocess.STDOUT)
     verdict = logs / "pii-seed" / "verdict.json"
 
@@ -129,7 +129,7 @@ def run(wait_limit: float, tiny: bool = False, tag: str = "both", only: str | No
         if only:
             monitor.terminate()  # a trainer stops at the end of its step on SIGTERM
         else:
-            subprocess.run([sys.executable, "-m", "gputwin.cli", "stop", arm, "-x", "pii-seed"], env=env,
+            subprocess.run([sys.executable, "-m", "gputwin.faces.cli", "stop", arm, "-x", "pii-seed"], env=env,
                            capture_output=True)
     try:
         monitor.wait(timeout=60)

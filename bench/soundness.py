@@ -25,8 +25,8 @@ from pathlib import Path
 
 import numpy as np
 
-from gputwin.profiles import Rules
-from gputwin.verdict import A, C, ArmResult, decide
+from gputwin.core.profiles import Rules
+from gputwin.core.verdict import A, C, ArmResult, decide
 
 BASE = (0.80, 0.80)  # (recall, precision): F1 0.80
 MEAN_ENTITIES = 3.0

@@ -110,14 +110,14 @@ def write_profile(folder: Path, *, train: Path, test: Path, model: Path, device:
 def probe(profile: Path) -> int:
     """`gputwin run PROFILE --headless` up to the start of the first arm's supervisor: print what it imported
     and leave without spawning anything (run in a process of its own by launcher_seconds)."""
-    import gputwin.launcher as launcher
+    import gputwin.control.launcher as launcher
 
     def stop_here(*_args: Any, **_kwargs: Any) -> None:
         print(json.dumps({"heavy": sorted(m for m in HEAVY if m in sys.modules)}), flush=True)
         os._exit(0)
 
     launcher.start_supervisor = stop_here  # the launcher's last own step before the arms run
-    from gputwin.cli import main
+    from gputwin.faces.cli import main
 
     main(["run", str(profile), "--headless"])
     print(json.dumps({"error": "the launcher never reached the spawn of its arms"}), flush=True)
@@ -159,7 +159,7 @@ def _events(log: Path) -> list[dict[str, Any]]:
 def launch(profile: Path, logs: Path, name: str, env: dict[str, str], wait_s: float) -> dict[str, Any]:
     """`gputwin run PROFILE --headless --name NAME`: timed to the first step, then the arm is stopped."""
     env = {**env, "GPUTWIN_LOGS": str(logs)}
-    cli = [sys.executable, "-m", "gputwin.cli"]
+    cli = [sys.executable, "-m", "gputwin.faces.cli"]
     log = logs / name / ARM / "events.jsonl"
     started_line: list[float] = []
     launched_wall, launched = time.time(), time.perf_counter()

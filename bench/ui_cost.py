@@ -47,11 +47,11 @@ import psutil
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "src"))  # run from a checkout without installing
 
-from gputwin import events as ev  # noqa: E402
-from gputwin.eventlog import EventWriter  # noqa: E402
-from gputwin import foldcache  # noqa: E402
-from gputwin import supervise  # noqa: E402
-from gputwin.paths import ArmPaths, ExperimentPaths  # noqa: E402
+from gputwin.core import events as ev
+from gputwin.reading.eventlog import EventWriter  # noqa: E402
+from gputwin.reading import foldcache
+from gputwin.control import supervise
+from gputwin.core.paths import ArmPaths, ExperimentPaths  # noqa: E402
 
 OUT_DIR = REPO / "bench" / "out"
 GOALS = {"train_ratio": 0.99, "ui_cpu_pct": 5.0, "attach_s": 1.0}
@@ -88,7 +88,7 @@ def write_pid_file(arm: ArmPaths, pid: int) -> None:
 
 def seed_layout(root: Path, name: str) -> tuple[ExperimentPaths, list[dict[str, Any]]]:
     """An experiment folder as `gputwin run profiles/seed.toml` leaves it, before any event."""
-    from gputwin.profiles import load_experiment
+    from gputwin.core.profiles import load_experiment
 
     exp = ExperimentPaths(root / name)
     exp.root.mkdir(parents=True)
@@ -214,7 +214,7 @@ def shown_steps(screen: str, totals: dict[str, int]) -> dict[str, int | None]:
 
 def attach_argv(name: str) -> list[str]:
     script = Path(sys.executable).with_name("gputwin")
-    return [str(script), "attach", name] if script.exists() else [sys.executable, "-m", "gputwin.cli", "attach", name]
+    return [str(script), "attach", name] if script.exists() else [sys.executable, "-m", "gputwin.faces.cli", "attach", name]
 
 
 def cpu_seconds(pid: int) -> float:
@@ -264,9 +264,9 @@ def probe_fold(exp_dir: str) -> None:
     """Child process, fresh interpreter: the UI's first poll (with its peak memory), then the first arm's
     log read whole and folded, to split parsing from folding."""
     started = time.perf_counter()
-    from gputwin import state as st
-    from gputwin.tailer import Tailer
-    from gputwin.widgets.feed import ExperimentFeed
+    from gputwin.core import state as st
+    from gputwin.reading.tailer import Tailer
+    from gputwin.faces.widgets.feed import ExperimentFeed
 
     exp = ExperimentPaths(Path(exp_dir))
     import_s = time.perf_counter() - started
@@ -470,8 +470,8 @@ def bench_split(logs: Path, env: dict[str, str], rate: float, window: float) -> 
     writers at `rate`, as it is and with each loss chart drawn once and never again."""
     import asyncio
 
-    from gputwin.app import make_app
-    from gputwin.widgets.loss_chart import LossChart
+    from gputwin.faces.app import make_app
+    from gputwin.faces.widgets.loss_chart import LossChart
 
     async def measure(exp: ExperimentPaths, writers: list[subprocess.Popen[str]]) -> dict[str, float]:
         app = make_app(exp)
@@ -531,8 +531,8 @@ def bench_train(logs: Path, tmux: Tmux, env: dict[str, str], steps: int, pairs: 
     """a: `pairs` x (detached, attached) runs of two tiny arms, the order alternating so drift cancels."""
     sys.path.insert(0, str(REPO / "tests"))
     import tiny
-    from gputwin import launcher
-    from gputwin.profiles import Experiment, Rules
+    from gputwin.control import launcher
+    from gputwin.core.profiles import Experiment, Rules
 
     world = logs.parent / "tiny"
     train, test = tiny.write_data(world / "data", train=64, test=8)

@@ -1,4 +1,4 @@
-"""Validation speed: 500 greedy generations, naive transformers generate against gputwin.fastgen.
+"""Validation speed: 500 greedy generations, naive transformers generate against gputwin.validate.fastgen.
 
 The workload of one milestone validation: 500 PII-like prompts (~100-250 tokens), 64 new tokens each
 (forced: no eos, so both sides do the same work), Qwen3-0.6B shape in bf16 with an unmerged LoRA whose
@@ -28,7 +28,7 @@ from typing import Any, Callable, Sequence
 import torch
 
 import common
-from gputwin.fastgen import greedy_generate
+from gputwin.validate.fastgen import greedy_generate
 
 
 def naive_generate(model: Any, prompts: Sequence[list[int]], *, batch_size: int, new_tokens: int,

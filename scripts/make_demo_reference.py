@@ -21,9 +21,9 @@ import sys
 import tempfile
 from pathlib import Path
 
-from gputwin.data import ensure_synth
-from gputwin.paths import ArmPaths
-from gputwin.profiles import load_profile
+from gputwin.core.data import ensure_synth
+from gputwin.core.paths import ArmPaths
+from gputwin.core.profiles import load_profile
 
 PACKAGE = Path(__file__).resolve().parents[1] / "src" / "gputwin" / "demo_profiles"
 KEPT = ("adapter_config.json", "adapter_model.safetensors", "gputwin.json")

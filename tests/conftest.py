@@ -9,8 +9,8 @@ from typing import Iterator
 
 import pytest
 
-from gputwin import supervise
-from gputwin.paths import ArmPaths
+from gputwin.control import supervise
+from gputwin.core.paths import ArmPaths
 
 
 @pytest.fixture

@@ -6,8 +6,8 @@ import dataclasses
 import math
 from typing import Any
 
-from gputwin import events as ev
-from gputwin import state as st
+from gputwin.core import events as ev
+from gputwin.core import state as st
 
 BAD_LINE = "this line is not an event\n"
 

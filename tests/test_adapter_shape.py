@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from gputwin.adapter_shape import (AdapterError, base_difference, describe_mismatches, hub_id, label_types,
+from gputwin.core.adapter_shape import (AdapterError, base_difference, describe_mismatches, hub_id, label_types,
                                    mismatches, read_adapter, toml_value)
 
 # What peft 0.21 writes for a gputwin tag arm (the keys that matter here, and a few that do not).

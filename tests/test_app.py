@@ -21,19 +21,19 @@ import psutil
 import pytest
 from rich.console import Console
 
-from gputwin import control
-from gputwin.app import GputwinApp, make_app
-from gputwin.events import dumps, make
-from gputwin.gpu import CpuSample, GpuSample
-from gputwin.paths import ExperimentPaths
-from gputwin.state import ArmState
-from gputwin.widgets.arm_pane import ArmPane
-from gputwin.widgets.feed import ExperimentFeed
-from gputwin.formatting import device_label, shorten_paths, step_ticks
-from gputwin.widgets.log_view import LogView
-from gputwin.widgets.modals import KEY_HELP, ConfirmScreen, HelpScreen
-from gputwin.widgets.progress import StepProgress
-from gputwin.widgets.prompts import extend_prompt, why_not
+from gputwin.control import requests as control
+from gputwin.faces.app import GputwinApp, make_app
+from gputwin.core.events import dumps, make
+from gputwin.reading.gpu import CpuSample, GpuSample
+from gputwin.core.paths import ExperimentPaths
+from gputwin.core.state import ArmState
+from gputwin.faces.widgets.arm_pane import ArmPane
+from gputwin.faces.widgets.feed import ExperimentFeed
+from gputwin.faces.formatting import device_label, shorten_paths, step_ticks
+from gputwin.faces.widgets.log_view import LogView
+from gputwin.faces.widgets.modals import KEY_HELP, ConfirmScreen, HelpScreen
+from gputwin.faces.widgets.progress import StepProgress
+from gputwin.faces.widgets.prompts import extend_prompt, why_not
 
 FIXTURES = Path(__file__).parent / "fixtures" / "events"
 GIB = 1024**3
@@ -50,7 +50,7 @@ def anyio_backend() -> str:
 
 
 class FixedSampler:
-    """Stands in for gputwin.gpu.Sampler: the same readings every time, a minute of history."""
+    """Stands in for gputwin.reading.gpu.Sampler: the same readings every time, a minute of history."""
 
     def __init__(self, t: float, cpu_pids: tuple[int, ...] = ()) -> None:
         self.pids: list[int] = []
@@ -230,13 +230,13 @@ def test_feed_reads_the_stderr_tail_only_when_it_changed(tmp_path: Path) -> None
 
 
 def test_importing_the_app_does_not_import_torch() -> None:
-    code = "import sys, gputwin.app; print('torch' in sys.modules, 'transformers' in sys.modules)"
+    code = "import sys, gputwin.faces.app; print('torch' in sys.modules, 'transformers' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.split() == ["False", "False"]
 
 
 def test_make_app_refuses_a_missing_folder(tmp_path: Path) -> None:
-    from gputwin.errors import UserError
+    from gputwin.core.errors import UserError
 
     with pytest.raises(UserError, match="no such experiment folder"):
         make_app(ExperimentPaths(tmp_path / "nope"), sampler=FixedSampler(0.0))
@@ -557,8 +557,8 @@ async def test_the_dashboard_keeps_updating_under_a_dialog_and_its_keys_wait(tmp
 async def test_the_loss_chart_redraws_new_steps_at_most_every_few_seconds_but_a_validation_at_once() -> None:
     from textual.app import App, ComposeResult
 
-    from gputwin.widgets import loss_chart
-    from gputwin.widgets.loss_chart import LossChart, LossSeries
+    from gputwin.faces.widgets import loss_chart
+    from gputwin.faces.widgets.loss_chart import LossChart, LossSeries
 
     class ChartApp(App[None]):
         def compose(self) -> ComposeResult:
@@ -650,8 +650,8 @@ async def test_the_report_is_rewritten_when_the_verdict_changes(tmp_path: Path) 
 
 
 def test_keep_report_writes_only_what_verdict_json_does_not_hold(tmp_path: Path) -> None:
-    from gputwin import autoreport
-    from gputwin.report import verdict_for_experiment
+    from gputwin.faces import autoreport
+    from gputwin.faces.report import verdict_for_experiment
 
     exp = copy_fixture("seed-verdict", tmp_path)
     verdict = verdict_for_experiment(exp, now=CLOCKS["seed-verdict"])
@@ -710,7 +710,7 @@ async def test_at_80x24_each_pane_keeps_a_loss_trend_with_its_latest_value(tmp_p
 def test_the_trend_line_fits_its_width_and_says_when_there_is_nothing_yet() -> None:
     from rich.console import Console
 
-    from gputwin.widgets.loss_chart import LossSeries, trend_line
+    from gputwin.faces.widgets.loss_chart import LossSeries, trend_line
 
     def render(series: LossSeries, width: int) -> str:
         console = Console(width=width, file=io.StringIO(), color_system=None, legacy_windows=False)

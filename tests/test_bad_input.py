@@ -1,4 +1,4 @@
-"""Bad input, table-driven: every case goes through `gputwin.cli.main([...])` and must exit non-zero (2 for a
+"""Bad input, table-driven: every case goes through `gputwin.faces.cli.main([...])` and must exit non-zero (2 for a
 user error) with a message naming the file, key or line, what was expected and a hint, and must leave every
 file as it was (the folder tree with modes, sizes and mtimes is compared before and after).
 
@@ -17,10 +17,12 @@ from typing import Iterator
 
 import pytest
 
-from gputwin.eventlog import EventWriter
-from gputwin import cli, events, supervise
-from gputwin.paths import ArmPaths
-from gputwin.profiles import Experiment, Rules, load_profile
+from gputwin.reading.eventlog import EventWriter
+from gputwin.faces import cli
+from gputwin.core import events
+from gputwin.control import supervise
+from gputwin.core.paths import ArmPaths
+from gputwin.core.profiles import Experiment, Rules, load_profile
 from tiny import write_data
 
 PROFILE = """\

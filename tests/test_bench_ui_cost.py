@@ -12,11 +12,11 @@ from pathlib import Path
 
 import pytest
 
-from gputwin import events as ev
-from gputwin import state as st
-from gputwin import tailer
-from gputwin.tailer import Tailer
-from gputwin.watcher import ExperimentWatcher
+from gputwin.core import events as ev
+from gputwin.core import state as st
+from gputwin.reading import tailer
+from gputwin.reading.tailer import Tailer
+from gputwin.reading.watcher import ExperimentWatcher
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "bench"))

@@ -11,12 +11,12 @@ from typing import Any
 
 import pytest
 
-from gputwin import control, launcher
-from gputwin import events as ev
-from gputwin.errors import UserError
-from gputwin.paths import ExperimentPaths
-from gputwin.profiles import Experiment, Profile
-from gputwin.watcher import ExperimentWatcher
+from gputwin.control import requests as control, launcher
+from gputwin.core import events as ev
+from gputwin.core.errors import UserError
+from gputwin.core.paths import ExperimentPaths
+from gputwin.core.profiles import Experiment, Profile
+from gputwin.reading.watcher import ExperimentWatcher
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from gputwin.cli import HANDLERS, build_parser, main
-from gputwin.plan import steps_for
+from gputwin.faces.cli import HANDLERS, build_parser, main
+from gputwin.core.plan import steps_for
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -40,7 +40,7 @@ def test_parser_rejects_unknown_command(capsys: pytest.CaptureFixture[str]) -> N
 
 
 def test_cli_start_does_not_import_torch() -> None:
-    code = "import sys, gputwin.cli, gputwin.status, gputwin.profiles; print('torch' in sys.modules)"
+    code = "import sys, gputwin.faces.cli, gputwin.faces.status, gputwin.core.profiles; print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "False"
 
@@ -94,7 +94,7 @@ def test_check_unknown_target_module(tmp_path: Path, capsys: pytest.CaptureFixtu
 
 def test_sample_counts_follow_the_data_file_when_it_changes(tmp_path: Path) -> None:
     """Arms that share a data file read it once; a changed file is read again."""
-    from gputwin.plan import count_samples
+    from gputwin.core.plan import count_samples
 
     from tiny import make_samples, profile_for, write_data
 

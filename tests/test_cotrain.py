@@ -11,8 +11,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from gputwin import control, events
-from gputwin.paths import ArmPaths
+from gputwin.control import requests as control
+from gputwin.core import events
+from gputwin.core.paths import ArmPaths
 from gputwin.train import faults
 from gputwin.train.cotrain import train_group
 from gputwin.train.loop import train
@@ -156,7 +157,7 @@ def test_the_packed_step_of_several_arms_equals_each_arm_packed_alone(world: Wor
     only where attention runs per sample, a CUDA varlen kernel; here the masked fallback serves the maths.)"""
     from peft import get_peft_model
 
-    from gputwin.modeling import load_base
+    from gputwin.validate.modeling import load_base
     from gputwin.train.cofast import GroupFastStep, pack_group
     from gputwin.train.cotrain import Member
     from gputwin.train.engine import build_optimizer
@@ -211,7 +212,7 @@ def test_the_packed_step_of_several_arms_equals_each_arm_packed_alone(world: Wor
 def test_a_masked_lora_layer_gives_each_arm_s_tokens_exactly_that_arm_s_output(world: World, autocast: bool) -> None:
     """bf16 base, fp32 adapters (as on a GPU), with and without autocast: bit for bit peft's layer with only
     that arm's adapter active."""
-    from gputwin.modeling import load_base
+    from gputwin.validate.modeling import load_base
     from gputwin.train.multilora import SharedModel
 
     base = load_base(str(world.qwen), task="generate", dtype="bf16", device="cpu")
@@ -244,8 +245,9 @@ def test_an_arm_that_ended_in_a_shared_process_is_extended_in_a_process_of_its_o
     import signal
     import time
 
-    from gputwin import cli, launcher, supervise
-    from gputwin.profiles import Experiment, Placement, Rules
+    from gputwin.faces import cli
+    from gputwin.control import launcher, supervise
+    from gputwin.core.profiles import Experiment, Placement, Rules
 
     a, b = pair(world)
     a = replace(a, train=replace(a.train, epochs=3))

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from gputwin.cli import main
-from gputwin.data import BadLine, DatasetError, Entity, Sample, load_dataset, write_jsonl
+from gputwin.faces.cli import main
+from gputwin.core.data import BadLine, DatasetError, Entity, Sample, load_dataset, write_jsonl
 
 TEXT = "Mail Ann Lee at ann@example.com"
 GOOD = {"text": TEXT, "entities": [{"type": "PERSON", "value": "Ann Lee", "start": 5, "end": 12},

@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from gputwin.paths import ArmPaths, ExperimentPaths
-from gputwin.supervise import read_pid
+from gputwin.core.paths import ArmPaths, ExperimentPaths
+from gputwin.control.supervise import read_pid
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from gputwin.data import Entity
-from gputwin.encoding import (
+from gputwin.core.data import Entity
+from gputwin.core.encoding import (
     IGNORE_INDEX,
     INSTRUCTION,
     answer_text,

@@ -4,9 +4,9 @@ import time
 
 import pytest
 
-from gputwin import events as ev
-from gputwin.eta import StepTimer, clock_time, eta, human_duration, mean_step_seconds
-from gputwin.state import ArmState, apply, fold
+from gputwin.core import events as ev
+from gputwin.core.eta import StepTimer, clock_time, eta, human_duration, mean_step_seconds
+from gputwin.core.state import ArmState, apply, fold
 
 T0 = 1767603600.0  # 2026-01-05 09:00:00 UTC
 

@@ -9,10 +9,10 @@ from pathlib import Path
 
 import pytest
 
-from gputwin.eventlog import EventWriter
-from gputwin import events as ev
-from gputwin import foldcache
-from gputwin import state as st
+from gputwin.reading.eventlog import EventWriter
+from gputwin.core import events as ev
+from gputwin.reading import foldcache
+from gputwin.core import state as st
 
 from foldlog import BAD_LINE, comparable, realistic_lines, whole_fold
 
@@ -144,7 +144,7 @@ def test_a_writer_without_its_fold_leaves_no_fold_file(tmp_path: Path) -> None:
 
 
 def test_importing_events_leaves_the_fold_and_the_state_unimported() -> None:
-    code = ("import sys, gputwin.events; "
-            "print(sorted(m for m in sys.modules if m in ('gputwin.state', 'gputwin.foldcache', 'gputwin.tailer')))")
+    code = ("import sys, gputwin.core.events; "
+            "print(sorted(m for m in sys.modules if m in ('gputwin.core.state', 'gputwin.reading.foldcache', 'gputwin.reading.tailer')))")
     out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True).stdout
     assert out.strip() == "[]"

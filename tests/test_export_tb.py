@@ -13,11 +13,11 @@ import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from tensorboard.plugins.hparams import metadata as hparams_metadata
 
-from gputwin import events as ev
-from gputwin.cli import main
-from gputwin.errors import UserError
-from gputwin.export_tb import export_tensorboard, run_scalars
-from gputwin.paths import ExperimentPaths
+from gputwin.core import events as ev
+from gputwin.faces.cli import main
+from gputwin.core.errors import UserError
+from gputwin.faces.export_tb import export_tensorboard, run_scalars
+from gputwin.core.paths import ExperimentPaths
 
 FIXTURE = Path(__file__).parent / "fixtures" / "events" / "seed-verdict"
 ARMS = ("conservative", "aggressive")

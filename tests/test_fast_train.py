@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from peft import LoraConfig, get_peft_model
 from transformers import Qwen3Config, Qwen3ForCausalLM
 
-from gputwin.encoding import IGNORE_INDEX
+from gputwin.core.encoding import IGNORE_INDEX
 from gputwin.train.batching import Example
 from gputwin.train.engine import EngineUnsupported, NonFiniteLoss, StepOutput, make_engine
 from gputwin.kernels.decoder import block_causal_mask, decoder_parts, fuse_rms_norms, masked_attention, run_decoder

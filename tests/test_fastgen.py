@@ -13,7 +13,7 @@ import torch
 from peft import LoraConfig, get_peft_model
 from transformers import GenerationConfig, Qwen3Config, Qwen3ForCausalLM, StoppingCriteria, StoppingCriteriaList
 
-from gputwin.fastgen import greedy_generate
+from gputwin.validate.fastgen import greedy_generate
 
 REPO = Path(__file__).resolve().parents[1]
 VOCAB, PAD = 64, 0

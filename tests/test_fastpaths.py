@@ -12,8 +12,8 @@ import torch
 from torch import nn
 from transformers import Qwen3Config, Qwen3ForCausalLM
 
-from gputwin.cli import main
-from gputwin.modelshape import fast_paths
+from gputwin.faces.cli import main
+from gputwin.train.modelshape import fast_paths
 from gputwin.kernels import fastpaths
 from gputwin.kernels.decoder import fuse_rms_norms
 from gputwin.train.fast import FastStep
@@ -110,7 +110,7 @@ def test_check_shows_the_fast_paths_of_the_seed_model(capsys: pytest.CaptureFixt
 
 
 def test_check_says_a_tag_arm_trains_with_the_plain_engine() -> None:
-    from gputwin.profiles import load_any
+    from gputwin.core.profiles import load_any
 
     demo = load_any([str(REPO / "src/gputwin/demo_profiles/demo.toml")])
     for arm in demo.arms:

@@ -28,14 +28,15 @@ from typing import Any, Callable, Iterator
 
 import pytest
 
-from gputwin.eventlog import EventWriter
-from gputwin import cli, control, launcher, status, supervise
-from gputwin import events as ev
-from gputwin import state as st
-from gputwin.paths import ArmPaths, ExperimentPaths
-from gputwin.profiles import Experiment, Placement, Profile, Rules
-from gputwin.lifecycle import STALL_MIN_S, STALL_STEPS
-from gputwin.watcher import ExperimentWatcher
+from gputwin.reading.eventlog import EventWriter
+from gputwin.faces import cli, status
+from gputwin.control import requests as control, launcher, supervise
+from gputwin.core import events as ev
+from gputwin.core import state as st
+from gputwin.core.paths import ArmPaths, ExperimentPaths
+from gputwin.core.profiles import Experiment, Placement, Profile, Rules
+from gputwin.core.lifecycle import STALL_MIN_S, STALL_STEPS
+from gputwin.reading.watcher import ExperimentWatcher
 from gputwin.train import faults
 from tiny import make_arm, make_samples, profile_for, tiny_bert, write_data
 
@@ -390,7 +391,7 @@ def terminals() -> Iterator[list[Terminal]]:
         terminal.close()
 
 
-HEADLESS_MONITOR = ("import sys, pathlib; from gputwin.headless import monitor; from gputwin.paths import ExperimentPaths; "
+HEADLESS_MONITOR = ("import sys, pathlib; from gputwin.faces.headless import monitor; from gputwin.core.paths import ExperimentPaths; "
                     "sys.exit(monitor(ExperimentPaths(pathlib.Path(sys.argv[1]))))")
 
 
@@ -455,7 +456,7 @@ def test_a_dropped_terminal_and_killed_uis_and_monitors_leave_training_running(
         for terminal in terminals:
             terminal.pump()
 
-    run = opened([py, "-m", "gputwin.cli", "run", str(profile), "--name", "live", "--headless"])
+    run = opened([py, "-m", "gputwin.faces.cli", "run", str(profile), "--name", "live", "--headless"])
     run.wait_for_output(b"Watching live")
     exp = ExperimentPaths(logs / "live")
     arm = exp.arm("a")
@@ -464,7 +465,7 @@ def test_a_dropped_terminal_and_killed_uis_and_monitors_leave_training_running(
     assert trainer is not None
     assert os.getsid(trainer[0]) != os.getsid(run.pid)  # not in the terminal's session
 
-    ui, ui2 = opened([py, "-m", "gputwin.cli", "attach", "live"]), opened([py, "-m", "gputwin.cli", "attach", "live"])
+    ui, ui2 = opened([py, "-m", "gputwin.faces.cli", "attach", "live"]), opened([py, "-m", "gputwin.faces.cli", "attach", "live"])
     monitor = opened([py, "-c", HEADLESS_MONITOR, str(exp.root)])
     for terminal, shows in ((ui, b"live"), (ui2, b"live"), (monitor, b"Watching live")):
         terminal.wait_for_output(shows)

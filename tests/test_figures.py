@@ -14,10 +14,10 @@ from pathlib import Path
 
 import pytest
 
-from gputwin import events as ev
-from gputwin import figures
-from gputwin import state as st
-from gputwin.report import write_report
+from gputwin.core import events as ev
+from gputwin.faces import figures
+from gputwin.core import state as st
+from gputwin.faces.report import write_report
 
 FIXTURE = Path(__file__).parent / "fixtures" / "events" / "seed-verdict"
 NOW = 1767604312.0  # just after the recording's last event
@@ -188,7 +188,7 @@ def test_thin_merges_neighbours_and_keeps_the_newest_point():
 
 
 def test_the_ui_and_the_report_module_start_without_matplotlib():
-    code = ("import sys, gputwin.app, gputwin.report, gputwin.figures, gputwin.cli; "
+    code = ("import sys, gputwin.faces.app, gputwin.faces.report, gputwin.faces.figures, gputwin.faces.cli; "
             "print(sorted(m for m in sys.modules if m.split('.')[0] in ('matplotlib', 'tensorboardX')))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"

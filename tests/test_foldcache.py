@@ -1,4 +1,4 @@
-"""gputwin.foldcache: a saved fold is used only while it matches its log, and then changes nothing."""
+"""gputwin.reading.foldcache: a saved fold is used only while it matches its log, and then changes nothing."""
 
 from __future__ import annotations
 
@@ -10,10 +10,10 @@ from pathlib import Path
 
 import pytest
 
-from gputwin import foldcache
-from gputwin import state as st
-from gputwin.foldcache import LogPosition
-from gputwin.tailer import Tailer, fold_new
+from gputwin.reading import foldcache
+from gputwin.core import state as st
+from gputwin.reading.foldcache import LogPosition
+from gputwin.reading.tailer import Tailer, fold_new
 
 from foldlog import BAD_LINE, comparable, realistic_lines, whole_fold
 
@@ -167,8 +167,9 @@ def test_save_refuses_a_log_that_is_not_the_one_read(tmp_path: Path) -> None:
 SAVER = """
 import sys
 from pathlib import Path
-from gputwin import foldcache, state as st
-from gputwin.tailer import Tailer, fold_new
+from gputwin.reading import foldcache
+from gputwin.core import state as st
+from gputwin.reading.tailer import Tailer, fold_new
 path = Path(sys.argv[1])
 tailer = Tailer(path)
 state, _ = fold_new(tailer, st.ArmState("a"), lambda: st.ArmState("a"))

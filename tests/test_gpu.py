@@ -10,7 +10,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from gputwin.gpu import CpuProbe, GpuSample, Nvml, Sampler
+from gputwin.reading.gpu import CpuProbe, GpuSample, Nvml, Sampler
 
 
 class FakeNvml:

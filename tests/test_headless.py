@@ -13,11 +13,12 @@ from typing import Callable
 
 import pytest
 
-from gputwin.eventlog import EventWriter
-from gputwin import cli, headless, launcher, supervise
-from gputwin import events as ev
-from gputwin.paths import ArmPaths, ExperimentPaths
-from gputwin.profiles import Experiment, Rules
+from gputwin.reading.eventlog import EventWriter
+from gputwin.faces import cli, headless
+from gputwin.control import launcher, supervise
+from gputwin.core import events as ev
+from gputwin.core.paths import ArmPaths, ExperimentPaths
+from gputwin.core.profiles import Experiment, Rules
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import tiny  # noqa: E402
@@ -31,8 +32,9 @@ SAMPLES = 200
 ANSWERING_TRAINER = """
 import sys, time
 from pathlib import Path
-from gputwin import control, events as ev
-from gputwin.eventlog import EventWriter
+from gputwin.control import requests as control
+from gputwin.core import events as ev
+from gputwin.reading.eventlog import EventWriter
 arm = Path(sys.argv[1])
 while True:
     for path, request in control.pending(arm / "control"):

@@ -13,11 +13,13 @@ from pathlib import Path
 
 import pytest
 
-from gputwin import cli, events, modeling
-from gputwin.data import load_dataset
-from gputwin.encoding import bio_label_names
-from gputwin.paths import ExperimentPaths
-from gputwin.profiles import Experiment, LoraSpec, Rules, load_profile
+from gputwin.faces import cli
+from gputwin.core import events
+from gputwin.validate import modeling
+from gputwin.core.data import load_dataset
+from gputwin.core.encoding import bio_label_names
+from gputwin.core.paths import ExperimentPaths
+from gputwin.core.profiles import Experiment, LoraSpec, Rules, load_profile
 from gputwin.train.loop import train
 from tiny import make_samples, tiny_bert, write_data
 
@@ -133,8 +135,8 @@ def test_the_arm_trains_the_shape_status_the_pane_and_the_report_show(folder: Fo
     assert cli.main(["status", str(exp.root)]) == 0
     assert "  lr 5.0e-03  r 6  alpha 12  batch 4  epochs 1" in capsys.readouterr().out
 
-    from gputwin.watcher import ExperimentWatcher
-    from gputwin.widgets.arm_pane import hparams_text
+    from gputwin.reading.watcher import ExperimentWatcher
+    from gputwin.faces.widgets.arm_pane import hparams_text
 
     watcher = ExperimentWatcher(exp)
     watcher.poll()

@@ -45,7 +45,7 @@ sample_size = 4
 
 LAUNCH = """
 import json, sys
-from gputwin.cli import main
+from gputwin.faces.cli import main
 code = main(["run", "solo.toml", "--headless"])
 print(json.dumps({"exit": code, "heavy": sorted(m for m in sys.argv[1:] if m in sys.modules)}))
 """

@@ -17,13 +17,14 @@ from typing import Callable
 import psutil
 import pytest
 
-from gputwin.eventlog import EventWriter
-from gputwin import cli, control, launcher, supervise
-from gputwin import events as ev
-from gputwin.errors import UserError
-from gputwin.paths import ArmPaths, ExperimentPaths
-from gputwin.profiles import Experiment, Profile, Rules, load_experiment
-from gputwin.verdict import Action, Verdict
+from gputwin.reading.eventlog import EventWriter
+from gputwin.faces import cli
+from gputwin.control import requests as control, launcher, supervise
+from gputwin.core import events as ev
+from gputwin.core.errors import UserError
+from gputwin.core.paths import ArmPaths, ExperimentPaths
+from gputwin.core.profiles import Experiment, Profile, Rules, load_experiment
+from gputwin.core.verdict import Action, Verdict
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import tiny  # noqa: E402
@@ -95,7 +96,7 @@ def test_start_writes_the_folders_and_detaches_each_trainer_in_a_session_of_its_
         assert os.getsid(pid) != os.getsid(0)
         supervisor = psutil.Process(trainer.ppid())
         assert os.getsid(pid) == supervisor.pid  # the supervisor leads the trainer's session
-        assert "gputwin.supervise" in supervisor.cmdline()
+        assert "gputwin.control.supervise" in supervisor.cmdline()
         assert launcher.arm_alive(arm) and launcher.arm_status(arm) == launcher.RUNNING
         assert supervise.read_exit(arm) is None
 
@@ -313,8 +314,9 @@ def test_stop_is_refused_once_the_trainer_has_ended_its_log_but_not_for_an_older
 GO_TRAINER = """
 import sys, time
 from pathlib import Path
-from gputwin import control, events as ev
-from gputwin.eventlog import EventWriter
+from gputwin.control import requests as control
+from gputwin.core import events as ev
+from gputwin.reading.eventlog import EventWriter
 arm = Path(sys.argv[1])
 for path, request in control.pending(arm / "control"):
     if {answer} and request.action == control.EXTEND:

@@ -6,9 +6,9 @@ from pathlib import Path
 
 import pytest
 
-from gputwin import events as ev
-from gputwin import lifecycle as lc
-from gputwin import state as st
+from gputwin.core import events as ev
+from gputwin.core import lifecycle as lc
+from gputwin.core import state as st
 
 
 def _fold(*events: tuple[str, dict]) -> st.ArmState:

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import numpy as np
 import pytest
 
-from gputwin.metrics import (
+from gputwin.core.metrics import (
     arm_intervals,
     disagreements,
     evaluate,

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from gputwin.data import Entity
-from gputwin.encoding import answer_closed, answer_text, parse_answer
+from gputwin.core.data import Entity
+from gputwin.core.encoding import answer_closed, answer_text, parse_answer
 
 P, E, PH = "PERSON", "EMAIL", "PHONE"
 

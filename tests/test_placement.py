@@ -6,12 +6,12 @@ from dataclasses import replace
 
 import pytest
 
-from gputwin import events as ev
-from gputwin import state as st
-from gputwin.placement import cotrain_groups
-from gputwin.profiles import DataSpec, LoraSpec, MilestoneSpec, ModelSpec, Profile, TrainSpec
-from gputwin.status import arm_lines, arm_summary
-from gputwin.widgets.arm_pane import header_text
+from gputwin.core import events as ev
+from gputwin.core import state as st
+from gputwin.core.placement import cotrain_groups
+from gputwin.core.profiles import DataSpec, LoraSpec, MilestoneSpec, ModelSpec, Profile, TrainSpec
+from gputwin.faces.status import arm_lines, arm_summary
+from gputwin.faces.widgets.arm_pane import header_text
 
 
 def arm(name: str, *, device: int | None = 0, base: str = "Qwen/Qwen3-0.6B", task: str = "generate",
@@ -60,7 +60,7 @@ def test_the_arm_pane_and_status_say_which_arms_share_its_process() -> None:
 
 
 def test_gputwin_run_takes_cotrain_and_refuses_other_values(capsys: pytest.CaptureFixture[str]) -> None:
-    from gputwin import cli
+    from gputwin.faces import cli
 
     assert cli.build_parser().parse_args(["run", "a.toml", "b.toml", "--cotrain", "on"]).cotrain == "on"
     assert cli.build_parser().parse_args(["run", "a.toml", "b.toml"]).cotrain is None  # the file's, or off

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from gputwin import events
+from gputwin.core import events
 from gputwin.train import faults, probe
 from gputwin.train.loop import train
 from tiny import World, make_arm
@@ -113,8 +113,8 @@ def test_cooldown_lr_falls_linearly_towards_zero_and_the_default_length_is_a_ten
 def test_extending_a_decayed_wsd_arm_goes_back_to_where_its_decay_began(world: World, tmp_path: Path) -> None:
     """wsd: the peak held, then a linear decay over the last half; extended after it finished, the arm
     resumes from the checkpoint kept where the decay began, holds the peak for the added epoch, then decays."""
-    from gputwin import control
-    from gputwin.schedule import LrPlan
+    from gputwin.control import requests as control
+    from gputwin.core.schedule import LrPlan
 
     profile = world.profile("tag", epochs=1, batch_size=2, warmup_steps=2, scheduler="wsd", decay_fraction=0.5)
     arm = make_arm(tmp_path, profile)
@@ -135,7 +135,7 @@ def test_extending_a_decayed_wsd_arm_goes_back_to_where_its_decay_began(world: W
     assert [e["step"] for e in later] == list(range(8, 25))
     assert all(e["lr"] == pytest.approx(peak) for e in later if e["step"] <= plan.decay_start)
     assert later[-1]["lr"] < 0.2 * peak and later[-1]["loss"] < steps[0]["loss"]
-    from gputwin import state as st
+    from gputwin.core import state as st
 
     folded = st.fold("arm", evs)
     history = folded.loss_history.steps

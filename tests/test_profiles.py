@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from gputwin.profiles import (
+from gputwin.core.profiles import (
     Experiment,
     Profile,
     ProfileError,

@@ -21,14 +21,16 @@ from typing import Any, Callable, Iterator
 
 import pytest
 
-from gputwin import cli, launcher, liveness, ray_backend, ray_node, status
-from gputwin import events as ev
-from gputwin import state as st
-from gputwin.errors import UserError
-from gputwin.paths import ArmPaths, ExperimentPaths
-from gputwin.profiles import Experiment, Placement, Profile, ProfileError, Rules, load_experiment
+from gputwin.faces import cli, status
+from gputwin.control import launcher, ray_backend, ray_node
+from gputwin.reading import liveness
+from gputwin.core import events as ev
+from gputwin.core import state as st
+from gputwin.core.errors import UserError
+from gputwin.core.paths import ArmPaths, ExperimentPaths
+from gputwin.core.profiles import Experiment, Placement, Profile, ProfileError, Rules, load_experiment
 from gputwin.train import faults
-from gputwin.watcher import ExperimentWatcher
+from gputwin.reading.watcher import ExperimentWatcher
 from tiny import make_samples, profile_for, tiny_bert, write_data
 
 # ---------------------------------------------------------------- without a cluster

@@ -8,10 +8,10 @@ from dataclasses import replace
 
 import numpy as np
 
-from gputwin.metrics import paired_bootstrap
-from gputwin.profiles import Rules
-from gputwin.reference import BEATS, SHORT, TIES, ReferenceResult, decide, resolve_targets
-from gputwin.verdict import A, B, MISMATCH, WAITING
+from gputwin.core.metrics import paired_bootstrap
+from gputwin.core.profiles import Rules
+from gputwin.core.reference import BEATS, SHORT, TIES, ReferenceResult, decide, resolve_targets
+from gputwin.core.verdict import A, B, MISMATCH, WAITING
 from test_verdict import GOLD, arms, outcomes
 
 RULES = Rules(baseline="conservative", bootstrap_resamples=1000)

@@ -12,10 +12,11 @@ from pathlib import Path
 
 import pytest
 
-from gputwin import cli, launcher
-from gputwin.paths import ExperimentPaths
-from gputwin.profiles import ProfileError, load_experiment
-from gputwin.reference_run import CACHE_DIR, REFERENCE_DIR, RESULT_FILE, ensure_reference, inputs_for
+from gputwin.faces import cli
+from gputwin.control import launcher
+from gputwin.core.paths import ExperimentPaths
+from gputwin.core.profiles import ProfileError, load_experiment
+from gputwin.control.reference_run import CACHE_DIR, REFERENCE_DIR, RESULT_FILE, ensure_reference, inputs_for
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import tiny  # noqa: E402
@@ -48,10 +49,10 @@ def reference_adapter(folder: Path, model: Path, train: Path) -> Path:
     """An adapter as a user's production run leaves it: LoRA on the tiny BERT with its head, saved by gputwin."""
     import torch
 
-    from gputwin.data import load_dataset
-    from gputwin.encoding import bio_label_names
-    from gputwin.modeling import attach_lora, load_base, save_adapter
-    from gputwin.profiles import LoraSpec
+    from gputwin.core.data import load_dataset
+    from gputwin.core.encoding import bio_label_names
+    from gputwin.validate.modeling import attach_lora, load_base, save_adapter
+    from gputwin.core.profiles import LoraSpec
 
     labels = bio_label_names(load_dataset(train).entity_types)
     torch.manual_seed(3)
@@ -120,7 +121,7 @@ def test_a_headless_run_validates_the_reference_first_and_holds_every_arm_agains
     test = Path(inputs_for(again).test_data)
     cached = {p.name for p in (logs / CACHE_DIR).iterdir()}
     test.write_text(test.read_text() + test.read_text().splitlines()[0] + "\n")
-    from gputwin.reference_run import cache_key, input_hashes
+    from gputwin.control.reference_run import cache_key, input_hashes
 
     assert f"{cache_key(input_hashes(inputs_for(again)))}.json" not in cached
 
@@ -174,7 +175,7 @@ def test_reference_table_and_relative_targets_are_parsed(tmp_path: Path) -> None
                                                                       None, 1)
     assert experiment.rules.target_f1_reference_offset == 0.015
     assert experiment.rules.target_recall_reference_offset == -0.02
-    from gputwin.profiles import Experiment
+    from gputwin.core.profiles import Experiment
 
     assert Experiment.from_dict(json.loads(json.dumps(experiment.to_dict()))) == experiment
     plain = experiment_file(tmp_path, '[rules]\ntarget_f1 = 0.9\n[reference]\nmodel = "prod"\ndevice = "cpu"\n')

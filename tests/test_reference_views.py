@@ -10,11 +10,11 @@ from typing import Any
 
 import pytest
 
-from gputwin import headless, report, status
-from gputwin.app import make_app
-from gputwin.paths import ExperimentPaths
-from gputwin.reference_run import REFERENCE_DIR, RESULT_FILE
-from gputwin.watcher import ExperimentWatcher
+from gputwin.faces import headless, report, status
+from gputwin.faces.app import make_app
+from gputwin.core.paths import ExperimentPaths
+from gputwin.control.reference_run import REFERENCE_DIR, RESULT_FILE
+from gputwin.reading.watcher import ExperimentWatcher
 from test_app import CLOCKS, SIZE, FixedSampler, copy_fixture, loaded, screen_text, utc  # noqa: F401  (utc: fixture)
 
 sys.path.insert(0, str(Path(__file__).parent / "fixtures" / "events"))

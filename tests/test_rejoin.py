@@ -16,9 +16,10 @@ from typing import IO
 
 import pytest
 
-from gputwin import cli, launcher, rejoin
-from gputwin.paths import ExperimentPaths
-from gputwin.profiles import Experiment, load_any
+from gputwin.faces import cli
+from gputwin.control import launcher, rejoin
+from gputwin.core.paths import ExperimentPaths
+from gputwin.core.profiles import Experiment, load_any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import tiny  # noqa: E402

@@ -10,11 +10,11 @@ from pathlib import Path
 
 import pytest
 
-from gputwin import events as ev
-from gputwin.errors import UserError
-from gputwin.report import _width, cmd_report, table, verdict_for_experiment, write_report
-from gputwin.paths import ExperimentPaths
-from gputwin.watcher import ExperimentWatcher
+from gputwin.core import events as ev
+from gputwin.core.errors import UserError
+from gputwin.faces.report import _width, cmd_report, table, verdict_for_experiment, write_report
+from gputwin.core.paths import ExperimentPaths
+from gputwin.reading.watcher import ExperimentWatcher
 
 FIXTURE = Path(__file__).parent / "fixtures" / "recorded_experiment"
 NOW = 1767230000.0

@@ -16,11 +16,13 @@ from typing import Any
 import psutil
 import pytest
 
-from gputwin import commands, control, launcher, paths, supervise
-from gputwin.errors import UserError
-from gputwin.paths import ArmPaths, ExperimentPaths
-from gputwin.profiles import Experiment, ModelSpec, ProfileError, Rules, load_profile
-from gputwin.watcher import ExperimentWatcher
+from gputwin.faces import commands
+from gputwin.control import requests as control, launcher, supervise
+from gputwin.core import paths
+from gputwin.core.errors import UserError
+from gputwin.core.paths import ArmPaths, ExperimentPaths
+from gputwin.core.profiles import Experiment, ModelSpec, ProfileError, Rules, load_profile
+from gputwin.reading.watcher import ExperimentWatcher
 from tiny import make_arm, make_samples, profile_for, tiny_bert, write_data
 
 SRC = Path(__file__).resolve().parents[1] / "src" / "gputwin"
@@ -216,7 +218,7 @@ def test_subprocesses_run_without_a_shell_and_nothing_is_evaluated() -> None:
     sources = {path: path.read_text(encoding="utf-8") for path in SRC.rglob("*.py")}
     assert len(sources) > 20
     forbidden = re.compile(r"shell\s*=\s*True|os\.system\(|os\.popen\(|subprocess\.(getoutput|getstatusoutput)\(|"
-                           r"(?<![\w.])(eval|exec)\(|pickle\.loads?\(")
+                           r"(?<![\w.])(?<!def )(eval|exec)\(|pickle\.loads?\(")  # a method named eval is no eval
     offenders = [f"{path.relative_to(SRC)}:{text[:m.start()].count(chr(10)) + 1}: {m.group(0)}"
                  for path, text in sources.items() for m in forbidden.finditer(text)]
     assert offenders == []
@@ -248,9 +250,9 @@ def from_pretrained_calls(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, An
 @pytest.mark.parametrize("trust", [False, True])
 def test_trust_remote_code_reaches_from_pretrained_only_as_the_profile_says(
         world: SimpleNamespace, tmp_path: Path, from_pretrained_calls: list[tuple[str, Any]], trust: bool) -> None:
-    from gputwin.modeling import save_adapter
+    from gputwin.validate.modeling import save_adapter
     from gputwin.train.setup import build_run
-    from gputwin.validate_load import load_for_validation
+    from gputwin.validate.load import load_for_validation
 
     profile = profile_for(world.bert, world.train, world.test, task="tag", name="a")
     assert profile.model.trust_remote_code is False  # the default

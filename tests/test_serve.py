@@ -16,9 +16,9 @@ from pathlib import Path
 import psutil
 import pytest
 
-from gputwin import cli
-from gputwin.paths import ExperimentPaths
-from gputwin.serve import app_command, public_url
+from gputwin.faces import cli
+from gputwin.core.paths import ExperimentPaths
+from gputwin.faces.serve import app_command, public_url
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import browser  # noqa: E402
@@ -47,7 +47,7 @@ def test_the_server_listens_on_this_machine_only_unless_told() -> None:
 def test_each_browser_tab_runs_this_gputwin_on_the_experiment_folder(tmp_path: Path) -> None:
     exp = ExperimentPaths(tmp_path / "with space" / "pii-seed")
     command = app_command(exp)
-    assert command.startswith(sys.executable) and " -m gputwin.cli attach " in command
+    assert command.startswith(sys.executable) and " -m gputwin.faces.cli attach " in command
     assert command.endswith(f"'{exp.root}'")  # quoted for the shell textual-serve runs it in
 
 

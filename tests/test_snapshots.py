@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from gputwin.app import make_app
-from gputwin.paths import ExperimentPaths
+from gputwin.faces.app import make_app
+from gputwin.core.paths import ExperimentPaths
 from test_app import CLOCKS, FixedSampler, copy_fixture, loaded, utc  # noqa: F401  (utc: the fixture)
 
 pytestmark = pytest.mark.usefixtures("utc")

@@ -9,11 +9,11 @@ from pathlib import Path
 import psutil
 import pytest
 
-from gputwin import events as ev
-from gputwin import state as st
-from gputwin.paths import ExperimentPaths
-from gputwin.state import ArmState, LossHistory, apply, fold
-from gputwin.watcher import ExperimentWatcher
+from gputwin.core import events as ev
+from gputwin.core import state as st
+from gputwin.core.paths import ExperimentPaths
+from gputwin.core.state import ArmState, LossHistory, apply, fold
+from gputwin.reading.watcher import ExperimentWatcher
 
 FIXTURES = Path(__file__).parent / "fixtures" / "events"
 

@@ -12,10 +12,10 @@ from pathlib import Path
 
 import pytest
 
-from gputwin import cli
-from gputwin import events as ev
-from gputwin.errors import UserError
-from gputwin.status import cmd_status
+from gputwin.faces import cli
+from gputwin.core import events as ev
+from gputwin.core.errors import UserError
+from gputwin.faces.status import cmd_status
 
 FIXTURES = Path(__file__).parent / "fixtures" / "events"
 
@@ -121,7 +121,7 @@ def test_cli_picks_the_most_recent_experiment(tmp_path: Path, monkeypatch: pytes
 
 
 def test_status_does_not_import_torch_or_textual() -> None:
-    code = ("import sys; from gputwin.cli import main; main(['status', sys.argv[1]]); "
+    code = ("import sys; from gputwin.faces.cli import main; main(['status', sys.argv[1]]); "
             "print(sorted(m for m in ('torch', 'textual', 'transformers') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code, str(FIXTURES / "seed-midrun")],
                          capture_output=True, text=True, check=True).stdout

@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from gputwin.cli import main
-from gputwin.data import CANONICAL_TYPES, ensure_synth, load_dataset, write_jsonl
-from gputwin.data.synth import (
+from gputwin.faces.cli import main
+from gputwin.core.data import CANONICAL_TYPES, ensure_synth, load_dataset, write_jsonl
+from gputwin.core.data.synth import (
     compile_template,
     generate,
     iter_rendered,
@@ -19,7 +19,7 @@ from gputwin.data.synth import (
     templates_en,
     templates_zh,
 )
-from gputwin.data.values import ValueMaker
+from gputwin.core.data.values import ValueMaker
 
 LOCALES = ("en_US", "zh_CN")
 # Shapes only look-alikes have; an entity value of this shape means a look-alike was labelled.

@@ -6,13 +6,13 @@ from pathlib import Path
 
 import pytest
 
-from gputwin import events as ev
-from gputwin import foldcache
-from gputwin import state as st
-from gputwin import watcher as watcher_module
-from gputwin.paths import ExperimentPaths
-from gputwin.tailer import Tailer
-from gputwin.watcher import ExperimentWatcher
+from gputwin.core import events as ev
+from gputwin.reading import foldcache
+from gputwin.core import state as st
+from gputwin.reading import watcher as watcher_module
+from gputwin.core.paths import ExperimentPaths
+from gputwin.reading.tailer import Tailer
+from gputwin.reading.watcher import ExperimentWatcher
 
 from foldlog import comparable, realistic_lines, whole_fold
 

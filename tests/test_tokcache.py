@@ -16,10 +16,10 @@ from pathlib import Path
 
 import pytest
 
-from gputwin import events
-from gputwin.data import load_dataset
-from gputwin.encoding import bio_label_names
-from gputwin.modeling import load_tokenizer
+from gputwin.core import events
+from gputwin.core.data import load_dataset
+from gputwin.core.encoding import bio_label_names
+from gputwin.validate.modeling import load_tokenizer
 from gputwin.train import tokcache
 from gputwin.train.batching import Example, encode_samples
 from gputwin.train.loop import train
@@ -192,7 +192,7 @@ def test_an_arm_waits_for_the_one_writing_and_then_reads_its_file(world: World, 
 WRITER = """
 import json, sys
 from pathlib import Path
-from gputwin.modeling import load_tokenizer
+from gputwin.validate.modeling import load_tokenizer
 from gputwin.train import tokcache
 base, train, folder = sys.argv[1:4]
 data = tokcache.load_training_data(train, load_tokenizer(base), base=base, task="generate", max_length=256,

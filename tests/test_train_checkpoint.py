@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from gputwin import events
+from gputwin.core import events
 from gputwin.train import checkpoint
 from gputwin.train.loop import train
 from tiny import World, make_arm

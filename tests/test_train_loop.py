@@ -8,10 +8,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from gputwin import control, events
+from gputwin.control import requests as control
+from gputwin.core import events
 from gputwin.train import faults
 from gputwin.train.loop import train
-from gputwin.schedule import LrPlan, lr_at
+from gputwin.core.schedule import LrPlan, lr_at
 from tiny import World, make_arm
 
 pytestmark = pytest.mark.slow

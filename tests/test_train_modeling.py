@@ -8,10 +8,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from gputwin import modeling
-from gputwin.encoding import bio_label_names
-from gputwin.errors import UserError
-from gputwin.profiles import LoraSpec
+from gputwin.validate import modeling
+from gputwin.core.encoding import bio_label_names
+from gputwin.core.errors import UserError
+from gputwin.core.profiles import LoraSpec
 from tiny import World
 
 pytestmark = pytest.mark.slow

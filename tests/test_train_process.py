@@ -11,7 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from gputwin import control, events
+from gputwin.control import requests as control
+from gputwin.core import events
 from gputwin.train import faults
 from tiny import World, make_arm
 

@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from gputwin.schedule import LrPlan, extend_plan, lr_at
+from gputwin.core.schedule import LrPlan, extend_plan, lr_at
 
 
 def lrs(plan: LrPlan, first: int, last: int) -> list[float]:

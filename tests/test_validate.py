@@ -9,13 +9,13 @@ import json
 
 import pytest
 
-from gputwin.cli import main as cli_main
-from gputwin.data import Dataset, Sample, load_dataset, write_jsonl
-from gputwin.encoding import IGNORE_INDEX, bio_label_names, encode_generate, encode_tag, prompt_ids
-from gputwin.errors import UserError
-from gputwin.profiles import LoraSpec
-from gputwin.validate import format_result, load_for_validation, predict, select_samples, validate
-from gputwin.validate_predict import _json_closed_criterion
+from gputwin.faces.cli import main as cli_main
+from gputwin.core.data import Dataset, Sample, load_dataset, write_jsonl
+from gputwin.core.encoding import IGNORE_INDEX, bio_label_names, encode_generate, encode_tag, prompt_ids
+from gputwin.core.errors import UserError
+from gputwin.core.profiles import LoraSpec
+from gputwin.validate.run import format_result, load_for_validation, predict, select_samples, validate
+from gputwin.validate.predict import _json_closed_criterion
 from test_encoding import bert_tokenizer, bpe_tokenizer, spans
 
 torch = pytest.importorskip("torch")
@@ -178,7 +178,7 @@ def tag(tmp_path_factory):
     """A saved random BERT token classifier (the base) and a LoRA adapter on it that memorised TAG_CASES."""
     from transformers import BertConfig, BertForTokenClassification
 
-    from gputwin.modeling import attach_lora, save_adapter
+    from gputwin.validate.modeling import attach_lora, save_adapter
 
     folder = tmp_path_factory.mktemp("tag")
     tok = bert_tokenizer(folder)
@@ -237,7 +237,7 @@ def test_load_for_validation_reads_task_and_labels(tag):
 
 def test_generate_adapter_through_the_cli(gen, tmp_path):
     """A zero-initialised LoRA adapter on the memorising model changes nothing: the CLI must score 1.0."""
-    from gputwin.modeling import attach_lora, save_adapter
+    from gputwin.validate.modeling import attach_lora, save_adapter
 
     model, tok, test = gen
     base_dir = tmp_path / "base"

@@ -9,8 +9,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from gputwin.profiles import Rules
-from gputwin.verdict import A, B, C, MISMATCH, WAITING, Action, ArmResult, decide
+from gputwin.core.profiles import Rules
+from gputwin.core.verdict import A, B, C, MISMATCH, WAITING, Action, ArmResult, decide
 
 RULES = Rules(baseline="conservative", extend_epochs=2, bootstrap_resamples=1000)
 
@@ -178,7 +178,7 @@ def test_no_winner_on_noise_and_a_real_difference_is_found():
 
 
 def test_actions_on_arms_that_already_ended_are_dropped_with_a_reason() -> None:
-    from gputwin.verdict import CONTINUE, EXTEND, STOP, Action, Verdict, account_for_ended
+    from gputwin.core.verdict import CONTINUE, EXTEND, STOP, Action, Verdict, account_for_ended
 
     verdict = Verdict(scenario="A", headline="A: new is better - stop base, extend new by 1 epoch", baseline="base",
                       winner="new",
@@ -198,8 +198,8 @@ def test_final_stage_compares_arms_that_ended_at_different_steps() -> None:
     """Scenario B's "let it finish and compare again": the baseline at step 1758 against the challenger at 879."""
     import random
 
-    from gputwin.profiles import Rules
-    from gputwin.verdict import ArmResult, decide
+    from gputwin.core.profiles import Rules
+    from gputwin.core.verdict import ArmResult, decide
 
     rng = random.Random(5)
     indices = list(range(300))

@@ -7,8 +7,8 @@ import json
 from dataclasses import replace
 from pathlib import Path
 
-from gputwin.profiles import Rules
-from gputwin.verdict import A, B, SAMPLE_ONLY, ArmResult, decide
+from gputwin.core.profiles import Rules
+from gputwin.core.verdict import A, B, SAMPLE_ONLY, ArmResult, decide
 from test_verdict import GOLD, outcomes, result
 
 REPO = Path(__file__).resolve().parents[1]
@@ -101,7 +101,7 @@ def test_a_stopped_arm_stops_with_its_replicates_and_a_pending_replicate_is_wait
 
 
 def test_with_replicates_adds_seeded_copies_of_every_arm() -> None:
-    from gputwin.profiles import load_experiment, with_replicates
+    from gputwin.core.profiles import load_experiment, with_replicates
 
     exp = load_experiment(REPO / "profiles" / "seed.toml", check_files=False)
     more = with_replicates(exp, 1)
@@ -114,7 +114,7 @@ def test_with_replicates_adds_seeded_copies_of_every_arm() -> None:
 
 
 def test_at_the_milestone_a_finished_arm_that_should_continue_is_extended_while_the_other_trains() -> None:
-    from gputwin.verdict import account_for_ended
+    from gputwin.core.verdict import account_for_ended
 
     arms = {"conservative": cooled(scored(1, 0.70, 0.72, MID), 3, 0.90, 0.90), "aggressive": scored(2, 0.90, 0.90, END)}
     v = account_for_ended(decide(arms, RULES), {"aggressive": "finished"}, extend_epochs=1)

@@ -14,13 +14,13 @@ from rich.text import Text
 from textual.app import App, ComposeResult
 from textual.widget import Widget
 
-from gputwin.events import make
-from gputwin.state import ArmState, ExperimentState
-from gputwin.widgets.feed import ExperimentFeed
-from gputwin.widgets.live_text import LiveText, text_shape
-from gputwin.widgets.progress import StepProgress
-from gputwin.widgets.verdict_pane import VerdictPane, waiting_view
-from gputwin.gpu import GpuSample
+from gputwin.core.events import make
+from gputwin.core.state import ArmState, ExperimentState
+from gputwin.faces.widgets.feed import ExperimentFeed
+from gputwin.faces.widgets.live_text import LiveText, text_shape
+from gputwin.faces.widgets.progress import StepProgress
+from gputwin.faces.widgets.verdict_pane import VerdictPane, waiting_view
+from gputwin.reading.gpu import GpuSample
 from test_app import CLOCKS, GIB, append_events, copy_fixture, fixture_app, loaded, screen_text, wait_until
 
 pytestmark = pytest.mark.anyio
@@ -195,7 +195,7 @@ async def test_device_panels_follow_the_sampler_when_no_state_update_comes(tmp_p
 
 
 def test_the_verdict_gives_up_rows_only_where_the_panes_need_them_for_their_loss_trend() -> None:
-    from gputwin.widgets.layout import grid_shape, verdict_max_rows
+    from gputwin.faces.widgets.layout import grid_shape, verdict_max_rows
 
     assert grid_shape(2, 160) == (2, 1) and grid_shape(2, 100) == (2, 1) and grid_shape(2, 80) == (1, 2)
     assert grid_shape(3, 160) == (3, 1) and grid_shape(4, 100) == (2, 2)

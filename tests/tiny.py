@@ -13,9 +13,9 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from gputwin.data import Entity, Sample, write_jsonl
-from gputwin.encoding import INSTRUCTION, answer_text
-from gputwin.profiles import DataSpec, LoraSpec, MilestoneSpec, ModelSpec, Profile, TrainSpec
+from gputwin.core.data import Entity, Sample, write_jsonl
+from gputwin.core.encoding import INSTRUCTION, answer_text
+from gputwin.core.profiles import DataSpec, LoraSpec, MilestoneSpec, ModelSpec, Profile, TrainSpec
 
 FIRST = ["Anna", "Bo", "Chen Wei", "Dario", "Eve", "Farah", "Li Na", "Omar"]
 LAST = ["Smith", "Okafor", "Zhang", "Rossi", "Novak", "Haddad"]

@@ -27,14 +27,14 @@ from typing import Any, Mapping
 
 import psutil
 
-from . import control, paths
-from . import events as ev
-from .eventlog import EventWriter
-from .errors import UserError
-from .paths import ArmPaths, ExperimentPaths, make_private_dir, write_atomic
-from .profiles import (DataSpec, Experiment, LoraSpec, MilestoneSpec, ModelSpec, Profile, Rules,
-                       TrainSpec)
-from .supervise import arm_alive, read_pid
+from .control import requests as control
+from .core import paths
+from .core import events as ev
+from .reading.eventlog import EventWriter
+from .core.errors import UserError
+from .core.paths import ArmPaths, ExperimentPaths, make_private_dir, write_atomic
+from .core.profiles import DataSpec, Experiment, LoraSpec, MilestoneSpec, ModelSpec, Profile, Rules, TrainSpec
+from .control.supervise import arm_alive, read_pid
 
 SOURCE_PREFIX = "hf-trainer:"  # Profile.source of arms run by this callback: gputwin cannot respawn them
 STEP_EVENT_EVERY_S = 1.0  # between logged steps, progress-only step events at most this often

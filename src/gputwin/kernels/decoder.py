@@ -6,7 +6,7 @@ attention over samples packed in one row, torch's fused RMSNorm, and one pass of
     fuse_rms_norms(model)           RMSNorm modules on torch's fused kernel, where they compute the same
     decoder_parts(model) -> DecoderParts          run_decoder(parts, input_ids, position_ids, ...)
 
-It sits below both the trainer (gputwin.train.fast) and the validator (gputwin.fastgen), which share it.
+It sits below both the trainer (gputwin.train.fast) and the validator (gputwin.validate.fastgen), which share it.
 """
 
 from __future__ import annotations
@@ -151,7 +151,7 @@ def packed_attention(module: Any, query: torch.Tensor, key: torch.Tensor, value:
                      attention_mask: torch.Tensor | None, scaling: float, dropout: float = 0.0,
                      **kwargs: Any) -> tuple[torch.Tensor, None]:
     """transformers attention function: packed rows (cu_seq_lens_q), or a cache's own attention
-    (a `gputwin_cache` object, used by gputwin.fastgen) when one is passed along."""
+    (a `gputwin_cache` object, used by gputwin.validate.fastgen) when one is passed along."""
     cache = kwargs.get("gputwin_cache")
     if cache is not None:
         return cache.attend(module, query, key, value, attention_mask, scaling), None

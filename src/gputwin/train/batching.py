@@ -13,7 +13,7 @@ from typing import Any, Sequence
 
 import torch
 
-from ..encoding import IGNORE_INDEX, encode_generate_many, encode_tag_many
+from ..core.encoding import IGNORE_INDEX, encode_generate_many, encode_tag_many
 
 
 @dataclass(frozen=True)
@@ -31,7 +31,7 @@ class Example:
 
 def encode_samples(samples: Sequence[Any], tokenizer: Any, *, task: str, max_length: int,
                    label_names: Sequence[str] | None = None) -> list[Example]:
-    """Every sample through the task's encoder (gputwin.encoding), once, before training starts: all texts
+    """Every sample through the task's encoder (gputwin.core.encoding), once, before training starts: all texts
     in one batched tokenizer call (a fast tokenizer spreads it over the cores)."""
     pairs = [(s.text, s.entities) for s in samples]
     if task == "generate":

@@ -22,9 +22,9 @@ from typing import Any, Callable
 import torch
 from safetensors import SafetensorError
 
-from ..errors import UserError
-from ..modeling import save_adapter
-from ..schedule import LrPlan
+from ..core.errors import UserError
+from ..validate.modeling import save_adapter
+from ..core.schedule import LrPlan
 
 STATE_FILE = "trainer_state.pt"
 MANIFEST = "checkpoint.json"  # written last inside the temporary folder

@@ -23,7 +23,7 @@ from typing import Any, Sequence
 import torch
 import torch.nn.functional as F
 
-from ..encoding import IGNORE_INDEX
+from ..core.encoding import IGNORE_INDEX
 from ..kernels.decoder import decoder_parts, fuse_rms_norms, run_decoder, varlen_backend
 from ..kernels.fused_rotary import fused_rotary, rotary_modules
 from .batching import Example

@@ -34,13 +34,13 @@ from typing import Any, Callable, Iterator, Sequence, TypeVar
 import torch
 import torch.nn.functional as F
 
-from ..eventlog import EventWriter
+from ..reading.eventlog import EventWriter
 from ..kernels.decoder import decoder_parts, varlen_backend
-from ..modeling import resolve_dtype
-from ..paths import ArmPaths
-from ..plan import milestone_step, steps_for
-from ..profiles import Profile
-from ..supervise import release_arm
+from ..validate.modeling import resolve_dtype
+from ..core.paths import ArmPaths
+from ..core.plan import milestone_step, steps_for
+from ..core.profiles import Profile
+from ..control.supervise import release_arm
 from . import tokcache
 from .batching import IGNORE_INDEX, Example, collate_padded
 from .engine import NonFiniteLoss, StepOutput, autocast_for, build_optimizer, set_lr

@@ -24,7 +24,7 @@ from typing import Any, Callable, Iterable, Iterator, Mapping, NamedTuple, Seque
 import torch
 import torch.nn.functional as F
 
-from ..encoding import IGNORE_INDEX
+from ..core.encoding import IGNORE_INDEX
 from ..kernels import fastpaths
 from ..kernels.decoder import DecoderParts, decoder_parts, fuse_rms_norms, run_decoder, varlen_backend
 from ..kernels.fused_lora import fuse_lora

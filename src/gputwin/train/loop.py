@@ -21,19 +21,21 @@ from typing import Any, Iterator
 
 import torch
 
-from .. import control, events
-from ..eventlog import EventWriter
-from ..errors import UserError
-from ..modeling import count_params, count_trainable, save_adapter
-from ..paths import ArmPaths, make_private_dir
-from ..profiles import Profile, load_resolved
+from ..control import requests as control
+from ..core import events
+from ..reading.eventlog import EventWriter
+from ..core.errors import UserError
+from ..validate.modeling import count_params, count_trainable, save_adapter
+from ..core.paths import ArmPaths, make_private_dir
+from ..core.profiles import Profile, load_resolved
 from . import faults
 from .batching import EpochBatches, batch_tokens
-from .checkpoint import DISK_FULL_ERRNOS, CheckpointWriteError, TrainState, checkpoint_name, clean_leftovers, \
-    latest_loadable, list_checkpoints, load_checkpoint, prune, rng_states, save_checkpoint, set_rng_states
+from .checkpoint import (DISK_FULL_ERRNOS, CheckpointWriteError, TrainState, checkpoint_name, clean_leftovers,
+                         latest_loadable, list_checkpoints, load_checkpoint, prune, rng_states, save_checkpoint,
+                         set_rng_states)
 from .engine import NonFiniteLoss, Outcome, StepOutput
 from . import probe
-from ..schedule import decay_done, extension_preview, lr_at, make_plan, wsd_rewind_step
+from ..core.schedule import decay_done, extension_preview, lr_at, make_plan, wsd_rewind_step
 from .setup import Run, TrainFailure, build_run
 
 NAN_HINT = ("lower train.learning_rate (e.g. halve it), add warmup_steps, or keep grad_clip at 1.0; "
@@ -243,7 +245,7 @@ class Trainer:
     def cooldown_probe(self, steps: int) -> None:
         """Score this arm as if its schedule ended now (gputwin.train.probe); the live run is left exactly
         as it was. A probe that fails (NaN, out of memory) is reported and the arm trains on."""
-        from ..validate import validate
+        from ..validate.run import validate
 
         run, state = self.run, self.state
         position = self.position()
@@ -374,7 +376,7 @@ class Trainer:
 
     def validate(self, *, reason: str, by: str, extra: dict[str, Any] | None = None) -> dict[str, Any]:
         """Save the adapter, then score the live model on held-out samples; training resumes unchanged."""
-        from ..validate import validate
+        from ..validate.run import validate
 
         run, step = self.run, self.state.step
         adapter = self.save_adapter()

@@ -24,7 +24,7 @@ from typing import Any, Iterator, Sequence
 
 import torch
 
-from ..profiles import LoraSpec
+from ..core.profiles import LoraSpec
 
 DEFAULT = "default"  # peft's name for the adapter of a model with one
 Block = tuple[str, int, int]  # (adapter name, first row, row after the last)

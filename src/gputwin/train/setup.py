@@ -21,10 +21,10 @@ from typing import Any, Callable, TypeVar
 
 import torch
 
-from .. import modeling
-from ..paths import ArmPaths
-from ..plan import milestone_step, steps_for
-from ..profiles import Profile
+from ..validate import modeling
+from ..core.paths import ArmPaths
+from ..core.plan import milestone_step, steps_for
+from ..core.profiles import Profile
 from . import tokcache
 from .batching import Example
 from .engine import Engine, build_optimizer, make_engine

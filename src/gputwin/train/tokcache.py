@@ -41,10 +41,10 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from .. import __version__
-from ..adapter_shape import hub_id
-from ..data import load_dataset
-from ..encoding import bio_label_names
-from ..paths import read_own_file
+from ..core.adapter_shape import hub_id
+from ..core.data import load_dataset
+from ..core.encoding import bio_label_names
+from ..core.paths import read_own_file
 from .batching import Example, encode_samples
 
 FORMAT_VERSION = 2  # 2: the header holds the tokenizer's special ids (TokenizerFacts)
@@ -59,7 +59,7 @@ WEIGHT_SUFFIXES = frozenset({".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h
                              ".gguf", ".ot", ".tflite", ".npz", ".npy"})
 TEMPLATE_FOLDERS = ("additional_chat_templates",)  # subfolders transformers reads chat templates from
 # The modules whose code turns a data file into token ids: an edit to any of them changes the key.
-CODE_MODULES = ("gputwin.encoding", "gputwin.data.formats", "gputwin.data.loading", "gputwin.data.records",
+CODE_MODULES = ("gputwin.core.encoding", "gputwin.core.data.formats", "gputwin.core.data.loading", "gputwin.core.data.records",
                 "gputwin.train.batching", "gputwin.train.tokcache")
 LIBRARIES = ("transformers", "tokenizers", "sentencepiece", "jinja2")
 

@@ -1,0 +1,1 @@
+"""Starting and steering trainers: the launcher, the per-arm supervisor, control requests."""

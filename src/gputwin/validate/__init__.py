@@ -1,0 +1,1 @@
+"""Milestone validation on the trainer side (torch): loading, generation, scoring."""
