@@ -25,7 +25,8 @@ def main() -> int:
     from transformers import LlamaConfig, LlamaForCausalLM, Qwen3Config, Qwen3ForCausalLM
 
     from gputwin.train.engine import build_optimizer
-    from gputwin.train.fast import FastStep, pack
+    from gputwin.train.fast import FastStep
+    from gputwin.train.packing import pack
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")

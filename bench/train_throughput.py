@@ -28,7 +28,8 @@ from typing import Any, Callable, Sequence
 import torch
 
 import common
-from gputwin.train.fast import FastStep, make_optimizer, pack
+from gputwin.train.fast import FastStep, make_optimizer
+from gputwin.train.packing import pack
 
 VARIANTS = ("baseline", "packed+graphs", "packed+compile+graphs", "packed", "lean-padded", "engine", "packed+graphs+hfnorm",
             "packed+graphs+peftlora", "packed+graphs+hfrope")

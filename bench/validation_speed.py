@@ -108,7 +108,8 @@ def divergence_margins(model: Any, prompts: Sequence[list[int]], reference: Sequ
 
 def _train_adapter(model: Any, config: Any, args: argparse.Namespace, device: torch.device) -> int:
     """A few hundred fast steps (lr 1e-3) on synthetic samples, so greedy choices have clear margins."""
-    from gputwin.train.fast import FastStep, make_optimizer, pack
+    from gputwin.train.fast import FastStep, make_optimizer
+    from gputwin.train.packing import pack
 
     lengths = dict(min_len=20, max_len=60, mean_len=40.0) if args.cpu_smoke else {}
     data = common.synthetic_samples(4 * args.train_steps, seed=args.seed + 100, vocab_size=config.vocab_size,

@@ -161,7 +161,8 @@ def test_the_packed_step_of_several_arms_equals_each_arm_packed_alone(world: Wor
     from gputwin.train.cofast import GroupFastStep, pack_group
     from gputwin.train.cotrain import Member
     from gputwin.train.engine import build_optimizer
-    from gputwin.train.fast import FastStep, pack
+    from gputwin.train.fast import FastStep
+    from gputwin.train.packing import pack
     from gputwin.train.batching import Example
     from gputwin.train.multilora import ArmView, SharedModel, lora_config
 

@@ -17,7 +17,8 @@ from gputwin.core.encoding import IGNORE_INDEX
 from gputwin.train.batching import Example
 from gputwin.train.engine import EngineUnsupported, NonFiniteLoss, StepOutput, make_engine
 from gputwin.kernels.decoder import block_causal_mask, decoder_parts, fuse_rms_norms, masked_attention, run_decoder
-from gputwin.train.fast import FastEngine, FastStep, answer_only_loss, pack, preserved_state
+from gputwin.train.fast import FastEngine, FastStep, preserved_state
+from gputwin.train.packing import answer_only_loss, pack
 
 REPO = Path(__file__).resolve().parents[1]
 VOCAB = 96

@@ -10,7 +10,8 @@ from transformers import Qwen3Config, Qwen3ForCausalLM
 from counting import count_applies
 
 from gputwin.kernels import fused_lora
-from gputwin.train.fast import FastStep, answer_only_loss, pack
+from gputwin.train.fast import FastStep
+from gputwin.train.packing import answer_only_loss, pack
 from gputwin.kernels.fused_lora import LoraLinearFunction, fuse_lora
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj"]

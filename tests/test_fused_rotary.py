@@ -11,7 +11,9 @@ from transformers.models.qwen3 import modeling_qwen3
 
 from counting import count_applies
 
-from gputwin.train.fast import FastStep, answer_only_loss, pack
+from gputwin.train.fast import FastStep
+
+from gputwin.train.packing import answer_only_loss, pack
 from gputwin.kernels.fused_rotary import RotaryFunction, apply_rotary, fused_rotary, rotary_modules
 
 

@@ -27,7 +27,8 @@ from ..core.encoding import IGNORE_INDEX
 from ..kernels.decoder import decoder_parts, fuse_rms_norms, run_decoder, varlen_backend
 from ..kernels.fused_rotary import fused_rotary, rotary_modules
 from .batching import Example
-from .fast import LABEL_BUCKET, PackedBatch, PendingStep, _output, pack, preserved_state
+from .fast import PendingStep, _output, preserved_state
+from .packing import LABEL_BUCKET, PackedBatch, pack
 from .multilora import SharedModel
 
 
@@ -135,7 +136,7 @@ class GroupFastStep:
         """Each arm's mean loss over its own label tokens: [arms]."""
         packed = batch.packed
         masks = [(adapter, (batch.token_arm == k).view(1, -1, 1)) for k, adapter in enumerate(batch.adapters)]
-        max_len = max(1024, 1 << (packed.length - 1).bit_length())  # as fast.answer_only_loss
+        max_len = max(1024, 1 << (packed.length - 1).bit_length())  # as packing.answer_only_loss
         with self.shared.masked(masks):
             hidden = run_decoder(self.parts, packed.input_ids, packed.position_ids, cu_seqlens=packed.cu_seqlens,
                                  max_len=max_len)

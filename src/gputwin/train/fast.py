@@ -1,5 +1,7 @@
 """A training step that does the same maths as the padded plain step in a fraction of the time.
 
+(The packed batch and its loss live in gputwin.train.packing.)
+
 Where the plain step spends its time at this size (a 0.6B decoder, 4 samples of ~250 tokens) is not
 arithmetic but overhead: padding, logits over the whole vocabulary at every position, and thousands of
 small kernel launches driven from Python. The levers here, each optional and measured in bench/:
@@ -22,120 +24,12 @@ from dataclasses import dataclass, replace
 from typing import Any, Callable, Iterable, Iterator, Mapping, NamedTuple, Sequence
 
 import torch
-import torch.nn.functional as F
 
-from ..core.encoding import IGNORE_INDEX
 from ..kernels import fastpaths
-from ..kernels.decoder import DecoderParts, decoder_parts, fuse_rms_norms, run_decoder, varlen_backend
+from ..kernels.decoder import decoder_parts, fuse_rms_norms, varlen_backend
 from ..kernels.fused_lora import fuse_lora
 from ..kernels.fused_rotary import fused_rotary, rotary_modules
-
-LABEL_BUCKET = 256  # the trainer's label slots (pack's label_bucket): each distinct shape costs a graph capture
-
-
-# ---------------------------------------------------------------- packing
-
-
-@dataclass(frozen=True)
-class PackedBatch:
-    """A batch as one row: samples back to back, then padding up to a bucket length.
-
-    cu_seqlens holds segment starts (the samples, then the padding as its own segment), so attention
-    never crosses a sample boundary. label_index/label_target list the positions whose next token is
-    a label, padded with IGNORE_INDEX targets to a bucket too, so a shape repeats across batches.
-    """
-
-    input_ids: torch.Tensor     # [1, T] long
-    position_ids: torch.Tensor  # [1, T] long, restarting at 0 in every segment
-    cu_seqlens: torch.Tensor    # [n_samples + 2] int32
-    label_index: torch.Tensor   # [L] long: row positions whose hidden state predicts a label
-    label_target: torch.Tensor  # [L] long: the label there, IGNORE_INDEX in the padding
-    n_tokens: int               # non-padding tokens
-    n_label_tokens: int
-    n_samples: int
-
-    @property
-    def length(self) -> int:
-        return self.input_ids.shape[1]
-
-    @property
-    def shape_key(self) -> tuple[int, int, int]:
-        """What a captured graph is specialised to: row length, label slots, samples."""
-        return self.length, self.label_index.shape[0], self.n_samples
-
-    def to(self, device: torch.device | str, non_blocking: bool = False) -> PackedBatch:
-        move = functools.partial(torch.Tensor.to, device=device, non_blocking=non_blocking)
-        return replace(self, input_ids=move(self.input_ids), position_ids=move(self.position_ids),
-                       cu_seqlens=move(self.cu_seqlens), label_index=move(self.label_index),
-                       label_target=move(self.label_target))
-
-
-def _field(sample: Any, name: str) -> list[int]:
-    return list(sample[name] if isinstance(sample, Mapping) else getattr(sample, name))
-
-
-def _round_up(n: int, multiple: int) -> int:
-    return -(-n // multiple) * multiple
-
-
-def pack(samples: Sequence[Any], *, bucket: int = 128, label_bucket: int = 64, pad_id: int = 0) -> PackedBatch:
-    """Samples (dicts or objects with input_ids and labels, IGNORE_INDEX where masked) as one packed row.
-
-    The row is padded to a multiple of `bucket` with at least one padding token, so every batch of n
-    samples has n + 1 segments; label slots are padded to a multiple of `label_bucket`.
-    """
-    if not samples:
-        raise ValueError("pack() needs at least one sample")
-    ids: list[int] = []
-    positions: list[int] = []
-    starts = [0]
-    label_index: list[int] = []
-    label_target: list[int] = []
-    for sample in samples:
-        sample_ids, labels = _field(sample, "input_ids"), _field(sample, "labels")
-        if len(sample_ids) != len(labels) or not sample_ids:
-            raise ValueError(f"a sample has {len(sample_ids)} input_ids and {len(labels)} labels")
-        offset = len(ids)
-        for t in range(len(labels) - 1):  # position t predicts token t + 1, inside the sample only
-            if labels[t + 1] != IGNORE_INDEX:
-                label_index.append(offset + t)
-                label_target.append(labels[t + 1])
-        ids += sample_ids
-        positions += range(len(sample_ids))
-        starts.append(len(ids))
-    n_tokens = len(ids)
-    length = _round_up(n_tokens + 1, bucket)
-    ids += [pad_id] * (length - n_tokens)
-    positions += range(length - n_tokens)
-    starts.append(length)
-    n_labels = len(label_index)
-    slots = max(label_bucket, _round_up(n_labels, label_bucket))
-    label_index += [length - 1] * (slots - n_labels)
-    label_target += [IGNORE_INDEX] * (slots - n_labels)
-    return PackedBatch(
-        input_ids=torch.tensor([ids], dtype=torch.long),
-        position_ids=torch.tensor([positions], dtype=torch.long),
-        cu_seqlens=torch.tensor(starts, dtype=torch.int32),
-        label_index=torch.tensor(label_index, dtype=torch.long),
-        label_target=torch.tensor(label_target, dtype=torch.long),
-        n_tokens=n_tokens, n_label_tokens=n_labels, n_samples=len(samples),
-    )
-
-
-def answer_only_loss(model: Any, batch: PackedBatch, *, parts: DecoderParts | None = None) -> torch.Tensor:
-    """Mean cross-entropy over label tokens, with lm_head applied at label positions only.
-
-    Equals the causal LM loss of the padded batch (transformers' token mean over labels != -100).
-    """
-    parts = parts or decoder_parts(model)
-    # an upper bound on segment length is all varlen needs; a power of two keeps compiled code from
-    # specialising on every bucket length
-    max_len = max(1024, 1 << (batch.length - 1).bit_length())
-    hidden = run_decoder(parts, batch.input_ids, batch.position_ids, cu_seqlens=batch.cu_seqlens, max_len=max_len)
-    logits = parts.lm_head(hidden[0].index_select(0, batch.label_index)).float()
-    total = F.cross_entropy(logits, batch.label_target, ignore_index=IGNORE_INDEX, reduction="sum")
-    return total / (batch.label_target != IGNORE_INDEX).sum().clamp_min(1)
-
+from .packing import LABEL_BUCKET, PackedBatch, answer_only_loss, pack
 
 # ---------------------------------------------------------------- the optimizer step
 
