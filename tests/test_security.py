@@ -258,6 +258,7 @@ def test_trust_remote_code_reaches_from_pretrained_only_as_the_profile_says(
     assert profile.model.trust_remote_code is False  # the default
     profile = replace(profile, model=replace(profile.model, trust_remote_code=trust))
     run = build_run(ArmPaths(Path(make_arm(tmp_path, profile))), profile)
+    run.tokenizer_now()  # on a tokenised-data cache hit the tokenizer loads after the first step: load it now
     trainer_calls = list(from_pretrained_calls)
     assert {name for name, _ in trainer_calls} >= {"AutoTokenizer", "AutoModelForTokenClassification"}
     assert all(value is trust for _, value in trainer_calls), trainer_calls
