@@ -24,7 +24,7 @@ import sys
 import time
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator, Mapping, Sequence
+from typing import Callable, Iterator, Mapping, Sequence
 
 import psutil
 
@@ -220,28 +220,10 @@ def supervise(arm: ArmPaths, command: Sequence[str]) -> int:
     write_atomic(supervisor_file(arm), f"{os.getpid()} {psutil.Process().create_time():.3f}\n")
     child: subprocess.Popen[bytes] | None = None
     restarted_for: set[Path] = set()  # requests a restart was for: never restart twice for one
-
-    def forward(signum: int, _frame: object) -> None:
-        # Stopping the supervisor means stopping the trainer; keep waiting so the exit is recorded.
-        if child is not None:
-            try:
-                child.send_signal(signum)
-            except ProcessLookupError:
-                pass
-
-    for sig in FORWARDED_SIGNALS:
-        signal.signal(sig, forward)
+    _forward_signals(lambda: child)
     while True:
         child = _start(command)
-        if child is None:
-            status = EXEC_FAILED
-        else:
-            try:
-                created = psutil.Process(child.pid).create_time()  # a zombie still has it: not yet waited for
-            except psutil.NoSuchProcess:
-                created = time.time()
-            write_atomic(arm.pid, f"{child.pid} {created:.3f}\n")
-            status = child.wait()
+        status = EXEC_FAILED if child is None else _run_recorded(child, [arm])
         with arm_lock(arm):
             waiting = _pending_extends(arm) if status == 0 else set()
             if waiting - restarted_for:
@@ -255,6 +237,31 @@ def supervise(arm: ArmPaths, command: Sequence[str]) -> int:
         pid = child.pid if child is not None else "-"
         print(f"gputwin.supervise: trainer {pid} ended: {describe_exit(status)}", file=sys.stderr, flush=True)
     return status
+
+
+def _forward_signals(current: Callable[[], subprocess.Popen[bytes] | None]) -> None:
+    """Stopping the supervisor means stopping the trainer; the supervisor keeps waiting so the exit is recorded."""
+    def forward(signum: int, _frame: object) -> None:
+        child = current()
+        if child is not None:
+            try:
+                child.send_signal(signum)
+            except ProcessLookupError:
+                pass
+
+    for sig in FORWARDED_SIGNALS:
+        signal.signal(sig, forward)
+
+
+def _run_recorded(child: subprocess.Popen[bytes], arms: Sequence[ArmPaths]) -> int:
+    """Write the child's pid (with its create time) into each arm's pid file, wait for it; its status."""
+    try:
+        created = psutil.Process(child.pid).create_time()  # a zombie still has it: not yet waited for
+    except psutil.NoSuchProcess:
+        created = time.time()
+    for arm in arms:
+        write_atomic(arm.pid, f"{child.pid} {created:.3f}\n")
+    return child.wait()
 
 
 # ---------------------------------------------------------------- a group's supervisor (co-trained arms)
@@ -285,27 +292,9 @@ def supervise_group(arms: Sequence[ArmPaths], command: Sequence[str]) -> int:
     for arm in arms:
         write_atomic(supervisor_file(arm), f"{os.getpid()} {psutil.Process().create_time():.3f}\n")
     child: subprocess.Popen[bytes] | None = None
-
-    def forward(signum: int, _frame: object) -> None:
-        if child is not None:
-            try:
-                child.send_signal(signum)
-            except ProcessLookupError:
-                pass
-
-    for sig in FORWARDED_SIGNALS:
-        signal.signal(sig, forward)
+    _forward_signals(lambda: child)
     child = _start(command)
-    if child is None:
-        status = EXEC_FAILED
-    else:
-        try:
-            created = psutil.Process(child.pid).create_time()
-        except psutil.NoSuchProcess:
-            created = time.time()
-        for arm in arms:
-            write_atomic(arm.pid, f"{child.pid} {created:.3f}\n")
-        status = child.wait()
+    status = EXEC_FAILED if child is None else _run_recorded(child, arms)
     for arm in arms:
         with arm_lock(arm):
             held = read_pid(arm)
