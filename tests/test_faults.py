@@ -41,6 +41,7 @@ from gputwin.train import faults
 from tiny import make_arm, make_samples, profile_for, tiny_bert, write_data
 
 TestFunc = Callable[..., None]
+pytestmark = pytest.mark.usefixtures("no_fault")
 
 
 def fault(title: str, behaviour: str) -> Callable[[TestFunc], TestFunc]:
@@ -75,11 +76,6 @@ def tag_profile(world: SimpleNamespace, name: str = "a", **train_fields: Any) ->
     """6 steps an epoch (24 samples, batch 4), a checkpoint every 3 steps, the milestone at the end of epoch 1."""
     train_fields.setdefault("milestone_step", 6)
     return profile_for(world.bert, world.train, world.test, task="tag", name=name, **train_fields)
-
-
-@pytest.fixture(autouse=True)
-def no_fault(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.delenv(faults.ENV_VAR, raising=False)
 
 
 

@@ -10,21 +10,11 @@ import pytest
 import torch
 
 from gputwin.core import events
-from gputwin.train import faults, probe
+from gputwin.train import probe
 from gputwin.train.loop import train
 from tiny import World, make_arm
 
-pytestmark = pytest.mark.slow
-
-
-@pytest.fixture(scope="module")
-def world(tmp_path_factory: pytest.TempPathFactory) -> World:
-    return World(tmp_path_factory.mktemp("world"))
-
-
-@pytest.fixture(autouse=True)
-def no_fault(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.delenv(faults.ENV_VAR, raising=False)
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("no_fault")]
 
 
 def run_arm(world: World, root: Path, task: str, engine: str, cooldown: int) -> list[events.Event]:

@@ -17,11 +17,6 @@ pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-def world(tmp_path_factory: pytest.TempPathFactory) -> World:
-    return World(tmp_path_factory.mktemp("world"))
-
-
-@pytest.fixture(scope="module")
 def finished_arm(world: World, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A finished 12-step tag run with checkpoints at 9 and 12 (every 3, keep 2)."""
     arm = make_arm(tmp_path_factory.mktemp("runs"), world.profile("tag", epochs=2))

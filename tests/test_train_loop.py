@@ -15,17 +15,7 @@ from gputwin.train.loop import train
 from gputwin.core.schedule import LrPlan, lr_at
 from tiny import World, make_arm
 
-pytestmark = pytest.mark.slow
-
-
-@pytest.fixture(scope="module")
-def world(tmp_path_factory: pytest.TempPathFactory) -> World:
-    return World(tmp_path_factory.mktemp("world"))
-
-
-@pytest.fixture(autouse=True)
-def no_fault(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.delenv(faults.ENV_VAR, raising=False)
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("no_fault")]
 
 
 def log(arm: Path) -> list[events.Event]:

@@ -19,11 +19,6 @@ from tiny import World, make_arm
 pytestmark = pytest.mark.slow
 
 
-@pytest.fixture(scope="module")
-def world(tmp_path_factory: pytest.TempPathFactory) -> World:
-    return World(tmp_path_factory.mktemp("world"))
-
-
 def start(arm: Path) -> subprocess.Popen[str]:
     env = {k: v for k, v in os.environ.items() if k != faults.ENV_VAR}
     env.update(CUDA_VISIBLE_DEVICES="", GPUTWIN_THREADS="1", PYTHONUNBUFFERED="1")
