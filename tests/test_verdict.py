@@ -216,3 +216,25 @@ def test_final_stage_compares_arms_that_ended_at_different_steps() -> None:
     assert final.headline.startswith("final: ")
     assert "conservative at step 1758, aggressive at step 879" in final.reasons[0]
     assert final.to_dict()["stage"] == "final"
+
+
+def test_the_final_look_never_asks_to_wait_for_an_arm_to_finish() -> None:
+    """Too close to call once both arms have finished: no "let it finish and compare again"."""
+    import random
+
+    from gputwin.core.profiles import Rules
+    from gputwin.core.verdict import ArmResult, decide
+
+    rng = random.Random(11)
+    indices = list(range(300))
+    hits = [rng.random() < 0.9 for _ in indices]
+
+    def result(step: int, flips: int) -> ArmResult:
+        rows = [[1, 0, 0] if (hit if i >= flips else not hit) else [0, 1, 1] for i, hit in enumerate(hits)]
+        return ArmResult(step=step, epoch=step / 879, validation={"per_sample": rows, "indices": indices})
+
+    arms = {"conservative": result(1758, 0), "aggressive": result(879, 2)}
+    rules = Rules(baseline="conservative")
+    final = decide(arms, rules, stage="final")
+    assert final.scenario == "B" and final.headline.startswith("final: B: too close to call")
+    assert not any("finish" in reason and "compare again" in reason for reason in final.reasons), final.reasons

@@ -284,7 +284,7 @@ def decide(arms: Mapping[str, ArmResult | None], rules: Rules, *, waiting: Mappi
         comparisons[c] = {"vs": base, "outcome": outcome, "samples_needed": needed, "n": len(counts[base]),
                           "resamples": rules.bootstrap_resamples, "seed": rules.seed, "confidence": confidence,
                           **stats}
-    verdict = _conclude(base, challengers, comparisons, metrics, goal, rules, common)
+    verdict = _conclude(base, challengers, comparisons, metrics, goal, rules, common, ended=stage == "final-inner")
     return _with_replicates(_fair_positions(verdict, raw, rules), groups, metrics)
 
 
@@ -312,7 +312,9 @@ def _close_sentence(c: str, base: str, comp: Mapping[str, Any], rules: Rules) ->
 
 
 def _conclude(base: str, challengers: list[str], comparisons: dict[str, dict[str, Any]],
-              metrics: dict[str, Any], goal: dict[str, Any], rules: Rules, common: dict[str, Any]) -> Verdict:
+              metrics: dict[str, Any], goal: dict[str, Any], rules: Rules, common: dict[str, Any], *,
+              ended: bool = False) -> Verdict:
+    """Scenario, reasons and actions from the comparisons; `ended`: the final look, every arm has finished."""
     reasons = [_comparison_sentence(c, base, comparisons[c], metrics) for c in challengers]
     better = sorted((c for c in challengers if comparisons[c]["outcome"] == "better"),
                     key=lambda c: -comparisons[c]["f1"]["diff"])
@@ -356,14 +358,16 @@ def _conclude(base: str, challengers: list[str], comparisons: dict[str, dict[str
         if better:
             leader = better[0]
             diff = comparisons[leader]["f1"]["diff"]
+            then = (f" Extend {leader} to train on if it is worth more steps." if ended
+                    else f" Let {base} finish and compare again; extend {leader} if it is still ahead.")
             reasons.append(f"{leader} is significantly better than {base} ({points(diff)} F1) but misses the targets, "
-                           f"so it is not yet worth stopping {base}. " + targets_sentence(leader)
-                           + f" Let {base} finish and compare again; extend {leader} if it is still ahead.")
+                           f"so it is not yet worth stopping {base}. " + targets_sentence(leader) + then)
             headline = f"B: {leader} is better ({points(diff)} F1) but misses the targets - both continue"
         else:
             lead = close[0]
             reasons += [_close_sentence(c, base, comparisons[c], rules) for c in close]
-            reasons.append(f"Let {base} finish its schedule and compare again.")
+            if not ended:  # at the final look every arm has finished: there is nothing left to wait for
+                reasons.append(f"Let {base} finish its schedule and compare again.")
             headline = (f"B: too close to call ({lead} {points(comparisons[lead]['f1']['diff'])} F1) - "
                         f"let {base} finish, compare again")
         if worse:
