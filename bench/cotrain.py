@@ -152,8 +152,10 @@ def worker(args: argparse.Namespace) -> int:
     losses.append(pending.result().loss)
     common.synchronize(device)
     t1 = time.time()
+    step = getattr(engine, "fast", None)
     result = {"arm": args.arm, "engine": engine.name, "losses": losses, "tokens": tokens, "t0": t0, "t1": t1,
-              "memory_gib": process_memory_gib(device)}
+              "memory_gib": process_memory_gib(device), "captures": getattr(step, "captures", 0),
+              "capture_seconds": round(getattr(step, "capture_seconds", 0.0), 2)}
     Path(args.result).write_text(json.dumps(result))
     return 0
 
@@ -181,7 +183,8 @@ def separate(args: argparse.Namespace, engine: str, work: Path) -> dict[str, Any
     memory = [r["memory_gib"] for r in results]
     return {"variant": f"separate-{engine}", "engine": results[0]["engine"],
             "tokens_per_s": round(sum(r["tokens"] for r in results) / window, 1),
-            "arms": {r["arm"]: {"losses": r["losses"], "tokens_per_s_alone_window": round(r["tokens"] / (r["t1"] - r["t0"]), 1)}
+            "arms": {r["arm"]: {"losses": r["losses"], "tokens_per_s_alone_window": round(r["tokens"] / (r["t1"] - r["t0"]), 1),
+                                "captures": r["captures"], "capture_seconds": r["capture_seconds"]}
                      for r in results},
             "memory_gib": _sum_memory(memory)}
 
@@ -241,7 +244,8 @@ def cotrained(args: argparse.Namespace, fast: bool) -> dict[str, Any]:
     return {"variant": f"cotrained-{'fast' if fast else 'plain'}", "engine": engine.name,
             "tokens_per_s": round(tokens / window, 1),
             "arms": {name: {"losses": curve} for name, curve in losses.items()},
-            "memory_gib": process_memory_gib(device)}
+            "memory_gib": process_memory_gib(device), "captures": getattr(engine.packed_step, "captures", 0),
+            "capture_seconds": round(getattr(engine.packed_step, "capture_seconds", 0.0), 2)}
 
 
 # ---------------------------------------------------------------- the run

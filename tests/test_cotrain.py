@@ -199,33 +199,95 @@ def test_the_packed_step_of_several_arms_equals_each_arm_packed_alone(world: Wor
         assert flat[0] == pytest.approx(flat[1], rel=1e-5)
 
 
+def test_an_arm_with_nan_weights_fails_in_the_packed_step_and_the_other_steps_as_without_it(world: World) -> None:
+    """train/cofast.py, eagerly on the CPU: arm1's adapter poisoned with NaN gives arm1 a non-finite loss
+    (as alone) and leaves arm0's loss, gradient norm and update exactly as in a step without the poison."""
+    from gputwin.validate.modeling import load_base
+    from gputwin.train.cofast import GroupFastStep, pack_group
+    from gputwin.train.cotrain import Member
+    from gputwin.train.engine import NonFiniteLoss, build_optimizer
+    from gputwin.train.batching import Example
+    from gputwin.train.multilora import ArmView, SharedModel
+
+    a, b = pair(world)
+    generator = torch.Generator().manual_seed(3)
+    batches = [[Example(ids, [-100] * 6 + ids[6:], False)
+                for ids in (torch.randint(5, 300, (n,), generator=generator).tolist() for n in (14, 17))]] * 2
+    runs = []
+    for poison in (False, True):
+        shared = SharedModel(load_base(str(world.qwen), task="generate", dtype="fp32", device="cpu"),
+                             [(a.lora, 7), (b.lora, 7)])
+        shared.model.train()
+        members = {name: Member(name, ArmView(shared, name).trainable(),
+                                build_optimizer(ArmView(shared, name), lr=1e-3, weight_decay=0.0,
+                                                device=torch.device("cpu")), 1.0) for name in shared.names}
+        if poison:
+            with torch.no_grad():
+                members["arm1"].params[0].view(-1)[0] = float("nan")
+        torch.manual_seed(0)
+        outcomes = GroupFastStep(shared, members, device=torch.device("cpu"), autocast_dtype=None)(
+            pack_group(list(zip(shared.names, batches)), pad_id=0), [5e-3, 3e-3])
+        runs.append((outcomes, [p.detach().clone() for p in members["arm0"].params]))
+    (clean, clean_params), (poisoned, poisoned_params) = runs
+    assert isinstance(poisoned[1], NonFiniteLoss)
+    assert (poisoned[0].loss, poisoned[0].grad_norm) == (clean[0].loss, clean[0].grad_norm)
+    assert all(torch.equal(x, y) for x, y in zip(clean_params, poisoned_params))
+
+
+@pytest.mark.parametrize("dropouts", [(0.0, 0.0), (0.1, 0.3)])
 @pytest.mark.parametrize("autocast", [True, False])
-def test_a_masked_lora_layer_gives_each_arm_s_tokens_exactly_that_arm_s_output(world: World, autocast: bool) -> None:
-    """bf16 base, fp32 adapters (as on a GPU), with and without autocast: bit for bit peft's layer with only
-    that arm's adapter active."""
+def test_a_routed_lora_layer_gives_each_arm_s_tokens_exactly_that_arm_s_output(
+        world: World, autocast: bool, dropouts: tuple[float, float]) -> None:
+    """bf16 base, fp32 adapters (as on a GPU), with and without autocast (with: the multi-LoRA function;
+    without: peft's dtypes differ from x's, so the masked fallback): each arm's tokens get peft's layer with
+    only that arm's adapter active (bit for bit where the maths is peft's; within bf16 rounding where the
+    function reorders it), padding tokens the base alone. With dropout (in training), each arm's tokens
+    are dropped at that arm's own rate."""
     from gputwin.validate.modeling import load_base
     from gputwin.train.multilora import SharedModel
 
     base = load_base(str(world.qwen), task="generate", dtype="bf16", device="cpu")
     a, b = pair(world)
+    a, b = (replace(p, lora=replace(p.lora, dropout=d)) for p, d in zip((a, b), dropouts))
     shared = SharedModel(base, [(a.lora, 1), (b.lora, 2)])
     with torch.no_grad():
         for name, p in shared.model.named_parameters():
             if "lora_B" in name:
                 p.normal_()
+    shared.model.eval()
     layer = shared.layers[0]
-    x = torch.randn(1, 10, layer.in_features).to(torch.bfloat16)
-    first = torch.zeros(1, 10, 1, dtype=torch.bool)
-    first[:, :6] = True
+    x = torch.randn(1, 12, layer.in_features).to(torch.bfloat16)
+    token_arm = torch.tensor([0] * 6 + [1] * 4 + [-1] * 2)
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
-        with shared.masked([("arm0", first), ("arm1", ~first)]):
+        with shared.tokens(token_arm, ("arm0", "arm1")):
             both = layer(x)
         alone = []
         for name in ("arm0", "arm1"):
             with shared.only(name):
                 alone.append(layer(x))
-    assert torch.equal(both[:, :6], alone[0][:, :6]) and torch.equal(both[:, 6:], alone[1][:, 6:])
+        plain = layer.base_layer(x)
+    exact = {"rtol": 0, "atol": 0} if not autocast else {"rtol": 2e-2, "atol": 2e-2}
+    torch.testing.assert_close(both[:, :6], alone[0][:, :6], **exact)
+    torch.testing.assert_close(both[:, 6:10], alone[1][:, 6:10], **exact)
+    assert torch.equal(both[:, 10:], plain[:, 10:])
     assert all(p.requires_grad for name, p in shared.model.named_parameters() if "lora_" in name)
+    if dropouts[0]:
+        shared.model.train()
+        x = torch.ones(1, 4000, layer.in_features, dtype=torch.bfloat16)
+        token_arm = torch.tensor([0] * 2000 + [1] * 2000)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast), torch.no_grad():
+            with shared.tokens(token_arm, ("arm0", "arm1")):
+                for p in shared.model.parameters():
+                    p.requires_grad_(False)
+                for adapter in ("arm0", "arm1"):  # A = e_1: h is the first input feature, dropped or kept
+                    layer.lora_A[adapter].weight.zero_()
+                    layer.lora_A[adapter].weight[:, 0] = 1.0
+                    layer.lora_B[adapter].weight.fill_(1.0)
+                delta = (layer(x) - layer.base_layer(x))[0, :, 0].float()
+        shared.make_trainable()
+        for rows, rate in ((slice(0, 2000), dropouts[0]), (slice(2000, 4000), dropouts[1])):
+            dropped = (delta[rows] == 0).float().mean().item()
+            assert abs(dropped - rate) < 0.05, (dropped, rate)
 
 
 def test_an_arm_that_ended_in_a_shared_process_is_extended_in_a_process_of_its_own(

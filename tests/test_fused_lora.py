@@ -151,7 +151,7 @@ def test_layers_peft_handles_differently_are_left_alone() -> None:
                          num_attention_heads=4, num_key_value_heads=2, head_dim=16)
     dora = get_peft_model(Qwen3ForCausalLM(config), LoraConfig(r=4, use_dora=True, target_modules=TARGETS))
     assert fuse_lora(dora) == 0
-    assert fused_lora._dropout_p(torch.nn.AlphaDropout(0.1)) is None
+    assert fused_lora.dropout_p(torch.nn.AlphaDropout(0.1)) is None
 
 
 def test_fast_steps_with_fused_lora_follow_the_unfused_steps() -> None:

@@ -104,7 +104,7 @@ def lora_matches_peft() -> bool:
         return False
 
 
-def _fusable(module: Any) -> bool:
+def fusable(module: Any) -> bool:
     """The parts of a layer that do not change between calls: a plain nn.Linear base, plain LoRA."""
     base = getattr(module, "base_layer", None)
     return (type(base) is nn.Linear and not getattr(module, "fan_in_fan_out", False)
@@ -112,7 +112,7 @@ def _fusable(module: Any) -> bool:
             and not any(getattr(module, "lora_bias", {}).values()))
 
 
-def _dropout_p(module: nn.Module) -> float | None:
+def dropout_p(module: nn.Module) -> float | None:
     if isinstance(module, nn.Identity):
         return 0.0
     if type(module) is nn.Dropout:
@@ -126,7 +126,7 @@ def _fused_forward(self: Any, x: torch.Tensor, *args: Any, **kwargs: Any) -> tor
         return type(self).forward(self, x, *args, **kwargs)
     name = adapters[0]
     base, lora_a, lora_b = self.base_layer, self.lora_A[name], self.lora_B[name]
-    p = _dropout_p(self.lora_dropout[name])
+    p = dropout_p(self.lora_dropout[name])
     device = x.device.type
     # peft's LoRA GEMMs run in autocast's dtype, else in the adapter's: fuse only where that is x's dtype
     peft_dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else lora_a.weight.dtype
@@ -148,7 +148,7 @@ def fuse_lora(model: Any) -> int:
         return 0
     changed = 0
     for module in model.modules():
-        if type(module) is layer_type and _fusable(module):
+        if type(module) is layer_type and fusable(module):
             if getattr(module.forward, "__func__", None) is not _fused_forward:
                 module.forward = _fused_forward.__get__(module)
             changed += 1

@@ -4,18 +4,18 @@ As train/fast.py does for one arm: the samples back to back in one row (varlen a
 between them), the head only at label positions, fused RMSNorm and rotary kernels, and forward, backward,
 each arm's clipping and AdamW update captured as one CUDA graph per shape and replayed. What differs:
 the row holds the samples of every arm stepping (arm after arm), each LoRA layer adds each arm's adapter to
-that arm's tokens only (multilora's masked layers: the shape of a step does not depend on where one arm's
-samples end, so a graph is keyed by the row's shape and the arms in it, as fast.py's by the shape alone),
+that arm's tokens only (multilora.TokenRoute: every adapter of a layer in one multi-LoRA function,
+kernels/multi_lora.py; the shape of a step does not depend on where one arm's samples end, so a graph is
+keyed by the row's shape and the arms in it, as fast.py's by the shape alone),
 and each arm's loss is the mean over its own label tokens. The sum of the arms' finite losses is
 backpropagated; each arm is clipped and updated on its own, and an arm whose loss or gradient norm is not
 finite updates nothing (its fused AdamW's found_inf), as in fast.py.
-
-The peft LoRA layers keep the routed forward (no fused LoRA function: it serves one adapter).
 """
 
 from __future__ import annotations
 
 import contextlib
+import math
 import time
 from dataclasses import dataclass, replace
 from typing import Any, Sequence
@@ -135,9 +135,8 @@ class GroupFastStep:
     def _losses(self, batch: GroupBatch) -> torch.Tensor:
         """Each arm's mean loss over its own label tokens: [arms]."""
         packed = batch.packed
-        masks = [(adapter, (batch.token_arm == k).view(1, -1, 1)) for k, adapter in enumerate(batch.adapters)]
         max_len = max(1024, 1 << (packed.length - 1).bit_length())  # as packing.answer_only_loss
-        with self.shared.masked(masks):
+        with self.shared.tokens(batch.token_arm, batch.adapters):
             hidden = run_decoder(self.parts, packed.input_ids, packed.position_ids, cu_seqlens=packed.cu_seqlens,
                                  max_len=max_len)
         logits = self.parts.lm_head(hidden[0].index_select(0, packed.label_index)).float()
@@ -146,7 +145,11 @@ class GroupFastStep:
         for k in range(len(batch.adapters)):
             mine = batch.label_arm == k
             losses.append(torch.where(mine, each, 0.0).sum() / mine.sum().clamp_min(1))
-        return torch.stack(losses)
+        # An arm whose adapter holds NaN/inf fails as it would alone: the multi-LoRA layers zero such weights
+        # (so that they reach no other arm), which would otherwise hide them from its own loss.
+        finite = torch.stack([torch.stack(torch._foreach_norm(self.members[adapter].params, math.inf)).max()
+                              for adapter in batch.adapters]).isfinite()
+        return torch.where(finite, torch.stack(losses), math.nan)
 
     def _body(self, batch: GroupBatch) -> tuple[torch.Tensor, torch.Tensor]:
         """forward, backward, each arm's clip and update: the part a graph captures."""
@@ -214,6 +217,7 @@ class GroupFastStep:
                     member.optimizer.zero_grad(set_to_none=True)
                 self._body(static)
             current.wait_stream(side)
+        torch.cuda.empty_cache()  # the warm-up's blocks: the graph allocates from its own pool, not from these
         for member in members:
             member.optimizer.zero_grad(set_to_none=True)
         graph = torch.cuda.CUDAGraph()

@@ -258,6 +258,7 @@ class FastStep:
                     self.optimizer.zero_grad(set_to_none=True)
                     self._body(static)
             current.wait_stream(side)
+        torch.cuda.empty_cache()  # the warm-up's blocks: the graph allocates from its own pool, not from these
         self.optimizer.zero_grad(set_to_none=True)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self._pool, capture_error_mode="thread_local"):

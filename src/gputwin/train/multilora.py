@@ -25,6 +25,8 @@ from typing import Any, Iterator, Sequence
 import torch
 
 from ..core.profiles import LoraSpec
+from ..kernels.fused_lora import dropout_p, fusable
+from ..kernels.multi_lora import multi_lora
 
 DEFAULT = "default"  # peft's name for the adapter of a model with one
 Block = tuple[str, int, int]  # (adapter name, first row, row after the last)
@@ -48,11 +50,11 @@ def lora_config(spec: LoraSpec) -> Any:
 
 def _routed_forward(self: Any, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
     """peft's LoRA Linear, with each adapter added to its own block of rows (when blocks are set), or to its
-    own tokens (when masks are set)."""
+    own tokens of a packed row (when a TokenRoute is set)."""
     blocks: Sequence[Block] | None = self.gputwin_blocks
     if blocks is None:
-        if self.gputwin_masks is not None:
-            return _masked_forward(self, x, *args, **kwargs)
+        if self.gputwin_route is not None:
+            return self.gputwin_route.forward(self, x, *args, **kwargs)
         return type(self).forward(self, x, *args, **kwargs)
     result = self.base_layer(x, *args, **kwargs)
     parts = []
@@ -67,23 +69,85 @@ def _routed_forward(self: Any, x: torch.Tensor, *args: Any, **kwargs: Any) -> to
     return torch.cat(parts)
 
 
-def _masked_forward(self: Any, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-    """Each adapter over every token, kept only where its mask is set: for a packed row, where one arm's
-    tokens are not one block of rows. Shapes then do not depend on where each arm's samples fall, so one
-    captured graph serves every batch of a length; the cost is each adapter's small GEMMs over all tokens
-    (r/d of the base's FLOPs each). The input is masked too, and with torch.where rather than a product:
-    another arm's inf or NaN then reaches neither this adapter's output nor its gradients."""
+class TokenRoute:
+    """Which arm each token of a packed row belongs to, for one forward pass of every LoRA layer.
+
+    A layer whose adapters fit kernels/multi_lora.py (plain Linear base and LoRA, compute dtype = x's) runs
+    them all in one MultiLoraFunction; any other runs `masked_forward`. The per-layer constants (which arm
+    each adapter column belongs to, its scale, dropout) are made once per layout and kept in `constants`,
+    which outlives the route: a captured CUDA graph replays a forward that must not create tensors."""
+
+    def __init__(self, token_arm: torch.Tensor, adapters: Sequence[str], constants: dict[Any, Any]) -> None:
+        self.token_arm, self.adapters, self.constants = token_arm, tuple(adapters), constants
+        self._per_pass: dict[Any, torch.Tensor] = {}  # this forward's masks, made from token_arm
+
+    def forward(self, layer: Any, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        names = [n for n in self.adapters if n in layer.lora_A] if not layer.disable_adapters else []
+        if not names:
+            return layer.base_layer(x, *args, **kwargs)
+        rates = [dropout_p(layer.lora_dropout[n]) for n in names]
+        base, device = layer.base_layer, x.device.type
+        autocast = torch.is_autocast_enabled(device)
+        compute = torch.get_autocast_dtype(device) if autocast else layer.lora_A[names[0]].weight.dtype
+        if (args or kwargs or None in rates or not fusable(layer) or base.weight.requires_grad
+                or compute != x.dtype or base.weight.dtype != x.dtype or not x.dtype.is_floating_point):
+            return masked_forward(layer, x, [(n, self.mask(self.adapters.index(n))) for n in names], *args, **kwargs)
+        key = tuple((self.adapters.index(n), layer.lora_A[n].weight.shape[0], float(layer.scaling[n]), p)
+                    for n, p in zip(names, rates)) + (len(self.adapters), x.dtype, x.device)
+        columns, scale, keep = self._constants(key)
+        own = self._per_pass.get(("own", key))
+        if own is None:
+            own = self._per_pass[("own", key)] = self.token_arm.view(-1, 1) == columns
+        if isinstance(keep, torch.Tensor):  # arms at different rates: each token's own arm's
+            arm_keep = keep
+            keep = self._per_pass.get(("keep", key))
+            if keep is None:
+                keep = self._per_pass[("keep", key)] = arm_keep[self.token_arm].view(-1, 1)
+        with torch.autocast(device, enabled=False):
+            return multi_lora(x, base.weight, base.bias, own, scale, keep,
+                              [layer.lora_A[n].weight for n in names], [layer.lora_B[n].weight for n in names])
+
+    def _constants(self, key: tuple[Any, ...]) -> tuple[torch.Tensor, torch.Tensor, Any]:
+        """(each column's arm index [R], each column's scale [R], the dropout keep: None, a float, or each
+        arm's keep probability [arms + 1], the last for padding) of a layer layout."""
+        found = self.constants.get(key)
+        if found is None:
+            *adapters, _, dtype, device = key
+            columns = torch.tensor([k for k, r, _, _ in adapters for _ in range(r)], device=device)
+            scale = torch.tensor([s for _, r, s, _ in adapters for _ in range(r)], dtype=dtype, device=device)
+            rates = sorted({p for _, _, _, p in adapters})
+            keep: Any = None if rates == [0.0] else 1.0 - rates[0]
+            if len(rates) > 1:
+                arm_keep = [1.0] * (len(self.adapters) + 1)  # arms without an adapter here, and padding (-1): 1
+                for k, _, _, p in adapters:
+                    arm_keep[k] = 1.0 - p
+                keep = torch.tensor(arm_keep, dtype=torch.float32, device=device)
+            found = self.constants[key] = (columns, scale, keep)
+        return found
+
+    def mask(self, index: int) -> torch.Tensor:
+        """[1, tokens, 1]: the tokens of the index-th adapter (a packed row's layout)."""
+        found = self._per_pass.get(("mask", index))
+        if found is None:
+            found = self._per_pass[("mask", index)] = (self.token_arm == index).view(1, -1, 1)
+        return found
+
+
+def masked_forward(self: Any, x: torch.Tensor, masks: Sequence[tuple[str, torch.Tensor]], *args: Any,
+                   **kwargs: Any) -> torch.Tensor:
+    """Each adapter over every token, kept only where its mask is set: peft's maths for layers the multi-LoRA
+    function does not cover. The input is masked too, and with torch.where rather than a product: another
+    arm's inf or NaN then reaches neither this adapter's output nor its gradients."""
     result = self.base_layer(x, *args, **kwargs)
     # Under autocast the adapter's GEMMs run in autocast's dtype whatever x's: peft's cast of x to the
     # adapter's fp32 would only add a copy of every layer input per arm (bf16 -> fp32 -> bf16 is exact).
     autocast = torch.is_autocast_enabled(x.device.type)
     out = result
-    for name, mask in self.gputwin_masks:
-        if name in self.lora_A and not self.disable_adapters:
-            lora_a, lora_b = self.lora_A[name], self.lora_B[name]
-            mine = torch.where(mask, x if autocast else self._cast_input_dtype(x, lora_a.weight.dtype), 0.0)
-            delta = lora_b(lora_a(self.lora_dropout[name](mine))) * self.scaling[name]
-            out = out + torch.where(mask, delta, 0.0)  # in the wider of the two dtypes, as peft adds
+    for name, mask in masks:
+        lora_a, lora_b = self.lora_A[name], self.lora_B[name]
+        mine = torch.where(mask, x if autocast else self._cast_input_dtype(x, lora_a.weight.dtype), 0.0)
+        delta = lora_b(lora_a(self.lora_dropout[name](mine))) * self.scaling[name]
+        out = out + torch.where(mask, delta, 0.0)  # in the wider of the two dtypes, as peft adds
     return out.to(result.dtype)
 
 
@@ -110,8 +174,9 @@ class SharedModel:
         if odd:
             raise NotCoTrainable(f"LoRA on {odd[0]} layers (co-training routes Linear layers only)")
         for layer in self.layers:
-            layer.gputwin_blocks = layer.gputwin_masks = None
+            layer.gputwin_blocks = layer.gputwin_route = None
             layer.forward = types.MethodType(_routed_forward, layer)
+        self._route_constants: dict[Any, Any] = {}
         self.make_trainable()
 
     def make_trainable(self) -> None:
@@ -138,16 +203,17 @@ class SharedModel:
                 layer.gputwin_blocks = None
 
     @contextmanager
-    def masked(self, masks: Sequence[tuple[str, torch.Tensor]]) -> Iterator[Any]:
-        """Forward passes inside see each adapter on the tokens its boolean mask (broadcast to the layers'
-        outputs, e.g. [1, T, 1] for a packed row) marks."""
+    def tokens(self, token_arm: torch.Tensor, adapters: Sequence[str]) -> Iterator[Any]:
+        """Forward passes inside see each adapter on its own tokens of a packed row: token_arm [tokens] holds
+        the index in `adapters` of each token's arm (-1: no arm's, e.g. padding)."""
+        route = TokenRoute(token_arm, adapters, self._route_constants)
         for layer in self.layers:
-            layer.gputwin_masks = tuple(masks)
+            layer.gputwin_route = route
         try:
             yield self.model
         finally:
             for layer in self.layers:
-                layer.gputwin_masks = None
+                layer.gputwin_route = None
 
     @contextmanager
     def only(self, name: str) -> Iterator[Any]:

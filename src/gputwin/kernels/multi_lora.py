@@ -1,0 +1,97 @@
+"""Several LoRA adapters on one frozen Linear, each on its own tokens: the co-trained step's layer in few kernels.
+
+In a co-trained step (train/cofast.py) one packed row holds several arms' tokens, and every LoRA layer adds
+each arm's adapter to that arm's tokens only. MultiLoraFunction puts the adapters side by side,
+A = [A_1; A_2; ...] ([R, in], R the ranks summed) and B = [B_1 B_2 ...] ([out, R]), and computes
+
+    h = dropout(x) A^T               [tokens, R]: every adapter's down-projection in one GEMM
+    h = where(own, h * scale, 0)     each token keeps its own arm's columns (scale: each column's alpha/r)
+    y = x W^T (+ bias) + h B^T       the adapters' share added inside the base's output GEMM
+
+where own[t, c] says that column c belongs to token t's arm. The cost over one adapter is a handful of
+kernels on [tokens, R] tensors, whatever the number of arms; the per-arm alternative (each adapter over the
+whole row, masked) costs a dozen kernels over [tokens, hidden] per arm and layer.
+
+Arms stay apart. `own` is applied with where (a selection, never a product with 0), so a token's output
+and its input gradient see only its own arm's columns; the adapters' weights enter the GEMMs with
+non-finite values zeroed (an arm whose weights hold NaN is failed by the step, which checks them), so
+another arm's NaN cannot reach a row through them. Each arm's weight gradient sums its own tokens' rows
+and zeros from the others; should another arm's *activations* overflow to inf (with finite weights and
+bf16's fp32 range, a loss diverging past 3e38), that sum turns non-finite and the step skips this arm's
+update too (found_inf), so nothing is corrupted either way.
+
+Dropout is one mask over x shared by the adapters, each token's at its own arm's rate: every token meets
+only its own adapter, so this is each arm's own dropout, drawn from one random stream.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import torch
+
+__all__ = ["MultiLoraFunction", "multi_lora"]
+
+
+class MultiLoraFunction(torch.autograd.Function):
+    """y = x W^T (+ bias) + where(own, dropout(x) A^T * scale, 0) B^T, with A, B the adapters side by side.
+
+    Inputs after the fixed ones: each adapter's A ([r_i, in]) then each adapter's B ([out, r_i]), any dtype
+    (cast to x's); their gradients come back in their own dtypes. keep: None (no dropout), a float (one
+    rate for every token) or a [tokens, 1] tensor of each token's keep probability."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, own: torch.Tensor,
+                scale: torch.Tensor, keep: float | torch.Tensor | None, *adapters: torch.Tensor) -> torch.Tensor:
+        n = len(adapters) // 2
+        flat = x.reshape(-1, x.shape[-1])
+        a = torch.nan_to_num(torch.cat(adapters[:n]).to(x.dtype), nan=0.0, posinf=0.0, neginf=0.0)        # [R, in]
+        b = torch.nan_to_num(torch.cat(adapters[n:], dim=1).to(x.dtype), nan=0.0, posinf=0.0, neginf=0.0)  # [out, R]
+        mask = None
+        if isinstance(keep, torch.Tensor):  # each token at its own arm's rate
+            mask = torch.rand(flat.shape, device=flat.device) < keep
+            dropped = torch.where(mask, flat / keep.to(flat.dtype), 0.0)
+        elif keep is not None and keep < 1.0:
+            dropped, mask = torch.native_dropout(flat, 1.0 - keep, True)
+        else:
+            dropped = flat
+        h = torch.where(own, (dropped @ a.t()).mul_(scale), 0.0)                                       # [tokens, R]
+        y = torch.addmm(bias, flat, weight.t()) if bias is not None else flat @ weight.t()
+        y.addmm_(h, b.t())
+        ctx.save_for_backward(dropped, weight, a, b, h, own, scale, mask, keep if isinstance(keep, torch.Tensor) else None)
+        ctx.keep = keep if not isinstance(keep, torch.Tensor) else None
+        ctx.x_shape, ctx.split = x.shape, [t.shape[0] for t in adapters[:n]]
+        ctx.dtypes = [t.dtype for t in adapters]
+        return y.view(*x.shape[:-1], y.shape[-1])
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        dropped, weight, a, b, h, own, scale, mask, keep_tokens = ctx.saved_tensors
+        need_x, _, need_bias = ctx.needs_input_grad[:3]
+        g = grad.reshape(-1, grad.shape[-1])
+        gh = torch.where(own, (g @ b).mul_(scale), 0.0)  # d loss / d (dropout(x) A^T), [tokens, R]
+        grad_x = grad_bias = None
+        if need_x:
+            grad_x = g @ weight
+            if mask is None:
+                grad_x.addmm_(gh, a)
+            elif keep_tokens is not None:
+                grad_x.add_(torch.where(mask, (gh @ a) / keep_tokens.to(g.dtype), 0.0))
+            else:
+                grad_x.addcmul_(gh @ a, mask, value=1.0 / ctx.keep)
+            grad_x = grad_x.view(ctx.x_shape)
+        if need_bias:
+            grad_bias = g.sum(0)
+        grad_a = gh.t() @ dropped  # [R, in]: each arm's rows sum its own tokens only (gh is 0 elsewhere)
+        grad_b = g.t() @ h         # [out, R]: likewise (h is 0 elsewhere)
+        n = len(ctx.split)
+        grads_a = [part.to(dtype) for part, dtype in zip(grad_a.split(ctx.split), ctx.dtypes[:n])]
+        grads_b = [part.to(dtype) for part, dtype in zip(grad_b.split(ctx.split, dim=1), ctx.dtypes[n:])]
+        return (grad_x, None, grad_bias, None, None, None, *grads_a, *grads_b)
+
+
+def multi_lora(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, own: torch.Tensor,
+               scale: torch.Tensor, keep: float | torch.Tensor | None,
+               lora_a: Sequence[torch.Tensor], lora_b: Sequence[torch.Tensor]) -> torch.Tensor:
+    """MultiLoraFunction with the adapters as two lists (A's, B's, in the same order as own's columns)."""
+    return MultiLoraFunction.apply(x, weight, bias, own, scale, keep, *lora_a, *lora_b)
