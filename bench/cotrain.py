@@ -248,6 +248,105 @@ def cotrained(args: argparse.Namespace, fast: bool) -> dict[str, Any]:
             "capture_seconds": round(getattr(engine.packed_step, "capture_seconds", 0.0), 2)}
 
 
+# ---------------------------------------------------------------- operations a step (CPU, no timing)
+
+# aten ops that only describe a tensor (no kernel runs for them on a GPU)
+METADATA_OPS = {"view", "_unsafe_view", "t", "transpose", "expand", "as_strided", "slice", "select", "detach",
+                "split", "split_with_sizes", "unsqueeze", "squeeze", "permute", "reshape", "alias", "unbind",
+                "_reshape_alias", "lift_fresh", "empty", "empty_strided", "empty_like", "new_empty",
+                "new_empty_strided", "is_nonzero", "_local_scalar_dense", "size", "stride",
+                "scalar_tensor"}  # a Python scalar wrapped as a CPU tensor: a kernel argument on a GPU
+
+
+def count_ops(step: Any) -> int:
+    """aten operations dispatched by one call of `step` (forward, backward, clipping, AdamW), metadata-only
+    ones left out: on a GPU each launches a kernel, and a step at this size is bound by their number."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Counter(TorchDispatchMode):
+        def __init__(self) -> None:
+            super().__init__()
+            self.n = 0
+
+        def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+            if func.__name__.split(".")[0] not in METADATA_OPS:
+                self.n += 1
+            return func(*args, **(kwargs or {}))
+
+    with Counter() as counter:
+        step()
+    return counter.n
+
+
+def ops(args: argparse.Namespace) -> dict[str, Any]:
+    """Operations a step, on the CPU with the fast paths a GPU step takes (fused RMSNorm, rotary, LoRA, AdamW):
+    one arm's fast step, and both arms co-trained with the multi-LoRA layers and with the masked fallback.
+    The model: Qwen3-0.6B's layer count and structure at toy widths (the count does not depend on width)."""
+    from peft import get_peft_model
+
+    from gputwin.kernels.decoder import fuse_rms_norms
+    from gputwin.kernels.fused_rotary import rotary_modules
+    from gputwin.train import multilora
+    from gputwin.train.cofast import GroupFastStep, pack_group
+    from gputwin.train.cotrain import Member
+    from gputwin.train.fast import FastStep
+    from gputwin.train.packing import LABEL_BUCKET, pack
+
+    def build_optimizer(model: Any, lr: float) -> torch.optim.AdamW:  # fused, as on a GPU (one kernel a step)
+        return torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=0.0,
+                                 fused=True)
+
+    device = torch.device("cpu")
+    layers = 2 if args.smoke else common.model_config(False).num_hidden_layers
+    config = common.model_config(True)
+    config.num_hidden_layers, config.layer_types = layers, [config.layer_types[0]] * layers
+
+    def base() -> Any:
+        from transformers import AutoModelForCausalLM
+
+        torch.manual_seed(0)
+        return AutoModelForCausalLM.from_config(config, dtype=torch.float32, attn_implementation="sdpa")
+
+    samples = common.synthetic_samples(2 * BATCH, seed=1, vocab_size=config.vocab_size, eos_id=2, min_len=24,
+                                       max_len=48, mean_len=36.0)
+    examples = [Example(s["input_ids"], s["labels"], False) for s in samples]
+    rows: list[dict[str, Any]] = []
+
+    torch.manual_seed(SEED)
+    model = get_peft_model(base(), multilora.lora_config(lora_spec(ARMS[0], args.dropout)))
+    model.train()
+    single = FastStep(model, build_optimizer(model, 1e-4), grad_clip=1.0,
+                      autocast_dtype=None, cuda_graphs=False, compile=False, fused_norms=True, fused_lora=True,
+                      fused_rope=True)
+    batch = pack(examples[:BATCH], pad_id=0, label_bucket=LABEL_BUCKET)
+    single(batch, lr=1e-4)  # lazy set-up outside the count
+    rows.append({"step": "one arm alone (fast engine)", "ops": count_ops(lambda: single(batch, lr=1e-4))})
+
+    for name, fusable in (("co-trained, multi-LoRA layers", multilora.fusable), ("co-trained, masked layers", lambda _: False)):
+        shared = multilora.SharedModel(base(), [(lora_spec(arm, args.dropout), SEED) for arm in ARMS])
+        shared.model.train()
+        fuse_rms_norms(shared.model)
+        members = {}
+        for adapter, arm in zip(shared.names, ARMS):
+            view = multilora.ArmView(shared, adapter)
+            members[adapter] = Member(adapter, view.trainable(), build_optimizer(view, arm[3]), 1.0)
+        group = GroupFastStep(shared, members, device=device, autocast_dtype=None)
+        group.rotary = rotary_modules(shared.model)  # as on a GPU
+        work = pack_group([(adapter, examples[i * BATCH:(i + 1) * BATCH]) for i, adapter in enumerate(shared.names)],
+                          pad_id=0)
+        multilora.fusable, kept = fusable, multilora.fusable
+        try:
+            group(work, [1e-4, 1.5e-4])
+            rows.append({"step": name, "ops": count_ops(lambda: group(work, [1e-4, 1.5e-4]))})
+        finally:
+            multilora.fusable = kept
+    alone = rows[0]["ops"]
+    for row in rows:
+        row["per layer"] = round(row["ops"] / layers, 1)
+        row["vs 2 steps alone"] = round(row["ops"] / (2 * alone), 3)
+    return {"layers": layers, "dropout": args.dropout, "rows": rows}
+
+
 # ---------------------------------------------------------------- the run
 
 
@@ -259,7 +358,7 @@ def passthrough(args: argparse.Namespace) -> list[str]:
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("stage", nargs="?", default="run", choices=["run", "worker"])
+    parser.add_argument("stage", nargs="?", default="run", choices=["run", "ops", "worker"])
     parser.add_argument("--smoke", action="store_true", help="tiny model on the CPU, few steps: correctness only")
     parser.add_argument("--steps", type=int, help="timed steps (default 200; 6 with --smoke)")
     parser.add_argument("--warmup", type=int, help="untimed steps first (default 20; 2 with --smoke)")
@@ -282,6 +381,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.stage == "worker":
         return worker(args)
     args.out.mkdir(parents=True, exist_ok=True)
+    if args.stage == "ops":
+        counted = ops(args)
+        path = args.out / (f"cotrain-ops-{args.tag}.json" if args.tag else "cotrain-ops.json")
+        path.write_text(json.dumps({**counted, "machine": common.machine_info(torch.device("cpu"))}, indent=2))
+        common.print_table(f"aten operations a step, CPU, {counted['layers']} layers (each a GPU kernel)",
+                           counted["rows"], ["step", "ops", "per layer", "vs 2 steps alone"])
+        print(f"wrote {path}")
+        return 0
     wanted = [v for v in args.variants.split(",") if v]
     results = []
     for variant in wanted:

@@ -28,3 +28,16 @@ def test_the_cotrain_benchmark_runs_every_placement_and_the_curves_agree(tmp_pat
         for gap in gaps.values():
             assert gap["steps"] == 8 and gap["max_rel_gap_raw"] < 1e-4, (variant, gap)
     assert "co-trained against separate processes" in done.stdout
+
+
+@pytest.mark.slow
+def test_the_operation_count_runs_and_the_multi_lora_layers_cost_fewer_operations_than_masked_ones(tmp_path: Path) -> None:
+    """`bench/cotrain.py ops --smoke`: the three steps run and are counted; the co-trained step with the
+    multi-LoRA layers dispatches fewer operations than with the masked ones, and more than one arm alone."""
+    done = subprocess.run([sys.executable, str(REPO / "bench" / "cotrain.py"), "ops", "--smoke", "--out", str(tmp_path)],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    rows = {r["step"]: r["ops"] for r in json.loads((tmp_path / "cotrain-ops.json").read_text())["rows"]}
+    alone, multi, masked = (rows[k] for k in ("one arm alone (fast engine)", "co-trained, multi-LoRA layers",
+                                              "co-trained, masked layers"))
+    assert alone < multi < masked
