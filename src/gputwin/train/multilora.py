@@ -4,8 +4,10 @@ Each arm's adapter is a named peft adapter on the one base (`adapter_name(i)`: a
 hold the dots an arm name may). In a co-trained step the batch is every arm's batch stacked, each arm's rows
 a contiguous block; inside `SharedModel.routed(blocks)` every LoRA layer adds each adapter to its own rows
 only, so the base's GEMMs run once over all the rows while each adapter sees exactly the rows it would see
-alone. An arm that does not target a layer simply has no adapter there. Outside `routed` a layer runs peft's
-own forward with the active adapter: `only(name)` makes one arm's adapter the active one, which is how that
+alone. The packed step (train/cofast.py) uses `SharedModel.tokens(token_arm, adapters)` instead: one row of
+every arm's samples, each layer adding each adapter to its own arm's tokens (TokenRoute, with every adapter of
+a layer in one kernels/multi_lora.py function). An arm that does not target a layer simply has no adapter
+there. Outside both a layer runs peft's own forward with the active adapter: `only(name)` makes one arm's adapter the active one, which is how that
 arm is validated.
 
 `ArmView` is one arm's face of the shared model, for everything that works on "the arm's model"
