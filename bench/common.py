@@ -112,6 +112,14 @@ def peak_memory_gib(device: torch.device) -> dict[str, float] | None:
             "reserved": round(torch.cuda.max_memory_reserved(device) / 2**30, 2)}
 
 
+def memory_now_gib(device: torch.device) -> dict[str, float] | None:
+    """What torch holds on the device at this moment (not the peak)."""
+    if device.type != "cuda":
+        return None
+    return {"allocated": round(torch.cuda.memory_allocated(device) / 2**30, 2),
+            "reserved": round(torch.cuda.memory_reserved(device) / 2**30, 2)}
+
+
 def reset_memory(device: torch.device) -> None:
     gc.collect()  # the previous variant's model and graphs
     if device.type == "cuda":

@@ -131,6 +131,7 @@ def worker(args: argparse.Namespace) -> int:
     pending = None
     tokens = 0
     t0 = 0.0
+    warm_memory = None
     common.reset_memory(device)
     for step in range(1, args.warmup + args.steps + 1):
         if step == args.warmup + 1:  # the timed window starts together with the other process
@@ -138,6 +139,7 @@ def worker(args: argparse.Namespace) -> int:
                 losses.append(pending.result().loss)
                 pending = None
             common.synchronize(device)
+            warm_memory = common.memory_now_gib(device)
             Path(args.ready).touch()
             wait_for_file(Path(args.go))
             t0 = time.time()
@@ -154,7 +156,8 @@ def worker(args: argparse.Namespace) -> int:
     t1 = time.time()
     step = getattr(engine, "fast", None)
     result = {"arm": args.arm, "engine": engine.name, "losses": losses, "tokens": tokens, "t0": t0, "t1": t1,
-              "memory_gib": process_memory_gib(device), "captures": getattr(step, "captures", 0),
+              "memory_gib": process_memory_gib(device), "memory_after_warmup_gib": warm_memory,
+              "captures": getattr(step, "captures", 0),
               "capture_seconds": round(getattr(step, "capture_seconds", 0.0), 2)}
     Path(args.result).write_text(json.dumps(result))
     return 0
@@ -184,7 +187,8 @@ def separate(args: argparse.Namespace, engine: str, work: Path) -> dict[str, Any
     return {"variant": f"separate-{engine}", "engine": results[0]["engine"],
             "tokens_per_s": round(sum(r["tokens"] for r in results) / window, 1),
             "arms": {r["arm"]: {"losses": r["losses"], "tokens_per_s_alone_window": round(r["tokens"] / (r["t1"] - r["t0"]), 1),
-                                "captures": r["captures"], "capture_seconds": r["capture_seconds"]}
+                                "captures": r["captures"], "capture_seconds": r["capture_seconds"],
+                                "memory_gib": r["memory_gib"], "memory_after_warmup_gib": r["memory_after_warmup_gib"]}
                      for r in results},
             "memory_gib": _sum_memory(memory)}
 
@@ -220,6 +224,7 @@ def cotrained(args: argparse.Namespace, fast: bool) -> dict[str, Any]:
     losses: dict[str, list[float]] = {arm[0]: [] for arm in ARMS}
     tokens, t0 = 0, time.time()
     pending: dict[str, Any] = {}
+    loaded_memory, warm_memory = common.memory_now_gib(device), None
 
     def read() -> None:
         for arm, view in zip(ARMS, views):
@@ -230,6 +235,7 @@ def cotrained(args: argparse.Namespace, fast: bool) -> dict[str, Any]:
         if step == args.warmup + 1:
             read()
             common.synchronize(device)
+            warm_memory = common.memory_now_gib(device)
             t0 = time.time()
         index = step - 1
         chosen = [examples[i] for i in batches.indices(index // per_epoch, index % per_epoch)]
@@ -244,7 +250,8 @@ def cotrained(args: argparse.Namespace, fast: bool) -> dict[str, Any]:
     return {"variant": f"cotrained-{'fast' if fast else 'plain'}", "engine": engine.name,
             "tokens_per_s": round(tokens / window, 1),
             "arms": {name: {"losses": curve} for name, curve in losses.items()},
-            "memory_gib": process_memory_gib(device), "captures": getattr(engine.packed_step, "captures", 0),
+            "memory_gib": process_memory_gib(device), "memory_loaded_gib": loaded_memory,
+            "memory_after_warmup_gib": warm_memory, "captures": getattr(engine.packed_step, "captures", 0),
             "capture_seconds": round(getattr(engine.packed_step, "capture_seconds", 0.0), 2)}
 
 
