@@ -167,6 +167,7 @@ def _predict_generate_fast(model: Any, tokenizer: Any, samples: Sequence[Sample]
                            batch_size: int | None, max_length: int,
                            max_new_tokens: int | None) -> tuple[list[list[Entity]], dict]:
     from .fastgen import greedy_generate
+    from .merge import merged_adapter
 
     max_new_tokens = max_new_tokens or default_max_new_tokens(samples, tokenizer)
     encoded = encode_prompts([s.text for s in samples], tokenizer, max_length)
@@ -177,8 +178,9 @@ def _predict_generate_fast(model: Any, tokenizer: Any, samples: Sequence[Sample]
         return bool(ids) and ids[-1] in closing and answer_closed(tokenizer.decode(ids, skip_special_tokens=True))
 
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
-    generated = greedy_generate(model, [ids for ids, _ in encoded], max_new_tokens=max_new_tokens, eos_ids=[eos],
-                                pad_id=pad, stop=closed, batch_size=batch_size)
+    with merged_adapter(model):  # one GEMM per adapted layer while decoding; the weights come back unchanged
+        generated = greedy_generate(model, [ids for ids, _ in encoded], max_new_tokens=max_new_tokens,
+                                    eos_ids=[eos], pad_id=pad, stop=closed, batch_size=batch_size)
     outputs = [tokenizer.decode(ids, skip_special_tokens=True) for ids in generated]
     return _parsed(outputs, batches=1 if batch_size is None else -(-len(samples) // batch_size),
                    max_new_tokens=max_new_tokens, generated_tokens=sum(len(g) for g in generated),
