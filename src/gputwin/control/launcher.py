@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
 from . import requests as control
+from .bytecode import child_env
 from ..core import paths
 from ..core.errors import UserError
 from ..core.paths import ArmPaths, ExperimentPaths, make_private_dir, resolve_experiment, write_atomic
@@ -71,7 +72,7 @@ def _cpu_threads(profile: Profile, cpu_arms: int) -> int | None:
 
 
 def _arm_env(profile: Profile, threads: int | None) -> dict[str, str]:
-    env = dict(os.environ)
+    env = child_env(os.environ)
     env["CUDA_VISIBLE_DEVICES"] = "" if profile.device is None else str(profile.device)
     env.setdefault("CUDA_DEVICE_ORDER", "PCI_BUS_ID")  # GPU indices as nvidia-smi and NVML number them
     env["PYTHONUNBUFFERED"] = "1"  # stdout.log stays live

@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from ..core.errors import UserError
+from .bytecode import child_env
 from ..core.paths import make_private_dir, write_atomic
 from ..core.profiles import Experiment, package_model_dir
 from ..reading.reference_file import REFERENCE_DIR, RESULT_FILE, ValidationInputs, inputs_for, read_result
@@ -156,7 +157,7 @@ def ensure_reference(experiment: Experiment, exp_root: Path, say: Say) -> dict[s
     command = inputs.command(target)
     say(f"Validating the reference {spec.name} before the arms start: {command}")
     make_private_dir(folder)
-    env = dict(os.environ, CUDA_DEVICE_ORDER=os.environ.get("CUDA_DEVICE_ORDER", "PCI_BUS_ID"))
+    env = dict(child_env(os.environ), CUDA_DEVICE_ORDER=os.environ.get("CUDA_DEVICE_ORDER", "PCI_BUS_ID"))
     started = time.monotonic()
     with open(folder / "stdout.log", "wb") as out, open(folder / "stderr.log", "wb") as err:
         code = subprocess.run([sys.executable, "-m", "gputwin.faces.cli", *inputs.arguments(partial)], stdout=out,
