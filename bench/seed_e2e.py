@@ -98,7 +98,8 @@ def run(wait_limit: float, tiny: bool = False, tag: str = "both", only: str | No
     (folder / "seed.toml").write_text(Path(exp.source).read_text() + placement)
     logs = WORK / f"logs-{tag}" if tiny else Path(f"/tmp/gputwin-logs-{tag}")
     arms = [only] if only else ["conservative", "aggressive"]
-    env = dict(os.environ, GPUTWIN_LOGS=str(logs), PYTHONPATH=str(REPO / "src"), PYTHONUNBUFFERED="1")
+    path = os.pathsep.join(p for p in (str(REPO / "src"), os.environ.get("PYTHONPATH", "")) if p)
+    env = dict(os.environ, GPUTWIN_LOGS=str(logs), PYTHONPATH=path, PYTHONUNBUFFERED="1")
     out = open(WORK / f"headless-{tag}.log", "w")
     if only:  # one arm alone on the GPU (what an arm takes with a GPU of its own): its trainer, started directly
         from gputwin.control.launcher import _write_arm_files
