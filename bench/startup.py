@@ -302,7 +302,8 @@ def _self_by_package(text: str, top: int = 12) -> dict[str, float]:
     return {k: round(v / 1e6, 3) for k, v in sorted(totals.items(), key=lambda kv: -kv[1])[:top]}
 
 
-def import_breakdown(env: dict[str, str], times: int = 2) -> dict[str, Any]:
+def import_breakdown(env: dict[str, str], times: int = 2,
+                     bytecode_steps: list[tuple[str, str]] | None = None) -> dict[str, Any]:
     """The trainer's imports step by step (median of `times` fresh processes), the same with IMPORT_PARTS first,
     and one run under -X importtime summed by package."""
     import statistics
@@ -320,7 +321,29 @@ def import_breakdown(env: dict[str, str], times: int = 2) -> dict[str, Any]:
               + [(name, name) for name in TRANSFORMERS_PARTS] + trainer[3:])
     profiled = _import_run(trainer, env, importtime=True)
     return {"trainer_order": median_of(trainer), "parts_first": median_of(parted),
-            "self_by_package": profiled["self_by_package"]}
+            "self_by_package": profiled["self_by_package"], "bytecode": bytecode_effect(env, bytecode_steps or trainer, times)}
+
+
+def bytecode_effect(env: dict[str, str], steps: list[tuple[str, str]], times: int) -> dict[str, Any]:
+    """The trainer's imports (seconds, median of fresh processes) as this install is, compiled from source (no
+    bytecode to read, none written: an empty PYTHONPYCACHEPREFIX and PYTHONDONTWRITEBYTECODE, a container
+    whose packages came without .pyc files), and read from the cache gputwin gives its trainers in that case
+    (gputwin.control.bytecode) once one run has filled it."""
+    import statistics
+    import tempfile
+
+    from gputwin.control.bytecode import ships_bytecode
+
+    def total(run_env: dict[str, str]) -> float:
+        return round(statistics.median(_import_run(steps, run_env)["total"] for _ in range(times)), 3)
+
+    with tempfile.TemporaryDirectory() as empty, tempfile.TemporaryDirectory() as cache:
+        source = dict(env, PYTHONDONTWRITEBYTECODE="1", PYTHONPYCACHEPREFIX=empty)
+        cached = {k: v for k, v in env.items() if k != "PYTHONDONTWRITEBYTECODE"}
+        cached["PYTHONPYCACHEPREFIX"] = cache
+        _import_run(steps, cached)  # the first run fills the cache
+        return {"ships_bytecode": ships_bytecode(), "as_installed": total(env), "from_source": total(source),
+                "gputwin_cache": total(cached)}
 
 
 def report_imports(imports: dict[str, Any]) -> None:
@@ -332,6 +355,11 @@ def report_imports(imports: dict[str, Any]) -> None:
         print(f"  {name.replace('_', ' ')} (total {block['total']:.2f}): {steps}")
     print("  self time by package (-X importtime, trainer order): "
           + ", ".join(f"{k} {v:.2f}" for k, v in imports["self_by_package"].items()))
+    code = imports.get("bytecode")
+    if code:
+        print(f"  bytecode: as installed {code['as_installed']:.2f} s (the packages ship .pyc: "
+              f"{code['ships_bytecode']}), compiled from source {code['from_source']:.2f} s, from gputwin's "
+              f"bytecode cache {code['gputwin_cache']:.2f} s")
 
 
 # ---------------------------------------------------------------- run and report
@@ -358,7 +386,7 @@ def machine(device: str) -> dict[str, Any]:
 
 def run(*, train: Path, test: Path, model: Path, device: str, tag: str, rounds: int, logs: Path, results: Path,
         wait_s: float, milestone: int | None = None, sample_size: int | None = None,
-        import_times: int = 2) -> dict[str, Any]:
+        import_times: int = 2, bytecode_steps: list[tuple[str, str]] | None = None) -> dict[str, Any]:
     profile = write_profile(logs / "profiles", train=train.resolve(), test=test.resolve(), model=model.resolve(),
                             device=device, milestone=milestone, sample_size=sample_size)
     paths = [str(REPO / "src"), *filter(None, os.environ.get("PYTHONPATH", "").split(os.pathsep))]
@@ -372,7 +400,7 @@ def run(*, train: Path, test: Path, model: Path, device: str, tag: str, rounds: 
             shutil.rmtree(logs / f"startup-{kind}-{round_}", ignore_errors=True)
             figures = launch(profile, logs, f"startup-{kind}-{round_}", env, wait_s)
             result["launches"].append({"launch": kind, "round": round_, **figures})
-    result["imports"] = import_breakdown(env, times=import_times)
+    result["imports"] = import_breakdown(env, times=import_times, bytecode_steps=bytecode_steps)
     results.mkdir(parents=True, exist_ok=True)
     path = results / f"startup_{tag}.json"
     path.write_text(json.dumps(result, indent=2) + "\n")
@@ -412,7 +440,7 @@ def smoke(work: Path) -> int:
     model = build_model(work / "tokenizer", work / "model-tiny", tiny=True)
     result = run(train=work / "train.jsonl", test=work / "test.jsonl", model=model, device="cpu", tag="smoke",
                  rounds=1, logs=work / "logs", results=work / "results", wait_s=300, milestone=8, sample_size=8,
-                 import_times=1)
+                 import_times=1, bytecode_steps=[("gputwin's launcher", "gputwin.control.launcher")])
     caches = [item["data_cache"] for item in result["launches"]]
     return 0 if caches == ["written", "hit"] and not result["launcher"]["heavy_imports"] else 1
 

@@ -35,6 +35,9 @@ def test_the_startup_benchmark_times_a_cold_and_a_warm_launch_at_toy_sizes(tmp_p
         seconds = imports[order]["seconds"]
         assert seconds["torch"] > 0 and seconds["modeling_utils"] is not None and imports[order]["total"] > 0
     assert "torch._dynamo" in imports["parts_first"]["seconds"] and imports["self_by_package"]["torch"] > 0
+    code = imports["bytecode"]  # at toy size: the launcher's modules, compiled from source and from the cache
+    assert code["as_installed"] > 0 and code["from_source"] > 0 and code["gputwin_cache"] > 0
+    assert isinstance(code["ships_bytecode"], bool) and "gputwin's bytecode cache" in done.stdout
     assert "the trainer's imports" in done.stdout
     assert "launcher to the spawn of its arms" in done.stdout and "warm 0" in done.stdout
     assert not list((tmp_path / "logs").glob("probe-*"))  # the probe's experiments are cleared away
