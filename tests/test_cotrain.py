@@ -328,3 +328,30 @@ def test_an_arm_that_ended_in_a_shared_process_is_extended_in_a_process_of_its_o
     assert ended[-1].kind == events.FINISHED and ended[-1]["step"] == 16
     assert supervise.read_pid(arm_a) == shared_pid and supervise.arm_alive(arm_a)  # a's process never noticed
     os.kill(shared_pid[0], signal.SIGKILL)
+
+
+def test_a_packed_group_row_meets_about_as_many_shapes_as_one_arm_alone() -> None:
+    """Each distinct row shape costs a CUDA graph capture. The co-trained row's buckets grow with the number of
+    arms, so two arms' batches (whose summed length spreads wider) meet about as few shapes as one arm's
+    batches do, with about the same share of padding."""
+    import random
+
+    from gputwin.train.batching import Example
+    from gputwin.train.cofast import pack_group
+    from gputwin.train.packing import LABEL_BUCKET, pack
+
+    rng = random.Random(0)
+
+    def sample() -> Example:  # the seed's shape: 150-350 tokens, the last 30% the answer
+        n = rng.randint(150, 350)
+        return Example(list(range(1, n + 1)), [-100] * (n - n * 3 // 10) + list(range(n * 3 // 10)), False)
+
+    steps = [([sample() for _ in range(4)], [sample() for _ in range(4)]) for _ in range(400)]
+    alone = {pack(a, label_bucket=LABEL_BUCKET).shape_key for a, _ in steps}
+    two_arm_rows = [pack_group([("x", a), ("y", b)], pad_id=0).packed for a, b in steps]
+    grouped = {p.shape_key for p in two_arm_rows}
+    at_one_arms_buckets = {pack(a + b, label_bucket=LABEL_BUCKET).shape_key for a, b in steps}
+    assert len(grouped) <= len(alone) < len(at_one_arms_buckets)
+    padding = sum(p.length - p.n_tokens for p in two_arm_rows) / sum(p.n_tokens for p in two_arm_rows)
+    assert padding < 0.1
+    assert all(p.length % 256 == 0 and p.label_index.shape[0] % (2 * LABEL_BUCKET) == 0 for p in two_arm_rows)

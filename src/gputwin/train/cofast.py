@@ -28,7 +28,7 @@ from ..kernels.decoder import decoder_parts, fuse_rms_norms, run_decoder, varlen
 from ..kernels.fused_rotary import fused_rotary, rotary_modules
 from .batching import Example
 from .fast import PendingStep, _output, preserved_state
-from .packing import LABEL_BUCKET, PackedBatch, pack
+from .packing import LABEL_BUCKET, ROW_BUCKET, PackedBatch, pack
 from .multilora import SharedModel
 
 
@@ -52,9 +52,15 @@ class GroupBatch:
 
 
 def pack_group(work: Sequence[tuple[str, Sequence[Example]]], *, pad_id: int) -> GroupBatch:
-    """work: (adapter, examples) of each arm stepping, packed in that order."""
+    """work: (adapter, examples) of each arm stepping, packed in that order.
+
+    The row's buckets grow with the number of arms. Each distinct shape costs a graph capture (about 0.6 s
+    for two arms on an H100), and a sum of several arms' batches spreads over more lengths than one arm's:
+    at one arm's buckets the seed's two arms met 14 shapes in 879 steps (13 in the first 170, bench/RESULTS.md),
+    at twice those 7, the padding staying the share of the row that one arm alone has (about 6%)."""
     examples = [e for _, chosen in work for e in chosen]
-    packed = pack(examples, pad_id=pad_id, label_bucket=LABEL_BUCKET)
+    arms = max(1, len(work))
+    packed = pack(examples, pad_id=pad_id, bucket=ROW_BUCKET * arms, label_bucket=LABEL_BUCKET * arms)
     token_arm = torch.full((packed.length,), -1, dtype=torch.long)
     label_arm = torch.full((packed.label_index.shape[0],), -1, dtype=torch.long)
     token, slot = 0, 0

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from ..core.encoding import IGNORE_INDEX
 from ..kernels.decoder import DecoderParts, decoder_parts, run_decoder
 
+ROW_BUCKET = 128  # the trainer's row length multiple (pack's bucket)
 LABEL_BUCKET = 256  # the trainer's label slots (pack's label_bucket): each distinct shape costs a graph capture
 
 
@@ -63,7 +64,7 @@ def _round_up(n: int, multiple: int) -> int:
     return -(-n // multiple) * multiple
 
 
-def pack(samples: Sequence[Any], *, bucket: int = 128, label_bucket: int = 64, pad_id: int = 0) -> PackedBatch:
+def pack(samples: Sequence[Any], *, bucket: int = ROW_BUCKET, label_bucket: int = 64, pad_id: int = 0) -> PackedBatch:
     """Samples (dicts or objects with input_ids and labels, IGNORE_INDEX where masked) as one packed row.
 
     The row is padded to a multiple of `bucket` with at least one padding token, so every batch of n
