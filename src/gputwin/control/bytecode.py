@@ -2,11 +2,10 @@
 
 A trainer imports torch, transformers and peft: thousands of modules. Containers often set
 PYTHONDONTWRITEBYTECODE=1 and install packages without their .pyc files; then every trainer compiles all
-of those modules from source before its first step, seconds of CPU each time (about 7 s of the seed's
-launch to verdict on one GPU machine: bench/RESULTS.md, runs E4 and E5). What that setting is for is
-keeping __pycache__ folders out of the source trees, so gputwin's child processes keep that and still
-get a cache: their bytecode goes to a folder of gputwin's own (PYTHONPYCACHEPREFIX), never beside the
-sources.
+of those modules from source before its first step: 14.9 s for the trainer's imports against 5.2 s from
+a cache on a 2-core machine (bench/RESULTS.md). What that setting is for is keeping __pycache__ folders
+out of the source trees, so gputwin's child processes keep that and still get a cache: their bytecode
+goes to a folder of gputwin's own (PYTHONPYCACHEPREFIX), never beside the sources.
 
     child_env(env)        env for a child Python: as given, or with the cache folder and writes allowed
     ships_bytecode()      do the installed packages have their .pyc files beside the sources?

@@ -72,7 +72,8 @@ class LoraLinearFunction(torch.autograd.Function):
         return grad_x, None, grad_bias, grad_a, grad_b, None, None
 
 
-def _lora_layer_type() -> type | None:
+def lora_layer_type() -> type | None:
+    """peft's LoRA Linear class (None without peft)."""
     try:
         from peft.tuners.lora.layer import Linear
     except ImportError:  # pragma: no cover - peft is a dependency
@@ -90,7 +91,7 @@ def lora_matches_peft() -> bool:
         holder = nn.Module()
         holder.proj = nn.Linear(12, 6)
         model = get_peft_model(holder, LoraConfig(r=2, lora_alpha=6, lora_dropout=0.0, target_modules=["proj"]))
-        layer = next(m for m in model.modules() if type(m) is _lora_layer_type())
+        layer = next(m for m in model.modules() if type(m) is lora_layer_type())
         base, name = layer.base_layer, layer.active_adapters[0]
         with torch.no_grad():
             for p in layer.parameters():
@@ -143,7 +144,7 @@ def fuse_lora(model: Any) -> int:
 
     Returns how many layers have it; calls it does not cover still run peft's forward.
     """
-    layer_type = _lora_layer_type()
+    layer_type = lora_layer_type()
     if layer_type is None or not lora_matches_peft():  # a peft whose layer computes otherwise keeps its own
         return 0
     changed = 0

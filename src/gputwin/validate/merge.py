@@ -19,21 +19,13 @@ from typing import Any, Iterator
 import torch
 from torch import nn
 
-from ..kernels.fused_lora import fusable
-
-
-def _lora_linear() -> type | None:
-    try:
-        from peft.tuners.lora.layer import Linear
-    except ImportError:  # pragma: no cover - peft is a dependency
-        return None
-    return Linear
+from ..kernels.fused_lora import fusable, lora_layer_type
 
 
 @contextlib.contextmanager
 def merged_adapter(model: Any) -> Iterator[int]:
     """Inside, every coverable LoRA layer computes x (W + s B A)^T with one GEMM; yields how many layers do."""
-    layer_type = _lora_linear()
+    layer_type = lora_layer_type()
     swapped: list[tuple[Any, nn.Linear, nn.Parameter, str]] = []
     try:
         with torch.no_grad():
