@@ -78,6 +78,23 @@ def schedule(arm: tuple[Any, ...]) -> Any:
     return make_plan(lr, WARMUP_LR_STEPS, "linear", total, 0.1)
 
 
+def graphs_of(step: Any) -> dict[str, Any]:
+    """The step's graph captures: count, seconds, eager first steps and each capture's log (none on CPU)."""
+    graphs = getattr(step, "graphs", None)
+    if graphs is None:  # the CPU, or a step from before graphs.py
+        return {"captures": getattr(step, "captures", 0), "capture_seconds": round(getattr(step, "capture_seconds", 0.0), 2),
+                "eager_steps": 0, "graph_log": []}
+    summary = graphs.summary()
+    return {"captures": summary["captures"], "capture_seconds": summary["capture_seconds"],
+            "eager_steps": summary["eager_steps"], "graph_log": summary["log"]}
+
+
+def captures_cell(result: dict[str, Any]) -> str:
+    """"13 (8.0)": a row's graph captures and their seconds (the arms' summed for separate processes)."""
+    parts = [result] if "captures" in result else list(result["arms"].values())
+    return f"{sum(p['captures'] for p in parts)} ({sum(p['capture_seconds'] for p in parts):.1f})"
+
+
 def process_memory_gib(device: torch.device) -> dict[str, float] | None:
     """Peak reserved by torch, and what NVML says this process holds now (context included)."""
     peak = common.peak_memory_gib(device)
@@ -157,8 +174,7 @@ def worker(args: argparse.Namespace) -> int:
     step = getattr(engine, "fast", None)
     result = {"arm": args.arm, "engine": engine.name, "losses": losses, "tokens": tokens, "t0": t0, "t1": t1,
               "memory_gib": process_memory_gib(device), "memory_after_warmup_gib": warm_memory,
-              "captures": getattr(step, "captures", 0),
-              "capture_seconds": round(getattr(step, "capture_seconds", 0.0), 2)}
+              **graphs_of(step)}
     Path(args.result).write_text(json.dumps(result))
     return 0
 
@@ -188,7 +204,7 @@ def separate(args: argparse.Namespace, engine: str, work: Path) -> dict[str, Any
             "tokens_per_s": round(sum(r["tokens"] for r in results) / window, 1),
             "arms": {r["arm"]: {"losses": r["losses"], "tokens_per_s_alone_window": round(r["tokens"] / (r["t1"] - r["t0"]), 1),
                                 "captures": r["captures"], "capture_seconds": r["capture_seconds"],
-                                "memory_gib": r["memory_gib"], "memory_after_warmup_gib": r["memory_after_warmup_gib"]}
+                                "eager_steps": r["eager_steps"], "graph_log": r["graph_log"], "memory_gib": r["memory_gib"], "memory_after_warmup_gib": r["memory_after_warmup_gib"]}
                      for r in results},
             "memory_gib": _sum_memory(memory)}
 
@@ -251,8 +267,7 @@ def cotrained(args: argparse.Namespace, fast: bool) -> dict[str, Any]:
             "tokens_per_s": round(tokens / window, 1),
             "arms": {name: {"losses": curve} for name, curve in losses.items()},
             "memory_gib": process_memory_gib(device), "memory_loaded_gib": loaded_memory,
-            "memory_after_warmup_gib": warm_memory, "captures": getattr(engine.packed_step, "captures", 0),
-            "capture_seconds": round(getattr(engine.packed_step, "capture_seconds", 0.0), 2)}
+            "memory_after_warmup_gib": warm_memory, **graphs_of(engine.packed_step)}
 
 
 # ---------------------------------------------------------------- operations a step (CPU, no timing)
@@ -422,12 +437,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     path.write_text(json.dumps(record, indent=2))
     rows = [{"variant": r["variant"], "tokens/s": r["tokens_per_s"], "speedup": r.get("cotrained_speedup", "-"),
              "memory GiB": (r.get("memory_gib") or {}).get("nvml_process", (r.get("memory_gib") or {}).get("reserved", "-")),
-             "mem ratio": r.get("cotrained_memory_ratio", "-"),
+             "mem ratio": r.get("cotrained_memory_ratio", "-"), "captures (s)": captures_cell(r),
              "max EMA gap": max((g["max_rel_gap_ema"] for g in r.get("curve_gap_to_cotrained", {}).values()), default="-")}
             for r in results]
     common.print_table(f"co-trained against separate processes (speedup, memory ratio: {together['variant'] if together else '-'}"
                        " / this row)", rows,
-                       ["variant", "tokens/s", "speedup", "memory GiB", "mem ratio", "max EMA gap"])
+                       ["variant", "tokens/s", "speedup", "memory GiB", "mem ratio", "captures (s)", "max EMA gap"])
     print(f"wrote {path}")
     return 0
 

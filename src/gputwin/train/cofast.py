@@ -2,7 +2,8 @@
 
 As train/fast.py does for one arm: the samples back to back in one row (varlen attention, no padding
 between them), the head only at label positions, fused RMSNorm and rotary kernels, and forward, backward,
-each arm's clipping and AdamW update captured as one CUDA graph per shape and replayed. What differs:
+each arm's clipping and AdamW update captured as one CUDA graph per shape and replayed (graphs.ShapeGraphs:
+a shape's first step eager, its second captured). What differs:
 the row holds the samples of every arm stepping (arm after arm), each LoRA layer adds each arm's adapter to
 that arm's tokens only (multilora.TokenRoute: every adapter of a layer in one multi-LoRA function,
 kernels/multi_lora.py; the shape of a step does not depend on where one arm's samples end, so a graph is
@@ -16,7 +17,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-import time
 from dataclasses import dataclass, replace
 from typing import Any, Sequence
 
@@ -27,7 +27,8 @@ from ..core.encoding import IGNORE_INDEX
 from ..kernels.decoder import decoder_parts, fuse_rms_norms, run_decoder, varlen_backend
 from ..kernels.fused_rotary import fused_rotary, rotary_modules
 from .batching import Example
-from .fast import PendingStep, _output, preserved_state
+from .fast import PendingStep, _output
+from .graphs import Captured, ShapeGraphs
 from .packing import LABEL_BUCKET, ROW_BUCKET, PackedBatch, pack
 from .multilora import SharedModel
 
@@ -73,14 +74,6 @@ def pack_group(work: Sequence[tuple[str, Sequence[Example]]], *, pad_id: int) ->
     return GroupBatch(packed, token_arm, label_arm, tuple(adapter for adapter, _ in work))
 
 
-@dataclass
-class _Captured:
-    graph: Any
-    inputs: GroupBatch
-    losses: torch.Tensor  # [arms]
-    norms: torch.Tensor   # [arms]
-
-
 class GroupFastStep:
     """One step of several arms on a GroupBatch; members: adapter -> cotrain.Member (params, optimizer, clip)."""
 
@@ -95,26 +88,26 @@ class GroupFastStep:
         self.fused_norms = fuse_rms_norms(shared.model) if on_cuda else 0
         self.rotary = rotary_modules(shared.model) if on_cuda else []
         self.attention = varlen_backend(device)
-        self._graphs: dict[tuple[Any, ...], _Captured] = {}
-        self._pool: Any = None
+        self.graphs = ShapeGraphs(device)
         self._lr = {adapter: torch.zeros((), dtype=torch.float32, device=device) for adapter in members}
         self._found_inf = {adapter: torch.zeros((), dtype=torch.float32, device=device) for adapter in members}
         self._state_token: tuple[int, ...] = ()
-        self.captures, self.capture_seconds = 0, 0.0
 
     def __call__(self, batch: GroupBatch, lrs: Sequence[float]) -> list[Any]:
         """Issue the step; one outcome per arm of the batch (PendingStep on CUDA, else the figures)."""
         for adapter, lr in zip(batch.adapters, lrs):
             self._set_lr(adapter, lr)
-        if not self.use_graphs:
+        if self.use_graphs:
+            self._make_capturable()
+        captured = self.graphs.get(batch.shape_key) if self.use_graphs else None
+        if captured is None and (not self.use_graphs or self.graphs.first_meeting(batch.shape_key)):
             for adapter in batch.adapters:
                 self.members[adapter].optimizer.zero_grad(set_to_none=True)
             losses, norms = self._body(batch.to(self.device, non_blocking=True))
             for adapter in batch.adapters:
                 self.members[adapter].optimizer.zero_grad(set_to_none=True)
         else:
-            self._make_capturable()
-            captured = self._graphs.get(batch.shape_key) or self._capture(batch)
+            captured = captured or self._capture(batch)
             sources = {"token_arm": batch.token_arm, "label_arm": batch.label_arm}
             sources |= {name: getattr(batch.packed, name)
                         for name in ("input_ids", "position_ids", "cu_seqlens", "label_index", "label_target")}
@@ -124,7 +117,7 @@ class GroupFastStep:
                     target = getattr(captured.inputs.packed, name)
                 target.copy_(source.pin_memory(), non_blocking=True)
             captured.graph.replay()
-            losses, norms = captured.losses.clone(), captured.norms.clone()
+            losses, norms = (out.clone() for out in captured.outputs)
         if losses.device.type == "cuda":
             return [PendingStep(losses[k], norms[k]) for k in range(len(batch.adapters))]
         return [self._figures(float(loss), float(norm)) for loss, norm in zip(losses.tolist(), norms.tolist())]
@@ -202,37 +195,25 @@ class GroupFastStep:
                     group["lr"] = self._lr[adapter]
         token = self._state_ids()
         if token != self._state_token and self._state_token:
-            self._graphs.clear()  # they point at state tensors that are gone
+            self.graphs.clear()  # they point at state tensors that are gone
         self._state_token = token
 
     def _state_ids(self) -> tuple[int, ...]:
         return tuple(id(v) for m in self.members.values() for p in (m.params[0], m.params[-1])
                      for v in m.optimizer.state.get(p, {}).values())
 
-    def _capture(self, batch: GroupBatch) -> _Captured:
-        started = time.perf_counter()
-        static = batch.to(self.device)
-        members = [self.members[adapter] for adapter in batch.adapters]
-        current, side = torch.cuda.current_stream(self.device), torch.cuda.Stream(self.device)
-        with contextlib.ExitStack() as kept:
-            for member in members:
-                kept.enter_context(preserved_state(member.optimizer, member.params))
-            side.wait_stream(current)
-            with torch.cuda.stream(side):  # lazy set-up happens here, outside the capture
-                for member in members:
-                    member.optimizer.zero_grad(set_to_none=True)
-                self._body(static)
-            current.wait_stream(side)
-        torch.cuda.empty_cache()  # the warm-up's blocks: the graph allocates from its own pool, not from these
-        for member in members:
-            member.optimizer.zero_grad(set_to_none=True)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self._pool, capture_error_mode="thread_local"):
-            losses, norms = self._body(static)
-        self._pool = self._pool or graph.pool()
-        captured = _Captured(graph, static, losses, norms)
-        self._graphs[batch.shape_key] = captured
+    def _capture(self, batch: GroupBatch) -> Captured:
+        """Capture this shape, met once already by an eager step (which did the set-up a capture must not meet)."""
+        for adapter in batch.adapters:
+            self.members[adapter].optimizer.zero_grad(set_to_none=True)
+        captured = self.graphs.capture(batch.shape_key, batch.to(self.device), self._body)
         self._state_token = self._state_ids()
-        self.captures += 1
-        self.capture_seconds += time.perf_counter() - started
         return captured
+
+    @property
+    def captures(self) -> int:
+        return self.graphs.captures
+
+    @property
+    def capture_seconds(self) -> float:
+        return self.graphs.capture_seconds

@@ -20,7 +20,7 @@ import contextlib
 import functools
 import math
 import time
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from typing import Any, Callable, Iterable, Iterator, Mapping, NamedTuple, Sequence
 
 import torch
@@ -29,6 +29,7 @@ from ..kernels import fastpaths
 from ..kernels.decoder import decoder_parts, fuse_rms_norms, varlen_backend
 from ..kernels.fused_lora import fuse_lora
 from ..kernels.fused_rotary import fused_rotary, rotary_modules
+from .graphs import Captured, ShapeGraphs
 from .packing import LABEL_BUCKET, PackedBatch, answer_only_loss, pack
 
 # ---------------------------------------------------------------- the optimizer step
@@ -74,14 +75,6 @@ def preserved_state(optimizer: torch.optim.Optimizer, params: Sequence[torch.Ten
                         value.zero_()
 
 
-@dataclass
-class _Captured:
-    graph: Any                # torch.cuda.CUDAGraph
-    inputs: PackedBatch       # static device tensors the graph reads
-    loss: torch.Tensor
-    grad_norm: torch.Tensor
-
-
 class FastStep:
     """One optimizer step on a PackedBatch, with the semantics of the plain padded step.
 
@@ -91,7 +84,8 @@ class FastStep:
     fused_rope: rotary embeddings in three kernels a tensor during the step (fused_rotary).
     Both default to on for CUDA without compile, which fuses such kernels itself.
     cuda_graphs: capture forward + backward + clipping + AdamW as one CUDA graph per batch shape
-    (PackedBatch.shape_key) and replay it; warm-up runs before a capture leave the model untouched.
+    (PackedBatch.shape_key) and replay it: a shape's first step runs eagerly, its second is captured
+    (graphs.ShapeGraphs); prepare() captures shapes ahead, with warm-ups that leave the model untouched.
     Both default to on for CUDA and off for CPU. A step whose loss or gradient norm is not finite
     updates nothing (fused AdamW's found_inf, as AMP does), so the caller can report and stop.
     """
@@ -130,9 +124,7 @@ class FastStep:
         self.warmup_iters = warmup_iters
         self.attention_backend = varlen_backend(self.device)
         self.paths = self._paths(want)
-        self.captures, self.capture_seconds = 0, 0.0
-        self._graphs: dict[tuple[int, int, int], _Captured] = {}
-        self._pool: Any = None
+        self.graphs = ShapeGraphs(self.device)
         self._state_token: tuple[int, ...] = ()
         self._found_inf = torch.zeros((), dtype=torch.float32, device=self.device)
         self._lr: list[torch.Tensor] = []
@@ -166,14 +158,27 @@ class FastStep:
             loss, norm = self._eager(batch)
             return StepResult(loss, norm, batch.n_tokens)
         self._make_capturable()
-        captured = self._graphs.get(batch.shape_key) or self._capture(batch)
+        captured = self.graphs.get(batch.shape_key)
+        if captured is None and self.graphs.first_meeting(batch.shape_key):
+            loss, norm = self._eager(batch)
+            return StepResult(loss, norm, batch.n_tokens)
+        captured = captured or self._capture(batch, warm_up=False)
         for name in ("input_ids", "position_ids", "cu_seqlens", "label_index", "label_target"):
             source = getattr(batch, name)
             if source.device.type == "cpu" and not source.is_pinned():
                 source = source.pin_memory()  # a pageable copy would wait for the GPU: no overlap
             getattr(captured.inputs, name).copy_(source, non_blocking=True)
         captured.graph.replay()
-        return StepResult(captured.loss.clone(), captured.grad_norm.clone(), batch.n_tokens)
+        loss, norm = captured.outputs
+        return StepResult(loss.clone(), norm.clone(), batch.n_tokens)
+
+    @property
+    def captures(self) -> int:
+        return self.graphs.captures
+
+    @property
+    def capture_seconds(self) -> float:
+        return self.graphs.capture_seconds
 
     def set_lr(self, lr: float) -> None:
         for group in self.optimizer.param_groups:
@@ -189,8 +194,8 @@ class FastStep:
         self._make_capturable()
         before = self.captures
         for batch in batches:
-            if batch.shape_key not in self._graphs:
-                self._capture(batch)
+            if self.graphs.get(batch.shape_key) is None:
+                self._capture(batch, warm_up=True)
         return self.captures - before
 
     # -- the step itself
@@ -238,7 +243,7 @@ class FastStep:
                 group["lr"] = lr
         token = self._state_ids()
         if token != self._state_token and self._state_token:
-            self._graphs.clear()  # they point at state tensors that are gone
+            self.graphs.clear()  # they point at state tensors that are gone
         self._state_token = token
 
     def _state_ids(self) -> tuple[int, ...]:
@@ -246,29 +251,19 @@ class FastStep:
         ends = (self.params[0], self.params[-1])
         return tuple(id(v) for p in ends for v in self.optimizer.state.get(p, {}).values())
 
-    def _capture(self, batch: PackedBatch) -> _Captured:
-        started = time.perf_counter()
+    def _capture(self, batch: PackedBatch, *, warm_up: bool) -> Captured:
+        """Capture this batch's shape; warm_up: run warmup_iters steps first (a shape no eager step has met)."""
         static = batch.to(self.device)
-        current, side = torch.cuda.current_stream(self.device), torch.cuda.Stream(self.device)
-        with preserved_state(self.optimizer, self.params):
-            side.wait_stream(current)
-            with torch.cuda.stream(side):
-                # lazy set-up (libraries, optimizer state, allocator) happens here, outside the capture
+
+        def warm() -> None:
+            with preserved_state(self.optimizer, self.params):
                 for _ in range(self.warmup_iters):
                     self.optimizer.zero_grad(set_to_none=True)
                     self._body(static)
-            current.wait_stream(side)
-        torch.cuda.empty_cache()  # the warm-up's blocks: the graph allocates from its own pool, not from these
+
         self.optimizer.zero_grad(set_to_none=True)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self._pool, capture_error_mode="thread_local"):
-            loss, norm = self._body(static)
-        self._pool = self._pool or graph.pool()
-        captured = _Captured(graph, static, loss, norm)
-        self._graphs[batch.shape_key] = captured
+        captured = self.graphs.capture(batch.shape_key, static, self._body, warm if warm_up else None)
         self._state_token = self._state_ids()
-        self.captures += 1
-        self.capture_seconds += time.perf_counter() - started
         return captured
 
 

@@ -1,0 +1,88 @@
+"""CUDA graphs of a whole training step, one per batch shape, all drawing on one memory pool.
+
+Shared by the fast engine's step (fast.FastStep) and the co-trained arms' step (cofast.GroupFastStep).
+
+When a step meets a shape for the first time it runs eagerly: a real step that trains, and that does the lazy
+set-up a capture must not meet (optimizer state, library handles, the kernels' choices for that shape). The
+second time the shape comes, the step is captured, with no warm-up step of its own, and every later time it is
+replayed. A shape met once costs one eager step (a few times a replay) instead of a warm-up, a capture and an
+instantiation (about 0.6 s for the seed's co-trained row on an H100, bench/RESULTS.md). capture() with a warm-up
+is for capturing shapes before they are met (FastStep.prepare).
+
+Each capture is logged (`log`): the shape, its seconds and the memory reserved after it, so a bench can show
+where a run's captures and its memory went.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any, Callable, Hashable
+
+import torch
+
+
+@dataclass
+class Captured:
+    graph: Any         # torch.cuda.CUDAGraph
+    inputs: Any        # the static device batch the graph reads: copy each step's batch into it
+    outputs: Any       # what the captured body returned: read (clone) after each replay
+
+
+class ShapeGraphs:
+    """The graphs of one step function, by shape key; eager_first: run a shape eagerly the first time it is met."""
+
+    def __init__(self, device: torch.device, *, eager_first: bool = True) -> None:
+        self.device, self.eager_first = device, eager_first
+        self._graphs: dict[Hashable, Captured] = {}
+        self._met: set[Hashable] = set()
+        self._pool: Any = None
+        self.captures, self.capture_seconds, self.eager_steps = 0, 0.0, 0
+        self.log: list[dict[str, Any]] = []
+
+    def get(self, key: Hashable) -> Captured | None:
+        return self._graphs.get(key)
+
+    def first_meeting(self, key: Hashable) -> bool:
+        """True when this step should run eagerly: the shape has not been met before (and is met now)."""
+        if not self.eager_first or key in self._met:
+            return False
+        self._met.add(key)
+        self.eager_steps += 1
+        return True
+
+    def clear(self) -> None:
+        """Drop the graphs (they point at optimizer state that a checkpoint load replaced); the shapes stay met,
+        since the set-up their eager steps did still holds."""
+        self._graphs.clear()
+
+    def capture(self, key: Hashable, static: Any, body: Callable[[Any], Any],
+                warm_up: Callable[[], None] | None = None) -> Captured:
+        """Capture body(static) under `key`. warm_up (which must leave the model as it was) runs first on a side
+        stream, for a shape no eager step has met."""
+        started = time.perf_counter()
+        if warm_up is not None:
+            current, side = torch.cuda.current_stream(self.device), torch.cuda.Stream(self.device)
+            side.wait_stream(current)
+            with torch.cuda.stream(side):
+                warm_up()
+            current.wait_stream(side)
+        torch.cuda.empty_cache()  # eager blocks: the graph allocates from its own pool, not from these
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self._pool, capture_error_mode="thread_local"):
+            outputs = body(static)
+        self._pool = self._pool or graph.pool()
+        captured = self._graphs[key] = Captured(graph, static, outputs)
+        self._met.add(key)
+        seconds = time.perf_counter() - started
+        self.captures += 1
+        self.capture_seconds += seconds
+        self.log.append({"shape": repr(key), "seconds": round(seconds, 3), "warm_up": warm_up is not None,
+                         "reserved_gib": round(torch.cuda.memory_reserved(self.device) / 2**30, 2),
+                         "allocated_gib": round(torch.cuda.memory_allocated(self.device) / 2**30, 2)})
+        return captured
+
+    def summary(self) -> dict[str, Any]:
+        """Counts and times for a bench's or an event's record."""
+        return {"captures": self.captures, "capture_seconds": round(self.capture_seconds, 2),
+                "eager_steps": self.eager_steps, "log": self.log}

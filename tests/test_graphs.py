@@ -1,0 +1,55 @@
+"""Graphs by shape: a shape's first step eager, its second captured, later ones replayed (train/graphs.py).
+
+The policy is checked here on any machine; the CUDA test (run on a GPU machine) checks that a step met first
+eagerly, then captured and replayed, trains exactly as a step with graphs captured ahead (prepare) does."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from gputwin.train.graphs import ShapeGraphs
+
+
+def test_a_shape_runs_eagerly_only_the_first_time_it_is_met() -> None:
+    graphs = ShapeGraphs(torch.device("cpu"))
+    assert graphs.first_meeting((1024, 512, 4))
+    assert not graphs.first_meeting((1024, 512, 4))
+    assert graphs.first_meeting((1152, 512, 4))
+    graphs.clear()  # a checkpoint load drops the graphs, not what the eager steps set up
+    assert not graphs.first_meeting((1024, 512, 4))
+    assert graphs.summary() == {"captures": 0, "capture_seconds": 0.0, "eager_steps": 2, "log": []}
+
+
+def test_without_eager_first_every_shape_is_captured_when_met() -> None:
+    graphs = ShapeGraphs(torch.device("cpu"), eager_first=False)
+    assert not graphs.first_meeting((1024, 512, 4))
+    assert graphs.eager_steps == 0
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+def test_eager_first_then_captured_steps_train_as_graphs_captured_ahead() -> None:
+    from test_fast_train import samples, tiny_model
+
+    from gputwin.train.fast import FastStep, make_optimizer
+    from gputwin.train.packing import pack
+
+    batches = [samples(4, seed=s) for s in range(12)]
+    packed = [pack(b, bucket=64, pad_id=0) for b in batches]
+
+    def run(ahead: bool) -> tuple[list[float], FastStep]:
+        model = tiny_model().cuda()
+        step = FastStep(model, make_optimizer(model, 1e-3), grad_clip=1.0, autocast_dtype=None)
+        if ahead:
+            step.prepare(packed)
+        losses = [float(step(b, lr=1e-3).loss) for b in packed]
+        return losses, step
+
+    lazily, step = run(ahead=False)
+    ahead, prepared = run(ahead=True)
+    shapes = {b.shape_key for b in packed}
+    assert step.graphs.eager_steps == len(shapes)
+    met_twice = {k for k in shapes if sum(b.shape_key == k for b in packed) > 1}
+    assert step.captures == len(met_twice) and all(not e["warm_up"] for e in step.graphs.log)
+    assert prepared.captures == len(shapes) and prepared.graphs.eager_steps == 0
+    assert lazily == pytest.approx(ahead, rel=1e-4)
