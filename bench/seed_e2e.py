@@ -8,6 +8,8 @@ The model has the real architecture (same FLOPs) with random weights: F1 is near
 figure is the time from launch to verdict. Writes bench/out/seed-e2e/result-TAG.json and prints a table.
   python3 bench/seed_e2e.py run --only conservative --tag solo   one arm alone, to its validation
   python3 bench/seed_e2e.py run --cotrain on --tag cotrain       both arms co-trained in one process
+  python3 bench/seed_e2e.py run --warm --tag hot                  a warm server first: trainers start as its forks
+Without --warm, warm starts are off (GPUTWIN_WARM=off): every trainer starts as a fresh Python.
   python bench/seed_e2e.py smoke --work DIR          (CPU, tests) the same path at toy sizes, to a verdict
 """
 
@@ -20,6 +22,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "src"))
@@ -49,9 +52,57 @@ def prepare(train: int = 3516, test: int = 600, vocab: int = 16000, work: Path |
     print(f"prepared {work}: {len(texts)} train texts, tokenizer of {len(fast)} tokens")
 
 
+class _Pid:
+    """A trainer that is not this process's child, with the bits of Popen that run() uses."""
+
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+
+    def poll(self) -> int | None:
+        try:
+            os.kill(self.pid, 0)
+        except ProcessLookupError:
+            return 0
+        return None
+
+    def terminate(self) -> None:
+        try:
+            os.kill(self.pid, 15)
+        except ProcessLookupError:
+            pass
+
+    def wait(self, timeout: float) -> None:
+        deadline = time.time() + timeout
+        while self.poll() is None:
+            if time.time() > deadline:
+                raise subprocess.TimeoutExpired("trainer", timeout)
+            time.sleep(0.1)
+
+    def kill(self) -> None:
+        try:
+            os.kill(self.pid, 9)
+        except ProcessLookupError:
+            pass
+
+
+def serve_warm(env: dict[str, str]) -> None:
+    """A warm server (gputwin.control.warmstart) for launches with this environment, serving before the clock starts."""
+    from gputwin.control import warmstart
+    from gputwin.control.bytecode import child_env
+
+    launch_env = child_env(env)
+    warmstart.keep_warm(launch_env)
+    socket_path = warmstart.socket_path(launch_env)
+    deadline = time.time() + 300
+    while socket_path is not None and not socket_path.exists() and time.time() < deadline:
+        time.sleep(0.1)
+    if socket_path is None or not socket_path.exists():
+        raise SystemExit(f"no warm server came up; see {warmstart.folder(launch_env)}")
+
+
 def run(wait_limit: float, tiny: bool = False, tag: str = "both", only: str | None = None,
         profile_to: str | None = None, milestone: int | None = None, sample_size: int | None = None,
-        cotrain: str | None = None) -> dict:
+        cotrain: str | None = None, warm: bool = False) -> dict:
     """Launch the seed experiment (or one arm of it, `only`) and time it to the verdict (to its validation).
 
     milestone and sample_size replace the seed's 879 and 500 (the smoke run's small sizes); cotrain sets the
@@ -99,9 +150,22 @@ def run(wait_limit: float, tiny: bool = False, tag: str = "both", only: str | No
     logs = WORK / f"logs-{tag}" if tiny else Path(f"/tmp/gputwin-logs-{tag}")
     arms = [only] if only else ["conservative", "aggressive"]
     path = os.pathsep.join(p for p in (str(REPO / "src"), os.environ.get("PYTHONPATH", "")) if p)
-    env = dict(os.environ, GPUTWIN_LOGS=str(logs), PYTHONPATH=path, PYTHONUNBUFFERED="1")
+    env = dict(os.environ, GPUTWIN_LOGS=str(logs), PYTHONPATH=path, PYTHONUNBUFFERED="1",
+               GPUTWIN_WARM="20" if warm else "off")
+    if warm:
+        serve_warm(env)
     out = open(WORK / f"headless-{tag}.log", "w")
-    if only:  # one arm alone on the GPU (what an arm takes with a GPU of its own): its trainer, started directly
+    if only and warm:  # through the supervisor, which a warm server forks
+        from gputwin.control.launcher import _write_arm_files, spawn_arm
+        from gputwin.core.paths import ArmPaths
+
+        profile = next(a for a in load_experiment(folder / "seed.toml").arms if a.name == only)
+        arm_paths = ArmPaths(logs / "pii-seed" / only)
+        _write_arm_files(arm_paths, profile)
+        os.environ.update(env)  # spawn_arm takes the arm's environment from this process's
+        launched = time.time()
+        monitor: Any = _Pid(spawn_arm(arm_paths, profile, threads=None))
+    elif only:  # one arm alone on the GPU (what an arm takes with a GPU of its own): its trainer, started directly
         from gputwin.control.launcher import _write_arm_files
         from gputwin.core.paths import ArmPaths
 
@@ -137,7 +201,7 @@ def run(wait_limit: float, tiny: bool = False, tag: str = "both", only: str | No
     except subprocess.TimeoutExpired:
         monitor.kill()
 
-    result = {"model_build_seconds": round(built, 1), "arms_run": arms, "cotrain": cotrain or "off",
+    result = {"model_build_seconds": round(built, 1), "arms_run": arms, "cotrain": cotrain or "off", "warm": warm,
               ("launch_to_validation_seconds" if only else "launch_to_verdict_seconds"): to_verdict, "arms": {}}
     for arm in arms:
         events = [json.loads(line) for line in (logs / "pii-seed" / arm / "events.jsonl").read_text().splitlines()
@@ -172,12 +236,12 @@ def run(wait_limit: float, tiny: bool = False, tag: str = "both", only: str | No
     return result
 
 
-def smoke(cotrain: str | None = None) -> int:
+def smoke(cotrain: str | None = None, warm: bool = False) -> int:
     """The whole path on the CPU at toy sizes, for the tests: prepare, launch both arms of the seed
     experiment with a 2-layer model, milestone at step 8 on 16 samples, wait for the verdict."""
     prepare(train=64, test=40, vocab=1000)
-    result = run(240, tiny=True, tag=f"smoke-{cotrain}" if cotrain else "smoke", milestone=8, sample_size=16,
-                 cotrain=cotrain)
+    tag = "-".join(["smoke", *([cotrain] if cotrain else []), *(["warm"] if warm else [])])
+    result = run(240, tiny=True, tag=tag, milestone=8, sample_size=16, cotrain=cotrain, warm=warm)
     validated = all(r["validated_after_launch_s"] is not None for r in result["arms"].values())
     return 0 if result["launch_to_verdict_seconds"] is not None and validated else 1
 
@@ -193,6 +257,8 @@ def main() -> int:
     parser.add_argument("--only", choices=["conservative", "aggressive"],
                         help="run this arm alone and time it to its validation (an arm with a GPU of its own)")
     parser.add_argument("--cprofile", metavar="FILE", help="with --only: run the trainer under cProfile, stats to FILE")
+    parser.add_argument("--warm", action="store_true",
+                        help="start a warm server first (gputwin.control.warmstart): the trainers start as its forks")
     parser.add_argument("--cotrain", choices=["on", "off", "auto"],
                         help="the experiment's [placement] cotrain (on: both arms co-trained in one process)")
     args = parser.parse_args()
@@ -200,9 +266,9 @@ def main() -> int:
     if args.stage == "prepare":
         prepare()
     elif args.stage == "smoke":
-        return smoke(args.cotrain)
+        return smoke(args.cotrain, args.warm)
     else:
-        run(args.wait, args.tiny, args.tag, args.only, args.cprofile, cotrain=args.cotrain)
+        run(args.wait, args.tiny, args.tag, args.only, args.cprofile, cotrain=args.cotrain, warm=args.warm)
     return 0
 
 

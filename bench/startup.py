@@ -20,6 +20,8 @@
     (data runs beside model, lora and engine; total is their wall time), data_cache its cache outcome and
     tokenizer_load whether the tokenizer loaded before training ("startup") or after its first step
     ("deferred": the cached data holds what training needs of it);
+  - then with warm starts on (gputwin.control.warmstart): a first launch that starts cold and leaves a warm
+    server starting, and, once it serves, `hot` launches whose supervisor and trainer are its forks (imports done);
   - the trainer's imports one by one in fresh processes (also alone: `imports`): torch, gputwin's trainer,
     transformers, its tokenizer and modeling modules, peft, the fast engine, each as what it adds to those
     before it; then again with the heavy parts that transformers pulls in (torch._dynamo, torch.distributed,
@@ -36,6 +38,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -214,6 +217,34 @@ def launch(profile: Path, logs: Path, name: str, env: dict[str, str], wait_s: fl
     }
 
 
+def hot_launches(profile: Path, logs: Path, env: dict[str, str], wait_s: float, rounds: int) -> list[dict[str, Any]]:
+    """Launches with warm starts on (gputwin.control.warmstart), the data cache warm: the first starts cold and
+    leaves a server starting; once it serves, each `hot` launch's supervisor and trainer are its forks."""
+    cache = Path(tempfile.mkdtemp(prefix="gw-"))  # short: a socket's path holds 108 bytes
+    hot_env = {**env, "GPUTWIN_WARM": "10", "XDG_CACHE_HOME": str(cache)}
+    out = []
+    for name in ("startup-serverless", *(f"startup-hot-{r}" for r in range(rounds))):
+        shutil.rmtree(logs / name, ignore_errors=True)
+    try:
+        figures = launch(profile, logs, "startup-serverless", hot_env, wait_s)
+        out.append({"launch": "first (server starts)", "round": 0, **figures})
+        sockets = cache / "gputwin" / "warm"
+        deadline = time.monotonic() + 300
+        while not list(sockets.glob("*.sock")) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        for round_ in range(rounds):
+            figures = launch(profile, logs, f"startup-hot-{round_}", hot_env, wait_s)
+            out.append({"launch": "hot", "round": round_, **figures})
+    finally:
+        for lock in (cache / "gputwin" / "warm").glob("*.lock"):
+            try:
+                os.kill(int(lock.read_text()), signal.SIGTERM)
+            except (OSError, ValueError):
+                pass
+        shutil.rmtree(cache, ignore_errors=True)
+    return out
+
+
 def _process_began(pid_file: Path) -> float | None:
     """Wall time at which the process in `pid_file` started (Linux: its start in clock ticks since boot,
     exact to a tick; the create time in the pid file rests on a boot time in whole seconds)."""
@@ -386,11 +417,12 @@ def machine(device: str) -> dict[str, Any]:
 
 def run(*, train: Path, test: Path, model: Path, device: str, tag: str, rounds: int, logs: Path, results: Path,
         wait_s: float, milestone: int | None = None, sample_size: int | None = None,
-        import_times: int = 2, bytecode_steps: list[tuple[str, str]] | None = None) -> dict[str, Any]:
+        import_times: int = 2, bytecode_steps: list[tuple[str, str]] | None = None,
+        warm_process: bool = True) -> dict[str, Any]:
     profile = write_profile(logs / "profiles", train=train.resolve(), test=test.resolve(), model=model.resolve(),
                             device=device, milestone=milestone, sample_size=sample_size)
     paths = [str(REPO / "src"), *filter(None, os.environ.get("PYTHONPATH", "").split(os.pathsep))]
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(paths), PYTHONUNBUFFERED="1")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(paths), PYTHONUNBUFFERED="1", GPUTWIN_WARM="off")
     cache = logs / ".cache" / "tokenized"
     result: dict[str, Any] = {"tag": tag, "machine": machine(device), "profile": str(profile),
                               "launcher": launcher_seconds(profile, logs, env), "launches": []}
@@ -400,6 +432,8 @@ def run(*, train: Path, test: Path, model: Path, device: str, tag: str, rounds: 
             shutil.rmtree(logs / f"startup-{kind}-{round_}", ignore_errors=True)
             figures = launch(profile, logs, f"startup-{kind}-{round_}", env, wait_s)
             result["launches"].append({"launch": kind, "round": round_, **figures})
+    if warm_process:
+        result["launches"] += hot_launches(profile, logs, env, wait_s, rounds)
     result["imports"] = import_breakdown(env, times=import_times, bytecode_steps=bytecode_steps)
     results.mkdir(parents=True, exist_ok=True)
     path = results / f"startup_{tag}.json"
@@ -442,7 +476,8 @@ def smoke(work: Path) -> int:
                  rounds=1, logs=work / "logs", results=work / "results", wait_s=300, milestone=8, sample_size=8,
                  import_times=1, bytecode_steps=[("gputwin's launcher", "gputwin.control.launcher")])
     caches = [item["data_cache"] for item in result["launches"]]
-    return 0 if caches == ["written", "hit"] and not result["launcher"]["heavy_imports"] else 1
+    hot = [item for item in result["launches"] if item["launch"] == "hot"]
+    return 0 if caches[:2] == ["written", "hit"] and hot and not result["launcher"]["heavy_imports"] else 1
 
 
 def main() -> int:

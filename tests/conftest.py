@@ -10,6 +10,9 @@ from typing import Any, Iterator
 import pytest
 
 from gputwin.control import supervise
+
+# No warm-start servers (gputwin.control.warmstart) outliving the tests; tests/test_warmstart.py turns them on.
+os.environ["GPUTWIN_WARM"] = "off"
 from gputwin.core.paths import ArmPaths
 
 

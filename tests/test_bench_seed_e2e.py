@@ -4,8 +4,12 @@ wait for the verdict, collect the figures) runs and reports both arms. Correctne
 from __future__ import annotations
 
 import json
+import os
+import shutil
+import signal
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -25,3 +29,20 @@ def test_the_seed_benchmark_runs_to_a_verdict_at_toy_sizes(tmp_path: Path) -> No
         assert {"imports", "data", "model", "engine", "total"} <= set(arm["startup_seconds"])
     verdict = json.loads((tmp_path / "logs-smoke" / "pii-seed" / "verdict.json").read_text())
     assert verdict and "launch to verdict" in done.stdout
+
+
+@pytest.mark.slow
+def test_the_seed_benchmark_with_a_warm_server_starts_both_trainers_as_its_forks(tmp_path: Path) -> None:
+    cache = tempfile.mkdtemp(prefix="gw-")  # short: a socket's path holds 108 bytes
+    env = dict(os.environ, XDG_CACHE_HOME=cache)
+    try:
+        done = subprocess.run([sys.executable, str(REPO / "bench" / "seed_e2e.py"), "smoke", "--warm", "--work",
+                               str(tmp_path)], capture_output=True, text=True, timeout=400, env=env)
+        assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+        result = json.loads((tmp_path / "result-smoke-warm.json").read_text())
+        assert result["warm"] and result["launch_to_verdict_seconds"] > 0
+        assert [arm["startup_seconds"]["process"] for arm in result["arms"].values()] == ["warm fork"] * 2
+    finally:
+        for lock in Path(cache).glob("gputwin/warm/*.lock"):
+            os.kill(int(lock.read_text()), signal.SIGTERM)
+        shutil.rmtree(cache, ignore_errors=True)

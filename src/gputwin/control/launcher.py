@@ -13,7 +13,6 @@ import fcntl
 import json
 import os
 import shutil
-import subprocess
 import time
 from contextlib import contextmanager
 from datetime import datetime
@@ -29,8 +28,8 @@ from ..core.placement import cotrain_groups
 from .preflight import check_arms_can_start, check_plans, check_reference
 from ..core.profiles import Experiment, Profile, load_experiment, load_resolved, with_replicates
 from ..core.lifecycle import CRASHED, FAILED, FINISHED, LIFE_ENDED as ENDED, NOT_STARTED, RUNNING, STOPPED
-from .supervise import (arm_alive, arm_lock, SpawnError, arm_status, ending, start_group_supervisor, start_supervisor,
-                        supervisor_active, wait_for_trainer)
+from .supervise import (arm_alive, arm_lock, SpawnError, Supervisor, arm_status, ending, start_group_supervisor,
+                        start_supervisor, supervisor_active, wait_for_trainer)
 
 __all__ = [
     "start_experiment", "spawn_arm", "arm_alive", "arm_status", "request_stop", "request_extend",
@@ -90,7 +89,7 @@ def spawn_arm(arm: ArmPaths, profile: Profile, *, threads: int | None,
     return _trainer_pid(arm, start_supervisor(arm, _arm_env(profile, threads), command))
 
 
-def _trainer_pid(arm: ArmPaths, supervisor: subprocess.Popen[bytes]) -> int:
+def _trainer_pid(arm: ArmPaths, supervisor: Supervisor) -> int:
     try:
         return wait_for_trainer(arm, supervisor)
     except SpawnError as exc:
@@ -216,7 +215,7 @@ def start_experiment(experiment: Experiment, *, root: Path | None = None, say: S
 
 
 def _start_process(exp: ExperimentPaths, group: Sequence[Profile], threads: int | None,
-                   commands: dict[str, Sequence[str]] | None) -> subprocess.Popen[bytes]:
+                   commands: dict[str, Sequence[str]] | None) -> Supervisor:
     """The supervisor of one arm, or of a co-trained group of arms (one trainer process for them all)."""
     first = group[0]
     if len(group) == 1:

@@ -24,11 +24,12 @@ import sys
 import time
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable, Iterator, Mapping, Sequence
+from typing import Callable, Iterator, Mapping, Protocol, Sequence
 
 import psutil
 
 from . import requests as control
+from . import warmstart
 from ..core.lifecycle import (CRASHED, FAILED, FINISHED, LIFE_ENDED, NOT_STARTED, RUNNING, STOPPED, Process,
                               between_lives, describe_exit, last_life)
 from ..reading.liveness import process_alive, read_exit, read_pid
@@ -142,12 +143,22 @@ def ending(arm: ArmPaths) -> str | None:
 # ---------------------------------------------------------------- launcher side
 
 
+class Supervisor(Protocol):
+    """A started supervisor as the launcher watches it: a subprocess.Popen, or a warmstart.WarmSupervisor."""
+
+    pid: int
+    returncode: int | None
+
+    def poll(self) -> int | None: ...
+
+
+
 def trainer_command(arm: ArmPaths) -> list[str]:
     return [sys.executable, "-m", "gputwin.train", str(arm.root)]
 
 
 def start_supervisor(arm: ArmPaths, env: Mapping[str, str],
-                     command: Sequence[str] | None = None) -> subprocess.Popen[bytes]:
+                     command: Sequence[str] | None = None) -> Supervisor:
     """Start a detached supervisor for `arm` without waiting for it (wait_for_trainer does), so the
     supervisors of several arms start side by side.
 
@@ -158,23 +169,32 @@ def start_supervisor(arm: ArmPaths, env: Mapping[str, str],
     _reap()
     for stale in (arm.pid, arm.exit):
         stale.unlink(missing_ok=True)
-    argv = [sys.executable, "-m", "gputwin.control.supervise", str(arm.root), "--",
-            *(trainer_command(arm) if command is None else command)]
-    out = os.open(arm.stdout, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
-    err = os.open(arm.stderr, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+    args = [str(arm.root), "--", *(trainer_command(arm) if command is None else command)]
+    return _launch_supervisor(args, env, arm.stdout, arm.stderr)
+
+
+def _launch_supervisor(args: Sequence[str], env: Mapping[str, str], stdout: Path, stderr: Path) -> Supervisor:
+    """`python -m gputwin.control.supervise ARGS`, forked by a warm server where one serves this environment
+    (gputwin.control.warmstart), else started fresh, leaving a warm server starting for the next launch."""
+    warm = warmstart.request(args, env, stdout=stdout, stderr=stderr)
+    if warm is not None:
+        return warm
+    out = os.open(stdout, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+    err = os.open(stderr, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
     try:
         proc = subprocess.Popen(
-            argv, stdin=subprocess.DEVNULL, stdout=out, stderr=err, env=dict(env),
-            cwd=os.getcwd(), start_new_session=True, close_fds=True,
+            [sys.executable, "-m", "gputwin.control.supervise", *args], stdin=subprocess.DEVNULL, stdout=out,
+            stderr=err, env=dict(env), cwd=os.getcwd(), start_new_session=True, close_fds=True,
         )
     finally:
         os.close(out)
         os.close(err)
     _supervisors.append(proc)
+    warmstart.keep_warm(env)
     return proc
 
 
-def wait_for_trainer(arm: ArmPaths, proc: subprocess.Popen[bytes]) -> int:
+def wait_for_trainer(arm: ArmPaths, proc: Supervisor) -> int:
     """The pid of the trainer that `proc` (start_supervisor's) started, once recorded; SpawnError if none."""
     deadline = time.monotonic() + PID_WAIT_S
     while time.monotonic() < deadline:
@@ -197,7 +217,25 @@ def _reap() -> None:
 # ---------------------------------------------------------------- supervisor process
 
 
-def _start(command: Sequence[str]) -> subprocess.Popen[bytes] | None:
+class Child(Protocol):
+    """The trainer as the supervisor sees it: a subprocess.Popen, or a fork (gputwin.train.warm.ForkedProcess)."""
+
+    pid: int
+
+    def wait(self) -> int: ...
+
+    def send_signal(self, signum: int) -> None: ...
+
+
+# How a warm process starts the trainer (gputwin.train.warm.fork_trainer): a Child, or None to execute the command
+Starter = Callable[[Sequence[str]], "Child | None"]
+
+
+def _start(command: Sequence[str], start: Starter | None = None) -> Child | None:
+    if start is not None:
+        forked = start(command)
+        if forked is not None:
+            return forked
     try:
         return subprocess.Popen(list(command), stdin=subprocess.DEVNULL, close_fds=True)
     except OSError as exc:
@@ -209,7 +247,7 @@ def _pending_extends(arm: ArmPaths) -> set[Path]:
     return {path for path, r in control.pending(arm.control) if isinstance(r, control.Request) and r.action == control.EXTEND}
 
 
-def supervise(arm: ArmPaths, command: Sequence[str]) -> int:
+def supervise(arm: ArmPaths, command: Sequence[str], start: Starter | None = None) -> int:
     """Run `command`, record its pid and exit status; returns the status (negative = signal).
 
     An extend request that arrives while the trainer is finishing or stopping would never be read;
@@ -218,11 +256,11 @@ def supervise(arm: ArmPaths, command: Sequence[str]) -> int:
     the arm lock, which the launcher also takes before it chooses between a request and a respawn.
     """
     write_atomic(supervisor_file(arm), f"{os.getpid()} {psutil.Process().create_time():.3f}\n")
-    child: subprocess.Popen[bytes] | None = None
+    child: Child | None = None
     restarted_for: set[Path] = set()  # requests a restart was for: never restart twice for one
     _forward_signals(lambda: child)
     while True:
-        child = _start(command)
+        child = _start(command, start)
         status = EXEC_FAILED if child is None else _run_recorded(child, [arm])
         with arm_lock(arm):
             waiting = _pending_extends(arm) if status == 0 else set()
@@ -239,7 +277,7 @@ def supervise(arm: ArmPaths, command: Sequence[str]) -> int:
     return status
 
 
-def _forward_signals(current: Callable[[], subprocess.Popen[bytes] | None]) -> None:
+def _forward_signals(current: Callable[[], Child | None]) -> None:
     """Stopping the supervisor means stopping the trainer; the supervisor keeps waiting so the exit is recorded."""
     def forward(signum: int, _frame: object) -> None:
         child = current()
@@ -253,7 +291,7 @@ def _forward_signals(current: Callable[[], subprocess.Popen[bytes] | None]) -> N
         signal.signal(sig, forward)
 
 
-def _run_recorded(child: subprocess.Popen[bytes], arms: Sequence[ArmPaths]) -> int:
+def _run_recorded(child: Child, arms: Sequence[ArmPaths]) -> int:
     """Write the child's pid (with its create time) into each arm's pid file, wait for it; its status."""
     try:
         created = psutil.Process(child.pid).create_time()  # a zombie still has it: not yet waited for
@@ -285,15 +323,15 @@ def release_arm(arm: ArmPaths, status: int) -> bool:
     return True
 
 
-def supervise_group(arms: Sequence[ArmPaths], command: Sequence[str]) -> int:
+def supervise_group(arms: Sequence[ArmPaths], command: Sequence[str], start: Starter | None = None) -> int:
     """Run one process for several arms: its pid goes into every arm's pid file, and when it ends its status
     goes into the exit file of every arm it still held (the process has already given back the arms that
     ended before it: release_arm). A kill -9 of the process thus marks each of its arms crashed."""
     for arm in arms:
         write_atomic(supervisor_file(arm), f"{os.getpid()} {psutil.Process().create_time():.3f}\n")
-    child: subprocess.Popen[bytes] | None = None
+    child: Child | None = None
     _forward_signals(lambda: child)
-    child = _start(command)
+    child = _start(command, start)
     status = EXEC_FAILED if child is None else _run_recorded(child, arms)
     for arm in arms:
         with arm_lock(arm):
@@ -308,7 +346,7 @@ def supervise_group(arms: Sequence[ArmPaths], command: Sequence[str]) -> int:
 
 
 def start_group_supervisor(arms: Sequence[ArmPaths], env: Mapping[str, str],
-                           command: Sequence[str] | None = None) -> subprocess.Popen[bytes]:
+                           command: Sequence[str] | None = None) -> Supervisor:
     """start_supervisor for a co-trained group: one detached supervisor and process for all of `arms`.
 
     The process's stdout/stderr go to the first arm's logs; every other arm's stderr.log says where."""
@@ -320,21 +358,12 @@ def start_group_supervisor(arms: Sequence[ArmPaths], env: Mapping[str, str],
         with open(arm.stderr, "a", encoding="utf-8") as fh:
             fh.write(f"gputwin: {arm.name} trains in one process with {', '.join(a.name for a in arms if a != arm)}; "
                      f"that process writes to {arms[0].stderr}\n")
-    argv = [sys.executable, "-m", "gputwin.control.supervise", "--group", *(str(a.root) for a in arms), "--",
-            *(group_trainer_command(arms) if command is None else command)]
-    out = os.open(arms[0].stdout, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
-    err = os.open(arms[0].stderr, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
-    try:
-        proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=out, stderr=err, env=dict(env),
-                                cwd=os.getcwd(), start_new_session=True, close_fds=True)
-    finally:
-        os.close(out)
-        os.close(err)
-    _supervisors.append(proc)
-    return proc
+    args = ["--group", *(str(a.root) for a in arms), "--", *(group_trainer_command(arms) if command is None else command)]
+    return _launch_supervisor(args, env, arms[0].stdout, arms[0].stderr)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def main(argv: Sequence[str] | None = None, start: Starter | None = None) -> int:
+    """`start`: how a warm process (gputwin.train.warm) starts the trainer; None executes it."""
     args = list(sys.argv[1:] if argv is None else argv)
     if args[:1] == ["--group"]:
         folders = args[1:args.index("--")] if "--" in args else args[1:]
@@ -343,7 +372,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if len(arms) < 2 or not command:
             print("usage: python -m gputwin.control.supervise --group ARM_DIR ARM_DIR... [-- COMMAND...]", file=sys.stderr)
             return 2
-        return 0 if supervise_group(arms, command) == 0 else 1
+        return 0 if supervise_group(arms, command, start) == 0 else 1
     if not args or args[0].startswith("-"):
         print("usage: python -m gputwin.control.supervise ARM_DIR [-- COMMAND...]", file=sys.stderr)
         return 2
@@ -352,7 +381,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not command:
         print("gputwin.supervise: empty command after --", file=sys.stderr)
         return 2
-    status = supervise(arm, command)
+    status = supervise(arm, command, start)
     return 0 if status == 0 else 1
 
 

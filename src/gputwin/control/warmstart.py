@@ -1,0 +1,162 @@
+"""The launcher's side of warm starts (the server is gputwin.train.warm, on the trainer's side).
+
+An arm's supervisor is asked of a warm server when one is serving, and started as a fresh Python otherwise;
+after a cold start the launcher leaves a server starting in the background (at idle priority while it imports),
+so the next launch within its idle time starts its arms with their imports done. `GPUTWIN_WARM=off` turns
+this off; `GPUTWIN_WARM=MINUTES` sets how long a server waits for requests (default 20).
+
+A server serves launches whose imports would come out the same: the same Python, the same installed torch,
+transformers, peft and gputwin (by their files' times), and the same environment variables that imports read.
+Anything else gets a server of its own. Servers and their logs live in ~/.cache/gputwin/warm
+($XDG_CACHE_HOME honoured), each as KEY.sock, KEY.lock (the server's pid), KEY.log, and KEY.refused where a
+server found that a fork of it could not use CUDA (no server is started for that key again).
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import importlib.util
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+from typing import Mapping, Sequence
+
+import psutil
+
+SETTING = "GPUTWIN_WARM"
+DEFAULT_IDLE_MINUTES = 20.0
+# what the launcher sets per arm (the forked supervisor gets the arm's own values)
+PER_ARM = frozenset({"CUDA_VISIBLE_DEVICES", "CUDA_DEVICE_ORDER", "GPUTWIN_THREADS", "PYTHONUNBUFFERED"})
+# variables that an import may read (Hugging Face caches and switches, torch, CUDA, threads, Python itself)
+# (gputwin's own modules read none at import)
+READ_AT_IMPORT = ("HF_", "HUGGINGFACE_", "TRANSFORMERS_", "PEFT_", "TORCH", "PYTORCH_", "PYTHON", "CUDA_",
+                  "NVIDIA_", "LD_", "OMP_", "MKL_", "TOKENIZERS_", "XDG_", "HOME", "USE_")
+PACKAGES = ("torch", "transformers", "peft")
+SOCKET_PATH_MAX = 100  # sun_path holds 108 bytes
+
+_servers: list[subprocess.Popen[bytes]] = []  # started here: reaped by the next keep_warm
+
+
+def idle_seconds(env: Mapping[str, str]) -> float | None:
+    """How long a server waits for a request; None where warm starts are off (or the setting is unreadable)."""
+    value = env.get(SETTING, "").strip().lower()
+    if value in ("off", "0", "no", "false"):
+        return None
+    try:
+        minutes = float(value) if value else DEFAULT_IDLE_MINUTES
+    except ValueError:
+        return None
+    return minutes * 60 if minutes > 0 else None
+
+
+def folder(env: Mapping[str, str]) -> Path:
+    cache = env.get("XDG_CACHE_HOME") or str(Path(env.get("HOME") or Path.home()) / ".cache")
+    return Path(cache) / "gputwin" / "warm"
+
+
+def _files_stamp() -> list[tuple[str, int, int]]:
+    """Path, mtime and size of gputwin's modules and of each package's __init__ (a reinstall changes them)."""
+    here = Path(__file__).resolve().parents[1]
+    files = sorted(here.rglob("*.py"))
+    for name in PACKAGES:
+        spec = importlib.util.find_spec(name)
+        if spec is not None and spec.origin:
+            files.append(Path(spec.origin))
+    stamps = []
+    for path in files:
+        try:
+            st = path.stat()
+        except OSError:
+            continue
+        stamps.append((str(path), st.st_mtime_ns, st.st_size))
+    return stamps
+
+
+def _absolute_path_list(value: str) -> str:
+    return os.pathsep.join(os.path.abspath(p) if p else p for p in value.split(os.pathsep))
+
+
+def key(env: Mapping[str, str]) -> str:
+    """What a server's imports depend on, hashed: a server serves only launches with the same key."""
+    read = sorted((k, _absolute_path_list(v) if k == "PYTHONPATH" else v) for k, v in env.items()
+                  if k.startswith(READ_AT_IMPORT) and k not in PER_ARM)
+    blob = json.dumps([sys.executable, sys.version, read, _files_stamp()])
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def socket_path(env: Mapping[str, str]) -> Path | None:
+    path = folder(env) / f"{key(env)}.sock"
+    return path if len(str(path)) <= SOCKET_PATH_MAX else None
+
+
+class WarmSupervisor:
+    """A supervisor forked by the warm server: not this process's child, so watched through psutil."""
+
+    def __init__(self, pid: int) -> None:
+        self.pid, self.returncode = pid, None
+        try:
+            self._process: psutil.Process | None = psutil.Process(pid)
+        except psutil.NoSuchProcess:
+            self._process = None
+
+    def poll(self) -> int | None:
+        if self.returncode is None:
+            try:
+                gone = self._process is None or not self._process.is_running() or \
+                    self._process.status() == psutil.STATUS_ZOMBIE
+            except psutil.NoSuchProcess:
+                gone = True
+            if gone:
+                self.returncode = 1  # its status went to the server; its stderr.log says why
+        return self.returncode
+
+
+def request(argv: Sequence[str], env: Mapping[str, str], *, stdout: Path, stderr: Path) -> WarmSupervisor | None:
+    """Ask a warm server for a supervisor run with `argv` (supervise's arguments); None when there is none
+    serving for this environment, warm starts are off, or anything about the request fails."""
+    if idle_seconds(env) is None:
+        return None
+    path = socket_path(env)
+    if path is None or not path.exists():
+        return None
+    message = {"argv": list(argv), "env": dict(env), "cwd": os.getcwd(), "stdout": str(stdout), "stderr": str(stderr)}
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as conn:
+            conn.settimeout(5.0)
+            conn.connect(str(path))
+            conn.sendall(json.dumps(message).encode() + b"\n")
+            with conn.makefile("rb") as reader:
+                pid = int(json.loads(reader.readline())["pid"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return WarmSupervisor(pid)
+
+
+def keep_warm(env: Mapping[str, str]) -> None:
+    """Start a server for this environment in the background, unless warm starts are off or one holds its lock
+    (serving, or still importing)."""
+    idle = idle_seconds(env)
+    path = socket_path(env) if idle is not None else None
+    if idle is None or path is None:
+        return
+    if Path(f"{path}.refused").exists():  # a server found that forked trainers cannot use CUDA here
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    os.chmod(path.parent, 0o700)  # whoever can reach the socket can start processes as this user
+    fd = os.open(f"{path}.lock", os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return
+    finally:
+        os.close(fd)  # (releases the lock if taken: the server takes it for itself)
+    server_env = {k: v for k, v in env.items() if k not in PER_ARM}
+    _servers[:] = [p for p in _servers if p.poll() is None]
+    with open(path.with_suffix(".log"), "wb") as log:
+        _servers.append(subprocess.Popen([sys.executable, "-m", "gputwin.train.warm", str(path), "--idle", str(idle)],
+                         stdin=subprocess.DEVNULL, stdout=log, stderr=log, env=server_env, cwd=os.getcwd(),
+                         start_new_session=True, close_fds=True))

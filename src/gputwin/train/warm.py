@@ -1,0 +1,246 @@
+"""Warm starts: one idle process that has already imported what a trainer imports forks each arm's supervisor,
+and the supervisor forks the trainer, so an arm's trainer starts with torch, transformers, peft and gputwin's
+trainer imported (seconds of every start; bench/RESULTS.md).
+
+    python -m gputwin.train.warm SOCKET --idle SECONDS     (started by the launcher: gputwin.control.warmstart)
+
+The server imports, then listens on the Unix socket SOCKET; each request (one JSON line: the supervisor's
+arguments, environment, working folder and log files) is answered with the pid of a forked supervisor, which
+runs in a session of its own exactly as `python -m gputwin.control.supervise` would, except that it forks the
+trainer instead of executing a fresh Python. The server holds SOCKET's lock file for its whole life (the
+launcher starts no second one), exits after SECONDS without a request, and never touches CUDA: each forked
+trainer initialises it for itself. What is imported at start is fixed, so the launcher keys the server by the
+Python, the installed packages and the environment that imports read (control/warmstart.py).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import fcntl
+import importlib
+import io
+import json
+import os
+import signal
+import socket
+import sys
+import time
+import traceback
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+# What `python -m gputwin.train` imports before its first step (gputwin.train.__main__, loop, setup, the engines,
+# transformers' tokenizer and model classes, peft).
+IMPORTS = ("gputwin.train.__main__", "gputwin.train.cotrain", "gputwin.train.fast", "gputwin.train.setup",
+           "transformers.modeling_utils", "transformers.models.auto.modeling_auto",
+           "transformers.models.auto.tokenization_auto", "peft")
+TRAINER = ("-m", "gputwin.train")
+FORKED = False  # True in a trainer that fork_trainer started (its `started` event says so)
+
+
+class ForkedProcess:
+    """A forked child with the part of subprocess.Popen's interface the supervisor uses."""
+
+    def __init__(self, pid: int) -> None:
+        self.pid, self.returncode = pid, None
+
+    def poll(self) -> int | None:
+        if self.returncode is None:
+            pid, status = os.waitpid(self.pid, os.WNOHANG)
+            if pid:
+                self.returncode = os.waitstatus_to_exitcode(status)
+        return self.returncode
+
+    def wait(self) -> int:
+        while self.returncode is None:
+            try:
+                _, status = os.waitpid(self.pid, 0)
+            except InterruptedError:  # a forwarded signal arrived
+                continue
+            self.returncode = os.waitstatus_to_exitcode(status)
+        return self.returncode
+
+    def send_signal(self, signum: int) -> None:
+        if self.returncode is None:
+            os.kill(self.pid, signum)
+
+
+def fork_trainer(command: Sequence[str]) -> ForkedProcess | None:
+    """The supervisor's way to start `python -m gputwin.train ...` in a warm process: a fork that runs it here.
+    None for any other command (the supervisor then executes it as usual)."""
+    if list(command[1:3]) != list(TRAINER) or command[0] != sys.executable:
+        return None
+    pid = os.fork()
+    if pid:
+        return ForkedProcess(pid)
+    global FORKED
+    FORKED, code = True, 1
+    try:
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            signal.signal(sig, signal.SIG_DFL)
+        null = os.open(os.devnull, os.O_RDONLY)
+        os.dup2(null, 0)
+        os.close(null)
+        from .__main__ import main
+
+        sys.argv = ["python -m gputwin.train", *command[3:]]
+        code = main(list(command[3:]))
+    except SystemExit as exc:  # argparse's errors, as `python -m` would end
+        code = exc.code if isinstance(exc.code, int) else 1
+    except BaseException:  # what `python -m` prints for an uncaught error
+        traceback.print_exc()
+        code = 1
+    finally:
+        _flush()
+        os._exit(code)
+
+
+def _flush() -> None:
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):
+            pass
+
+
+def _become_supervisor(request: dict[str, Any]) -> int:
+    """In the forked child: the session, folder, environment and log files of `python -m gputwin.control.supervise`."""
+    os.setsid()
+    signal.signal(signal.SIGCHLD, signal.SIG_DFL)  # the server ignores it; a supervisor waits for its trainer
+    os.chdir(request["cwd"])
+    os.environ.clear()
+    os.environ.update(request["env"])
+    null = os.open(os.devnull, os.O_RDONLY)
+    out = os.open(request["stdout"], os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+    err = os.open(request["stderr"], os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+    for fd, target in ((null, 0), (out, 1), (err, 2)):
+        os.dup2(fd, target)
+        os.close(fd)
+    sys.stdout = io.TextIOWrapper(open(1, "wb", closefd=False), write_through=True)
+    sys.stderr = io.TextIOWrapper(open(2, "wb", closefd=False), write_through=True)
+    from ..control import supervise
+
+    sys.argv = ["python -m gputwin.control.supervise", *request["argv"]]
+    return supervise.main(request["argv"], start=fork_trainer)
+
+
+def _serve_one(conn: socket.socket, listener: socket.socket, lock_fd: int) -> None:
+    with conn, conn.makefile("rb") as reader:
+        request = json.loads(reader.readline())
+        pid = os.fork()
+        if pid == 0:
+            code = 1
+            try:
+                listener.close()
+                conn.close()
+                os.close(lock_fd)  # the server's lock is the server's alone
+                code = _become_supervisor(request)
+            except BaseException:
+                traceback.print_exc()
+            finally:
+                _flush()
+                os._exit(code)
+        conn.sendall(json.dumps({"pid": pid}).encode() + b"\n")
+
+
+def _cuda_problem() -> str | None:
+    """Why a forked trainer could not use CUDA, or None: CUDA must not be started here, and a fork must be able
+    to start it (checked once, in a throwaway fork, where there is a GPU)."""
+    import torch
+
+    if torch.cuda.is_initialized():
+        return "the imports started CUDA"
+    if not torch.cuda.is_available():
+        return None
+    pid = os.fork()
+    if pid == 0:
+        code = 1
+        try:
+            torch.zeros(1, device="cuda").add_(1)
+            torch.cuda.synchronize()
+            code = 0
+        finally:
+            os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    code = os.waitstatus_to_exitcode(status)
+    return None if code == 0 else f"a forked process could not use CUDA ({code})"
+
+
+@contextlib.contextmanager
+def _idle_priority() -> Iterator[None]:
+    """Linux's idle scheduling inside, the usual one after (which forked trainers inherit); as is elsewhere."""
+    try:
+        os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
+    except (AttributeError, OSError):
+        yield
+        return
+    try:
+        yield
+    finally:
+        os.sched_setscheduler(0, os.SCHED_OTHER, os.sched_param(0))
+
+
+def serve(path: Path, idle_seconds: float) -> int:
+    folder = path.parent.stat()
+    if folder.st_uid != os.getuid() or folder.st_mode & 0o077:
+        print(f"gputwin.warm: {path.parent} must be this user's alone (mode 700): whoever can reach the socket "
+              "can start processes as this user; no warm starts", file=sys.stderr)
+        return 1
+    lock_fd = os.open(f"{path}.lock", os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        print(f"gputwin.warm: another server holds {path}.lock", file=sys.stderr)
+        return 0
+    os.ftruncate(lock_fd, 0)
+    os.write(lock_fd, f"{os.getpid()}\n".encode())  # who serves: `kill $(cat SOCKET.lock)` ends it
+    began = time.perf_counter()
+    # An import that asks torch.cuda.is_available() must not start the CUDA driver here: a fork of a process
+    # that has started it cannot use CUDA. NVML answers instead (the forked trainers get their own environment).
+    os.environ["PYTORCH_NVML_BASED_CUDA_CHECK"] = "1"
+    with _idle_priority():  # the imports yield to the arms that start cold meanwhile
+        for name in IMPORTS:
+            importlib.import_module(name)
+    problem = _cuda_problem()
+    if problem is not None:
+        Path(f"{path}.refused").write_text(problem + "\n")  # the launcher starts no server for this key again
+        print(f"gputwin.warm: {problem}; no warm starts", file=sys.stderr)
+        return 1
+    signal.signal(signal.SIGCHLD, signal.SIG_IGN)  # forked supervisors are nobody's to wait for: reaped at once
+    path.unlink(missing_ok=True)
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(str(path))
+    listener.listen(16)
+    listener.settimeout(idle_seconds)
+    print(f"gputwin.warm: imports took {time.perf_counter() - began:.2f} s; serving on {path}", file=sys.stderr, flush=True)
+    try:
+        while True:
+            try:
+                conn, _ = listener.accept()
+            except socket.timeout:
+                break
+            conn.settimeout(10)
+            try:
+                _serve_one(conn, listener, lock_fd)
+            except (OSError, ValueError, KeyError) as exc:  # a broken request: that caller cold-starts
+                print(f"gputwin.warm: request failed: {exc}", file=sys.stderr, flush=True)
+    finally:
+        listener.close()
+        path.unlink(missing_ok=True)
+    print("gputwin.warm: idle; exiting", file=sys.stderr, flush=True)
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m gputwin.train.warm", description=__doc__.split("\n\n")[0])
+    parser.add_argument("socket", type=Path)
+    parser.add_argument("--idle", type=float, default=1200.0, help="seconds without a request before exiting")
+    args = parser.parse_args(argv)
+    return serve(args.socket, args.idle)
+
+
+if __name__ == "__main__":  # run as the package's module, so that forked trainers see one FORKED
+    from gputwin.train.warm import main as package_main
+
+    sys.exit(package_main())

@@ -1,0 +1,108 @@
+"""Warm starts: a server that has done a trainer's imports forks the supervisor, which forks the trainer
+(gputwin.control.warmstart, gputwin.train.warm). Real processes: the server, a tiny arm trained to its end, and
+a trainer killed with -9 whose supervisor still records the signal."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import psutil
+import pytest
+
+from gputwin.control import launcher, supervise, warmstart
+from gputwin.core import events as ev
+from gputwin.core.paths import ArmPaths
+
+
+def test_the_setting_reads_off_or_minutes() -> None:
+    assert warmstart.idle_seconds({}) == warmstart.DEFAULT_IDLE_MINUTES * 60
+    assert warmstart.idle_seconds({"GPUTWIN_WARM": "off"}) is None
+    assert warmstart.idle_seconds({"GPUTWIN_WARM": "0"}) is None
+    assert warmstart.idle_seconds({"GPUTWIN_WARM": "1.5"}) == 90
+    assert warmstart.idle_seconds({"GPUTWIN_WARM": "soon"}) is None  # unreadable: no warm starts, no crash
+
+
+def test_a_server_serves_only_launches_whose_imports_come_out_the_same() -> None:
+    env = {"HOME": "/home/u", "HF_HOME": "/data/hf", "PATH": "/bin"}
+    same = warmstart.key(env)
+    assert warmstart.key({**env, "CUDA_VISIBLE_DEVICES": "1", "GPUTWIN_THREADS": "2", "TERM": "xterm"}) == same
+    assert warmstart.key({**env, "HF_HOME": "/other/hf"}) != same  # read when transformers is imported
+    assert warmstart.key({**env, "PYTHONPATH": "src"}) == warmstart.key({**env, "PYTHONPATH": os.path.abspath("src")})
+
+
+def test_no_server_means_a_cold_start(tmp_path: Path) -> None:
+    env = {"XDG_CACHE_HOME": str(tmp_path), "GPUTWIN_WARM": "5"}
+    assert warmstart.request(["arm"], env, stdout=tmp_path / "o", stderr=tmp_path / "e") is None
+    stale = warmstart.socket_path(env)
+    assert stale is not None
+    stale.parent.mkdir(parents=True)
+    stale.touch()  # a socket file left by a server that was killed
+    assert warmstart.request(["arm"], env, stdout=tmp_path / "o", stderr=tmp_path / "e") is None
+
+
+def wait_for(predicate: Callable[[], bool], what: str, limit_s: float = 240.0) -> None:
+    """Poll until `predicate` holds; the limit only guards against a hang, it is not a speed check."""
+    deadline = time.monotonic() + limit_s
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"gave up waiting for {what}")
+        time.sleep(0.05)
+
+
+@pytest.fixture
+def warm(monkeypatch: pytest.MonkeyPatch, logs: Path, world: Any) -> Iterator[dict[str, str]]:
+    """A warm server for this environment, serving; ended afterwards. (A short cache path: a socket's path
+    holds at most 108 bytes, and pytest's temporary folders are long.)"""
+    cache = tempfile.mkdtemp(prefix="gw-")
+    monkeypatch.setenv("XDG_CACHE_HOME", cache)
+    monkeypatch.setenv("GPUTWIN_WARM", "3")
+    env = launcher._arm_env(world.profile(), threads=1)
+    warmstart.keep_warm(env)
+    socket_path = warmstart.socket_path(env)
+    assert socket_path is not None
+    wait_for(socket_path.exists, "the server to finish its imports and listen")
+    yield env
+    pid = int(Path(f"{socket_path}.lock").read_text())
+    os.kill(pid, signal.SIGTERM)
+    shutil.rmtree(cache, ignore_errors=True)
+
+
+def lineage(pid: int) -> list[str]:
+    """The command lines of a process's parent and grandparent."""
+    parent = psutil.Process(pid).parent()
+    assert parent is not None
+    grand = parent.parent()
+    return [" ".join(parent.cmdline()), " ".join(grand.cmdline()) if grand else ""]
+
+
+@pytest.mark.slow
+def test_a_warm_started_arm_trains_to_its_end_and_its_kill_9_is_still_recorded(
+        warm: dict[str, str], logs: Path, world: Any) -> None:
+    from tiny import make_arm
+
+    profile = world.profile(name="warm")
+    arm = ArmPaths(Path(make_arm(logs / "x", profile)))
+    pid = launcher.spawn_arm(arm, profile, threads=1)
+    parent, grand = lineage(pid)
+    assert "gputwin.train.warm" in grand  # the supervisor is the server's fork, the trainer the supervisor's
+    assert "gputwin.train.warm" in parent
+    wait_for(lambda: supervise.read_exit(arm) is not None, "the warm-started arm to end")
+    assert supervise.read_exit(arm) == 0
+    logged = ev.read_events(arm.events).events
+    assert logged[0].kind == ev.STARTED and logged[-1].kind == ev.FINISHED and any(e.kind == ev.STEP for e in logged)
+    assert logged[0].data["startup_seconds"]["process"] == "warm fork"
+
+    long = world.profile(name="killed", epochs=50)
+    killed = ArmPaths(Path(make_arm(logs / "x", long)))
+    pid = launcher.spawn_arm(killed, long, threads=1)
+    wait_for(lambda: any(e.kind == ev.STEP for e in ev.read_events(killed.events).events), "a first step")
+    os.kill(pid, signal.SIGKILL)
+    wait_for(lambda: supervise.read_exit(killed) is not None, "the supervisor to record the kill")
+    assert supervise.read_exit(killed) == -signal.SIGKILL
+    assert launcher.arm_status(killed) == "crashed"
