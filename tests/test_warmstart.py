@@ -37,13 +37,22 @@ def test_a_server_serves_only_launches_whose_imports_come_out_the_same() -> None
 
 
 def test_no_server_means_a_cold_start(tmp_path: Path) -> None:
-    env = {"XDG_CACHE_HOME": str(tmp_path), "GPUTWIN_WARM": "5"}
-    assert warmstart.request(["arm"], env, stdout=tmp_path / "o", stderr=tmp_path / "e") is None
-    stale = warmstart.socket_path(env)
-    assert stale is not None
-    stale.parent.mkdir(parents=True)
-    stale.touch()  # a socket file left by a server that was killed
-    assert warmstart.request(["arm"], env, stdout=tmp_path / "o", stderr=tmp_path / "e") is None
+    cache = tempfile.mkdtemp(prefix="gw-")  # short: a socket's path holds 108 bytes
+    env = {"XDG_CACHE_HOME": cache, "GPUTWIN_WARM": "5"}
+    try:
+        assert warmstart.request(["arm"], env, stdout=tmp_path / "o", stderr=tmp_path / "e") is None
+        stale = warmstart.socket_path(env)
+        assert stale is not None
+        stale.parent.mkdir(parents=True)
+        stale.touch()  # a socket file left by a server that was killed
+        assert warmstart.request(["arm"], env, stdout=tmp_path / "o", stderr=tmp_path / "e") is None
+    finally:
+        shutil.rmtree(cache, ignore_errors=True)
+
+
+def test_a_socket_path_too_long_for_the_system_means_no_warm_starts() -> None:
+    assert warmstart.socket_path({"XDG_CACHE_HOME": "/" + "x" * 120}) is None
+    assert warmstart.request(["arm"], {"XDG_CACHE_HOME": "/" + "x" * 120}, stdout=Path("o"), stderr=Path("e")) is None
 
 
 def wait_for(predicate: Callable[[], bool], what: str, limit_s: float = 240.0) -> None:

@@ -34,7 +34,7 @@ from .checkpoint import (DISK_FULL_ERRNOS, CheckpointWriteError, TrainState, che
                          latest_loadable, list_checkpoints, load_checkpoint, prune, rng_states, save_checkpoint,
                          set_rng_states)
 from .engine import NonFiniteLoss, Outcome, StepOutput
-from . import probe, warm
+from . import origin, probe
 from ..core.schedule import decay_done, extension_preview, lr_at, make_plan, wsd_rewind_step
 from .setup import Run, TrainFailure, build_run
 
@@ -435,7 +435,7 @@ class Trainer:
             total_steps=state.plan.total_steps, milestone_step=run.milestone_step,
             tokens_per_epoch=run.tokens_per_epoch, step=state.step, lr_plan=state.plan.to_dict(),
             startup_seconds={**({"imports": self.imports_seconds} if self.imports_seconds is not None else {}),
-                             **run.startup, "process": "warm fork" if warm.FORKED else "fresh"},
+                             **run.startup, "process": "warm fork" if origin.FORKED else "fresh"},
             **self.started_extra,
         )
 

@@ -30,13 +30,14 @@ import traceback
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
+from . import origin
+
 # What `python -m gputwin.train` imports before its first step (gputwin.train.__main__, loop, setup, the engines,
 # transformers' tokenizer and model classes, peft).
 IMPORTS = ("gputwin.train.__main__", "gputwin.train.cotrain", "gputwin.train.fast", "gputwin.train.setup",
            "transformers.modeling_utils", "transformers.models.auto.modeling_auto",
            "transformers.models.auto.tokenization_auto", "peft")
 TRAINER = ("-m", "gputwin.train")
-FORKED = False  # True in a trainer that fork_trainer started (its `started` event says so)
 
 
 class ForkedProcess:
@@ -74,8 +75,7 @@ def fork_trainer(command: Sequence[str]) -> ForkedProcess | None:
     pid = os.fork()
     if pid:
         return ForkedProcess(pid)
-    global FORKED
-    FORKED, code = True, 1
+    origin.FORKED, code = True, 1
     try:
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             signal.signal(sig, signal.SIG_DFL)
@@ -240,7 +240,5 @@ def main(argv: Sequence[str] | None = None) -> int:
     return serve(args.socket, args.idle)
 
 
-if __name__ == "__main__":  # run as the package's module, so that forked trainers see one FORKED
-    from gputwin.train.warm import main as package_main
-
-    sys.exit(package_main())
+if __name__ == "__main__":
+    sys.exit(main())
