@@ -8,9 +8,8 @@ import os
 import shutil
 import signal
 import tempfile
-import time
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Iterator
 
 import psutil
 import pytest
@@ -18,6 +17,7 @@ import pytest
 from gputwin.control import launcher, supervise, warmstart
 from gputwin.core import events as ev
 from gputwin.core.paths import ArmPaths
+from test_launcher import wait_for
 
 
 def test_the_setting_reads_off_or_minutes() -> None:
@@ -55,15 +55,6 @@ def test_a_socket_path_too_long_for_the_system_means_no_warm_starts() -> None:
     assert warmstart.request(["arm"], {"XDG_CACHE_HOME": "/" + "x" * 120}, stdout=Path("o"), stderr=Path("e")) is None
 
 
-def wait_for(predicate: Callable[[], bool], what: str, limit_s: float = 240.0) -> None:
-    """Poll until `predicate` holds; the limit only guards against a hang, it is not a speed check."""
-    deadline = time.monotonic() + limit_s
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"gave up waiting for {what}")
-        time.sleep(0.05)
-
-
 @pytest.fixture
 def warm(monkeypatch: pytest.MonkeyPatch, logs: Path, world: Any) -> Iterator[dict[str, str]]:
     """A warm server for this environment, serving; ended afterwards. (A short cache path: a socket's path
@@ -75,7 +66,7 @@ def warm(monkeypatch: pytest.MonkeyPatch, logs: Path, world: Any) -> Iterator[di
     warmstart.keep_warm(env)
     socket_path = warmstart.socket_path(env)
     assert socket_path is not None
-    wait_for(socket_path.exists, "the server to finish its imports and listen")
+    wait_for(socket_path.exists, "the server to finish its imports and listen", limit_s=240)
     yield env
     pid = int(Path(f"{socket_path}.lock").read_text())
     os.kill(pid, signal.SIGTERM)
@@ -101,7 +92,7 @@ def test_a_warm_started_arm_trains_to_its_end_and_its_kill_9_is_still_recorded(
     parent, grand = lineage(pid)
     assert "gputwin.train.warm" in grand  # the supervisor is the server's fork, the trainer the supervisor's
     assert "gputwin.train.warm" in parent
-    wait_for(lambda: supervise.read_exit(arm) is not None, "the warm-started arm to end")
+    wait_for(lambda: supervise.read_exit(arm) is not None, "the warm-started arm to end", limit_s=240)
     assert supervise.read_exit(arm) == 0
     logged = ev.read_events(arm.events).events
     assert logged[0].kind == ev.STARTED and logged[-1].kind == ev.FINISHED and any(e.kind == ev.STEP for e in logged)
@@ -110,7 +101,7 @@ def test_a_warm_started_arm_trains_to_its_end_and_its_kill_9_is_still_recorded(
     long = world.profile(name="killed", epochs=50)
     killed = ArmPaths(Path(make_arm(logs / "x", long)))
     pid = launcher.spawn_arm(killed, long, threads=1)
-    wait_for(lambda: any(e.kind == ev.STEP for e in ev.read_events(killed.events).events), "a first step")
+    wait_for(lambda: any(e.kind == ev.STEP for e in ev.read_events(killed.events).events), "a first step", limit_s=240)
     os.kill(pid, signal.SIGKILL)
     wait_for(lambda: supervise.read_exit(killed) is not None, "the supervisor to record the kill")
     assert supervise.read_exit(killed) == -signal.SIGKILL

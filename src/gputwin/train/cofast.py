@@ -209,11 +209,3 @@ class GroupFastStep:
         captured = self.graphs.capture(batch.shape_key, batch.to(self.device), self._body)
         self._state_token = self._state_ids()
         return captured
-
-    @property
-    def captures(self) -> int:
-        return self.graphs.captures
-
-    @property
-    def capture_seconds(self) -> float:
-        return self.graphs.capture_seconds
