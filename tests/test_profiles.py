@@ -210,13 +210,13 @@ def test_experiment_rules_validated(folder: Path) -> None:
         load_experiment(folder / "a.toml")
 
 
-def test_placement_cotrain_is_read_defaults_to_off_and_refuses_other_values(folder: Path) -> None:
+def test_placement_cotrain_is_read_defaults_to_auto_and_refuses_other_values(folder: Path) -> None:
     write(folder, GOOD, "a.toml")
     write(folder, GOOD.replace("arm-a", "arm-b"), "b.toml")
     base = 'arms = ["a.toml", "b.toml"]\n'
-    assert load_experiment(write(folder, base, "exp.toml")).placement.cotrain == "off"
-    exp = load_experiment(write(folder, base + '[placement]\ncotrain = "auto"\n', "exp.toml"))
-    assert exp.placement.cotrain == "auto" and Experiment.from_dict(json.loads(json.dumps(exp.to_dict()))) == exp
+    assert load_experiment(write(folder, base, "exp.toml")).placement.cotrain == "auto"
+    exp = load_experiment(write(folder, base + '[placement]\ncotrain = "on"\n', "exp.toml"))
+    assert exp.placement.cotrain == "on" and Experiment.from_dict(json.loads(json.dumps(exp.to_dict()))) == exp
     for extra, key in (('[placement]\ncotrain = "yes"\n', "placement.cotrain"),
                        ("[placement]\ncotrain = true\n", "placement.cotrain"),
                        ("[placement]\ncotrian = \"on\"\n", "placement.cotrian")):

@@ -178,9 +178,10 @@ class ReferenceSpec:
 
 BACKENDS = ("local", "ray")
 COTRAIN_MODES = ("auto", "on", "off")
-# "off" until the GPU bench (bench/cotrain.py) shows co-training ahead of separate fast-engine processes;
-# docs/profiles.md, "Placement", says why. Placement.cotrain's default must stay the same.
-COTRAIN_DEFAULT = "off"
+# "auto": GPU arms that share a base model train in one process, measured ahead of separate fast-engine
+# processes on the GPU (bench/cotrain.py; docs/profiles.md, "Placement", says why). Placement.cotrain's default
+# must stay the same.
+COTRAIN_DEFAULT = "auto"
 
 
 @dataclass(frozen=True)
@@ -190,7 +191,7 @@ class Placement:
     backend: str = "local"
     address: str | None = None  # the Ray cluster: "HOST:PORT" of its head, "ray://HOST:10001", or "auto"
     shared_path: str | None = None  # a folder every node sees: the arms' work folders (and checkpoints) go there
-    cotrain: str = "off"  # COTRAIN_MODES: arms that share a base model train in one process (gputwin.core.placement)
+    cotrain: str = "auto"  # COTRAIN_MODES: arms that share a base model train in one process (gputwin.core.placement)
 
 
 @dataclass(frozen=True)
@@ -795,7 +796,7 @@ def parse_placement(section: _Section) -> Placement:
     cotrain (the local backend's): arms that share a base model in one process."""
     section.check_unknown({"backend", "address", "shared_path", "cotrain"})
     backend = section.choice("backend", BACKENDS, "local")
-    cotrain = section.choice("cotrain", COTRAIN_MODES, COTRAIN_DEFAULT)
+    cotrain = section.choice("cotrain", COTRAIN_MODES, "off" if backend == "ray" else COTRAIN_DEFAULT)
     if backend == "ray" and "cotrain" in section.data and cotrain != "off":
         raise section.error("cotrain", "co-training runs arms in one process on this machine, not on a Ray cluster",
                             'leave cotrain out (or "off") with backend = "ray"')

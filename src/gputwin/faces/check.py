@@ -61,7 +61,8 @@ def cmd_check(args: Any) -> int:
     plans = [plan_with_params(a) for a in arms]
     paths = [fast_paths(a) for a in arms]
     differ = set(differing_keys(arms))
-    groups = cotrain_groups(arms, experiment.placement.cotrain)
+    placement = experiment.placement
+    groups = cotrain_groups(arms, "off" if placement.backend == "ray" else placement.cotrain)  # (a cluster: apart)
     if getattr(args, "json", False):
         reference = None if experiment.reference is None else asdict(experiment.reference)
         print(json.dumps({"experiment": experiment.name, "differing_keys": sorted(differ),
