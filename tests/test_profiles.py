@@ -224,7 +224,7 @@ def test_placement_cotrain_is_read_defaults_to_auto_and_refuses_other_values(fol
             load_experiment(write(folder, base + extra, "exp.toml"))
         assert info.value.key == key and info.value.line == 3, extra
     ray = '[placement]\nbackend = "ray"\naddress = "auto"\n'
-    assert load_experiment(write(folder, base + ray, "exp.toml")).placement.cotrain == "off"
+    assert load_experiment(write(folder, base + ray, "exp.toml")).placement.cotrain == "auto"  # ignored there
     with pytest.raises(ProfileError, match="not on a Ray cluster") as info:
         load_experiment(write(folder, base + ray + 'cotrain = "on"\n', "exp.toml"))
     assert info.value.key == "placement.cotrain"

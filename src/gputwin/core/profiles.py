@@ -796,7 +796,7 @@ def parse_placement(section: _Section) -> Placement:
     cotrain (the local backend's): arms that share a base model in one process."""
     section.check_unknown({"backend", "address", "shared_path", "cotrain"})
     backend = section.choice("backend", BACKENDS, "local")
-    cotrain = section.choice("cotrain", COTRAIN_MODES, "off" if backend == "ray" else COTRAIN_DEFAULT)
+    cotrain = section.choice("cotrain", COTRAIN_MODES, COTRAIN_DEFAULT)  # (a Ray cluster's arms ignore the default)
     if backend == "ray" and "cotrain" in section.data and cotrain != "off":
         raise section.error("cotrain", "co-training runs arms in one process on this machine, not on a Ray cluster",
                             'leave cotrain out (or "off") with backend = "ray"')
