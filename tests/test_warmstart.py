@@ -50,6 +50,14 @@ def test_no_server_means_a_cold_start(tmp_path: Path) -> None:
         shutil.rmtree(cache, ignore_errors=True)
 
 
+def test_a_cache_folder_that_cannot_be_written_means_no_warm_starts_and_no_error(tmp_path: Path) -> None:
+    blocked = tmp_path / "file"
+    blocked.write_text("not a folder")
+    env = {"XDG_CACHE_HOME": str(blocked), "GPUTWIN_WARM": "5"}
+    warmstart.keep_warm(env)  # no exception: the launch goes on, cold
+    assert warmstart.request(["arm"], env, stdout=tmp_path / "o", stderr=tmp_path / "e") is None
+
+
 def test_a_socket_path_too_long_for_the_system_means_no_warm_starts() -> None:
     assert warmstart.socket_path({"XDG_CACHE_HOME": "/" + "x" * 120}) is None
     assert warmstart.request(["arm"], {"XDG_CACHE_HOME": "/" + "x" * 120}, stdout=Path("o"), stderr=Path("e")) is None

@@ -117,10 +117,14 @@ class WarmSupervisor:
 
 def request(argv: Sequence[str], env: Mapping[str, str], *, stdout: Path, stderr: Path) -> WarmSupervisor | None:
     """Ask a warm server for a supervisor run with `argv` (supervise's arguments); None when there is none
-    serving for this environment, warm starts are off, or anything about the request fails."""
+    serving for this environment, warm starts are off, or anything about the request fails (the launcher then
+    starts the supervisor as a fresh Python: a warm start never stops a launch)."""
     if idle_seconds(env) is None:
         return None
-    path = socket_path(env)
+    try:
+        path = socket_path(env)
+    except (OSError, ValueError, ImportError):
+        return None
     if path is None or not path.exists():
         return None
     message = {"argv": list(argv), "env": dict(env), "cwd": os.getcwd(), "stdout": str(stdout), "stderr": str(stderr)}
@@ -138,7 +142,15 @@ def request(argv: Sequence[str], env: Mapping[str, str], *, stdout: Path, stderr
 
 def keep_warm(env: Mapping[str, str]) -> None:
     """Start a server for this environment in the background, unless warm starts are off or one holds its lock
-    (serving, or still importing)."""
+    (serving, or still importing). Nothing here may fail a launch: a cache folder that cannot be written
+    (say) means no warm starts."""
+    try:
+        _keep_warm(env)
+    except (OSError, ValueError, ImportError):
+        pass
+
+
+def _keep_warm(env: Mapping[str, str]) -> None:
     idle = idle_seconds(env)
     path = socket_path(env) if idle is not None else None
     if idle is None or path is None:

@@ -133,6 +133,7 @@ def _serve_one(conn: socket.socket, listener: socket.socket, lock_fd: int) -> No
             code = 1
             try:
                 listener.close()
+                reader.close()  # (the socket's descriptor stays open while a file made from it is)
                 conn.close()
                 os.close(lock_fd)  # the server's lock is the server's alone
                 code = _become_supervisor(request)
