@@ -8,8 +8,8 @@ The server imports, then listens on the Unix socket SOCKET; each request (one JS
 arguments, environment, working folder and log files) is answered with the pid of a forked supervisor, which
 runs in a session of its own exactly as `python -m gputwin.control.supervise` would, except that it forks the
 trainer instead of executing a fresh Python. The server holds SOCKET's lock file for its whole life (the
-launcher starts no second one), exits after SECONDS without a request, and never touches CUDA: each forked
-trainer initialises it for itself. What is imported at start is fixed, so the launcher keys the server by the
+launcher starts no second one), exits after SECONDS without a request, and never starts CUDA itself: each forked
+trainer does (once, at start, a throwaway fork checks that one can). What is imported at start is fixed, so the launcher keys the server by the
 Python, the installed packages and the environment that imports read (control/warmstart.py).
 """
 
@@ -33,10 +33,11 @@ from typing import Any, Iterator, Sequence
 from . import origin
 
 # What `python -m gputwin.train` imports before its first step (gputwin.train.__main__, loop, setup, the engines,
-# transformers' tokenizer and model classes, peft).
+# transformers' tokenizer and model classes, peft), and at its milestone (validation, the cooldown probe).
 IMPORTS = ("gputwin.train.__main__", "gputwin.train.cotrain", "gputwin.train.fast", "gputwin.train.setup",
            "transformers.modeling_utils", "transformers.models.auto.modeling_auto",
-           "transformers.models.auto.tokenization_auto", "peft")
+           "transformers.models.auto.tokenization_auto", "peft", "gputwin.validate.run", "gputwin.validate.predict",
+           "gputwin.train.probe")
 TRAINER = ("-m", "gputwin.train")
 
 
