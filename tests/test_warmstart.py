@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 import shutil
 import signal
+import sys
 import tempfile
 from pathlib import Path
 from typing import Any, Iterator
@@ -100,6 +101,9 @@ def test_a_warm_started_arm_trains_to_its_end_and_its_kill_9_is_still_recorded(
     parent, grand = lineage(pid)
     assert "gputwin.train.warm" in grand  # the supervisor is the server's fork, the trainer the supervisor's
     assert "gputwin.train.warm" in parent
+    if sys.platform == "linux":  # the forks keep the server's command line; their names tell them apart
+        assert psutil.Process(pid).name() == "gputwin-train"
+        assert psutil.Process(pid).parent().name() == "gputwin-superv"  # type: ignore[union-attr]
     wait_for(lambda: supervise.read_exit(arm) is not None, "the warm-started arm to end", limit_s=240)
     assert supervise.read_exit(arm) == 0
     logged = ev.read_events(arm.events).events

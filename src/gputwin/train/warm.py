@@ -77,6 +77,7 @@ def fork_trainer(command: Sequence[str]) -> ForkedProcess | None:
     if pid:
         return ForkedProcess(pid)
     origin.FORKED, code = True, 1
+    _name_process("gputwin-train")
     try:
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             signal.signal(sig, signal.SIG_DFL)
@@ -97,6 +98,17 @@ def fork_trainer(command: Sequence[str]) -> ForkedProcess | None:
         os._exit(code)
 
 
+def _name_process(name: str) -> None:
+    """The name `top`, `ps -o comm` and the kernel show (15 bytes; Linux): a fork keeps the server's command
+    line, so this is what tells a forked supervisor and trainer apart from the server."""
+    try:
+        import ctypes
+
+        ctypes.CDLL(None).prctl(15, name.encode()[:15], 0, 0, 0)  # PR_SET_NAME
+    except (OSError, AttributeError):
+        pass
+
+
 def _flush() -> None:
     for stream in (sys.stdout, sys.stderr):
         try:
@@ -108,6 +120,7 @@ def _flush() -> None:
 def _become_supervisor(request: dict[str, Any]) -> int:
     """In the forked child: the session, folder, environment and log files of `python -m gputwin.control.supervise`."""
     os.setsid()
+    _name_process("gputwin-superv")
     signal.signal(signal.SIGCHLD, signal.SIG_DFL)  # the server ignores it; a supervisor waits for its trainer
     os.chdir(request["cwd"])
     os.environ.clear()
