@@ -19,7 +19,6 @@ from __future__ import annotations
 import contextlib
 import functools
 import math
-import time
 from dataclasses import replace
 from typing import Any, Callable, Iterable, Iterator, Mapping, NamedTuple, Sequence
 
