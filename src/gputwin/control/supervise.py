@@ -152,7 +152,6 @@ class Supervisor(Protocol):
     def poll(self) -> int | None: ...
 
 
-
 def trainer_command(arm: ArmPaths) -> list[str]:
     return [sys.executable, "-m", "gputwin.train", str(arm.root)]
 
