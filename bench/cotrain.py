@@ -42,7 +42,7 @@ from gputwin.train.batching import EpochBatches, Example
 ARMS = (("conservative", 8, 16, 1e-4, 1758), ("aggressive", 12, 24, 1.5e-4, 879))
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
 BATCH, SEED, WARMUP_LR_STEPS = 4, 42, 50
-VARIANTS = ("separate-fast", "separate-plain", "cotrained-fast", "cotrained-plain")
+VARIANTS = ("separate-fast", "separate-plain", "cotrained-fast", "cotrained-plain", "alone-fast")
 
 
 def settings(args: argparse.Namespace) -> dict[str, Any]:
@@ -175,15 +175,25 @@ def worker(args: argparse.Namespace) -> int:
     result = {"arm": args.arm, "engine": engine.name, "losses": losses, "tokens": tokens, "t0": t0, "t1": t1,
               "memory_gib": process_memory_gib(device), "memory_after_warmup_gib": warm_memory,
               **graphs_of(step)}
+
+    def more(step: int) -> None:
+        index = step - 1
+        chosen = [examples[i] for i in batches.indices(index // per_epoch, index % per_epoch)]
+        engine.step(engine.collate(chosen), lr_at(step, plan)).result()
+
+    if args.profile:
+        result["kernels"] = kernel_profile(device, more, args.warmup + args.steps + 1)
     Path(args.result).write_text(json.dumps(result))
     return 0
 
 
-def separate(args: argparse.Namespace, engine: str, work: Path) -> dict[str, Any]:
-    """Both arms in processes of their own, sharing the device, timed over the same window."""
+def separate(args: argparse.Namespace, engine: str, work: Path, arms: Sequence[tuple[Any, ...]] = ARMS,
+             variant: str = "separate") -> dict[str, Any]:
+    """Both arms in processes of their own, sharing the device, timed over the same window (`arms`: one arm
+    alone, with the device to itself)."""
     procs, files = [], []
     go = work / f"go-{engine}"
-    for arm in ARMS:
+    for arm in arms:
         ready, result = work / f"ready-{engine}-{arm[0]}", work / f"result-{engine}-{arm[0]}.json"
         for f in (ready, result, go):
             f.unlink(missing_ok=True)
@@ -200,11 +210,12 @@ def separate(args: argparse.Namespace, engine: str, work: Path) -> dict[str, Any
     results = [json.loads(result.read_text()) for _, result in files]
     window = max(r["t1"] for r in results) - min(r["t0"] for r in results)
     memory = [r["memory_gib"] for r in results]
-    return {"variant": f"separate-{engine}", "engine": results[0]["engine"],
+    return {"variant": f"{variant}-{engine}", "engine": results[0]["engine"],
             "tokens_per_s": round(sum(r["tokens"] for r in results) / window, 1),
             "arms": {r["arm"]: {"losses": r["losses"], "tokens_per_s_alone_window": round(r["tokens"] / (r["t1"] - r["t0"]), 1),
                                 "captures": r["captures"], "capture_seconds": r["capture_seconds"],
-                                "eager_steps": r["eager_steps"], "graph_log": r["graph_log"], "memory_gib": r["memory_gib"], "memory_after_warmup_gib": r["memory_after_warmup_gib"]}
+                                "eager_steps": r["eager_steps"], "graph_log": r["graph_log"], "memory_gib": r["memory_gib"],
+                                "memory_after_warmup_gib": r["memory_after_warmup_gib"], "kernels": r.get("kernels")}
                      for r in results},
             "memory_gib": _sum_memory(memory)}
 
@@ -263,11 +274,41 @@ def cotrained(args: argparse.Namespace, fast: bool) -> dict[str, Any]:
     read()
     common.synchronize(device)
     window = time.time() - t0
-    return {"variant": f"cotrained-{'fast' if fast else 'plain'}", "engine": engine.name,
-            "tokens_per_s": round(tokens / window, 1),
-            "arms": {name: {"losses": curve} for name, curve in losses.items()},
-            "memory_gib": process_memory_gib(device), "memory_loaded_gib": loaded_memory,
-            "memory_after_warmup_gib": warm_memory, **graphs_of(engine.packed_step)}
+    result = {"variant": f"cotrained-{'fast' if fast else 'plain'}", "engine": engine.name,
+              "tokens_per_s": round(tokens / window, 1),
+              "arms": {name: {"losses": curve} for name, curve in losses.items()},
+              "memory_gib": process_memory_gib(device), "memory_loaded_gib": loaded_memory,
+              "memory_after_warmup_gib": warm_memory, **graphs_of(engine.packed_step)}
+
+    def more(step: int) -> None:
+        index = step - 1
+        chosen = [examples[i] for i in batches.indices(index // per_epoch, index % per_epoch)]
+        for _, outcome in engine.step([(view.adapter, chosen, lr_at(step, plan)) for view, plan in zip(views, plans)]):
+            outcome.result()
+
+    if args.profile:
+        result["kernels"] = kernel_profile(device, more, args.warmup + args.steps + 1)
+    return result
+
+
+def kernel_profile(device: torch.device, step: Any, first: int, repeats: int = 5) -> dict[str, Any] | None:
+    """GPU time by kernel kind over `repeats` more steps (CUDA only), with the wall time a step took meanwhile:
+    kernels' time well under the wall time means the GPU waits for the host."""
+    if device.type != "cuda":
+        return None
+    from torch.profiler import ProfilerActivity, profile
+
+    common.synchronize(device)
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        started = time.perf_counter()
+        for k in range(repeats):
+            step(first + k)
+        common.synchronize(device)
+        wall = time.perf_counter() - started
+    summary = common.kernel_summary(prof, repeats)
+    summary["wall_ms_per_step"] = round(wall * 1000 / repeats, 2)
+    summary["gpu_ms_per_step"] = round(sum(summary["ms_by_kind"].values()), 2)
+    return summary
 
 
 # ---------------------------------------------------------------- operations a step (CPU, no timing)
@@ -375,7 +416,7 @@ def ops(args: argparse.Namespace) -> dict[str, Any]:
 def passthrough(args: argparse.Namespace) -> list[str]:
     out = ["--steps", str(args.steps), "--warmup", str(args.warmup), "--samples", str(args.samples),
            "--dropout", str(args.dropout)]
-    return out + (["--smoke"] if args.smoke else [])
+    return out + (["--smoke"] if args.smoke else []) + (["--profile"] if args.profile else [])
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -388,6 +429,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--dropout", type=float, default=0.05, help="LoRA dropout of both arms (the seed's 0.05)")
     parser.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated subset of " + ", ".join(VARIANTS))
     parser.add_argument("--tag", default="", help="names the result file cotrain-TAG.json")
+    parser.add_argument("--profile", action="store_true", help="GPU time by kernel kind over 5 more steps (CUDA)")
     parser.add_argument("--out", type=Path, default=common.OUT_DIR)
     for name in ("arm", "engine", "ready", "go", "result"):  # a worker's own
         parser.add_argument(f"--{name}")
@@ -417,6 +459,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"-- {variant}", flush=True)
         if variant.startswith("cotrained-"):
             results.append(cotrained(args, fast=variant == "cotrained-fast"))
+        elif variant.startswith("alone-"):
+            results.append(separate(args, variant.removeprefix("alone-"), args.out, ARMS[:1], "alone"))
         else:
             results.append(separate(args, variant.removeprefix("separate-"), args.out))
     by_name = {r["variant"]: r for r in results}
@@ -443,6 +487,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     common.print_table(f"co-trained against separate processes (speedup, memory ratio: {together['variant'] if together else '-'}"
                        " / this row)", rows,
                        ["variant", "tokens/s", "speedup", "memory GiB", "mem ratio", "captures (s)", "max EMA gap"])
+    for r in results:
+        for who, part in ([(r["variant"], r)] + [(f"{r['variant']} {a}", v) for a, v in r["arms"].items()]):
+            k = part.get("kernels")
+            if k:
+                print(f"{who}: a step {k['wall_ms_per_step']} ms wall, {k['gpu_ms_per_step']} ms of kernels: "
+                      + ", ".join(f"{kind} {ms} ms ({k['kernels_by_kind'][kind]})" for kind, ms in k["ms_by_kind"].items()))
     print(f"wrote {path}")
     return 0
 

@@ -100,21 +100,13 @@ def serve_warm(env: dict[str, str]) -> None:
         raise SystemExit(f"no warm server came up; see {warmstart.folder(launch_env)}")
 
 
-def run(wait_limit: float, tiny: bool = False, tag: str = "both", only: str | None = None,
-        profile_to: str | None = None, milestone: int | None = None, sample_size: int | None = None,
-        cotrain: str | None = None, warm: bool = False) -> dict:
-    """Launch the seed experiment (or one arm of it, `only`) and time it to the verdict (to its validation).
-
-    milestone and sample_size replace the seed's 879 and 500 (the smoke run's small sizes); cotrain sets the
-    experiment's [placement] cotrain (on: both arms in one process, gputwin.train.cotrain)."""
+def random_model(model_dir: Path, *, tiny: bool, work: Path | None = None) -> None:
+    """Qwen3-0.6B from its config with random weights (tiny: 2 narrow layers, on the CPU), and the tokenizer
+    that prepare() trained, saved as a model folder."""
     import torch
     from transformers import PreTrainedTokenizerFast, Qwen3Config, Qwen3ForCausalLM
 
-    from gputwin.core.profiles import load_experiment
-
-    t0 = time.time()
-    model_dir = WORK / "model-tiny" if tiny else Path("/tmp/qwen3-0.6b-random")
-    tokenizer = PreTrainedTokenizerFast.from_pretrained(WORK / "tokenizer")
+    tokenizer = PreTrainedTokenizerFast.from_pretrained((work or WORK) / "tokenizer")
     config = Qwen3Config.from_json_file(str(REPO / "src/gputwin/model_configs/Qwen--Qwen3-0.6B.json"))
     config.eos_token_id, config.bos_token_id = tokenizer.eos_token_id, None
     if tiny:  # a check of the plumbing on a machine without a GPU
@@ -128,6 +120,20 @@ def run(wait_limit: float, tiny: bool = False, tag: str = "both", only: str | No
     tokenizer.save_pretrained(model_dir)
     del model
     torch.cuda.empty_cache()
+
+
+def run(wait_limit: float, tiny: bool = False, tag: str = "both", only: str | None = None,
+        profile_to: str | None = None, milestone: int | None = None, sample_size: int | None = None,
+        cotrain: str | None = None, warm: bool = False) -> dict:
+    """Launch the seed experiment (or one arm of it, `only`) and time it to the verdict (to its validation).
+
+    milestone and sample_size replace the seed's 879 and 500 (the smoke run's small sizes); cotrain sets the
+    experiment's [placement] cotrain (on: both arms in one process, gputwin.train.cotrain)."""
+    from gputwin.core.profiles import load_experiment
+
+    t0 = time.time()
+    model_dir = WORK / "model-tiny" if tiny else Path("/tmp/qwen3-0.6b-random")
+    random_model(model_dir, tiny=tiny)
     built = time.time() - t0
 
     # The seed experiment as it is, but both arms on one GPU and the model from the folder.
