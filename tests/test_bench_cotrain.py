@@ -20,11 +20,12 @@ def test_the_cotrain_benchmark_runs_every_placement_and_the_curves_agree(tmp_pat
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     record = json.loads((tmp_path / "cotrain.json").read_text())
     results = {r["variant"]: r for r in record["results"]}
-    assert set(results) == {"separate-fast", "separate-plain", "cotrained-fast", "cotrained-plain"}
+    assert set(results) == {"separate-fast", "separate-plain", "cotrained-fast", "cotrained-plain", "alone-fast"}
+    assert set(results["alone-fast"]["arms"]) == {"conservative"}  # one arm with the device to itself
     assert all(r["tokens_per_s"] > 0 for r in results.values())
-    for variant in ("separate-fast", "separate-plain", "cotrained-plain"):  # each against cotrained-fast
+    for variant in ("separate-fast", "separate-plain", "cotrained-plain", "alone-fast"):  # against cotrained-fast
         gaps = results[variant]["curve_gap_to_cotrained"]
-        assert set(gaps) == {"conservative", "aggressive"}
+        assert set(gaps) == ({"conservative"} if variant == "alone-fast" else {"conservative", "aggressive"})
         for gap in gaps.values():
             assert gap["steps"] == 8 and gap["max_rel_gap_raw"] < 1e-4, (variant, gap)
     assert "co-trained against separate processes" in done.stdout
