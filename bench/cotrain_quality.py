@@ -161,15 +161,9 @@ def main() -> int:
     parser.add_argument("--tag", default=None, help="names the result file (default: the target)")
     parser.add_argument("--limit", type=float, default=900, help="seconds to wait for each run's milestones")
     args = parser.parse_args()
-    work = (args.work or Path(f"/tmp/gputwin-cotrain-quality-{int(time.time())}")).resolve()
-    logs = work / "logs"
-    logs.mkdir(parents=True, exist_ok=True)
-    if args.target == "seed":
-        if not (args.model and args.data):
-            parser.error("seed needs --model and --data")
-        experiment = decisions.seed_experiment(args.model.resolve(), args.data.resolve(), "pii-seed-quality")
-    else:
-        experiment = smoke_experiment(work)
+    work, logs = decisions.work_folders(args.work, "cotrain-quality")
+    experiment = (decisions.seed_from_args(parser, args, "pii-seed-quality") if args.target == "seed"
+                  else smoke_experiment(work))
     experiment = with_replicates(experiment, args.replicates)
     device = torch.device("cpu" if args.target == "smoke" else "cuda")
     runs = {cotrain: run_once(placed(experiment, cotrain, f"{experiment.name}-cotrain-{cotrain}"), logs, args.limit)

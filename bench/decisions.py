@@ -176,6 +176,19 @@ def seed_experiment(model: Path, data: Path, name: str) -> Experiment:
     return dataclasses.replace(experiment, name=name, arms=arms)
 
 
+def work_folders(work: Path | None, what: str) -> tuple[Path, Path]:
+    """The work folder (a new one under /tmp unless given) and its logs folder."""
+    work = (work or Path(f"/tmp/gputwin-{what}-{int(time.time())}")).resolve()
+    (work / "logs").mkdir(parents=True, exist_ok=True)
+    return work, work / "logs"
+
+
+def seed_from_args(parser: argparse.ArgumentParser, args: argparse.Namespace, name: str) -> Experiment:
+    if not (args.model and args.data):
+        parser.error("seed needs --model and --data")
+    return seed_experiment(args.model.resolve(), args.data.resolve(), name)
+
+
 def f3(value: Any) -> str:
     return "-" if value is None else f"{value:.3f}"
 
@@ -213,15 +226,9 @@ def main() -> int:
     parser.add_argument("--name", default="pii-seed-decisions", help="seed: the experiment's name under WORK/logs")
     parser.add_argument("--limit", type=float, default=1800, help="seconds to wait for each stage")
     args = parser.parse_args()
-    work = (args.work or Path(f"/tmp/gputwin-decisions-{int(time.time())}")).resolve()
-    logs = work / "logs"
-    logs.mkdir(parents=True, exist_ok=True)
-    if args.target == "seed":
-        if not (args.model and args.data):
-            parser.error("seed needs --model and --data")
-        experiment = seed_experiment(args.model.resolve(), args.data.resolve(), args.name)
-    else:
-        experiment = demo_experiment(logs, tiny=args.target == "smoke")
+    work, logs = work_folders(args.work, "decisions")
+    experiment = (seed_from_args(parser, args, args.name) if args.target == "seed"
+                  else demo_experiment(logs, tiny=args.target == "smoke"))
     result = run(experiment, logs, args.limit)
     import platform
 
