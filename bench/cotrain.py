@@ -46,8 +46,10 @@ VARIANTS = ("separate-fast", "separate-plain", "cotrained-fast", "cotrained-plai
 
 
 def settings(args: argparse.Namespace) -> dict[str, Any]:
+    from gputwin.kernels import multi_lora
+
     return {"smoke": args.smoke, "steps": args.steps, "warmup": args.warmup, "samples": args.samples,
-            "dropout": args.dropout, "batch": BATCH}
+            "dropout": args.dropout, "batch": BATCH, "lora_align": multi_lora.ALIGN}
 
 
 def build_base(smoke: bool, device: torch.device) -> Any:
@@ -430,6 +432,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated subset of " + ", ".join(VARIANTS))
     parser.add_argument("--tag", default="", help="names the result file cotrain-TAG.json")
     parser.add_argument("--profile", action="store_true", help="GPU time by kernel kind over 5 more steps (CUDA)")
+    parser.add_argument("--lora-align", type=int, default=None,
+                        help="pad the co-trained adapters' columns to a multiple of this (kernels/multi_lora.py ALIGN)")
     parser.add_argument("--out", type=Path, default=common.OUT_DIR)
     for name in ("arm", "engine", "ready", "go", "result"):  # a worker's own
         parser.add_argument(f"--{name}")
@@ -442,6 +446,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.lora_align is not None:
+        from gputwin.kernels import multi_lora
+
+        multi_lora.ALIGN = args.lora_align
     if args.stage == "worker":
         return worker(args)
     args.out.mkdir(parents=True, exist_ok=True)

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import functools
+
+import pytest
 import torch
 
 from gputwin.kernels.multi_lora import multi_lora
@@ -23,9 +26,10 @@ def setup(seed: int = 0) -> dict[str, object]:
     }
 
 
-def routed(world: dict, a: list[torch.Tensor], b: list[torch.Tensor], x: torch.Tensor) -> torch.Tensor:
-    columns = torch.tensor([k for k, r in enumerate(RANKS) for _ in range(r)])
-    scale = torch.tensor([s for s, r in zip(SCALES, RANKS) for _ in range(r)])
+def routed(world: dict, a: list[torch.Tensor], b: list[torch.Tensor], x: torch.Tensor, pad: int = 0) -> torch.Tensor:
+    """pad: zero columns after the adapters' (no arm's, scale 0), as TokenRoute aligns them."""
+    columns = torch.tensor([k for k, r in enumerate(RANKS) for _ in range(r)] + [-2] * pad)
+    scale = torch.tensor([s for s, r in zip(SCALES, RANKS) for _ in range(r)] + [0.0] * pad)
     own = world["token_arm"].view(-1, 1) == columns
     return multi_lora(x, world["weight"], world["bias"], own, scale, None, a, b)
 
@@ -44,11 +48,13 @@ def leaves(world: dict) -> tuple[torch.Tensor, list[torch.Tensor], list[torch.Te
             [t.clone().requires_grad_() for t in world["b"]])
 
 
-def test_each_arm_s_tokens_get_that_arm_s_adapter_and_each_adapter_the_gradient_of_its_own_tokens() -> None:
+@pytest.mark.parametrize("pad", [0, 3])
+def test_each_arm_s_tokens_get_that_arm_s_adapter_and_each_adapter_the_gradient_of_its_own_tokens(pad: int) -> None:
+    """Also with the columns padded to an aligned width: the same outputs and gradients, one per adapter."""
     world = setup()
     upstream = torch.randn(1, 10, OUT, generator=torch.Generator().manual_seed(1))
     results = []
-    for fn in (routed, reference):
+    for fn in (functools.partial(routed, pad=pad), reference):
         x, a, b = leaves(world)
         y = fn(world, a, b, x)
         (y * upstream).sum().backward()

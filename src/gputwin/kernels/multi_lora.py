@@ -30,7 +30,12 @@ from typing import Any, Sequence
 
 import torch
 
-__all__ = ["MultiLoraFunction", "multi_lora"]
+__all__ = ["ALIGN", "MultiLoraFunction", "multi_lora"]
+
+# The adapters' columns side by side are padded with zero columns to a multiple of this: a [tokens, R] bf16
+# operand whose rows are a multiple of 16 bytes long takes cuBLAS's aligned tensor-core kernels (the seed's
+# r8 + r12 = 20 columns would be 40-byte rows). 1: no padding.
+ALIGN = 8
 
 
 class MultiLoraFunction(torch.autograd.Function):
@@ -38,15 +43,22 @@ class MultiLoraFunction(torch.autograd.Function):
 
     Inputs after the fixed ones: each adapter's A ([r_i, in]) then each adapter's B ([out, r_i]), any dtype
     (cast to x's); their gradients come back in their own dtypes. keep: None (no dropout), a float (one
-    rate for every token) or a [tokens, 1] tensor of each token's keep probability."""
+    rate for every token) or a [tokens, 1] tensor of each token's keep probability. own and scale may be
+    wider than the ranks summed: the columns past them are padding (own False, scale 0), zeros in A and B."""
 
     @staticmethod
     def forward(ctx: Any, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, own: torch.Tensor,
                 scale: torch.Tensor, keep: float | torch.Tensor | None, *adapters: torch.Tensor) -> torch.Tensor:
         n = len(adapters) // 2
         flat = x.reshape(-1, x.shape[-1])
-        a = torch.nan_to_num(torch.cat(adapters[:n]).to(x.dtype), nan=0.0, posinf=0.0, neginf=0.0)        # [R, in]
-        b = torch.nan_to_num(torch.cat(adapters[n:], dim=1).to(x.dtype), nan=0.0, posinf=0.0, neginf=0.0)  # [out, R]
+        split = [t.shape[0] for t in adapters[:n]]
+        pad = own.shape[1] - sum(split)
+        lora_a, lora_b = [t.to(x.dtype) for t in adapters[:n]], [t.to(x.dtype) for t in adapters[n:]]
+        if pad:
+            lora_a.append(x.new_zeros(pad, x.shape[-1]))
+            lora_b.append(x.new_zeros(weight.shape[0], pad))
+        a = torch.nan_to_num(torch.cat(lora_a), nan=0.0, posinf=0.0, neginf=0.0)        # [R, in]
+        b = torch.nan_to_num(torch.cat(lora_b, dim=1), nan=0.0, posinf=0.0, neginf=0.0)  # [out, R]
         mask = None
         if isinstance(keep, torch.Tensor):  # each token at its own arm's rate
             mask = torch.rand(flat.shape, device=flat.device) < keep
@@ -60,7 +72,7 @@ class MultiLoraFunction(torch.autograd.Function):
         y.addmm_(h, b.t())
         ctx.save_for_backward(dropped, weight, a, b, h, own, scale, mask, keep if isinstance(keep, torch.Tensor) else None)
         ctx.keep = keep if not isinstance(keep, torch.Tensor) else None
-        ctx.x_shape, ctx.split = x.shape, [t.shape[0] for t in adapters[:n]]
+        ctx.x_shape, ctx.split, ctx.pad = x.shape, split, pad
         ctx.dtypes = [t.dtype for t in adapters]
         return y.view(*x.shape[:-1], y.shape[-1])
 
@@ -85,8 +97,9 @@ class MultiLoraFunction(torch.autograd.Function):
         grad_a = gh.t() @ dropped  # [R, in]: each arm's rows sum its own tokens only (gh is 0 elsewhere)
         grad_b = g.t() @ h         # [out, R]: likewise (h is 0 elsewhere)
         n = len(ctx.split)
-        grads_a = [part.to(dtype) for part, dtype in zip(grad_a.split(ctx.split), ctx.dtypes[:n])]
-        grads_b = [part.to(dtype) for part, dtype in zip(grad_b.split(ctx.split, dim=1), ctx.dtypes[n:])]
+        split = [*ctx.split, ctx.pad]  # the padding's gradient is dropped
+        grads_a = [part.to(dtype) for part, dtype in zip(grad_a.split(split), ctx.dtypes[:n])]
+        grads_b = [part.to(dtype) for part, dtype in zip(grad_b.split(split, dim=1), ctx.dtypes[n:])]
         return (grad_x, None, grad_bias, None, None, None, *grads_a, *grads_b)
 
 

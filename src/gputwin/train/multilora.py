@@ -28,6 +28,7 @@ import torch
 
 from ..core.profiles import LoraSpec
 from ..kernels.fused_lora import dropout_p, fusable
+from ..kernels import multi_lora as multi_lora_kernel
 from ..kernels.multi_lora import multi_lora
 
 DEFAULT = "default"  # peft's name for the adapter of a model with one
@@ -115,8 +116,11 @@ class TokenRoute:
         found = self.constants.get(key)
         if found is None:
             *adapters, _, dtype, device = key
-            columns = torch.tensor([k for k, r, _, _ in adapters for _ in range(r)], device=device)
-            scale = torch.tensor([s for _, r, s, _ in adapters for _ in range(r)], dtype=dtype, device=device)
+            ranks = sum(r for _, r, _, _ in adapters)
+            pad = -ranks % multi_lora_kernel.ALIGN  # zero columns, no arm's (-2: not even padding tokens')
+            columns = torch.tensor([k for k, r, _, _ in adapters for _ in range(r)] + [-2] * pad, device=device)
+            scale = torch.tensor([s for _, r, s, _ in adapters for _ in range(r)] + [0.0] * pad, dtype=dtype,
+                                 device=device)
             rates = sorted({p for _, _, _, p in adapters})
             keep: Any = None if rates == [0.0] else 1.0 - rates[0]
             if len(rates) > 1:
