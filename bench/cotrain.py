@@ -47,9 +47,11 @@ VARIANTS = ("separate-fast", "separate-plain", "cotrained-fast", "cotrained-plai
 
 def settings(args: argparse.Namespace) -> dict[str, Any]:
     from gputwin.kernels import multi_lora
+    from gputwin.train import packing
 
     return {"smoke": args.smoke, "steps": args.steps, "warmup": args.warmup, "samples": args.samples,
-            "dropout": args.dropout, "batch": BATCH, "lora_align": multi_lora.ALIGN}
+            "dropout": args.dropout, "batch": BATCH, "lora_align": multi_lora.ALIGN,
+            "attention_bound": "segment" if packing.BOUND_BY_SEGMENT else "row"}
 
 
 def build_base(smoke: bool, device: torch.device) -> Any:
@@ -418,7 +420,8 @@ def ops(args: argparse.Namespace) -> dict[str, Any]:
 def passthrough(args: argparse.Namespace) -> list[str]:
     out = ["--steps", str(args.steps), "--warmup", str(args.warmup), "--samples", str(args.samples),
            "--dropout", str(args.dropout)]
-    return out + (["--smoke"] if args.smoke else []) + (["--profile"] if args.profile else [])
+    return (out + (["--smoke"] if args.smoke else []) + (["--profile"] if args.profile else [])
+            + (["--row-bound"] if args.row_bound else []))
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -432,6 +435,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated subset of " + ", ".join(VARIANTS))
     parser.add_argument("--tag", default="", help="names the result file cotrain-TAG.json")
     parser.add_argument("--profile", action="store_true", help="GPU time by kernel kind over 5 more steps (CUDA)")
+    parser.add_argument("--row-bound", action="store_true",
+                        help="attention's segment bound from the row's length (packing.BOUND_BY_SEGMENT off), as before")
     parser.add_argument("--lora-align", type=int, default=None,
                         help="pad the co-trained adapters' columns to a multiple of this (kernels/multi_lora.py ALIGN)")
     parser.add_argument("--out", type=Path, default=common.OUT_DIR)
@@ -444,12 +449,19 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     return args
 
 
+def configure(args: argparse.Namespace) -> None:
+    """The A/B switches, in this process (a worker gets them passed on)."""
+    from gputwin.kernels import multi_lora
+    from gputwin.train import packing
+
+    if args.lora_align is not None:
+        multi_lora.ALIGN = args.lora_align
+    packing.BOUND_BY_SEGMENT = not args.row_bound
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
-    if args.lora_align is not None:
-        from gputwin.kernels import multi_lora
-
-        multi_lora.ALIGN = args.lora_align
+    configure(args)
     if args.stage == "worker":
         return worker(args)
     args.out.mkdir(parents=True, exist_ok=True)

@@ -83,7 +83,9 @@ def test_pack_pads_to_buckets_and_keeps_a_padding_segment() -> None:
     batch = [{"input_ids": [1] * 8, "labels": [IGNORE_INDEX] * 3 + [1] * 5}]
     packed = pack(batch, bucket=8, label_bucket=4)
     assert packed.length == 16 and packed.cu_seqlens.tolist() == [0, 8, 16]  # 8 tokens + at least one pad
-    assert packed.shape_key == (16, 8, 1)
+    assert packed.shape_key == (16, 8, 1, 512)  # the attention bound: the longest segment, at least 512
+    long = pack([{"input_ids": [1] * 600, "labels": [1] * 600}], bucket=8, label_bucket=4)
+    assert long.attention_bound == 1024 >= max(long.cu_seqlens.diff().tolist())
     assert packed.label_target.tolist() == [1] * 5 + [IGNORE_INDEX] * 3
     with pytest.raises(ValueError, match="input_ids"):
         pack([{"input_ids": [1, 2], "labels": [1]}])

@@ -97,14 +97,15 @@ def _varlen_matches_sdpa(call: Callable[..., torch.Tensor], device: torch.device
 
 def _compare_with_sdpa(call: Callable[..., torch.Tensor], device: torch.device | str) -> bool:
     """Forward and backward of `call` against masked SDPA, on inputs laid out as attend_packed passes them
-    ([T, H, D] views of [H, T, D] tensors) with fewer K/V heads than query heads."""
+    ([T, H, D] views of [H, T, D] tensors) with fewer K/V heads than query heads, and max_len a bound on the
+    longest segment (192) below the row's length (512), as packing's attention_bound passes it."""
     generator = torch.Generator(device=device).manual_seed(0)
-    cu = torch.tensor([0, 37, 200, 256], dtype=torch.int32, device=device)
-    shapes = ((4, 256, 64), (2, 256, 64), (2, 256, 64))
+    cu = torch.tensor([0, 37, 200, 256, 448, 512], dtype=torch.int32, device=device)
+    shapes = ((4, 512, 64), (2, 512, 64), (2, 512, 64))
     leaves = [torch.randn(s, device=device, dtype=torch.bfloat16, generator=generator).requires_grad_()
               for s in shapes]
     try:
-        out = call(*(x.transpose(0, 1) for x in leaves), cu, 256, 0.125)
+        out = call(*(x.transpose(0, 1) for x in leaves), cu, 256, 0.125)  # 256: the bound
         out.float().square().sum().backward()
     except (RuntimeError, TypeError, ValueError, NotImplementedError):
         return False

@@ -134,10 +134,9 @@ class GroupFastStep:
     def _losses(self, batch: GroupBatch) -> torch.Tensor:
         """Each arm's mean loss over its own label tokens: [arms]."""
         packed = batch.packed
-        max_len = max(1024, 1 << (packed.length - 1).bit_length())  # as packing.answer_only_loss
         with self.shared.tokens(batch.token_arm, batch.adapters):
             hidden = run_decoder(self.parts, packed.input_ids, packed.position_ids, cu_seqlens=packed.cu_seqlens,
-                                 max_len=max_len)
+                                 max_len=packed.attention_bound)
         logits = self.parts.lm_head(hidden[0].index_select(0, packed.label_index)).float()
         each = F.cross_entropy(logits, packed.label_target, ignore_index=IGNORE_INDEX, reduction="none")
         losses = []

@@ -20,6 +20,11 @@ from ..kernels.decoder import DecoderParts, decoder_parts, run_decoder
 
 ROW_BUCKET = 128  # the trainer's row length multiple (pack's bucket)
 LABEL_BUCKET = 256  # the trainer's label slots (pack's label_bucket): each distinct shape costs a graph capture
+# Varlen attention launches work for max_len tokens of every segment and lets the surplus exit at once. The
+# bound is the row's longest segment as a power of two, at least SEGMENT_FLOOR (so that rows of ordinary
+# samples share one bound, and one graph); False: the row's own length as before (4x-8x the seed's samples).
+SEGMENT_FLOOR = 512
+BOUND_BY_SEGMENT = True
 
 
 @dataclass(frozen=True)
@@ -39,15 +44,23 @@ class PackedBatch:
     n_tokens: int               # non-padding tokens
     n_label_tokens: int
     n_samples: int
+    max_len: int = 0            # attention's bound on a segment's length (segment_bound); 0: the row's
 
     @property
     def length(self) -> int:
         return self.input_ids.shape[1]
 
     @property
-    def shape_key(self) -> tuple[int, int, int]:
-        """What a captured graph is specialised to: row length, label slots, samples."""
-        return self.length, self.label_index.shape[0], self.n_samples
+    def shape_key(self) -> tuple[int, int, int, int]:
+        """What a captured graph is specialised to: row length, label slots, samples, segment bound."""
+        return self.length, self.label_index.shape[0], self.n_samples, self.attention_bound
+
+    @property
+    def attention_bound(self) -> int:
+        """An upper bound on a segment's length, all varlen attention needs (a power of two)."""
+        if self.max_len:
+            return self.max_len
+        return max(1024, 1 << (self.length - 1).bit_length())
 
     def to(self, device: torch.device | str, non_blocking: bool = False) -> PackedBatch:
         move = functools.partial(torch.Tensor.to, device=device, non_blocking=non_blocking)
@@ -98,6 +111,7 @@ def pack(samples: Sequence[Any], *, bucket: int = ROW_BUCKET, label_bucket: int 
     slots = max(label_bucket, _round_up(n_labels, label_bucket))
     label_index += [length - 1] * (slots - n_labels)
     label_target += [IGNORE_INDEX] * (slots - n_labels)
+    longest = max(b - a for a, b in zip(starts, starts[1:]))
     return PackedBatch(
         input_ids=torch.tensor([ids], dtype=torch.long),
         position_ids=torch.tensor([positions], dtype=torch.long),
@@ -105,7 +119,13 @@ def pack(samples: Sequence[Any], *, bucket: int = ROW_BUCKET, label_bucket: int 
         label_index=torch.tensor(label_index, dtype=torch.long),
         label_target=torch.tensor(label_target, dtype=torch.long),
         n_tokens=n_tokens, n_label_tokens=n_labels, n_samples=len(samples),
+        max_len=segment_bound(longest) if BOUND_BY_SEGMENT else 0,
     )
+
+
+def segment_bound(longest: int) -> int:
+    """The longest segment's length as a power of two, at least SEGMENT_FLOOR."""
+    return max(SEGMENT_FLOOR, 1 << (longest - 1).bit_length())
 
 
 def answer_only_loss(model: Any, batch: PackedBatch, *, parts: DecoderParts | None = None) -> torch.Tensor:
@@ -114,10 +134,8 @@ def answer_only_loss(model: Any, batch: PackedBatch, *, parts: DecoderParts | No
     Equals the causal LM loss of the padded batch (transformers' token mean over labels != -100).
     """
     parts = parts or decoder_parts(model)
-    # an upper bound on segment length is all varlen needs; a power of two keeps compiled code from
-    # specialising on every bucket length
-    max_len = max(1024, 1 << (batch.length - 1).bit_length())
-    hidden = run_decoder(parts, batch.input_ids, batch.position_ids, cu_seqlens=batch.cu_seqlens, max_len=max_len)
+    hidden = run_decoder(parts, batch.input_ids, batch.position_ids, cu_seqlens=batch.cu_seqlens,
+                         max_len=batch.attention_bound)
     logits = parts.lm_head(hidden[0].index_select(0, batch.label_index)).float()
     total = F.cross_entropy(logits, batch.label_target, ignore_index=IGNORE_INDEX, reduction="sum")
     return total / (batch.label_target != IGNORE_INDEX).sum().clamp_min(1)
