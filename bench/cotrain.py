@@ -51,7 +51,7 @@ def settings(args: argparse.Namespace) -> dict[str, Any]:
 
     return {"smoke": args.smoke, "steps": args.steps, "warmup": args.warmup, "samples": args.samples,
             "dropout": args.dropout, "batch": BATCH, "lora_align": multi_lora.ALIGN,
-            "attention_bound": "segment" if packing.BOUND_BY_SEGMENT else "row"}
+            "attention_bound": "segment" if packing.BOUND_BY_SEGMENT else "row", "rope": args.rope}
 
 
 def build_base(smoke: bool, device: torch.device) -> Any:
@@ -287,7 +287,7 @@ def cotrained(args: argparse.Namespace, fast: bool) -> dict[str, Any]:
     def more(step: int) -> None:
         index = step - 1
         chosen = [examples[i] for i in batches.indices(index // per_epoch, index % per_epoch)]
-        for _, outcome in engine.step([(view.adapter, chosen, lr_at(step, plan)) for view, plan in zip(views, plans)]):
+        for outcome in engine.step([(view.adapter, chosen, lr_at(step, plan)) for view, plan in zip(views, plans)]).values():
             outcome.result()
 
     if args.profile:
@@ -421,7 +421,7 @@ def passthrough(args: argparse.Namespace) -> list[str]:
     out = ["--steps", str(args.steps), "--warmup", str(args.warmup), "--samples", str(args.samples),
            "--dropout", str(args.dropout)]
     return (out + (["--smoke"] if args.smoke else []) + (["--profile"] if args.profile else [])
-            + (["--row-bound"] if args.row_bound else []))
+            + (["--row-bound"] if args.row_bound else []) + ["--rope", args.rope])
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -435,6 +435,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated subset of " + ", ".join(VARIANTS))
     parser.add_argument("--tag", default="", help="names the result file cotrain-TAG.json")
     parser.add_argument("--profile", action="store_true", help="GPU time by kernel kind over 5 more steps (CUDA)")
+    parser.add_argument("--rope", choices=["triton", "roll"], default="triton",
+                        help="rotary embeddings: liger-kernel's Triton RoPE where installed and checked, or the roll path")
     parser.add_argument("--row-bound", action="store_true",
                         help="attention's segment bound from the row's length (packing.BOUND_BY_SEGMENT off), as before")
     parser.add_argument("--lora-align", type=int, default=None,
@@ -451,9 +453,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 def configure(args: argparse.Namespace) -> None:
     """The A/B switches, in this process (a worker gets them passed on)."""
-    from gputwin.kernels import multi_lora
+    from gputwin.kernels import fused_rotary, multi_lora
     from gputwin.train import packing
 
+    fused_rotary.TRITON = args.rope == "triton"
     if args.lora_align is not None:
         multi_lora.ALIGN = args.lora_align
     packing.BOUND_BY_SEGMENT = not args.row_bound

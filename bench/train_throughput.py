@@ -32,7 +32,7 @@ from gputwin.train.fast import FastStep, make_optimizer
 from gputwin.train.packing import pack
 
 VARIANTS = ("baseline", "packed+graphs", "packed+compile+graphs", "packed", "lean-padded", "engine", "packed+graphs+hfnorm",
-            "packed+graphs+peftlora", "packed+graphs+hfrope")
+            "packed+graphs+peftlora", "packed+graphs+hfrope", "packed+graphs+rollrope", "engine+rollrope")
 BATCH = 4
 
 
@@ -235,6 +235,17 @@ def _profile(step_fn: FastStep, batches: list[list[dict]], args: argparse.Namesp
     return common.kernel_summary(prof, len(batches))
 
 
+def _roll_rope(runner: Callable[..., dict], *args: Any) -> dict:
+    """The runner with rotary embeddings on the roll path (kernels/fused_rotary.py), not liger-kernel's Triton RoPE."""
+    from gputwin.kernels import fused_rotary
+
+    fused_rotary.TRITON = False
+    try:
+        return runner(*args)
+    finally:
+        fused_rotary.TRITON = True
+
+
 RUNNERS: dict[str, Callable[..., dict]] = {
     "baseline": run_baseline,
     "lean-padded": run_lean_padded,
@@ -245,6 +256,8 @@ RUNNERS: dict[str, Callable[..., dict]] = {
     "packed+graphs+hfrope": _run_fast("packed+graphs+hfrope", compile=False, graphs=True, fused_rope=False),
     "packed+compile+graphs": _run_fast("packed+compile+graphs", compile=True, graphs=True),
     "engine": run_engine,
+    "engine+rollrope": lambda *a: _roll_rope(run_engine, *a),
+    "packed+graphs+rollrope": lambda *a: _roll_rope(_run_fast("packed+graphs+rollrope", compile=False, graphs=True), *a),
 }
 
 

@@ -108,3 +108,35 @@ def test_fast_steps_with_fused_rotary_follow_the_plain_ones(monkeypatch: pytest.
         assert answer_only_loss(model, pack(rows, bucket=16)).isfinite()
     for a, b in zip(*runs):
         assert abs(a - b) < 1e-5
+
+
+def test_without_liger_kernel_or_a_gpu_the_roll_path_runs(monkeypatch: pytest.MonkeyPatch) -> None:
+    from gputwin.kernels import fused_rotary as module
+
+    assert module.triton_rope("cpu") is None or torch.cuda.is_available()
+    monkeypatch.setattr(module, "TRITON", False)
+    assert module.triton_rope("cuda") is None  # switched off: the roll path, whatever is installed
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="liger-kernel's Triton RoPE runs on a GPU")
+def test_triton_rope_on_the_gpu_computes_what_the_roll_path_does() -> None:
+    """At the seed's shapes (16 query and 8 K/V heads of 128, a packed row of 512 tokens), bf16, forward and
+    backward, against HF's function in fp32."""
+    pytest.importorskip("liger_kernel.ops.rope")
+    from gputwin.kernels.fused_rotary import triton_rope
+
+    assert triton_rope("cuda") is not None, "installed, but it failed its check on this GPU"
+    generator = torch.Generator(device="cuda").manual_seed(0)
+    leaves = [torch.randn(1, 512, heads, 128, device="cuda", generator=generator, dtype=torch.bfloat16).requires_grad_()
+              for heads in (16, 8)]
+    angles = torch.rand(1, 512, 64, device="cuda", generator=generator) * 6
+    angles = torch.cat((angles, angles), dim=-1)
+    cos, sin = angles.cos().to(torch.bfloat16), angles.sin().to(torch.bfloat16)
+    upstream = [torch.randn(1, heads, 512, 128, device="cuda", generator=generator) for heads in (16, 8)]
+    out = apply_rotary(*((x * 1).transpose(1, 2) for x in leaves), cos, sin)  # the Triton kernel, in place
+    sum((o.float() * u).sum() for o, u in zip(out, upstream)).backward()
+    ref_leaves = [x.detach().float().requires_grad_() for x in leaves]
+    ref = modeling_qwen3.apply_rotary_pos_emb(*(x.transpose(1, 2) for x in ref_leaves), cos.float(), sin.float())
+    sum((o * u).sum() for o, u in zip(ref, upstream)).backward()
+    for got, want in [*zip(out, ref), *((a.grad, b.grad) for a, b in zip(leaves, ref_leaves))]:
+        assert float((got.float() - want.float()).norm() / want.float().norm()) < 1e-2

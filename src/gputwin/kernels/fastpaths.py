@@ -73,7 +73,7 @@ def norm_status(model: Any, fused: int | None = None) -> dict[str, Any]:
 
 
 def rotary_status(model: Any, modules: list[Any] | None = None) -> dict[str, Any]:
-    from .fused_rotary import FUNCTION_NAME, attention_modeling_modules, rotary_modules
+    from .fused_rotary import FUNCTION_NAME, attention_modeling_modules, rotary_modules, triton_rope
 
     found = attention_modeling_modules(model)
     if not found:
@@ -83,7 +83,10 @@ def rotary_status(model: Any, modules: list[Any] | None = None) -> dict[str, Any
     others = [m.__name__.rsplit(".", 1)[-1] for m in found if m not in checked]
     if others:
         return status(False, f"{', '.join(others)}.{FUNCTION_NAME} computes something else: the model's own runs")
-    return status(True, f"{', '.join(names)}.{FUNCTION_NAME} checked")
+    device = next(model.parameters()).device
+    triton = device.type == "cuda" and triton_rope(device) is not None  # checked here, before any capture
+    kernel = "liger-kernel's Triton RoPE" if triton else "roll + fused multiply-add"
+    return status(True, f"{', '.join(names)}.{FUNCTION_NAME} checked; {kernel}")
 
 
 # ---------------------------------------------------------------- peft's LoRA Linear

@@ -11,6 +11,12 @@ on strided views, and autograd mirrors them backward; about 22 small kernels per
 ``sin * sign`` is made once per forward (every layer gets the same ``sin``). fused_rotary swaps this in
 for the model's own function while a forward runs, in the modeling modules whose function is checked,
 on small inputs, to compute the same (rotary_modules); others keep theirs.
+
+On a GPU with liger-kernel installed (`pip install gputwin[gpu]`), q and k go through its Triton RoPE
+instead: both rotated in one kernel forward and one backward, in place on the [tokens, heads, dim] layout
+the projections leave them in, where the roll above reads and writes each tensor three times over strided
+views. It is used once checked on this device against RotaryFunction, forward and backward
+(`triton_rope`); anything it does not cover (another layout, partial rotary) runs RotaryFunction.
 """
 
 from __future__ import annotations
@@ -24,7 +30,8 @@ from typing import Any, Callable, Iterator
 
 import torch
 
-__all__ = ["RotaryFunction", "apply_rotary", "attention_modeling_modules", "fused_rotary", "rotary_modules"]
+__all__ = ["RotaryFunction", "apply_rotary", "attention_modeling_modules", "fused_rotary", "rotary_modules",
+           "triton_rope"]
 
 FUNCTION_NAME = "apply_rotary_pos_emb"  # what HF's Llama-family modeling files call it
 
@@ -71,8 +78,64 @@ def apply_rotary(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch
         if fallback is None:
             raise ValueError("apply_rotary needs cos and sin over the whole (even) head dim")
         return fallback(q, k, cos, sin, unsqueeze_dim)
+    if (q.is_cuda and unsqueeze_dim == 1 and q.dim() == k.dim() == 4 and cos.dim() == 3
+            and q.shape[2] == k.shape[2] == cos.shape[1] and cos.shape[0] in (1, q.shape[0])):
+        rope = triton_rope(q.device)
+        if rope is not None:
+            return rope(q, k, cos, sin)
     cos_b, sin_b = cos.unsqueeze(unsqueeze_dim), _signed(sin).unsqueeze(unsqueeze_dim)
     return RotaryFunction.apply(q, cos_b, sin_b), RotaryFunction.apply(k, cos_b, sin_b)
+
+
+_TRITON_ROPE: dict[str, Any] = {}  # device -> the checked function, or None
+TRITON = True  # False: the roll path everywhere (the benches' A/B)
+
+
+def triton_rope(device: torch.device | str) -> Callable[..., tuple[torch.Tensor, torch.Tensor]] | None:
+    """liger-kernel's RoPE ((q, k, cos, sin) -> (q, k), q [batch, heads, tokens, dim]) where it is installed
+    and computes what RotaryFunction does on this device (checked once); else None."""
+    key = str(torch.device(device))
+    if not TRITON:
+        return None
+    if key not in _TRITON_ROPE:
+        _TRITON_ROPE[key] = None
+        try:
+            from liger_kernel.ops.rope import LigerRopeFunction
+        except Exception:  # noqa: BLE001 - not installed, or no Triton for this torch: the roll path runs
+            return None
+
+        def rope(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            return LigerRopeFunction.apply(q, k, cos, sin)
+
+        if _rope_matches(rope, key):
+            _TRITON_ROPE[key] = rope
+    return _TRITON_ROPE[key]
+
+
+def _rope_matches(rope: Callable[..., Any], device: str) -> bool:
+    """Forward and backward of `rope` against RotaryFunction in fp32, on bf16 q and k laid out as the
+    attention layers pass them ([batch, heads, tokens, dim] views of [batch, tokens, heads, dim]). rope
+    rotates in place, so it gets copies."""
+    try:
+        with torch.inference_mode(False), torch.enable_grad():
+            generator = torch.Generator(device=device).manual_seed(0)
+            leaves = [torch.randn(1, 96, heads, 64, device=device, generator=generator, dtype=torch.bfloat16)
+                      .requires_grad_() for heads in (4, 2)]
+            angles = torch.rand(1, 96, 32, device=device, generator=generator) * 6
+            angles = torch.cat((angles, angles), dim=-1)
+            cos, sin = angles.cos().to(torch.bfloat16), angles.sin().to(torch.bfloat16)
+            upstream = [torch.randn(1, heads, 96, 64, device=device, generator=generator) for heads in (4, 2)]
+            out = rope(*((x * 1).transpose(1, 2) for x in leaves), cos, sin)
+            sum((o.float() * u).sum() for o, u in zip(out, upstream)).backward()
+            grads = [x.grad.float() for x in leaves]
+            ref_leaves = [x.detach().float().requires_grad_() for x in leaves]
+            cos_b, sin_b = cos.float().unsqueeze(1), _signed(sin.float()).unsqueeze(1)
+            ref = [RotaryFunction.apply(x.transpose(1, 2), cos_b, sin_b) for x in ref_leaves]
+            sum((o * u).sum() for o, u in zip(ref, upstream)).backward()
+            pairs = [(o.float(), r.detach()) for o, r in zip(out, ref)] + [(g, x.grad) for g, x in zip(grads, ref_leaves)]
+            return all(a.shape == b.shape and float((a - b).norm() / b.norm().clamp_min(1e-6)) < 1e-2 for a, b in pairs)
+    except Exception:  # noqa: BLE001 - a kernel that fails here is a kernel not to use
+        return False
 
 
 def _takes_q_k_cos_sin(function: Callable[..., Any]) -> bool:
