@@ -186,7 +186,7 @@ def worker(args: argparse.Namespace) -> int:
         engine.step(engine.collate(chosen), lr_at(step, plan)).result()
 
     if args.profile:
-        result["kernels"] = kernel_profile(device, more, args.warmup + args.steps + 1)
+        result["kernels"] = kernel_profile(device, more, args.warmup + args.steps - 4)
     Path(args.result).write_text(json.dumps(result))
     return 0
 
@@ -291,19 +291,20 @@ def cotrained(args: argparse.Namespace, fast: bool) -> dict[str, Any]:
             outcome.result()
 
     if args.profile:
-        result["kernels"] = kernel_profile(device, more, args.warmup + args.steps + 1)
+        result["kernels"] = kernel_profile(device, more, args.warmup + args.steps - 4)
     return result
 
 
 def kernel_profile(device: torch.device, step: Any, first: int, repeats: int = 5) -> dict[str, Any] | None:
-    """GPU time by kernel kind over `repeats` more steps (CUDA only), with the wall time a step took meanwhile:
-    kernels' time well under the wall time means the GPU waits for the host."""
+    """GPU time by kernel kind over `repeats` more steps from step `first` on (CUDA only; the batches of the
+    last timed steps again, whose shapes have graphs), with the wall time a step took meanwhile: kernels'
+    time well under the wall time means the GPU waits for the host."""
     if device.type != "cuda":
         return None
     from torch.profiler import ProfilerActivity, profile
 
     common.synchronize(device)
-    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:  # kernels only (CPU ops would count them again)
         started = time.perf_counter()
         for k in range(repeats):
             step(first + k)
