@@ -122,8 +122,10 @@ def test_without_liger_kernel_or_a_gpu_the_roll_path_runs(monkeypatch: pytest.Mo
 def test_triton_rope_on_the_gpu_computes_what_the_roll_path_does() -> None:
     """At the seed's shapes (16 query and 8 K/V heads of 128, a packed row of 512 tokens), bf16, forward and
     backward, against HF's function in fp32."""
-    pytest.importorskip("liger_kernel.ops.rope")
-    from gputwin.kernels.fused_rotary import triton_rope
+    from gputwin.kernels.fused_rotary import _liger_rope_function, triton_rope
+
+    if _liger_rope_function() is None:
+        pytest.skip("liger-kernel is not installed (pip install 'gputwin[gpu]')")
 
     assert triton_rope("cuda") is not None, "installed, but it failed its check on this GPU"
     generator = torch.Generator(device="cuda").manual_seed(0)
@@ -140,3 +142,20 @@ def test_triton_rope_on_the_gpu_computes_what_the_roll_path_does() -> None:
     sum((o * u).sum() for o, u in zip(ref, upstream)).backward()
     for got, want in [*zip(out, ref), *((a.grad, b.grad) for a, b in zip(leaves, ref_leaves))]:
         assert float((got.float() - want.float()).norm() / want.float().norm()) < 1e-2
+
+
+def test_liger_s_rope_loads_from_its_file_without_the_package_s_init(tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Its __init__ imports every op it has (seconds of a trainer's start-up); only ops/rope.py is loaded."""
+    from gputwin.kernels import fused_rotary as module
+
+    (tmp_path / "liger_kernel" / "ops").mkdir(parents=True)
+    (tmp_path / "liger_kernel" / "__init__.py").write_text("raise RuntimeError('the package init ran')\n")
+    (tmp_path / "liger_kernel" / "ops" / "rope.py").write_text("class LigerRopeFunction:\n    loaded = True\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.delitem(sys.modules, "liger_kernel", raising=False)
+    found = module._liger_rope_function()
+    assert found is not None and found.loaded and "liger_kernel" not in sys.modules
+    (tmp_path / "liger_kernel" / "ops" / "rope.py").write_text("import triton_that_is_not_here\n")
+    monkeypatch.delitem(sys.modules, "gputwin.kernels._liger_rope", raising=False)
+    assert module._liger_rope_function() is None  # does not load here: the roll path
+    assert "gputwin.kernels._liger_rope" not in sys.modules

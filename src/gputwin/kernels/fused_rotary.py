@@ -23,9 +23,11 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import importlib.util
 import inspect
 import sys
 import weakref
+from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import torch
@@ -99,17 +101,42 @@ def triton_rope(device: torch.device | str) -> Callable[..., tuple[torch.Tensor,
         return None
     if key not in _TRITON_ROPE:
         _TRITON_ROPE[key] = None
-        try:
-            from liger_kernel.ops.rope import LigerRopeFunction
-        except Exception:  # noqa: BLE001 - not installed, or no Triton for this torch: the roll path runs
+        function = _liger_rope_function()
+        if function is None:
             return None
 
         def rope(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-            return LigerRopeFunction.apply(q, k, cos, sin)
+            return function.apply(q, k, cos, sin)
 
         if _rope_matches(rope, key):
             _TRITON_ROPE[key] = rope
     return _TRITON_ROPE[key]
+
+
+def _liger_rope_function() -> Any | None:
+    """liger-kernel's LigerRopeFunction, from its ops/rope.py alone (it imports torch and triton only).
+
+    Importing it the usual way runs the package's __init__, which imports every one of its ops (7.8 s on the
+    H100 machine, in a trainer's start-up); one file is what is needed. None when liger-kernel is not
+    installed, has no such file, or it does not load (no Triton for this torch): the roll path runs."""
+    try:
+        package = importlib.util.find_spec("liger_kernel")  # finds it without running its __init__
+        folders = list(package.submodule_search_locations or []) if package else []
+        path = Path(folders[0], "ops", "rope.py") if folders else None
+        if path is None or not path.is_file():
+            return None
+        name = "gputwin.kernels._liger_rope"
+        spec = importlib.util.spec_from_file_location(name, path)
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module  # Triton's jit reads the kernel's source through its module
+        try:
+            spec.loader.exec_module(module)
+        except BaseException:
+            del sys.modules[name]
+            raise
+        return module.LigerRopeFunction
+    except Exception:  # noqa: BLE001 - not importable here: the roll path runs
+        return None
 
 
 def _rope_matches(rope: Callable[..., Any], device: str) -> bool:
@@ -119,12 +146,14 @@ def _rope_matches(rope: Callable[..., Any], device: str) -> bool:
     try:
         with torch.inference_mode(False), torch.enable_grad():
             generator = torch.Generator(device=device).manual_seed(0)
-            leaves = [torch.randn(1, 96, heads, 64, device=device, generator=generator, dtype=torch.bfloat16)
-                      .requires_grad_() for heads in (4, 2)]
-            angles = torch.rand(1, 96, 32, device=device, generator=generator) * 6
+            # Qwen3-0.6B's heads (16 and 8 of 128): Triton compiles per head layout, once per machine (its
+            # cache), and the check's compilation then serves that model's kernel too
+            leaves = [torch.randn(1, 96, heads, 128, device=device, generator=generator, dtype=torch.bfloat16)
+                      .requires_grad_() for heads in (16, 8)]
+            angles = torch.rand(1, 96, 64, device=device, generator=generator) * 6
             angles = torch.cat((angles, angles), dim=-1)
             cos, sin = angles.cos().to(torch.bfloat16), angles.sin().to(torch.bfloat16)
-            upstream = [torch.randn(1, heads, 96, 64, device=device, generator=generator) for heads in (4, 2)]
+            upstream = [torch.randn(1, heads, 96, 128, device=device, generator=generator) for heads in (16, 8)]
             out = rope(*((x * 1).transpose(1, 2) for x in leaves), cos, sin)
             sum((o.float() * u).sum() for o, u in zip(out, upstream)).backward()
             grads = [x.grad.float() for x in leaves]
