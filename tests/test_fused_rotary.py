@@ -122,9 +122,9 @@ def test_without_liger_kernel_or_a_gpu_the_roll_path_runs(monkeypatch: pytest.Mo
 def test_triton_rope_on_the_gpu_computes_what_the_roll_path_does() -> None:
     """At the seed's shapes (16 query and 8 K/V heads of 128, a packed row of 512 tokens), bf16, forward and
     backward, against HF's function in fp32."""
-    from gputwin.kernels.fused_rotary import _liger_rope_function, triton_rope
+    from gputwin.kernels.fused_rotary import liger_rope_function, triton_rope
 
-    if _liger_rope_function() is None:
+    if liger_rope_function() is None:
         pytest.skip("liger-kernel is not installed (pip install 'gputwin[gpu]')")
 
     assert triton_rope("cuda") is not None, "installed, but it failed its check on this GPU"
@@ -153,9 +153,12 @@ def test_liger_s_rope_loads_from_its_file_without_the_package_s_init(tmp_path, m
     (tmp_path / "liger_kernel" / "ops" / "rope.py").write_text("class LigerRopeFunction:\n    loaded = True\n")
     monkeypatch.syspath_prepend(str(tmp_path))
     monkeypatch.delitem(sys.modules, "liger_kernel", raising=False)
-    found = module._liger_rope_function()
+    module.liger_rope_function.cache_clear()
+    found = module.liger_rope_function()
     assert found is not None and found.loaded and "liger_kernel" not in sys.modules
     (tmp_path / "liger_kernel" / "ops" / "rope.py").write_text("import triton_that_is_not_here\n")
     monkeypatch.delitem(sys.modules, "gputwin.kernels._liger_rope", raising=False)
-    assert module._liger_rope_function() is None  # does not load here: the roll path
+    module.liger_rope_function.cache_clear()
+    assert module.liger_rope_function() is None  # does not load here: the roll path
     assert "gputwin.kernels._liger_rope" not in sys.modules
+    module.liger_rope_function.cache_clear()  # the next test finds what is installed

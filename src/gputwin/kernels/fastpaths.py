@@ -73,7 +73,7 @@ def norm_status(model: Any, fused: int | None = None) -> dict[str, Any]:
 
 
 def rotary_status(model: Any, modules: list[Any] | None = None) -> dict[str, Any]:
-    from .fused_rotary import FUNCTION_NAME, attention_modeling_modules, rotary_modules, triton_rope
+    from .fused_rotary import FUNCTION_NAME, liger_rope_function, attention_modeling_modules, rotary_modules, triton_rope
 
     found = attention_modeling_modules(model)
     if not found:
@@ -84,8 +84,14 @@ def rotary_status(model: Any, modules: list[Any] | None = None) -> dict[str, Any
     if others:
         return status(False, f"{', '.join(others)}.{FUNCTION_NAME} computes something else: the model's own runs")
     device = next(model.parameters()).device
-    triton = device.type == "cuda" and triton_rope(device) is not None  # checked here, before any capture
-    kernel = "liger-kernel's Triton RoPE" if triton else "roll + fused multiply-add"
+    kernel = "roll + fused multiply-add"
+    if device.type == "cuda":
+        if triton_rope(device) is not None:  # checked here, before any capture
+            kernel = "liger-kernel's Triton RoPE"
+        elif liger_rope_function() is None:
+            kernel += " (pip install 'gputwin[gpu]' for liger-kernel's Triton RoPE, about 1.1x the tokens/s)"
+        else:
+            kernel += " (liger-kernel's Triton RoPE failed its check on this GPU)"
     return status(True, f"{', '.join(names)}.{FUNCTION_NAME} checked; {kernel}")
 
 

@@ -32,8 +32,8 @@ from typing import Any, Callable, Iterator
 
 import torch
 
-__all__ = ["RotaryFunction", "apply_rotary", "attention_modeling_modules", "fused_rotary", "rotary_modules",
-           "triton_rope"]
+__all__ = ["RotaryFunction", "apply_rotary", "attention_modeling_modules", "fused_rotary", "liger_rope_function",
+           "rotary_modules", "triton_rope"]
 
 FUNCTION_NAME = "apply_rotary_pos_emb"  # what HF's Llama-family modeling files call it
 
@@ -101,7 +101,7 @@ def triton_rope(device: torch.device | str) -> Callable[..., tuple[torch.Tensor,
         return None
     if key not in _TRITON_ROPE:
         _TRITON_ROPE[key] = None
-        function = _liger_rope_function()
+        function = liger_rope_function()
         if function is None:
             return None
 
@@ -113,7 +113,8 @@ def triton_rope(device: torch.device | str) -> Callable[..., tuple[torch.Tensor,
     return _TRITON_ROPE[key]
 
 
-def _liger_rope_function() -> Any | None:
+@functools.lru_cache(maxsize=1)
+def liger_rope_function() -> Any | None:
     """liger-kernel's LigerRopeFunction, from its ops/rope.py alone (it imports torch and triton only).
 
     Importing it the usual way runs the package's __init__, which imports every one of its ops (7.8 s on the
