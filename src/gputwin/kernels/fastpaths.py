@@ -73,7 +73,7 @@ def norm_status(model: Any, fused: int | None = None) -> dict[str, Any]:
 
 
 def rotary_status(model: Any, modules: list[Any] | None = None) -> dict[str, Any]:
-    from .fused_rotary import FUNCTION_NAME, liger_rope_function, attention_modeling_modules, rotary_modules, triton_rope
+    from .fused_rotary import FUNCTION_NAME, attention_modeling_modules, liger_rope_function, rotary_modules, triton_rope
 
     found = attention_modeling_modules(model)
     if not found:
