@@ -7,8 +7,10 @@ from __future__ import annotations
 import os
 import shutil
 import signal
+import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -118,3 +120,30 @@ def test_a_warm_started_arm_trains_to_its_end_and_its_kill_9_is_still_recorded(
     wait_for(lambda: supervise.read_exit(killed) is not None, "the supervisor to record the kill")
     assert supervise.read_exit(killed) == -signal.SIGKILL
     assert launcher.arm_status(killed) == "crashed"
+
+
+@pytest.mark.slow
+def test_a_server_stays_while_a_watched_arm_runs_and_goes_after(tmp_path: Path) -> None:
+    """An extend at the end of a long run starts warm: the server's idle time counts from when its arms ended."""
+    folder = Path(tempfile.mkdtemp(prefix="gw-"))
+    folder.chmod(0o700)
+    socket_path = folder / "k.sock"
+    arm = subprocess.Popen(["sleep", "120"])  # an arm's supervisor, started cold by the launch
+    Path(f"{socket_path}.watch").write_text(f"{arm.pid}\n")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(Path(__file__).resolve().parents[1] / "src"),
+                                                       os.environ.get("PYTHONPATH", "")]))
+    server = subprocess.Popen([sys.executable, "-m", "gputwin.train.warm", str(socket_path), "--idle", "1"],
+                              env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_for(socket_path.exists, "the server to finish its imports and listen", limit_s=240)
+        time.sleep(4)  # four idle times, and the watched arm runs
+        assert server.poll() is None
+        arm.kill()
+        arm.wait()
+        server.wait(timeout=30)  # its idle time now counts: it goes
+        assert not socket_path.exists() and not Path(f"{socket_path}.watch").exists()
+    finally:
+        for proc in (arm, server):
+            if proc.poll() is None:
+                proc.kill()
+        shutil.rmtree(folder, ignore_errors=True)

@@ -189,7 +189,7 @@ def _launch_supervisor(args: Sequence[str], env: Mapping[str, str], stdout: Path
         os.close(out)
         os.close(err)
     _supervisors.append(proc)
-    warmstart.keep_warm(env)
+    warmstart.keep_warm(env, watch=proc.pid)
     return proc
 
 

@@ -2,8 +2,9 @@
 
 An arm's supervisor is asked of a warm server when one is serving, and started as a fresh Python otherwise;
 after a cold start the launcher leaves a server starting in the background (at idle priority while it imports),
-so the next launch within its idle time starts its arms with their imports done. `GPUTWIN_WARM=off` turns
-this off; `GPUTWIN_WARM=MINUTES` sets how long a server waits for requests (default 20).
+so the next launch within its idle time starts its arms with their imports done. The server stays while the
+arms it serves, or the cold-started ones of the launch that left it (KEY.watch), run, and `GPUTWIN_WARM=MINUTES`
+after (default 20): an extend or resume at the end of a long run starts warm. `GPUTWIN_WARM=off` turns it off.
 
 A server serves launches whose imports would come out the same: the same Python, the same installed torch,
 transformers, peft and gputwin (by their files' times), and the same environment variables that imports read.
@@ -140,17 +141,17 @@ def request(argv: Sequence[str], env: Mapping[str, str], *, stdout: Path, stderr
     return WarmSupervisor(pid)
 
 
-def keep_warm(env: Mapping[str, str]) -> None:
+def keep_warm(env: Mapping[str, str], watch: int | None = None) -> None:
     """Start a server for this environment in the background, unless warm starts are off or one holds its lock
-    (serving, or still importing). Nothing here may fail a launch: a cache folder that cannot be written
-    (say) means no warm starts."""
+    (serving, or still importing); watch: a cold-started supervisor's pid, for the server to stay while it runs.
+    Nothing here may fail a launch: a cache folder that cannot be written (say) means no warm starts."""
     try:
-        _keep_warm(env)
+        _keep_warm(env, watch)
     except (OSError, ValueError, ImportError):
         pass
 
 
-def _keep_warm(env: Mapping[str, str]) -> None:
+def _keep_warm(env: Mapping[str, str], watch: int | None) -> None:
     idle = idle_seconds(env)
     path = socket_path(env) if idle is not None else None
     if idle is None or path is None:
@@ -159,6 +160,12 @@ def _keep_warm(env: Mapping[str, str]) -> None:
         return
     path.parent.mkdir(parents=True, exist_ok=True)
     os.chmod(path.parent, 0o700)  # whoever can reach the socket can start processes as this user
+    if watch is not None:
+        fd = os.open(f"{path}.watch", os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+        try:
+            os.write(fd, f"{watch}\n".encode())
+        finally:
+            os.close(fd)
     fd = os.open(f"{path}.lock", os.O_RDWR | os.O_CREAT, 0o600)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)

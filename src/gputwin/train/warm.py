@@ -8,7 +8,8 @@ The server imports, then listens on the Unix socket SOCKET; each request (one JS
 arguments, environment, working folder and log files) is answered with the pid of a forked supervisor, which
 runs in a session of its own exactly as `python -m gputwin.control.supervise` would, except that it forks the
 trainer instead of executing a fresh Python. The server holds SOCKET's lock file for its whole life (the
-launcher starts no second one), exits after SECONDS without a request, and never starts CUDA itself: each forked
+launcher starts no second one), exits once SECONDS have passed without a request and without any of its arms
+running (the supervisors it forked, and those listed in SOCKET.watch), and never starts CUDA itself: each forked
 trainer does (once, at start, a throwaway fork checks that one can). What is imported at start is fixed, so the launcher keys the server by the
 Python, the installed packages and the environment that imports read (control/warmstart.py).
 """
@@ -39,6 +40,7 @@ IMPORTS = ("gputwin.train.__main__", "gputwin.train.cotrain", "gputwin.train.fas
            "transformers.models.auto.tokenization_auto", "peft", "gputwin.validate.run", "gputwin.validate.predict",
            "gputwin.train.probe")
 TRAINER = ("-m", "gputwin.train")
+WATCH_TICK_S = 30.0  # how often an idle server looks whether its arms still run
 
 
 class ForkedProcess:
@@ -139,7 +141,8 @@ def _become_supervisor(request: dict[str, Any]) -> int:
     return supervise.main(request["argv"], start=fork_trainer)
 
 
-def _serve_one(conn: socket.socket, listener: socket.socket, lock_fd: int) -> None:
+def _serve_one(conn: socket.socket, listener: socket.socket, lock_fd: int) -> int:
+    """Fork a supervisor for this request; its pid."""
     with conn, conn.makefile("rb") as reader:
         request = json.loads(reader.readline())
         pid = os.fork()
@@ -157,6 +160,32 @@ def _serve_one(conn: socket.socket, listener: socket.socket, lock_fd: int) -> No
                 _flush()
                 os._exit(code)
         conn.sendall(json.dumps({"pid": pid}).encode() + b"\n")
+        return pid
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # a pid taken by another user's process since: not ours
+        return False
+    return True
+
+
+def _watched(path: Path) -> set[int]:
+    """The supervisors that launches started as fresh Pythons and asked this server to watch (KEY.watch, a pid
+    a line, appended by the launcher); the file goes once none of them runs. A pid appended between the
+    reading and the removal is lost: the server then stays only GPUTWIN_WARM minutes for that arm."""
+    watch = Path(f"{path}.watch")
+    try:
+        pids = {int(line) for line in watch.read_text().split() if line.isdigit()}
+    except OSError:
+        return set()
+    alive = {pid for pid in pids if _alive(pid)}
+    if not alive:
+        watch.unlink(missing_ok=True)
+    return alive
 
 
 def _cuda_problem() -> str | None:
@@ -227,17 +256,27 @@ def serve(path: Path, idle_seconds: float) -> int:
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     listener.bind(str(path))
     listener.listen(16)
-    listener.settimeout(idle_seconds)
+    # Idle means: no request, and no arm of ours running (forked here, or started cold by the launch that left
+    # this server behind), for idle_seconds. So an extend or a resume after a run of hours still starts warm.
+    listener.settimeout(min(idle_seconds, WATCH_TICK_S))
     print(f"gputwin.warm: imports took {time.perf_counter() - began:.2f} s; serving on {path}", file=sys.stderr, flush=True)
+    forked: set[int] = set()
+    last = time.monotonic()
     try:
         while True:
             try:
                 conn, _ = listener.accept()
             except socket.timeout:
-                break
+                forked = {pid for pid in forked if _alive(pid)}
+                if forked or _watched(path):
+                    last = time.monotonic()
+                elif time.monotonic() - last >= idle_seconds:
+                    break
+                continue
+            last = time.monotonic()
             conn.settimeout(10)
             try:
-                _serve_one(conn, listener, lock_fd)
+                forked.add(_serve_one(conn, listener, lock_fd))
             except (OSError, ValueError, KeyError) as exc:  # a broken request: that caller cold-starts
                 print(f"gputwin.warm: request failed: {exc}", file=sys.stderr, flush=True)
     finally:
@@ -250,7 +289,8 @@ def serve(path: Path, idle_seconds: float) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m gputwin.train.warm", description=__doc__.split("\n\n")[0])
     parser.add_argument("socket", type=Path)
-    parser.add_argument("--idle", type=float, default=1200.0, help="seconds without a request before exiting")
+    parser.add_argument("--idle", type=float, default=1200.0,
+                        help="seconds without a request and without a running arm before exiting")
     args = parser.parse_args(argv)
     return serve(args.socket, args.idle)
 
