@@ -21,8 +21,9 @@ from ..kernels.decoder import DecoderParts, decoder_parts, run_decoder
 ROW_BUCKET = 128  # the trainer's row length multiple (pack's bucket)
 LABEL_BUCKET = 256  # the trainer's label slots (pack's label_bucket): each distinct shape costs a graph capture
 # Varlen attention launches work for max_len tokens of every segment and lets the surplus exit at once. The
-# bound is the row's longest segment as a power of two, at least SEGMENT_FLOOR (so that rows of ordinary
-# samples share one bound, and one graph); False: the row's own length as before (4x-8x the seed's samples).
+# bound is the row's longest segment as a power of two, at least SEGMENT_FLOOR, so that rows of ordinary
+# samples share one bound (and one graph). BOUND_BY_SEGMENT = False bounds it by the row's own length, as
+# before (4-8x the seed's samples; kept for the benches' A/B).
 SEGMENT_FLOOR = 512
 BOUND_BY_SEGMENT = True
 
