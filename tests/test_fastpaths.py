@@ -109,6 +109,18 @@ def test_check_shows_the_fast_paths_of_the_seed_model(capsys: pytest.CaptureFixt
     assert "rms_norm, lora, rotary" in out and "fast paths: checked against transformers" in out
 
 
+def test_check_says_which_rotary_kernel_a_gpu_arm_would_take(monkeypatch: pytest.MonkeyPatch,
+                                                              capsys: pytest.CaptureFixture[str]) -> None:
+    """A GPU arm: liger-kernel's Triton RoPE where it is installed (checked on the GPU at start), else the
+    roll path and how to get the kernel; `check` runs no kernel for it."""
+    from gputwin.kernels import fused_rotary
+
+    for installed, expected in ((None, "pip install 'gputwin[gpu]'"), (object(), "Triton RoPE, once checked on the GPU")):
+        monkeypatch.setattr(fused_rotary, "liger_rope_function", lambda found=installed: found)
+        assert main(["check", str(REPO / "profiles/conservative.toml"), "--json"]) == 0  # device = 0
+        assert expected in json.loads(capsys.readouterr().out)["arms"][0]["fast_paths"]["rotary"]["why"]
+
+
 def test_check_says_a_tag_arm_trains_with_the_plain_engine() -> None:
     from gputwin.core.profiles import load_any
 

@@ -72,7 +72,9 @@ def norm_status(model: Any, fused: int | None = None) -> dict[str, Any]:
 # ---------------------------------------------------------------- rotary embeddings
 
 
-def rotary_status(model: Any, modules: list[Any] | None = None) -> dict[str, Any]:
+def rotary_status(model: Any, modules: list[Any] | None = None, *, gpu_arm: bool = False) -> dict[str, Any]:
+    """gpu_arm: the model (on the meta device, `gputwin check`) is for an arm on a GPU: say which rotary kernel
+    it would take there, without running one."""
     from .fused_rotary import FUNCTION_NAME, attention_modeling_modules, liger_rope_function, rotary_modules, triton_rope
 
     found = attention_modeling_modules(model)
@@ -85,13 +87,17 @@ def rotary_status(model: Any, modules: list[Any] | None = None) -> dict[str, Any
         return status(False, f"{', '.join(others)}.{FUNCTION_NAME} computes something else: the model's own runs")
     device = next(model.parameters()).device
     kernel = "roll + fused multiply-add"
+    missing = " (pip install 'gputwin[gpu]' for liger-kernel's Triton RoPE, about 1.1x the tokens/s)"
     if device.type == "cuda":
         if triton_rope(device) is not None:  # checked here, before any capture
             kernel = "liger-kernel's Triton RoPE"
         elif liger_rope_function() is None:
-            kernel += " (pip install 'gputwin[gpu]' for liger-kernel's Triton RoPE, about 1.1x the tokens/s)"
+            kernel += missing
         else:
             kernel += " (liger-kernel's Triton RoPE failed its check on this GPU)"
+    elif gpu_arm:
+        kernel = ("liger-kernel's Triton RoPE, once checked on the GPU" if liger_rope_function() is not None
+                  else kernel + missing)
     return status(True, f"{', '.join(names)}.{FUNCTION_NAME} checked; {kernel}")
 
 
