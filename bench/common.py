@@ -17,6 +17,7 @@ import os
 import platform
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -170,6 +171,25 @@ def curve_gap(reference: Sequence[float], other: Sequence[float], alpha: float =
     raw = [abs(a - b) / abs(a) for a, b in zip(reference[:n], other[:n])]
     return {"steps": n, "ema_alpha": alpha, "max_rel_gap_ema": smooth, "max_rel_gap_raw": max(raw),
             "mean_rel_gap_raw": sum(raw) / n}
+
+
+def profile_kernels(device: Any, steps: Any, repeats: int) -> dict[str, Any] | None:
+    """kernel_summary of `steps()` (`repeats` steps) under torch.profiler, kernels only (CPU operations would
+    count them again), with the wall time a step took meanwhile; None off CUDA."""
+    if device.type != "cuda":
+        return None
+    from torch.profiler import ProfilerActivity, profile
+
+    synchronize(device)
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        started = time.perf_counter()
+        steps()
+        synchronize(device)
+        wall = time.perf_counter() - started
+    summary = kernel_summary(prof, repeats)
+    summary["wall_ms_per_step"] = round(wall * 1000 / repeats, 2)
+    summary["gpu_ms_per_step"] = round(sum(summary["ms_by_kind"].values()), 2)
+    return summary
 
 
 def kernel_summary(prof: Any, repeats: int = 1) -> dict[str, Any]:

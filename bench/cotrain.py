@@ -296,24 +296,10 @@ def cotrained(args: argparse.Namespace, fast: bool) -> dict[str, Any]:
 
 
 def kernel_profile(device: torch.device, step: Any, first: int, repeats: int = 5) -> dict[str, Any] | None:
-    """GPU time by kernel kind over `repeats` more steps from step `first` on (CUDA only; the batches of the
-    last timed steps again, whose shapes have graphs), with the wall time a step took meanwhile: kernels'
-    time well under the wall time means the GPU waits for the host."""
-    if device.type != "cuda":
-        return None
-    from torch.profiler import ProfilerActivity, profile
-
-    common.synchronize(device)
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:  # kernels only (CPU ops would count them again)
-        started = time.perf_counter()
-        for k in range(repeats):
-            step(first + k)
-        common.synchronize(device)
-        wall = time.perf_counter() - started
-    summary = common.kernel_summary(prof, repeats)
-    summary["wall_ms_per_step"] = round(wall * 1000 / repeats, 2)
-    summary["gpu_ms_per_step"] = round(sum(summary["ms_by_kind"].values()), 2)
-    return summary
+    """GPU time by kernel kind over `repeats` more steps from step `first` on (the batches of the last timed
+    steps again, whose shapes have graphs), with the wall time a step took meanwhile: kernels' time well
+    under the wall time means the GPU waits for the host."""
+    return common.profile_kernels(device, lambda: [step(first + k) for k in range(repeats)], repeats)
 
 
 # ---------------------------------------------------------------- operations a step (CPU, no timing)

@@ -224,15 +224,9 @@ def run_engine(model: Any, batches: list[list[dict]], args: argparse.Namespace, 
 def _profile(step_fn: FastStep, batches: list[list[dict]], args: argparse.Namespace,
              device: torch.device) -> dict[str, Any] | None:
     """Where a step's GPU time goes: kernel time by kind over a few more steps (after the timed ones)."""
-    if device.type != "cuda":
-        return None
-    from torch.profiler import ProfilerActivity, profile
-
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        for samples in batches:
-            step_fn(pack(samples, bucket=args.bucket, pad_id=args.pad_id), lr=args.lr)
-        common.synchronize(device)
-    return common.kernel_summary(prof, len(batches))
+    return common.profile_kernels(
+        device, lambda: [step_fn(pack(s, bucket=args.bucket, pad_id=args.pad_id), lr=args.lr) for s in batches],
+        len(batches))
 
 
 def _roll_rope(runner: Callable[..., dict], *args: Any) -> dict:
