@@ -124,7 +124,7 @@ def random_model(model_dir: Path, *, tiny: bool, work: Path | None = None) -> No
 
 def run(wait_limit: float, tiny: bool = False, tag: str = "both", only: str | None = None,
         profile_to: str | None = None, milestone: int | None = None, sample_size: int | None = None,
-        cotrain: str | None = None, warm: bool = False) -> dict:
+        cotrain: str | None = None, warm: bool = False, compile: str | None = None) -> dict:
     """Launch the seed experiment (or one arm of it, `only`) and time it to the verdict (to its validation).
 
     milestone and sample_size replace the seed's 879 and 500 (the smoke run's small sizes); cotrain sets the
@@ -150,6 +150,8 @@ def run(wait_limit: float, tiny: bool = False, tag: str = "both", only: str | No
             text = text.replace("step = 879 ", f"step = {milestone} ")
         if sample_size:
             text = text.replace("sample_size = 500", f"sample_size = {sample_size}")
+        if compile:
+            text = text.replace("[train]\n", f'[train]\ncompile = "{compile}"\n')
         (folder / Path(arm.source).name).write_text(text)
     placement = f'\n[placement]\ncotrain = "{cotrain}"\n' if cotrain else ""
     (folder / "seed.toml").write_text(Path(exp.source).read_text() + placement)
@@ -265,6 +267,7 @@ def main() -> int:
     parser.add_argument("--cprofile", metavar="FILE", help="with --only: run the trainer under cProfile, stats to FILE")
     parser.add_argument("--warm", action="store_true",
                         help="start a warm server first (gputwin.control.warmstart): the trainers start as its forks")
+    parser.add_argument("--compile", choices=["on", "off", "auto"], help="the arms' train.compile")
     parser.add_argument("--cotrain", choices=["on", "off", "auto"],
                         help="the experiment's [placement] cotrain (on: both arms co-trained in one process)")
     args = parser.parse_args()
@@ -274,7 +277,8 @@ def main() -> int:
     elif args.stage == "smoke":
         return smoke(args.cotrain, args.warm)
     else:
-        run(args.wait, args.tiny, args.tag, args.only, args.cprofile, cotrain=args.cotrain, warm=args.warm)
+        run(args.wait, args.tiny, args.tag, args.only, args.cprofile, cotrain=args.cotrain, warm=args.warm,
+            compile=args.compile)
     return 0
 
 

@@ -7,7 +7,8 @@ AdamW lr 1e-4 with linear decay, clip 1.0, bf16 autocast over bf16 weights, fp32
   packed                 + one packed row a step (varlen attention) + lm_head/CE at label positions only
   packed+graphs          + the whole step captured as a CUDA graph per padded shape
   packed+compile+graphs  + torch.compile'd decoder layers inside the graphs
-  engine                 the trainer's fast engine (graphs, no compile) with a float loss read every step
+  engine                 the trainer's fast engine (graphs) as its loop drives it, each loss read a step late
+  engine+compile         the same with train.compile on (torch.compile'd decoder layers inside the graphs)
 Reported: tokens/s over non-padding tokens after warm-up, MFU (2.49 GFLOP a token, 989 TFLOP/s peak),
 peak memory, the time spent compiling/capturing, and each loss curve's gap to the baseline's.
 
@@ -32,7 +33,8 @@ from gputwin.train.fast import FastStep, make_optimizer
 from gputwin.train.packing import pack
 
 VARIANTS = ("baseline", "packed+graphs", "packed+compile+graphs", "packed", "lean-padded", "engine", "packed+graphs+hfnorm",
-            "packed+graphs+peftlora", "packed+graphs+hfrope", "packed+graphs+rollrope", "engine+rollrope")
+            "packed+graphs+peftlora", "packed+graphs+hfrope", "packed+graphs+rollrope", "engine+rollrope",
+            "engine+compile")
 BATCH = 4
 
 
@@ -181,16 +183,19 @@ def _run_fast(name: str, *, compile: bool, graphs: bool, fused_norms: bool | Non
     return run
 
 
-def run_engine(model: Any, batches: list[list[dict]], args: argparse.Namespace, device: torch.device) -> dict:
+def run_engine(model: Any, batches: list[list[dict]], args: argparse.Namespace, device: torch.device,
+               compile: bool | None = None) -> dict:
     """The fast engine as the trainer loop drives it (gputwin.train.engine.make_engine("fast")): graphs
     captured as new shapes come, each step's loss read after the next step is issued; then the NaN path
-    the trainer's fault hook exercises: the step must raise NonFiniteLoss and change no weight."""
+    the trainer's fault hook exercises: the step must raise NonFiniteLoss and change no weight.
+    compile: the engine's train.compile setting (None: the trainer's default)."""
     from gputwin.train.batching import Example
     from gputwin.train.engine import NonFiniteLoss, build_optimizer, make_engine
 
     dtype = next(p.dtype for p in model.parameters() if not p.requires_grad)
     optimizer = build_optimizer(model, lr=args.lr, weight_decay=0.0, device=device)
-    engine = make_engine("fast", model, optimizer, device=device, model_dtype=dtype, grad_clip=1.0, pad_id=args.pad_id)
+    engine = make_engine("fast", model, optimizer, device=device, model_dtype=dtype, grad_clip=1.0, pad_id=args.pad_id,
+                         compile=compile)
     examples = [[Example(s["input_ids"], s["labels"], False) for s in batch] for batch in batches]
     losses, tokens, start, pending = [], 0, 0.0, None
     common.synchronize(device)
@@ -203,6 +208,8 @@ def run_engine(model: Any, batches: list[list[dict]], args: argparse.Namespace, 
         outcome = engine.step(engine.collate(batch), linear_lr(args.lr, len(batches), step))
         if pending is not None:
             losses.append(pending.result().loss)
+        else:
+            first_step = time.perf_counter() - first  # compiling, where the engine compiles
         pending = outcome
     losses.append(pending.result().loss)
     elapsed, total = time.perf_counter() - start, time.perf_counter() - first
@@ -217,7 +224,9 @@ def run_engine(model: Any, batches: list[list[dict]], args: argparse.Namespace, 
         raised = True
     unchanged = all(torch.equal(a, b) for a, b in zip(params[1:], kept))
     return _summary("engine", losses, tokens, elapsed, len(batches) - args.warm_steps, device,
-                    engine=type(engine).__name__, all_steps_seconds=total, nan_step_raised=raised,
+                    engine=type(engine).__name__, all_steps_seconds=total, first_step_seconds=first_step,
+                    compiled=bool(getattr(getattr(engine, "fast", None), "use_compile", False)),
+                    captures=getattr(getattr(engine, "fast", None), "captures", 0), nan_step_raised=raised,
                     nan_step_left_weights_unchanged=unchanged)
 
 
@@ -251,6 +260,7 @@ RUNNERS: dict[str, Callable[..., dict]] = {
     "packed+compile+graphs": _run_fast("packed+compile+graphs", compile=True, graphs=True),
     "engine": run_engine,
     "engine+rollrope": lambda *a: _roll_rope(run_engine, *a),
+    "engine+compile": lambda *a: run_engine(*a, compile=True),
     "packed+graphs+rollrope": lambda *a: _roll_rope(_run_fast("packed+graphs+rollrope", compile=False, graphs=True), *a),
 }
 

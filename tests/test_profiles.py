@@ -85,6 +85,7 @@ BAD = [
     ("epochs zero", ("epochs = 2", "epochs = 0"), "train.epochs", "> 0"),
     ("epochs bool", ("epochs = 2", "epochs = true"), "train.epochs", "expected a number"),
     ("bad task", ("task = \"generate\"", "task = \"classify\""), "model.task", "one of generate, tag"),
+    ("bad compile", ("epochs = 2", "epochs = 2\ncompile = \"yes\""), "train.compile", "one of auto, on, off"),
     ("bad scheduler", ("epochs = 2", "epochs = 2\nscheduler = \"step\""), "train.scheduler", "linear, cosine, constant"),
     ("dropout one", ("r = 8", "r = 8\ndropout = 1.0"), "lora.dropout", "[0, 1)"),
     ("empty targets", ("target_modules = [\"q_proj\", \"v_proj\"]", "target_modules = []"), "lora.target_modules", "non-empty"),
@@ -120,6 +121,14 @@ def test_bad_profile_names_file_key_and_hint(folder: Path, old_new: tuple[str, s
     assert err.key == key
     assert words in str(err)
     assert str(path) in str(err)
+
+
+@pytest.mark.parametrize("value,mode", [('"auto"', "auto"), ("true", "on"), ("false", "off"), ('"on"', "on")])
+def test_train_compile_reads_modes_and_booleans(folder: Path, value: str, mode: str) -> None:
+    assert load_profile(write(folder, GOOD)).train.compile == "off"
+    profile = load_profile(write(folder, GOOD.replace("epochs = 2", f"epochs = 2\ncompile = {value}")))
+    assert profile.train.compile == mode
+    assert Profile.from_dict(json.loads(json.dumps(profile.to_dict()))) == profile
 
 
 def test_error_carries_line_of_the_key(folder: Path) -> None:

@@ -30,6 +30,7 @@ TASKS = ("generate", "tag")
 DTYPES = ("auto", "bf16", "fp16", "fp32")
 SCHEDULERS = ("linear", "cosine", "constant", "wsd")
 ENGINES = ("fast", "plain")
+COMPILE_MODES = ("auto", "on", "off")
 ON_VERDICT = ("suggest", "apply")
 
 
@@ -75,6 +76,7 @@ class TrainSpec:
     grad_clip: float = 1.0
     weight_decay: float = 0.0
     engine: str = "fast"
+    compile: str = "off"  # COMPILE_MODES: torch.compile the fast engine's decoder layers (gputwin.train.compiling)
     threads: int = 0  # CPU threads for this arm; 0 = a fair share of the cores
     decay_fraction: float = 0.1  # scheduler = "wsd": the share of the steps (after warmup) that decay
 
@@ -478,6 +480,7 @@ def _parse_train(tr: _Section) -> TrainSpec:
         grad_clip=tr.positive("grad_clip", float, 1.0, allow_zero=True, hint="0 turns clipping off"),
         weight_decay=tr.positive("weight_decay", float, 0.0, allow_zero=True),
         engine=tr.choice("engine", ENGINES, "fast"),
+        compile=_compile_mode(tr),
         threads=tr.positive("threads", int, 0, allow_zero=True, hint="0 shares the cores fairly between arms"),
         decay_fraction=tr.get("decay_fraction", float, 0.1),
     )
@@ -485,6 +488,14 @@ def _parse_train(tr: _Section) -> TrainSpec:
         raise tr.error("decay_fraction", f"must be between 0 and 1, got {train.decay_fraction}",
                        "the wsd scheduler decays over the last decay_fraction of the steps, e.g. 0.1 or 0.2")
     return train
+
+
+def _compile_mode(tr: _Section) -> str:
+    """train.compile: "auto" | "on" | "off"; TOML's true and false read as "on" and "off"."""
+    value = tr.data.get("compile", TrainSpec.compile)
+    if isinstance(value, bool):
+        return "on" if value else "off"
+    return tr.choice("compile", COMPILE_MODES, TrainSpec.compile)
 
 
 def _parse_data(d: _Section, check_files: bool) -> DataSpec:

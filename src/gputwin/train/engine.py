@@ -109,14 +109,15 @@ class PlainEngine:
 
 
 def make_engine(name: str, model: Any, optimizer: torch.optim.Optimizer, *, device: torch.device,
-                model_dtype: torch.dtype, grad_clip: float, pad_id: int) -> Engine:
-    """The engine train.engine asks for; "fast" falls back to plain where no fast engine serves."""
+                model_dtype: torch.dtype, grad_clip: float, pad_id: int, compile: bool | None = None) -> Engine:
+    """The engine train.engine asks for; "fast" falls back to plain where no fast engine serves.
+    compile: torch.compile the fast engine's decoder layers (None: its default)."""
     kwargs = {"device": device, "model_dtype": model_dtype, "grad_clip": grad_clip, "pad_id": pad_id}
     if name == "fast":
         fast = _fast_engine_class()
         if fast is not None:
             try:
-                return fast(model, optimizer, **kwargs)
+                return fast(model, optimizer, **kwargs, **({} if compile is None else {"compile": compile}))
             except EngineUnsupported as exc:
                 print(f"gputwin: the fast engine does not serve this run ({exc}); using the plain engine",
                       file=sys.stderr)

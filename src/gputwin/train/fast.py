@@ -146,6 +146,8 @@ class FastStep:
                                               if varlen else "SDPA with a block-causal mask (no checked varlen kernel here)")
         paths["cuda_graphs"] = fastpaths.status(self.use_graphs, "one graph per batch shape" if self.use_graphs
                                                 else "they need CUDA and a fused AdamW")
+        paths["compile"] = fastpaths.status(self.use_compile, "torch.compile'd decoder layers, one compilation for all"
+                                            if self.use_compile else "off (train.compile)")
         return paths
 
     # -- public

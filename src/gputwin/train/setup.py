@@ -253,7 +253,7 @@ def build_run(arm: ArmPaths, profile: Profile) -> Run:
                                         device=device)
             return optimizer, make_engine(profile.train.engine, model, optimizer, device=device,
                                           model_dtype=model_dtype, grad_clip=profile.train.grad_clip,
-                                          pad_id=pad_id)
+                                          pad_id=pad_id, compile=profile.train.compile == "on")
 
         optimizer, engine = timed("engine", optimizer_and_engine)
         training = timed("data_wait", pending.result)
