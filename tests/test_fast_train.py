@@ -160,6 +160,29 @@ def test_fast_steps_follow_the_plain_padded_loop() -> None:
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
 
 
+def test_compiled_layers_step_like_the_eager_ones(monkeypatch: pytest.MonkeyPatch) -> None:
+    """train.compile: the decoder layers through torch.compile (traced with aot_eager here: Dynamo and AOT
+    autograd as on a GPU, without generating kernels) give the eager step's losses, norms and weights."""
+    import gputwin.train.fast as fast
+
+    monkeypatch.setattr(fast, "COMPILE_BACKEND", "aot_eager")
+    torch._dynamo.reset()
+    data = samples(12, seed=5)
+    batches = [data[i:i + 4] for i in range(0, 12, 4)]
+    runs = []
+    for compile in (False, True):
+        model = tiny_model()
+        step = FastStep(model, torch.optim.AdamW(trainable(model), lr=1e-2), compile=compile)
+        assert step.paths["compile"]["on"] is compile
+        runs.append(([(float(r.loss), float(r.grad_norm)) for r in (step(pack(b, bucket=16)) for b in batches)],
+                     [p.detach().clone() for p in trainable(model)]))
+    (eager, eager_weights), (compiled, compiled_weights) = runs
+    for (loss_a, norm_a), (loss_b, norm_b) in zip(eager, compiled):
+        assert abs(loss_a - loss_b) < 1e-5 and abs(norm_a - norm_b) < 1e-5
+    for a, b in zip(eager_weights, compiled_weights):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+
+
 def test_preserved_state_undoes_warmup_steps() -> None:
     data = samples(8, seed=11)
     model = tiny_model()
@@ -221,7 +244,7 @@ def test_bench_cpu_smoke_runs_every_variant_with_matching_losses(tmp_path: Path)
     results = {r["variant"]: r for r in report["results"]}
     assert set(results) == {"baseline", "lean-padded", "packed", "packed+graphs", "packed+compile+graphs", "engine",
                             "packed+graphs+hfnorm", "packed+graphs+peftlora", "packed+graphs+hfrope",
-                            "packed+graphs+rollrope", "engine+rollrope"}
+                            "packed+graphs+rollrope", "engine+rollrope", "engine+compile"}
     for name, r in results.items():
         assert len(r["losses"]) == 4 and r["tokens_per_s"] > 0
         if name != "baseline":

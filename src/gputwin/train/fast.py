@@ -268,6 +268,9 @@ class FastStep:
         return captured
 
 
+COMPILE_BACKEND = "inductor"  # the tests trace with "aot_eager": the same graphs, no kernel generation
+
+
 def _compiled_layers(layers: Sequence[Any]) -> list[Any]:
     """Each decoder layer through torch.compile; the layers share code, so they share one compilation."""
     import torch._dynamo
@@ -275,7 +278,7 @@ def _compiled_layers(layers: Sequence[Any]) -> list[Any]:
     for name in ("cache_size_limit", "recompile_limit", "accumulated_cache_size_limit", "accumulated_recompile_limit"):
         if hasattr(torch._dynamo.config, name):
             setattr(torch._dynamo.config, name, max(getattr(torch._dynamo.config, name), 256))
-    return [torch.compile(layer, dynamic=True) for layer in layers]
+    return [torch.compile(layer, dynamic=True, backend=COMPILE_BACKEND) for layer in layers]
 
 
 # ---------------------------------------------------------------- the trainer's engine
