@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import math
+import time
 from dataclasses import replace
 from typing import Any, Callable, Iterable, Iterator, Mapping, NamedTuple, Sequence
 
@@ -308,6 +309,8 @@ class FastEngine:
         self.fast = FastStep(model, optimizer, compile=compile and device.type == "cuda", grad_clip=grad_clip,
                              autocast_dtype=dtype)
         self.paths = self.fast.paths
+        self.on_compiled: Callable[[float], None] | None = None  # told the first compiled step's seconds
+        self.compile_seconds: float | None = None
 
     def collate(self, examples: Sequence[Any]) -> PackedBatch:
         # label slots in steps of 256: a few more lm_head rows a step, half as many shapes to capture
@@ -315,7 +318,14 @@ class FastEngine:
 
     def step(self, batch: PackedBatch, lr: float) -> Any:
         """Issue the step; on CUDA it returns at once and the figures arrive with `.result()`."""
-        result = self.fast(batch, lr=lr)
+        if self.fast.use_compile and self.compile_seconds is None:
+            began = time.perf_counter()  # the layers compile while this first step is issued
+            result = self.fast(batch, lr=lr)
+            self.compile_seconds = time.perf_counter() - began
+            if self.on_compiled is not None:
+                self.on_compiled(self.compile_seconds)
+        else:
+            result = self.fast(batch, lr=lr)
         if result.loss.device.type == "cuda":
             return PendingStep(result.loss, result.grad_norm)
         return _output(float(result.loss), float(result.grad_norm))

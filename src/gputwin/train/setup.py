@@ -10,6 +10,7 @@ so a tag run waits for the data before it loads its model.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import random
 import threading
@@ -25,7 +26,7 @@ from ..validate import modeling
 from ..core.paths import ArmPaths
 from ..core.plan import milestone_step, steps_for
 from ..core.profiles import Profile
-from . import tokcache
+from . import compiling, tokcache
 from .batching import Example
 from .engine import Engine, build_optimizer, make_engine
 
@@ -190,6 +191,26 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def compile_decision(profile: Profile, device: torch.device, device_name: str, model: Any,
+                     training: tokcache.TrainingData | None, *, logs_root: Path) -> compiling.Decision:
+    """train.compile for this run (gputwin.train.compiling); training: the data, which "auto" needs."""
+    mode = profile.train.compile
+    if mode == "off":
+        return compiling.decide(mode, on_gpu=False, engine=profile.train.engine, steps=0, tokens_per_step=0,
+                                recorded_s=None)
+    cache = compiling.use_cache(logs_root)
+    config = model.config.to_dict() if hasattr(model.config, "to_dict") else dict(vars(model.config))
+    key = compiling.layer_key(config, dataclasses.asdict(profile.lora), profile.model.dtype, device_name,
+                              torch.__version__)
+    steps, tokens = 0, 0.0
+    if training is not None and training.examples:
+        _, steps = steps_for(len(training.examples), profile.train.batch_size, profile.train.epochs)
+        tokens = profile.train.batch_size * sum(e.n_tokens for e in training.examples) / len(training.examples)
+    decision = compiling.decide(mode, on_gpu=device.type == "cuda", engine=profile.train.engine, steps=steps,
+                                tokens_per_step=tokens, recorded_s=compiling.recorded_seconds(cache, key))
+    return dataclasses.replace(decision, cache=cache, key=key)
+
+
 def build_run(arm: ArmPaths, profile: Profile) -> Run:
     """Device, the data from the cache or the tokenizer and the data beside the model; then LoRA, optimizer and
     engine (each phase timed).
@@ -215,7 +236,8 @@ def build_run(arm: ArmPaths, profile: Profile) -> Run:
         torch.set_num_threads(cpu_threads(profile))
     seed_everything(profile.train.seed)
     spec = profile.model
-    folder = tokcache.cache_folder(arm.root.parent.parent)
+    logs_root = arm.root.parent.parent
+    folder = tokcache.cache_folder(logs_root)
     cached = timed("data", lambda: tokcache.lookup(profile.data.train, base=spec.base, task=spec.task,
                                                    max_length=profile.train.max_length,
                                                    trust_remote_code=spec.trust_remote_code, folder=folder))
@@ -248,15 +270,21 @@ def build_run(arm: ArmPaths, profile: Profile) -> Run:
         model = timed("lora", lambda: modeling.attach_lora(base, profile.lora, spec.task, spec.init_adapter).to(device))
         model.train()
 
+        # train.compile = "auto" weighs the run's length, which the data gives: the engine waits for it
+        training = timed("data_wait", pending.result) if profile.train.compile == "auto" else None
+        compile = compile_decision(profile, device, device_name, model, training, logs_root=logs_root)
+
         def optimizer_and_engine() -> tuple[torch.optim.Optimizer, Engine]:
             optimizer = build_optimizer(model, lr=profile.train.learning_rate, weight_decay=profile.train.weight_decay,
                                         device=device)
             return optimizer, make_engine(profile.train.engine, model, optimizer, device=device,
                                           model_dtype=model_dtype, grad_clip=profile.train.grad_clip,
-                                          pad_id=pad_id, compile=profile.train.compile == "on")
+                                          pad_id=pad_id, compile=compile.on)
 
         optimizer, engine = timed("engine", optimizer_and_engine)
-        training = timed("data_wait", pending.result)
+        if compile.on:
+            compiling.follow(engine, compile)
+        training = training or timed("data_wait", pending.result)
     startup["data_cache"] = training.cache
     startup["total"] = round(time.perf_counter() - started, 3)
     examples = training.examples
