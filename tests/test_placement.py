@@ -38,6 +38,13 @@ def test_auto_leaves_cpu_arms_in_processes_of_their_own_and_on_groups_them() -> 
     assert cotrain_groups(arms, "on") == [["a", "b"]]
 
 
+def test_auto_leaves_an_arm_that_asks_for_compiled_layers_alone() -> None:
+    compiled = replace(arm("b"), train=TrainSpec(compile="on"))
+    arms = [arm("a"), compiled, arm("c"), replace(arm("d"), train=TrainSpec(compile="auto"))]
+    assert cotrain_groups(arms, "auto") == [["a", "c", "d"], ["b"]]
+    assert cotrain_groups(arms, "on") == [["a", "b", "c", "d"]]  # asked for explicitly: co-trained, uncompiled
+
+
 def started(name: str, partners: list[str] | None) -> st.ArmState:
     data = {"kind": ev.STARTED, "t": 1.0, "v": 1, "arm": name, "pid": 4242, "device": "cuda:0 NVIDIA H100",
             "samples": 24, "steps_per_epoch": 6, "total_steps": 12, "milestone_step": 6}

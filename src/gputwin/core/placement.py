@@ -28,12 +28,13 @@ def share_key(profile: Profile) -> tuple[Any, ...] | None:
 def cotrain_groups(arms: Sequence[Profile], mode: str, *, alone: Collection[str] = ()) -> list[list[str]]:
     """The arms' names by process, in the arms' order: "off" one process per arm; "on" one per set of arms
     with the same share_key; "auto" the same for GPU arms only (on a CPU the arms already split the cores,
-    and one process gains nothing). Arms in `alone` keep a process of their own."""
+    and one process gains nothing) that do not ask for compiled layers (train.compile = "on": the co-training
+    step is not compiled). Arms in `alone` keep a process of their own."""
     groups: dict[Any, list[str]] = {}
     for profile in arms:
         key = share_key(profile)
         if (mode == "off" or key is None or profile.name in alone
-                or (mode == "auto" and profile.device is None)):
+                or (mode == "auto" and (profile.device is None or profile.train.compile == "on"))):
             key = ("alone", profile.name)
         groups.setdefault(key, []).append(profile.name)
     return list(groups.values())

@@ -208,7 +208,8 @@ class ArmEngine:
     def __init__(self, group: GroupEngine, adapter: str, partners: Sequence[str]) -> None:
         self.group, self.adapter, self.name = group, adapter, group.name
         self.paths = {"cotrain": {"on": True, "why": "one base pass with " + ", ".join(partners)},
-                      "fast_engine": {"on": group.packed, "why": group.why}}
+                      "fast_engine": {"on": group.packed, "why": group.why},
+                      "compile": {"on": False, "why": "co-trained arms run the co-training step, uncompiled"}}
 
     def collate(self, examples: Sequence[Example]) -> Sequence[Example]:
         return examples
