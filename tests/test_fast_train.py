@@ -183,6 +183,29 @@ def test_compiled_layers_step_like_the_eager_ones(monkeypatch: pytest.MonkeyPatc
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
 
 
+def test_a_failing_compilation_leaves_the_run_on_eager_layers(monkeypatch: pytest.MonkeyPatch,
+                                                               capsys: pytest.CaptureFixture[str]) -> None:
+    import gputwin.train.fast as fast
+
+    def broken(graph: object, inputs: object) -> None:
+        raise RuntimeError("no kernels for this layer")
+
+    monkeypatch.setattr(fast, "COMPILE_BACKEND", broken)
+    torch._dynamo.reset()
+    batch = samples(4, seed=13)
+    plain, _ = plain_padded_steps([batch], lr=1e-3)
+    model = tiny_model()
+    optimizer = torch.optim.AdamW(trainable(model), lr=1.0)
+    engine = FastEngine(model, optimizer, device=torch.device("cpu"), model_dtype=torch.float32, grad_clip=1.0,
+                        pad_id=0)
+    engine.fast = FastStep(model, optimizer, compile=True)  # as on a GPU (a CPU engine does not compile)
+    engine.paths = engine.fast.paths
+    output = engine.step(engine.collate([Example(s["input_ids"], s["labels"], False) for s in batch]), lr=1e-3)
+    assert abs(output.loss - plain[0][0]) < 1e-5 and abs(output.grad_norm - plain[0][1]) < 1e-5
+    assert not engine.fast.use_compile and engine.paths["compile"]["on"] is False
+    assert "compilation failed" in engine.paths["compile"]["why"] and "no kernels" in capsys.readouterr().err
+
+
 def test_preserved_state_undoes_warmup_steps() -> None:
     data = samples(8, seed=11)
     model = tiny_model()

@@ -123,9 +123,9 @@ def test_bad_profile_names_file_key_and_hint(folder: Path, old_new: tuple[str, s
     assert str(path) in str(err)
 
 
-@pytest.mark.parametrize("value,mode", [('"auto"', "auto"), ("true", "on"), ("false", "off"), ('"on"', "on")])
+@pytest.mark.parametrize("value,mode", [('"off"', "off"), ("true", "on"), ("false", "off"), ('"on"', "on")])
 def test_train_compile_reads_modes_and_booleans(folder: Path, value: str, mode: str) -> None:
-    assert load_profile(write(folder, GOOD)).train.compile == "off"
+    assert load_profile(write(folder, GOOD)).train.compile == "auto"
     profile = load_profile(write(folder, GOOD.replace("epochs = 2", f"epochs = 2\ncompile = {value}")))
     assert profile.train.compile == mode
     assert Profile.from_dict(json.loads(json.dumps(profile.to_dict()))) == profile

@@ -76,7 +76,7 @@ class TrainSpec:
     grad_clip: float = 1.0
     weight_decay: float = 0.0
     engine: str = "fast"
-    compile: str = "off"  # COMPILE_MODES: torch.compile the fast engine's decoder layers (gputwin.train.compiling)
+    compile: str = "auto"  # COMPILE_MODES: torch.compile the fast engine's decoder layers (gputwin.train.compiling)
     threads: int = 0  # CPU threads for this arm; 0 = a fair share of the cores
     decay_fraction: float = 0.1  # scheduler = "wsd": the share of the steps (after warmup) that decay
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import math
+import sys
 import time
 from dataclasses import replace
 from typing import Any, Callable, Iterable, Iterator, Mapping, NamedTuple, Sequence
@@ -118,8 +119,10 @@ class FastStep:
         self.fused_norms = fuse_rms_norms(model) if want["rms_norm"] else 0
         self.fused_lora = fuse_lora(model) if want["lora"] else 0
         self.rotary_modules = rotary_modules(model) if want["rotary"] else []
+        self._eager_layers = self.parts.layers
         if self.use_compile:
             self.parts = replace(self.parts, layers=_compiled_layers(self.parts.layers))
+        self._custom_loss = loss_fn is not None
         self.loss_fn = loss_fn or functools.partial(answer_only_loss, parts=self.parts)
         self.warmup_iters = warmup_iters
         self.attention_backend = varlen_backend(self.device)
@@ -173,6 +176,15 @@ class FastStep:
         captured.graph.replay()
         loss, norm = captured.outputs
         return StepResult(loss.clone(), norm.clone(), batch.n_tokens)
+
+    def uncompile(self, why: str) -> None:
+        """Run the decoder layers eagerly from now on (a compilation that failed); before any capture."""
+        self.use_compile = False
+        self.parts = replace(self.parts, layers=self._eager_layers)
+        if not self._custom_loss:
+            self.loss_fn = functools.partial(answer_only_loss, parts=self.parts)
+        self.graphs.clear()
+        self.paths["compile"] = fastpaths.status(False, why)
 
     @property
     def captures(self) -> int:
@@ -319,16 +331,34 @@ class FastEngine:
     def step(self, batch: PackedBatch, lr: float) -> Any:
         """Issue the step; on CUDA it returns at once and the figures arrive with `.result()`."""
         if self.fast.use_compile and self.compile_seconds is None:
-            began = time.perf_counter()  # the layers compile while this first step is issued
-            result = self.fast(batch, lr=lr)
-            self.compile_seconds = time.perf_counter() - began
-            if self.on_compiled is not None:
-                self.on_compiled(self.compile_seconds)
+            result = self._first_compiled_step(batch, lr)
         else:
             result = self.fast(batch, lr=lr)
         if result.loss.device.type == "cuda":
             return PendingStep(result.loss, result.grad_norm)
         return _output(float(result.loss), float(result.grad_norm))
+
+
+    def _first_compiled_step(self, batch: PackedBatch, lr: float) -> StepResult:
+        """The layers compile while this step is issued. A compilation that fails leaves the run on the eager
+        layers, said on stderr and in the engine's paths: the step is retried as it would have run without."""
+        from torch._dynamo.exc import TorchDynamoException
+
+        began = time.perf_counter()
+        try:
+            result = self.fast(batch, lr=lr)
+        except TorchDynamoException as exc:
+            cause = getattr(exc, "inner_exception", None) or exc  # a backend's own error, where it raised one
+            first = (str(cause).strip().splitlines() or [""])[0][:200]
+            why = f"the compilation failed ({type(cause).__name__}: {first}); eager layers"
+            print(f"gputwin: {why}", file=sys.stderr)
+            self.fast.uncompile(why)
+            self.compile_seconds = 0.0
+            return self.fast(batch, lr=lr)
+        self.compile_seconds = time.perf_counter() - began
+        if self.on_compiled is not None:
+            self.on_compiled(self.compile_seconds)
+        return result
 
 
 class PendingStep:

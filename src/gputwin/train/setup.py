@@ -194,9 +194,9 @@ def seed_everything(seed: int) -> None:
 def compile_decision(profile: Profile, device: torch.device, device_name: str, model: Any,
                      training: tokcache.TrainingData | None, *, logs_root: Path) -> compiling.Decision:
     """train.compile for this run (gputwin.train.compiling); training: the data, which "auto" needs."""
-    mode = profile.train.compile
-    if mode == "off":
-        return compiling.decide(mode, on_gpu=False, engine=profile.train.engine, steps=0, tokens_per_step=0,
+    mode, on_gpu = profile.train.compile, device.type == "cuda"
+    if mode == "off" or not on_gpu or profile.train.engine != "fast":
+        return compiling.decide(mode, on_gpu=on_gpu, engine=profile.train.engine, steps=0, tokens_per_step=0,
                                 recorded_s=None)
     cache = compiling.use_cache(logs_root)
     config = model.config.to_dict() if hasattr(model.config, "to_dict") else dict(vars(model.config))
@@ -206,7 +206,7 @@ def compile_decision(profile: Profile, device: torch.device, device_name: str, m
     if training is not None and training.examples:
         _, steps = steps_for(len(training.examples), profile.train.batch_size, profile.train.epochs)
         tokens = profile.train.batch_size * sum(e.n_tokens for e in training.examples) / len(training.examples)
-    decision = compiling.decide(mode, on_gpu=device.type == "cuda", engine=profile.train.engine, steps=steps,
+    decision = compiling.decide(mode, on_gpu=on_gpu, engine=profile.train.engine, steps=steps,
                                 tokens_per_step=tokens, recorded_s=compiling.recorded_seconds(cache, key))
     return dataclasses.replace(decision, cache=cache, key=key)
 
@@ -270,8 +270,9 @@ def build_run(arm: ArmPaths, profile: Profile) -> Run:
         model = timed("lora", lambda: modeling.attach_lora(base, profile.lora, spec.task, spec.init_adapter).to(device))
         model.train()
 
-        # train.compile = "auto" weighs the run's length, which the data gives: the engine waits for it
-        training = timed("data_wait", pending.result) if profile.train.compile == "auto" else None
+        # train.compile = "auto" weighs the run's length, which the data gives: a GPU arm's engine waits for it
+        wants_length = profile.train.compile == "auto" and device.type == "cuda" and profile.train.engine == "fast"
+        training = timed("data_wait", pending.result) if wants_length else None
         compile = compile_decision(profile, device, device_name, model, training, logs_root=logs_root)
 
         def optimizer_and_engine() -> tuple[torch.optim.Optimizer, Engine]:
