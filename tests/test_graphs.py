@@ -1,4 +1,5 @@
-"""Graphs by shape: a shape's first step eager, its second captured, later ones replayed (train/graphs.py).
+"""Graphs by shape: a shape's first step eager, its second captured, later ones replayed (train/graphs.py);
+one arm's step: eager only until its first graph exists, later shapes captured when first met.
 
 The policy is checked here on any machine; the CUDA test (run on a GPU machine) checks that a step met first
 eagerly, then captured and replayed, trains exactly as a step with graphs captured ahead (prepare) does."""
@@ -19,6 +20,16 @@ def test_a_shape_runs_eagerly_only_the_first_time_it_is_met() -> None:
     graphs.clear()  # a checkpoint load drops the graphs, not what the eager steps set up
     assert not graphs.first_meeting((1024, 512, 4))
     assert graphs.summary() == {"captures": 0, "capture_seconds": 0.0, "eager_steps": 2, "log": []}
+
+
+def test_eager_once_runs_new_shapes_eagerly_only_until_a_graph_exists() -> None:
+    graphs = ShapeGraphs(torch.device("cpu"), eager_first="once")
+    assert graphs.first_meeting((1024, 512, 4)) and graphs.first_meeting((1152, 512, 4))
+    graphs._graphs[(1024, 512, 4)] = object()  # what capture() leaves (a capture needs a GPU)
+    assert not graphs.first_meeting((1280, 512, 4))  # captured when met
+    graphs.clear()  # a checkpoint load: eager again until the next capture
+    assert graphs.first_meeting((1408, 512, 4))
+    assert graphs.eager_steps == 3
 
 
 def test_without_eager_first_every_shape_is_captured_when_met() -> None:
@@ -48,8 +59,11 @@ def test_eager_first_then_captured_steps_train_as_graphs_captured_ahead() -> Non
     lazily, step = run(ahead=False)
     ahead, prepared = run(ahead=True)
     shapes = {b.shape_key for b in packed}
-    assert step.graphs.eager_steps == len(shapes)
-    met_twice = {k for k in shapes if sum(b.shape_key == k for b in packed) > 1}
-    assert step.captures == len(met_twice) and all(not e["warm_up"] for e in step.graphs.log)
+    keys = [b.shape_key for b in packed]
+    first_twice = next(n for n, k in enumerate(keys) if k in keys[:n])  # the step of the first capture
+    eager = set(keys[:first_twice])  # eager_first="once": only shapes met before a graph exists run eagerly
+    assert step.graphs.eager_steps == len(eager)
+    captured = {k for k in shapes if k not in eager or keys.count(k) > 1}
+    assert step.captures == len(captured) and all(not e["warm_up"] for e in step.graphs.log)
     assert prepared.captures == len(shapes) and prepared.graphs.eager_steps == 0
     assert lazily == pytest.approx(ahead, rel=1e-4)

@@ -9,6 +9,12 @@ replayed. A shape met once costs one eager step (a few times a replay) instead o
 instantiation (about 0.6 s for the seed's co-trained row on an H100, bench/RESULTS.md). capture() with a warm-up
 is for capturing shapes before they are met (FastStep.prepare).
 
+eager_first="once" runs eagerly only until the first graph exists: after that, a new shape is captured the
+first time it is met and replayed for that same step. That is for a step whose set-up is not per shape (one
+arm: its optimizer state exists after its first step); the co-trained step keeps "each", since a shape there
+may bring an arm whose optimizer has not stepped yet. It saves an eager step (about 0.1 s on an H100) for each
+shape met more than once, and costs a capture instead of an eager step for a shape met only once.
+
 Each capture is logged (`log`): the shape, its seconds and the memory reserved after it, so a bench can show
 where a run's captures and its memory went.
 """
@@ -30,9 +36,10 @@ class Captured:
 
 
 class ShapeGraphs:
-    """The graphs of one step function, by shape key; eager_first: run a shape eagerly the first time it is met."""
+    """The graphs of one step function, by shape key; eager_first: run a shape eagerly the first time it is met
+    ("each" or True), only until a first graph exists ("once"), or never (False)."""
 
-    def __init__(self, device: torch.device, *, eager_first: bool = True) -> None:
+    def __init__(self, device: torch.device, *, eager_first: bool | str = True) -> None:
         self.device, self.eager_first = device, eager_first
         self._graphs: dict[Hashable, Captured] = {}
         self._met: set[Hashable] = set()
@@ -45,7 +52,7 @@ class ShapeGraphs:
 
     def first_meeting(self, key: Hashable) -> bool:
         """True when this step should run eagerly: the shape has not been met before (and is met now)."""
-        if not self.eager_first or key in self._met:
+        if not self.eager_first or key in self._met or (self.eager_first == "once" and self._graphs):
             return False
         self._met.add(key)
         self.eager_steps += 1
