@@ -336,12 +336,13 @@ def _write(exp: ExperimentPaths, now: float) -> tuple[Path, Path, Verdict | None
 
     state = load_state(exp, now)
     verdict, results, waiting = decide_experiment(state, now)
-    figures = write_figures(exp.root, state, results, verdict)
-    write_atomic(exp.comparison, render(state, verdict, results, waiting, now, figures))
     summary = {"experiment": state.name, "written_at": now,
                "validation_files": {name: r.path for name, r in results.items() if r is not None},
                **(verdict.to_dict() if verdict else {"scenario": None, "headline": "only one arm: nothing to compare"})}
+    # the decision first: whoever waits on verdict.json does not wait for the pictures too
     write_atomic(exp.verdict, json.dumps(summary, ensure_ascii=False, indent=2) + "\n")
+    figures = write_figures(exp.root, state, results, verdict)
+    write_atomic(exp.comparison, render(state, verdict, results, waiting, now, figures))
     return exp.comparison, exp.verdict, verdict
 
 
