@@ -1,5 +1,4 @@
-"""Graphs by shape: a shape's first step eager, its second captured, later ones replayed (train/graphs.py);
-one arm's step: eager only until its first graph exists, later shapes captured when first met.
+"""Graphs by shape: a shape's first step eager, its second captured, later ones replayed (train/graphs.py).
 
 The policy is checked here on any machine; the CUDA test (run on a GPU machine) checks that a step met first
 eagerly, then captured and replayed, trains exactly as a step with graphs captured ahead (prepare) does."""
@@ -59,11 +58,35 @@ def test_eager_first_then_captured_steps_train_as_graphs_captured_ahead() -> Non
     lazily, step = run(ahead=False)
     ahead, prepared = run(ahead=True)
     shapes = {b.shape_key for b in packed}
-    keys = [b.shape_key for b in packed]
-    first_twice = next(n for n, k in enumerate(keys) if k in keys[:n])  # the step of the first capture
-    eager = set(keys[:first_twice])  # eager_first="once": only shapes met before a graph exists run eagerly
-    assert step.graphs.eager_steps == len(eager)
-    captured = {k for k in shapes if k not in eager or keys.count(k) > 1}
-    assert step.captures == len(captured) and all(not e["warm_up"] for e in step.graphs.log)
+    assert step.graphs.eager_steps == len(shapes)
+    met_twice = {k for k in shapes if sum(b.shape_key == k for b in packed) > 1}
+    assert step.captures == len(met_twice) and all(not e["warm_up"] for e in step.graphs.log)
     assert prepared.captures == len(shapes) and prepared.graphs.eager_steps == 0
+    assert lazily == pytest.approx(ahead, rel=1e-4)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+def test_eager_once_captured_when_met_trains_as_graphs_captured_ahead() -> None:
+    """eager_first="once" (not yet any step's default): after the first graph, shapes are captured when first met."""
+    from test_fast_train import samples, tiny_model
+
+    from gputwin.train.fast import FastStep, make_optimizer
+    from gputwin.train.packing import pack
+
+    packed = [pack(samples(4, seed=s), bucket=64, pad_id=0) for s in range(12)]
+
+    def run(ahead: bool) -> tuple[list[float], FastStep]:
+        model = tiny_model().cuda()
+        step = FastStep(model, make_optimizer(model, 1e-3), grad_clip=1.0, autocast_dtype=None)
+        step.graphs.eager_first = "once"
+        if ahead:
+            step.prepare(packed)
+        return [float(step(b, lr=1e-3).loss) for b in packed], step
+
+    (lazily, step), (ahead, _) = run(ahead=False), run(ahead=True)
+    keys = [b.shape_key for b in packed]
+    first_capture = next(n for n, k in enumerate(keys) if k in keys[:n])
+    eager = set(keys[:first_capture])  # shapes met before a graph exists
+    assert step.graphs.eager_steps == len(eager)
+    assert step.captures == len({k for k in keys if k not in eager or keys.count(k) > 1})
     assert lazily == pytest.approx(ahead, rel=1e-4)

@@ -85,9 +85,8 @@ class FastStep:
     fused_rope: rotary embeddings in three kernels a tensor during the step (fused_rotary).
     Both default to on for CUDA without compile, which fuses such kernels itself.
     cuda_graphs: capture forward + backward + clipping + AdamW as one CUDA graph per batch shape
-    (PackedBatch.shape_key) and replay it: shapes met before the first graph exists run eagerly the first
-    time and are captured the second; later shapes are captured when first met (graphs.ShapeGraphs,
-    eager_first="once"); prepare() captures shapes ahead, with warm-ups that leave the model untouched.
+    (PackedBatch.shape_key) and replay it: a shape's first step runs eagerly, its second is captured
+    (graphs.ShapeGraphs); prepare() captures shapes ahead, with warm-ups that leave the model untouched.
     Both default to on for CUDA and off for CPU. A step whose loss or gradient norm is not finite
     updates nothing (fused AdamW's found_inf, as AMP does), so the caller can report and stop.
     """
@@ -128,7 +127,7 @@ class FastStep:
         self.warmup_iters = warmup_iters
         self.attention_backend = varlen_backend(self.device)
         self.paths = self._paths(want)
-        self.graphs = ShapeGraphs(self.device, eager_first="once")  # one arm: no set-up per shape after its first
+        self.graphs = ShapeGraphs(self.device)
         self._state_token: tuple[int, ...] = ()
         self._found_inf = torch.zeros((), dtype=torch.float32, device=self.device)
         self._lr: list[torch.Tensor] = []
