@@ -122,6 +122,36 @@ def test_generate_batch_size_does_not_change_outputs(gen):
         sorted((e.type, e.value) for e in s.entities) for s in samples]
 
 
+@pytest.mark.parametrize("decoder", ["fast", "plain"])
+def test_a_second_validation_reuses_the_prompts_and_vocabulary_sweep(gen, decoder, monkeypatch):
+    """The trainer validates the same samples again (co-trained arms, the probe, later milestones): the prompts
+    are tokenised and the vocabulary swept once per tokenizer, and the answers stay the same."""
+    from gputwin.validate import predict as predict_module
+
+    model, tok, test = gen
+    tok = copy.deepcopy(tok)  # a tokenizer this test alone has used
+    samples = load_dataset(test).samples
+    calls = {"encode": 0, "sweep": 0}
+    encode, sweep = predict_module.encode_prompts, type(tok).convert_ids_to_tokens
+
+    def counted_encode(*args, **kwargs):
+        calls["encode"] += 1
+        return encode(*args, **kwargs)
+
+    def counted_sweep(self, ids, *args, **kwargs):
+        calls["sweep"] += isinstance(ids, list) and len(ids) == len(self)
+        return sweep(self, ids, *args, **kwargs)
+
+    monkeypatch.setattr(predict_module, "encode_prompts", counted_encode)
+    monkeypatch.setattr(type(tok), "convert_ids_to_tokens", counted_sweep)
+    first = predict(model, tok, samples, task="generate", device="cpu", decoder=decoder)
+    second = predict(model, tok, samples, task="generate", device="cpu", decoder=decoder)
+    assert first[1]["outputs"] == second[1]["outputs"]
+    assert calls["encode"] == 1 and calls["sweep"] == 1
+    predict(model, tok, samples[:2], task="generate", device="cpu", decoder=decoder)  # other texts: encoded anew
+    assert calls["encode"] == 2
+
+
 def test_random_model_outputs_do_not_depend_on_batching():
     """Left padding must not leak into what a (random, unstopped) model writes."""
     from transformers import Qwen3Config, Qwen3ForCausalLM

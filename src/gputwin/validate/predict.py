@@ -10,13 +10,15 @@ torch/transformers are imported inside the functions: importing this module cost
 from __future__ import annotations
 
 import time
-from typing import Any, Sequence
+import weakref
+from typing import Any, Callable, Sequence, TypeVar
 
 from ..core.data import Entity, Sample
 from ..core.encoding import (answer_closed, answer_text, decode_tag, encode_prompts, encode_tag_many, eos_id,
                              parse_answer)
 
 DEFAULT_BATCH = {("generate", "cuda"): 64, ("generate", "cpu"): 8, ("tag", "cuda"): 128, ("tag", "cpu"): 32}
+T = TypeVar("T")
 UNPARSABLE_KEPT = 5  # raw outputs kept in info for a look at what went wrong
 
 
@@ -80,10 +82,40 @@ def _batches(lengths: Sequence[int], batch_size: int) -> list[list[int]]:
 # ---------------------------------------------------------------- generate
 
 
+# What a validation works out from the tokenizer and the samples alone, kept per tokenizer for the life of the
+# process: a trainer validates the same samples at every milestone, for every co-trained arm and for the
+# cooldown probe (a sweep of the vocabulary and two tokenizations of 500 texts each time otherwise).
+_PER_TOKENIZER: weakref.WeakKeyDictionary[Any, dict[Any, Any]] = weakref.WeakKeyDictionary()
+
+
+def _remembered(tokenizer: Any, key: Any, make: Callable[[], T]) -> T:
+    try:
+        known = _PER_TOKENIZER.setdefault(tokenizer, {})
+    except TypeError:  # not weakly referenceable: work it out each time
+        return make()
+    if key not in known:
+        known[key] = make()
+    return known[key]
+
+
 def _closing_token_ids(tokenizer: Any) -> set[int]:
     """Ids whose token text holds a "]": only after one of these can the answer's list have closed."""
-    tokens = tokenizer.convert_ids_to_tokens(list(range(len(tokenizer))))
-    return {i for i, tok in enumerate(tokens) if tok and "]" in tok}
+    def sweep() -> set[int]:
+        tokens = tokenizer.convert_ids_to_tokens(list(range(len(tokenizer))))
+        return {i for i, tok in enumerate(tokens) if tok and "]" in tok}
+
+    return _remembered(tokenizer, ("closing", len(tokenizer)), sweep)
+
+
+def _prompts_and_room(samples: Sequence[Sample], tokenizer: Any, max_length: int,
+                      max_new_tokens: int | None) -> tuple[list[tuple[list[int], bool]], int]:
+    """The encoded prompts (ids, truncated) and the new tokens to allow, remembered for the same texts."""
+    texts = tuple(s.text for s in samples)
+    encoded = _remembered(tokenizer, ("prompts", max_length, texts),
+                          lambda: encode_prompts(list(texts), tokenizer, max_length))
+    room = max_new_tokens or _remembered(tokenizer, ("room", texts, tuple(tuple(s.entities) for s in samples)),
+                                         lambda: default_max_new_tokens(samples, tokenizer))
+    return encoded, room
 
 
 def _json_closed_criterion(tokenizer: Any, prompt_length: int) -> Any:
@@ -128,8 +160,7 @@ def _predict_generate(model: Any, tokenizer: Any, samples: Sequence[Sample], *, 
     import torch
     from transformers import StoppingCriteriaList
 
-    max_new_tokens = max_new_tokens or default_max_new_tokens(samples, tokenizer)
-    encoded = encode_prompts([s.text for s in samples], tokenizer, max_length)
+    encoded, max_new_tokens = _prompts_and_room(samples, tokenizer, max_length, max_new_tokens)
     prompts = [ids for ids, _ in encoded]
     config = _generation_config(tokenizer, max_new_tokens)
     outputs: list[str] = [""] * len(samples)
@@ -169,8 +200,7 @@ def _predict_generate_fast(model: Any, tokenizer: Any, samples: Sequence[Sample]
     from .fastgen import greedy_generate
     from .merge import merged_adapter
 
-    max_new_tokens = max_new_tokens or default_max_new_tokens(samples, tokenizer)
-    encoded = encode_prompts([s.text for s in samples], tokenizer, max_length)
+    encoded, max_new_tokens = _prompts_and_room(samples, tokenizer, max_length, max_new_tokens)
     eos = eos_id(tokenizer)
     closing = _closing_token_ids(tokenizer)
 
