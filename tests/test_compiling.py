@@ -78,3 +78,32 @@ def test_follow_records_the_first_compiled_step_and_says_why(tmp_path: Path) -> 
     assert engine.paths["compile"] == {"on": True, "why": "auto: worth it"}
     engine.on_compiled(7.0)
     assert compiling.recorded_seconds(tmp_path, "k") == 7.0
+
+
+def test_the_trainer_decides_from_its_profile_data_and_record(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """setup.compile_decision: a GPU arm's planned steps and tokens a step from its data, the record of this
+    machine's last compilation of the same layer; a CPU arm says why it does not compile."""
+    from dataclasses import replace
+    from types import SimpleNamespace
+
+    import torch
+
+    from gputwin.core.profiles import DataSpec, LoraSpec, MilestoneSpec, ModelSpec, Profile, TrainSpec
+    from gputwin.train.setup import compile_decision
+
+    monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)
+    profile = Profile(name="a", model=ModelSpec(base="m"), lora=LoraSpec(), train=TrainSpec(epochs=2),
+                      data=DataSpec(train="t", test="v"), milestone=MilestoneSpec(), device=0)
+    model = SimpleNamespace(config=SimpleNamespace(to_dict=lambda: {"hidden_size": 64}))
+    data = SimpleNamespace(examples=[SimpleNamespace(n_tokens=250)] * 4000)  # 2,000 steps of 1,000 tokens
+    gpu = torch.device("cuda")
+    decision = compile_decision(profile, gpu, "H100", model, data, logs_root=tmp_path)
+    assert not decision.on and "2000 steps would save" in decision.why  # against a first compilation
+    compiling.record(decision.cache, decision.key, 1.0)  # this machine compiled the same layer in 1 s
+    assert compile_decision(profile, gpu, "H100", model, data, logs_root=tmp_path).on
+    assert not compile_decision(profile, gpu, "H200", model, data, logs_root=tmp_path).on  # another GPU: no record
+    cpu = compile_decision(profile, torch.device("cpu"), "cpu", model, data, logs_root=tmp_path)
+    assert not cpu.on and "GPU" in cpu.why
+    off = compile_decision(replace(profile, train=TrainSpec(compile="off")), gpu, "H100", model, data,
+                           logs_root=tmp_path)
+    assert not off.on and off.why == "off (train.compile)"

@@ -108,11 +108,11 @@ def decide(mode: str, *, on_gpu: bool, engine: str, steps: int, tokens_per_step:
 
 
 def follow(engine: Any, decision: Decision) -> None:
-    """The engine's started-event status says why it compiles, and its first compiled step's seconds are
-    recorded for the next decision here."""
+    """The engine's started-event status says why it compiles or not, and a compiling engine's first compiled
+    step's seconds are recorded for the next decision here."""
     paths = getattr(engine, "paths", None)
     if isinstance(paths, dict) and "compile" in paths:
         paths["compile"] = decision.status()
-    if decision.cache is not None and decision.key is not None and hasattr(engine, "on_compiled"):
+    if decision.on and decision.cache is not None and decision.key is not None and hasattr(engine, "on_compiled"):
         cache, key = decision.cache, decision.key
         engine.on_compiled = lambda seconds: record(cache, key, seconds)

@@ -338,7 +338,6 @@ class FastEngine:
             return PendingStep(result.loss, result.grad_norm)
         return _output(float(result.loss), float(result.grad_norm))
 
-
     def _first_compiled_step(self, batch: PackedBatch, lr: float) -> StepResult:
         """The layers compile while this step is issued. A compilation that fails leaves the run on the eager
         layers, said on stderr and in the engine's paths: the step is retried as it would have run without."""

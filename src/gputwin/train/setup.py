@@ -283,9 +283,9 @@ def build_run(arm: ArmPaths, profile: Profile) -> Run:
                                           pad_id=pad_id, compile=compile.on)
 
         optimizer, engine = timed("engine", optimizer_and_engine)
-        if compile.on:
-            compiling.follow(engine, compile)
-        training = training or timed("data_wait", pending.result)
+        compiling.follow(engine, compile)
+        if training is None:
+            training = timed("data_wait", pending.result)
     startup["data_cache"] = training.cache
     startup["total"] = round(time.perf_counter() - started, 3)
     examples = training.examples
