@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -195,19 +196,32 @@ def run(wait_limit: float, tiny: bool = False, tag: str = "both", only: str | No
         log = logs / "pii-seed" / only / "events.jsonl"
         return log.exists() and '"kind":"validation"' in log.read_text()
 
-    while not done() and time.time() - launched < wait_limit and monitor.poll() is None:
-        time.sleep(0.2)
-    to_verdict = time.time() - launched if done() else None
-    for arm in arms:  # the conservative arm would train on to step 1758
-        if only:
-            monitor.terminate()  # a trainer stops at the end of its step on SIGTERM
-        else:
-            subprocess.run([sys.executable, "-m", "gputwin.faces.cli", "stop", arm, "-x", "pii-seed"], env=env,
-                           capture_output=True)
+    def stop_arms() -> None:
+        """The arms are detached: stopped here, or they would train on (to step 1758) beside the next run."""
+        for arm in arms:
+            if only:
+                monitor.terminate()  # a trainer stops at the end of its step on SIGTERM
+            else:
+                subprocess.run([sys.executable, "-m", "gputwin.faces.cli", "stop", arm, "-x", "pii-seed"], env=env,
+                               capture_output=True)
+        try:
+            monitor.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            monitor.kill()
+
+    def cut_short(*_: Any) -> None:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second signal (`timeout` and its caller) must not cut
+        sys.exit(143)  # the stopping below
+
+    # a bench cut short (`timeout`, Ctrl-C) stops its arms too
+    previous = signal.signal(signal.SIGTERM, cut_short)
     try:
-        monitor.wait(timeout=60)
-    except subprocess.TimeoutExpired:
-        monitor.kill()
+        while not done() and time.time() - launched < wait_limit and monitor.poll() is None:
+            time.sleep(0.2)
+        to_verdict = time.time() - launched if done() else None
+    finally:
+        stop_arms()
+        signal.signal(signal.SIGTERM, previous)
 
     result = {"model_build_seconds": round(built, 1), "arms_run": arms, "cotrain": cotrain or "off", "warm": warm,
               ("launch_to_validation_seconds" if only else "launch_to_verdict_seconds"): to_verdict, "arms": {}}

@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import pytest
@@ -46,3 +47,22 @@ def test_the_seed_benchmark_with_a_warm_server_starts_both_trainers_as_its_forks
         for lock in Path(cache).glob("gputwin/warm/*.lock"):
             os.kill(int(lock.read_text()), signal.SIGTERM)
         shutil.rmtree(cache, ignore_errors=True)
+
+
+@pytest.mark.slow
+def test_a_seed_benchmark_cut_short_stops_its_detached_arms(tmp_path: Path) -> None:
+    """SIGTERM (`timeout`) while the arms train: the bench stops them, or they would train on beside the next run."""
+    bench = subprocess.Popen([sys.executable, str(REPO / "bench" / "seed_e2e.py"), "smoke", "--work", str(tmp_path)],
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    events = tmp_path / "logs-smoke" / "pii-seed" / "conservative" / "events.jsonl"
+    try:
+        deadline = time.time() + 300
+        while not (events.exists() and '"kind":"step"' in events.read_text()) and time.time() < deadline:
+            time.sleep(0.2)
+        bench.send_signal(signal.SIGTERM)
+        bench.send_signal(signal.SIGTERM)  # as `timeout` and a caller may both send one
+        assert bench.wait(timeout=180) == 143
+    finally:
+        bench.kill()
+    last = json.loads(events.read_text().splitlines()[-1])
+    assert last["kind"] == "stopped" and last["by"] == "cli", last  # 32 steps planned: stopped, not finished
