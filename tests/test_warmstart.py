@@ -147,3 +147,26 @@ def test_a_server_stays_while_a_watched_arm_runs_and_goes_after(tmp_path: Path) 
             if proc.poll() is None:
                 proc.kill()
         shutil.rmtree(folder, ignore_errors=True)
+
+
+def test_a_watched_supervisor_that_ended_counts_as_gone_before_its_launcher_waits(tmp_path: Path) -> None:
+    """A launcher that keeps running (the UI) waits for its ended supervisors only at its next launch: such a
+    zombie, or a pid now another process's, must not keep the server up."""
+    from gputwin.control.warmstart import _watch
+    from gputwin.train.warm import _watched
+
+    socket_path = tmp_path / "k.sock"
+    running = subprocess.Popen(["sleep", "60"])
+    ended = subprocess.Popen(["true"])
+    try:
+        wait_for(lambda: psutil.Process(ended.pid).status() == psutil.STATUS_ZOMBIE, "the zombie")
+        _watch(socket_path, running.pid)
+        Path(f"{socket_path}.watch").write_text(Path(f"{socket_path}.watch").read_text() + f"{ended.pid}\n"
+                                                f"{os.getpid()} 12345.0\n")  # a start time not this process's
+        assert _watched(socket_path) == {running.pid}
+        running.kill()
+        running.wait()
+        assert _watched(socket_path) == set() and not Path(f"{socket_path}.watch").exists()
+    finally:
+        running.kill()
+        ended.wait()

@@ -151,6 +151,20 @@ def keep_warm(env: Mapping[str, str], watch: int | None = None) -> None:
         pass
 
 
+def _watch(path: Path, pid: int) -> None:
+    """Ask the server at `path` to stay while `pid` runs: a line in KEY.watch, with the process's start time so
+    that a pid the system gives another process later is not taken for it. A process already gone is left out."""
+    try:
+        line = f"{pid} {psutil.Process(pid).create_time():.3f}\n"
+    except psutil.Error:
+        return
+    fd = os.open(f"{path}.watch", os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+    try:
+        os.write(fd, line.encode())
+    finally:
+        os.close(fd)
+
+
 def _keep_warm(env: Mapping[str, str], watch: int | None) -> None:
     idle = idle_seconds(env)
     path = socket_path(env) if idle is not None else None
@@ -161,11 +175,7 @@ def _keep_warm(env: Mapping[str, str], watch: int | None) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     os.chmod(path.parent, 0o700)  # whoever can reach the socket can start processes as this user
     if watch is not None:
-        fd = os.open(f"{path}.watch", os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
-        try:
-            os.write(fd, f"{watch}\n".encode())
-        finally:
-            os.close(fd)
+        _watch(path, watch)
     fd = os.open(f"{path}.lock", os.O_RDWR | os.O_CREAT, 0o600)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)

@@ -2,7 +2,7 @@
 
     read_pid(arm) -> (pid, create_time) | None     read_exit(arm) -> status | None
     read_exit_cause(arm) -> words | None           (an arm on a Ray cluster: "its node left the cluster ...")
-    process_alive(pid, create_time)
+    process_alive(pid, create_time | None)
 
 Readers (the watcher, `status`) and the supervisor both need these; they live below both so that reading
 an experiment never imports the code that starts and steers trainers.
@@ -46,11 +46,12 @@ def read_exit_cause(arm: ArmPaths) -> str | None:
     return parts[1].strip() or None if len(parts) > 1 else None
 
 
-def process_alive(pid: int, create_time: float) -> bool:
-    """True when `pid` is running and is the very process that was recorded (not a reused pid)."""
+def process_alive(pid: int, create_time: float | None) -> bool:
+    """True when `pid` is running (a zombie is not) and is the very process that was recorded (not a reused
+    pid); create_time None: any process under that pid."""
     try:
         proc = psutil.Process(pid)
-        if abs(proc.create_time() - create_time) > CREATE_TIME_SLACK_S:
+        if create_time is not None and abs(proc.create_time() - create_time) > CREATE_TIME_SLACK_S:
             return False
         return proc.status() != psutil.STATUS_ZOMBIE
     except (psutil.NoSuchProcess, psutil.AccessDenied):

@@ -199,8 +199,7 @@ def compile_decision(profile: Profile, device: torch.device, device_name: str, m
         return compiling.decide(mode, on_gpu=on_gpu, engine=profile.train.engine, steps=0, tokens_per_step=0,
                                 recorded_s=None)
     cache = compiling.use_cache(logs_root)
-    config = model.config.to_dict() if hasattr(model.config, "to_dict") else dict(vars(model.config))
-    key = compiling.layer_key(config, dataclasses.asdict(profile.lora), profile.model.dtype, device_name,
+    key = compiling.layer_key(model.config.to_dict(), dataclasses.asdict(profile.lora), profile.model.dtype, device_name,
                               torch.__version__)
     steps, tokens = 0, 0.0
     if training is not None and training.examples:

@@ -31,6 +31,7 @@ import traceback
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
+from ..reading.liveness import process_alive
 from . import origin
 
 # What `python -m gputwin.train` imports before its first step (gputwin.train.__main__, loop, setup, the engines,
@@ -163,26 +164,25 @@ def _serve_one(conn: socket.socket, listener: socket.socket, lock_fd: int) -> in
         return pid
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # a pid taken by another user's process since: not ours
-        return False
-    return True
-
-
 def _watched(path: Path) -> set[int]:
-    """The supervisors that launches started as fresh Pythons and asked this server to watch (KEY.watch, a pid
-    a line, appended by the launcher); the file goes once none of them runs. A pid appended between the
-    reading and the removal is lost: the server then stays only GPUTWIN_WARM minutes for that arm."""
+    """The supervisors that launches started as fresh Pythons and asked this server to watch (KEY.watch, a line
+    "PID [CREATE_TIME]" each, appended by the launcher) that still run; a supervisor that has ended but not yet
+    been waited for by its launcher (a zombie) does not count. The file goes once none of them runs. A line
+    appended between the reading and the removal is lost: the server then stays only GPUTWIN_WARM minutes for
+    that arm."""
     watch = Path(f"{path}.watch")
     try:
-        pids = {int(line) for line in watch.read_text().split() if line.isdigit()}
+        lines = [line.split() for line in watch.read_text().splitlines()]
     except OSError:
         return set()
-    alive = {pid for pid in pids if _alive(pid)}
+    alive = set()
+    for fields in lines:
+        try:
+            pid, created = int(fields[0]), float(fields[1]) if len(fields) > 1 else None
+        except (IndexError, ValueError):
+            continue
+        if process_alive(pid, created):
+            alive.add(pid)
     if not alive:
         watch.unlink(missing_ok=True)
     return alive
@@ -267,7 +267,7 @@ def serve(path: Path, idle_seconds: float) -> int:
             try:
                 conn, _ = listener.accept()
             except socket.timeout:
-                forked = {pid for pid in forked if _alive(pid)}
+                forked = {pid for pid in forked if process_alive(pid, None)}
                 if forked or _watched(path):
                     last = time.monotonic()
                 elif time.monotonic() - last >= idle_seconds:
