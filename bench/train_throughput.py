@@ -9,7 +9,9 @@ AdamW lr 1e-4 with linear decay, clip 1.0, bf16 autocast over bf16 weights, fp32
   packed+compile+graphs  + torch.compile'd decoder layers inside the graphs
   engine                 the trainer's fast engine (graphs) as its loop drives it, each loss read a step late
   engine+compile         the same with train.compile on (torch.compile'd decoder layers inside the graphs)
-  engine+eageronce       the engine with new shapes eager only until its first graph, then captured when met
+  engine+eagereach       the engine with every shape's first step eager and its second captured (before 2026-12-07;
+                         the engine now runs eagerly only until its first graph, then captures shapes when met)
+  packed+graphs+lorapercall  the bench step with each LoRA layer casting A and B itself (before the adapter copies)
 Reported: tokens/s over non-padding tokens after warm-up, MFU (2.49 GFLOP a token, 989 TFLOP/s peak),
 peak memory, the time spent compiling/capturing, and each loss curve's gap to the baseline's.
 
@@ -35,7 +37,7 @@ from gputwin.train.packing import pack
 
 VARIANTS = ("baseline", "packed+graphs", "packed+compile+graphs", "packed", "lean-padded", "engine", "packed+graphs+hfnorm",
             "packed+graphs+peftlora", "packed+graphs+hfrope", "packed+graphs+rollrope", "engine+rollrope",
-            "engine+compile", "engine+eageronce")
+            "engine+compile", "engine+eagereach", "packed+graphs+lorapercall")
 BATCH = 4
 
 
@@ -144,13 +146,14 @@ def run_lean_padded(model: Any, batches: list[list[dict]], args: argparse.Namesp
 
 
 def _run_fast(name: str, *, compile: bool, graphs: bool, fused_norms: bool | None = None,
-              fused_lora: bool | None = None, fused_rope: bool | None = None) -> Callable[..., dict]:
+              fused_lora: bool | None = None, fused_rope: bool | None = None,
+              lora_copies: bool = True) -> Callable[..., dict]:
     def run(model: Any, batches: list[list[dict]], args: argparse.Namespace, device: torch.device) -> dict:
         optimizer = make_optimizer(model, args.lr)
         on_cuda = device.type == "cuda"  # --cpu-smoke runs the same code without compile and graphs
         step_fn = FastStep(model, optimizer, compile=compile and on_cuda, cuda_graphs=graphs and on_cuda,
                            grad_clip=1.0, fused_norms=fused_norms, fused_lora=fused_lora,
-                           fused_rope=fused_rope)
+                           fused_rope=fused_rope, lora_copies=lora_copies)
         started = time.perf_counter()
         shapes = {}
         for samples in batches:  # every shape once: graphs (and compilation) before the clock starts
@@ -185,12 +188,12 @@ def _run_fast(name: str, *, compile: bool, graphs: bool, fused_norms: bool | Non
 
 
 def run_engine(model: Any, batches: list[list[dict]], args: argparse.Namespace, device: torch.device,
-               compile: bool | None = None, eager_once: bool = False) -> dict:
+               compile: bool | None = None, eager_each: bool = False) -> dict:
     """The fast engine as the trainer loop drives it (gputwin.train.engine.make_engine("fast")): graphs
     captured as new shapes come, each step's loss read after the next step is issued; then the NaN path
     the trainer's fault hook exercises: the step must raise NonFiniteLoss and change no weight.
-    compile: the engine's train.compile setting (None: the trainer's default); eager_once: new shapes eager only
-    until the first graph exists, captured when first met after that (graphs.ShapeGraphs eager_first="once")."""
+    compile: the engine's train.compile setting (None: the trainer's default); eager_each: every shape's first
+    step eager, its second captured (graphs.ShapeGraphs eager_first=True), as before the engine's "once"."""
     from gputwin.train.batching import Example
     from gputwin.train.engine import NonFiniteLoss, build_optimizer, make_engine
 
@@ -198,8 +201,8 @@ def run_engine(model: Any, batches: list[list[dict]], args: argparse.Namespace, 
     optimizer = build_optimizer(model, lr=args.lr, weight_decay=0.0, device=device)
     engine = make_engine("fast", model, optimizer, device=device, model_dtype=dtype, grad_clip=1.0, pad_id=args.pad_id,
                          compile=compile)
-    if eager_once:
-        engine.fast.graphs.eager_first = "once"
+    if eager_each:
+        engine.fast.graphs.eager_first = True
     examples = [[Example(s["input_ids"], s["labels"], False) for s in batch] for batch in batches]
     losses, tokens, start, pending = [], 0, 0.0, None
     common.synchronize(device)
@@ -267,7 +270,8 @@ RUNNERS: dict[str, Callable[..., dict]] = {
     "engine": run_engine,
     "engine+rollrope": lambda *a: _roll_rope(run_engine, *a),
     "engine+compile": lambda *a: run_engine(*a, compile=True),
-    "engine+eageronce": lambda *a: run_engine(*a, eager_once=True),
+    "engine+eagereach": lambda *a: run_engine(*a, eager_each=True),
+    "packed+graphs+lorapercall": _run_fast("packed+graphs+lorapercall", compile=False, graphs=True, lora_copies=False),
     "packed+graphs+rollrope": lambda *a: _roll_rope(_run_fast("packed+graphs+rollrope", compile=False, graphs=True), *a),
 }
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import collections
+
 import pytest
 import torch
 from peft import LoraConfig, get_peft_model
@@ -165,3 +167,92 @@ def test_fast_steps_with_fused_lora_follow_the_unfused_steps() -> None:
     for a, b in zip(*runs):
         assert abs(a - b) < 1e-5
 
+
+
+def _ops_in_a_step(step: FastStep, packed: object) -> collections.Counter:
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    seen: collections.Counter = collections.Counter()
+
+    class Census(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001, ANN202
+            seen[func.__name__.split(".")[0]] += 1
+            return func(*args, **(kwargs or {}))
+
+    with Census():
+        step(packed)
+    return seen
+
+
+def test_adapter_copies_train_as_per_call_casts_do() -> None:
+    """The fused layers take A and s*B from one buffer made at the start of the step: the same losses and
+    adapters as when each layer casts and scales for itself."""
+    runs = []
+    for copies in (False, True):
+        model = tiny_model(seed=5, dropout=0.1)
+        params = [p for p in model.parameters() if p.requires_grad]
+        step = FastStep(model, torch.optim.AdamW(params, lr=1e-2), grad_clip=1.0, fused_lora=True, lora_copies=copies)
+        assert len(step.adapter_copies) == (2 * len(TARGETS) if copies else 0)
+        torch.manual_seed(11)  # the same dropout masks
+        runs.append(([float(step(batch(seed)).loss) for seed in range(4)],
+                     {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}))
+    (per_call, adapters_a), (copied, adapters_b) = runs
+    assert copied == pytest.approx(per_call, rel=1e-6)
+    for name, value in adapters_a.items():
+        torch.testing.assert_close(adapters_b[name], value, rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_adapter_copies_save_two_casts_and_a_scaling_a_layer_in_bf16() -> None:
+    """Under bf16 autocast with fp32 adapters (the trainer's case) each fused layer cast A and B and scaled
+    its share itself: three operations a layer, against two a step for the copies."""
+    census = []
+    for copies in (False, True):
+        model = tiny_model(seed=5).to(torch.bfloat16)
+        for p in model.parameters():
+            if p.requires_grad:
+                p.data = p.data.float()
+        params = [p for p in model.parameters() if p.requires_grad]
+        step = FastStep(model, torch.optim.AdamW(params, lr=1e-3), grad_clip=1.0, fused_lora=True,
+                        autocast_dtype=torch.bfloat16, lora_copies=copies)
+        step(batch(1))
+        census.append(_ops_in_a_step(step, batch(2)))
+    before, after = census
+    assert sum(before.values()) - sum(after.values()) == 3 * 2 * len(TARGETS) - 2, (before - after, after - before)
+
+
+def test_adapter_copies_are_read_only_inside_fresh_and_follow_the_parameters() -> None:
+    model = tiny_model(seed=6)
+    fuse_lora(model)
+    copies = fused_lora.AdapterCopies(model)
+    layer = next(m for m in model.modules() if type(m) is fused_lora.lora_layer_type())
+    x = torch.randn(3, layer.base_layer.in_features)
+    expected = type(layer).forward(layer, x)  # peft's own
+    with copies.fresh(torch.float32):
+        torch.testing.assert_close(layer(x), expected)
+        with torch.no_grad():
+            layer.lora_B["default"].weight.mul_(2.0)  # an update inside the step is not seen: copies are per step
+        stale = layer(x)
+    torch.testing.assert_close(stale, expected)
+    assert fused_lora._COPIES is None  # outside, every call casts the parameters as they are
+    torch.testing.assert_close(layer(x), type(layer).forward(layer, x))
+    with copies.fresh(torch.float32):
+        torch.testing.assert_close(layer(x), type(layer).forward(layer, x))  # the next step's copies
+    with copies.fresh(None):  # no compute dtype: the layers cast for themselves
+        assert fused_lora._COPIES is None
+    assert not copies.ready(None)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+def test_adapter_copies_in_captured_bf16_steps_follow_per_call_casts() -> None:
+    losses = []
+    for copies in (False, True):
+        model = tiny_model(seed=7).to(torch.bfloat16).cuda()
+        for name, p in model.named_parameters():
+            if p.requires_grad:
+                p.data = p.data.float()  # fp32 adapters on a bf16 base, as the trainer has them
+        params = [p for p in model.parameters() if p.requires_grad]
+        step = FastStep(model, torch.optim.AdamW(params, lr=1e-3, fused=True), grad_clip=1.0, lora_copies=copies)
+        assert step.use_graphs and step.fused_lora and step.autocast_dtype == torch.bfloat16
+        losses.append([float(step(batch(seed % 3), lr=1e-3).loss) for seed in range(9)])
+        assert step.captures >= 1
+    assert losses[1] == pytest.approx(losses[0], rel=2e-2)

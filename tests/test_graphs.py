@@ -49,7 +49,7 @@ def test_eager_first_then_captured_steps_train_as_graphs_captured_ahead() -> Non
 
     def run(ahead: bool) -> tuple[list[float], FastStep]:
         model = tiny_model().cuda()
-        step = FastStep(model, make_optimizer(model, 1e-3), grad_clip=1.0, autocast_dtype=None)
+        step = FastStep(model, make_optimizer(model, 1e-3), grad_clip=1.0, autocast_dtype=None, eager_first=True)
         if ahead:
             step.prepare(packed)
         losses = [float(step(b, lr=1e-3).loss) for b in packed]
@@ -67,7 +67,7 @@ def test_eager_first_then_captured_steps_train_as_graphs_captured_ahead() -> Non
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
 def test_eager_once_captured_when_met_trains_as_graphs_captured_ahead() -> None:
-    """eager_first="once" (not yet any step's default): after the first graph, shapes are captured when first met."""
+    """eager_first="once" (FastStep's default): after the first graph, shapes are captured when first met."""
     from test_fast_train import samples, tiny_model
 
     from gputwin.train.fast import FastStep, make_optimizer
@@ -78,7 +78,7 @@ def test_eager_once_captured_when_met_trains_as_graphs_captured_ahead() -> None:
     def run(ahead: bool) -> tuple[list[float], FastStep]:
         model = tiny_model().cuda()
         step = FastStep(model, make_optimizer(model, 1e-3), grad_clip=1.0, autocast_dtype=None)
-        step.graphs.eager_first = "once"
+        assert step.graphs.eager_first == "once"
         if ahead:
             step.prepare(packed)
         return [float(step(b, lr=1e-3).loss) for b in packed], step

@@ -28,7 +28,7 @@ import torch
 
 from ..kernels import fastpaths
 from ..kernels.decoder import decoder_parts, fuse_rms_norms, varlen_backend
-from ..kernels.fused_lora import fuse_lora
+from ..kernels.fused_lora import AdapterCopies, fuse_lora
 from ..kernels.fused_rotary import fused_rotary, rotary_modules
 from .graphs import Captured, ShapeGraphs
 from .packing import LABEL_BUCKET, PackedBatch, answer_only_loss, pack
@@ -85,8 +85,11 @@ class FastStep:
     fused_rope: rotary embeddings in three kernels a tensor during the step (fused_rotary).
     Both default to on for CUDA without compile, which fuses such kernels itself.
     cuda_graphs: capture forward + backward + clipping + AdamW as one CUDA graph per batch shape
-    (PackedBatch.shape_key) and replay it: a shape's first step runs eagerly, its second is captured
-    (graphs.ShapeGraphs); prepare() captures shapes ahead, with warm-ups that leave the model untouched.
+    (PackedBatch.shape_key) and replay it. eager_first (graphs.ShapeGraphs): "once", the default, runs
+    steps eagerly until a shape is met a second time and captured; from then on a new shape is captured
+    the first time it is met. True runs every shape's first step eagerly. prepare() captures shapes
+    ahead, with warm-ups that leave the model untouched. The fused LoRA layers take their A and s*B in
+    the compute dtype from one buffer filled at the start of each step (fused_lora.AdapterCopies).
     Both default to on for CUDA and off for CPU. A step whose loss or gradient norm is not finite
     updates nothing (fused AdamW's found_inf, as AMP does), so the caller can report and stop.
     """
@@ -96,7 +99,7 @@ class FastStep:
                  autocast_dtype: torch.dtype | None | str = "auto",
                  loss_fn: Callable[[Any, PackedBatch], torch.Tensor] | None = None, warmup_iters: int = 1,
                  fused_norms: bool | None = None, fused_lora: bool | None = None,
-                 fused_rope: bool | None = None) -> None:
+                 fused_rope: bool | None = None, eager_first: bool | str = "once", lora_copies: bool = True) -> None:
         self.model, self.optimizer = model, optimizer
         self.params = [p for group in optimizer.param_groups for p in group["params"]]
         self.device = self.params[0].device
@@ -118,6 +121,10 @@ class FastStep:
                 "rotary": hand_fused if fused_rope is None else fused_rope}
         self.fused_norms = fuse_rms_norms(model) if want["rms_norm"] else 0
         self.fused_lora = fuse_lora(model) if want["lora"] else 0
+        # the fused layers' A and s*B, made once a step (lora_copies=False: each layer casts its own, for A/B benches)
+        self.adapter_copies = AdapterCopies(model if lora_copies else torch.nn.Module())
+        base_dtype = next((p.dtype for p in model.parameters() if not p.requires_grad), torch.float32)
+        self._copy_dtype = autocast_dtype or base_dtype
         self.rotary_modules = rotary_modules(model) if want["rotary"] else []
         self._eager_layers = self.parts.layers
         if self.use_compile:
@@ -127,7 +134,7 @@ class FastStep:
         self.warmup_iters = warmup_iters
         self.attention_backend = varlen_backend(self.device)
         self.paths = self._paths(want)
-        self.graphs = ShapeGraphs(self.device)
+        self.graphs = ShapeGraphs(self.device, eager_first=eager_first)
         self._state_token: tuple[int, ...] = ()
         self._found_inf = torch.zeros((), dtype=torch.float32, device=self.device)
         self._lr: list[torch.Tensor] = []
@@ -222,7 +229,7 @@ class FastStep:
 
     def _body(self, batch: PackedBatch) -> tuple[torch.Tensor, torch.Tensor]:
         """forward, backward, clip, update: the part a graph captures."""
-        with self._autocast(), fused_rotary(self.rotary_modules):
+        with self._autocast(), fused_rotary(self.rotary_modules), self.adapter_copies.fresh(self._copy_dtype):
             loss = self.loss_fn(self.model, batch)
         loss.backward()
         norm = torch.nn.utils.clip_grad_norm_(self.params, self.max_norm)
@@ -276,6 +283,7 @@ class FastStep:
                     self._body(static)
 
         self.optimizer.zero_grad(set_to_none=True)
+        self.adapter_copies.ready(self._copy_dtype)  # its buffer exists before the capture
         captured = self.graphs.capture(batch.shape_key, static, self._body, warm if warm_up else None)
         self._state_token = self._state_ids()
         return captured

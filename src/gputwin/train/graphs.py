@@ -10,10 +10,10 @@ instantiation (about 0.6 s for the seed's co-trained row on an H100, bench/RESUL
 is for capturing shapes before they are met (FastStep.prepare).
 
 eager_first="once" runs eagerly only until the first graph exists: after that, a new shape is captured the
-first time it is met and replayed for that same step. It would suit a step whose set-up is not per shape (one
-arm: its optimizer state exists after its first step; never the co-trained step, where a shape may bring an
-arm whose optimizer has not stepped yet), saving an eager step for each shape met more than once. It has not
-run on a GPU yet, so no step uses it; `bench/train_throughput.py --variants engine,engine+eageronce` measures it.
+first time it is met and replayed for that same step. It suits a step whose set-up is not per shape: one arm's
+step (fast.FastStep's default), whose optimizer state exists after its first step. Never the co-trained step,
+where a shape may bring an arm whose optimizer has not stepped yet. It saves one eager step (a few times a
+replay) for each shape after the first.
 
 Each capture is logged (`log`): the shape, its seconds and the memory reserved after it, so a bench can show
 where a run's captures and its memory went.
