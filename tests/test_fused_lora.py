@@ -251,7 +251,8 @@ def test_adapter_copies_in_captured_bf16_steps_follow_per_call_casts() -> None:
             if p.requires_grad:
                 p.data = p.data.float()  # fp32 adapters on a bf16 base, as the trainer has them
         params = [p for p in model.parameters() if p.requires_grad]
-        step = FastStep(model, torch.optim.AdamW(params, lr=1e-3, fused=True), grad_clip=1.0, lora_copies=copies)
+        step = FastStep(model, torch.optim.AdamW(params, lr=1e-3, fused=True), grad_clip=1.0, compile=False,
+                        lora_copies=copies)
         assert step.use_graphs and step.fused_lora and step.autocast_dtype == torch.bfloat16
         losses.append([float(step(batch(seed % 3), lr=1e-3).loss) for seed in range(9)])
         assert step.captures >= 1
