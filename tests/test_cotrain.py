@@ -355,3 +355,47 @@ def test_a_packed_group_row_meets_about_as_many_shapes_as_one_arm_alone() -> Non
     padding = sum(p.length - p.n_tokens for p in two_arm_rows) / sum(p.n_tokens for p in two_arm_rows)
     assert padding < 0.1
     assert all(p.length % 256 == 0 and p.label_index.shape[0] % (2 * LABEL_BUCKET) == 0 for p in two_arm_rows)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+def test_co_trained_shapes_captured_when_met_train_as_each_shape_met_eagerly_first(world: World) -> None:
+    """train/cofast.py's graph rule on a GPU: after a set of arms' first graph, a new shape of that set is
+    captured when met (eager_first="once" by family); the arms' losses follow the rule that ran every shape's
+    first step eagerly. Then one arm alone (a probe's step) starts eagerly and is captured in turn."""
+    from gputwin.validate.modeling import load_base
+    from gputwin.train.cofast import GroupFastStep, pack_group
+    from gputwin.train.cotrain import Member
+    from gputwin.train.engine import build_optimizer
+    from gputwin.train.batching import Example
+    from gputwin.train.multilora import ArmView, SharedModel
+
+    a, b = pair(world)
+    generator = torch.Generator().manual_seed(5)
+
+    def example(n: int) -> Example:
+        ids = torch.randint(5, 300, (n,), generator=generator).tolist()
+        return Example(ids, [-100] * (n // 2) + ids[n // 2:], False)
+
+    steps = [[example(12 + (7 * k + j) % 40) for j in range(3)] for k in range(14)]
+    runs = []
+    for rule in (True, "once"):
+        device = torch.device("cuda")
+        shared = SharedModel(load_base(str(world.qwen), task="generate", dtype="fp32", device="cuda"),
+                             [(a.lora, 7), (b.lora, 7)])
+        shared.model.to(device).train()
+        members = {n: Member(n, ArmView(shared, n).trainable(),
+                             build_optimizer(ArmView(shared, n), lr=1e-3, weight_decay=0.0, device=device), 1.0)
+                   for n in shared.names}
+        group = GroupFastStep(shared, members, device=device, autocast_dtype=None)
+        assert group.use_graphs
+        group.graphs.eager_first = rule
+        torch.manual_seed(0)
+        curve = []
+        for k, chosen in enumerate(steps):
+            work = [(shared.names[0], chosen), (shared.names[1], steps[-1 - k])] if k < 10 else [(shared.names[0], chosen)]
+            curve.append([o.result().loss for o in group(pack_group(work, pad_id=0), [1e-3] * len(work))])
+        runs.append((curve, group.graphs))
+    (each, each_graphs), (once, once_graphs) = runs
+    assert once_graphs.eager_steps < each_graphs.eager_steps
+    assert once_graphs.eager_steps >= 2  # the pair's first step, and the arm alone's
+    assert [x for row in once for x in row] == pytest.approx([x for row in each for x in row], rel=1e-4)

@@ -31,6 +31,19 @@ def test_eager_once_runs_new_shapes_eagerly_only_until_a_graph_exists() -> None:
     assert graphs.eager_steps == 3
 
 
+def test_eager_once_by_family_runs_each_family_s_first_shapes_eagerly() -> None:
+    """The co-trained step's rule: a set of arms (the key's first part) runs eagerly until a graph of that set
+    exists; another set of arms (one arm's cooldown probe, the arms left after one ended) starts eagerly again."""
+    graphs = ShapeGraphs(torch.device("cpu"), eager_first="once", family=lambda key: key[0])
+    both, alone = ("arm0", "arm1"), ("arm0",)
+    assert graphs.first_meeting((both, 2048)) and graphs.first_meeting((both, 2304))
+    graphs._graphs[(both, 2048)] = object()  # what capture() leaves (a capture needs a GPU)
+    assert not graphs.first_meeting((both, 2560))  # captured when met
+    assert graphs.first_meeting((alone, 1024))  # the probe's arm alone: its own first step, eager
+    assert not graphs.first_meeting((both, 2304))  # met before
+    assert graphs.eager_steps == 3
+
+
 def test_without_eager_first_every_shape_is_captured_when_met() -> None:
     graphs = ShapeGraphs(torch.device("cpu"), eager_first=False)
     assert not graphs.first_meeting((1024, 512, 4))

@@ -88,7 +88,7 @@ class GroupFastStep:
         self.fused_norms = fuse_rms_norms(shared.model) if on_cuda else 0
         self.rotary = rotary_modules(shared.model) if on_cuda else []
         self.attention = varlen_backend(device)
-        self.graphs = ShapeGraphs(device)
+        self.graphs = ShapeGraphs(device, eager_first="once", family=lambda key: key[0])  # key[0]: the arms
         self._lr = {adapter: torch.zeros((), dtype=torch.float32, device=device) for adapter in members}
         self._found_inf = {adapter: torch.zeros((), dtype=torch.float32, device=device) for adapter in members}
         self._state_token: tuple[int, ...] = ()
@@ -202,7 +202,8 @@ class GroupFastStep:
                      for v in m.optimizer.state.get(p, {}).values())
 
     def _capture(self, batch: GroupBatch) -> Captured:
-        """Capture this shape, met once already by an eager step (which did the set-up a capture must not meet)."""
+        """Capture this shape. An eager step of the same arms came first (the set-up a capture must not meet:
+        their optimizers' state, the adapters' layout constants); this shape itself may be new."""
         for adapter in batch.adapters:
             self.members[adapter].optimizer.zero_grad(set_to_none=True)
         captured = self.graphs.capture(batch.shape_key, batch.to(self.device), self._body)

@@ -10,10 +10,11 @@ instantiation (about 0.6 s for the seed's co-trained row on an H100, bench/RESUL
 is for capturing shapes before they are met (FastStep.prepare).
 
 eager_first="once" runs eagerly only until the first graph exists: after that, a new shape is captured the
-first time it is met and replayed for that same step. It suits a step whose set-up is not per shape: one arm's
-step (fast.FastStep's default), whose optimizer state exists after its first step. Never the co-trained step,
-where a shape may bring an arm whose optimizer has not stepped yet. It saves one eager step (a few times a
-replay) for each shape after the first.
+first time it is met and replayed for that same step. It saves one eager step (a few times a replay) for each
+shape after the first, and suits a step whose set-up is not per shape: one arm's step (fast.FastStep), whose
+optimizer state exists after its first step. `family` narrows "the first graph" to the first of the key's
+family: the co-trained step (cofast.GroupFastStep) runs eagerly the first step of each set of arms (their
+optimizers' state, the adapters' layout constants), and captures that set's later new shapes when met.
 
 Each capture is logged (`log`): the shape, its seconds and the memory reserved after it, so a bench can show
 where a run's captures and its memory went.
@@ -37,10 +38,13 @@ class Captured:
 
 class ShapeGraphs:
     """The graphs of one step function, by shape key; eager_first: run a shape eagerly the first time it is met
-    ("each" or True), only until a first graph exists ("once"), or never (False)."""
+    ("each" or True), only until a first graph of its family exists ("once"), or never (False).
+    family(key): what a key shares its set-up with (default: every key, one family)."""
 
-    def __init__(self, device: torch.device, *, eager_first: bool | str = True) -> None:
+    def __init__(self, device: torch.device, *, eager_first: bool | str = True,
+                 family: Callable[[Hashable], Hashable] | None = None) -> None:
         self.device, self.eager_first = device, eager_first
+        self.family = family or (lambda key: None)
         self._graphs: dict[Hashable, Captured] = {}
         self._met: set[Hashable] = set()
         self._pool: Any = None
@@ -52,7 +56,9 @@ class ShapeGraphs:
 
     def first_meeting(self, key: Hashable) -> bool:
         """True when this step should run eagerly: the shape has not been met before (and is met now)."""
-        if not self.eager_first or key in self._met or (self.eager_first == "once" and self._graphs):
+        if not self.eager_first or key in self._met:
+            return False
+        if self.eager_first == "once" and any(self.family(k) == self.family(key) for k in self._graphs):
             return False
         self._met.add(key)
         self.eager_steps += 1
