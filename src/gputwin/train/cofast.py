@@ -3,7 +3,7 @@
 As train/fast.py does for one arm: the samples back to back in one row (varlen attention, no padding
 between them), the head only at label positions, fused RMSNorm and rotary kernels, and forward, backward,
 each arm's clipping and AdamW update captured as one CUDA graph per shape and replayed (graphs.ShapeGraphs:
-a shape's first step eager, its second captured). What differs:
+a set of arms' first steps eager until its first graph, then each new shape captured when met). What differs:
 the row holds the samples of every arm stepping (arm after arm), each LoRA layer adds each arm's adapter to
 that arm's tokens only (multilora.TokenRoute: every adapter of a layer in one multi-LoRA function,
 kernels/multi_lora.py; the shape of a step does not depend on where one arm's samples end, so a graph is
