@@ -13,8 +13,8 @@ with the adapter's addition inside the last GEMM (addmm), and a backward that bu
 one GEMM and one fused accumulate. A and B stay fp32 parameters (the optimizer and checkpoints see no
 change); their copies in the compute dtype are made on each call, as autocast makes them, or, inside
 `AdapterCopies.fresh()` (what the fast step does), for all layers at once at the start of the step: two
-kernels a step instead of two casts and a scaling per layer, with the scaling folded into B's copy. Layers or calls
-this path does not cover (merged or disabled adapters, several active adapters, DoRA and other variants,
+kernels a step instead of two casts and a scaling per layer, the scaling folded into B's copy. Layers or
+calls this path does not cover (merged or disabled adapters, several active adapters, DoRA and other variants,
 LoRA bias, a trainable or non-plain base layer, or a call whose LoRA GEMMs peft would run in another dtype
 than x's, such as bf16 inputs to fp32 adapters without autocast) run peft's own forward.
 """
