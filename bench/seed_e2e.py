@@ -86,6 +86,19 @@ class _Pid:
             pass
 
 
+def decode_figures(validation: dict[str, Any] | None) -> dict[str, Any]:
+    """From a validation event's file: the decode's seconds, and the tokens a row it decoded of its room (a model
+    that never ends its answer decodes the whole room, as a random-init one does)."""
+    try:
+        result = json.loads(Path(validation["path"]).read_text(encoding="utf-8")) if validation else {}
+    except (OSError, KeyError, ValueError):
+        result = {}
+    rows = result.get("n") or 0
+    return {"predict_seconds": result.get("predict_seconds"), "decode_room_tokens": result.get("max_new_tokens"),
+            "decoded_tokens_per_row": round(result["generated_tokens"] / rows, 1)
+            if rows and result.get("generated_tokens") is not None else None}
+
+
 def serve_warm(env: dict[str, str]) -> None:
     """A warm server (gputwin.control.warmstart) for launches with this environment, serving before the clock starts."""
     from gputwin.control import warmstart
@@ -242,15 +255,18 @@ def run(wait_limit: float, tiny: bool = False, tag: str = "both", only: str | No
             "milestone_after_launch_s": round(reached["t"] - launched, 1) if reached else None,
             "train_steps_per_s": round((len(steps) - 1) / (steps[-1]["t"] - steps[0]["t"]), 2) if len(steps) > 1 else None,
             "validation_seconds": validation.get("seconds") if validation else None,
+            **decode_figures(validation),
             "validated_after_launch_s": round(validation["t"] - launched, 1) if validation else None,
             "startup_seconds": started.get("startup_seconds"),
         }
     WORK.joinpath(f"result-{tag}.json").write_text(json.dumps(result, indent=2))
-    print(f"{'arm':14} {'started':>8} {'1st step':>9} {'milestone':>10} {'steps/s':>8} {'val s':>7} {'validated':>10}")
+    print(f"{'arm':14} {'started':>8} {'1st step':>9} {'milestone':>10} {'steps/s':>8} {'val s':>7} {'validated':>10} "
+          f"{'decoded/room':>13}")
     for arm, r in result["arms"].items():
+        decoded = f"{r['decoded_tokens_per_row']}/{r['decode_room_tokens']}"
         print(f"{arm:14} {r['started_after_launch_s']:>8} {r['first_step_after_launch_s']!s:>9} "
               f"{r['milestone_after_launch_s']!s:>10} {r['train_steps_per_s']!s:>8} {r['validation_seconds']!s:>7} "
-              f"{r['validated_after_launch_s']!s:>10}")
+              f"{r['validated_after_launch_s']!s:>10} {decoded:>13}")
     for arm, r in result["arms"].items():
         print(f"{arm} start-up (s): {r['startup_seconds']}")
     print(f"launch to {'validation' if only else 'verdict'}: {to_verdict if to_verdict is None else round(to_verdict, 1)} s "

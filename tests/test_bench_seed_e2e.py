@@ -28,6 +28,8 @@ def test_the_seed_benchmark_runs_to_a_verdict_at_toy_sizes(tmp_path: Path) -> No
     for arm in result["arms"].values():
         assert arm["engine"] == "fast" and arm["validated_after_launch_s"] >= arm["milestone_after_launch_s"] > 0
         assert {"imports", "data", "model", "engine", "total"} <= set(arm["startup_seconds"])
+        assert 0 < arm["predict_seconds"] <= arm["validation_seconds"]
+        assert 0 < arm["decoded_tokens_per_row"] <= arm["decode_room_tokens"]
     verdict = json.loads((tmp_path / "logs-smoke" / "pii-seed" / "verdict.json").read_text())
     assert verdict and "launch to verdict" in done.stdout
 
