@@ -174,6 +174,8 @@ def test_compiled_layers_step_like_the_eager_ones(monkeypatch: pytest.MonkeyPatc
         model = tiny_model()
         step = FastStep(model, torch.optim.AdamW(trainable(model), lr=1e-2), compile=compile)
         assert step.paths["compile"]["on"] is compile
+        # a new shape may compile the layers again: with compile every shape's first step is eager, never captured
+        assert step.graphs.eager_first == (True if compile else "once")
         runs.append(([(float(r.loss), float(r.grad_norm)) for r in (step(pack(b, bucket=16)) for b in batches)],
                      [p.detach().clone() for p in trainable(model)]))
     (eager, eager_weights), (compiled, compiled_weights) = runs
@@ -203,6 +205,7 @@ def test_a_failing_compilation_leaves_the_run_on_eager_layers(monkeypatch: pytes
     output = engine.step(engine.collate([Example(s["input_ids"], s["labels"], False) for s in batch]), lr=1e-3)
     assert abs(output.loss - plain[0][0]) < 1e-5 and abs(output.grad_norm - plain[0][1]) < 1e-5
     assert not engine.fast.use_compile and engine.paths["compile"]["on"] is False
+    assert engine.fast.graphs.eager_first == "once"  # eager layers: new shapes are captured when met again
     assert "compilation failed" in engine.paths["compile"]["why"] and "no kernels" in capsys.readouterr().err
 
 

@@ -87,7 +87,8 @@ class FastStep:
     cuda_graphs: capture forward + backward + clipping + AdamW as one CUDA graph per batch shape
     (PackedBatch.shape_key) and replay it. eager_first (graphs.ShapeGraphs): "once", the default, runs
     steps eagerly until a shape is met a second time and captured; from then on a new shape is captured
-    the first time it is met. True runs every shape's first step eagerly. prepare() captures shapes
+    the first time it is met. True runs every shape's first step eagerly (always so with compile: a new
+    shape may make the compiled layers compile again, which must happen outside a capture). prepare() captures shapes
     ahead, with warm-ups that leave the model untouched. The fused LoRA layers take their A and s*B in
     the compute dtype from one buffer filled at the start of each step (fused_lora.AdapterCopies).
     Both default to on for CUDA and off for CPU. A step whose loss or gradient norm is not finite
@@ -134,7 +135,10 @@ class FastStep:
         self.warmup_iters = warmup_iters
         self.attention_backend = varlen_backend(self.device)
         self.paths = self._paths(want)
-        self.graphs = ShapeGraphs(self.device, eager_first=eager_first)
+        # compiled layers may compile again for a new shape, which must not happen inside a capture: with
+        # compile, every shape's first step runs eagerly
+        self._eager_first = eager_first
+        self.graphs = ShapeGraphs(self.device, eager_first=True if self.use_compile else eager_first)
         self._state_token: tuple[int, ...] = ()
         self._found_inf = torch.zeros((), dtype=torch.float32, device=self.device)
         self._lr: list[torch.Tensor] = []
@@ -187,6 +191,7 @@ class FastStep:
     def uncompile(self, why: str) -> None:
         """Run the decoder layers eagerly from now on (a compilation that failed); before any capture."""
         self.use_compile = False
+        self.graphs.eager_first = self._eager_first
         self.parts = replace(self.parts, layers=self._eager_layers)
         if not self._custom_loss:
             self.loss_fn = functools.partial(answer_only_loss, parts=self.parts)

@@ -12,7 +12,8 @@ is for capturing shapes before they are met (FastStep.prepare).
 eager_first="once" runs eagerly only until the first graph exists: after that, a new shape is captured the
 first time it is met and replayed for that same step. It saves one eager step (a few times a replay) for each
 shape after the first, and suits a step whose set-up is not per shape: one arm's step (fast.FastStep), whose
-optimizer state exists after its first step. `family` narrows "the first graph" to the first of the key's
+optimizer state exists after its first step, unless its layers are compiled (a new shape may compile them
+again, which must not happen inside a capture). `family` narrows "the first graph" to the first of the key's
 family: the co-trained step (cofast.GroupFastStep) runs eagerly the first step of each set of arms (their
 optimizers' state, the adapters' layout constants), and captures that set's later new shapes when met.
 
