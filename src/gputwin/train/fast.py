@@ -88,9 +88,9 @@ class FastStep:
     (PackedBatch.shape_key) and replay it. eager_first (graphs.ShapeGraphs): "once", the default, runs
     steps eagerly until a shape is met a second time and captured; from then on a new shape is captured
     the first time it is met. True runs every shape's first step eagerly (always so with compile: a new
-    shape may make the compiled layers compile again, which must happen outside a capture). prepare() captures shapes
-    ahead, with warm-ups that leave the model untouched. The fused LoRA layers take their A and s*B in
-    the compute dtype from one buffer filled at the start of each step (fused_lora.AdapterCopies).
+    shape may make the compiled layers compile again, which must happen outside a capture). prepare()
+    captures shapes ahead, with warm-ups that leave the model untouched. The fused LoRA layers take their
+    A and s*B in the compute dtype from one buffer filled at the start of each step (fused_lora.AdapterCopies).
     Both default to on for CUDA and off for CPU. A step whose loss or gradient norm is not finite
     updates nothing (fused AdamW's found_inf, as AMP does), so the caller can report and stop.
     """
@@ -111,8 +111,8 @@ class FastStep:
         self.fused = all(group.get("fused") for group in optimizer.param_groups)
         if self.use_graphs and not (on_cuda and self.fused and isinstance(optimizer, torch.optim.Adam)):
             raise ValueError("cuda_graphs needs the model on CUDA and a fused Adam/AdamW (fused=True)")
+        base_dtype = next((p.dtype for p in model.parameters() if not p.requires_grad), torch.float32)
         if autocast_dtype == "auto":
-            base_dtype = next((p.dtype for p in model.parameters() if not p.requires_grad), torch.float32)
             autocast_dtype = base_dtype if on_cuda and base_dtype in (torch.bfloat16, torch.float16) else None
         self.autocast_dtype = autocast_dtype
         self.parts = decoder_parts(model)
@@ -124,8 +124,7 @@ class FastStep:
         self.fused_lora = fuse_lora(model) if want["lora"] else 0
         # the fused layers' A and s*B, made once a step (lora_copies=False: each layer casts its own, for A/B benches)
         self.adapter_copies = AdapterCopies(model if lora_copies else torch.nn.Module())
-        base_dtype = next((p.dtype for p in model.parameters() if not p.requires_grad), torch.float32)
-        self._copy_dtype = autocast_dtype or base_dtype
+        self._copy_dtype = autocast_dtype or base_dtype  # the dtype the layers compute in
         self.rotary_modules = rotary_modules(model) if want["rotary"] else []
         self._eager_layers = self.parts.layers
         if self.use_compile:
