@@ -320,8 +320,8 @@ class FastEngine:
 
     def __init__(self, model: Any, optimizer: torch.optim.Optimizer, *, device: torch.device,
                  model_dtype: torch.dtype, grad_clip: float, pad_id: int, compile: bool = False) -> None:
-        """compile is off by default: on the H200 it costs ~90 s once and saves ~16 ms a step (graphs
-        alone: ~30 ms a step), so it pays only past ~5,500 steps (bench/RESULTS.md)."""
+        """compile: torch.compile'd decoder layers (on CUDA only); the trainer decides it per run from what a
+        compilation costs and saves (train/compiling.py)."""
         from .engine import EngineUnsupported
 
         try:
