@@ -11,6 +11,10 @@ B matrices are non-zero (so the adapter changes the output).
   fast prefill 4k  warm, prompts prefilled in chunks of 4k tokens instead of 16k
   fast merged  cold and warm, with the LoRA folded into copies of the base weights for the call
                (gputwin.validate.merge, which the validator uses; the merge is inside the time)
+  fast merged, no sharing  the same, every row prefilling and caching its own copy of the prompts' shared
+               start (only differs from "fast merged warm" with --instruction-tokens)
+--instruction-tokens K puts the same K tokens before every prompt, as the validator's instruction is
+(the seed's tokenizer makes it 175 tokens; Qwen3's chat prompt about 75).
 Outputs are compared with the naive ones row by row (identical rows, identical tokens); a second naive
 run with another batch size on a subset shows how often bf16 noise alone changes a greedy output.
 
@@ -139,12 +143,14 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--new-tokens", type=int, default=None, help="forced new tokens (64; smoke 10)")
     parser.add_argument("--naive-batch", type=int, default=32)
     parser.add_argument("--noise-subset", type=int, default=None, help="prompts in the agreement checks (64)")
-    parser.add_argument("--profile", action="store_true", help="kernel time by kind of one warm fast call (GPU)")
+    parser.add_argument("--profile", action="store_true", help="kernel time by kind of one warm merged call (GPU)")
     parser.add_argument("--train-steps", type=int, default=None, help="adapter training for 'trained' (300; smoke 4)")
     parser.add_argument("--sections", default="naive,fast,agreement,trained",
                         help="naive: generate on all prompts; fast: greedy_generate variants (compared with naive "
                              "when it ran); agreement: naive b32 / naive b16 / fast on a subset, in bf16 and fp32; "
                              "trained: the same on a subset with an adapter trained first")
+    parser.add_argument("--instruction-tokens", type=int, default=None,
+                        help="tokens every prompt starts with, like the validator's instruction (0; smoke 20)")
     parser.add_argument("--lora-b-std", type=float, default=0.02, help="random LoRA B scale (0: adapter is a no-op)")
     parser.add_argument("--seed", type=int, default=7)
     parser.add_argument("--out", default=str(common.OUT_DIR))
@@ -153,6 +159,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     args.new_tokens = args.new_tokens or (10 if args.cpu_smoke else 64)
     args.noise_subset = args.noise_subset or (6 if args.cpu_smoke else 64)
     args.train_steps = args.train_steps or (4 if args.cpu_smoke else 300)
+    if args.instruction_tokens is None:
+        args.instruction_tokens = 20 if args.cpu_smoke else 0
     if args.cpu_smoke:
         args.naive_batch = min(args.naive_batch, 5)
     return args
@@ -167,7 +175,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     lengths = dict(min_len=20, max_len=60, mean_len=40.0) if args.cpu_smoke else {}
     samples = common.synthetic_samples(args.n, seed=args.seed, vocab_size=config.vocab_size,
                                        eos_id=int(config.eos_token_id), **lengths)
-    prompts = [s["input_ids"][:s["prompt_len"]] for s in samples]
+    instruction = torch.randint(1, config.vocab_size, (args.instruction_tokens,),
+                                generator=torch.Generator().manual_seed(args.seed + 1)).tolist()
+    prompts = [instruction + s["input_ids"][:s["prompt_len"]] for s in samples]
     model = common.build_model(config, device=device, dtype=dtype, seed=args.seed, lora_b_std=args.lora_b_std)
     model.eval()
     model.generation_config.eos_token_id = None  # forced length: both sides generate every token
@@ -178,6 +188,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     machine = common.machine_info(device)
     settings = {"n": args.n, "new_tokens": args.new_tokens, "naive_batch": args.naive_batch,
                 "lora_b_std": args.lora_b_std, "seed": args.seed, "noise_subset": args.noise_subset,
+                "instruction_tokens": args.instruction_tokens,
                 "mean_prompt_tokens": sum(map(len, prompts)) / len(prompts)}
 
     def write_report() -> Path:
@@ -225,19 +236,28 @@ def main(argv: Sequence[str] | None = None) -> int:
         measure("fast+stop", lambda: greedy_generate(model, prompts, stop=lambda ids: False, **fast))
         measure("fast b128", lambda: greedy_generate(model, prompts, batch_size=128, **fast))
         measure("fast prefill 4k", lambda: greedy_generate(model, prompts, prefill_tokens=4096, **fast))
+        def merged(share_prefix: bool = True, stats: dict[str, float] | None = None) -> list[list[int]]:
+            with merged_adapter(model):  # what the validator runs (gputwin.validate.predict), merge included
+                return greedy_generate(model, prompts, share_prefix=share_prefix, stats=stats, **fast)
+
+        measure("fast merged cold", merged)
+        merged_stats: dict[str, float] = {}
+        measure("fast merged warm", lambda: merged(stats=merged_stats))
+        rows[-1]["stats"] = merged_stats
+        copies_stats: dict[str, float] = {}
+        measure("fast merged, no sharing", lambda: merged(False, copies_stats),
+                references=("naive", "fast merged warm"))
+        rows[-1]["stats"] = copies_stats
         if args.profile and device.type == "cuda":
             from torch.profiler import ProfilerActivity, profile
 
-            with profile(activities=[ProfilerActivity.CUDA]) as prof:
-                greedy_generate(model, prompts, **fast)
-                common.synchronize(device)
-            rows[-1]["kernel_profile_of_a_warm_call"] = common.kernel_summary(prof)
-        def merged() -> list[list[int]]:  # what the validator runs (gputwin.validate.predict), merge included
-            with merged_adapter(model):
-                return greedy_generate(model, prompts, **fast)
-
-        measure("fast merged cold", merged)
-        measure("fast merged warm", merged)
+            for variant, share in (("fast merged warm", True), ("fast merged, no sharing", False)):
+                with profile(activities=[ProfilerActivity.CUDA]) as prof:
+                    merged(share)
+                    common.synchronize(device)
+                row = next((r for r in rows if r["variant"] == variant and "error" not in r), None)
+                if row is not None:
+                    row["kernel_profile_of_a_warm_call"] = common.kernel_summary(prof)
     if "agreement" in sections:  # on a subset: how much of a mismatch is bf16 noise, and fp32 equality
         subset = prompts[:args.noise_subset]
         naive_half = max(1, args.naive_batch // 2)

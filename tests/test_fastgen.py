@@ -124,6 +124,73 @@ def test_bench_cpu_smoke_matches_the_naive_reference(tmp_path: Path) -> None:
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
     report = json.loads((tmp_path / "validation_speed.json").read_text())
     compared = [r for r in report["results"] if any(k.startswith("vs_") for k in r)]
-    assert len(compared) == 12  # 7 fast variants on all prompts, 5 agreement checks on subsets
+    assert len(compared) == 13  # 8 fast variants on all prompts, 5 agreement checks on subsets
     for r in compared:  # fp32 on CPU: every comparison is exact
         assert all(v["identical_rows_pct"] == 100 for k, v in r.items() if k.startswith("vs_")), r["variant"]
+
+
+@pytest.fixture(scope="module")
+def instructed(prompts) -> list[list[int]]:
+    """The prompts behind one shared 20-token instruction, as validation prompts are."""
+    instruction = torch.randint(1, VOCAB, (20,), generator=torch.Generator().manual_seed(2)).tolist()
+    return [instruction + p for p in prompts]
+
+
+def test_a_shared_prompt_start_is_computed_once_with_the_same_tokens_as_generate(model, instructed) -> None:
+    from gputwin.validate.fastgen import shared_prefix
+
+    assert shared_prefix(instructed) == 20  # the instruction; the one-token prompt keeps its token
+    reference = hf_greedy(model, instructed, 12)
+    assert greedy_generate(model, instructed, max_new_tokens=12, pad_id=PAD) == reference
+    assert greedy_generate(model, instructed, max_new_tokens=12, pad_id=PAD, share_prefix=False) == reference
+    split = greedy_generate(model, instructed, max_new_tokens=12, pad_id=PAD, batch_size=4, prefill_tokens=20)
+    assert split == reference  # batches find their own shared start; chunks hold rows after it
+    assert len({tuple(r) for r in reference}) > 3
+
+
+def test_shared_prefix_leaves_every_prompt_a_token_of_its_own() -> None:
+    from gputwin.validate.fastgen import shared_prefix
+
+    assert shared_prefix([[1, 2, 3], [1, 2, 3]]) == 2
+    assert shared_prefix([[1, 2, 3], [1, 2, 4, 5]]) == 2
+    assert shared_prefix([[1, 2], [3, 2]]) == 0
+    assert shared_prefix([[1, 2, 3]]) == 0  # one prompt: nothing to share
+
+
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+@needs_cuda
+def test_prefix_attention_with_flash_varlen_matches_the_masked_path_on_cuda() -> None:
+    from gputwin.kernels import decoder
+
+    device = torch.device("cuda")
+    if decoder.varlen_backend(device) != "varlen":
+        pytest.skip("no flash varlen attention in this torch")
+    assert decoder._prefix_varlen_ok(device)
+    generator = torch.Generator(device=device).manual_seed(3)
+    lengths = torch.tensor([1, 31, 7, 64, 2])
+    cu = torch.nn.functional.pad(lengths.cumsum(0), (1, 0)).to(device=device, dtype=torch.int32)
+    tokens = int(lengths.sum())
+    q, k, v = (torch.randn(1, h, tokens, 128, device=device, dtype=torch.bfloat16, generator=generator)
+               for h in (16, 8, 8))
+    pk, pv = (torch.randn(8, 175, 128, device=device, dtype=torch.bfloat16, generator=generator) for _ in range(2))
+    fast = decoder.attend_after_prefix(q, k, v, pk, pv, cu, 64, 128 ** -0.5)
+    masked = decoder.attend_after_prefix(q, k, v, pk, pv, cu, 64, 128 ** -0.5, decoder.block_causal_mask(cu, tokens))
+    assert fast.shape == masked.shape == (1, tokens, 16, 128)
+    assert float((fast.float() - masked.float()).abs().max()) < 2e-2
+
+
+@needs_cuda
+def test_shared_prefix_on_cuda_with_graphs_gives_the_tokens_of_generate(model, instructed) -> None:
+    import copy
+
+    gpu = copy.deepcopy(model).to("cuda")
+    reference = hf_greedy(gpu, instructed, 12)
+    assert greedy_generate(gpu, instructed, max_new_tokens=12, pad_id=PAD) == reference
+    assert greedy_generate(gpu, instructed, max_new_tokens=12, pad_id=PAD, share_prefix=False) == reference
+    half = copy.deepcopy(model).to("cuda", torch.bfloat16)
+    shared = greedy_generate(half, instructed, max_new_tokens=12, pad_id=PAD)
+    whole = greedy_generate(half, instructed, max_new_tokens=12, pad_id=PAD, share_prefix=False)
+    same = sum(a == b for a, b in zip(shared, whole))
+    assert same >= len(instructed) - 2, (shared, whole)  # bf16: a near-tie may go the other way

@@ -50,7 +50,8 @@ def _resolve_varlen(*, repeat_kv: bool, contiguous: bool) -> Callable[..., torch
     native_gqa, has_scale = "enable_gqa" in params, "scale" in params
 
     def call(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu: torch.Tensor, max_len: int,
-             scale: float) -> torch.Tensor:
+             scale: float, cu_k: torch.Tensor | None = None, max_k: int | None = None) -> torch.Tensor:
+        """Causal within each segment; with cu_k, segment i's queries are the last of its keys."""
         extra = dict(causal)
         if contiguous:
             q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
@@ -63,13 +64,16 @@ def _resolve_varlen(*, repeat_kv: bool, contiguous: bool) -> Callable[..., torch
             extra["scale"] = scale
         elif not math.isclose(scale, q.shape[-1] ** -0.5):
             raise ValueError(f"varlen_attn of this torch has no scale argument; the model wants {scale}")
-        return varlen_attn(q, k, v, cu, cu, max_len, max_len, **extra)
+        if cu_k is None:
+            cu_k, max_k = cu, max_len
+        return varlen_attn(q, k, v, cu, cu_k, max_len, max_k, **extra)
 
     return call
 
 
 _VARLEN: dict[str, Callable[..., torch.Tensor] | None] = {}  # "cuda" -> checked varlen call, or None
 # tried in this order: fewest copies first (K/V heads as they are, strided views), then with copies
+_PREFIX_VARLEN: dict[str, bool] = {}  # device -> whether _prefix_varlen matches the masked path there
 _VARLEN_WAYS = ({"repeat_kv": False, "contiguous": False}, {"repeat_kv": False, "contiguous": True},
                 {"repeat_kv": True, "contiguous": True})
 
@@ -146,6 +150,59 @@ def attend_packed(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, c
         q, k, v = (x[0].transpose(0, 1) for x in (query, key, value))
         return varlen(q, k, v, cu_seqlens, max_len, scale).unsqueeze(0)
     return masked_attention(query, key, value, cu_seqlens, scale, mask)
+
+
+def attend_after_prefix(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, prefix_key: torch.Tensor,
+                        prefix_value: torch.Tensor, cu_seqlens: torch.Tensor, max_len: int, scale: float,
+                        mask: torch.Tensor | None = None) -> torch.Tensor:
+    """attend_packed for documents that all follow one shared prefix whose keys and values ([kv, P, D]) are
+    already known: each token sees the whole prefix and the earlier tokens of its own document."""
+    if (mask is None and _VARLEN.get("cuda") is not None and query.is_cuda
+            and query.dtype in (torch.bfloat16, torch.float16) and _prefix_varlen_ok(query.device)):
+        return _prefix_varlen(query, key, value, prefix_key, prefix_value, cu_seqlens, max_len, scale)
+    prefix = prefix_key.shape[1]
+    own = mask if mask is not None else block_causal_mask(cu_seqlens, query.shape[2])
+    seen = torch.cat([own.new_ones(own.shape[:-1] + (prefix,)), own], -1)
+    return masked_attention(query, torch.cat([prefix_key[None], key], 2), torch.cat([prefix_value[None], value], 2),
+                            cu_seqlens, scale, seen)
+
+
+def _prefix_varlen(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, prefix_key: torch.Tensor,
+                   prefix_value: torch.Tensor, cu_seqlens: torch.Tensor, max_len: int, scale: float) -> torch.Tensor:
+    """Flash varlen over each document's own copy of the prefix keys followed by its keys."""
+    varlen = _VARLEN["cuda"]
+    assert varlen is not None
+    prefix, documents, tokens = prefix_key.shape[1], cu_seqlens.numel() - 1, query.shape[2]
+    total = prefix * documents + tokens
+    spans = cu_seqlens.diff().long() + prefix  # keys per document
+    cu_k = F.pad(spans.cumsum(0), (1, 0)).to(torch.int32)
+    place = torch.arange(total, device=query.device) - torch.repeat_interleave(cu_k[:-1].long(), spans,
+                                                                               output_size=total)
+    start = torch.repeat_interleave(cu_seqlens[:-1].long(), spans, output_size=total)
+    index = torch.where(place < prefix, place, place + start)  # rows of [prefix ; packed documents]
+    keys = torch.cat([prefix_key.transpose(0, 1), key[0].transpose(0, 1)]).index_select(0, index)
+    values = torch.cat([prefix_value.transpose(0, 1), value[0].transpose(0, 1)]).index_select(0, index)
+    return varlen(query[0].transpose(0, 1), keys, values, cu_seqlens, max_len, scale, cu_k,
+                  max_len + prefix).unsqueeze(0)
+
+
+def _prefix_varlen_ok(device: torch.device) -> bool:
+    """Whether flash varlen with more keys than queries lines the queries up with the last keys (checked once,
+    against the masked path)."""
+    if str(device) not in _PREFIX_VARLEN:
+        generator = torch.Generator(device=device).manual_seed(0)
+        cu = torch.tensor([0, 5, 12, 40], dtype=torch.int32, device=device)
+        q, k, v = (torch.randn(1, h, 40, 64, device=device, dtype=torch.bfloat16, generator=generator)
+                   for h in (4, 2, 2))
+        pk, pv = (torch.randn(2, 9, 64, device=device, dtype=torch.bfloat16, generator=generator) for _ in range(2))
+        masked = attend_after_prefix(q, k, v, pk, pv, cu, 28, 0.125, block_causal_mask(cu, 40))
+        try:
+            fast = _prefix_varlen(q, k, v, pk, pv, cu, 28, 0.125)
+            _PREFIX_VARLEN[str(device)] = fast.shape == masked.shape and bool(
+                (fast.float() - masked.float()).norm() < 2e-2 * masked.float().norm())
+        except (RuntimeError, TypeError, ValueError, NotImplementedError):
+            _PREFIX_VARLEN[str(device)] = False
+    return _PREFIX_VARLEN[str(device)]
 
 
 def packed_attention(module: Any, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,

@@ -4,6 +4,8 @@ Why it is fast: prompts are prefilled packed (no padding, flash varlen attention
 values go to a static per-layer cache, and one decode step for the whole batch (embed, all layers,
 lm_head, argmax, bookkeeping) is captured once as a CUDA graph and replayed, so a step costs its
 kernels and not Python. Every row keeps its own positions, so there is no left padding to get wrong.
+The start that all prompts share (the instruction of a validation prompt) is computed once and kept once:
+rows prefill and cache only what follows it, and each decode step reads it once for the whole batch.
 Why it is the same: the same modules (LoRA unmerged unless the caller merged it) and the same greedy
 rule as transformers, including what happens after a row stops (nothing more is returned for it).
 In fp32 the tokens match generate exactly; in bf16 up to the rounding noise that also makes generate
@@ -12,57 +14,96 @@ disagree with itself at another batch size (bench/RESULTS.md measures both).
 
 from __future__ import annotations
 
+import os
 import time
 from typing import Any, Callable, Sequence
 
 import torch
 import torch.nn.functional as F
 
-from ..kernels.decoder import DecoderParts, attend_packed, decoder_parts, fuse_rms_norms, run_decoder, varlen_backend
+from ..kernels.decoder import (DecoderParts, attend_after_prefix, attend_packed, decoder_parts, fuse_rms_norms,
+                               run_decoder, varlen_backend)
 
 StopFn = Callable[[list[int]], bool]
+MIN_SHARED_PREFIX = 16  # a shorter common start of the prompts is prefilled and kept with each row
 
 
 class StaticKVCache:
     """Per-layer key/value buffers [B, kv_heads, S, head_dim] for one batch, and the attention that uses them.
 
-    prefill: tokens of a packed chunk are written to (rows, slots) and attend within their own prompt.
-    decode: each row's token is written at its own position and attends to slots up to it.
+    With a shared prefix (the P tokens every prompt of the batch starts with, such as an instruction), its keys
+    and values are kept once ([kv_heads, P, head_dim]) and the row buffers hold what follows it: slot = position - P.
+    prefix: the prefix alone, computed once. prefill: each row's own prompt tokens, packed, attending to the
+    prefix and to their own prompt. decode: each row's token is written to its slot and attends to the prefix and
+    to its slots up to that one.
     """
 
     def __init__(self, parts: DecoderParts, batch: int, length: int, dtype: torch.dtype,
-                 device: torch.device) -> None:
+                 device: torch.device, prefix: int = 0) -> None:
         config = parts.config
         head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
         shape = (batch, config.num_key_value_heads, length, head_dim)
         self.keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in parts.layers]
         self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in parts.layers]
+        self.prefix = prefix
+        shared = (config.num_key_value_heads, prefix, head_dim)
+        self.prefix_keys = [torch.zeros(shared, dtype=dtype, device=device) for _ in parts.layers] if prefix else []
+        self.prefix_values = [torch.zeros(shared, dtype=dtype, device=device) for _ in parts.layers] if prefix else []
         self.rows = torch.arange(batch, device=device)
         self.slot_index = torch.arange(length, device=device)
-        # prefill: where each packed token goes; decode: each row's current position (set by the caller)
+        self.filling_prefix = False
+        # prefill: where each packed token goes; decode: each row's current slot (set by the caller)
         self.prefill_rows: torch.Tensor | None = None
         self.prefill_slots: torch.Tensor | None = None
         self.cu_seqlens: torch.Tensor | None = None
         self.max_len = 0
-        self.positions: torch.Tensor | None = None
+        self.slots: torch.Tensor | None = None
         self.visible: torch.Tensor | None = None  # [B, 1, 1, S] decode mask
+        self.hidden: torch.Tensor | None = None  # its negation, where a shared prefix is kept
 
     def attend(self, module: Any, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                attention_mask: torch.Tensor | None, scaling: float) -> torch.Tensor:
         layer = module.layer_idx
-        if self.positions is None:  # prefill, packed: [1, H, T, D]
+        if self.filling_prefix:  # the prefix alone: [1, H, P, D]
+            self.prefix_keys[layer].copy_(key[0])
+            self.prefix_values[layer].copy_(value[0])
+            return attend_packed(query, key, value, self.cu_seqlens, self.max_len, scaling, attention_mask)
+        if self.slots is None:  # prefill, packed: [1, H, T, D]
             self.keys[layer][self.prefill_rows, :, self.prefill_slots] = key[0].transpose(0, 1)
             self.values[layer][self.prefill_rows, :, self.prefill_slots] = value[0].transpose(0, 1)
+            if self.prefix:
+                return attend_after_prefix(query, key, value, self.prefix_keys[layer], self.prefix_values[layer],
+                                           self.cu_seqlens, self.max_len, scaling, attention_mask)
             return attend_packed(query, key, value, self.cu_seqlens, self.max_len, scaling, attention_mask)
         batch, heads, _, head_dim = query.shape  # decode: [B, H, 1, D]
-        self.keys[layer][self.rows, :, self.positions] = key[:, :, 0]
-        self.values[layer][self.rows, :, self.positions] = value[:, :, 0]
+        self.keys[layer][self.rows, :, self.slots] = key[:, :, 0]
+        self.values[layer][self.rows, :, self.slots] = value[:, :, 0]
         kv_heads = key.shape[1]
         # query heads that share a kv head become that head's "query length": no kv copy for GQA
         grouped = query.reshape(batch, kv_heads, heads // kv_heads, head_dim)
-        out = F.scaled_dot_product_attention(grouped, self.keys[layer], self.values[layer], attn_mask=self.visible,
-                                             scale=scaling)
+        if self.prefix:
+            out = self._attend_with_prefix(layer, grouped, scaling)
+        else:
+            out = F.scaled_dot_product_attention(grouped, self.keys[layer], self.values[layer],
+                                                 attn_mask=self.visible, scale=scaling)
         return out.reshape(batch, heads, 1, head_dim).transpose(1, 2)
+
+    def _attend_with_prefix(self, layer: int, grouped: torch.Tensor, scaling: float) -> torch.Tensor:
+        """One softmax over the shared prefix and the row's own slots, as transformers' eager attention computes
+        it (scores in the model's dtype, softmax in fp32): the prefix is read once for all rows, not once a row."""
+        batch, kv_heads, group, head_dim = grouped.shape
+        prefix_keys, prefix_values = self.prefix_keys[layer], self.prefix_values[layer]
+        by_head = grouped.transpose(0, 1).reshape(kv_heads, batch * group, head_dim)
+        shared = torch.matmul(by_head, prefix_keys.transpose(1, 2)).view(kv_heads, batch, group, -1).transpose(0, 1)
+        own = torch.matmul(grouped, self.keys[layer].transpose(2, 3))
+        scores = torch.cat([shared, own], -1).float().mul_(scaling)
+        scores[..., self.prefix:].masked_fill_(self.hidden, float("-inf"))
+        weights = scores.softmax(-1).to(grouped.dtype)
+        from_prefix = torch.matmul(weights[..., :self.prefix].transpose(0, 1).reshape(kv_heads, batch * group, -1),
+                                   prefix_values)
+        out = torch.matmul(weights[..., self.prefix:], self.values[layer]).float()
+        out += from_prefix.view(kv_heads, batch, group, head_dim).transpose(0, 1).float()
+        return out.to(grouped.dtype)
 
 
 class _BatchDecoder:
@@ -70,9 +111,9 @@ class _BatchDecoder:
 
     def __init__(self, parts: DecoderParts, batch: int, length: int, max_new_tokens: int,
                  eos_ids: Sequence[int], pad_id: int, dtype: torch.dtype, device: torch.device,
-                 use_graph: bool) -> None:
+                 use_graph: bool, prefix: int = 0) -> None:
         self.parts, self.pad_id = parts, pad_id
-        self.cache = StaticKVCache(parts, batch, length, dtype, device)
+        self.cache = StaticKVCache(parts, batch, length, dtype, device, prefix)
         self.tokens = torch.zeros(batch, dtype=torch.long, device=device)
         self.positions = torch.zeros(batch, dtype=torch.long, device=device)
         self.finished = torch.zeros(batch, dtype=torch.bool, device=device)
@@ -91,8 +132,9 @@ class _BatchDecoder:
 
     def _step(self) -> None:
         cache = self.cache
-        cache.positions = self.positions
-        cache.visible = (cache.slot_index[None, :] <= self.positions[:, None])[:, None, None, :]
+        cache.slots = self.positions - cache.prefix
+        cache.visible = (cache.slot_index[None, :] <= cache.slots[:, None])[:, None, None, :]
+        cache.hidden = ~cache.visible if cache.prefix else None
         hidden = run_decoder(self.parts, self.tokens[:, None], self.positions[:, None], gputwin_cache=cache)
         self._emit(self.parts.lm_head(hidden[:, 0]).argmax(-1))
         self.positions.add_(1)
@@ -128,28 +170,45 @@ class _BatchDecoder:
 
 def _prefill(parts: DecoderParts, cache: StaticKVCache, prompts: Sequence[Sequence[int]], chunk_tokens: int,
              device: torch.device) -> torch.Tensor:
-    """Prompts through the model packed in chunks of about chunk_tokens; the greedy next token of each."""
+    """Prompts through the model packed in chunks of about chunk_tokens (the shared prefix first, once); the
+    greedy next token of each."""
+    prefix = cache.prefix
+    cache.slots = None  # prefill mode
+    if prefix:
+        cache.filling_prefix = True
+        cache.cu_seqlens, cache.max_len = torch.tensor([0, prefix], dtype=torch.int32, device=device), prefix
+        ids = torch.tensor(prompts[0][:prefix], dtype=torch.long, device=device)[None]
+        try:
+            run_decoder(parts, ids, torch.arange(prefix, device=device)[None],
+                        cu_seqlens=cache.cu_seqlens, max_len=prefix, gputwin_cache=cache)
+        finally:
+            cache.filling_prefix = False
     first = torch.empty(len(prompts), dtype=torch.long, device=device)
-    cache.positions = None  # prefill mode
     row = 0
     while row < len(prompts):
         end, tokens = row, 0
-        while end < len(prompts) and (end == row or tokens + len(prompts[end]) <= chunk_tokens):
-            tokens += len(prompts[end])
+        while end < len(prompts) and (end == row or tokens + len(prompts[end]) - prefix <= chunk_tokens):
+            tokens += len(prompts[end]) - prefix
             end += 1
-        chunk = prompts[row:end]
+        chunk = [p[prefix:] for p in prompts[row:end]]
         lengths = torch.tensor([len(p) for p in chunk])
         ids = torch.tensor([t for p in chunk for t in p], dtype=torch.long, device=device)[None]
-        positions = torch.cat([torch.arange(n) for n in lengths.tolist()]).to(device)
+        slots = torch.cat([torch.arange(n) for n in lengths.tolist()]).to(device)
         cu = F.pad(lengths.cumsum(0), (1, 0)).to(device=device, dtype=torch.int32)
         cache.prefill_rows = torch.repeat_interleave(torch.arange(row, end), lengths).to(device)
-        cache.prefill_slots, cache.cu_seqlens, cache.max_len = positions, cu, int(lengths.max())
-        hidden = run_decoder(parts, ids, positions[None], cu_seqlens=cu, max_len=int(lengths.max()),
+        cache.prefill_slots, cache.cu_seqlens, cache.max_len = slots, cu, int(lengths.max())
+        hidden = run_decoder(parts, ids, (slots + prefix)[None], cu_seqlens=cu, max_len=int(lengths.max()),
                              gputwin_cache=cache)
         last = hidden[0].index_select(0, cu[1:].long() - 1)
         first[row:end] = parts.lm_head(last).argmax(-1)
         row = end
     return first
+
+
+def shared_prefix(prompts: Sequence[Sequence[int]]) -> int:
+    """How many tokens every prompt starts with, leaving each prompt at least one of its own."""
+    common = os.path.commonprefix([list(p) for p in prompts]) if len(prompts) > 1 else []
+    return min(len(common), min(len(p) for p in prompts) - 1)
 
 
 def _ended_at(tokens: list[int], checked: int, eos: set[int], stop: StopFn | None) -> int | None:
@@ -194,7 +253,7 @@ class _Clock:
 def greedy_generate(model: Any, prompts: Sequence[Sequence[int]], *, max_new_tokens: int,
                     eos_ids: Sequence[int] = (), pad_id: int = 0, stop: StopFn | None = None,
                     batch_size: int | None = None, cuda_graphs: bool | None = None,
-                    prefill_tokens: int = 16384, check_every: int = 8,
+                    prefill_tokens: int = 16384, check_every: int = 8, share_prefix: bool = True,
                     stats: dict[str, float] | None = None) -> list[list[int]]:
     """Greedy continuation of each prompt (token ids), as transformers' generate would give it.
 
@@ -202,7 +261,9 @@ def greedy_generate(model: Any, prompts: Sequence[Sequence[int]], *, max_new_tok
     first prefix for which stop(generated_ids) is true (checked after every token, like a StoppingCriteria),
     else max_new_tokens of them. Rows are decoded in length-sorted batches of batch_size (default: all at
     once, as memory allows); decoding ends early once every row has ended (looked at every check_every
-    steps). The model's train/eval mode is restored afterwards. A `stats` dict, when given, receives the
+    steps). A prefix that every prompt of a batch starts with (MIN_SHARED_PREFIX tokens or more) is computed
+    once and attended to from one copy (share_prefix=False: every row keeps its own copy, as before).
+    The model's train/eval mode is restored afterwards. A `stats` dict, when given, receives the
     seconds spent in setup (cache, graph capture), prefill and decode (measuring them costs syncs).
     """
     if not prompts or max_new_tokens <= 0:
@@ -218,7 +279,12 @@ def greedy_generate(model: Any, prompts: Sequence[Sequence[int]], *, max_new_tok
     if varlen_backend(device) != "varlen" or dtype not in (torch.bfloat16, torch.float16):
         prefill_tokens = min(prefill_tokens, 2048)  # the fallback attention builds a [T, T] mask per chunk
     order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
-    longest = len(prompts[order[0]]) + max_new_tokens
+
+    def prefix_of(batch: Sequence[Sequence[int]]) -> int:
+        shared = shared_prefix(batch) if share_prefix else 0
+        return shared if shared >= MIN_SHARED_PREFIX else 0
+
+    longest = len(prompts[order[0]]) - prefix_of(prompts) + max_new_tokens  # a batch shares at least that
     size = batch_size or _auto_batch_size(parts, len(prompts), longest, dtype, device)
     eos = set(eos_ids)
     results: list[list[int]] = [[] for _ in prompts]
@@ -231,11 +297,13 @@ def greedy_generate(model: Any, prompts: Sequence[Sequence[int]], *, max_new_tok
             for start in range(0, len(order), size):
                 rows = order[start:start + size]
                 batch = [list(prompts[i]) for i in rows]
-                length = -(-(len(batch[0]) + max_new_tokens) // 64) * 64  # shared by batches of similar length
-                if decoder is None or decoder.out.shape[0] != len(rows) or decoder.cache.slot_index.numel() != length:
+                prefix = prefix_of(batch)
+                length = -(-(len(batch[0]) - prefix + max_new_tokens) // 64) * 64  # shared by similar batches
+                if (decoder is None or decoder.out.shape[0] != len(rows) or decoder.cache.prefix != prefix
+                        or decoder.cache.slot_index.numel() != length):
                     decoder = None  # free the previous batch's cache first
                     decoder = _BatchDecoder(parts, len(rows), length, max_new_tokens, eos_ids, pad_id, dtype, device,
-                                            use_graphs)
+                                            use_graphs, prefix)
                 clock.lap("setup_s")
                 first = _prefill(parts, decoder.cache, batch, prefill_tokens, device)
                 decoder.start(first, torch.tensor([len(p) for p in batch], device=device))
