@@ -96,7 +96,17 @@ def decode_figures(validation: dict[str, Any] | None) -> dict[str, Any]:
     rows = result.get("n") or 0
     return {"predict_seconds": result.get("predict_seconds"), "decode_room_tokens": result.get("max_new_tokens"),
             "decoded_tokens_per_row": round(result["generated_tokens"] / rows, 1)
-            if rows and result.get("generated_tokens") is not None else None}
+            if rows and result.get("generated_tokens") is not None else None,
+            "validation_phases": result.get("phases")}
+
+
+def probe_figures(probe: dict[str, Any] | None) -> dict[str, Any] | None:
+    """A cooldown probe's event: its steps, their seconds, its validation's seconds and phases."""
+    if not probe:
+        return None
+    return {"steps": probe.get("steps"), "train_seconds": probe.get("train_seconds"),
+            "validation_seconds": probe.get("validate_seconds"), "seconds": probe.get("seconds"),
+            "validation_phases": decode_figures(probe)["validation_phases"]}
 
 
 def serve_warm(env: dict[str, str]) -> None:
@@ -246,6 +256,7 @@ def run(wait_limit: float, tiny: bool = False, tag: str = "both", only: str | No
         milestone_step = started["milestone_step"]
         reached = next((e for e in steps if e["step"] == milestone_step), None)
         validation = next((e for e in events if e["kind"] == "validation"), None)
+        probe = next((e for e in events if e["kind"] == "probe"), None)
         result["arms"][arm] = {
             "engine": started.get("engine"),
             "shares_process_with": started.get("shares_process_with", []),
@@ -257,6 +268,7 @@ def run(wait_limit: float, tiny: bool = False, tag: str = "both", only: str | No
             "validation_seconds": validation.get("seconds") if validation else None,
             **decode_figures(validation),
             "validated_after_launch_s": round(validation["t"] - launched, 1) if validation else None,
+            "probe": probe_figures(probe),
             "startup_seconds": started.get("startup_seconds"),
         }
     WORK.joinpath(f"result-{tag}.json").write_text(json.dumps(result, indent=2))
@@ -269,6 +281,9 @@ def run(wait_limit: float, tiny: bool = False, tag: str = "both", only: str | No
               f"{r['validated_after_launch_s']!s:>10} {decoded:>13}")
     for arm, r in result["arms"].items():
         print(f"{arm} start-up (s): {r['startup_seconds']}")
+        print(f"{arm} validation phases (s): {r['validation_phases']}")
+        if r["probe"]:
+            print(f"{arm} cooldown probe: {r['probe']}")
     print(f"launch to {'validation' if only else 'verdict'}: {to_verdict if to_verdict is None else round(to_verdict, 1)} s "
           f"(model built beforehand in {built:.1f} s)")
     return result

@@ -30,6 +30,9 @@ def test_the_seed_benchmark_runs_to_a_verdict_at_toy_sizes(tmp_path: Path) -> No
         assert {"imports", "data", "model", "engine", "total"} <= set(arm["startup_seconds"])
         assert 0 < arm["predict_seconds"] <= arm["validation_seconds"]
         assert 0 < arm["decoded_tokens_per_row"] <= arm["decode_room_tokens"]
+        phases = arm["validation_phases"]
+        assert {"prompts_s", "merge_s", "setup_s", "prefill_s", "decode_s", "answers_s"} == set(phases)
+        assert 0 < sum(phases.values()) <= arm["predict_seconds"] + 0.01
     verdict = json.loads((tmp_path / "logs-smoke" / "pii-seed" / "verdict.json").read_text())
     assert verdict and "launch to verdict" in done.stdout
 

@@ -32,7 +32,8 @@ class StaticKVCache:
     """Per-layer key/value buffers [B, kv_heads, S, head_dim] for one batch, and the attention that uses them.
 
     With a shared prefix (the P tokens every prompt of the batch starts with, such as an instruction), its keys
-    and values are kept once ([kv_heads, P, head_dim]) and the row buffers hold what follows it: slot = position - P.
+    and values are kept once ([kv_heads, P', head_dim], P' = P in whole 64-slot blocks) and the row buffers hold
+    what follows it: slot = position - P.
     prefix: the prefix alone, computed once. prefill: each row's own prompt tokens, packed, attending to the
     prefix and to their own prompt. decode: each row's token is written to its slot and attends to the prefix and
     to its slots up to that one.
@@ -46,7 +47,11 @@ class StaticKVCache:
         self.keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in parts.layers]
         self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in parts.layers]
         self.prefix = prefix
-        shared = (config.num_key_value_heads, prefix, head_dim)
+        # the prefix's buffers are padded to whole 64-slot blocks (masked), so every matrix in the decode's
+        # attention stays aligned for the tensor-core kernels
+        padded = -(-prefix // 64) * 64
+        self.prefix_padding = torch.arange(padded, device=device) >= prefix  # [P'] the slots past the prefix
+        shared = (config.num_key_value_heads, padded, head_dim)
         self.prefix_keys = [torch.zeros(shared, dtype=dtype, device=device) for _ in parts.layers] if prefix else []
         self.prefix_values = [torch.zeros(shared, dtype=dtype, device=device) for _ in parts.layers] if prefix else []
         self.rows = torch.arange(batch, device=device)
@@ -59,21 +64,22 @@ class StaticKVCache:
         self.max_len = 0
         self.slots: torch.Tensor | None = None
         self.visible: torch.Tensor | None = None  # [B, 1, 1, S] decode mask
-        self.hidden: torch.Tensor | None = None  # its negation, where a shared prefix is kept
+        self.hidden: torch.Tensor | None = None  # [B, 1, 1, S + P'] masked scores, where a prefix is kept
 
     def attend(self, module: Any, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                attention_mask: torch.Tensor | None, scaling: float) -> torch.Tensor:
         layer = module.layer_idx
         if self.filling_prefix:  # the prefix alone: [1, H, P, D]
-            self.prefix_keys[layer].copy_(key[0])
-            self.prefix_values[layer].copy_(value[0])
+            self.prefix_keys[layer][:, :self.prefix] = key[0]
+            self.prefix_values[layer][:, :self.prefix] = value[0]
             return attend_packed(query, key, value, self.cu_seqlens, self.max_len, scaling, attention_mask)
         if self.slots is None:  # prefill, packed: [1, H, T, D]
             self.keys[layer][self.prefill_rows, :, self.prefill_slots] = key[0].transpose(0, 1)
             self.values[layer][self.prefill_rows, :, self.prefill_slots] = value[0].transpose(0, 1)
             if self.prefix:
-                return attend_after_prefix(query, key, value, self.prefix_keys[layer], self.prefix_values[layer],
-                                           self.cu_seqlens, self.max_len, scaling, attention_mask)
+                return attend_after_prefix(query, key, value, self.prefix_keys[layer][:, :self.prefix],
+                                           self.prefix_values[layer][:, :self.prefix], self.cu_seqlens, self.max_len,
+                                           scaling, attention_mask)
             return attend_packed(query, key, value, self.cu_seqlens, self.max_len, scaling, attention_mask)
         batch, heads, _, head_dim = query.shape  # decode: [B, H, 1, D]
         self.keys[layer][self.rows, :, self.slots] = key[:, :, 0]
@@ -89,20 +95,19 @@ class StaticKVCache:
         return out.reshape(batch, heads, 1, head_dim).transpose(1, 2)
 
     def _attend_with_prefix(self, layer: int, grouped: torch.Tensor, scaling: float) -> torch.Tensor:
-        """One softmax over the shared prefix and the row's own slots, as transformers' eager attention computes
+        """One softmax over the row's own slots and the shared prefix, as transformers' eager attention computes
         it (scores in the model's dtype, softmax in fp32): the prefix is read once for all rows, not once a row."""
         batch, kv_heads, group, head_dim = grouped.shape
-        prefix_keys, prefix_values = self.prefix_keys[layer], self.prefix_values[layer]
+        own_slots = self.keys[layer].shape[2]
         by_head = grouped.transpose(0, 1).reshape(kv_heads, batch * group, head_dim)
-        shared = torch.matmul(by_head, prefix_keys.transpose(1, 2)).view(kv_heads, batch, group, -1).transpose(0, 1)
         own = torch.matmul(grouped, self.keys[layer].transpose(2, 3))
-        scores = torch.cat([shared, own], -1).float().mul_(scaling)
-        scores[..., self.prefix:].masked_fill_(self.hidden, float("-inf"))
-        weights = scores.softmax(-1).to(grouped.dtype)
-        from_prefix = torch.matmul(weights[..., :self.prefix].transpose(0, 1).reshape(kv_heads, batch * group, -1),
-                                   prefix_values)
-        out = torch.matmul(weights[..., self.prefix:], self.values[layer]).float()
-        out += from_prefix.view(kv_heads, batch, group, head_dim).transpose(0, 1).float()
+        shared = torch.matmul(by_head, self.prefix_keys[layer].transpose(1, 2))
+        scores = torch.cat([own, shared.view(kv_heads, batch, group, -1).transpose(0, 1)], -1).float()
+        weights = scores.mul_(scaling).masked_fill_(self.hidden, float("-inf")).softmax(-1).to(grouped.dtype)
+        out = torch.matmul(weights[..., :own_slots], self.values[layer]).float()
+        from_prefix = torch.matmul(weights[..., own_slots:].transpose(0, 1).reshape(kv_heads, batch * group, -1),
+                                   self.prefix_values[layer])
+        out += from_prefix.view(kv_heads, batch, group, head_dim).transpose(0, 1)
         return out.to(grouped.dtype)
 
 
@@ -134,7 +139,9 @@ class _BatchDecoder:
         cache = self.cache
         cache.slots = self.positions - cache.prefix
         cache.visible = (cache.slot_index[None, :] <= cache.slots[:, None])[:, None, None, :]
-        cache.hidden = ~cache.visible if cache.prefix else None
+        if cache.prefix:
+            padding = cache.prefix_padding.expand(cache.visible.shape[0], 1, 1, -1)
+            cache.hidden = torch.cat([~cache.visible, padding], -1)
         hidden = run_decoder(self.parts, self.tokens[:, None], self.positions[:, None], gputwin_cache=cache)
         self._emit(self.parts.lm_head(hidden[:, 0]).argmax(-1))
         self.positions.add_(1)

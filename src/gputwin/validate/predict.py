@@ -200,6 +200,7 @@ def _predict_generate_fast(model: Any, tokenizer: Any, samples: Sequence[Sample]
     from .fastgen import greedy_generate
     from .merge import merged_adapter
 
+    started = time.perf_counter()
     encoded, max_new_tokens = _prompts_and_room(samples, tokenizer, max_length, max_new_tokens)
     eos = eos_id(tokenizer)
     closing = _closing_token_ids(tokenizer)
@@ -208,13 +209,19 @@ def _predict_generate_fast(model: Any, tokenizer: Any, samples: Sequence[Sample]
         return bool(ids) and ids[-1] in closing and answer_closed(tokenizer.decode(ids, skip_special_tokens=True))
 
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
+    phases = {"prompts_s": time.perf_counter() - started}
     with merged_adapter(model):  # one GEMM per adapted layer while decoding; the weights come back unchanged
+        phases["merge_s"] = time.perf_counter() - started - phases["prompts_s"]
         generated = greedy_generate(model, [ids for ids, _ in encoded], max_new_tokens=max_new_tokens,
-                                    eos_ids=[eos], pad_id=pad, stop=closed, batch_size=batch_size)
+                                    eos_ids=[eos], pad_id=pad, stop=closed, batch_size=batch_size, stats=phases)
+    parsing = time.perf_counter()
     outputs = [tokenizer.decode(ids, skip_special_tokens=True) for ids in generated]
-    return _parsed(outputs, batches=1 if batch_size is None else -(-len(samples) // batch_size),
-                   max_new_tokens=max_new_tokens, generated_tokens=sum(len(g) for g in generated),
-                   truncated=sum(1 for _, cut in encoded if cut), batch_size=batch_size or len(samples))
+    preds, info = _parsed(outputs, batches=1 if batch_size is None else -(-len(samples) // batch_size),
+                          max_new_tokens=max_new_tokens, generated_tokens=sum(len(g) for g in generated),
+                          truncated=sum(1 for _, cut in encoded if cut), batch_size=batch_size or len(samples))
+    phases["answers_s"] = time.perf_counter() - parsing
+    info["phases"] = {name: round(seconds, 3) for name, seconds in phases.items()}
+    return preds, info
 
 
 def _parsed(outputs: list[str], **info: Any) -> tuple[list[list[Entity]], dict]:
