@@ -12,9 +12,9 @@ B matrices are non-zero (so the adapter changes the output).
   fast merged  cold and warm, with the LoRA folded into copies of the base weights for the call
                (gputwin.validate.merge, which the validator uses; the merge is inside the time)
   fast merged, no sharing  the same, every row prefilling and caching its own copy of the prompts' shared
-               start (only differs from "fast merged warm" with --instruction-tokens)
---instruction-tokens K puts the same K tokens before every prompt, as the validator's instruction is
-(the seed's tokenizer makes it 175 tokens; Qwen3's chat prompt about 75).
+               start (the synthetic prompts start with a 30-token instruction)
+--instruction-tokens K puts K more shared tokens before every prompt (and every training sample of 'trained'),
+as long as the validator's instruction is with the seed's tokenizer: 175 tokens in all with K = 145.
 Outputs are compared with the naive ones row by row (identical rows, identical tokens); a second naive
 run with another batch size on a subset shows how often bf16 noise alone changes a greedy output.
 
@@ -112,14 +112,19 @@ def divergence_margins(model: Any, prompts: Sequence[list[int]], reference: Sequ
                 100 * float((typical <= divergence.max()).float().mean()) if len(at_divergence) and typical.numel() else None}
 
 
-def _train_adapter(model: Any, config: Any, args: argparse.Namespace, device: torch.device) -> int:
-    """A few hundred fast steps (lr 1e-3) on synthetic samples, so greedy choices have clear margins."""
+def _train_adapter(model: Any, config: Any, args: argparse.Namespace, device: torch.device,
+                   instruction: list[int]) -> int:
+    """A few hundred fast steps (lr 1e-3) on synthetic samples behind the same instruction as the prompts,
+    so greedy choices have clear margins."""
     from gputwin.train.fast import FastStep, make_optimizer
     from gputwin.train.packing import pack
 
     lengths = dict(min_len=20, max_len=60, mean_len=40.0) if args.cpu_smoke else {}
     data = common.synthetic_samples(4 * args.train_steps, seed=args.seed + 100, vocab_size=config.vocab_size,
                                     eos_id=int(config.eos_token_id), **lengths)
+    ignored = [common.IGNORE_INDEX] * len(instruction)
+    data = [{"input_ids": instruction + d["input_ids"], "labels": ignored + d["labels"],
+             "prompt_len": len(instruction) + d["prompt_len"]} for d in data]
     model.train()
     step = FastStep(model, make_optimizer(model, 1e-3), compile=False)
     for i in range(args.train_steps):
@@ -150,7 +155,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                              "when it ran); agreement: naive b32 / naive b16 / fast on a subset, in bf16 and fp32; "
                              "trained: the same on a subset with an adapter trained first")
     parser.add_argument("--instruction-tokens", type=int, default=None,
-                        help="tokens every prompt starts with, like the validator's instruction (0; smoke 20)")
+                        help="more shared tokens before every prompt, like the validator's instruction (0; smoke 20)")
     parser.add_argument("--lora-b-std", type=float, default=0.02, help="random LoRA B scale (0: adapter is a no-op)")
     parser.add_argument("--seed", type=int, default=7)
     parser.add_argument("--out", default=str(common.OUT_DIR))
@@ -280,7 +285,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         del fp32
     if "trained" in sections:  # a confident model: the adapter trained on the synthetic task first
         trained = common.build_model(config, device=device, dtype=dtype, seed=args.seed)
-        settings["trained_steps"] = _train_adapter(trained, config, args, device)
+        settings["trained_steps"] = _train_adapter(trained, config, args, device, instruction)
         trained.eval()
         trained.generation_config.eos_token_id = None
         subset = prompts[:args.noise_subset]
