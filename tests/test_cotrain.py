@@ -76,6 +76,9 @@ def test_each_co_trained_arm_trains_exactly_as_it_trains_alone(world: World, tmp
             assert torch.allclose(weights[0][key], weights[1][key], atol=1e-5), key
     started = [e for e in log(together[0]) if e.kind == events.STARTED][0]
     assert started["shares_process_with"] == ["b"] and started["fast_paths"]["cotrain"]["on"]
+    # the data was read beside the model's build, from the cache the arms alone wrote
+    phases = [[e for e in log(arm) if e.kind == events.STARTED][0]["startup_seconds"] for arm in together]
+    assert all({"data", "model", "lora", "engine", "data_wait"} <= set(p) and p["data_cache"] == "hit" for p in phases)
     # on the CPU the arms' samples are not packed in one row (no per-sample attention kernel to keep them
     # apart): the stacked padded step runs, and equals the fast engine's alone too
     assert started["engine"] == "plain" and not started["fast_paths"]["fast_engine"]["on"]

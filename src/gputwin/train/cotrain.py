@@ -26,6 +26,7 @@ import math
 import sys
 import time
 import traceback
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -239,7 +240,9 @@ def check_group(profiles: Sequence[Profile]) -> None:
 
 def build_group(arms: Sequence[ArmPaths], profiles: Sequence[Profile]) -> tuple[SharedModel, GroupEngine, list[Run]]:
     """Device, tokenizer, every arm's data, the base once with every adapter, each arm's optimizer: each arm's
-    Run (as build_run makes it) over the shared model. Every arm's startup_seconds hold the group's phases."""
+    Run (as build_run makes it) over the shared model. The data is read or tokenised in a worker beside `model`,
+    `lora` and `engine` (`data_wait`: how long they then waited for it). Every arm's startup_seconds hold the
+    group's phases."""
     started = time.perf_counter()
     startup: dict[str, float | str] = {}
 
@@ -256,21 +259,28 @@ def build_group(arms: Sequence[ArmPaths], profiles: Sequence[Profile]) -> tuple[
         torch.set_num_threads(cpu_threads(first))
     seed_everything(first.train.seed)
     tokenizer = timed("tokenizer", lambda: load_tokenizer(first))
-    pad_id = int(tokenizer.pad_token_id)
-    data = timed("data", lambda: [
-        tokcache.load_training_data(p.data.train, tokenizer, base=p.model.base, task=p.model.task,
-                                    max_length=p.train.max_length, trust_remote_code=p.model.trust_remote_code,
-                                    folder=tokcache.cache_folder(arm.root.parent.parent))
-        for arm, p in zip(arms, profiles)])
+    pad_id = int(tokenizer.pad_token_id)  # read now: while the worker tokenises, only it touches the tokenizer
+
+    def every_arms_data() -> list[tokcache.TrainingData]:  # arms on the same file: the first writes, the rest hit
+        return [tokcache.load_training_data(p.data.train, tokenizer, base=p.model.base, task=p.model.task,
+                                            max_length=p.train.max_length,
+                                            trust_remote_code=p.model.trust_remote_code,
+                                            folder=tokcache.cache_folder(arm.root.parent.parent))
+                for arm, p in zip(arms, profiles)]
+
     model_dtype = resolve_dtype(first.model.dtype, device)
-    base = timed("model", lambda: load_model(first, device, None))
-    try:
-        shared = timed("lora", lambda: SharedModel(base, [(p.lora, p.train.seed) for p in profiles]))
-    except NotCoTrainable as exc:
-        raise TrainFailure("NotCoTrainable", str(exc), COTRAIN_HINT) from None
-    shared.model.to(device).train()
-    engine = timed("engine", lambda: GroupEngine(shared, device=device, model_dtype=model_dtype, pad_id=pad_id,
-                                                 fast=all(p.train.engine == "fast" for p in profiles)))
+    # the data is read (or tokenised) in a worker while the model, the adapters and the engine are built
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="gputwin-data") as worker:
+        pending = worker.submit(timed, "data", every_arms_data)
+        base = timed("model", lambda: load_model(first, device, None))
+        try:
+            shared = timed("lora", lambda: SharedModel(base, [(p.lora, p.train.seed) for p in profiles]))
+        except NotCoTrainable as exc:
+            raise TrainFailure("NotCoTrainable", str(exc), COTRAIN_HINT) from None
+        shared.model.to(device).train()
+        engine = timed("engine", lambda: GroupEngine(shared, device=device, model_dtype=model_dtype, pad_id=pad_id,
+                                                     fast=all(p.train.engine == "fast" for p in profiles)))
+        data = timed("data_wait", pending.result)
     startup["total"] = round(time.perf_counter() - started, 3)
     runs = []
     for i, (arm, profile, training) in enumerate(zip(arms, profiles, data)):
