@@ -36,11 +36,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if len(args.arm_dir) > 1 and not args.group:
         parser.error("several arm folders need --group")
+    if args.group:
+        from .cotrain import train_group  # (it imports transformers, which a lone arm imports in its start-up)
     # process start to here: Python, torch, transformers and the rest imported (reported in `started`)
     imports_seconds = round(process_age(), 3)
     if args.group:
-        from .cotrain import train_group
-
         return train_group(args.arm_dir, imports_seconds=imports_seconds)
     return train(args.arm_dir[0], imports_seconds=imports_seconds)
 
