@@ -13,8 +13,8 @@ B matrices are non-zero (so the adapter changes the output).
                (gputwin.validate.merge, which the validator uses; the merge is inside the time)
   fast merged, no sharing  the same, every row prefilling and caching its own copy of the prompts' shared
                start (the synthetic prompts start with a 30-token instruction)
---instruction-tokens K puts K more shared tokens before every prompt (and every training sample of 'trained'),
-as long as the validator's instruction is with the seed's tokenizer: 175 tokens in all with K = 145.
+--instruction-tokens K puts K more shared tokens before every prompt (and every training sample of 'trained').
+K = 145 makes the shared start 175 tokens, the length of the validator's instruction with the seed's tokenizer.
 Outputs are compared with the naive ones row by row (identical rows, identical tokens); a second naive
 run with another batch size on a subset shows how often bf16 noise alone changes a greedy output.
 
