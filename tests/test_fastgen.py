@@ -157,6 +157,45 @@ def test_shared_prefix_leaves_every_prompt_a_token_of_its_own() -> None:
     assert shared_prefix([[1, 2, 3]]) == 0  # one prompt: nothing to share
 
 
+def emulated_flash(query, keys, values, used, cu_q, cu_k, scale):
+    """What flash varlen gives flash_decode, computed plainly: each row's first used[b] slots, and the
+    log-sum-exp of its scaled scores ([B, H])."""
+    heads, kv = query.shape[1], keys.shape[2]
+    k, v = (x.transpose(1, 2).repeat_interleave(heads // kv, 1).float() for x in (keys, values))  # [B, H, S, D]
+    scores = torch.einsum("bhd,bhsd->bhs", query.float(), k) * scale
+    scores = scores.masked_fill(torch.arange(keys.shape[1]) >= used[:, None, None].long(), float("-inf"))
+    lse = scores.logsumexp(-1)
+    out = torch.einsum("bhs,bhsd->bhd", (scores - lse[..., None]).exp(), v)
+    return out.to(query.dtype), lse
+
+
+def test_flash_decode_joins_the_prefix_as_one_softmax(monkeypatch) -> None:
+    """flash_decode's join of the rows' own slots and the shared prefix against a masked softmax over both
+    (decoder._flash_decode_matches), with flash's part computed plainly; a wrong log-sum-exp fails it."""
+    from gputwin.kernels import decoder
+
+    monkeypatch.setattr(decoder, "_flash_own", emulated_flash)
+    assert decoder._flash_decode_matches("cpu")
+    monkeypatch.setattr(decoder, "_flash_own", lambda *a: (emulated_flash(*a)[0], emulated_flash(*a)[1] + 1.0))
+    assert not decoder._flash_decode_matches("cpu")
+
+
+def test_decoding_through_the_flash_layout_gives_the_tokens_of_generate(monkeypatch, model, prompts,
+                                                                         instructed) -> None:
+    """The flash path's token-major cache, per-row used slots and prefix join, on the CPU (flash's part
+    computed plainly): generate's tokens, with eos ending rows early and with a shared prefix."""
+    from gputwin.kernels import decoder
+
+    calls = []
+    monkeypatch.setattr(decoder, "_flash_own", lambda *a: calls.append(a[3].tolist()) or emulated_flash(*a))
+    eos = [5, 9]
+    assert greedy_generate(model, prompts, max_new_tokens=10, pad_id=PAD, eos_ids=eos, flash=True,
+                           check_every=3) == hf_greedy(model, prompts, 10, eos=eos)
+    assert greedy_generate(model, instructed, max_new_tokens=12, pad_id=PAD, flash=True) == hf_greedy(model,
+                                                                                                     instructed, 12)
+    assert calls and any(1 in used for used in calls)  # decode steps ran through it, ended rows reading one slot
+
+
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 
@@ -194,3 +233,17 @@ def test_shared_prefix_on_cuda_with_graphs_gives_the_tokens_of_generate(model, i
     whole = greedy_generate(half, instructed, max_new_tokens=12, pad_id=PAD, share_prefix=False)
     same = sum(a == b for a, b in zip(shared, whole))
     assert same >= len(instructed) - 2, (shared, whole)  # bf16: a near-tie may go the other way
+
+
+@needs_cuda
+def test_flash_decode_on_cuda_gives_what_reading_every_slot_gives(model, prompts, instructed) -> None:
+    import copy
+
+    from gputwin.kernels import decoder
+
+    assert decoder.flash_decode_ok(torch.device("cuda"))
+    half = copy.deepcopy(model).to("cuda", torch.bfloat16)
+    for batch in (prompts, instructed):
+        flash = greedy_generate(half, batch, max_new_tokens=12, pad_id=PAD, eos_ids=[5], flash=True)
+        masked = greedy_generate(half, batch, max_new_tokens=12, pad_id=PAD, eos_ids=[5], flash=False)
+        assert sum(a == b for a, b in zip(flash, masked)) >= len(batch) - 2, (flash, masked)  # bf16 near-ties

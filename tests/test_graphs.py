@@ -103,3 +103,26 @@ def test_eager_once_captured_when_met_trains_as_graphs_captured_ahead() -> None:
     assert step.graphs.eager_steps == len(eager)
     assert step.captures == len({k for k in keys if k not in eager or keys.count(k) > 1})
     assert lazily == pytest.approx(ahead, rel=1e-4)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+def test_captures_without_a_device_sync_train_as_captures_after_one() -> None:
+    """The lean capture (the capture stream waits for the queued work; the cache is emptied only after eager
+    steps) gives the steps that torch.cuda.graph's way (synchronise, empty the cache every time) gives."""
+    from test_fast_train import samples, tiny_model
+
+    from gputwin.train.fast import FastStep, make_optimizer
+    from gputwin.train.packing import pack
+
+    packed = [pack(samples(4, seed=s), bucket=64, pad_id=0) for s in range(12)]
+
+    def run(sync: bool) -> tuple[list[float], FastStep]:
+        torch.manual_seed(0)
+        model = tiny_model().cuda()
+        step = FastStep(model, make_optimizer(model, 1e-3), grad_clip=1.0, autocast_dtype=None)
+        step.graphs.sync_captures = sync
+        return [float(step(b, lr=1e-3).loss) for b in packed], step
+
+    (lean, step), (synced, _) = run(sync=False), run(sync=True)
+    assert step.captures >= 2 and all(e["instantiate_seconds"] >= 0 for e in step.graphs.log)
+    assert lean == pytest.approx(synced, rel=1e-4)

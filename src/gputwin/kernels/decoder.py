@@ -3,6 +3,7 @@ attention over samples packed in one row, torch's fused RMSNorm, and one pass of
 
     varlen_backend(device)          which attention kernel runs (flash varlen, checked against masked SDPA)
     attend_packed(q, k, v, cu_seqlens, max_len)   document-causal attention of a packed row
+    flash_decode(q, keys, values, used, ...)      a decode step over each row's used cache slots (and a prefix)
     fuse_rms_norms(model)           RMSNorm modules on torch's fused kernel, where they compute the same
     decoder_parts(model) -> DecoderParts          run_decoder(parts, input_ids, position_ids, ...)
 
@@ -203,6 +204,101 @@ def _prefix_varlen_ok(device: torch.device) -> bool:
         except (RuntimeError, TypeError, ValueError, NotImplementedError):
             _PREFIX_VARLEN[str(device)] = False
     return _PREFIX_VARLEN[str(device)]
+
+
+# ---------------------------------------------------------------- one decode step over a row cache
+
+
+_FLASH_DECODE: dict[str, bool] = {}  # device -> whether flash_decode matches the masked path there
+
+
+@dataclass
+class SharedPrefix:
+    """Keys and values every row of a decode batch attends to, kept once: [kv, P', D] with P' >= length
+    (the slots from `length` on are padding, hidden: `padding` is True there)."""
+    keys: torch.Tensor
+    values: torch.Tensor
+    padding: torch.Tensor
+
+
+def flash_decode(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, used: torch.Tensor,
+                 cu_q: torch.Tensor, cu_k: torch.Tensor, scale: float,
+                 prefix: SharedPrefix | None = None) -> torch.Tensor:
+    """One decode step's attention: each row's query [B, H, D] over the first used[b] (int32, >= 1) slots of
+    its own cache [B, S, kv, D], read by flash attention (only the used slots are read), and over a shared
+    prefix when given. The two parts are joined through their log-sum-exps into one softmax over both.
+    cu_q = arange(B + 1) and cu_k = cu_q * S (int32), made once by the caller. Returns [B, H, D]."""
+    out, own_lse = _flash_own(query, keys, values, used, cu_q, cu_k, scale)
+    if prefix is None:
+        return out
+    batch, heads, dim = query.shape
+    kv = keys.shape[2]
+    group = heads // kv
+    by_head = query.view(batch, kv, group, dim).transpose(0, 1).reshape(kv, batch * group, dim)
+    scores = torch.matmul(by_head, prefix.keys.transpose(1, 2)).float().mul_(scale)
+    scores.masked_fill_(prefix.padding, float("-inf"))
+    shared_lse = scores.logsumexp(-1, keepdim=True)  # [kv, B * group, 1]
+    weights = scores.sub_(shared_lse).exp_().to(query.dtype)
+    shared = torch.matmul(weights, prefix.values).view(kv, batch, group, dim).transpose(0, 1).reshape(batch, heads, dim)
+    shared_lse = shared_lse.view(kv, batch, group).transpose(0, 1).reshape(batch, heads)
+    total = torch.logaddexp(own_lse, shared_lse)
+    joined = out.float() * (own_lse - total).exp_()[..., None]
+    joined += shared.float() * (shared_lse - total).exp_()[..., None]
+    return joined.to(query.dtype)
+
+
+def _flash_own(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, used: torch.Tensor,
+               cu_q: torch.Tensor, cu_k: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Flash varlen over the rows' own slots: the output [B, H, D] and the log-sum-exp of the scaled scores
+    [B, H] (fp32)."""
+    batch, heads, dim = query.shape
+    slots, kv = keys.shape[1], keys.shape[2]
+    out, lse = torch.ops.aten._flash_attention_forward(
+        query, keys.view(batch * slots, kv, dim), values.view(batch * slots, kv, dim), cu_q, cu_k, 1, slots, 0.0,
+        False, False, scale=scale, seqused_k=used)[:2]
+    return out, (lse.reshape(heads, batch).t() if lse.shape[0] == heads else lse.reshape(batch, heads))
+
+
+def flash_decode_ok(device: torch.device) -> bool:
+    """Whether flash_decode runs here and matches a masked softmax over the same slots (checked once): flash
+    attention with per-row used slots, its log-sum-exp's layout in this torch, and the join with a prefix."""
+    if str(device) in _FLASH_DECODE:
+        return _FLASH_DECODE[str(device)]
+    _FLASH_DECODE[str(device)] = False
+    if torch.device(device).type != "cuda":
+        return False
+    _FLASH_DECODE[str(device)] = _flash_decode_matches(device)
+    return _FLASH_DECODE[str(device)]
+
+
+def _flash_decode_matches(device: torch.device | str) -> bool:
+    """flash_decode against SDPA in fp32 over each row's prefix slots then its used slots (the heads of a group
+    sharing their kv head), with and without a prefix, on rows that use 1 to all of their slots."""
+    generator = torch.Generator(device=device).manual_seed(0)
+    batch, heads, kv, slots, dim, length = 5, 4, 2, 64, 64, 9
+    query = torch.randn(batch, heads, dim, device=device, dtype=torch.bfloat16, generator=generator)
+    keys, values = (torch.randn(batch, slots, kv, dim, device=device, dtype=torch.bfloat16, generator=generator)
+                    for _ in range(2))
+    used = torch.tensor([1, 17, 64, 3, 40], dtype=torch.int32, device=device)
+    shared_keys, shared_values = (torch.randn(kv, 64, dim, device=device, dtype=torch.bfloat16, generator=generator)
+                                  for _ in range(2))
+    prefix = SharedPrefix(shared_keys, shared_values, torch.arange(64, device=device) >= length)
+    cu_q = torch.arange(batch + 1, dtype=torch.int32, device=device)
+    slot = torch.arange(slots, device=device)
+    visible = torch.cat([~prefix.padding.expand(batch, -1), slot[None] < used[:, None].long()], 1)[:, None, None]
+    with_prefix = [torch.cat([x[None].expand(batch, -1, -1, -1), own.transpose(1, 2)], 2)
+                   .repeat_interleave(heads // kv, 1) for x, own in ((shared_keys, keys), (shared_values, values))]
+    alone = [own.transpose(1, 2).repeat_interleave(heads // kv, 1) for own in (keys, values)]
+    try:
+        for kept, (k, v, mask) in ((prefix, (*with_prefix, visible)), (None, (*alone, visible[..., 64:]))):
+            want = F.scaled_dot_product_attention(query[:, :, None].float(), k.float(), v.float(), attn_mask=mask,
+                                                  scale=0.125)[:, :, 0]
+            got = flash_decode(query, keys, values, used, cu_q, cu_q * slots, 0.125, kept)
+            if got.shape != want.shape or float((got.float() - want).norm()) > 2e-2 * float(want.norm()):
+                return False
+    except (RuntimeError, TypeError, ValueError, NotImplementedError):
+        return False
+    return True
 
 
 def packed_attention(module: Any, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,

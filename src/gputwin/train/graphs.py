@@ -23,6 +23,7 @@ where a run's captures and its memory went.
 
 from __future__ import annotations
 
+import contextlib
 import time
 from dataclasses import dataclass
 from typing import Any, Callable, Hashable
@@ -50,6 +51,9 @@ class ShapeGraphs:
         self._met: set[Hashable] = set()
         self._pool: Any = None
         self.captures, self.capture_seconds, self.eager_steps = 0, 0.0, 0
+        self._stream: Any = None  # the captures' stream, one for all (as torch.cuda.graph's default)
+        self._eager_since_capture = True  # eager blocks cached since the last capture: emptied before the next
+        self.sync_captures = False  # True: synchronise and empty the cache before every capture (as before)
         self.log: list[dict[str, Any]] = []
 
     def get(self, key: Hashable) -> Captured | None:
@@ -63,6 +67,7 @@ class ShapeGraphs:
             return False
         self._met.add(key)
         self.eager_steps += 1
+        self._eager_since_capture = True
         return True
 
     def clear(self) -> None:
@@ -75,16 +80,35 @@ class ShapeGraphs:
         """Capture body(static) under `key`. warm_up (which must leave the model as it was) runs first on a side
         stream, for a shape no eager step has met."""
         started = time.perf_counter()
+        current = torch.cuda.current_stream(self.device)
         if warm_up is not None:
-            current, side = torch.cuda.current_stream(self.device), torch.cuda.Stream(self.device)
+            side = torch.cuda.Stream(self.device)
             side.wait_stream(current)
             with torch.cuda.stream(side):
                 warm_up()
             current.wait_stream(side)
-        torch.cuda.empty_cache()  # eager blocks: the graph allocates from its own pool, not from these
+            self._eager_since_capture = True
+        if self.sync_captures:  # as torch.cuda.graph does it (bench/train_throughput.py's A/B)
+            torch.cuda.synchronize(self.device)
+        if self._eager_since_capture or self.sync_captures:  # eager blocks: the graph allocates from its own pool
+            torch.cuda.empty_cache()
+            self._eager_since_capture = False
+        # torch.cuda.graph would synchronise the device and empty the cache before every capture; here the
+        # capture stream only waits for the work already queued, and the cache is emptied only after eager steps
+        self._stream = self._stream or torch.cuda.Stream(self.device)
+        self._stream.wait_stream(current)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self._pool, capture_error_mode="thread_local"):
-            outputs = body(static)
+        with torch.cuda.stream(self._stream):
+            graph.capture_begin(*((self._pool,) if self._pool is not None else ()), capture_error_mode="thread_local")
+            try:
+                outputs = body(static)
+            except BaseException:
+                with contextlib.suppress(RuntimeError):  # the capture's own error, after the one that matters
+                    graph.capture_end()
+                raise
+            recorded = time.perf_counter()
+            graph.capture_end()
+        current.wait_stream(self._stream)
         self._pool = self._pool or graph.pool()
         captured = self._graphs[key] = Captured(graph, static, outputs)
         self._met.add(key)
@@ -92,6 +116,7 @@ class ShapeGraphs:
         self.captures += 1
         self.capture_seconds += seconds
         self.log.append({"shape": repr(key), "seconds": round(seconds, 3), "warm_up": warm_up is not None,
+                         "instantiate_seconds": round(time.perf_counter() - recorded, 3),
                          "reserved_gib": round(torch.cuda.memory_reserved(self.device) / 2**30, 2),
                          "allocated_gib": round(torch.cuda.memory_allocated(self.device) / 2**30, 2)})
         return captured

@@ -21,29 +21,33 @@ from typing import Any, Callable, Sequence
 import torch
 import torch.nn.functional as F
 
-from ..kernels.decoder import (DecoderParts, attend_after_prefix, attend_packed, decoder_parts, fuse_rms_norms,
-                               run_decoder, varlen_backend)
+from ..kernels.decoder import (DecoderParts, SharedPrefix, attend_after_prefix, attend_packed, decoder_parts,
+                               flash_decode, flash_decode_ok, fuse_rms_norms, run_decoder, varlen_backend)
 
 StopFn = Callable[[list[int]], bool]
 MIN_SHARED_PREFIX = 16  # a shorter common start of the prompts is prefilled and kept with each row
 
 
 class StaticKVCache:
-    """Per-layer key/value buffers [B, kv_heads, S, head_dim] for one batch, and the attention that uses them.
+    """Per-layer key/value buffers for one batch, and the attention that uses them: [B, kv_heads, S, head_dim],
+    or [B, S, kv_heads, head_dim] with flash (token-major, as flash attention reads a row's slots).
 
     With a shared prefix (the P tokens every prompt of the batch starts with, such as an instruction), its keys
     and values are kept once ([kv_heads, P', head_dim], P' = P in whole 64-slot blocks) and the row buffers hold
     what follows it: slot = position - P.
     prefix: the prefix alone, computed once. prefill: each row's own prompt tokens, packed, attending to the
     prefix and to their own prompt. decode: each row's token is written to its slot and attends to the prefix and
-    to its slots up to that one.
+    to its slots up to that one. With flash, a decode step reads only those slots of each row (`used`), and
+    one slot of a row that has ended; without, it reads all S slots of every row, masked.
     """
 
     def __init__(self, parts: DecoderParts, batch: int, length: int, dtype: torch.dtype,
-                 device: torch.device, prefix: int = 0) -> None:
+                 device: torch.device, prefix: int = 0, flash: bool = False) -> None:
         config = parts.config
         head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-        shape = (batch, config.num_key_value_heads, length, head_dim)
+        kv_heads = config.num_key_value_heads
+        shape = (batch, length, kv_heads, head_dim) if flash else (batch, kv_heads, length, head_dim)
+        self.flash = flash
         self.keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in parts.layers]
         self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in parts.layers]
         self.prefix = prefix
@@ -51,11 +55,14 @@ class StaticKVCache:
         # attention stays aligned for the tensor-core kernels
         padded = -(-prefix // 64) * 64
         self.prefix_padding = torch.arange(padded, device=device) >= prefix  # [P'] the slots past the prefix
-        shared = (config.num_key_value_heads, padded, head_dim)
+        shared = (kv_heads, padded, head_dim)
         self.prefix_keys = [torch.zeros(shared, dtype=dtype, device=device) for _ in parts.layers] if prefix else []
         self.prefix_values = [torch.zeros(shared, dtype=dtype, device=device) for _ in parts.layers] if prefix else []
+        self.shared = [SharedPrefix(k, v, self.prefix_padding) for k, v in zip(self.prefix_keys, self.prefix_values)]
         self.rows = torch.arange(batch, device=device)
         self.slot_index = torch.arange(length, device=device)
+        self.cu_q = torch.arange(batch + 1, dtype=torch.int32, device=device)  # flash: a query a row
+        self.cu_k = self.cu_q * length  # flash: row b's slots start at b * S
         self.filling_prefix = False
         # prefill: where each packed token goes; decode: each row's current slot (set by the caller)
         self.prefill_rows: torch.Tensor | None = None
@@ -63,8 +70,16 @@ class StaticKVCache:
         self.cu_seqlens: torch.Tensor | None = None
         self.max_len = 0
         self.slots: torch.Tensor | None = None
+        self.used: torch.Tensor | None = None  # [B] int32: flash's slots to read per row (decode)
         self.visible: torch.Tensor | None = None  # [B, 1, 1, S] decode mask
         self.hidden: torch.Tensor | None = None  # [B, 1, 1, S + P'] masked scores, where a prefix is kept
+
+    def _store(self, layer: int, rows: torch.Tensor, slots: torch.Tensor, key: torch.Tensor,
+               value: torch.Tensor) -> None:
+        """key/value [N, kv_heads, D] into (rows[n], slots[n]) of the layer's buffers."""
+        at = (rows, slots) if self.flash else (rows, slice(None), slots)
+        self.keys[layer][at] = key
+        self.values[layer][at] = value
 
     def attend(self, module: Any, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                attention_mask: torch.Tensor | None, scaling: float) -> torch.Tensor:
@@ -74,16 +89,17 @@ class StaticKVCache:
             self.prefix_values[layer][:, :self.prefix] = value[0]
             return attend_packed(query, key, value, self.cu_seqlens, self.max_len, scaling, attention_mask)
         if self.slots is None:  # prefill, packed: [1, H, T, D]
-            self.keys[layer][self.prefill_rows, :, self.prefill_slots] = key[0].transpose(0, 1)
-            self.values[layer][self.prefill_rows, :, self.prefill_slots] = value[0].transpose(0, 1)
+            self._store(layer, self.prefill_rows, self.prefill_slots, key[0].transpose(0, 1), value[0].transpose(0, 1))
             if self.prefix:
                 return attend_after_prefix(query, key, value, self.prefix_keys[layer][:, :self.prefix],
                                            self.prefix_values[layer][:, :self.prefix], self.cu_seqlens, self.max_len,
                                            scaling, attention_mask)
             return attend_packed(query, key, value, self.cu_seqlens, self.max_len, scaling, attention_mask)
         batch, heads, _, head_dim = query.shape  # decode: [B, H, 1, D]
-        self.keys[layer][self.rows, :, self.slots] = key[:, :, 0]
-        self.values[layer][self.rows, :, self.slots] = value[:, :, 0]
+        self._store(layer, self.rows, self.slots, key[:, :, 0], value[:, :, 0])
+        if self.flash:
+            return flash_decode(query[:, :, 0], self.keys[layer], self.values[layer], self.used, self.cu_q,
+                                self.cu_k, scaling, self.shared[layer] if self.prefix else None)[:, None]
         kv_heads = key.shape[1]
         # query heads that share a kv head become that head's "query length": no kv copy for GQA
         grouped = query.reshape(batch, kv_heads, heads // kv_heads, head_dim)
@@ -116,9 +132,9 @@ class _BatchDecoder:
 
     def __init__(self, parts: DecoderParts, batch: int, length: int, max_new_tokens: int,
                  eos_ids: Sequence[int], pad_id: int, dtype: torch.dtype, device: torch.device,
-                 use_graph: bool, prefix: int = 0) -> None:
+                 use_graph: bool, prefix: int = 0, flash: bool = False) -> None:
         self.parts, self.pad_id = parts, pad_id
-        self.cache = StaticKVCache(parts, batch, length, dtype, device, prefix)
+        self.cache = StaticKVCache(parts, batch, length, dtype, device, prefix, flash)
         self.tokens = torch.zeros(batch, dtype=torch.long, device=device)
         self.positions = torch.zeros(batch, dtype=torch.long, device=device)
         self.finished = torch.zeros(batch, dtype=torch.bool, device=device)
@@ -138,8 +154,11 @@ class _BatchDecoder:
     def _step(self) -> None:
         cache = self.cache
         cache.slots = self.positions - cache.prefix
-        cache.visible = (cache.slot_index[None, :] <= cache.slots[:, None])[:, None, None, :]
-        if cache.prefix:
+        if cache.flash:  # a row reads its slots up to the current one; a row that has ended, one slot
+            cache.used = torch.where(self.finished, 1, cache.slots + 1).to(torch.int32)
+        else:
+            cache.visible = (cache.slot_index[None, :] <= cache.slots[:, None])[:, None, None, :]
+        if cache.prefix and not cache.flash:
             padding = cache.prefix_padding.expand(cache.visible.shape[0], 1, 1, -1)
             cache.hidden = torch.cat([~cache.visible, padding], -1)
         hidden = run_decoder(self.parts, self.tokens[:, None], self.positions[:, None], gputwin_cache=cache)
@@ -261,7 +280,7 @@ def greedy_generate(model: Any, prompts: Sequence[Sequence[int]], *, max_new_tok
                     eos_ids: Sequence[int] = (), pad_id: int = 0, stop: StopFn | None = None,
                     batch_size: int | None = None, cuda_graphs: bool | None = None,
                     prefill_tokens: int = 16384, check_every: int = 8, share_prefix: bool = True,
-                    stats: dict[str, float] | None = None) -> list[list[int]]:
+                    flash: bool | None = None, stats: dict[str, float] | None = None) -> list[list[int]]:
     """Greedy continuation of each prompt (token ids), as transformers' generate would give it.
 
     Each result holds the generated tokens only, up to and including the first of eos_ids, or up to the
@@ -270,6 +289,8 @@ def greedy_generate(model: Any, prompts: Sequence[Sequence[int]], *, max_new_tok
     once, as memory allows); decoding ends early once every row has ended (looked at every check_every
     steps). A prefix that every prompt of a batch starts with (MIN_SHARED_PREFIX tokens or more) is computed
     once and attended to from one copy (share_prefix=False: every row keeps its own copy, as before).
+    flash (default: on CUDA in bf16/fp16 where flash_decode checks out): each decode step reads only the cache
+    slots each row has filled, and one slot of a row that has ended (False: every slot of every row, masked).
     The model's train/eval mode is restored afterwards. A `stats` dict, when given, receives the
     seconds spent in setup (cache, graph capture), prefill and decode (measuring them costs syncs).
     """
@@ -281,6 +302,8 @@ def greedy_generate(model: Any, prompts: Sequence[Sequence[int]], *, max_new_tok
     device = parts.lm_head.weight.device
     dtype = parts.body.embed_tokens.weight.dtype
     use_graphs = device.type == "cuda" if cuda_graphs is None else cuda_graphs
+    if flash is None:
+        flash = dtype in (torch.bfloat16, torch.float16) and flash_decode_ok(device)
     if device.type == "cuda":
         fuse_rms_norms(model)  # the same maths in one kernel each (a trained model may have them already)
     if varlen_backend(device) != "varlen" or dtype not in (torch.bfloat16, torch.float16):
@@ -310,7 +333,7 @@ def greedy_generate(model: Any, prompts: Sequence[Sequence[int]], *, max_new_tok
                         or decoder.cache.slot_index.numel() != length):
                     decoder = None  # free the previous batch's cache first
                     decoder = _BatchDecoder(parts, len(rows), length, max_new_tokens, eos_ids, pad_id, dtype, device,
-                                            use_graphs, prefix)
+                                            use_graphs, prefix, flash)
                 clock.lap("setup_s")
                 first = _prefill(parts, decoder.cache, batch, prefill_tokens, device)
                 decoder.start(first, torch.tensor([len(p) for p in batch], device=device))
