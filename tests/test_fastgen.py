@@ -124,7 +124,7 @@ def test_bench_cpu_smoke_matches_the_naive_reference(tmp_path: Path) -> None:
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
     report = json.loads((tmp_path / "validation_speed.json").read_text())
     compared = [r for r in report["results"] if any(k.startswith("vs_") for k in r)]
-    assert len(compared) == 13  # 8 fast variants on all prompts, 5 agreement checks on subsets
+    assert len(compared) == 14  # 9 fast variants on all prompts, 5 agreement checks on subsets
     for r in compared:  # fp32 on CPU: every comparison is exact
         assert all(v["identical_rows_pct"] == 100 for k, v in r.items() if k.startswith("vs_")), r["variant"]
 

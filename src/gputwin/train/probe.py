@@ -85,11 +85,16 @@ def train_cooldown(run: Any, batches: Any, epoch: int, index: int, lr_from: floa
     """`steps` updates on the arm's next batches (from epoch/index on), LR linear from lr_from towards 0.
     Call inside side_branch. Returns the losses and the time it took."""
     started = time.perf_counter()
-    losses = []
+    losses, pending = [], None
     for lr in cooldown_lrs(lr_from, steps):
         examples = [run.examples[i] for i in batches.indices(epoch, index)]
         index += 1
         if index >= run.steps_per_epoch:
             epoch, index = epoch + 1, 0
-        losses.append(run.engine.step(run.engine.collate(examples), lr).result().loss)
+        issued = run.engine.step(run.engine.collate(examples), lr)
+        if pending is not None:  # each loss read once the next step is issued, as the training loop reads it
+            losses.append(pending.result().loss)
+        pending = issued
+    if pending is not None:
+        losses.append(pending.result().loss)
     return {"losses": losses, "seconds": round(time.perf_counter() - started, 3)}

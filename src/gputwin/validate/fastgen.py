@@ -6,6 +6,8 @@ lm_head, argmax, bookkeeping) is captured once as a CUDA graph and replayed, so 
 kernels and not Python. Every row keeps its own positions, so there is no left padding to get wrong.
 The start that all prompts share (the instruction of a validation prompt) is computed once and kept once:
 rows prefill and cache only what follows it, and each decode step reads it once for the whole batch.
+On CUDA in bf16/fp16 a decode step reads of each row's cache only the slots it has filled, and a single
+slot of a row that has ended (flash attention with per-row lengths), so rows that end early stop costing.
 Why it is the same: the same modules (LoRA unmerged unless the caller merged it) and the same greedy
 rule as transformers, including what happens after a row stops (nothing more is returned for it).
 In fp32 the tokens match generate exactly; in bf16 up to the rounding noise that also makes generate
