@@ -8,6 +8,10 @@ batch 4, warm-up 50, linear decay, clip 1.0, dropout 0.05 unless --dropout), thr
   cotrained-fast   one process: the base once, both adapters, one pass, both arms' samples packed in one row
                    and the step a CUDA graph (gputwin.train.cotrain.GroupEngine, fast: train/cofast.py)
   cotrained-plain  the same with the plain co-trained step (padded batches stacked, eager)
+  streams-fast     one process, each arm its own copy of the base and the trainer's fast engine (as a lone arm
+                   runs), each arm's steps issued on a CUDA stream of its own, so the two arms' kernels may run
+                   at the same time: what overlapping the arms gives, against packing them in one row
+  alone-fast       one arm alone, in a process of its own with the GPU to itself
 Reported: combined tokens/s of both arms over their timed steps (after warm-up; two processes are timed
 over the same window, both started together), GPU memory (each process's peak reserved memory plus the
 CUDA context, as NVML reports the process at its end; two processes summed), and each arm's loss curve
@@ -23,6 +27,7 @@ Writes OUT/cotrain[-TAG].json (OUT: bench/out unless --out) and prints a table.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import subprocess
@@ -42,7 +47,7 @@ from gputwin.train.batching import EpochBatches, Example
 ARMS = (("conservative", 8, 16, 1e-4, 1758), ("aggressive", 12, 24, 1.5e-4, 879))
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
 BATCH, SEED, WARMUP_LR_STEPS = 4, 42, 50
-VARIANTS = ("separate-fast", "separate-plain", "cotrained-fast", "cotrained-plain", "alone-fast")
+VARIANTS = ("separate-fast", "separate-plain", "cotrained-fast", "cotrained-plain", "alone-fast", "streams-fast")
 
 
 def settings(args: argparse.Namespace) -> dict[str, Any]:
@@ -295,6 +300,65 @@ def cotrained(args: argparse.Namespace, fast: bool) -> dict[str, Any]:
     return result
 
 
+def streams(args: argparse.Namespace) -> dict[str, Any]:
+    """Both arms in one process, each with its own base copy and fast engine, stepped the trainer's way, each
+    arm's steps on a CUDA stream of its own (the CPU: one after the other)."""
+    from peft import get_peft_model
+
+    from gputwin.train.engine import build_optimizer, make_engine
+    from gputwin.train.multilora import lora_config
+
+    device = torch.device("cpu" if args.smoke else "cuda")
+    common.reset_memory(device)
+    runs = []
+    for arm in ARMS:
+        base = build_base(args.smoke, device)
+        torch.manual_seed(SEED)  # the adapter's initialisation, as the trainer does it
+        model = get_peft_model(base, lora_config(lora_spec(arm, args.dropout))).to(device)
+        model.train()
+        optimizer = build_optimizer(model, lr=arm[3], weight_decay=0.0, device=device)
+        engine = make_engine("fast", model, optimizer, device=device, model_dtype=base.dtype, grad_clip=1.0,
+                             pad_id=0)
+        runs.append((arm, engine, torch.cuda.Stream(device) if device.type == "cuda" else None))
+    examples = examples_for(args, base)
+    batches, plans = EpochBatches(len(examples), BATCH, SEED), [schedule(arm) for arm in ARMS]
+    per_epoch = len(examples) // BATCH
+    losses: dict[str, list[float]] = {arm[0]: [] for arm in ARMS}
+    pending: dict[str, Any] = {}
+    tokens, t0 = 0, time.time()
+    loaded_memory, warm_memory = common.memory_now_gib(device), None
+
+    def read(name: str) -> None:
+        if name in pending:
+            losses[name].append(pending.pop(name).result().loss)
+
+    for step in range(1, args.warmup + args.steps + 1):
+        if step == args.warmup + 1:
+            for arm in ARMS:
+                read(arm[0])
+            common.synchronize(device)
+            warm_memory = common.memory_now_gib(device)
+            t0 = time.time()
+        index = step - 1
+        chosen = [examples[i] for i in batches.indices(index // per_epoch, index % per_epoch)]
+        for (arm, engine, stream), plan in zip(runs, plans):
+            with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
+                outcome = engine.step(engine.collate(chosen), lr_at(step, plan))
+            read(arm[0])
+            pending[arm[0]] = outcome
+        if step > args.warmup:
+            tokens += len(ARMS) * sum(e.n_tokens for e in chosen)
+    for arm in ARMS:
+        read(arm[0])
+    common.synchronize(device)
+    window = time.time() - t0
+    graphs = [graphs_of(getattr(engine, "fast", None)) for _, engine, _ in runs]
+    return {"variant": "streams-fast", "engine": runs[0][1].name, "tokens_per_s": round(tokens / window, 1),
+            "arms": {arm[0]: {"losses": losses[arm[0]], **g} for (arm, _, _), g in zip(runs, graphs)},
+            "memory_gib": process_memory_gib(device), "memory_loaded_gib": loaded_memory,
+            "memory_after_warmup_gib": warm_memory}
+
+
 def kernel_profile(device: torch.device, step: Any, first: int, repeats: int = 5) -> dict[str, Any] | None:
     """GPU time by kernel kind over `repeats` more steps from step `first` on (the batches of the last timed
     steps again, whose shapes have graphs), with the wall time a step took meanwhile: kernels' time well
@@ -469,6 +533,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"-- {variant}", flush=True)
         if variant.startswith("cotrained-"):
             results.append(cotrained(args, fast=variant == "cotrained-fast"))
+        elif variant == "streams-fast":
+            results.append(streams(args))
         elif variant.startswith("alone-"):
             results.append(separate(args, variant.removeprefix("alone-"), args.out, ARMS[:1], "alone"))
         else:

@@ -1,4 +1,4 @@
-"""bench/cotrain.py at toy sizes on the CPU: the three placements run (two worker processes each for the
+"""bench/cotrain.py at toy sizes on the CPU: every placement runs (two worker processes each for the
 separate ones) and, without dropout, each co-trained arm's loss curve is its separate curve. No timing."""
 
 from __future__ import annotations
@@ -20,10 +20,11 @@ def test_the_cotrain_benchmark_runs_every_placement_and_the_curves_agree(tmp_pat
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     record = json.loads((tmp_path / "cotrain.json").read_text())
     results = {r["variant"]: r for r in record["results"]}
-    assert set(results) == {"separate-fast", "separate-plain", "cotrained-fast", "cotrained-plain", "alone-fast"}
+    assert set(results) == {"separate-fast", "separate-plain", "cotrained-fast", "cotrained-plain", "alone-fast",
+                            "streams-fast"}
     assert set(results["alone-fast"]["arms"]) == {"conservative"}  # one arm with the device to itself
     assert all(r["tokens_per_s"] > 0 for r in results.values())
-    for variant in ("separate-fast", "separate-plain", "cotrained-plain", "alone-fast"):  # against cotrained-fast
+    for variant in ("separate-fast", "separate-plain", "cotrained-plain", "alone-fast", "streams-fast"):
         gaps = results[variant]["curve_gap_to_cotrained"]
         assert set(gaps) == ({"conservative"} if variant == "alone-fast" else {"conservative", "aggressive"})
         for gap in gaps.values():
