@@ -157,14 +157,13 @@ def test_shared_prefix_leaves_every_prompt_a_token_of_its_own() -> None:
     assert shared_prefix([[1, 2, 3]]) == 0  # one prompt: nothing to share
 
 
-def emulated_flash(query, keys, values, cu_q, cu_k, max_k, used, scale):
-    """What flash varlen gives flash_decode, computed plainly: row b attends to keys[cu_k[b]:][:used[b]]
-    ([T, kv, D]); the output and the log-sum-exp of its scaled scores ([B, H])."""
-    heads, kv = query.shape[1], keys.shape[1]
-    index = (cu_k[:-1, None].long() + torch.arange(max_k)[None]).clamp(max=keys.shape[0] - 1)  # [B, max_k]
-    k, v = (x[index].transpose(1, 2).repeat_interleave(heads // kv, 1).float() for x in (keys, values))
+def emulated_flash(query, keys, values, used, cu_q, cu_k, scale):
+    """What flash varlen gives flash_decode, computed plainly: each row's first used[b] slots, and the
+    log-sum-exp of its scaled scores ([B, H])."""
+    heads, kv = query.shape[1], keys.shape[2]
+    k, v = (x.transpose(1, 2).repeat_interleave(heads // kv, 1).float() for x in (keys, values))  # [B, H, S, D]
     scores = torch.einsum("bhd,bhsd->bhs", query.float(), k) * scale
-    scores = scores.masked_fill(torch.arange(max_k) >= used[:, None, None].long(), float("-inf"))
+    scores = scores.masked_fill(torch.arange(keys.shape[1]) >= used[:, None, None].long(), float("-inf"))
     lse = scores.logsumexp(-1)
     out = torch.einsum("bhs,bhsd->bhd", (scores - lse[..., None]).exp(), v)
     return out.to(query.dtype), lse
@@ -175,13 +174,9 @@ def test_flash_decode_joins_the_prefix_as_one_softmax(monkeypatch) -> None:
     (decoder._flash_decode_matches), with flash's part computed plainly; a wrong log-sum-exp fails it."""
     from gputwin.kernels import decoder
 
-    monkeypatch.setattr(decoder, "_flash_rows", emulated_flash)
+    monkeypatch.setattr(decoder, "_flash_own", emulated_flash)
     assert decoder._flash_decode_matches("cpu")
-    def shared_lse_off(*args):  # the prefix's call (every row's keys start at 0) reports a wrong log-sum-exp
-        out, lse = emulated_flash(*args)
-        return out, lse + (1.0 if int(args[4][-1]) == 0 else 0.0)
-
-    monkeypatch.setattr(decoder, "_flash_rows", shared_lse_off)
+    monkeypatch.setattr(decoder, "_flash_own", lambda *a: (emulated_flash(*a)[0], emulated_flash(*a)[1] + 1.0))
     assert not decoder._flash_decode_matches("cpu")
 
 
@@ -192,7 +187,7 @@ def test_decoding_through_the_flash_layout_gives_the_tokens_of_generate(monkeypa
     from gputwin.kernels import decoder
 
     calls = []
-    monkeypatch.setattr(decoder, "_flash_rows", lambda *a: calls.append(a[6].tolist()) or emulated_flash(*a))
+    monkeypatch.setattr(decoder, "_flash_own", lambda *a: calls.append(a[3].tolist()) or emulated_flash(*a))
     eos = [5, 9]
     assert greedy_generate(model, prompts, max_new_tokens=10, pad_id=PAD, eos_ids=eos, flash=True,
                            check_every=3) == hf_greedy(model, prompts, 10, eos=eos)

@@ -214,14 +214,11 @@ _FLASH_DECODE: dict[str, bool] = {}  # device -> whether flash_decode matches th
 
 @dataclass
 class SharedPrefix:
-    """The keys and values every row of a decode batch attends to, kept once, token-major ([P, kv, D]), with
-    what flash reads them by: every row's keys start at 0 (`starts`, int32 [B + 1] of zeros) and run for
-    `length` = P slots (`used`, int32 [B])."""
+    """Keys and values every row of a decode batch attends to, kept once: [kv, P', D] with P' >= length
+    (the slots from `length` on are padding, hidden: `padding` is True there)."""
     keys: torch.Tensor
     values: torch.Tensor
-    starts: torch.Tensor
-    used: torch.Tensor
-    length: int
+    padding: torch.Tensor
 
 
 def flash_decode(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, used: torch.Tensor,
@@ -229,32 +226,42 @@ def flash_decode(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, 
                  prefix: SharedPrefix | None = None) -> torch.Tensor:
     """One decode step's attention: each row's query [B, H, D] over the first used[b] (int32, >= 1) slots of
     its own cache [B, S, kv, D], read by flash attention (only the used slots are read), and over a shared
-    prefix when given: a second flash call in which every row reads the same prefix keys, the two joined by
-    their log-sum-exps as one softmax over both. cu_q = arange(B + 1) and cu_k = cu_q * S (int32), made once
-    by the caller. Returns [B, H, D]."""
-    slots = keys.shape[1]
-    out, lse = _flash_rows(query, keys.flatten(0, 1), values.flatten(0, 1), cu_q, cu_k, slots, used, scale)
+    prefix when given. The two parts are joined through their log-sum-exps into one softmax over both.
+    cu_q = arange(B + 1) and cu_k = cu_q * S (int32), made once by the caller. Returns [B, H, D]."""
+    out, own_lse = _flash_own(query, keys, values, used, cu_q, cu_k, scale)
     if prefix is None:
         return out
-    shared, shared_lse = _flash_rows(query, prefix.keys, prefix.values, cu_q, prefix.starts, prefix.length,
-                                     prefix.used, scale)
-    own_share = torch.sigmoid(lse - shared_lse)  # e^own / (e^own + e^shared): the own slots' part of the softmax
-    return torch.lerp(shared, out, own_share.unsqueeze(-1).to(out.dtype))
+    batch, heads, dim = query.shape
+    kv = keys.shape[2]
+    group = heads // kv
+    by_head = query.view(batch, kv, group, dim).transpose(0, 1).reshape(kv, batch * group, dim)
+    scores = torch.matmul(by_head, prefix.keys.transpose(1, 2)).float().mul_(scale)
+    scores.masked_fill_(prefix.padding, float("-inf"))
+    shared_lse = scores.logsumexp(-1, keepdim=True)  # [kv, B * group, 1]
+    weights = scores.sub_(shared_lse).exp_().to(query.dtype)
+    shared = torch.matmul(weights, prefix.values).view(kv, batch, group, dim).transpose(0, 1).reshape(batch, heads, dim)
+    shared_lse = shared_lse.view(kv, batch, group).transpose(0, 1).reshape(batch, heads)
+    total = torch.logaddexp(own_lse, shared_lse)
+    joined = out.float() * (own_lse - total).exp_()[..., None]
+    joined += shared.float() * (shared_lse - total).exp_()[..., None]
+    return joined.to(query.dtype)
 
 
-def _flash_rows(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, cu_q: torch.Tensor,
-                cu_k: torch.Tensor, max_k: int, used: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Flash varlen, one query a row: row b attends to keys[cu_k[b] : cu_k[b] + used[b]] ([T, kv, D]).
-    The output [B, H, D], and the log-sum-exp of the scaled scores [B, H] (fp32)."""
-    batch, heads = query.shape[:2]
-    out, lse = torch.ops.aten._flash_attention_forward(query, keys, values, cu_q, cu_k, 1, max_k, 0.0, False, False,
-                                                       scale=scale, seqused_k=used)[:2]
+def _flash_own(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, used: torch.Tensor,
+               cu_q: torch.Tensor, cu_k: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Flash varlen over the rows' own slots: the output [B, H, D] and the log-sum-exp of the scaled scores
+    [B, H] (fp32)."""
+    batch, heads, dim = query.shape
+    slots, kv = keys.shape[1], keys.shape[2]
+    out, lse = torch.ops.aten._flash_attention_forward(
+        query, keys.view(batch * slots, kv, dim), values.view(batch * slots, kv, dim), cu_q, cu_k, 1, slots, 0.0,
+        False, False, scale=scale, seqused_k=used)[:2]
     return out, (lse.reshape(heads, batch).t() if lse.shape[0] == heads else lse.reshape(batch, heads))
 
 
 def flash_decode_ok(device: torch.device) -> bool:
     """Whether flash_decode runs here and matches a masked softmax over the same slots (checked once): flash
-    attention with per-row used slots and shared keys, its log-sum-exp's layout in this torch, and the join."""
+    attention with per-row used slots, its log-sum-exp's layout in this torch, and the join with a prefix."""
     if str(device) in _FLASH_DECODE:
         return _FLASH_DECODE[str(device)]
     _FLASH_DECODE[str(device)] = False
@@ -273,18 +280,17 @@ def _flash_decode_matches(device: torch.device | str) -> bool:
     keys, values = (torch.randn(batch, slots, kv, dim, device=device, dtype=torch.bfloat16, generator=generator)
                     for _ in range(2))
     used = torch.tensor([1, 17, 64, 3, 40], dtype=torch.int32, device=device)
-    shared_keys, shared_values = (torch.randn(length, kv, dim, device=device, dtype=torch.bfloat16,
-                                              generator=generator) for _ in range(2))
+    shared_keys, shared_values = (torch.randn(kv, 64, dim, device=device, dtype=torch.bfloat16, generator=generator)
+                                  for _ in range(2))
+    prefix = SharedPrefix(shared_keys, shared_values, torch.arange(64, device=device) >= length)
     cu_q = torch.arange(batch + 1, dtype=torch.int32, device=device)
-    prefix = SharedPrefix(shared_keys, shared_values, torch.zeros_like(cu_q), torch.full_like(used, length), length)
     slot = torch.arange(slots, device=device)
-    own_visible = (slot[None] < used[:, None].long())[:, None, None]
-    visible = torch.cat([own_visible.new_ones(batch, 1, 1, length), own_visible], -1)
-    with_prefix = [torch.cat([x.transpose(0, 1)[None].expand(batch, -1, -1, -1), own.transpose(1, 2)], 2)
+    visible = torch.cat([~prefix.padding.expand(batch, -1), slot[None] < used[:, None].long()], 1)[:, None, None]
+    with_prefix = [torch.cat([x[None].expand(batch, -1, -1, -1), own.transpose(1, 2)], 2)
                    .repeat_interleave(heads // kv, 1) for x, own in ((shared_keys, keys), (shared_values, values))]
     alone = [own.transpose(1, 2).repeat_interleave(heads // kv, 1) for own in (keys, values)]
     try:
-        for kept, (k, v, mask) in ((prefix, (*with_prefix, visible)), (None, (*alone, own_visible))):
+        for kept, (k, v, mask) in ((prefix, (*with_prefix, visible)), (None, (*alone, visible[..., 64:]))):
             want = F.scaled_dot_product_attention(query[:, :, None].float(), k.float(), v.float(), attn_mask=mask,
                                                   scale=0.125)[:, :, 0]
             got = flash_decode(query, keys, values, used, cu_q, cu_q * slots, 0.125, kept)

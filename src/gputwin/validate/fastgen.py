@@ -53,24 +53,18 @@ class StaticKVCache:
         self.keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in parts.layers]
         self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in parts.layers]
         self.prefix = prefix
+        # the prefix's buffers are padded to whole 64-slot blocks (masked), so every matrix in the decode's
+        # attention stays aligned for the tensor-core kernels
+        padded = -(-prefix // 64) * 64
+        self.prefix_padding = torch.arange(padded, device=device) >= prefix  # [P'] the slots past the prefix
+        shared = (kv_heads, padded, head_dim)
+        self.prefix_keys = [torch.zeros(shared, dtype=dtype, device=device) for _ in parts.layers] if prefix else []
+        self.prefix_values = [torch.zeros(shared, dtype=dtype, device=device) for _ in parts.layers] if prefix else []
+        self.shared = [SharedPrefix(k, v, self.prefix_padding) for k, v in zip(self.prefix_keys, self.prefix_values)]
         self.rows = torch.arange(batch, device=device)
         self.slot_index = torch.arange(length, device=device)
         self.cu_q = torch.arange(batch + 1, dtype=torch.int32, device=device)  # flash: a query a row
         self.cu_k = self.cu_q * length  # flash: row b's slots start at b * S
-        # without flash the prefix's buffers are padded to whole 64-slot blocks (masked), so every matrix in the
-        # decode's attention stays aligned for the tensor-core kernels
-        padded = -(-prefix // 64) * 64
-        self.prefix_padding = torch.arange(padded, device=device) >= prefix  # [P'] the slots past the prefix
-        self.shared: list[SharedPrefix] = []  # flash: the prefix token-major, read by every row
-        if prefix and flash:
-            starts, used = torch.zeros_like(self.cu_q), torch.full((batch,), prefix, dtype=torch.int32, device=device)
-            self.shared = [SharedPrefix(*(torch.zeros((prefix, kv_heads, head_dim), dtype=dtype, device=device)
-                                          for _ in range(2)), starts, used, prefix) for _ in parts.layers]
-        # [kv_heads, P or P', D]: what the prefill attends to and fills (with flash, views of the above)
-        self.prefix_keys = [s.keys.transpose(0, 1) for s in self.shared] or [
-            torch.zeros((kv_heads, padded, head_dim), dtype=dtype, device=device) for _ in parts.layers if prefix]
-        self.prefix_values = [s.values.transpose(0, 1) for s in self.shared] or [
-            torch.zeros((kv_heads, padded, head_dim), dtype=dtype, device=device) for _ in parts.layers if prefix]
         self.filling_prefix = False
         # prefill: where each packed token goes; decode: each row's current slot (set by the caller)
         self.prefill_rows: torch.Tensor | None = None
