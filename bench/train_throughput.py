@@ -11,8 +11,8 @@ AdamW lr 1e-4 with linear decay, clip 1.0, bf16 autocast over bf16 weights, fp32
   engine+compile         the same with train.compile on (torch.compile'd decoder layers inside the graphs)
   engine+eagereach       the engine with every shape's first step eager and its second captured (before 2026-12-07;
                          the engine now runs eagerly only until its first graph, then captures shapes when met)
-  engine+synccapture     the engine with the device synchronised and the cache emptied before every capture, as
-                         torch.cuda.graph does it (before the lean captures of 2026-12-07)
+  engine+leancapture     the engine with lean captures: no device sync before a capture, the allocator's cache
+                         emptied only after eager steps (graphs.ShapeGraphs.sync_captures = False)
   packed+graphs+lorapercall  the bench step with each LoRA layer casting A and B itself (before the adapter copies)
 Reported: tokens/s over non-padding tokens after warm-up, MFU (2.49 GFLOP a token, 989 TFLOP/s peak),
 peak memory, the time spent compiling/capturing, and each loss curve's gap to the baseline's.
@@ -39,7 +39,7 @@ from gputwin.train.packing import pack
 
 VARIANTS = ("baseline", "packed+graphs", "packed+compile+graphs", "packed", "lean-padded", "engine", "packed+graphs+hfnorm",
             "packed+graphs+peftlora", "packed+graphs+hfrope", "packed+graphs+rollrope", "engine+rollrope",
-            "engine+compile", "engine+eagereach", "engine+synccapture", "packed+graphs+lorapercall")
+            "engine+compile", "engine+eagereach", "engine+leancapture", "packed+graphs+lorapercall")
 BATCH = 4
 
 
@@ -190,14 +190,13 @@ def _run_fast(name: str, *, compile: bool, graphs: bool, fused_norms: bool | Non
 
 
 def run_engine(model: Any, batches: list[list[dict]], args: argparse.Namespace, device: torch.device,
-               compile: bool | None = None, eager_each: bool = False, sync_captures: bool = False) -> dict:
+               compile: bool | None = None, eager_each: bool = False, sync_captures: bool = True) -> dict:
     """The fast engine as the trainer loop drives it (gputwin.train.engine.make_engine("fast")): graphs
     captured as new shapes come, each step's loss read after the next step is issued; then the NaN path
     the trainer's fault hook exercises: the step must raise NonFiniteLoss and change no weight.
     compile: the engine's train.compile setting (None: the trainer's default); eager_each: every shape's first
     step eager, its second captured (graphs.ShapeGraphs eager_first=True), as before the engine's "once";
-    sync_captures: the device synchronised and the allocator's cache emptied before every capture, as
-    torch.cuda.graph does it (the engine before 2026-12-07's lean captures)."""
+    sync_captures=False: lean captures (no device sync before a capture; graphs.ShapeGraphs.sync_captures)."""
     from gputwin.train.batching import Example
     from gputwin.train.engine import NonFiniteLoss, build_optimizer, make_engine
 
@@ -276,7 +275,7 @@ RUNNERS: dict[str, Callable[..., dict]] = {
     "engine+rollrope": lambda *a: _roll_rope(run_engine, *a),
     "engine+compile": lambda *a: run_engine(*a, compile=True),
     "engine+eagereach": lambda *a: run_engine(*a, eager_each=True),
-    "engine+synccapture": lambda *a: run_engine(*a, sync_captures=True),
+    "engine+leancapture": lambda *a: run_engine(*a, sync_captures=False),
     "packed+graphs+lorapercall": _run_fast("packed+graphs+lorapercall", compile=False, graphs=True, lora_copies=False),
     "packed+graphs+rollrope": lambda *a: _roll_rope(_run_fast("packed+graphs+rollrope", compile=False, graphs=True), *a),
 }

@@ -107,8 +107,8 @@ def test_eager_once_captured_when_met_trains_as_graphs_captured_ahead() -> None:
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
 def test_captures_without_a_device_sync_train_as_captures_after_one() -> None:
-    """The lean capture (the capture stream waits for the queued work; the cache is emptied only after eager
-    steps) gives the steps that torch.cuda.graph's way (synchronise, empty the cache every time) gives."""
+    """Lean captures (sync_captures=False: the capture stream waits for the queued work; the cache is emptied
+    only after eager steps) give the steps that torch.cuda.graph's way (the default) gives."""
     from test_fast_train import samples, tiny_model
 
     from gputwin.train.fast import FastStep, make_optimizer

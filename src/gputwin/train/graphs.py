@@ -53,7 +53,10 @@ class ShapeGraphs:
         self.captures, self.capture_seconds, self.eager_steps = 0, 0.0, 0
         self._stream: Any = None  # the captures' stream, one for all (as torch.cuda.graph's default)
         self._eager_since_capture = True  # eager blocks cached since the last capture: emptied before the next
-        self.sync_captures = False  # True: synchronise and empty the cache before every capture (as before)
+        # True (as torch.cuda.graph does it): synchronise the device and empty the allocator's cache before every
+        # capture. False (lean): the capture stream only waits for the work already queued, and the cache is
+        # emptied only after eager steps; not yet shown faster (bench/RESULTS.md), so not the default
+        self.sync_captures = True
         self.log: list[dict[str, Any]] = []
 
     def get(self, key: Hashable) -> Captured | None:
@@ -88,13 +91,11 @@ class ShapeGraphs:
                 warm_up()
             current.wait_stream(side)
             self._eager_since_capture = True
-        if self.sync_captures:  # as torch.cuda.graph does it (bench/train_throughput.py's A/B)
+        if self.sync_captures:  # as torch.cuda.graph does it
             torch.cuda.synchronize(self.device)
         if self._eager_since_capture or self.sync_captures:  # eager blocks: the graph allocates from its own pool
             torch.cuda.empty_cache()
             self._eager_since_capture = False
-        # torch.cuda.graph would synchronise the device and empty the cache before every capture; here the
-        # capture stream only waits for the work already queued, and the cache is emptied only after eager steps
         self._stream = self._stream or torch.cuda.Stream(self.device)
         self._stream.wait_stream(current)
         graph = torch.cuda.CUDAGraph()
