@@ -17,8 +17,12 @@ again, which must not happen inside a capture). `family` narrows "the first grap
 family: the co-trained step (cofast.GroupFastStep) runs eagerly the first step of each set of arms (their
 optimizers' state, the adapters' layout constants), and captures that set's later new shapes when met.
 
-Each capture is logged (`log`): the shape, its seconds and the memory reserved after it, so a bench can show
-where a run's captures and its memory went.
+A capture runs on a stream of the graphs' own, after the device is synchronised and the allocator's cache
+emptied, as torch.cuda.graph does it; `sync_captures = False` (lean) only makes that stream wait for the queued
+work and empties the cache only after eager steps (bench/train_throughput.py's `engine+leancapture`).
+
+Each capture is logged (`log`): the shape, its seconds (and of them, the graph's instantiation) and the memory
+reserved after it, so a bench can show where a run's captures and its memory went.
 """
 
 from __future__ import annotations
