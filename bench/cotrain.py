@@ -133,24 +133,28 @@ def wait_for_file(path: Path, limit_s: float = 900.0) -> None:
 # ---------------------------------------------------------------- one arm alone (a worker process)
 
 
-def worker(args: argparse.Namespace) -> int:
-    """One arm in a process of its own with the trainer's engine; steps in the trainer's way (each step's
-    loss read after the next is issued). Warm-up, then `ready`, then the timed steps once `go` exists."""
+def arm_engine(args: argparse.Namespace, arm: tuple[Any, ...], engine: str, device: torch.device) -> tuple[Any, Any]:
+    """A base of its own with the arm's adapter, and the trainer's engine over it: (base, engine)."""
     from peft import get_peft_model
 
     from gputwin.train.engine import build_optimizer, make_engine
     from gputwin.train.multilora import lora_config
 
-    device = torch.device("cpu" if args.smoke else "cuda")
-    arm = next(a for a in ARMS if a[0] == args.arm)
     base = build_base(args.smoke, device)
-    examples = examples_for(args, base)
     torch.manual_seed(SEED)  # the adapter's initialisation, as the trainer and the co-trained group do it
     model = get_peft_model(base, lora_config(lora_spec(arm, args.dropout))).to(device)
     model.train()
     optimizer = build_optimizer(model, lr=arm[3], weight_decay=0.0, device=device)
-    engine = make_engine(args.engine, model, optimizer, device=device, model_dtype=base.dtype, grad_clip=1.0,
-                         pad_id=0)
+    return base, make_engine(engine, model, optimizer, device=device, model_dtype=base.dtype, grad_clip=1.0, pad_id=0)
+
+
+def worker(args: argparse.Namespace) -> int:
+    """One arm in a process of its own with the trainer's engine; steps in the trainer's way (each step's
+    loss read after the next is issued). Warm-up, then `ready`, then the timed steps once `go` exists."""
+    device = torch.device("cpu" if args.smoke else "cuda")
+    arm = next(a for a in ARMS if a[0] == args.arm)
+    base, engine = arm_engine(args, arm, args.engine, device)
+    examples = examples_for(args, base)
     batches, plan = EpochBatches(len(examples), BATCH, SEED), schedule(arm)
     per_epoch = len(examples) // BATCH
     losses: list[float] = []
@@ -303,22 +307,11 @@ def cotrained(args: argparse.Namespace, fast: bool) -> dict[str, Any]:
 def streams(args: argparse.Namespace) -> dict[str, Any]:
     """Both arms in one process, each with its own base copy and fast engine, stepped the trainer's way, each
     arm's steps on a CUDA stream of its own (the CPU: one after the other)."""
-    from peft import get_peft_model
-
-    from gputwin.train.engine import build_optimizer, make_engine
-    from gputwin.train.multilora import lora_config
-
     device = torch.device("cpu" if args.smoke else "cuda")
     common.reset_memory(device)
     runs = []
     for arm in ARMS:
-        base = build_base(args.smoke, device)
-        torch.manual_seed(SEED)  # the adapter's initialisation, as the trainer does it
-        model = get_peft_model(base, lora_config(lora_spec(arm, args.dropout))).to(device)
-        model.train()
-        optimizer = build_optimizer(model, lr=arm[3], weight_decay=0.0, device=device)
-        engine = make_engine("fast", model, optimizer, device=device, model_dtype=base.dtype, grad_clip=1.0,
-                             pad_id=0)
+        base, engine = arm_engine(args, arm, "fast", device)
         runs.append((arm, engine, torch.cuda.Stream(device) if device.type == "cuda" else None))
     examples = examples_for(args, base)
     batches, plans = EpochBatches(len(examples), BATCH, SEED), [schedule(arm) for arm in ARMS]

@@ -60,7 +60,6 @@ class StaticKVCache:
         shared = (kv_heads, padded, head_dim)
         self.prefix_keys = [torch.zeros(shared, dtype=dtype, device=device) for _ in parts.layers] if prefix else []
         self.prefix_values = [torch.zeros(shared, dtype=dtype, device=device) for _ in parts.layers] if prefix else []
-        self.shared = [SharedPrefix(k, v, self.prefix_padding) for k, v in zip(self.prefix_keys, self.prefix_values)]
         self.rows = torch.arange(batch, device=device)
         self.slot_index = torch.arange(length, device=device)
         self.cu_q = torch.arange(batch + 1, dtype=torch.int32, device=device)  # flash: a query a row
@@ -101,7 +100,8 @@ class StaticKVCache:
         self._store(layer, self.rows, self.slots, key[:, :, 0], value[:, :, 0])
         if self.flash:
             return flash_decode(query[:, :, 0], self.keys[layer], self.values[layer], self.used, self.cu_q,
-                                self.cu_k, scaling, self.shared[layer] if self.prefix else None)[:, None]
+                                self.cu_k, scaling, SharedPrefix(self.prefix_keys[layer], self.prefix_values[layer],
+                                                                 self.prefix_padding) if self.prefix else None)[:, None]
         kv_heads = key.shape[1]
         # query heads that share a kv head become that head's "query length": no kv copy for GQA
         grouped = query.reshape(batch, kv_heads, heads // kv_heads, head_dim)
