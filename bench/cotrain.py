@@ -56,7 +56,8 @@ def settings(args: argparse.Namespace) -> dict[str, Any]:
 
     return {"smoke": args.smoke, "steps": args.steps, "warmup": args.warmup, "samples": args.samples,
             "dropout": args.dropout, "batch": BATCH, "lora_align": multi_lora.ALIGN,
-            "attention_bound": "segment" if packing.BOUND_BY_SEGMENT else "row", "rope": args.rope}
+            "attention_bound": "segment" if packing.BOUND_BY_SEGMENT else "row", "rope": args.rope,
+            "shapes": "coarse buckets" if args.coarse else "planned (train/shapeplan.py)"}
 
 
 def build_base(smoke: bool, device: torch.device) -> Any:
@@ -75,6 +76,11 @@ def examples_for(args: argparse.Namespace, base: Any) -> list[Example]:
     samples = common.synthetic_samples(args.samples, seed=1, vocab_size=config.vocab_size,
                                        eos_id=int(config.eos_token_id), **kwargs)
     return [Example(s["input_ids"], s["labels"], False) for s in samples]
+
+
+def ahead(examples: Sequence[Example], batches: EpochBatches, per_epoch: int, steps: int) -> list[list[Example]]:
+    """The examples of steps 1..steps, in the data order the bench steps them."""
+    return [[examples[i] for i in batches.indices(index // per_epoch, index % per_epoch)] for index in range(steps)]
 
 
 def lora_spec(arm: tuple[Any, ...], dropout: float) -> LoraSpec:
@@ -157,6 +163,8 @@ def worker(args: argparse.Namespace) -> int:
     examples = examples_for(args, base)
     batches, plan = EpochBatches(len(examples), BATCH, SEED), schedule(arm)
     per_epoch = len(examples) // BATCH
+    if not args.coarse and hasattr(engine, "plan"):  # the trainer plans its shapes before its first step
+        engine.plan(ahead(examples, batches, per_epoch, args.warmup + args.steps))
     losses: list[float] = []
     pending = None
     tokens = 0
@@ -261,6 +269,9 @@ def cotrained(args: argparse.Namespace, fast: bool) -> dict[str, Any]:
         engine.join(view, build_optimizer(view, lr=arm[3], weight_decay=0.0, device=device), 1.0)
     batches, plans = EpochBatches(len(examples), BATCH, SEED), [schedule(arm) for arm in ARMS]
     per_epoch = len(examples) // BATCH
+    if not args.coarse:  # the group plans its rows before its first step (cotrain.Group.plan_shapes)
+        engine.plan([[(view.adapter, chosen) for view in views]
+                     for chosen in ahead(examples, batches, per_epoch, args.warmup + args.steps)])
     losses: dict[str, list[float]] = {arm[0]: [] for arm in ARMS}
     tokens, t0 = 0, time.time()
     pending: dict[str, Any] = {}
@@ -316,6 +327,9 @@ def streams(args: argparse.Namespace) -> dict[str, Any]:
     examples = examples_for(args, base)
     batches, plans = EpochBatches(len(examples), BATCH, SEED), [schedule(arm) for arm in ARMS]
     per_epoch = len(examples) // BATCH
+    if not args.coarse:
+        for _, engine, _ in runs:
+            engine.plan(ahead(examples, batches, per_epoch, args.warmup + args.steps))
     losses: dict[str, list[float]] = {arm[0]: [] for arm in ARMS}
     pending: dict[str, Any] = {}
     tokens, t0 = 0, time.time()
@@ -465,7 +479,7 @@ def passthrough(args: argparse.Namespace) -> list[str]:
     out = ["--steps", str(args.steps), "--warmup", str(args.warmup), "--samples", str(args.samples),
            "--dropout", str(args.dropout)]
     return (out + (["--smoke"] if args.smoke else []) + (["--profile"] if args.profile else [])
-            + (["--row-bound"] if args.row_bound else []) + ["--rope", args.rope])
+            + (["--row-bound"] if args.row_bound else []) + (["--coarse"] if args.coarse else []) + ["--rope", args.rope])
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -483,6 +497,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                         help="rotary embeddings: liger-kernel's Triton RoPE where installed and checked, or the roll path")
     parser.add_argument("--row-bound", action="store_true",
                         help="attention's segment bound from the row's length (packing.BOUND_BY_SEGMENT off), as before")
+    parser.add_argument("--coarse", action="store_true",
+                        help="no shape plan: rows in the fixed buckets, as before 2026-12-08 (train/shapeplan.py)")
     parser.add_argument("--lora-align", type=int, default=None,
                         help="pad the co-trained adapters' columns to a multiple of this (kernels/multi_lora.py ALIGN)")
     parser.add_argument("--out", type=Path, default=common.OUT_DIR)

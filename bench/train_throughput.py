@@ -11,6 +11,8 @@ AdamW lr 1e-4 with linear decay, clip 1.0, bf16 autocast over bf16 weights, fp32
   engine+compile         the same with train.compile on (torch.compile'd decoder layers inside the graphs)
   engine+eagereach       the engine with every shape's first step eager and its second captured (before 2026-12-07;
                          the engine now runs eagerly only until its first graph, then captures shapes when met)
+  engine+coarse          the engine without its shape plan: every step's row and label slots in the fixed buckets
+                         (128 tokens, 256 slots) as before 2026-12-08 (train/shapeplan.py)
   engine+leancapture     the engine with lean captures: no device sync before a capture, the allocator's cache
                          emptied only after eager steps (graphs.ShapeGraphs.sync_captures = False)
   packed+graphs+lorapercall  the bench step with each LoRA layer casting A and B itself (before the adapter copies)
@@ -39,7 +41,7 @@ from gputwin.train.packing import pack
 
 VARIANTS = ("baseline", "packed+graphs", "packed+compile+graphs", "packed", "lean-padded", "engine", "packed+graphs+hfnorm",
             "packed+graphs+peftlora", "packed+graphs+hfrope", "packed+graphs+rollrope", "engine+rollrope",
-            "engine+compile", "engine+eagereach", "engine+leancapture", "packed+graphs+lorapercall")
+            "engine+compile", "engine+eagereach", "engine+leancapture", "packed+graphs+lorapercall", "engine+coarse")
 BATCH = 4
 
 
@@ -190,13 +192,15 @@ def _run_fast(name: str, *, compile: bool, graphs: bool, fused_norms: bool | Non
 
 
 def run_engine(model: Any, batches: list[list[dict]], args: argparse.Namespace, device: torch.device,
-               compile: bool | None = None, eager_each: bool = False, sync_captures: bool = True) -> dict:
+               compile: bool | None = None, eager_each: bool = False, sync_captures: bool = True,
+               plan: bool = True) -> dict:
     """The fast engine as the trainer loop drives it (gputwin.train.engine.make_engine("fast")): graphs
     captured as new shapes come, each step's loss read after the next step is issued; then the NaN path
     the trainer's fault hook exercises: the step must raise NonFiniteLoss and change no weight.
     compile: the engine's train.compile setting (None: the trainer's default); eager_each: every shape's first
     step eager, its second captured (graphs.ShapeGraphs eager_first=True), as before the engine's "once";
-    sync_captures=False: lean captures (no device sync before a capture; graphs.ShapeGraphs.sync_captures)."""
+    sync_captures=False: lean captures (no device sync before a capture; graphs.ShapeGraphs.sync_captures);
+    plan=False: no shape plan (the trainer tells its engine the batches to come; without, the coarse buckets)."""
     from gputwin.train.batching import Example
     from gputwin.train.engine import NonFiniteLoss, build_optimizer, make_engine
 
@@ -211,6 +215,8 @@ def run_engine(model: Any, batches: list[list[dict]], args: argparse.Namespace, 
     losses, tokens, start, pending = [], 0, 0.0, None
     common.synchronize(device)
     first = time.perf_counter()
+    if plan:  # as the trainer does before its first step (Trainer.plan_shapes)
+        engine.plan(examples)
     for step, batch in enumerate(examples):
         if step == args.warm_steps:
             start = time.perf_counter()
@@ -224,6 +230,7 @@ def run_engine(model: Any, batches: list[list[dict]], args: argparse.Namespace, 
         pending = outcome
     losses.append(pending.result().loss)
     elapsed, total = time.perf_counter() - start, time.perf_counter() - first
+    packed = [engine.collate(batch) for batch in examples]  # the rows the steps ran on
     params = [p for p in model.parameters() if p.requires_grad]
     with torch.no_grad():
         params[0].fill_(float("nan"))
@@ -238,6 +245,8 @@ def run_engine(model: Any, batches: list[list[dict]], args: argparse.Namespace, 
                     engine=type(engine).__name__, all_steps_seconds=total, first_step_seconds=first_step,
                     compiled=bool(getattr(getattr(engine, "fast", None), "use_compile", False)),
                     captures=getattr(getattr(engine, "fast", None), "captures", 0),
+                    shapes_planned=plan, padding_share=1 - sum(b.n_tokens for b in packed) / sum(b.length for b in packed),
+                    label_slot_share=sum(b.n_label_tokens for b in packed) / sum(b.label_index.shape[0] for b in packed),
                     eager_steps=getattr(getattr(getattr(engine, "fast", None), "graphs", None), "eager_steps", 0),
                     nan_step_raised=raised,
                     nan_step_left_weights_unchanged=unchanged)
@@ -276,6 +285,7 @@ RUNNERS: dict[str, Callable[..., dict]] = {
     "engine+compile": lambda *a: run_engine(*a, compile=True),
     "engine+eagereach": lambda *a: run_engine(*a, eager_each=True),
     "engine+leancapture": lambda *a: run_engine(*a, sync_captures=False),
+    "engine+coarse": lambda *a: run_engine(*a, plan=False),
     "packed+graphs+lorapercall": _run_fast("packed+graphs+lorapercall", compile=False, graphs=True, lora_copies=False),
     "packed+graphs+rollrope": lambda *a: _roll_rope(_run_fast("packed+graphs+rollrope", compile=False, graphs=True), *a),
 }
@@ -369,7 +379,7 @@ def main(argv: Sequence[str] | None = None) -> int:
              "mem_gib": (r.get("peak_memory_gib") or {}).get("allocated"), "error": r.get("error", "")[:60]}
             for r in results]
     common.print_table(f"training throughput ({device}, {args.steps} steps, batch {BATCH}) -> {path}", rows,
-                       ["variant", "tokens_per_s", "step_ms", "mfu_pct", "speedup_vs_baseline", "gap_ema",
+                       ["variant", "tokens_per_s", "step_ms", "mfu_pct", "speedup_vs_baseline", "gap_ema", "captures", "padding_share",
                         "mem_gib", "prepare_seconds", "attention_backend", "error"])
     return 1 if any("error" in r for r in results) else 0
 

@@ -8,12 +8,14 @@ function (right-padded batches now; a packed padding-free layout can sit beside 
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Any, Sequence
 
 import torch
 
 from ..core.encoding import IGNORE_INDEX, encode_generate_many, encode_tag_many
+from .shapeplan import label_count
 
 
 @dataclass(frozen=True)
@@ -27,6 +29,11 @@ class Example:
     @property
     def n_tokens(self) -> int:
         return len(self.input_ids)
+
+    @functools.cached_property
+    def n_labels(self) -> int:
+        """Positions whose next token is a label: what a step's loss is taken over (counted once)."""
+        return label_count(self.labels)
 
 
 def encode_samples(samples: Sequence[Any], tokenizer: Any, *, task: str, max_length: int,

@@ -30,6 +30,7 @@ from .batching import Example
 from .fast import PendingStep, _output
 from .graphs import Captured, ShapeGraphs
 from .packing import LABEL_BUCKET, ROW_BUCKET, PackedBatch, pack
+from .shapeplan import Buckets, Need, Shape, need_of
 from .multilora import SharedModel
 
 
@@ -52,25 +53,32 @@ class GroupBatch:
                        label_arm=self.label_arm.to(device, non_blocking=non_blocking))
 
 
-def pack_group(work: Sequence[tuple[str, Sequence[Example]]], *, pad_id: int) -> GroupBatch:
-    """work: (adapter, examples) of each arm stepping, packed in that order.
+def group_need(work: Sequence[tuple[str, Sequence[Example]]]) -> Need:
+    """What a co-trained row must hold: every arm's samples; its family is the arms (their graph differs)."""
+    return need_of([e for _, chosen in work for e in chosen], family=tuple(adapter for adapter, _ in work))
 
-    The row's buckets grow with the number of arms. Each distinct shape costs a graph capture (about 0.6 s
-    for two arms on an H100), and a sum of several arms' batches spreads over more lengths than one arm's:
-    at one arm's buckets the seed's two arms met 14 shapes in 879 steps (13 in the first 170, bench/RESULTS.md),
-    at twice those 7, the padding staying the share of the row that one arm alone has (about 6%)."""
+
+def group_buckets(need: Need) -> Shape:
+    """The coarse shape of a co-trained row nobody planned: one arm's buckets times the arms. A sum of
+    several arms' batches spreads over more lengths than one arm's: at one arm's buckets the seed's two arms
+    met 14 shapes in 879 steps, at twice those 7, the padding staying the share one arm alone has (~6%)."""
+    arms = max(1, len(need.family))
+    return Buckets(ROW_BUCKET * arms, LABEL_BUCKET * arms)(need)
+
+
+def pack_group(work: Sequence[tuple[str, Sequence[Example]]], *, pad_id: int, shape: Shape | None = None) -> GroupBatch:
+    """work: (adapter, examples) of each arm stepping, packed in that order, to `shape` (a shapeplan.Shape;
+    None: group_buckets')."""
     examples = [e for _, chosen in work for e in chosen]
-    arms = max(1, len(work))
-    packed = pack(examples, pad_id=pad_id, bucket=ROW_BUCKET * arms, label_bucket=LABEL_BUCKET * arms)
+    packed = pack(examples, pad_id=pad_id, shape=shape or group_buckets(group_need(work)))
     token_arm = torch.full((packed.length,), -1, dtype=torch.long)
     label_arm = torch.full((packed.label_index.shape[0],), -1, dtype=torch.long)
     token, slot = 0, 0
     for k, (_, chosen) in enumerate(work):
         for e in chosen:
-            labels = sum(1 for t in range(e.n_tokens - 1) if e.labels[t + 1] != IGNORE_INDEX)  # as pack counts
             token_arm[token:token + e.n_tokens] = k
-            label_arm[slot:slot + labels] = k
-            token, slot = token + e.n_tokens, slot + labels
+            label_arm[slot:slot + e.n_labels] = k
+            token, slot = token + e.n_tokens, slot + e.n_labels
     return GroupBatch(packed, token_arm, label_arm, tuple(adapter for adapter, _ in work))
 
 

@@ -22,6 +22,7 @@ validated arm's adapter active, and pauses the other arms while it runs.
 
 from __future__ import annotations
 
+import itertools
 import math
 import sys
 import time
@@ -30,7 +31,7 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence, TypeVar
+from typing import Any, Callable, Iterable, Iterator, Sequence, TypeVar
 
 import torch
 import torch.nn.functional as F
@@ -117,6 +118,7 @@ class GroupEngine:
             self.packed, self.why = not why_not, why_not or "every arm's samples in one packed row, a CUDA graph a shape"
         self.name = "fast" if self.packed else "plain"
         self.packed_step: Any = None  # cofast.GroupFastStep, built at the first step, once every arm has joined
+        self.shapes: Any = None  # the packed rows' shapes (shapeplan.ShapePlan), planned from the steps to come
 
     def why_not_packed(self) -> str:
         """Why the packed step cannot serve these arms here ("" when it can).
@@ -171,14 +173,31 @@ class GroupEngine:
 
     def step_packed(self, work: Sequence[tuple[str, Sequence[Example], float]]) -> dict[str, Any]:
         """The fast engine's way (train/cofast.py): issued, the figures read later (PendingStep on CUDA)."""
-        from .cofast import GroupFastStep, pack_group
+        from .cofast import GroupFastStep, group_need, pack_group
 
         if self.packed_step is None:
             dtype = torch.bfloat16 if self.device.type == "cuda" and self.model_dtype != torch.float32 else None
             self.packed_step = GroupFastStep(self.shared, self.members, device=self.device, autocast_dtype=dtype)
-        batch = pack_group([(adapter, examples) for adapter, examples, _ in work], pad_id=self.pad_id)
+        rows = [(adapter, examples) for adapter, examples, _ in work]
+        batch = pack_group(rows, pad_id=self.pad_id, shape=self.plan_of().shape_for(group_need(rows)))
         outcomes = self.packed_step(batch, [lr for _, _, lr in work])
         return {adapter: outcome for (adapter, _, _), outcome in zip(work, outcomes)}
+
+    def plan(self, steps: Iterable[Sequence[tuple[str, Sequence[Example]]]]) -> None:
+        """The steps to come, each the (adapter, examples) of every arm in it: their rows' shapes are planned
+        now (train/shapeplan.py). The padded step pads nothing it need not, so it plans nothing."""
+        if self.packed:
+            from .cofast import group_need
+
+            self.plan_of().add(group_need(rows) for rows in steps)
+
+    def plan_of(self) -> Any:
+        if self.shapes is None:
+            from .cofast import group_buckets
+            from .shapeplan import ShapePlan
+
+            self.shapes = ShapePlan(group_buckets)
+        return self.shapes
 
     def losses(self, stacked: dict[str, torch.Tensor], blocks: Sequence[Block]) -> list[torch.Tensor]:
         """Each arm's mean loss over its rows: the decoder once over all rows, the head per arm at the
@@ -214,6 +233,10 @@ class ArmEngine:
 
     def collate(self, examples: Sequence[Example]) -> Sequence[Example]:
         return examples
+
+    def plan(self, batches: Iterable[Sequence[Example]]) -> None:
+        """This arm's steps alone to come (a cooldown probe's): their rows' shapes planned."""
+        self.group.plan([(self.adapter, examples)] for examples in batches)
 
     def step(self, examples: Sequence[Example], lr: float) -> Any:
         outcome = self.group.step([(self.adapter, examples, lr)])[self.adapter]
@@ -318,6 +341,9 @@ class CoTrainer(Trainer):
         with self.shared.only(self.adapter) as model:
             yield model
 
+    def plan_shapes(self) -> None:
+        """The group plans the rows of its arms' steps together (Group.plan_shapes)."""
+
 
 class Group:
     """The arms of one process, stepped together until every one has ended."""
@@ -329,6 +355,7 @@ class Group:
     def train(self) -> int:
         for trainer in list(self.live):
             self.arm(trainer, trainer.begin)
+        self.plan_shapes()
         while self.live:
             # -- between steps: each arm's requests and signals; an arm that has ended is given back
             for trainer in list(self.live):
@@ -346,6 +373,11 @@ class Group:
             for trainer, batch in work:
                 self.arm(trainer, lambda t=trainer, b=batch: self.advance(t, b, outcomes[t.adapter]))
         return max(self.codes.values(), default=0)
+
+    def plan_shapes(self) -> None:
+        """The steps to come, as the arms will step them together while each has steps left."""
+        ahead = [zip(itertools.repeat(t.adapter), t.upcoming()) for t in self.live]
+        self.engine.plan([arm for arm in step if arm is not None] for step in itertools.zip_longest(*ahead))
 
     @staticmethod
     def advance(trainer: CoTrainer, batch: Batch, outcome: Any) -> None:

@@ -31,7 +31,8 @@ from ..kernels.decoder import decoder_parts, fuse_rms_norms, varlen_backend
 from ..kernels.fused_lora import AdapterCopies, fuse_lora
 from ..kernels.fused_rotary import fused_rotary, rotary_modules
 from .graphs import Captured, ShapeGraphs
-from .packing import LABEL_BUCKET, PackedBatch, answer_only_loss, pack
+from .packing import LABEL_BUCKET, ROW_BUCKET, PackedBatch, answer_only_loss, pack
+from .shapeplan import Buckets, ShapePlan, need_of
 
 # ---------------------------------------------------------------- the optimizer step
 
@@ -333,12 +334,17 @@ class FastEngine:
         self.fast = FastStep(model, optimizer, compile=compile and device.type == "cuda", grad_clip=grad_clip,
                              autocast_dtype=dtype)
         self.paths = self.fast.paths
+        # each step's padded shape: planned from the batches to come, else the coarse buckets (shapeplan)
+        self.shapes = ShapePlan(Buckets(ROW_BUCKET, LABEL_BUCKET))
         self.on_compiled: Callable[[float], None] | None = None  # told the first compiled step's seconds
         self.compile_seconds: float | None = None
 
+    def plan(self, batches: Iterable[Sequence[Any]]) -> None:
+        """The batches of the steps to come (the trainer's data order): their shapes are planned now."""
+        self.shapes.add(need_of(examples) for examples in batches)
+
     def collate(self, examples: Sequence[Any]) -> PackedBatch:
-        # label slots in steps of 256: a few more lm_head rows a step, half as many shapes to capture
-        return pack(examples, pad_id=self.pad_id, label_bucket=LABEL_BUCKET)
+        return pack(examples, pad_id=self.pad_id, shape=self.shapes.shape_for(need_of(examples)))
 
     def step(self, batch: PackedBatch, lr: float) -> Any:
         """Issue the step; on CUDA it returns at once and the figures arrive with `.result()`."""

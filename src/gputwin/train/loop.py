@@ -139,10 +139,26 @@ class Trainer:
             self.saved = self.state.to_dict()
             self.reported_step = self.state.step
         self.emit_started()
+        self.plan_shapes()
         if resumed is not None:
             self.writer.emit(events.RESUMED, step=self.state.step, checkpoint=str(self.saved_path))
             if self.at_milestone():  # the last run ended between the milestone checkpoint and its validation
                 self.milestone()
+
+    def plan_shapes(self) -> None:
+        """Tell an engine that plans its batch shapes (train/shapeplan.py) the batches of the steps to come."""
+        plan = getattr(self.run.engine, "plan", None)
+        if plan is not None:
+            plan(self.upcoming())
+
+    def upcoming(self) -> Iterator[list[Any]]:
+        """The examples of every step still planned, in order (the data order is the seed's)."""
+        run, state = self.run, self.state
+        order = EpochBatches(len(run.examples), run.profile.train.batch_size, run.profile.train.seed)
+        epoch, index = state.epoch, state.index
+        for _ in range(state.plan.total_steps - state.step):
+            yield [run.examples[i] for i in order.indices(epoch, index)]
+            epoch, index = (epoch + 1, 0) if index + 1 >= run.steps_per_epoch else (epoch, index + 1)
 
     def between_steps(self) -> int | None:
         """Requests and signals; the exit code once the arm has ended (stopped or done), else None."""
@@ -311,6 +327,7 @@ class Trainer:
                          lr_now=preview["lr_now"], lr_peak=preview["lr_peak"], lr_end=preview["lr_end"],
                          lr_curve=[round(x, 10) for x in preview["curve"]],
                          **({"rewound_to": rewound} if rewound is not None else {}))
+        self.plan_shapes()  # the added steps' shapes
 
     # -- wsd: the checkpoint where the decay began, so an extension can hold the peak longer instead
 

@@ -17,14 +17,14 @@ import torch.nn.functional as F
 
 from ..core.encoding import IGNORE_INDEX
 from ..kernels.decoder import DecoderParts, decoder_parts, run_decoder
+from .shapeplan import SEGMENT_FLOOR, Shape, segment_bound  # noqa: F401 (SEGMENT_FLOOR: benches)
 
-ROW_BUCKET = 128  # the trainer's row length multiple (pack's bucket)
-LABEL_BUCKET = 256  # the trainer's label slots (pack's label_bucket): each distinct shape costs a graph capture
+ROW_BUCKET = 128  # the trainer's row length multiple for steps it did not plan (pack's bucket)
+LABEL_BUCKET = 256  # the same for label slots (pack's label_bucket): each distinct shape costs a graph capture
 # Varlen attention launches work for max_len tokens of every segment and lets the surplus exit at once. The
-# bound is the row's longest segment as a power of two, at least SEGMENT_FLOOR, so that rows of ordinary
-# samples share one bound (and one graph). BOUND_BY_SEGMENT = False bounds it by the row's own length, as
-# before (4-8x the seed's samples; kept for the benches' A/B).
-SEGMENT_FLOOR = 512
+# bound is the row's longest segment as a power of two, at least SEGMENT_FLOOR (shapeplan.segment_bound), so
+# that rows of ordinary samples share one bound (and one graph). BOUND_BY_SEGMENT = False bounds it by the
+# row's own length, as before (4-8x the seed's samples; kept for the benches' A/B).
 BOUND_BY_SEGMENT = True
 
 
@@ -78,11 +78,13 @@ def _round_up(n: int, multiple: int) -> int:
     return -(-n // multiple) * multiple
 
 
-def pack(samples: Sequence[Any], *, bucket: int = ROW_BUCKET, label_bucket: int = 64, pad_id: int = 0) -> PackedBatch:
+def pack(samples: Sequence[Any], *, bucket: int = ROW_BUCKET, label_bucket: int = 64, pad_id: int = 0,
+         shape: Shape | None = None) -> PackedBatch:
     """Samples (dicts or objects with input_ids and labels, IGNORE_INDEX where masked) as one packed row.
 
     The row is padded to a multiple of `bucket` with at least one padding token, so every batch of n
-    samples has n + 1 segments; label slots are padded to a multiple of `label_bucket`.
+    samples has n + 1 segments; label slots are padded to a multiple of `label_bucket`. shape (a
+    shapeplan.Shape that holds the samples): the row's length, label slots and attention bound instead.
     """
     if not samples:
         raise ValueError("pack() needs at least one sample")
@@ -104,15 +106,18 @@ def pack(samples: Sequence[Any], *, bucket: int = ROW_BUCKET, label_bucket: int 
         positions += range(len(sample_ids))
         starts.append(len(ids))
     n_tokens = len(ids)
-    length = _round_up(n_tokens + 1, bucket)
+    length = shape.length if shape is not None else _round_up(n_tokens + 1, bucket)
     ids += [pad_id] * (length - n_tokens)
     positions += range(length - n_tokens)
     starts.append(length)
     n_labels = len(label_index)
-    slots = max(label_bucket, _round_up(n_labels, label_bucket))
+    slots = shape.slots if shape is not None else max(label_bucket, _round_up(n_labels, label_bucket))
     label_index += [length - 1] * (slots - n_labels)
     label_target += [IGNORE_INDEX] * (slots - n_labels)
-    longest = max(b - a for a, b in zip(starts, starts[1:]))
+    longest = max(b - a for a, b in zip(starts, starts[1:]))  # the padding segment's included
+    if shape is not None and (length <= n_tokens or slots < n_labels or shape.bound < longest):
+        raise ValueError(f"{shape} does not hold these samples ({n_tokens} tokens, {n_labels} labels, "
+                         f"a segment of {longest})")
     return PackedBatch(
         input_ids=torch.tensor([ids], dtype=torch.long),
         position_ids=torch.tensor([positions], dtype=torch.long),
@@ -120,13 +125,8 @@ def pack(samples: Sequence[Any], *, bucket: int = ROW_BUCKET, label_bucket: int 
         label_index=torch.tensor(label_index, dtype=torch.long),
         label_target=torch.tensor(label_target, dtype=torch.long),
         n_tokens=n_tokens, n_label_tokens=n_labels, n_samples=len(samples),
-        max_len=segment_bound(longest) if BOUND_BY_SEGMENT else 0,
+        max_len=shape.bound if shape is not None else segment_bound(longest) if BOUND_BY_SEGMENT else 0,
     )
-
-
-def segment_bound(longest: int) -> int:
-    """The longest segment's length as a power of two, at least SEGMENT_FLOOR."""
-    return max(SEGMENT_FLOOR, 1 << (longest - 1).bit_length())
 
 
 def answer_only_loss(model: Any, batch: PackedBatch, *, parts: DecoderParts | None = None) -> torch.Tensor:

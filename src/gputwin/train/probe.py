@@ -85,12 +85,15 @@ def train_cooldown(run: Any, batches: Any, epoch: int, index: int, lr_from: floa
     """`steps` updates on the arm's next batches (from epoch/index on), LR linear from lr_from towards 0.
     Call inside side_branch. Returns the losses and the time it took."""
     started = time.perf_counter()
+    branch = []
+    for _ in range(steps):
+        branch.append([run.examples[i] for i in batches.indices(epoch, index)])
+        epoch, index = (epoch + 1, 0) if index + 1 >= run.steps_per_epoch else (epoch, index + 1)
+    plan = getattr(run.engine, "plan", None)
+    if plan is not None:  # an engine that plans its shapes (train/shapeplan.py): these steps may be new to it
+        plan(branch)
     losses, pending = [], None
-    for lr in cooldown_lrs(lr_from, steps):
-        examples = [run.examples[i] for i in batches.indices(epoch, index)]
-        index += 1
-        if index >= run.steps_per_epoch:
-            epoch, index = epoch + 1, 0
+    for lr, examples in zip(cooldown_lrs(lr_from, steps), branch):
         issued = run.engine.step(run.engine.collate(examples), lr)
         if pending is not None:  # each loss read once the next step is issued, as the training loop reads it
             losses.append(pending.result().loss)
