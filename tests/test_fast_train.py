@@ -271,12 +271,15 @@ def test_bench_cpu_smoke_runs_every_variant_with_matching_losses(tmp_path: Path)
     assert set(results) == {"baseline", "lean-padded", "packed", "packed+graphs", "packed+compile+graphs", "engine",
                             "packed+graphs+hfnorm", "packed+graphs+peftlora", "packed+graphs+hfrope",
                             "packed+graphs+rollrope", "engine+rollrope", "engine+compile",
-                            "engine+eagereach", "engine+leancapture", "packed+graphs+lorapercall"}
+                            "engine+eagereach", "engine+leancapture", "packed+graphs+lorapercall", "engine+coarse"}
     for name, r in results.items():
         assert len(r["losses"]) == 4 and r["tokens_per_s"] > 0
         if name != "baseline":
             assert r["loss_gap_vs_baseline"]["max_rel_gap_raw"] < 1e-5, name
     assert results["engine"]["nan_step_raised"] and results["engine"]["nan_step_left_weights_unchanged"]
+    # the planned shapes pad less than the coarse buckets, and compute the same losses (checked above)
+    assert results["engine"]["padding_share"] < results["engine+coarse"]["padding_share"]
+    assert results["engine"]["label_slot_share"] > results["engine+coarse"]["label_slot_share"]
 
 
 def test_varlen_check_runs_from_inference_code_and_rejects_a_wrong_kernel() -> None:

@@ -21,8 +21,9 @@ A capture runs on a stream of the graphs' own, after the device is synchronised 
 emptied, as torch.cuda.graph does it; `sync_captures = False` (lean) only makes that stream wait for the queued
 work and empties the cache only after eager steps (bench/train_throughput.py's `engine+leancapture`).
 
-Each capture is logged (`log`): the shape, its seconds (and of them, the graph's instantiation) and the memory
-reserved after it, so a bench can show where a run's captures and its memory went.
+Each capture is logged (`log`): the shape, its seconds (and of them, the wait for the device and the cache,
+the recording and the graph's instantiation) and the memory reserved after it, so a bench can show where a
+run's captures and its memory went.
 """
 
 from __future__ import annotations
@@ -95,11 +96,13 @@ class ShapeGraphs:
                 warm_up()
             current.wait_stream(side)
             self._eager_since_capture = True
+        waited = time.perf_counter()
         if self.sync_captures:  # as torch.cuda.graph does it
             torch.cuda.synchronize(self.device)
         if self._eager_since_capture or self.sync_captures:  # eager blocks: the graph allocates from its own pool
             torch.cuda.empty_cache()
             self._eager_since_capture = False
+        recording = time.perf_counter()
         self._stream = self._stream or torch.cuda.Stream(self.device)
         self._stream.wait_stream(current)
         graph = torch.cuda.CUDAGraph()
@@ -121,6 +124,8 @@ class ShapeGraphs:
         self.captures += 1
         self.capture_seconds += seconds
         self.log.append({"shape": repr(key), "seconds": round(seconds, 3), "warm_up": warm_up is not None,
+                         "wait_seconds": round(recording - waited, 3),  # the device synchronised, the cache emptied
+                         "record_seconds": round(recorded - recording, 3),
                          "instantiate_seconds": round(time.perf_counter() - recorded, 3),
                          "reserved_gib": round(torch.cuda.memory_reserved(self.device) / 2**30, 2),
                          "allocated_gib": round(torch.cuda.memory_allocated(self.device) / 2**30, 2)})
