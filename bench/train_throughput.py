@@ -13,6 +13,8 @@ AdamW lr 1e-4 with linear decay, clip 1.0, bf16 autocast over bf16 weights, fp32
                          the engine now runs eagerly only until its first graph, then captures shapes when met)
   engine+coarse          the engine without its shape plan: every step's row and label slots in the fixed buckets
                          (128 tokens, 256 slots) as before 2026-12-08 (train/shapeplan.py)
+  engine+torchce, packed+graphs+torchce  the engine / the bench step with torch's cross-entropy over fp32 logits,
+                         as before 2026-12-08 (not the Triton kernels of kernels/fused_ce.py)
   engine+leancapture     the engine with lean captures: no device sync before a capture, the allocator's cache
                          emptied only after eager steps (graphs.ShapeGraphs.sync_captures = False)
   packed+graphs+lorapercall  the bench step with each LoRA layer casting A and B itself (before the adapter copies)
@@ -41,7 +43,8 @@ from gputwin.train.packing import pack
 
 VARIANTS = ("baseline", "packed+graphs", "packed+compile+graphs", "packed", "lean-padded", "engine", "packed+graphs+hfnorm",
             "packed+graphs+peftlora", "packed+graphs+hfrope", "packed+graphs+rollrope", "engine+rollrope",
-            "engine+compile", "engine+eagereach", "engine+leancapture", "packed+graphs+lorapercall", "engine+coarse")
+            "engine+compile", "engine+eagereach", "engine+leancapture", "packed+graphs+lorapercall", "engine+coarse",
+            "engine+torchce", "packed+graphs+torchce")
 BATCH = 4
 
 
@@ -271,6 +274,17 @@ def _roll_rope(runner: Callable[..., dict], *args: Any) -> dict:
         fused_rotary.TRITON = True
 
 
+def _torch_ce(runner: Callable[..., dict], *args: Any) -> dict:
+    """The runner with torch's cross-entropy over fp32 logits, not the Triton kernels of kernels/fused_ce.py."""
+    from gputwin.kernels import fused_ce
+
+    fused_ce.ENABLED = False
+    try:
+        return runner(*args)
+    finally:
+        fused_ce.ENABLED = True
+
+
 RUNNERS: dict[str, Callable[..., dict]] = {
     "baseline": run_baseline,
     "lean-padded": run_lean_padded,
@@ -286,6 +300,8 @@ RUNNERS: dict[str, Callable[..., dict]] = {
     "engine+eagereach": lambda *a: run_engine(*a, eager_each=True),
     "engine+leancapture": lambda *a: run_engine(*a, sync_captures=False),
     "engine+coarse": lambda *a: run_engine(*a, plan=False),
+    "engine+torchce": lambda *a: _torch_ce(run_engine, *a),
+    "packed+graphs+torchce": lambda *a: _torch_ce(_run_fast("packed+graphs+torchce", compile=False, graphs=True), *a),
     "packed+graphs+lorapercall": _run_fast("packed+graphs+lorapercall", compile=False, graphs=True, lora_copies=False),
     "packed+graphs+rollrope": lambda *a: _roll_rope(_run_fast("packed+graphs+rollrope", compile=False, graphs=True), *a),
 }

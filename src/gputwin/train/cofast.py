@@ -21,10 +21,9 @@ from dataclasses import dataclass, replace
 from typing import Any, Sequence
 
 import torch
-import torch.nn.functional as F
 
-from ..core.encoding import IGNORE_INDEX
 from ..kernels.decoder import decoder_parts, fuse_rms_norms, run_decoder, varlen_backend
+from ..kernels.fused_ce import cross_entropy_rows
 from ..kernels.fused_rotary import fused_rotary, rotary_modules
 from .batching import Example
 from .fast import PendingStep, _output
@@ -145,8 +144,8 @@ class GroupFastStep:
         with self.shared.tokens(batch.token_arm, batch.adapters):
             hidden = run_decoder(self.parts, packed.input_ids, packed.position_ids, cu_seqlens=packed.cu_seqlens,
                                  max_len=packed.attention_bound)
-        logits = self.parts.lm_head(hidden[0].index_select(0, packed.label_index)).float()
-        each = F.cross_entropy(logits, packed.label_target, ignore_index=IGNORE_INDEX, reduction="none")
+        logits = self.parts.lm_head(hidden[0].index_select(0, packed.label_index))
+        each = cross_entropy_rows(logits, packed.label_target)  # fp32, 0 where the slot is padding
         losses = []
         for k in range(len(batch.adapters)):
             mine = batch.label_arm == k

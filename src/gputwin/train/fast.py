@@ -28,6 +28,7 @@ import torch
 
 from ..kernels import fastpaths
 from ..kernels.decoder import decoder_parts, fuse_rms_norms, varlen_backend
+from ..kernels.fused_ce import triton_ce_ok
 from ..kernels.fused_lora import AdapterCopies, fuse_lora
 from ..kernels.fused_rotary import fused_rotary, rotary_modules
 from .graphs import Captured, ShapeGraphs
@@ -159,6 +160,10 @@ class FastStep:
         varlen = self.attention_backend == "varlen"
         paths["attention"] = fastpaths.status(varlen, "torch's flash varlen kernel, checked against masked SDPA"
                                               if varlen else "SDPA with a block-causal mask (no checked varlen kernel here)")
+        ce = self.device.type == "cuda" and triton_ce_ok(self.device)
+        paths["cross_entropy"] = fastpaths.status(ce, "two Triton kernels over bf16 logits, checked against torch's"
+                                                  if ce else "torch's cross-entropy over fp32 logits (no checked "
+                                                  "Triton kernels on this device)")
         paths["cuda_graphs"] = fastpaths.status(self.use_graphs, "one graph per batch shape" if self.use_graphs
                                                 else "they need CUDA and a fused AdamW")
         paths["compile"] = fastpaths.status(self.use_compile, "torch.compile'd decoder layers, one compilation for all"

@@ -13,11 +13,11 @@ from dataclasses import dataclass, replace
 from typing import Any, Mapping, Sequence
 
 import torch
-import torch.nn.functional as F
 
 from ..core.encoding import IGNORE_INDEX
 from ..kernels.decoder import DecoderParts, decoder_parts, run_decoder
-from .shapeplan import SEGMENT_FLOOR, Shape, segment_bound  # noqa: F401 (SEGMENT_FLOOR: benches)
+from ..kernels.fused_ce import cross_entropy_rows
+from .shapeplan import Shape, segment_bound
 
 ROW_BUCKET = 128  # the trainer's row length multiple for steps it did not plan (pack's bucket)
 LABEL_BUCKET = 256  # the same for label slots (pack's label_bucket): each distinct shape costs a graph capture
@@ -137,6 +137,6 @@ def answer_only_loss(model: Any, batch: PackedBatch, *, parts: DecoderParts | No
     parts = parts or decoder_parts(model)
     hidden = run_decoder(parts, batch.input_ids, batch.position_ids, cu_seqlens=batch.cu_seqlens,
                          max_len=batch.attention_bound)
-    logits = parts.lm_head(hidden[0].index_select(0, batch.label_index)).float()
-    total = F.cross_entropy(logits, batch.label_target, ignore_index=IGNORE_INDEX, reduction="sum")
+    logits = parts.lm_head(hidden[0].index_select(0, batch.label_index))
+    total = cross_entropy_rows(logits, batch.label_target).sum()  # fp32, as F.cross_entropy on logits.float()
     return total / (batch.label_target != IGNORE_INDEX).sum().clamp_min(1)
