@@ -15,6 +15,7 @@ AdamW lr 1e-4 with linear decay, clip 1.0, bf16 autocast over bf16 weights, fp32
                          (128 tokens, 256 slots) as before 2026-12-08 (train/shapeplan.py)
   engine+torchce, packed+graphs+torchce  the engine / the bench step with torch's cross-entropy over fp32 logits,
                          as before 2026-12-08 (not the Triton kernels of kernels/fused_ce.py)
+  engine+hfmlp, packed+graphs+hfmlp  the same with the model's own MLP forward (not kernels/fused_mlp.py's)
   engine+leancapture     the engine with lean captures: no device sync before a capture, the allocator's cache
                          emptied only after eager steps (graphs.ShapeGraphs.sync_captures = False)
   packed+graphs+lorapercall  the bench step with each LoRA layer casting A and B itself (before the adapter copies)
@@ -44,7 +45,7 @@ from gputwin.train.packing import pack
 VARIANTS = ("baseline", "packed+graphs", "packed+compile+graphs", "packed", "lean-padded", "engine", "packed+graphs+hfnorm",
             "packed+graphs+peftlora", "packed+graphs+hfrope", "packed+graphs+rollrope", "engine+rollrope",
             "engine+compile", "engine+eagereach", "engine+leancapture", "packed+graphs+lorapercall", "engine+coarse",
-            "engine+torchce", "packed+graphs+torchce")
+            "engine+torchce", "packed+graphs+torchce", "engine+hfmlp", "packed+graphs+hfmlp")
 BATCH = 4
 
 
@@ -153,14 +154,14 @@ def run_lean_padded(model: Any, batches: list[list[dict]], args: argparse.Namesp
 
 
 def _run_fast(name: str, *, compile: bool, graphs: bool, fused_norms: bool | None = None,
-              fused_lora: bool | None = None, fused_rope: bool | None = None,
+              fused_lora: bool | None = None, fused_rope: bool | None = None, fused_mlp: bool | None = None,
               lora_copies: bool = True) -> Callable[..., dict]:
     def run(model: Any, batches: list[list[dict]], args: argparse.Namespace, device: torch.device) -> dict:
         optimizer = make_optimizer(model, args.lr)
         on_cuda = device.type == "cuda"  # --cpu-smoke runs the same code without compile and graphs
         step_fn = FastStep(model, optimizer, compile=compile and on_cuda, cuda_graphs=graphs and on_cuda,
                            grad_clip=1.0, fused_norms=fused_norms, fused_lora=fused_lora,
-                           fused_rope=fused_rope, lora_copies=lora_copies)
+                           fused_rope=fused_rope, lora_copies=lora_copies, fused_mlp=fused_mlp)
         started = time.perf_counter()
         shapes = {}
         for samples in batches:  # every shape once: graphs (and compilation) before the clock starts
@@ -189,7 +190,7 @@ def _run_fast(name: str, *, compile: bool, graphs: bool, fused_norms: bool | Non
                         device, prepare_seconds=prepare_s, graphs_captured=captured, shapes=len(shapes),
                         grad_norms=torch.stack(norms).float().tolist(), bucket=args.bucket, **extra,
                         attention_backend=step_fn.attention_backend, padding_share=1 - real / padded,
-                        fused_norms=step_fn.fused_norms, fused_lora=step_fn.fused_lora,
+                        fused_norms=step_fn.fused_norms, fused_lora=step_fn.fused_lora, fused_mlps=step_fn.fused_mlps,
                         fused_rope=len(step_fn.rotary_modules))
     return run
 
@@ -274,6 +275,17 @@ def _roll_rope(runner: Callable[..., dict], *args: Any) -> dict:
         fused_rotary.TRITON = True
 
 
+def _hf_mlp(runner: Callable[..., dict], *args: Any) -> dict:
+    """The runner with the model's own MLP forward, not kernels/fused_mlp.py's."""
+    from gputwin.kernels import fused_mlp
+
+    fused_mlp.ENABLED = False
+    try:
+        return runner(*args)
+    finally:
+        fused_mlp.ENABLED = True
+
+
 def _torch_ce(runner: Callable[..., dict], *args: Any) -> dict:
     """The runner with torch's cross-entropy over fp32 logits, not the Triton kernels of kernels/fused_ce.py."""
     from gputwin.kernels import fused_ce
@@ -301,6 +313,8 @@ RUNNERS: dict[str, Callable[..., dict]] = {
     "engine+leancapture": lambda *a: run_engine(*a, sync_captures=False),
     "engine+coarse": lambda *a: run_engine(*a, plan=False),
     "engine+torchce": lambda *a: _torch_ce(run_engine, *a),
+    "engine+hfmlp": lambda *a: _hf_mlp(run_engine, *a),
+    "packed+graphs+hfmlp": _run_fast("packed+graphs+hfmlp", compile=False, graphs=True, fused_mlp=False),
     "packed+graphs+torchce": lambda *a: _torch_ce(_run_fast("packed+graphs+torchce", compile=False, graphs=True), *a),
     "packed+graphs+lorapercall": _run_fast("packed+graphs+lorapercall", compile=False, graphs=True, lora_copies=False),
     "packed+graphs+rollrope": lambda *a: _roll_rope(_run_fast("packed+graphs+rollrope", compile=False, graphs=True), *a),

@@ -46,7 +46,7 @@ def test_every_fused_path_engages() -> None:
 def test_paths_say_why_they_are_off_on_a_cpu() -> None:
     model = tiny_lora_model()
     step = FastStep(model, torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3))
-    assert set(step.paths) == {"rms_norm", "lora", "rotary", "attention", "cross_entropy", "cuda_graphs", "compile"}
+    assert set(step.paths) == {"rms_norm", "lora", "rotary", "mlp", "attention", "cross_entropy", "cuda_graphs", "compile"}
     assert not any(s["on"] for s in step.paths.values())
     assert "CUDA" in step.paths["rotary"]["why"] and "mask" in step.paths["attention"]["why"]
     assert "torch" in step.paths["cross_entropy"]["why"]
@@ -104,10 +104,17 @@ def test_check_shows_the_fast_paths_of_the_seed_model(capsys: pytest.CaptureFixt
     """Qwen3-0.6B's structure (bundled config, meta device) against the installed libraries."""
     assert main(["check", str(REPO / "profiles/conservative.toml"), "--json"]) == 0
     arm = json.loads(capsys.readouterr().out)["arms"][0]
-    assert {name: s["on"] for name, s in arm["fast_paths"].items()} == {"rms_norm": True, "lora": True, "rotary": True}
+    assert {name: s["on"] for name, s in arm["fast_paths"].items()} == {"rms_norm": True, "lora": True, "rotary": True,
+                                                                          "mlp": True}
     assert main(["check", str(REPO / "profiles/seed.toml")]) == 0
     out = capsys.readouterr().out
-    assert "rms_norm, lora, rotary" in out and "fast paths: checked against transformers" in out
+    assert "rms_norm, lora," in out and "rotary, mlp on" in out and "fast paths: checked against transformers" in out
+
+
+def test_lora_on_the_mlp_keeps_the_module_s_own_forward_and_says_so() -> None:
+    off = fastpaths.mlp_status(tiny_lora_model(), ("q_proj", "up_proj", "down_proj"))
+    assert not off["on"] and off["why"] == "LoRA on down_proj, up_proj: the MLP keeps its own forward"
+    assert fastpaths.mlp_status(tiny_lora_model(), ("q_proj", "v_proj"))["on"]
 
 
 def test_check_says_which_rotary_kernel_a_gpu_arm_would_take(monkeypatch: pytest.MonkeyPatch,

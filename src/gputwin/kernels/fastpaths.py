@@ -19,8 +19,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from .fused_lora import lora_matches_peft
+from .fused_mlp import fusable
 
-__all__ = ["lora_matches_peft", "lora_status", "norm_status", "rms_norm_matches", "rotary_status", "summary"]
+__all__ = ["lora_matches_peft", "lora_status", "mlp_status", "norm_status", "rms_norm_matches", "rotary_status",
+           "summary"]
 
 
 def status(on: bool, why: str) -> dict[str, Any]:
@@ -112,7 +114,23 @@ def lora_status(fused: int | None = None) -> dict[str, Any]:
     return status(True, f"peft {peft.__version__}'s LoRA Linear checked" + (f"; {fused} layers" if fused else ""))
 
 
+# ---------------------------------------------------------------- MLP
+
+
+def mlp_status(model: Any, lora_targets: Any = ()) -> dict[str, Any]:
+    """Would the model's MLPs take the fused forward (kernels/fused_mlp.py)? Structure only: on a GPU the kernels
+    are also checked against the module's own forward before use."""
+    mlps = [m for m in model.modules() if type(m).__name__.endswith("MLP")]
+    adapted = sorted(set(lora_targets) & {"gate_proj", "up_proj", "down_proj"})
+    if adapted:
+        return status(False, f"LoRA on {', '.join(adapted)}: the MLP keeps its own forward")
+    if not mlps or not all(fusable(m) for m in mlps):
+        return status(False, "no MLP of bias-free gate, up and down Linear layers with SiLU")
+    return status(True, "gate and up in one GEMM, SiLU * up in one Triton kernel (on a GPU, once checked)")
+
+
 def summary(paths: dict[str, dict[str, Any]]) -> str:
     """'rotary on, rms_norm on, lora off (why)' in one line."""
     return ", ".join(f"{name} {'on' if s['on'] else 'off'}" + ("" if s["on"] else f" ({s['why']})")
                      for name, s in paths.items())
+

@@ -24,6 +24,7 @@ import torch
 
 from ..kernels.decoder import decoder_parts, fuse_rms_norms, run_decoder, varlen_backend
 from ..kernels.fused_ce import cross_entropy_rows
+from ..kernels.fused_mlp import fuse_mlps
 from ..kernels.fused_rotary import fused_rotary, rotary_modules
 from .batching import Example
 from .fast import PendingStep, _output
@@ -94,6 +95,7 @@ class GroupFastStep:
         self.parts = decoder_parts(shared.model)
         self.fused_norms = fuse_rms_norms(shared.model) if on_cuda else 0
         self.rotary = rotary_modules(shared.model) if on_cuda else []
+        self.fused_mlps = fuse_mlps(shared.model) if on_cuda else 0
         self.attention = varlen_backend(device)
         self.graphs = ShapeGraphs(device, eager_first="once", family=lambda key: key[0])  # key[0]: the arms
         self._lr = {adapter: torch.zeros((), dtype=torch.float32, device=device) for adapter in members}

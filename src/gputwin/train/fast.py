@@ -30,6 +30,7 @@ from ..kernels import fastpaths
 from ..kernels.decoder import decoder_parts, fuse_rms_norms, varlen_backend
 from ..kernels.fused_ce import triton_ce_ok
 from ..kernels.fused_lora import AdapterCopies, fuse_lora
+from ..kernels.fused_mlp import fuse_mlps
 from ..kernels.fused_rotary import fused_rotary, rotary_modules
 from .graphs import Captured, ShapeGraphs
 from .packing import LABEL_BUCKET, ROW_BUCKET, PackedBatch, answer_only_loss, pack
@@ -85,7 +86,8 @@ class FastStep:
     fused_norms: the model's RMSNorm modules run torch's fused kernel (fuse_rms_norms; on CUDA by default).
     fused_lora: the model's LoRA Linear layers run as one autograd function each (fused_lora.fuse_lora).
     fused_rope: rotary embeddings in three kernels a tensor during the step (fused_rotary).
-    Both default to on for CUDA without compile, which fuses such kernels itself.
+    fused_mlp: gate and up in one GEMM and SiLU * up in one Triton kernel (fused_mlp.fuse_mlps).
+    They default to on for CUDA without compile, which fuses such kernels itself.
     cuda_graphs: capture forward + backward + clipping + AdamW as one CUDA graph per batch shape
     (PackedBatch.shape_key) and replay it. eager_first (graphs.ShapeGraphs): "once", the default, runs
     steps eagerly until a shape is met a second time and captured; from then on a new shape is captured
@@ -102,7 +104,8 @@ class FastStep:
                  autocast_dtype: torch.dtype | None | str = "auto",
                  loss_fn: Callable[[Any, PackedBatch], torch.Tensor] | None = None, warmup_iters: int = 1,
                  fused_norms: bool | None = None, fused_lora: bool | None = None,
-                 fused_rope: bool | None = None, eager_first: bool | str = "once", lora_copies: bool = True) -> None:
+                 fused_rope: bool | None = None, eager_first: bool | str = "once", lora_copies: bool = True,
+                 fused_mlp: bool | None = None) -> None:
         self.model, self.optimizer = model, optimizer
         self.params = [p for group in optimizer.param_groups for p in group["params"]]
         self.device = self.params[0].device
@@ -121,13 +124,15 @@ class FastStep:
         hand_fused = on_cuda and not self.use_compile  # compile fuses these itself
         want = {"rms_norm": on_cuda if fused_norms is None else fused_norms,
                 "lora": hand_fused if fused_lora is None else fused_lora,
-                "rotary": hand_fused if fused_rope is None else fused_rope}
+                "rotary": hand_fused if fused_rope is None else fused_rope,
+                "mlp": hand_fused if fused_mlp is None else fused_mlp}
         self.fused_norms = fuse_rms_norms(model) if want["rms_norm"] else 0
         self.fused_lora = fuse_lora(model) if want["lora"] else 0
         # the fused layers' A and s*B, made once a step (lora_copies=False: each layer casts its own, for A/B benches)
         self.adapter_copies = AdapterCopies(model if lora_copies else torch.nn.Module())
         self._copy_dtype = autocast_dtype or base_dtype  # the dtype the layers compute in
         self.rotary_modules = rotary_modules(model) if want["rotary"] else []
+        self.fused_mlps = fuse_mlps(model) if want["mlp"] else 0
         self._eager_layers = self.parts.layers
         if self.use_compile:
             self.parts = replace(self.parts, layers=_compiled_layers(self.parts.layers))
@@ -160,6 +165,10 @@ class FastStep:
         varlen = self.attention_backend == "varlen"
         paths["attention"] = fastpaths.status(varlen, "torch's flash varlen kernel, checked against masked SDPA"
                                               if varlen else "SDPA with a block-causal mask (no checked varlen kernel here)")
+        paths["mlp"] = (fastpaths.status(bool(self.fused_mlps), f"gate and up in one GEMM, SiLU * up in one Triton "
+                                         f"kernel ({self.fused_mlps} layers), checked against the module's own")
+                        if self.fused_mlps else fastpaths.status(False, "no checked Triton kernels here, or no plain "
+                                                                "SiLU MLP (LoRA on the MLP)") if want["mlp"] else unwanted)
         ce = self.device.type == "cuda" and triton_ce_ok(self.device)
         paths["cross_entropy"] = fastpaths.status(ce, "two Triton kernels over bf16 logits, checked against torch's"
                                                   if ce else "torch's cross-entropy over fp32 logits (no checked "

@@ -76,7 +76,8 @@ def fast_paths(profile: Profile) -> dict[str, dict[str, Any]]:
     except TypeError as exc:
         return off(str(exc))
     return {"rms_norm": fastpaths.norm_status(model), "lora": fastpaths.lora_status(),
-            "rotary": fastpaths.rotary_status(model, gpu_arm=profile.device is not None)}
+            "rotary": fastpaths.rotary_status(model, gpu_arm=profile.device is not None),
+            "mlp": fastpaths.mlp_status(model, profile.lora.target_modules)}
 
 
 def lora_params(profile: Profile, num_labels: int = SYNTH_LABELS) -> tuple[int, int]:
