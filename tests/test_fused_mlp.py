@@ -16,7 +16,7 @@ from torch import nn
 from transformers import Qwen3Config, Qwen3ForCausalLM
 
 from gputwin.kernels import fused_mlp
-from gputwin.kernels.fused_mlp import SwiGLU, fusable, fused_forward, join_weights
+from gputwin.kernels.fused_mlp import fusable, fused_forward, join_weights
 
 HAS_TRITON = importlib.util.find_spec("triton") is not None
 TESTS = Path(__file__).resolve().parent

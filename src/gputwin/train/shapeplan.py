@@ -167,9 +167,6 @@ class ShapePlan:
         family = kind[0]
         return self.capture_tokens * max(1, len(family) if isinstance(family, tuple) else 1)
 
-    def summary(self) -> dict[str, Any]:
-        return {"shapes": sum(len(s) for s in self.shapes.values()), "planned_needs": len(self._planned)}
-
 
 def merge_groups(needs: Sequence[Need], *, capture_tokens: float = CAPTURE_TOKENS,
                  slot_tokens: float = SLOT_TOKENS) -> dict[Shape, Shape]:
