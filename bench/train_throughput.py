@@ -264,37 +264,22 @@ def _profile(step_fn: FastStep, batches: list[list[dict]], args: argparse.Namesp
         len(batches))
 
 
-def _roll_rope(runner: Callable[..., dict], *args: Any) -> dict:
-    """The runner with rotary embeddings on the roll path (kernels/fused_rotary.py), not liger-kernel's Triton RoPE."""
-    from gputwin.kernels import fused_rotary
+def _switched_off(switch: str, runner: Callable[..., dict]) -> Callable[..., dict]:
+    """The runner with one of gputwin.kernels' switches off for its run ("fused_rotary.TRITON": the roll path,
+    not liger-kernel's Triton RoPE; "fused_mlp.ENABLED": the model's own MLP; "fused_ce.ENABLED": torch's
+    cross-entropy over fp32 logits)."""
+    import importlib
 
-    fused_rotary.TRITON = False
-    try:
-        return runner(*args)
-    finally:
-        fused_rotary.TRITON = True
+    module_name, name = switch.split(".")
 
-
-def _hf_mlp(runner: Callable[..., dict], *args: Any) -> dict:
-    """The runner with the model's own MLP forward, not kernels/fused_mlp.py's."""
-    from gputwin.kernels import fused_mlp
-
-    fused_mlp.ENABLED = False
-    try:
-        return runner(*args)
-    finally:
-        fused_mlp.ENABLED = True
-
-
-def _torch_ce(runner: Callable[..., dict], *args: Any) -> dict:
-    """The runner with torch's cross-entropy over fp32 logits, not the Triton kernels of kernels/fused_ce.py."""
-    from gputwin.kernels import fused_ce
-
-    fused_ce.ENABLED = False
-    try:
-        return runner(*args)
-    finally:
-        fused_ce.ENABLED = True
+    def run(*args: Any) -> dict:
+        module = importlib.import_module(f"gputwin.kernels.{module_name}")
+        setattr(module, name, False)
+        try:
+            return runner(*args)
+        finally:
+            setattr(module, name, True)
+    return run
 
 
 RUNNERS: dict[str, Callable[..., dict]] = {
@@ -307,17 +292,19 @@ RUNNERS: dict[str, Callable[..., dict]] = {
     "packed+graphs+hfrope": _run_fast("packed+graphs+hfrope", compile=False, graphs=True, fused_rope=False),
     "packed+compile+graphs": _run_fast("packed+compile+graphs", compile=True, graphs=True),
     "engine": run_engine,
-    "engine+rollrope": lambda *a: _roll_rope(run_engine, *a),
+    "engine+rollrope": _switched_off("fused_rotary.TRITON", run_engine),
     "engine+compile": lambda *a: run_engine(*a, compile=True),
     "engine+eagereach": lambda *a: run_engine(*a, eager_each=True),
     "engine+leancapture": lambda *a: run_engine(*a, sync_captures=False),
     "engine+coarse": lambda *a: run_engine(*a, plan=False),
-    "engine+torchce": lambda *a: _torch_ce(run_engine, *a),
-    "engine+hfmlp": lambda *a: _hf_mlp(run_engine, *a),
+    "engine+torchce": _switched_off("fused_ce.ENABLED", run_engine),
+    "engine+hfmlp": _switched_off("fused_mlp.ENABLED", run_engine),
     "packed+graphs+hfmlp": _run_fast("packed+graphs+hfmlp", compile=False, graphs=True, fused_mlp=False),
-    "packed+graphs+torchce": lambda *a: _torch_ce(_run_fast("packed+graphs+torchce", compile=False, graphs=True), *a),
+    "packed+graphs+torchce": _switched_off("fused_ce.ENABLED", _run_fast("packed+graphs+torchce", compile=False,
+                                                                          graphs=True)),
     "packed+graphs+lorapercall": _run_fast("packed+graphs+lorapercall", compile=False, graphs=True, lora_copies=False),
-    "packed+graphs+rollrope": lambda *a: _roll_rope(_run_fast("packed+graphs+rollrope", compile=False, graphs=True), *a),
+    "packed+graphs+rollrope": _switched_off("fused_rotary.TRITON", _run_fast("packed+graphs+rollrope", compile=False,
+                                                                             graphs=True)),
 }
 
 

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from gputwin.kernels import fused_ce
-from gputwin.kernels.fused_ce import IGNORE_INDEX, TritonCrossEntropy, cross_entropy_rows
+from gputwin.kernels.fused_ce import IGNORE_INDEX, TritonCrossEntropy, cross_entropy_rows, gaps_to_torch
 
 HAS_TRITON = importlib.util.find_spec("triton") is not None
 TESTS = Path(__file__).resolve().parent
@@ -28,18 +28,6 @@ def logits_and_targets(device: str, rows: int = 7, vocab: int = 2 * fused_ce.BLO
     target[1] = IGNORE_INDEX
     target[4] = vocab - 1  # the last column, in the last partial block
     return logits, target
-
-
-def against_torch(logits: torch.Tensor, target: torch.Tensor, upstream: torch.Tensor) -> tuple[float, float, torch.Tensor]:
-    ours_in = logits.clone().requires_grad_()
-    ours = TritonCrossEntropy.apply(ours_in * 1, target)
-    (ours * upstream).sum().backward()
-    ref_in = logits.float().requires_grad_()
-    ref = F.cross_entropy(ref_in, target, ignore_index=IGNORE_INDEX, reduction="none")
-    (ref * upstream).sum().backward()
-    loss_gap = float((ours.detach() - ref.detach()).abs().max())
-    grad_gap = float((ours_in.grad.float() - ref_in.grad).norm() / ref_in.grad.norm())
-    return loss_gap, grad_gap, ours_in.grad
 
 
 def test_on_the_cpu_it_is_torch_s_cross_entropy() -> None:
@@ -65,7 +53,7 @@ def interpreted(check: str) -> None:
 def kernels_give_torch_s_loss_and_gradient() -> None:
     logits, target = logits_and_targets("cpu", vocab=2 * 64 + 13, dtype=torch.float32)
     upstream = torch.tensor([1.0, 2.0, -0.5, 0.0, 3.0, 0.25, 1.0])
-    loss_gap, grad_gap, grad = against_torch(logits, target, upstream)
+    loss_gap, grad_gap, grad = gaps_to_torch(logits, target, upstream)
     assert loss_gap < 1e-4 and grad_gap < 1e-5, (loss_gap, grad_gap)
     assert torch.count_nonzero(grad[1]) == 0 and torch.count_nonzero(grad[3]) == 0  # ignored; no gradient
 
@@ -94,5 +82,5 @@ def test_a_row_without_gradient_gets_zeros_even_with_nan_logits() -> None:
 def test_on_the_gpu_the_kernels_pass_their_check_and_match_torch_in_bf16() -> None:
     assert fused_ce.triton_ce_ok("cuda")
     logits, target = logits_and_targets("cuda", rows=300, vocab=151_936)
-    loss_gap, grad_gap, _ = against_torch(logits, target, torch.rand(300, device="cuda"))
+    loss_gap, grad_gap, _ = gaps_to_torch(logits, target, torch.rand(300, device="cuda"))
     assert loss_gap < 1e-3 and grad_gap < 1e-2

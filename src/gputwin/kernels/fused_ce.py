@@ -129,18 +129,25 @@ def _matches_torch(device: str) -> bool:
         with torch.inference_mode(False), torch.enable_grad():
             generator = torch.Generator(device=device).manual_seed(0)
             rows, vocab = 6, 2 * BLOCK + 123
-            leaf = (torch.randn(rows, vocab, device=device, generator=generator) * 4).to(torch.bfloat16)
+            logits = (torch.randn(rows, vocab, device=device, generator=generator) * 4).to(torch.bfloat16)
             target = torch.randint(0, vocab, (rows,), device=device, generator=generator)
             target[2] = IGNORE_INDEX
             upstream = torch.tensor([1.0, -0.5, 3.0, 0.0, 0.25, 2.0], device=device)
-            ours_in = leaf.clone().requires_grad_()
-            ours = TritonCrossEntropy.apply(ours_in * 1, target)  # * 1: the kernel writes over its input
-            (ours * upstream).sum().backward()
-            ref_in = leaf.float().requires_grad_()
-            ref = F.cross_entropy(ref_in, target, ignore_index=IGNORE_INDEX, reduction="none")
-            (ref * upstream).sum().backward()
-            loss_gap = float((ours.detach() - ref.detach()).abs().max())
-            grad_gap = float((ours_in.grad.float() - ref_in.grad).norm() / ref_in.grad.norm())
-            return loss_gap < 1e-3 and grad_gap < 1e-2 and bool(torch.isfinite(ours_in.grad.float()).all())
+            loss_gap, grad_gap, grad = gaps_to_torch(logits, target, upstream)
+            return loss_gap < 1e-3 and grad_gap < 1e-2 and bool(torch.isfinite(grad.float()).all())
     except Exception:  # noqa: BLE001 - a kernel that fails here is a kernel not to use
         return False
+
+
+def gaps_to_torch(logits: torch.Tensor, target: torch.Tensor, upstream: torch.Tensor) -> tuple[float, float, torch.Tensor]:
+    """The kernels' loss and gradient (for `upstream` row gradients) against torch's fp32 cross-entropy: the
+    largest loss difference, the gradient's relative difference, and the kernels' gradient."""
+    ours_in = logits.clone().requires_grad_()
+    ours = TritonCrossEntropy.apply(ours_in * 1, target)  # * 1: the kernel writes over its input
+    (ours * upstream).sum().backward()
+    ref_in = logits.float().requires_grad_()
+    ref = F.cross_entropy(ref_in, target, ignore_index=IGNORE_INDEX, reduction="none")
+    (ref * upstream).sum().backward()
+    loss_gap = float((ours.detach() - ref.detach()).abs().max())
+    grad_gap = float((ours_in.grad.float() - ref_in.grad).norm() / ref_in.grad.norm())
+    return loss_gap, grad_gap, ours_in.grad
