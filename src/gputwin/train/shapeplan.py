@@ -11,8 +11,8 @@ The trainer knows its batches ahead (the data order is a function of the seed), 
 shapes for the run it has: every step starts at a fine shape (ROW_STEP tokens, SLOT_STEP slots), and
 groups of steps are merged into one shape (the component-wise largest) while the capture a merge saves
 is worth more than the padding it adds. A step nobody planned (a cooldown probe, an extended run) takes
-the cheapest planned shape that holds it, or its coarse bucket when none holds it for less than a
-capture. The shapes change only padding: the loss, the gradients and the update are those of the
+the cheapest planned shape that holds it, or its coarse bucket (the rule before plans) when none holds
+it for less than a capture. The shapes change only padding: the loss, the gradients and the update are those of the
 unpadded batch (packing.pack).
 
 Pure Python (no torch), so the planner is tested and timed on its own.
@@ -132,7 +132,7 @@ class ShapePlan:
                  slot_tokens: float = SLOT_TOKENS) -> None:
         self.fallback, self.capture_tokens, self.slot_tokens = fallback, capture_tokens, slot_tokens
         self._planned: dict[tuple[tuple[Hashable, int], Shape], Shape] = {}  # (kind, fine shape) -> shape
-        self.shapes: dict[tuple[Hashable, int], set[Shape]] = {}  # every shape given out, by kind
+        self.shapes: dict[tuple[Hashable, int], set[Shape]] = {}  # the planned shapes, by kind
 
     def add(self, needs: Iterable[Need]) -> None:
         """Plan the shapes of these steps (merge_groups). A need planned before keeps its shape, so that a
@@ -156,9 +156,8 @@ class ShapePlan:
                        key=lambda s: s.cost(self.slot_tokens))
         if given and given[0].cost(self.slot_tokens) - fine.cost(self.slot_tokens) < self.capture_for(need.kind):
             shape = given[0]
-        else:
+        else:  # its coarse bucket, as if nothing were planned (a bucket other needs nobody planned also fall in)
             shape = self.fallback(need)
-            self.shapes.setdefault(need.kind, set()).add(shape)
         self._planned[(need.kind, fine)] = shape
         return shape
 
