@@ -42,6 +42,8 @@ def interpreted(check: str) -> None:
     CPU): their maths, without a GPU. In a process of its own: the interpreter must be on before Triton loads."""
     if not HAS_TRITON:
         pytest.skip("Triton is not installed here (it comes with torch's CUDA builds)")
+    if torch.cuda.is_available():
+        pytest.skip("on a GPU the kernels themselves are tested (the GPU test below)")
     code = (f"import sys; sys.path[:0] = {[str(TESTS), str(TESTS.parent / 'src')]!r}\n"
             "from gputwin.kernels import fused_ce; fused_ce.BLOCK = 64\n"  # small blocks, several to a row
             f"import test_fused_ce; test_fused_ce.{check}(); print('checked')")
