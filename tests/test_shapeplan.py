@@ -206,8 +206,9 @@ def test_the_trainer_plans_exactly_the_batches_it_then_trains_on(world: Any, tmp
     assert len(engine.planned) == 12 and engine.planned == engine.collated
 
 
-def test_co_trained_arms_plan_the_rows_they_then_step(world: Any, tmp_path: Path,
-                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize("extend", [False, True])
+def test_co_trained_arms_plan_the_rows_they_then_step(world: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                       extend: bool) -> None:
     """The group plans its joint rows (both arms while both have steps, then the one left) and each arm's
     cooldown probe its own; every row stepped was planned, and nothing else was."""
     from collections import Counter
@@ -226,9 +227,22 @@ def test_co_trained_arms_plan_the_rows_they_then_step(world: Any, tmp_path: Path
     monkeypatch.setattr(GroupEngine, "plan", lambda self, steps: planned.extend(row(w) for w in steps))
     monkeypatch.setattr(GroupEngine, "step", lambda self, work: (stepped.append(row(work)), real_step(self, work))[1])
     arms = [make_arm(tmp_path, p) for p in pair(world)]
+    if extend:  # arm a gets one more epoch at its step 2: the group plans the rows that adds
+        from gputwin.control import requests as control
+        from gputwin.core.paths import ArmPaths
+        from test_cotrain import at_step
+
+        at_step(monkeypatch, {("a", 2): lambda t: control.write_request(ArmPaths(arms[0]).control, control.EXTEND,
+                                                                         epochs=1, by="test")})
     assert train_group(arms) == 0
     assert len({len(r) for r in stepped}) == 2  # two-arm rows, then rows of the arm with an epoch left (and probes)
-    assert Counter(planned) == Counter(stepped)
+    assert set(planned) >= set(stepped)  # every row stepped was planned first
+    if not extend:
+        assert Counter(planned) == Counter(stepped)  # and nothing else was
+    else:  # the added epoch's rows were among them: a trained 12 + 6 steps
+        from test_cotrain import log
+
+        assert [e["step"] for e in log(arms[0]) if e.kind == "finished"] == [18]
 
 
 def test_the_shapes_bench_counts_both_rules(tmp_path: Path) -> None:

@@ -334,6 +334,7 @@ class CoTrainer(Trainer):
         super().__init__(run, writer, stop, imports_seconds)
         self.shared, self.partners = shared, list(partners)
         self.adapter = run.model.adapter
+        self.replan: Callable[[], None] | None = None  # the group's plan_shapes, once the group trains
         self.started_extra = {"shares_process_with": self.partners}
 
     @contextmanager
@@ -342,7 +343,10 @@ class CoTrainer(Trainer):
             yield model
 
     def plan_shapes(self) -> None:
-        """The group plans the rows of its arms' steps together (Group.plan_shapes)."""
+        """The group plans the rows of its arms' steps together (Group.plan_shapes): at its start, and again
+        when this arm's steps change (an extension)."""
+        if self.replan is not None:
+            self.replan()
 
 
 class Group:
@@ -356,6 +360,8 @@ class Group:
         for trainer in list(self.live):
             self.arm(trainer, trainer.begin)
         self.plan_shapes()
+        for trainer in self.live:
+            trainer.replan = self.plan_shapes
         while self.live:
             # -- between steps: each arm's requests and signals; an arm that has ended is given back
             for trainer in list(self.live):
@@ -411,6 +417,7 @@ class Group:
         print(f"gputwin: {trainer.run.arm.name}: an extend request arrived as it ended; training it on",
               file=sys.stderr, flush=True)
         again = CoTrainer(trainer.run, trainer.writer, trainer.stop, None, trainer.shared, trainer.partners)
+        again.replan = self.plan_shapes  # its new steps' rows, planned once it has resumed
         self.live[index] = again
         self.arm(again, again.begin)
 
