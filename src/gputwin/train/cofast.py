@@ -210,6 +210,14 @@ class GroupFastStep:
         return tuple(id(v) for m in self.members.values() for p in (m.params[0], m.params[-1])
                      for v in m.optimizer.state.get(p, {}).values())
 
+    def capture_ahead(self, batch: GroupBatch) -> bool:
+        """Start capturing this row's shape in the graphs' thread while steps go on (as fast.FastStep's)."""
+        if not self.use_graphs or not self.graphs.may_capture_ahead(batch.shape_key):
+            return False
+        for adapter in batch.adapters:
+            self.members[adapter].optimizer.zero_grad(set_to_none=True)
+        return self.graphs.capture_ahead(batch.shape_key, lambda: batch.to(self.device), self._body)
+
     def _capture(self, batch: GroupBatch) -> Captured:
         """Capture this shape. An eager step of the same arms came first (the set-up a capture must not meet:
         their optimizers' state, the adapters' layout constants); this shape itself may be new."""

@@ -32,7 +32,7 @@ from ..kernels.fused_ce import triton_ce_ok
 from ..kernels.fused_lora import AdapterCopies, fuse_lora
 from ..kernels.fused_mlp import fuse_mlps
 from ..kernels.fused_rotary import fused_rotary, rotary_modules
-from .graphs import Captured, ShapeGraphs
+from .graphs import AheadCaptures, Captured, ShapeGraphs
 from .packing import LABEL_BUCKET, ROW_BUCKET, PackedBatch, answer_only_loss, pack
 from .shapeplan import Buckets, ShapePlan, need_of
 
@@ -227,6 +227,15 @@ class FastStep:
             else:
                 group["lr"] = lr
 
+    def capture_ahead(self, batch: PackedBatch) -> bool:
+        """Start capturing this batch's shape in the graphs' thread while steps go on (graphs.ShapeGraphs.
+        capture_ahead); False where it cannot now (no graphs, compiled layers, its set-up not done, busy)."""
+        if not self.use_graphs or self.use_compile or not self.graphs.may_capture_ahead(batch.shape_key):
+            return False
+        self.optimizer.zero_grad(set_to_none=True)  # the graph's gradients come from its pool (as in _capture)
+        self.adapter_copies.ready(self._copy_dtype)
+        return self.graphs.capture_ahead(batch.shape_key, lambda: batch.to(self.device), self._body)
+
     def prepare(self, batches: Iterable[PackedBatch]) -> int:
         """Capture the graphs for these batches' shapes now (compiling on the way); the model is unchanged."""
         if not self.use_graphs:
@@ -350,12 +359,22 @@ class FastEngine:
         self.paths = self.fast.paths
         # each step's padded shape: planned from the batches to come, else the coarse buckets (shapeplan)
         self.shapes = ShapePlan(Buckets(ROW_BUCKET, LABEL_BUCKET))
+        self.ahead = AheadCaptures(self.fast.graphs, self.collate, self.fast.capture_ahead)
         self.on_compiled: Callable[[float], None] | None = None  # told the first compiled step's seconds
         self.compile_seconds: float | None = None
 
     def plan(self, batches: Iterable[Sequence[Any]]) -> None:
-        """The batches of the steps to come (the trainer's data order): their shapes are planned now."""
-        self.shapes.add(need_of(examples) for examples in batches)
+        """The batches of the steps to come (the trainer's data order): their shapes are planned now, and
+        their graphs are captured ahead of meeting them, while the steps before them run."""
+        batches = list(batches)
+        needs = [need_of(examples) for examples in batches]
+        self.shapes.add(needs)
+        if self.fast.use_graphs:
+            self.ahead.replan(self.shapes.first_uses(zip(needs, batches)))
+
+    def quiesce(self) -> None:
+        """Wait for a capture ahead: before anything but a step touches the model (a validation, a probe)."""
+        self.fast.graphs.wait()
 
     def collate(self, examples: Sequence[Any]) -> PackedBatch:
         return pack(examples, pad_id=self.pad_id, shape=self.shapes.shape_for(need_of(examples)))
@@ -367,7 +386,9 @@ class FastEngine:
         else:
             result = self.fast(batch, lr=lr)
         if result.loss.device.type == "cuda":
-            return PendingStep(result.loss, result.grad_norm)
+            pending = PendingStep(result.loss, result.grad_norm)
+            self.ahead.next()  # while the device runs this step
+            return pending
         return _output(float(result.loss), float(result.grad_norm))
 
     def _first_compiled_step(self, batch: PackedBatch, lr: float) -> StepResult:
