@@ -74,6 +74,10 @@ def test_each_co_trained_arm_trains_exactly_as_it_trains_alone(world: World, tmp
         assert weights[0].keys() == weights[1].keys()
         for key in weights[0]:
             assert torch.allclose(weights[0][key], weights[1][key], atol=1e-5), key
+    # both arms reach their milestones at step 4: b's validation does not wait for a's cooldown probe
+    milestone = {arm.name: [e.t for e in log(arm) if e.kind == events.VALIDATION][0] for arm in together}
+    probed = [e.t for e in log(together[0]) if e.kind == events.PROBE]
+    assert probed and milestone["b"] <= probed[0] and milestone["a"] <= milestone["b"]
     started = [e for e in log(together[0]) if e.kind == events.STARTED][0]
     assert started["shares_process_with"] == ["b"] and started["fast_paths"]["cotrain"]["on"]
     # the data was read beside the model's build, from the cache the arms alone wrote

@@ -364,6 +364,7 @@ class CoTrainer(Trainer):
         self.shared, self.partners = shared, list(partners)
         self.adapter = run.model.adapter
         self.replan: Callable[[], None] | None = None  # the group's plan_shapes, once the group trains
+        self.defer_probes = True  # the group validates every arm at its milestone first, then runs their probes
         self.started_extra = {"shares_process_with": self.partners}
 
     @contextmanager
@@ -391,6 +392,7 @@ class Group:
         self.plan_shapes()
         for trainer in self.live:
             trainer.replan = self.plan_shapes
+        self.probes()
         while self.live:
             # -- between steps: each arm's requests and signals; an arm that has ended is given back
             for trainer in list(self.live):
@@ -407,7 +409,15 @@ class Group:
                 return self.fail_all([t for t, _ in work], exc)
             for trainer, batch in work:
                 self.arm(trainer, lambda t=trainer, b=batch: self.advance(t, b, outcomes[t.adapter]))
+            self.probes()
         return max(self.codes.values(), default=0)
+
+    def probes(self) -> None:
+        """The cooldown probes due, once every arm at its milestone has been validated: no arm's validation
+        waits for another arm's probe."""
+        for trainer in list(self.live):
+            if trainer.probe_due:
+                self.arm(trainer, trainer.run_due_probe)
 
     def plan_shapes(self) -> None:
         """The steps to come, as the arms will step them together while each has steps left."""
@@ -449,6 +459,8 @@ class Group:
         again.replan = self.plan_shapes  # its new steps' rows, planned once it has resumed
         self.live[index] = again
         self.arm(again, again.begin)
+        if again in self.live and again.probe_due:
+            self.arm(again, again.run_due_probe)
 
     def fail_all(self, trainers: Sequence[CoTrainer], exc: Exception) -> int:
         """Every arm of the failed step gets the failed event; the exits are the process's (its supervisor)."""

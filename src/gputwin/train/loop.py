@@ -110,6 +110,8 @@ class Trainer:
         self.reported_step = 0  # the last step whose event is in the log
         self.last_done = 0.0  # perf_counter when the last reported step's figures were read
         self.started_extra: dict[str, Any] = {}  # more fields of the started event (a co-trained arm's partners)
+        self.probe_due = 0  # cooldown steps the milestone asked to probe, not run yet
+        self.defer_probes = False  # True: the probe waits for run_due_probe (a co-trained group's arms)
 
     # ------------------------------------------------------------------ the loop
 
@@ -245,9 +247,17 @@ class Trainer:
         position = self.position()
         cooldown = probe.wanted(position["lr_fraction"], self.run.profile.milestone.cooldown_steps, self.state.step)
         self.validate(reason="milestone", by="plan", extra={"schedule": {**position, "probe_steps": cooldown}})
-        if cooldown:
-            self.cooldown_probe(cooldown)
         self.state.milestone_done = True
+        self.probe_due = cooldown
+        if not self.defer_probes:
+            self.run_due_probe()
+
+    def run_due_probe(self) -> None:
+        """The cooldown probe the milestone asked for, if it has not run yet (a group runs its arms' probes once
+        every arm at its milestone has been validated: CoTrainer)."""
+        steps, self.probe_due = self.probe_due, 0
+        if steps:
+            self.cooldown_probe(steps)
 
     def position(self) -> dict[str, Any]:
         """Where the arm stands in its LR schedule after the steps done (recorded with each validation)."""
