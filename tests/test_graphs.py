@@ -8,7 +8,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from gputwin.train.graphs import AheadCaptures, ShapeGraphs
+from gputwin.train.graphs import AheadCaptures, ShapeGraphs, ahead_status
 
 
 def test_a_shape_runs_eagerly_only_the_first_time_it_is_met() -> None:
@@ -69,6 +69,24 @@ def test_a_shape_is_captured_ahead_only_once_its_set_up_is_done() -> None:
     assert not once.may_capture_ahead(("both", 2304))
 
 
+def test_steps_that_draw_random_numbers_are_never_captured_ahead() -> None:
+    """Beginning a capture resets the random stream's offset that graphs replaying meanwhile read: a model
+    with dropout keeps capturing each shape when met, and its fast paths say why."""
+    from peft import LoraConfig, get_peft_model
+    from test_fast_train import tiny_model
+
+    from gputwin.train.fast import FastStep, make_optimizer
+
+    assert ahead_status(tiny_model())[0]  # LoRA dropout 0
+    base = tiny_model().get_base_model()
+    dropping = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, lora_dropout=0.05, target_modules=["q_proj"]),
+                              adapter_name="dropping")
+    on, why = ahead_status(dropping)
+    assert not on and "dropout" in why
+    step = FastStep(dropping, make_optimizer(dropping, 1e-3), grad_clip=1.0, autocast_dtype=None, cuda_graphs=False)
+    assert not step.graphs.ahead_on and not step.paths["captures_ahead"]["on"]
+
+
 class Row:
     def __init__(self, key: tuple) -> None:
         self.shape_key = key
@@ -101,8 +119,9 @@ def test_ahead_captures_start_in_the_order_the_steps_come_and_skip_shapes_with_g
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
 def test_steps_whose_graphs_were_captured_ahead_in_a_thread_train_as_graphs_captured_when_met() -> None:
     """The trainer's engine with its planned shapes captured in the graphs' thread while earlier steps replay,
-    against the same engine capturing each shape when met: the same losses (LoRA dropout on, so the random
-    stream must be the same too), captures ahead made, and nothing captured twice."""
+    against the same engine capturing each shape when met: the same losses, captures ahead made, and nothing
+    captured twice; with LoRA dropout the engine captures nothing ahead and its losses are those of the rule
+    without captures ahead."""
     from peft import LoraConfig, get_peft_model
     from test_fast_train import samples
     from transformers import Qwen3Config, Qwen3ForCausalLM
@@ -114,16 +133,16 @@ def test_steps_whose_graphs_were_captured_ahead_in_a_thread_train_as_graphs_capt
     batches = [[Example(s["input_ids"], s["labels"], False) for s in samples(4, seed=k, high=120)]
                for k in range(40)]
 
-    def run(ahead: bool) -> tuple[list[float], dict]:
+    def run(ahead: bool, dropout: float = 0.0) -> tuple[list[float], dict]:
         torch.manual_seed(0)
         model = get_peft_model(Qwen3ForCausalLM(Qwen3Config(
             vocab_size=96, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
             num_key_value_heads=2, head_dim=16, max_position_embeddings=256)), LoraConfig(
-            r=4, lora_alpha=8, lora_dropout=0.1, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"])).cuda()
+            r=4, lora_alpha=8, lora_dropout=dropout, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"])).cuda()
         optimizer = build_optimizer(model, lr=1e-3, weight_decay=0.0, device=torch.device("cuda"))
         engine = FastEngine(model, optimizer, device=torch.device("cuda"), model_dtype=torch.float32,
                             grad_clip=1.0, pad_id=0)
-        engine.fast.graphs.ahead_on = ahead
+        engine.fast.graphs.ahead_on = ahead and engine.fast.graphs.ahead_on
         engine.shapes.capture_tokens = 40  # captures priced low: several shapes for these small rows
         engine.plan(batches)
         torch.manual_seed(1)
@@ -142,6 +161,8 @@ def test_steps_whose_graphs_were_captured_ahead_in_a_thread_train_as_graphs_capt
     keys = [entry["shape"] for entry in early["log"]]
     assert len(keys) == len(set(keys)) and not any("failed" in entry for entry in early["log"])
     assert ahead == pytest.approx(when_met, rel=1e-5)
+    (dropped_met, _), (dropped, refused) = run(ahead=False, dropout=0.1), run(ahead=True, dropout=0.1)
+    assert refused["captures_ahead"] == 0 and dropped == pytest.approx(dropped_met, rel=1e-5)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")

@@ -28,7 +28,7 @@ from ..kernels.fused_mlp import fuse_mlps
 from ..kernels.fused_rotary import fused_rotary, rotary_modules
 from .batching import Example
 from .fast import PendingStep, _output
-from .graphs import Captured, ShapeGraphs
+from .graphs import Captured, ShapeGraphs, ahead_status
 from .packing import LABEL_BUCKET, ROW_BUCKET, PackedBatch, pack
 from .shapeplan import Buckets, Need, Shape, need_of
 from .multilora import SharedModel
@@ -98,6 +98,9 @@ class GroupFastStep:
         self.fused_mlps = fuse_mlps(shared.model) if on_cuda else 0
         self.attention = varlen_backend(device)
         self.graphs = ShapeGraphs(device, eager_first="once", family=lambda key: key[0])  # key[0]: the arms
+        ahead, why = ahead_status(shared.model)
+        if not ahead:
+            self.graphs.refuse_ahead(why)
         self._lr = {adapter: torch.zeros((), dtype=torch.float32, device=device) for adapter in members}
         self._found_inf = {adapter: torch.zeros((), dtype=torch.float32, device=device) for adapter in members}
         self._state_token: tuple[int, ...] = ()

@@ -181,6 +181,15 @@ class GroupEngine:
             self.ahead.next()  # while the device runs this step
         return {adapter: outcome for (adapter, _, _), outcome in zip(work, outcomes)}
 
+    def ahead_status(self) -> dict[str, Any]:
+        """Whether the packed step's planned shapes are captured ahead, and why (the started event's fast_paths)."""
+        from .graphs import ahead_status
+
+        if not self.packed:
+            return {"on": False, "why": "no CUDA graphs (the stacked padded step)"}
+        on, why = ahead_status(self.shared.model)
+        return {"on": on, "why": why}
+
     def fast_step(self) -> Any:
         """The packed step (cofast.GroupFastStep), built at the first step or plan, once every arm has joined."""
         if self.packed_step is None:
@@ -255,6 +264,7 @@ class ArmEngine:
         self.group, self.adapter, self.name = group, adapter, group.name
         self.paths = {"cotrain": {"on": True, "why": "one base pass with " + ", ".join(partners)},
                       "fast_engine": {"on": group.packed, "why": group.why},
+                      "captures_ahead": group.ahead_status(),
                       "compile": {"on": False, "why": "co-trained arms run the co-training step, uncompiled"}}
 
     def collate(self, examples: Sequence[Example]) -> Sequence[Example]:

@@ -32,7 +32,7 @@ from ..kernels.fused_ce import triton_ce_ok
 from ..kernels.fused_lora import AdapterCopies, fuse_lora
 from ..kernels.fused_mlp import fuse_mlps
 from ..kernels.fused_rotary import fused_rotary, rotary_modules
-from .graphs import AheadCaptures, Captured, ShapeGraphs
+from .graphs import AheadCaptures, Captured, ShapeGraphs, ahead_status
 from .packing import LABEL_BUCKET, ROW_BUCKET, PackedBatch, answer_only_loss, pack
 from .shapeplan import Buckets, ShapePlan, need_of
 
@@ -140,11 +140,14 @@ class FastStep:
         self.loss_fn = loss_fn or functools.partial(answer_only_loss, parts=self.parts)
         self.warmup_iters = warmup_iters
         self.attention_backend = varlen_backend(self.device)
-        self.paths = self._paths(want)
         # compiled layers may compile again for a new shape, which must not happen inside a capture: with
         # compile, every shape's first step runs eagerly
         self._eager_first = eager_first
         self.graphs = ShapeGraphs(self.device, eager_first=True if self.use_compile else eager_first)
+        ahead, why = ahead_status(model)
+        if not ahead:
+            self.graphs.refuse_ahead(why)
+        self.paths = self._paths(want)
         self._state_token: tuple[int, ...] = ()
         self._found_inf = torch.zeros((), dtype=torch.float32, device=self.device)
         self._lr: list[torch.Tensor] = []
@@ -175,6 +178,10 @@ class FastStep:
                                                   "Triton kernels on this device)")
         paths["cuda_graphs"] = fastpaths.status(self.use_graphs, "one graph per batch shape" if self.use_graphs
                                                 else "they need CUDA and a fused AdamW")
+        paths["captures_ahead"] = (fastpaths.status(self.graphs.ahead_on and not self.use_compile, self.graphs.ahead_why
+                                                    if not self.use_compile else "off: compiled layers may compile again "
+                                                    "for a new shape, which must not happen in a capture")
+                                   if self.use_graphs else fastpaths.status(False, "no CUDA graphs"))
         paths["compile"] = fastpaths.status(self.use_compile, "torch.compile'd decoder layers, one compilation for all"
                                             if self.use_compile else "off (train.compile)")
         return paths
@@ -211,6 +218,7 @@ class FastStep:
             self.loss_fn = functools.partial(answer_only_loss, parts=self.parts)
         self.graphs.clear()
         self.paths["compile"] = fastpaths.status(False, why)
+        self.paths["captures_ahead"] = fastpaths.status(self.use_graphs and self.graphs.ahead_on, self.graphs.ahead_why)
 
     @property
     def captures(self) -> int:

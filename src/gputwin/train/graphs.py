@@ -28,7 +28,9 @@ of a second leaves the critical path. One capture at a time; whatever else touch
 capture state (an eager step, a capture here, clearing, a validation, a checkpoint load) waits for it first
 (wait(); the engines' quiesce()). Only shapes whose set-up is done are captured ahead (a shape met, or a family
 with a graph under eager_first "once"). An ahead capture that fails turns them off for the run, said in the
-log; the shape is then captured when met, as before.
+log; the shape is then captured when met, as before. Steps that draw random numbers (LoRA dropout) are never
+captured ahead: beginning a capture resets the random stream's offset that the graphs replaying meanwhile
+read, so their dropout masks would no longer be the run's own (ahead_status; refuse_ahead).
 
 Each capture is logged (`log`): the shape, its seconds (and of them, the wait for the device and the cache,
 the recording and the graph's instantiation), whether it ran ahead, and the memory reserved after it, so a
@@ -48,6 +50,8 @@ from typing import Any, Callable, Hashable, Sequence
 import torch
 
 AHEAD = True  # captures ahead (capture_ahead) for new ShapeGraphs; benches switch it off to compare
+AHEAD_WHY = "planned shapes captured in a thread of their own while earlier steps replay"
+AHEAD_OFF_WHY = "off (graphs.AHEAD): each shape captured when met"
 
 
 @dataclass
@@ -79,6 +83,7 @@ class ShapeGraphs:
         self.log: list[dict[str, Any]] = []
         # captures ahead: one thread, one capture at a time (the key and its future), off after a failure
         self.ahead_on, self.ahead_captures, self.ahead_waited = AHEAD, 0, 0.0
+        self.ahead_why = AHEAD_WHY if AHEAD else AHEAD_OFF_WHY
         self._ahead: tuple[Hashable, Future[Captured]] | None = None
         self._worker: ThreadPoolExecutor | None = None
         self._thread_ready = False  # the worker thread's cuBLAS handles and workspaces exist
@@ -116,6 +121,10 @@ class ShapeGraphs:
 
     # -- captures ahead
 
+    def refuse_ahead(self, why: str) -> None:
+        """No captures ahead in this run, and why (the engine's `fast_paths`)."""
+        self.ahead_on, self.ahead_why = False, why
+
     def may_capture_ahead(self, key: Hashable) -> bool:
         """This shape could be captured now, ahead of meeting it: its set-up is done, nothing is being
         captured, and no ahead capture has failed."""
@@ -151,7 +160,7 @@ class ShapeGraphs:
         try:
             future.result()
         except Exception as exc:  # the shape is captured when met instead, as without captures ahead
-            self.ahead_on = False
+            self.refuse_ahead(f"a capture ahead failed ({type(exc).__name__}); shapes captured when met since")
             self.log.append({"shape": repr(key), "ahead": True, "failed": f"{type(exc).__name__}: {exc}"[:300]})
             print(f"gputwin: capturing a step shape ahead failed ({type(exc).__name__}: {exc}); shapes are captured "
                   "when met from now on", file=sys.stderr)
@@ -242,6 +251,14 @@ class ShapeGraphs:
         return {"captures": self.captures, "capture_seconds": round(self.capture_seconds, 2),
                 "captures_ahead": self.ahead_captures, "ahead_waited_seconds": round(self.ahead_waited, 3),
                 "eager_steps": self.eager_steps, "log": self.log}
+
+
+def ahead_status(model: torch.nn.Module) -> tuple[bool, str]:
+    """Whether the planned shapes of this model's steps may be captured ahead, and why (fast_paths)."""
+    if any(isinstance(m, torch.nn.modules.dropout._DropoutNd) and m.p > 0 for m in model.modules()):
+        return False, ("off: the step draws random numbers (dropout), and beginning a capture beside replaying graphs "
+                       "would shift their dropout masks; each shape captured when met")
+    return AHEAD, AHEAD_WHY if AHEAD else AHEAD_OFF_WHY
 
 
 class AheadCaptures:
