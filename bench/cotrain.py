@@ -57,8 +57,7 @@ def settings(args: argparse.Namespace) -> dict[str, Any]:
     return {"smoke": args.smoke, "steps": args.steps, "warmup": args.warmup, "samples": args.samples,
             "dropout": args.dropout, "batch": BATCH, "lora_align": multi_lora.ALIGN,
             "attention_bound": "segment" if packing.BOUND_BY_SEGMENT else "row", "rope": args.rope,
-            "shapes": "coarse buckets" if args.coarse else "planned (train/shapeplan.py)", "cross_entropy": args.ce, "mlp": args.mlp,
-            "captures_ahead": not args.no_ahead}
+            "shapes": "coarse buckets" if args.coarse else "planned (train/shapeplan.py)", "cross_entropy": args.ce, "mlp": args.mlp}
 
 
 def build_base(smoke: bool, device: torch.device) -> Any:
@@ -102,7 +101,6 @@ def graphs_of(step: Any) -> dict[str, Any]:
                 "eager_steps": 0, "graph_log": []}
     summary = graphs.summary()
     return {"captures": summary["captures"], "capture_seconds": summary["capture_seconds"],
-            "captures_ahead": summary["captures_ahead"], "ahead_waited_seconds": summary["ahead_waited_seconds"],
             "eager_steps": summary["eager_steps"], "graph_log": summary["log"]}
 
 
@@ -481,8 +479,7 @@ def passthrough(args: argparse.Namespace) -> list[str]:
     out = ["--steps", str(args.steps), "--warmup", str(args.warmup), "--samples", str(args.samples),
            "--dropout", str(args.dropout)]
     return (out + (["--smoke"] if args.smoke else []) + (["--profile"] if args.profile else [])
-            + (["--row-bound"] if args.row_bound else []) + (["--coarse"] if args.coarse else [])
-            + (["--no-ahead"] if args.no_ahead else []) + ["--rope", args.rope, "--ce", args.ce, "--mlp", args.mlp])
+            + (["--row-bound"] if args.row_bound else []) + (["--coarse"] if args.coarse else []) + ["--rope", args.rope, "--ce", args.ce, "--mlp", args.mlp])
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -506,8 +503,6 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                         help="cross-entropy: the Triton kernels of kernels/fused_ce.py where checked, or torch's over fp32 logits")
     parser.add_argument("--coarse", action="store_true",
                         help="no shape plan: rows in the fixed buckets, as before 2026-12-07 (train/shapeplan.py)")
-    parser.add_argument("--no-ahead", action="store_true",
-                        help="capture each planned shape when met, in the stepping thread (train/graphs.py AHEAD off), the rule before captures ahead")
     parser.add_argument("--lora-align", type=int, default=None,
                         help="pad the co-trained adapters' columns to a multiple of this (kernels/multi_lora.py ALIGN)")
     parser.add_argument("--out", type=Path, default=common.OUT_DIR)
@@ -523,12 +518,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 def configure(args: argparse.Namespace) -> None:
     """The A/B switches, in this process (a worker gets them passed on)."""
     from gputwin.kernels import fused_ce, fused_mlp, fused_rotary, multi_lora
-    from gputwin.train import graphs, packing
+    from gputwin.train import packing
 
     fused_rotary.TRITON = args.rope == "triton"
     fused_ce.ENABLED = args.ce == "triton"
     fused_mlp.ENABLED = args.mlp == "fused"
-    graphs.AHEAD = not args.no_ahead
     if args.lora_align is not None:
         multi_lora.ALIGN = args.lora_align
     packing.BOUND_BY_SEGMENT = not args.row_bound

@@ -16,8 +16,6 @@ AdamW lr 1e-4 with linear decay, clip 1.0, bf16 autocast over bf16 weights, fp32
   engine+torchce, packed+graphs+torchce  the engine / the bench step with torch's cross-entropy over fp32 logits,
                          as before 2026-12-07 (not the Triton kernels of kernels/fused_ce.py)
   engine+hfmlp, packed+graphs+hfmlp  the same with the model's own MLP forward (not kernels/fused_mlp.py's)
-  engine+noahead         the engine capturing each planned shape when met, in the stepping thread (the rule
-                         before captures ahead: now each is captured in a thread of its own before it is met)
   engine+leancapture     the engine with lean captures: no device sync before a capture, the allocator's cache
                          emptied only after eager steps (graphs.ShapeGraphs.sync_captures = False)
   packed+graphs+lorapercall  the bench step with each LoRA layer casting A and B itself (before the adapter copies)
@@ -46,7 +44,7 @@ from gputwin.train.packing import pack
 
 VARIANTS = ("baseline", "packed+graphs", "packed+compile+graphs", "packed", "lean-padded", "engine", "packed+graphs+hfnorm",
             "packed+graphs+peftlora", "packed+graphs+hfrope", "packed+graphs+rollrope", "engine+rollrope",
-            "engine+compile", "engine+eagereach", "engine+leancapture", "packed+graphs+lorapercall", "engine+coarse", "engine+noahead",
+            "engine+compile", "engine+eagereach", "engine+leancapture", "packed+graphs+lorapercall", "engine+coarse",
             "engine+torchce", "packed+graphs+torchce", "engine+hfmlp", "packed+graphs+hfmlp")
 BATCH = 4
 
@@ -236,7 +234,6 @@ def run_engine(model: Any, batches: list[list[dict]], args: argparse.Namespace, 
         pending = outcome
     losses.append(pending.result().loss)
     elapsed, total = time.perf_counter() - start, time.perf_counter() - first
-    engine.quiesce()  # a capture ahead still running (a shape planned past the last step) ends before the NaN check
     packed = [engine.collate(batch) for batch in examples]  # the rows the steps ran on
     params = [p for p in model.parameters() if p.requires_grad]
     with torch.no_grad():
@@ -252,8 +249,7 @@ def run_engine(model: Any, batches: list[list[dict]], args: argparse.Namespace, 
                     engine=type(engine).__name__, all_steps_seconds=total, first_step_seconds=first_step,
                     compiled=bool(getattr(getattr(engine, "fast", None), "use_compile", False)),
                     captures=getattr(getattr(engine, "fast", None), "captures", 0),
-                    shapes_planned=plan, captures_ahead=getattr(getattr(getattr(engine, "fast", None), "graphs", None), "ahead_captures", 0),
-                    capture_log=getattr(getattr(getattr(engine, "fast", None), "graphs", None), "log", []), padding_share=1 - sum(b.n_tokens for b in packed) / sum(b.length for b in packed),
+                    shapes_planned=plan, capture_log=getattr(getattr(getattr(engine, "fast", None), "graphs", None), "log", []), padding_share=1 - sum(b.n_tokens for b in packed) / sum(b.length for b in packed),
                     label_slot_share=sum(b.n_label_tokens for b in packed) / sum(b.label_index.shape[0] for b in packed),
                     eager_steps=getattr(getattr(getattr(engine, "fast", None), "graphs", None), "eager_steps", 0),
                     nan_step_raised=raised,
@@ -269,15 +265,15 @@ def _profile(step_fn: FastStep, batches: list[list[dict]], args: argparse.Namesp
 
 
 def _switched_off(switch: str, runner: Callable[..., dict]) -> Callable[..., dict]:
-    """The runner with one of gputwin's switches off for its run ("kernels.fused_rotary.TRITON": the roll path,
-    not liger-kernel's Triton RoPE; "kernels.fused_mlp.ENABLED": the model's own MLP; "kernels.fused_ce.ENABLED":
-    torch's cross-entropy over fp32 logits; "train.graphs.AHEAD": no captures ahead)."""
+    """The runner with one of gputwin.kernels' switches off for its run ("fused_rotary.TRITON": the roll path,
+    not liger-kernel's Triton RoPE; "fused_mlp.ENABLED": the model's own MLP; "fused_ce.ENABLED": torch's
+    cross-entropy over fp32 logits)."""
     import importlib
 
-    module_name, name = switch.rsplit(".", 1)
+    module_name, name = switch.split(".")
 
     def run(*args: Any) -> dict:
-        module = importlib.import_module(f"gputwin.{module_name}")
+        module = importlib.import_module(f"gputwin.kernels.{module_name}")
         setattr(module, name, False)
         try:
             return runner(*args)
@@ -296,19 +292,18 @@ RUNNERS: dict[str, Callable[..., dict]] = {
     "packed+graphs+hfrope": _run_fast("packed+graphs+hfrope", compile=False, graphs=True, fused_rope=False),
     "packed+compile+graphs": _run_fast("packed+compile+graphs", compile=True, graphs=True),
     "engine": run_engine,
-    "engine+rollrope": _switched_off("kernels.fused_rotary.TRITON", run_engine),
+    "engine+rollrope": _switched_off("fused_rotary.TRITON", run_engine),
     "engine+compile": lambda *a: run_engine(*a, compile=True),
     "engine+eagereach": lambda *a: run_engine(*a, eager_each=True),
     "engine+leancapture": lambda *a: run_engine(*a, sync_captures=False),
-    "engine+noahead": _switched_off("train.graphs.AHEAD", run_engine),
     "engine+coarse": lambda *a: run_engine(*a, plan=False),
-    "engine+torchce": _switched_off("kernels.fused_ce.ENABLED", run_engine),
-    "engine+hfmlp": _switched_off("kernels.fused_mlp.ENABLED", run_engine),
+    "engine+torchce": _switched_off("fused_ce.ENABLED", run_engine),
+    "engine+hfmlp": _switched_off("fused_mlp.ENABLED", run_engine),
     "packed+graphs+hfmlp": _run_fast("packed+graphs+hfmlp", compile=False, graphs=True, fused_mlp=False),
-    "packed+graphs+torchce": _switched_off("kernels.fused_ce.ENABLED", _run_fast("packed+graphs+torchce", compile=False,
+    "packed+graphs+torchce": _switched_off("fused_ce.ENABLED", _run_fast("packed+graphs+torchce", compile=False,
                                                                           graphs=True)),
     "packed+graphs+lorapercall": _run_fast("packed+graphs+lorapercall", compile=False, graphs=True, lora_copies=False),
-    "packed+graphs+rollrope": _switched_off("kernels.fused_rotary.TRITON", _run_fast("packed+graphs+rollrope", compile=False,
+    "packed+graphs+rollrope": _switched_off("fused_rotary.TRITON", _run_fast("packed+graphs+rollrope", compile=False,
                                                                              graphs=True)),
 }
 

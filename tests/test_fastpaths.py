@@ -46,8 +46,7 @@ def test_every_fused_path_engages() -> None:
 def test_paths_say_why_they_are_off_on_a_cpu() -> None:
     model = tiny_lora_model()
     step = FastStep(model, torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3))
-    assert set(step.paths) == {"rms_norm", "lora", "rotary", "mlp", "attention", "cross_entropy", "cuda_graphs", "compile",
-                               "captures_ahead"}
+    assert set(step.paths) == {"rms_norm", "lora", "rotary", "mlp", "attention", "cross_entropy", "cuda_graphs", "compile"}
     assert not any(s["on"] for s in step.paths.values())
     assert "CUDA" in step.paths["rotary"]["why"] and "mask" in step.paths["attention"]["why"]
     assert "torch" in step.paths["cross_entropy"]["why"]

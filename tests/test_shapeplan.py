@@ -185,9 +185,6 @@ class RecordingEngine:
     def step(self, batch: Any, lr: float) -> Any:
         return self.engine.step(batch, lr)
 
-    def quiesce(self) -> None:
-        self.engine.quiesce()
-
 
 def test_the_trainer_plans_exactly_the_batches_it_then_trains_on(world: Any, tmp_path: Path,
                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
@@ -263,13 +260,3 @@ def test_the_shapes_bench_counts_both_rules(tmp_path: Path) -> None:
         coarse, planned = (next(r for r in results if r["arms"] == arms and r["rule"] == rule)
                            for rule in ("coarse", "planned"))
         assert planned["cost_tokens"] <= coarse["cost_tokens"] and planned["unused_slot_share"] < coarse["unused_slot_share"]
-
-
-def test_first_uses_name_each_planned_graph_once_with_the_step_that_first_needs_it() -> None:
-    """What a trainer captures ahead, in order: a shape's first step; a family's shape is its own graph."""
-    plan = ShapePlan(COARSE, capture_tokens=0)  # every fine shape its own
-    needs = [Need(100, 20, 40, 4), Need(300, 60, 90, 4), Need(101, 21, 40, 4), Need(100, 20, 40, 4, family=("a", "b"))]
-    plan.add(needs)
-    firsts = plan.first_uses(zip(needs, "wxyz"))
-    assert [step for _, step in firsts] == ["w", "x", "z"]  # y takes w's shape
-    assert firsts[0][0] == (needs[0].kind, plan.shape_for(needs[0])) and firsts[2][0][0] == (("a", "b"), 4)

@@ -308,9 +308,6 @@ class LateEngine:
     def collate(self, examples: object) -> object:
         return self.inner.collate(examples)
 
-    def quiesce(self) -> None:
-        self.inner.quiesce()
-
     def step(self, batch: object, lr: float) -> LateOutcome:
         try:
             output = self.inner.step(batch, lr)

@@ -28,7 +28,7 @@ from ..kernels.fused_mlp import fuse_mlps
 from ..kernels.fused_rotary import fused_rotary, rotary_modules
 from .batching import Example
 from .fast import PendingStep, _output
-from .graphs import Captured, ShapeGraphs, ahead_status
+from .graphs import Captured, ShapeGraphs
 from .packing import LABEL_BUCKET, ROW_BUCKET, PackedBatch, pack
 from .shapeplan import Buckets, Need, Shape, need_of
 from .multilora import SharedModel
@@ -98,9 +98,6 @@ class GroupFastStep:
         self.fused_mlps = fuse_mlps(shared.model) if on_cuda else 0
         self.attention = varlen_backend(device)
         self.graphs = ShapeGraphs(device, eager_first="once", family=lambda key: key[0])  # key[0]: the arms
-        ahead, why = ahead_status(shared.model)
-        if not ahead:
-            self.graphs.refuse_ahead(why)
         self._lr = {adapter: torch.zeros((), dtype=torch.float32, device=device) for adapter in members}
         self._found_inf = {adapter: torch.zeros((), dtype=torch.float32, device=device) for adapter in members}
         self._state_token: tuple[int, ...] = ()
@@ -212,14 +209,6 @@ class GroupFastStep:
     def _state_ids(self) -> tuple[int, ...]:
         return tuple(id(v) for m in self.members.values() for p in (m.params[0], m.params[-1])
                      for v in m.optimizer.state.get(p, {}).values())
-
-    def capture_ahead(self, batch: GroupBatch) -> bool:
-        """Start capturing this row's shape in the graphs' thread while steps go on (as fast.FastStep's)."""
-        if not self.use_graphs or not self.graphs.may_capture_ahead(batch.shape_key):
-            return False
-        for adapter in batch.adapters:
-            self.members[adapter].optimizer.zero_grad(set_to_none=True)
-        return self.graphs.capture_ahead(batch.shape_key, lambda: batch.to(self.device), self._body)
 
     def _capture(self, batch: GroupBatch) -> Captured:
         """Capture this shape. An eager step of the same arms came first (the set-up a capture must not meet:

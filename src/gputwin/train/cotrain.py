@@ -119,7 +119,6 @@ class GroupEngine:
         self.name = "fast" if self.packed else "plain"
         self.packed_step: Any = None  # cofast.GroupFastStep, built at the first step, once every arm has joined
         self.shapes: Any = None  # the packed rows' shapes (shapeplan.ShapePlan), planned from the steps to come
-        self.ahead: Any = None  # graphs.AheadCaptures of the packed step's planned shapes
 
     def why_not_packed(self) -> str:
         """Why the packed step cannot serve these arms here ("" when it can).
@@ -174,57 +173,23 @@ class GroupEngine:
 
     def step_packed(self, work: Sequence[tuple[str, Sequence[Example], float]]) -> dict[str, Any]:
         """The fast engine's way (train/cofast.py): issued, the figures read later (PendingStep on CUDA)."""
-        step = self.fast_step()
-        rows = [(adapter, examples) for adapter, examples, _ in work]
-        outcomes = step(self.pack(rows), [lr for _, _, lr in work])
-        if self.ahead is not None:
-            self.ahead.next()  # while the device runs this step
-        return {adapter: outcome for (adapter, _, _), outcome in zip(work, outcomes)}
+        from .cofast import GroupFastStep, group_need, pack_group
 
-    def ahead_status(self) -> dict[str, Any]:
-        """Whether the packed step's planned shapes are captured ahead, and why (the started event's fast_paths)."""
-        from .graphs import ahead_status
-
-        if not self.packed:
-            return {"on": False, "why": "no CUDA graphs (the stacked padded step)"}
-        on, why = ahead_status(self.shared.model)
-        return {"on": on, "why": why}
-
-    def fast_step(self) -> Any:
-        """The packed step (cofast.GroupFastStep), built at the first step or plan, once every arm has joined."""
         if self.packed_step is None:
-            from .cofast import GroupFastStep
-            from .graphs import AheadCaptures
-
             dtype = torch.bfloat16 if self.device.type == "cuda" and self.model_dtype != torch.float32 else None
             self.packed_step = GroupFastStep(self.shared, self.members, device=self.device, autocast_dtype=dtype)
-            if self.packed_step.use_graphs:
-                self.ahead = AheadCaptures(self.packed_step.graphs, self.pack, self.packed_step.capture_ahead)
-        return self.packed_step
-
-    def pack(self, rows: Sequence[tuple[str, Sequence[Example]]]) -> Any:
-        from .cofast import group_need, pack_group
-
-        return pack_group(rows, pad_id=self.pad_id, shape=self.plan_of().shape_for(group_need(rows)))
+        rows = [(adapter, examples) for adapter, examples, _ in work]
+        batch = pack_group(rows, pad_id=self.pad_id, shape=self.plan_of().shape_for(group_need(rows)))
+        outcomes = self.packed_step(batch, [lr for _, _, lr in work])
+        return {adapter: outcome for (adapter, _, _), outcome in zip(work, outcomes)}
 
     def plan(self, steps: Iterable[Sequence[tuple[str, Sequence[Example]]]]) -> None:
         """The steps to come, each the (adapter, examples) of every arm in it: their rows' shapes are planned
-        now (train/shapeplan.py), and their graphs captured ahead of meeting them. The padded step pads
-        nothing it need not, so it plans nothing."""
+        now (train/shapeplan.py). The padded step pads nothing it need not, so it plans nothing."""
         if self.packed:
             from .cofast import group_need
 
-            steps = [list(rows) for rows in steps]
-            needs = [group_need(rows) for rows in steps]
-            self.plan_of().add(needs)
-            self.fast_step()
-            if self.ahead is not None:
-                self.ahead.replan(self.plan_of().first_uses(zip(needs, steps)))
-
-    def quiesce(self) -> None:
-        """Wait for a capture ahead: before anything but a step touches the model (a validation, a probe)."""
-        if self.packed_step is not None:
-            self.packed_step.graphs.wait()
+            self.plan_of().add(group_need(rows) for rows in steps)
 
     def plan_of(self) -> Any:
         if self.shapes is None:
@@ -264,7 +229,6 @@ class ArmEngine:
         self.group, self.adapter, self.name = group, adapter, group.name
         self.paths = {"cotrain": {"on": True, "why": "one base pass with " + ", ".join(partners)},
                       "fast_engine": {"on": group.packed, "why": group.why},
-                      "captures_ahead": group.ahead_status(),
                       "compile": {"on": False, "why": "co-trained arms run the co-training step, uncompiled"}}
 
     def collate(self, examples: Sequence[Example]) -> Sequence[Example]:
@@ -273,9 +237,6 @@ class ArmEngine:
     def plan(self, batches: Iterable[Sequence[Example]]) -> None:
         """This arm's steps alone to come (a cooldown probe's): their rows' shapes planned."""
         self.group.plan([(self.adapter, examples)] for examples in batches)
-
-    def quiesce(self) -> None:
-        self.group.quiesce()
 
     def step(self, examples: Sequence[Example], lr: float) -> Any:
         outcome = self.group.step([(self.adapter, examples, lr)])[self.adapter]

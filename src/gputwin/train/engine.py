@@ -57,10 +57,6 @@ class Engine(Protocol):
 
     def step(self, batch: Any, lr: float) -> Outcome: ...
 
-    def quiesce(self) -> None:
-        """Finish what runs behind the steps (a graph captured ahead) before the model is used otherwise."""
-        ...
-
 
 def build_optimizer(model: Any, *, lr: float, weight_decay: float, device: torch.device) -> torch.optim.AdamW:
     """AdamW over the trainable parameters only (fused kernels on CUDA)."""
@@ -94,9 +90,6 @@ class PlainEngine:
 
     def collate(self, examples: Sequence[Example]) -> dict[str, torch.Tensor]:
         return collate_padded(examples, self.pad_id)
-
-    def quiesce(self) -> None:
-        """Nothing runs behind its steps."""
 
     def step(self, batch: dict[str, torch.Tensor], lr: float) -> StepOutput:
         batch = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}

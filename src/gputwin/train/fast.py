@@ -32,7 +32,7 @@ from ..kernels.fused_ce import triton_ce_ok
 from ..kernels.fused_lora import AdapterCopies, fuse_lora
 from ..kernels.fused_mlp import fuse_mlps
 from ..kernels.fused_rotary import fused_rotary, rotary_modules
-from .graphs import AheadCaptures, Captured, ShapeGraphs, ahead_status
+from .graphs import Captured, ShapeGraphs
 from .packing import LABEL_BUCKET, ROW_BUCKET, PackedBatch, answer_only_loss, pack
 from .shapeplan import Buckets, ShapePlan, need_of
 
@@ -140,14 +140,11 @@ class FastStep:
         self.loss_fn = loss_fn or functools.partial(answer_only_loss, parts=self.parts)
         self.warmup_iters = warmup_iters
         self.attention_backend = varlen_backend(self.device)
+        self.paths = self._paths(want)
         # compiled layers may compile again for a new shape, which must not happen inside a capture: with
         # compile, every shape's first step runs eagerly
         self._eager_first = eager_first
         self.graphs = ShapeGraphs(self.device, eager_first=True if self.use_compile else eager_first)
-        ahead, why = ahead_status(model)
-        if not ahead:
-            self.graphs.refuse_ahead(why)
-        self.paths = self._paths(want)
         self._state_token: tuple[int, ...] = ()
         self._found_inf = torch.zeros((), dtype=torch.float32, device=self.device)
         self._lr: list[torch.Tensor] = []
@@ -178,10 +175,6 @@ class FastStep:
                                                   "Triton kernels on this device)")
         paths["cuda_graphs"] = fastpaths.status(self.use_graphs, "one graph per batch shape" if self.use_graphs
                                                 else "they need CUDA and a fused AdamW")
-        paths["captures_ahead"] = (fastpaths.status(self.graphs.ahead_on and not self.use_compile, self.graphs.ahead_why
-                                                    if not self.use_compile else "off: compiled layers may compile again "
-                                                    "for a new shape, which must not happen in a capture")
-                                   if self.use_graphs else fastpaths.status(False, "no CUDA graphs"))
         paths["compile"] = fastpaths.status(self.use_compile, "torch.compile'd decoder layers, one compilation for all"
                                             if self.use_compile else "off (train.compile)")
         return paths
@@ -218,7 +211,6 @@ class FastStep:
             self.loss_fn = functools.partial(answer_only_loss, parts=self.parts)
         self.graphs.clear()
         self.paths["compile"] = fastpaths.status(False, why)
-        self.paths["captures_ahead"] = fastpaths.status(self.use_graphs and self.graphs.ahead_on, self.graphs.ahead_why)
 
     @property
     def captures(self) -> int:
@@ -234,15 +226,6 @@ class FastStep:
                 group["lr"].fill_(lr)
             else:
                 group["lr"] = lr
-
-    def capture_ahead(self, batch: PackedBatch) -> bool:
-        """Start capturing this batch's shape in the graphs' thread while steps go on (graphs.ShapeGraphs.
-        capture_ahead); False where it cannot now (no graphs, compiled layers, its set-up not done, busy)."""
-        if not self.use_graphs or self.use_compile or not self.graphs.may_capture_ahead(batch.shape_key):
-            return False
-        self.optimizer.zero_grad(set_to_none=True)  # the graph's gradients come from its pool (as in _capture)
-        self.adapter_copies.ready(self._copy_dtype)
-        return self.graphs.capture_ahead(batch.shape_key, lambda: batch.to(self.device), self._body)
 
     def prepare(self, batches: Iterable[PackedBatch]) -> int:
         """Capture the graphs for these batches' shapes now (compiling on the way); the model is unchanged."""
@@ -367,22 +350,12 @@ class FastEngine:
         self.paths = self.fast.paths
         # each step's padded shape: planned from the batches to come, else the coarse buckets (shapeplan)
         self.shapes = ShapePlan(Buckets(ROW_BUCKET, LABEL_BUCKET))
-        self.ahead = AheadCaptures(self.fast.graphs, self.collate, self.fast.capture_ahead)
         self.on_compiled: Callable[[float], None] | None = None  # told the first compiled step's seconds
         self.compile_seconds: float | None = None
 
     def plan(self, batches: Iterable[Sequence[Any]]) -> None:
-        """The batches of the steps to come (the trainer's data order): their shapes are planned now, and
-        their graphs are captured ahead of meeting them, while the steps before them run."""
-        batches = list(batches)
-        needs = [need_of(examples) for examples in batches]
-        self.shapes.add(needs)
-        if self.fast.use_graphs:
-            self.ahead.replan(self.shapes.first_uses(zip(needs, batches)))
-
-    def quiesce(self) -> None:
-        """Wait for a capture ahead: before anything but a step touches the model (a validation, a probe)."""
-        self.fast.graphs.wait()
+        """The batches of the steps to come (the trainer's data order): their shapes are planned now."""
+        self.shapes.add(need_of(examples) for examples in batches)
 
     def collate(self, examples: Sequence[Any]) -> PackedBatch:
         return pack(examples, pad_id=self.pad_id, shape=self.shapes.shape_for(need_of(examples)))
@@ -394,9 +367,7 @@ class FastEngine:
         else:
             result = self.fast(batch, lr=lr)
         if result.loss.device.type == "cuda":
-            pending = PendingStep(result.loss, result.grad_norm)
-            self.ahead.next()  # while the device runs this step
-            return pending
+            return PendingStep(result.loss, result.grad_norm)
         return _output(float(result.loss), float(result.grad_norm))
 
     def _first_compiled_step(self, batch: PackedBatch, lr: float) -> StepResult:

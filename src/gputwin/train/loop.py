@@ -274,7 +274,6 @@ class Trainer:
         from ..validate.run import validate
 
         run, state = self.run, self.state
-        run.engine.quiesce()
         position = self.position()
         started = time.perf_counter()
         out_path = run.arm.probe_file(state.step)
@@ -365,7 +364,6 @@ class Trainer:
             return None
         self.settle()
         run = self.run
-        run.engine.quiesce()
         loaded = load_checkpoint(kept[-1], run.model, run.optimizer, run.fingerprint, run.device)
         for step, path in list_checkpoints(run.checkpoint_root):
             if step > rewind:
@@ -408,7 +406,6 @@ class Trainer:
         from ..validate.run import validate
 
         run, step = self.run, self.state.step
-        run.engine.quiesce()
         adapter = self.save_adapter()
         rng = rng_states()  # validation must not shift the training run's random stream
         make_private_dir(run.arm.validation)

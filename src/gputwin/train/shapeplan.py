@@ -23,10 +23,9 @@ from __future__ import annotations
 import heapq
 import itertools
 from dataclasses import dataclass
-from typing import Any, Callable, Hashable, Iterable, Sequence, TypeVar
+from typing import Any, Callable, Hashable, Iterable, Sequence
 
 IGNORE_INDEX = -100
-T = TypeVar("T")
 
 ROW_STEP = 32   # a planned row's length is a multiple of this
 SLOT_STEP = 32  # and its label slots
@@ -161,19 +160,6 @@ class ShapePlan:
             shape = self.fallback(need)
         self._planned[(need.kind, fine)] = shape
         return shape
-
-    def first_uses(self, steps: Iterable[tuple[Need, T]]) -> list[tuple[Hashable, T]]:
-        """Each graph these steps need, once, with the first step that needs it, in the steps' order: the
-        shapes a trainer captures ahead of meeting them (graphs.ShapeGraphs.capture_ahead). The key is the
-        step's kind and shape (what tells one graph from another)."""
-        seen: set[Hashable] = set()
-        firsts = []
-        for need, step in steps:
-            key = (need.kind, self.shape_for(need))
-            if key not in seen:
-                seen.add(key)
-                firsts.append((key, step))
-        return firsts
 
     def capture_for(self, kind: tuple[Hashable, int]) -> float:
         """A capture's cost in tokens: capture_tokens a arm (a co-trained family is a tuple of its arms)."""
