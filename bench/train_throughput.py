@@ -245,7 +245,8 @@ def run_engine(model: Any, batches: list[list[dict]], args: argparse.Namespace, 
     except NonFiniteLoss:
         raised = True
     unchanged = all(torch.equal(a, b) for a, b in zip(params[1:], kept))
-    return _summary("engine", losses, tokens, elapsed, len(batches) - args.warm_steps, device,
+    extra = {"kernel_profile": _profile_engine(engine, examples[:20], args, device)} if args.profile else {}
+    return _summary("engine", losses, tokens, elapsed, len(batches) - args.warm_steps, device, **extra,
                     engine=type(engine).__name__, all_steps_seconds=total, first_step_seconds=first_step,
                     compiled=bool(getattr(getattr(engine, "fast", None), "use_compile", False)),
                     captures=getattr(getattr(engine, "fast", None), "captures", 0),
@@ -262,6 +263,27 @@ def _profile(step_fn: FastStep, batches: list[list[dict]], args: argparse.Namesp
     return common.profile_kernels(
         device, lambda: [step_fn(pack(s, bucket=args.bucket, pad_id=args.pad_id), lr=args.lr) for s in batches],
         len(batches))
+
+
+def _profile_engine(engine: Any, batches: list[list[Any]], args: argparse.Namespace,
+                    device: torch.device) -> dict[str, Any] | None:
+    """The same for the engine as the trainer drives it (each loss read once the next step is issued): GPU time
+    a step against the wall time a step, so idle gaps between its steps show as their difference. Runs after the
+    NaN check, so on weights reset to finite values (the GPU time a step does not depend on them)."""
+    params = [p for p in engine.fast.params]
+    with torch.no_grad():
+        for p in params:
+            p.nan_to_num_(0.0)
+
+    def steps() -> None:
+        pending = None
+        for batch in batches:
+            outcome = engine.step(engine.collate(batch), args.lr)
+            if pending is not None:
+                pending.result()
+            pending = outcome
+        pending.result()
+    return common.profile_kernels(device, steps, len(batches))
 
 
 def _switched_off(switch: str, runner: Callable[..., dict]) -> Callable[..., dict]:
