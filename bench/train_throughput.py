@@ -270,9 +270,8 @@ def _profile_engine(engine: Any, batches: list[list[Any]], args: argparse.Namesp
     """The same for the engine as the trainer drives it (each loss read once the next step is issued): GPU time
     a step against the wall time a step, so idle gaps between its steps show as their difference. Runs after the
     NaN check, so on weights reset to finite values (the GPU time a step does not depend on them)."""
-    params = [p for p in engine.fast.params]
     with torch.no_grad():
-        for p in params:
+        for p in engine.fast.params:
             p.nan_to_num_(0.0)
 
     def steps() -> None:

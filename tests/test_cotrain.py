@@ -406,4 +406,3 @@ def test_co_trained_shapes_captured_when_met_train_as_each_shape_met_eagerly_fir
     assert once_graphs.eager_steps < each_graphs.eager_steps
     assert once_graphs.eager_steps >= 2  # the pair's first step, and the arm alone's
     assert [x for row in once for x in row] == pytest.approx([x for row in each for x in row], rel=1e-4)
-
