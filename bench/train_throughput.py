@@ -16,6 +16,8 @@ AdamW lr 1e-4 with linear decay, clip 1.0, bf16 autocast over bf16 weights, fp32
   engine+torchce, packed+graphs+torchce  the engine / the bench step with torch's cross-entropy over fp32 logits,
                          as before 2026-12-07 (not the Triton kernels of kernels/fused_ce.py)
   engine+hfmlp, packed+graphs+hfmlp  the same with the model's own MLP forward (not kernels/fused_mlp.py's)
+  engine+readlast        the engine with every loss read after the last step (as the bench-only step reads them),
+                         not one step late as the trainer reads them
   engine+leancapture     the engine with lean captures: no device sync before a capture, the allocator's cache
                          emptied only after eager steps (graphs.ShapeGraphs.sync_captures = False)
   packed+graphs+lorapercall  the bench step with each LoRA layer casting A and B itself (before the adapter copies)
@@ -29,6 +31,7 @@ peak memory, the time spent compiling/capturing, and each loss curve's gap to th
 from __future__ import annotations
 
 import argparse
+import collections
 import json
 import tempfile
 import time
@@ -44,7 +47,7 @@ from gputwin.train.packing import pack
 
 VARIANTS = ("baseline", "packed+graphs", "packed+compile+graphs", "packed", "lean-padded", "engine", "packed+graphs+hfnorm",
             "packed+graphs+peftlora", "packed+graphs+hfrope", "packed+graphs+rollrope", "engine+rollrope",
-            "engine+compile", "engine+eagereach", "engine+leancapture", "packed+graphs+lorapercall", "engine+coarse",
+            "engine+compile", "engine+eagereach", "engine+leancapture", "packed+graphs+lorapercall", "engine+coarse", "engine+readlast",
             "engine+torchce", "packed+graphs+torchce", "engine+hfmlp", "packed+graphs+hfmlp")
 BATCH = 4
 
@@ -197,14 +200,16 @@ def _run_fast(name: str, *, compile: bool, graphs: bool, fused_norms: bool | Non
 
 def run_engine(model: Any, batches: list[list[dict]], args: argparse.Namespace, device: torch.device,
                compile: bool | None = None, eager_each: bool = False, sync_captures: bool = True,
-               plan: bool = True) -> dict:
+               plan: bool = True, read_lag: int = 1) -> dict:
     """The fast engine as the trainer loop drives it (gputwin.train.engine.make_engine("fast")): graphs
     captured as new shapes come, each step's loss read after the next step is issued; then the NaN path
     the trainer's fault hook exercises: the step must raise NonFiniteLoss and change no weight.
     compile: the engine's train.compile setting (None: the trainer's default); eager_each: every shape's first
     step eager, its second captured (graphs.ShapeGraphs eager_first=True), as before the engine's "once";
     sync_captures=False: lean captures (no device sync before a capture; graphs.ShapeGraphs.sync_captures);
-    plan=False: no shape plan (the trainer tells its engine the batches to come; without, the coarse buckets)."""
+    plan=False: no shape plan (the trainer tells its engine the batches to come; without, the coarse buckets).
+    read_lag: steps issued after a step before its loss is read (the trainer's 1; a large one reads the losses at
+    the end, as the bench-only step does)."""
     from gputwin.train.batching import Example
     from gputwin.train.engine import NonFiniteLoss, build_optimizer, make_engine
 
@@ -216,23 +221,26 @@ def run_engine(model: Any, batches: list[list[dict]], args: argparse.Namespace, 
         engine.fast.graphs.eager_first = True
     engine.fast.graphs.sync_captures = sync_captures
     examples = [[Example(s["input_ids"], s["labels"], False) for s in batch] for batch in batches]
-    losses, tokens, start, pending = [], 0, 0.0, None
+    losses, tokens, start, first_step = [], 0, 0.0, 0.0
     common.synchronize(device)
     first = time.perf_counter()
     if plan:  # as the trainer does before its first step (Trainer.plan_shapes)
         engine.plan(examples)
+    waiting: collections.deque = collections.deque()  # issued steps whose loss is not read yet
     for step, batch in enumerate(examples):
-        if step == args.warm_steps:
+        if step == args.warm_steps:  # the clock starts with the device idle, as the bench step's does
+            losses.extend(outcome.result().loss for outcome in waiting)
+            waiting.clear()
+            common.synchronize(device)
             start = time.perf_counter()
         if step >= args.warm_steps:
             tokens += sum(e.n_tokens for e in batch)
-        outcome = engine.step(engine.collate(batch), linear_lr(args.lr, len(batches), step))
-        if pending is not None:
-            losses.append(pending.result().loss)
-        else:
+        waiting.append(engine.step(engine.collate(batch), linear_lr(args.lr, len(batches), step)))
+        if step == 0:
             first_step = time.perf_counter() - first  # compiling, where the engine compiles
-        pending = outcome
-    losses.append(pending.result().loss)
+        while len(waiting) > read_lag:
+            losses.append(waiting.popleft().result().loss)
+    losses.extend(outcome.result().loss for outcome in waiting)
     elapsed, total = time.perf_counter() - start, time.perf_counter() - first
     packed = [engine.collate(batch) for batch in examples]  # the rows the steps ran on
     params = [p for p in model.parameters() if p.requires_grad]
@@ -318,6 +326,7 @@ RUNNERS: dict[str, Callable[..., dict]] = {
     "engine+eagereach": lambda *a: run_engine(*a, eager_each=True),
     "engine+leancapture": lambda *a: run_engine(*a, sync_captures=False),
     "engine+coarse": lambda *a: run_engine(*a, plan=False),
+    "engine+readlast": lambda *a: run_engine(*a, read_lag=1 << 30),
     "engine+torchce": _switched_off("fused_ce.ENABLED", run_engine),
     "engine+hfmlp": _switched_off("fused_mlp.ENABLED", run_engine),
     "packed+graphs+hfmlp": _run_fast("packed+graphs+hfmlp", compile=False, graphs=True, fused_mlp=False),
