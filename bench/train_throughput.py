@@ -42,6 +42,7 @@ from typing import Any, Callable, Sequence
 import torch
 
 import common
+import gaps
 from gputwin.train.fast import FastStep, make_optimizer
 from gputwin.train.packing import pack
 
@@ -187,6 +188,10 @@ def _run_fast(name: str, *, compile: bool, graphs: bool, fused_norms: bool | Non
         common.synchronize(device)
         elapsed = time.perf_counter() - start
         extra = {"kernel_profile": _profile(step_fn, batches[:5], args, device)} if args.profile else {}
+        if args.trace:
+            extra["gaps"] = gaps.trace(device, lambda: [step_fn(pack(s, bucket=args.bucket, pad_id=args.pad_id),
+                                                                lr=args.lr) for s in batches[:20]],
+                                       (), Path(args.out) / f"trace-{name}.json.gz", 20)
         padded = sum(pack(s, bucket=args.bucket).length for s in batches)
         real = sum(len(x["input_ids"]) for s in batches for x in s)
         return _summary(name, torch.stack(losses).float().tolist(), tokens, elapsed, len(batches) - args.warm_steps,
@@ -254,6 +259,8 @@ def run_engine(model: Any, batches: list[list[dict]], args: argparse.Namespace, 
         raised = True
     unchanged = all(torch.equal(a, b) for a, b in zip(params[1:], kept))
     extra = {"kernel_profile": _profile_engine(engine, examples[:20], args, device)} if args.profile else {}
+    if args.trace:
+        extra["gaps"] = _trace_engine(engine, examples[:20], args, device)
     return _summary("engine", losses, tokens, elapsed, len(batches) - args.warm_steps, device, **extra,
                     engine=type(engine).__name__, all_steps_seconds=total, first_step_seconds=first_step,
                     compiled=bool(getattr(getattr(engine, "fast", None), "use_compile", False)),
@@ -291,6 +298,30 @@ def _profile_engine(engine: Any, batches: list[list[Any]], args: argparse.Namesp
             pending = outcome
         pending.result()
     return common.profile_kernels(device, steps, len(batches))
+
+
+def _trace_engine(engine: Any, batches: list[list[Any]], args: argparse.Namespace,
+                  device: torch.device) -> dict[str, Any] | None:
+    """Idle gaps of the device over 20 steps as the trainer drives them (bench/gaps.py), each host part labelled:
+    which of collate, step and read kept the device waiting. Weights reset to finite values, as for the profile."""
+    with torch.no_grad():
+        for p in engine.fast.params:
+            p.nan_to_num_(0.0)
+    record = torch.profiler.record_function
+
+    def steps() -> None:
+        pending = None
+        for batch in batches:
+            with record("collate"):
+                packed = engine.collate(batch)
+            with record("step"):
+                outcome = engine.step(packed, args.lr)
+            if pending is not None:
+                with record("read"):
+                    pending.result()
+            pending = outcome
+        pending.result()
+    return gaps.trace(device, steps, ("collate", "step", "read"), Path(args.out) / "trace-engine.json.gz", len(batches))
 
 
 def _switched_off(switch: str, runner: Callable[..., dict]) -> Callable[..., dict]:
@@ -353,6 +384,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--bucket", type=int, default=128, help="packed row length multiple")
     parser.add_argument("--lr", type=float, default=1e-4)
     parser.add_argument("--profile", action="store_true", help="kernel time by kind over 5 extra steps (GPU)")
+    parser.add_argument("--trace", action="store_true",
+                        help="the device's idle gaps over 20 extra steps, by host part, and a Chrome trace (GPU)")
     parser.add_argument("--seed", type=int, default=42)
     parser.add_argument("--out", default=str(common.OUT_DIR), help="folder for train_throughput.json")
     args = parser.parse_args(argv)
