@@ -109,6 +109,23 @@ def probe_figures(probe: dict[str, Any] | None) -> dict[str, Any] | None:
             "validation_phases": decode_figures(probe)["validation_phases"]}
 
 
+def where_time_went(events: list[dict[str, Any]], steps: list[dict[str, Any]], launched: float) -> dict[str, Any]:
+    """An arm's events other than steps, in seconds after launch (with each one's own seconds where it has them),
+    its checkpoints' seconds, and its slow steps: over 3x the median step (captures, checkpoints, eager steps)."""
+    timeline = [{"t": round(e["t"] - launched, 2), "kind": e["kind"], "step": e.get("step"),
+                 **({"seconds": e["seconds"]} if e.get("seconds") is not None else {})}
+                for e in events if e["kind"] != "step"]
+    paces = sorted(e["step_seconds"] for e in steps if e.get("step_seconds") is not None)
+    median = paces[len(paces) // 2] if paces else 0.0
+    slow = sorted(((e["step_seconds"], e["step"]) for e in steps if (e.get("step_seconds") or 0) > 3 * median),
+                  reverse=True)
+    checkpoints = [e["seconds"] for e in events if e["kind"] == "checkpoint" and e.get("seconds") is not None]
+    return {"timeline": timeline, "checkpoint_seconds": {"count": len(checkpoints), "total": round(sum(checkpoints), 3),
+                                                        "each": checkpoints},
+            "step_seconds_median": median, "slow_steps": [{"step": s, "seconds": round(x, 4)} for x, s in slow[:15]],
+            "slow_steps_extra_seconds": round(sum(x - median for x, _ in slow), 3)}
+
+
 def serve_warm(env: dict[str, str]) -> None:
     """A warm server (gputwin.control.warmstart) for launches with this environment, serving before the clock starts."""
     from gputwin.control import warmstart
@@ -270,6 +287,7 @@ def run(wait_limit: float, tiny: bool = False, tag: str = "both", only: str | No
             "validated_after_launch_s": round(validation["t"] - launched, 1) if validation else None,
             "probe": probe_figures(probe),
             "startup_seconds": started.get("startup_seconds"),
+            **where_time_went(events, steps, launched),
         }
     WORK.joinpath(f"result-{tag}.json").write_text(json.dumps(result, indent=2))
     print(f"{'arm':14} {'started':>8} {'1st step':>9} {'milestone':>10} {'steps/s':>8} {'val s':>7} {'validated':>10} "
@@ -284,6 +302,9 @@ def run(wait_limit: float, tiny: bool = False, tag: str = "both", only: str | No
         print(f"{arm} validation phases (s): {r['validation_phases']}")
         if r["probe"]:
             print(f"{arm} cooldown probe: {r['probe']}")
+        print(f"{arm} checkpoints (s): {r['checkpoint_seconds']}; slow steps: {r['slow_steps_extra_seconds']} s over the "
+              f"median {r['step_seconds_median']}: {r['slow_steps'][:8]}")
+        print(f"{arm} timeline: {[(e['t'], e['kind'], e['step'], e.get('seconds')) for e in r['timeline']]}")
     print(f"launch to {'validation' if only else 'verdict'}: {to_verdict if to_verdict is None else round(to_verdict, 1)} s "
           f"(model built beforehand in {built:.1f} s)")
     return result

@@ -6,6 +6,7 @@ AdamW lr 1e-4 with linear decay, clip 1.0, bf16 autocast over bf16 weights, fp32
   lean-padded            a plain loop (no Trainer), the same padded batches, fused AdamW
   packed                 + one packed row a step (varlen attention) + lm_head/CE at label positions only
   packed+graphs          + the whole step captured as a CUDA graph per padded shape
+  packed+graphs+plan     the same on the shapes the engine plans for these batches (its padding), all captured first
   packed+compile+graphs  + torch.compile'd decoder layers inside the graphs
   engine                 the trainer's fast engine (graphs) as its loop drives it, each loss read a step late
   engine+compile         the same with train.compile on (torch.compile'd decoder layers inside the graphs)
@@ -45,8 +46,9 @@ import common
 import gaps
 from gputwin.train.fast import FastStep, make_optimizer
 from gputwin.train.packing import pack
+from gputwin.train.shapeplan import need_of
 
-VARIANTS = ("baseline", "packed+graphs", "packed+compile+graphs", "packed", "lean-padded", "engine", "packed+graphs+hfnorm",
+VARIANTS = ("baseline", "packed+graphs", "packed+graphs+plan", "packed+compile+graphs", "packed", "lean-padded", "engine", "packed+graphs+hfnorm",
             "packed+graphs+peftlora", "packed+graphs+hfrope", "packed+graphs+rollrope", "engine+rollrope",
             "engine+compile", "engine+eagereach", "engine+leancapture", "packed+graphs+lorapercall", "engine+coarse", "engine+readlast",
             "engine+torchce", "packed+graphs+torchce", "engine+hfmlp", "packed+graphs+hfmlp")
@@ -159,8 +161,12 @@ def run_lean_padded(model: Any, batches: list[list[dict]], args: argparse.Namesp
 
 def _run_fast(name: str, *, compile: bool, graphs: bool, fused_norms: bool | None = None,
               fused_lora: bool | None = None, fused_rope: bool | None = None, fused_mlp: bool | None = None,
-              lora_copies: bool = True) -> Callable[..., dict]:
+              lora_copies: bool = True, planned: bool = False) -> Callable[..., dict]:
+    """planned: each batch packed to the shape the trainer's engine plans for it (FastEngine.plan), not to the
+    bench's row bucket: the same shapes and padding as `engine`, every shape captured before the clock."""
     def run(model: Any, batches: list[list[dict]], args: argparse.Namespace, device: torch.device) -> dict:
+        packer = _planned_packer(batches, args) if planned else (
+            lambda samples: pack(samples, bucket=args.bucket, pad_id=args.pad_id))
         optimizer = make_optimizer(model, args.lr)
         on_cuda = device.type == "cuda"  # --cpu-smoke runs the same code without compile and graphs
         step_fn = FastStep(model, optimizer, compile=compile and on_cuda, cuda_graphs=graphs and on_cuda,
@@ -169,7 +175,7 @@ def _run_fast(name: str, *, compile: bool, graphs: bool, fused_norms: bool | Non
         started = time.perf_counter()
         shapes = {}
         for samples in batches:  # every shape once: graphs (and compilation) before the clock starts
-            packed = pack(samples, bucket=args.bucket, pad_id=args.pad_id)
+            packed = packer(samples)
             shapes.setdefault(packed.shape_key, packed)
         captured = step_fn.prepare(shapes.values())
         common.synchronize(device)
@@ -179,28 +185,43 @@ def _run_fast(name: str, *, compile: bool, graphs: bool, fused_norms: bool | Non
             if step == args.warm_steps:
                 common.synchronize(device)
                 start = time.perf_counter()
-            packed = pack(samples, bucket=args.bucket, pad_id=args.pad_id)
+            packed = packer(samples)
             if step >= args.warm_steps:
                 tokens += packed.n_tokens
             result = step_fn(packed, lr=linear_lr(args.lr, len(batches), step))
             losses.append(result.loss)
             norms.append(result.grad_norm)
         common.synchronize(device)
-        elapsed = time.perf_counter() - start
+        elapsed, total = time.perf_counter() - start, time.perf_counter() - started
         extra = {"kernel_profile": _profile(step_fn, batches[:5], args, device)} if args.profile else {}
         if args.trace:
-            extra["gaps"] = gaps.trace(device, lambda: [step_fn(pack(s, bucket=args.bucket, pad_id=args.pad_id),
-                                                                lr=args.lr) for s in batches[:20]],
+            extra["gaps"] = gaps.trace(device, lambda: [step_fn(packer(s), lr=args.lr) for s in batches[:20]],
                                        (), Path(args.out) / f"trace-{name}.json.gz", 20)
-        padded = sum(pack(s, bucket=args.bucket).length for s in batches)
+        padded = sum(packer(s).length for s in batches)
         real = sum(len(x["input_ids"]) for s in batches for x in s)
         return _summary(name, torch.stack(losses).float().tolist(), tokens, elapsed, len(batches) - args.warm_steps,
                         device, prepare_seconds=prepare_s, graphs_captured=captured, shapes=len(shapes),
+                        all_steps_seconds=total, shapes_planned=planned,
                         grad_norms=torch.stack(norms).float().tolist(), bucket=args.bucket, **extra,
                         attention_backend=step_fn.attention_backend, padding_share=1 - real / padded,
                         fused_norms=step_fn.fused_norms, fused_lora=step_fn.fused_lora, fused_mlps=step_fn.fused_mlps,
                         fused_rope=len(step_fn.rotary_modules))
     return run
+
+
+def _planned_packer(batches: list[list[dict]], args: argparse.Namespace) -> Callable[[list[dict]], Any]:
+    """pack() to the shapes FastEngine plans for these batches (gputwin.train.shapeplan, the engine's buckets)."""
+    from gputwin.train.batching import Example
+    from gputwin.train.fast import FastEngine
+
+    plan = FastEngine.new_plan()
+    examples = {id(batch): [Example(s["input_ids"], s["labels"], False) for s in batch] for batch in batches}
+    plan.add(need_of(examples[id(batch)]) for batch in batches)
+
+    def packer(samples: list[dict]) -> Any:
+        batch = examples[id(samples)]
+        return pack(batch, pad_id=args.pad_id, shape=plan.shape_for(need_of(batch)))
+    return packer
 
 
 def run_engine(model: Any, batches: list[list[dict]], args: argparse.Namespace, device: torch.device,
@@ -347,6 +368,7 @@ RUNNERS: dict[str, Callable[..., dict]] = {
     "lean-padded": run_lean_padded,
     "packed": _run_fast("packed", compile=False, graphs=False),
     "packed+graphs": _run_fast("packed+graphs", compile=False, graphs=True),
+    "packed+graphs+plan": _run_fast("packed+graphs+plan", compile=False, graphs=True, planned=True),
     "packed+graphs+hfnorm": _run_fast("packed+graphs+hfnorm", compile=False, graphs=True, fused_norms=False),
     "packed+graphs+peftlora": _run_fast("packed+graphs+peftlora", compile=False, graphs=True, fused_lora=False),
     "packed+graphs+hfrope": _run_fast("packed+graphs+hfrope", compile=False, graphs=True, fused_rope=False),

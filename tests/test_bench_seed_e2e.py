@@ -33,6 +33,11 @@ def test_the_seed_benchmark_runs_to_a_verdict_at_toy_sizes(tmp_path: Path) -> No
         phases = arm["validation_phases"]
         assert {"prompts_s", "merge_s", "setup_s", "prefill_s", "decode_s", "answers_s"} == set(phases)
         assert 0 < sum(phases.values()) <= arm["predict_seconds"] + 0.01
+        kinds = [e["kind"] for e in arm["timeline"]]
+        assert kinds[0] == "started" and "milestone" in kinds and "validation" in kinds
+        assert [e["t"] for e in arm["timeline"]] == sorted(e["t"] for e in arm["timeline"])
+        assert arm["checkpoint_seconds"]["count"] == kinds.count("checkpoint") >= 1
+        assert arm["checkpoint_seconds"]["total"] > 0 and arm["step_seconds_median"] > 0
     verdict = json.loads((tmp_path / "logs-smoke" / "pii-seed" / "verdict.json").read_text())
     assert verdict and "launch to verdict" in done.stdout
 

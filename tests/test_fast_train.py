@@ -268,7 +268,8 @@ def test_bench_cpu_smoke_runs_every_variant_with_matching_losses(tmp_path: Path)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
     report = json.loads((tmp_path / "train_throughput.json").read_text())
     results = {r["variant"]: r for r in report["results"]}
-    assert set(results) == {"baseline", "lean-padded", "packed", "packed+graphs", "packed+compile+graphs", "engine",
+    assert set(results) == {"baseline", "lean-padded", "packed", "packed+graphs", "packed+graphs+plan",
+                            "packed+compile+graphs", "engine",
                             "packed+graphs+hfnorm", "packed+graphs+peftlora", "packed+graphs+hfrope",
                             "packed+graphs+rollrope", "engine+rollrope", "engine+compile",
                             "engine+eagereach", "engine+leancapture", "packed+graphs+lorapercall", "engine+coarse",
@@ -281,6 +282,8 @@ def test_bench_cpu_smoke_runs_every_variant_with_matching_losses(tmp_path: Path)
     # the planned shapes pad less than the coarse buckets, and compute the same losses (checked above)
     assert results["engine"]["padding_share"] < results["engine+coarse"]["padding_share"]
     assert results["engine"]["label_slot_share"] > results["engine+coarse"]["label_slot_share"]
+    # the bench step on the engine's planned shapes pads exactly as the engine does
+    assert results["packed+graphs+plan"]["padding_share"] == results["engine"]["padding_share"]
 
 
 def test_varlen_check_runs_from_inference_code_and_rejects_a_wrong_kernel() -> None:

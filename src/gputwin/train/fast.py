@@ -348,10 +348,14 @@ class FastEngine:
         self.fast = FastStep(model, optimizer, compile=compile and device.type == "cuda", grad_clip=grad_clip,
                              autocast_dtype=dtype)
         self.paths = self.fast.paths
-        # each step's padded shape: planned from the batches to come, else the coarse buckets (shapeplan)
-        self.shapes = ShapePlan(Buckets(ROW_BUCKET, LABEL_BUCKET))
+        self.shapes = self.new_plan()
         self.on_compiled: Callable[[float], None] | None = None  # told the first compiled step's seconds
         self.compile_seconds: float | None = None
+
+    @staticmethod
+    def new_plan() -> ShapePlan:
+        """Each step's padded shape: planned from the batches to come, else the coarse buckets (shapeplan)."""
+        return ShapePlan(Buckets(ROW_BUCKET, LABEL_BUCKET))
 
     def plan(self, batches: Iterable[Sequence[Any]]) -> None:
         """The batches of the steps to come (the trainer's data order): their shapes are planned now."""
