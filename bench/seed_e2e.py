@@ -106,6 +106,7 @@ def probe_figures(probe: dict[str, Any] | None) -> dict[str, Any] | None:
         return None
     return {"steps": probe.get("steps"), "train_seconds": probe.get("train_seconds"),
             "validation_seconds": probe.get("validate_seconds"), "seconds": probe.get("seconds"),
+            "graphs": probe.get("graphs"),
             "validation_phases": decode_figures(probe)["validation_phases"]}
 
 

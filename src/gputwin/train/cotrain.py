@@ -234,6 +234,11 @@ class ArmEngine:
     def collate(self, examples: Sequence[Example]) -> Sequence[Example]:
         return examples
 
+    @property
+    def graphs(self) -> Any:
+        """The group's CUDA graphs (train/graphs.py), once its packed step exists; else None."""
+        return getattr(self.group.packed_step, "graphs", None)
+
     def plan(self, batches: Iterable[Sequence[Example]]) -> None:
         """This arm's steps alone to come (a cooldown probe's): their rows' shapes planned."""
         self.group.plan([(self.adapter, examples)] for examples in batches)

@@ -352,6 +352,10 @@ class FastEngine:
         self.on_compiled: Callable[[float], None] | None = None  # told the first compiled step's seconds
         self.compile_seconds: float | None = None
 
+    @property
+    def graphs(self) -> ShapeGraphs:
+        return self.fast.graphs
+
     @staticmethod
     def new_plan() -> ShapePlan:
         """Each step's padded shape: planned from the batches to come, else the coarse buckets (shapeplan)."""

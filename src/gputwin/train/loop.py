@@ -303,6 +303,7 @@ class Trainer:
                          precision=result["precision"], recall=result["recall"], f1=result["f1"], path=str(out_path),
                          loss_first=trained["losses"][0], loss_last=trained["losses"][-1],
                          train_seconds=trained["seconds"], validate_seconds=result.get("seconds"),
+                         **({"graphs": trained["graphs"]} if "graphs" in trained else {}),
                          seconds=round(time.perf_counter() - started, 3))
 
     def poll_control(self) -> None:

@@ -83,7 +83,8 @@ def side_branch(model: Any, optimizer: torch.optim.Optimizer) -> Iterator[None]:
 
 def train_cooldown(run: Any, batches: Any, epoch: int, index: int, lr_from: float, steps: int) -> dict[str, Any]:
     """`steps` updates on the arm's next batches (from epoch/index on), LR linear from lr_from towards 0.
-    Call inside side_branch. Returns the losses and the time it took."""
+    Call inside side_branch. Returns the losses and the time it took (and the engine's captures and eager steps
+    meanwhile, where it has graphs)."""
     started = time.perf_counter()
     branch = []
     for _ in range(steps):
@@ -92,6 +93,8 @@ def train_cooldown(run: Any, batches: Any, epoch: int, index: int, lr_from: floa
     plan = getattr(run.engine, "plan", None)
     if plan is not None:  # an engine that plans its shapes (train/shapeplan.py): these steps may be new to it
         plan(branch)
+    graphs = getattr(run.engine, "graphs", None)  # its CUDA graphs (train/graphs.py), where the engine has them
+    before = graphs.summary() if graphs is not None else None
     losses, pending = [], None
     for lr, examples in zip(cooldown_lrs(lr_from, steps), branch):
         issued = run.engine.step(run.engine.collate(examples), lr)
@@ -100,4 +103,8 @@ def train_cooldown(run: Any, batches: Any, epoch: int, index: int, lr_from: floa
         pending = issued
     if pending is not None:
         losses.append(pending.result().loss)
-    return {"losses": losses, "seconds": round(time.perf_counter() - started, 3)}
+    out = {"losses": losses, "seconds": round(time.perf_counter() - started, 3)}
+    if before is not None:  # what the branch's new shapes cost: its eager steps and captures
+        after = graphs.summary()
+        out["graphs"] = {key: round(after[key] - before[key], 3) for key in ("captures", "capture_seconds", "eager_steps")}
+    return out
