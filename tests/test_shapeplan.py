@@ -224,8 +224,11 @@ def test_co_trained_arms_plan_the_rows_they_then_step(world: Any, tmp_path: Path
         return tuple((adapter, tuple(id(e) for e in examples)) for adapter, examples, *_ in work)
 
     real_step = GroupEngine.step
-    monkeypatch.setattr(GroupEngine, "plan", lambda self, steps: planned.extend(row(w) for w in steps))
-    monkeypatch.setattr(GroupEngine, "step", lambda self, work: (stepped.append(row(work)), real_step(self, work))[1])
+    # each row with the plan it was planned in and stepped from: the group's (None) or a probe's own
+    monkeypatch.setattr(GroupEngine, "plan", lambda self, steps, shapes=None: planned.extend(
+        (row(w), id(shapes) if shapes is not None else None) for w in steps))
+    monkeypatch.setattr(GroupEngine, "step", lambda self, work, shapes=None: (
+        stepped.append((row(work), id(shapes) if shapes is not None else None)), real_step(self, work, shapes))[1])
     arms = [make_arm(tmp_path, p) for p in pair(world)]
     if extend:  # arm a gets one more epoch at its step 2: the group plans the rows that adds
         from gputwin.control import requests as control
@@ -235,8 +238,10 @@ def test_co_trained_arms_plan_the_rows_they_then_step(world: Any, tmp_path: Path
         at_step(monkeypatch, {("a", 2): lambda t: control.write_request(ArmPaths(arms[0]).control, control.EXTEND,
                                                                          epochs=1, by="test")})
     assert train_group(arms) == 0
-    assert len({len(r) for r in stepped}) == 2  # two-arm rows, then rows of the arm with an epoch left (and probes)
-    assert set(planned) >= set(stepped)  # every row stepped was planned first
+    assert len({len(r) for r, _ in stepped}) == 2  # two-arm rows, then rows of the arm with an epoch left (and probes)
+    assert set(planned) >= set(stepped)  # every row stepped was planned first, in the plan it was stepped from
+    probe_rows = [r for r, plan in stepped if plan is not None]  # a cooldown probe's rows: planned on their own
+    assert probe_rows and all(len(r) == 1 for r in probe_rows)
     if not extend:
         assert Counter(planned) == Counter(stepped)  # and nothing else was
     else:  # the added epoch's rows were among them: a trained 12 + 6 steps

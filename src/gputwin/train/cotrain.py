@@ -139,11 +139,12 @@ class GroupEngine:
     def join(self, view: ArmView, optimizer: torch.optim.Optimizer, grad_clip: float) -> None:
         self.members[view.adapter] = Member(view.adapter, view.trainable(), optimizer, grad_clip)
 
-    def step(self, work: Sequence[tuple[str, Sequence[Example], float]]) -> dict[str, Any]:
+    def step(self, work: Sequence[tuple[str, Sequence[Example], float]], shapes: Any = None) -> dict[str, Any]:
         """work: (adapter, examples, lr) of each arm stepping now. An arm whose loss is NaN/inf gets a
-        NonFiniteLoss (or an outcome raising it) and no update; the others update as if it were not there."""
+        NonFiniteLoss (or an outcome raising it) and no update; the others update as if it were not there.
+        shapes: the ShapePlan to take the packed row's shape from (None: the group's, plan())."""
         if self.packed:
-            return self.step_packed(work)
+            return self.step_packed(work, shapes)
         batches = [collate_padded(examples, self.pad_id) for _, examples, _ in work]
         stacked = {k: v.to(self.device, non_blocking=True) for k, v in stack_batches(batches, self.pad_id).items()}
         blocks, row = [], 0
@@ -171,7 +172,7 @@ class GroupEngine:
             out[adapter] = StepOutput(loss=value, grad_norm=grad_norm)
         return out
 
-    def step_packed(self, work: Sequence[tuple[str, Sequence[Example], float]]) -> dict[str, Any]:
+    def step_packed(self, work: Sequence[tuple[str, Sequence[Example], float]], shapes: Any = None) -> dict[str, Any]:
         """The fast engine's way (train/cofast.py): issued, the figures read later (PendingStep on CUDA)."""
         from .cofast import GroupFastStep, group_need, pack_group
 
@@ -179,25 +180,30 @@ class GroupEngine:
             dtype = torch.bfloat16 if self.device.type == "cuda" and self.model_dtype != torch.float32 else None
             self.packed_step = GroupFastStep(self.shared, self.members, device=self.device, autocast_dtype=dtype)
         rows = [(adapter, examples) for adapter, examples, _ in work]
-        batch = pack_group(rows, pad_id=self.pad_id, shape=self.plan_of().shape_for(group_need(rows)))
+        batch = pack_group(rows, pad_id=self.pad_id, shape=(shapes or self.plan_of()).shape_for(group_need(rows)))
         outcomes = self.packed_step(batch, [lr for _, _, lr in work])
         return {adapter: outcome for (adapter, _, _), outcome in zip(work, outcomes)}
 
-    def plan(self, steps: Iterable[Sequence[tuple[str, Sequence[Example]]]]) -> None:
+    def plan(self, steps: Iterable[Sequence[tuple[str, Sequence[Example]]]], shapes: Any = None) -> None:
         """The steps to come, each the (adapter, examples) of every arm in it: their rows' shapes are planned
-        now (train/shapeplan.py). The padded step pads nothing it need not, so it plans nothing."""
+        now (train/shapeplan.py), in `shapes` (a ShapePlan of new_plan()) or the group's own. The padded step
+        pads nothing it need not, so it plans nothing."""
         if self.packed:
             from .cofast import group_need
 
-            self.plan_of().add(group_need(rows) for rows in steps)
+            (shapes or self.plan_of()).add(group_need(rows) for rows in steps)
 
     def plan_of(self) -> Any:
         if self.shapes is None:
-            from .cofast import group_buckets
-            from .shapeplan import ShapePlan
-
-            self.shapes = ShapePlan(group_buckets)
+            self.shapes = self.new_plan()
         return self.shapes
+
+    @staticmethod
+    def new_plan() -> Any:
+        from .cofast import group_buckets
+        from .shapeplan import ShapePlan
+
+        return ShapePlan(group_buckets)
 
     def losses(self, stacked: dict[str, torch.Tensor], blocks: Sequence[Block]) -> list[torch.Tensor]:
         """Each arm's mean loss over its rows: the decoder once over all rows, the head per arm at the
@@ -227,6 +233,7 @@ class ArmEngine:
 
     def __init__(self, group: GroupEngine, adapter: str, partners: Sequence[str]) -> None:
         self.group, self.adapter, self.name = group, adapter, group.name
+        self.shapes: Any = None  # the shapes planned for the steps this arm takes alone (plan())
         self.paths = {"cotrain": {"on": True, "why": "one base pass with " + ", ".join(partners)},
                       "fast_engine": {"on": group.packed, "why": group.why},
                       "compile": {"on": False, "why": "co-trained arms run the co-training step, uncompiled"}}
@@ -240,11 +247,16 @@ class ArmEngine:
         return getattr(self.group.packed_step, "graphs", None)
 
     def plan(self, batches: Iterable[Sequence[Example]]) -> None:
-        """This arm's steps alone to come (a cooldown probe's): their rows' shapes planned."""
-        self.group.plan([(self.adapter, examples)] for examples in batches)
+        """This arm's steps alone to come (a cooldown probe's): their rows' shapes planned for these steps only.
+        The group's plan also holds this arm's steps after its partners have ended, with as many shapes as those
+        hundreds of steps are worth capturing; the probe's few steps would meet them all (bench/RESULTS.md: 5
+        captures in its 88 steps), and the verdict waits for the probe. Its own plan captures what its steps are
+        worth; the arm's later steps keep the group's shapes."""
+        self.shapes = self.group.new_plan()
+        self.group.plan(([(self.adapter, examples)] for examples in batches), self.shapes)
 
     def step(self, examples: Sequence[Example], lr: float) -> Any:
-        outcome = self.group.step([(self.adapter, examples, lr)])[self.adapter]
+        outcome = self.group.step([(self.adapter, examples, lr)], self.shapes)[self.adapter]
         if isinstance(outcome, NonFiniteLoss):
             raise outcome
         return outcome
