@@ -159,7 +159,8 @@ def test_a_hung_trainer_is_flagged_stalled_and_after_kill_9_crashed_then_resume_
     out = capsys.readouterr().out
     assert "a [baseline]  STALLED" in out and "stalled: no step for" in out and "stderr.log" in out
 
-    # -- kill -9 in the middle of step 5
+    # -- kill -9 in the middle of step 5, once step 3's checkpoint (written in the background) is on disk
+    wait_for(lambda: checkpoint_steps(arm.checkpoints) == [3], "step 3's checkpoint")
     pid, _ = supervise.read_pid(arm)  # type: ignore[misc]
     os.kill(pid, signal.SIGKILL)
     wait_for(lambda: supervise.read_exit(arm) is not None, "the supervisor to record the kill")
@@ -527,6 +528,25 @@ def test_disk_full_while_checkpointing_fails_cleanly_and_keeps_the_earlier_check
     second = lives(arm)[1]
     assert Path(next(e for e in second if e.kind == ev.RESUMED)["checkpoint"]).name == "step-000003"
     assert second[-1].kind == ev.FINISHED
+
+
+@fault("Disk full while a periodic checkpoint is written in the background",
+       "The write runs on a thread while training goes on; its failure reaches the run at the next step boundary "
+       "as the same `failed` event DiskFull, the temporary folder removed and the earlier checkpoints intact.")
+@pytest.mark.slow
+def test_disk_full_in_a_periodic_checkpoint_written_in_the_background_fails_the_same_way(
+        world: SimpleNamespace, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Step 3's checkpoint is written on a thread while steps 4 and on train: its failure reaches the run at the
+    next step boundary, as the same DiskFull, with nothing half-written left."""
+    arm = make_arm(tmp_path, tag_profile(world))
+    monkeypatch.setenv(faults.ENV_VAR, "fullsave@3")
+    assert train_in_process(arm) == 1
+    evs = ev.read_events(arm / "events.jsonl").events
+    failed = evs[-1]
+    assert failed.kind == ev.FAILED and failed["error"] == "DiskFull"
+    assert "cannot write checkpoint step-000003" in failed["message"] and "gputwin resume a" in failed["hint"]
+    assert 3 <= failed["step"] <= 6 and not any(e.kind == ev.CHECKPOINT for e in evs)  # the milestone waits for it
+    assert list((arm / "checkpoints").iterdir()) == []  # the temporary folder is gone
 
 
 def _mount_tmpfs(folder: Path, size: int) -> bool:

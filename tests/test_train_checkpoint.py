@@ -92,3 +92,57 @@ def test_prune_keeps_the_newest_and_never_the_protected_one(tmp_path: Path) -> N
     removed = checkpoint.prune(tmp_path, 2, protect=tmp_path / "step-000003")
     assert sorted(p.name for p in removed) == ["step-000006"]
     assert [s for s, _ in checkpoint.list_checkpoints(tmp_path)] == [3, 9, 12]
+
+
+def test_a_snapshot_holds_the_state_it_was_taken_at_while_training_goes_on(world: World, tmp_path: Path) -> None:
+    """A periodic checkpoint is written on a thread from a copy taken at its step: whatever the run does to its
+    weights and optimizer meanwhile, the checkpoint (adapter folder included) holds that step's state."""
+    import torch
+    from safetensors.torch import load_file
+
+    from gputwin.core.paths import ArmPaths
+    from gputwin.core.schedule import make_plan
+    from gputwin.train.loop import read_profile
+    from gputwin.train.setup import build_run
+
+    arm = ArmPaths(make_arm(tmp_path, world.profile("generate")))
+    run = build_run(arm, read_profile(arm))
+    params = [p for p in run.model.parameters() if p.requires_grad]
+    with torch.no_grad():
+        for p in params:
+            p.add_(torch.randn_like(p))
+    loss = sum((p.float() ** 2).sum() for p in params)
+    loss.backward()
+    run.optimizer.step()  # optimizer state exists
+    at_snapshot = {name: p.detach().clone() for name, p in run.model.named_parameters() if p.requires_grad}
+    state = checkpoint.TrainState(step=7, epoch=1, index=2, plan=make_plan(1e-3, 0, "linear", run.total_steps))
+    snapshot = checkpoint.take_snapshot(state, run.model, run.optimizer, run.adapter_meta)
+    optimizer_then = {k: v.clone() for k, v in run.optimizer.state[params[0]].items()}
+    with torch.no_grad():  # training goes on before the write
+        for p in params:
+            p.mul_(-3.0)
+    run.optimizer.step()
+    state.step = 8
+    written = checkpoint.BackgroundWrite(lambda: checkpoint.write_snapshot(tmp_path / "ckpt", snapshot, run.fingerprint),
+                                         "test-write").result()
+    assert written.name == "step-000007" and checkpoint.read_manifest(written)["state"]["step"] == 7
+    saved = torch.load(written / checkpoint.STATE_FILE, weights_only=True)
+    assert saved["trainable"].keys() == at_snapshot.keys()
+    assert all(torch.equal(saved["trainable"][k], at_snapshot[k]) for k in at_snapshot)
+    first = saved["optimizer"]["state"][0]
+    assert all(torch.equal(first[k], optimizer_then[k].cpu()) for k in optimizer_then)
+    adapter = load_file(str(written / checkpoint.ADAPTER_DIR / "adapter_model.safetensors"))
+    lora_a = next(k for k in at_snapshot if "lora_A" in k)
+    stored = next(v for k, v in adapter.items() if lora_a.replace(".default", "").endswith(k.split("base_model.")[-1]))
+    assert torch.equal(stored, at_snapshot[lora_a])
+
+
+def test_a_background_write_that_fails_raises_its_error_when_asked() -> None:
+    def full() -> Path:
+        raise checkpoint.CheckpointWriteError(28, "No space left on device")
+
+    write = checkpoint.BackgroundWrite(full, "test-full")
+    with pytest.raises(checkpoint.CheckpointWriteError, match="No space"):
+        write.result()
+    assert write.done()
+

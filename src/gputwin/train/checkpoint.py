@@ -9,12 +9,15 @@ next start.
 
 from __future__ import annotations
 
+import copy
 import errno
 import json
 import os
 import random
 import shutil
 import sys
+import threading
+import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -97,10 +100,6 @@ def set_rng_states(states: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(states["cuda"])
 
 
-def trainable_state(model: Any) -> dict[str, torch.Tensor]:
-    return {name: p.detach().cpu().clone() for name, p in model.named_parameters() if p.requires_grad}
-
-
 def _fsync_tree(folder: Path) -> None:
     for path in sorted(folder.rglob("*"), reverse=True):
         fd = os.open(path, os.O_RDONLY)
@@ -139,6 +138,56 @@ def _write_error(exc: BaseException, root: Path, name: str) -> CheckpointWriteEr
     return CheckpointWriteError(code or errno.EIO, f"cannot write checkpoint {name} in {root} ({free}): {text}")
 
 
+@dataclass
+class Snapshot:
+    """What a checkpoint holds, copied off the live run into host memory: written later, while training goes on.
+
+    On CUDA the copies are queued on the device behind the step just issued (into pinned host memory), so taking
+    one does not wait for the device; `ready` has passed once they have landed. The adapter is written from the
+    same copies (its model's save_pretrained with `state_dict`)."""
+
+    state: TrainState
+    trainable: dict[str, torch.Tensor]
+    optimizer: dict[str, Any]
+    rng: dict[str, Any]
+    model: Any
+    adapter_meta: dict[str, Any]
+    ready: Any = None  # torch.cuda.Event, or None where the copies are done already
+
+    def wait(self) -> None:
+        if self.ready is not None:
+            self.ready.synchronize()
+
+
+def take_snapshot(state: TrainState, model: Any, optimizer: torch.optim.Optimizer,
+                  adapter_meta: dict[str, Any]) -> Snapshot:
+    """The checkpoint of `state` as it stands now, in host memory (see Snapshot)."""
+    on_cuda = False
+
+    def copied(value: Any) -> Any:
+        nonlocal on_cuda
+        if torch.is_tensor(value):
+            value = value.detach()
+            if value.device.type != "cuda":
+                return value.clone()
+            on_cuda = True
+            host = torch.empty(value.shape, dtype=value.dtype, pin_memory=True)
+            return host.copy_(value, non_blocking=True)
+        if isinstance(value, dict):
+            return {k: copied(v) for k, v in value.items()}
+        if isinstance(value, (list, tuple)):
+            return type(value)(copied(v) for v in value)
+        return copy.deepcopy(value)
+
+    trainable = {name: copied(p) for name, p in model.named_parameters() if p.requires_grad}
+    snapshot = Snapshot(state=copy.deepcopy(state), trainable=trainable, optimizer=copied(optimizer.state_dict()),
+                        rng=rng_states(), model=model, adapter_meta=adapter_meta)
+    if on_cuda:
+        snapshot.ready = torch.cuda.Event()
+        snapshot.ready.record()
+    return snapshot
+
+
 def save_checkpoint(root: Path, state: TrainState, model: Any, optimizer: torch.optim.Optimizer,
                     adapter_meta: dict[str, Any], fingerprint: dict[str, Any],
                     half_written: Callable[[Path], None] | None = None) -> Path:
@@ -147,6 +196,14 @@ def save_checkpoint(root: Path, state: TrainState, model: Any, optimizer: torch.
     A failed write raises CheckpointWriteError after removing the temporary folder. `half_written` is
     called with that folder once the weights are in it and the manifest is not (fault injection).
     """
+    return write_snapshot(root, take_snapshot(state, model, optimizer, adapter_meta), fingerprint, half_written)
+
+
+def write_snapshot(root: Path, snapshot: Snapshot, fingerprint: dict[str, Any],
+                   half_written: Callable[[Path], None] | None = None) -> Path:
+    """save_checkpoint's writing, from a snapshot: it may run on a thread of its own (BackgroundWrite)."""
+    snapshot.wait()
+    state = snapshot.state
     root.mkdir(mode=0o700, parents=True, exist_ok=True)
     final = root / checkpoint_name(state.step)
     temp = root / f"{TEMP_PREFIX}{final.name}-{os.getpid()}"
@@ -154,8 +211,8 @@ def save_checkpoint(root: Path, state: TrainState, model: Any, optimizer: torch.
         shutil.rmtree(temp)
     temp.mkdir(mode=0o700)
     try:
-        save_adapter(model, temp / ADAPTER_DIR, adapter_meta)
-        torch.save({"trainable": trainable_state(model), "optimizer": optimizer.state_dict(), "rng": rng_states()},
+        save_adapter(snapshot.model, temp / ADAPTER_DIR, snapshot.adapter_meta, state_dict=snapshot.trainable)
+        torch.save({"trainable": snapshot.trainable, "optimizer": snapshot.optimizer, "rng": snapshot.rng},
                    temp / STATE_FILE)
         if half_written is not None:
             half_written(temp)
@@ -173,6 +230,39 @@ def save_checkpoint(root: Path, state: TrainState, model: Any, optimizer: torch.
     if aside.exists():
         shutil.rmtree(aside)
     return final
+
+
+class BackgroundWrite:
+    """One checkpoint written on a thread of its own while the run trains on (Trainer.checkpoint(background=True)).
+
+    `write` runs on the thread; done() says whether it has finished, result() waits for it and returns its
+    folder and the seconds it took, or raises what it raised. The thread is not a daemon: a process ending
+    while a write is in flight finishes it first."""
+
+    def __init__(self, write: Callable[[], Path], name: str) -> None:
+        self._path: Path | None = None
+        self._error: BaseException | None = None
+        self.seconds = 0.0
+        self._thread = threading.Thread(target=self._run, args=(write,), name=name)
+        self._thread.start()
+
+    def _run(self, write: Callable[[], Path]) -> None:
+        started = time.perf_counter()
+        try:
+            self._path = write()
+        except BaseException as exc:  # handed to the training thread by result()
+            self._error = exc
+        self.seconds = time.perf_counter() - started
+
+    def done(self) -> bool:
+        return not self._thread.is_alive()
+
+    def result(self) -> Path:
+        self._thread.join()
+        if self._error is not None:
+            raise self._error
+        assert self._path is not None
+        return self._path
 
 
 def clean_leftovers(root: Path) -> list[Path]:

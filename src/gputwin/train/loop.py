@@ -30,9 +30,9 @@ from ..core.paths import ArmPaths, make_private_dir
 from ..core.profiles import Profile, load_resolved
 from . import faults
 from .batching import EpochBatches, batch_tokens
-from .checkpoint import (DISK_FULL_ERRNOS, CheckpointWriteError, TrainState, checkpoint_name, clean_leftovers,
-                         latest_loadable, list_checkpoints, load_checkpoint, prune, rng_states, save_checkpoint,
-                         set_rng_states)
+from .checkpoint import (DISK_FULL_ERRNOS, BackgroundWrite, CheckpointWriteError, TrainState, checkpoint_name,
+                         clean_leftovers, latest_loadable, list_checkpoints, load_checkpoint, prune, rng_states,
+                         save_checkpoint, set_rng_states, take_snapshot, write_snapshot)
 from .engine import NonFiniteLoss, Outcome, StepOutput
 from . import origin, probe
 from ..core.schedule import decay_done, extension_preview, lr_at, make_plan, wsd_rewind_step
@@ -105,6 +105,7 @@ class Trainer:
         self.batches = EpochBatches(len(run.examples), t.batch_size, t.seed)  # the data order, from the seed
         self.saved: dict[str, Any] | None = None  # state of the last checkpoint written or loaded
         self.saved_path: Path | None = None
+        self.saving: tuple[BackgroundWrite, dict[str, Any]] | None = None  # a periodic checkpoint being written
         self.stop_request: control.Request | None = None
         self.issued: Issued | None = None  # a step given to the engine whose event is not written yet
         self.reported_step = 0  # the last step whose event is in the log
@@ -164,6 +165,8 @@ class Trainer:
 
     def between_steps(self) -> int | None:
         """Requests and signals; the exit code once the arm has ended (stopped or done), else None."""
+        if self.saving is not None and self.saving[0].done():
+            self.finish_saving()
         self.poll_control()
         if self.stop_request is not None or self.stop.received:
             return self.finish_stopped()
@@ -205,7 +208,7 @@ class Trainer:
         if self.at_milestone():
             self.milestone()
         elif step % run.profile.train.checkpoint_every == 0:
-            self.checkpoint()
+            self.checkpoint(background=True)
         if state.plan.scheduler == "wsd" and step == state.plan.decay_start < state.plan.total_steps:
             self.keep_decay_start()
 
@@ -242,6 +245,7 @@ class Trainer:
     def milestone(self) -> None:
         """Checkpoint first (a failing validation loses no training), then validate the live model."""
         self.settle()
+        self.finish_saving()  # a periodic checkpoint's event before the milestone's
         self.writer.emit(events.MILESTONE, step=self.state.step)
         self.checkpoint()
         position = self.position()
@@ -364,6 +368,7 @@ class Trainer:
         if rewind is None or not kept:
             return None
         self.settle()
+        self.finish_saving()  # a write in flight lands before the abandoned branch's checkpoints go
         run = self.run
         loaded = load_checkpoint(kept[-1], run.model, run.optimizer, run.fingerprint, run.device)
         for step, path in list_checkpoints(run.checkpoint_root):
@@ -374,23 +379,48 @@ class Trainer:
         self.saved, self.saved_path, self.reported_step = None, None, loaded.step
         return rewind
 
-    def checkpoint(self) -> Path:
-        """Write a checkpoint unless the last one already holds exactly this state."""
+    def checkpoint(self, *, background: bool = False) -> Path | None:
+        """Write a checkpoint unless the last one already holds exactly this state, and return its folder.
+
+        background: copy the state off now and write it on a thread while training goes on (the periodic
+        checkpoints: a write took 0.13-0.58 s on an H100 machine, bench/RESULTS.md); its event comes once it is
+        on disk (finish_saving), and None is returned. Every other checkpoint is written before this returns,
+        after any write in flight."""
         self.settle()
+        self.finish_saving()
         state = self.state.to_dict()
         if self.saved == state and self.saved_path is not None and self.saved_path.exists():
             return self.saved_path
-        started = time.perf_counter()
         run = self.run
         step = self.state.step
-        path = save_checkpoint(run.checkpoint_root, self.state, run.model, run.optimizer, run.adapter_meta,
-                               run.fingerprint,
-                               half_written=lambda folder: faults.inside_checkpoint(self.fault, step, str(folder)))
-        prune(run.checkpoint_root, run.profile.train.keep_checkpoints, protect=path)
-        self.saved, self.saved_path = state, path
-        self.writer.emit(events.CHECKPOINT, step=self.state.step, path=str(path),
-                         seconds=round(time.perf_counter() - started, 3))
+        snapshot = take_snapshot(self.state, run.model, run.optimizer, run.adapter_meta)
+
+        def write() -> Path:
+            path = write_snapshot(run.checkpoint_root, snapshot, run.fingerprint,
+                                  half_written=lambda folder: faults.inside_checkpoint(self.fault, step, str(folder)))
+            prune(run.checkpoint_root, run.profile.train.keep_checkpoints, protect=path)
+            return path
+
+        if background:
+            self.saving = (BackgroundWrite(write, f"gputwin-checkpoint-{step}"), state)
+            return None
+        started = time.perf_counter()
+        path = write()
+        self.saved_checkpoint(state, path, time.perf_counter() - started)
         return path
+
+    def finish_saving(self) -> None:
+        """Wait for the checkpoint being written in the background, if any, and write its event; a write that
+        failed raises here (CheckpointWriteError), as it would have in checkpoint()."""
+        if self.saving is None:
+            return
+        (write, state), self.saving = self.saving, None
+        self.saved_checkpoint(state, write.result(), write.seconds, background=True)
+
+    def saved_checkpoint(self, state: dict[str, Any], path: Path, seconds: float, background: bool = False) -> None:
+        self.saved, self.saved_path = state, path
+        self.writer.emit(events.CHECKPOINT, step=state["step"], path=str(path), seconds=round(seconds, 3),
+                         **({"background": True} if background else {}))
 
     def save_adapter(self) -> Path:
         folder = make_private_dir(self.run.arm.root / "adapters") / checkpoint_name(self.state.step)
@@ -502,6 +532,8 @@ def report_failure(writer: EventWriter, trainer: Trainer | None, arm: ArmPaths, 
     if trainer is not None:
         with contextlib.suppress(Exception):  # a step that finished before the failure keeps its event
             trainer.settle()
+        with contextlib.suppress(Exception):  # and a checkpoint being written lands, with its event
+            trainer.finish_saving()
         step = trainer.reported_step
     unlogged = ""
     try:

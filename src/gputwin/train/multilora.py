@@ -236,8 +236,9 @@ class ArmView:
 
     def __init__(self, shared: SharedModel, adapter: str) -> None:
         self.shared, self.adapter = shared, adapter
-        self._named = [(name.replace(f".{adapter}.", f".{DEFAULT}."), p)
-                       for name, p in shared.model.named_parameters() if shared.owner(name) in (None, adapter)]
+        mine = [(name, p) for name, p in shared.model.named_parameters() if shared.owner(name) in (None, adapter)]
+        self._named = [(name.replace(f".{adapter}.", f".{DEFAULT}."), p) for name, p in mine]
+        self._shared_names = {view: name for (view, _), (name, _) in zip(self._named, mine)}  # view name -> shared
 
     def named_parameters(self) -> Iterator[tuple[str, torch.nn.Parameter]]:
         return iter(self._named)
@@ -262,14 +263,18 @@ class ArmView:
             elif p.grad is not None:
                 p.grad.zero_()
 
-    def save_pretrained(self, folder: str | Path) -> None:
-        """The adapter as peft saves a model's only adapter: adapter_model.safetensors + adapter_config.json."""
+    def save_pretrained(self, folder: str | Path, state_dict: dict[str, torch.Tensor] | None = None) -> None:
+        """The adapter as peft saves a model's only adapter: adapter_model.safetensors + adapter_config.json.
+        state_dict: this arm's weights under this view's names (a copy taken earlier), else the live ones."""
         from peft.utils import get_peft_model_state_dict
         from safetensors.torch import save_file
 
         model, folder = self.shared.model, Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
-        state = get_peft_model_state_dict(model, adapter_name=self.adapter)  # keys without the adapter's name
+        if state_dict is not None:  # back under the shared model's names, which peft looks the adapter up by
+            state_dict = {self._shared_names[name]: tensor for name, tensor in state_dict.items()}
+        state = get_peft_model_state_dict(model, state_dict=state_dict,
+                                          adapter_name=self.adapter)  # keys without the adapter's name
         save_file({k: v.detach().cpu().contiguous() for k, v in state.items()},
                   str(folder / "adapter_model.safetensors"), metadata={"format": "pt"})
         config = copy.deepcopy(model.peft_config[self.adapter])

@@ -172,11 +172,14 @@ def count_params(model: Any) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def save_adapter(model: Any, folder: str | Path, meta: dict[str, Any]) -> Path:
-    """peft's save_pretrained output plus gputwin.json (task, base, label_names, max_length, trust_remote_code)."""
+def save_adapter(model: Any, folder: str | Path, meta: dict[str, Any],
+                 state_dict: dict[str, Any] | None = None) -> Path:
+    """peft's save_pretrained output plus gputwin.json (task, base, label_names, max_length, trust_remote_code).
+    state_dict: the trainable weights to write, by the names model.named_parameters() gives them (a copy taken
+    earlier: train/checkpoint.py's Snapshot); None: the model's own, now."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(str(folder))
+    model.save_pretrained(str(folder), **({"state_dict": state_dict} if state_dict is not None else {}))
     keys = ("task", "base", "label_names", "max_length", "trust_remote_code")
     record = {key: meta.get(key) for key in keys} | {k: v for k, v in meta.items() if k not in keys}
     (folder / META_FILE).write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
