@@ -128,13 +128,13 @@ def test_a_snapshot_holds_the_state_it_was_taken_at_while_training_goes_on(world
     assert written.name == "step-000007" and checkpoint.read_manifest(written)["state"]["step"] == 7
     saved = torch.load(written / checkpoint.STATE_FILE, weights_only=True)
     assert saved["trainable"].keys() == at_snapshot.keys()
-    assert all(torch.equal(saved["trainable"][k], at_snapshot[k]) for k in at_snapshot)
+    assert all(torch.equal(saved["trainable"][k], at_snapshot[k].cpu()) for k in at_snapshot)
     first = saved["optimizer"]["state"][0]
     assert all(torch.equal(first[k], optimizer_then[k].cpu()) for k in optimizer_then)
     adapter = load_file(str(written / checkpoint.ADAPTER_DIR / "adapter_model.safetensors"))
     lora_a = next(k for k in at_snapshot if "lora_A" in k)
     stored = next(v for k, v in adapter.items() if lora_a.replace(".default", "").endswith(k.split("base_model.")[-1]))
-    assert torch.equal(stored, at_snapshot[lora_a])
+    assert torch.equal(stored, at_snapshot[lora_a].cpu())
 
 
 def test_a_background_write_that_fails_raises_its_error_when_asked() -> None:
