@@ -166,11 +166,12 @@ def random_model(model_dir: Path, *, tiny: bool, work: Path | None = None) -> No
 
 def run(wait_limit: float, tiny: bool = False, tag: str = "both", only: str | None = None,
         profile_to: str | None = None, milestone: int | None = None, sample_size: int | None = None,
-        cotrain: str | None = None, warm: bool = False, compile: str | None = None) -> dict:
+        cotrain: str | None = None, warm: bool = False, compile: str | None = None, src: Path | None = None) -> dict:
     """Launch the seed experiment (or one arm of it, `only`) and time it to the verdict (to its validation).
 
     milestone and sample_size replace the seed's 879 and 500 (the smoke run's small sizes); cotrain sets the
-    experiment's [placement] cotrain (on: both arms in one process, gputwin.train.cotrain)."""
+    experiment's [placement] cotrain (on: both arms in one process, gputwin.train.cotrain); src: the gputwin
+    sources the experiment runs (default: this checkout's; another commit's, to compare two in one session)."""
     from gputwin.core.profiles import load_experiment
 
     t0 = time.time()
@@ -199,7 +200,7 @@ def run(wait_limit: float, tiny: bool = False, tag: str = "both", only: str | No
     (folder / "seed.toml").write_text(Path(exp.source).read_text() + placement)
     logs = WORK / f"logs-{tag}" if tiny else Path(f"/tmp/gputwin-logs-{tag}")
     arms = [only] if only else ["conservative", "aggressive"]
-    path = os.pathsep.join(p for p in (str(REPO / "src"), os.environ.get("PYTHONPATH", "")) if p)
+    path = os.pathsep.join(p for p in (str(src or REPO / "src"), os.environ.get("PYTHONPATH", "")) if p)
     env = dict(os.environ, GPUTWIN_LOGS=str(logs), PYTHONPATH=path, PYTHONUNBUFFERED="1",
                GPUTWIN_WARM="20" if warm else "off")
     if warm:
@@ -335,6 +336,8 @@ def main() -> int:
     parser.add_argument("--warm", action="store_true",
                         help="start a warm server first (gputwin.control.warmstart): the trainers start as its forks")
     parser.add_argument("--compile", choices=["on", "off", "auto"], help="the arms' train.compile")
+    parser.add_argument("--src", type=Path, help="the gputwin sources the experiment runs (default: this checkout's src; "
+                        "`git archive REV src | tar -x -C DIR` gives another commit's, DIR/src)")
     parser.add_argument("--cotrain", choices=["on", "off", "auto"],
                         help="the experiment's [placement] cotrain (on: both arms co-trained in one process)")
     args = parser.parse_args()
@@ -345,7 +348,7 @@ def main() -> int:
         return smoke(args.cotrain, args.warm)
     else:
         run(args.wait, args.tiny, args.tag, args.only, args.cprofile, cotrain=args.cotrain, warm=args.warm,
-            compile=args.compile)
+            compile=args.compile, src=args.src.resolve() if args.src else None)
     return 0
 
 
