@@ -236,7 +236,7 @@ class BackgroundWrite:
     """One checkpoint written on a thread of its own while the run trains on (Trainer.checkpoint(background=True)).
 
     `write` runs on the thread; done() says whether it has finished, result() waits for it and returns its
-    folder and the seconds it took, or raises what it raised. The thread is not a daemon: a process ending
+    folder (`seconds`: how long it took), or raises what it raised. The thread is not a daemon: a process ending
     while a write is in flight finishes it first."""
 
     def __init__(self, write: Callable[[], Path], name: str) -> None:

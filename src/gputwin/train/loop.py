@@ -393,6 +393,7 @@ class Trainer:
             return self.saved_path
         run = self.run
         step = self.state.step
+        started = time.perf_counter()
         snapshot = take_snapshot(self.state, run.model, run.optimizer, run.adapter_meta)
 
         def write() -> Path:
@@ -404,7 +405,6 @@ class Trainer:
         if background:
             self.saving = (BackgroundWrite(write, f"gputwin-checkpoint-{step}"), state)
             return None
-        started = time.perf_counter()
         path = write()
         self.saved_checkpoint(state, path, time.perf_counter() - started)
         return path
