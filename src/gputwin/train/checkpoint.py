@@ -141,10 +141,7 @@ def _write_error(exc: BaseException, root: Path, name: str) -> CheckpointWriteEr
 @dataclass
 class Snapshot:
     """What a checkpoint holds, copied off the live run into host memory: written later, while training goes on.
-
-    On CUDA the copies are queued on the device behind the step just issued (into pinned host memory), so taking
-    one does not wait for the device; `ready` has passed once they have landed. The adapter is written from the
-    same copies (its model's save_pretrained with `state_dict`)."""
+    The adapter is written from the same copies (its model's save_pretrained with `state_dict`)."""
 
     state: TrainState
     trainable: dict[str, torch.Tensor]
@@ -152,27 +149,16 @@ class Snapshot:
     rng: dict[str, Any]
     model: Any
     adapter_meta: dict[str, Any]
-    ready: Any = None  # torch.cuda.Event, or None where the copies are done already
-
-    def wait(self) -> None:
-        if self.ready is not None:
-            self.ready.synchronize()
 
 
 def take_snapshot(state: TrainState, model: Any, optimizer: torch.optim.Optimizer,
                   adapter_meta: dict[str, Any]) -> Snapshot:
-    """The checkpoint of `state` as it stands now, in host memory (see Snapshot)."""
-    on_cuda = False
+    """The checkpoint of `state` as it stands now, in host memory (the copies wait for the device's queued work:
+    the caller has read the step's loss already)."""
 
     def copied(value: Any) -> Any:
-        nonlocal on_cuda
         if torch.is_tensor(value):
-            value = value.detach()
-            if value.device.type != "cuda":
-                return value.clone()
-            on_cuda = True
-            host = torch.empty(value.shape, dtype=value.dtype, pin_memory=True)
-            return host.copy_(value, non_blocking=True)
+            return value.detach().to("cpu", copy=True)
         if isinstance(value, dict):
             return {k: copied(v) for k, v in value.items()}
         if isinstance(value, (list, tuple)):
@@ -180,12 +166,8 @@ def take_snapshot(state: TrainState, model: Any, optimizer: torch.optim.Optimize
         return copy.deepcopy(value)
 
     trainable = {name: copied(p) for name, p in model.named_parameters() if p.requires_grad}
-    snapshot = Snapshot(state=copy.deepcopy(state), trainable=trainable, optimizer=copied(optimizer.state_dict()),
-                        rng=rng_states(), model=model, adapter_meta=adapter_meta)
-    if on_cuda:
-        snapshot.ready = torch.cuda.Event()
-        snapshot.ready.record()
-    return snapshot
+    return Snapshot(state=copy.deepcopy(state), trainable=trainable, optimizer=copied(optimizer.state_dict()),
+                    rng=rng_states(), model=model, adapter_meta=adapter_meta)
 
 
 def save_checkpoint(root: Path, state: TrainState, model: Any, optimizer: torch.optim.Optimizer,
@@ -202,7 +184,6 @@ def save_checkpoint(root: Path, state: TrainState, model: Any, optimizer: torch.
 def write_snapshot(root: Path, snapshot: Snapshot, fingerprint: dict[str, Any],
                    half_written: Callable[[Path], None] | None = None) -> Path:
     """save_checkpoint's writing, from a snapshot: it may run on a thread of its own (BackgroundWrite)."""
-    snapshot.wait()
     state = snapshot.state
     root.mkdir(mode=0o700, parents=True, exist_ok=True)
     final = root / checkpoint_name(state.step)
