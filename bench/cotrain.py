@@ -57,7 +57,8 @@ def settings(args: argparse.Namespace) -> dict[str, Any]:
     return {"smoke": args.smoke, "steps": args.steps, "warmup": args.warmup, "samples": args.samples,
             "dropout": args.dropout, "batch": BATCH, "lora_align": multi_lora.ALIGN,
             "attention_bound": "segment" if packing.BOUND_BY_SEGMENT else "row", "rope": args.rope,
-            "shapes": "coarse buckets" if args.coarse else "planned (train/shapeplan.py)", "cross_entropy": args.ce, "mlp": args.mlp}
+            "shapes": "coarse buckets" if args.coarse else "planned (train/shapeplan.py)", "cross_entropy": args.ce, "mlp": args.mlp,
+            "norm": args.norm}
 
 
 def build_base(smoke: bool, device: torch.device) -> Any:
@@ -479,7 +480,7 @@ def passthrough(args: argparse.Namespace) -> list[str]:
     out = ["--steps", str(args.steps), "--warmup", str(args.warmup), "--samples", str(args.samples),
            "--dropout", str(args.dropout)]
     return (out + (["--smoke"] if args.smoke else []) + (["--profile"] if args.profile else [])
-            + (["--row-bound"] if args.row_bound else []) + (["--coarse"] if args.coarse else []) + ["--rope", args.rope, "--ce", args.ce, "--mlp", args.mlp])
+            + (["--row-bound"] if args.row_bound else []) + (["--coarse"] if args.coarse else []) + ["--rope", args.rope, "--ce", args.ce, "--mlp", args.mlp, "--norm", args.norm])
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -499,6 +500,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                         help="attention's segment bound from the row's length (packing.BOUND_BY_SEGMENT off), as before")
     parser.add_argument("--mlp", choices=["fused", "hf"], default="fused",
                         help="the MLP: kernels/fused_mlp.py's where checked, or the model's own forward")
+    parser.add_argument("--norm", choices=["triton", "torch"], default="triton",
+                        help="frozen RMSNorms: kernels/fused_norm.py's Triton kernels where checked, or torch's rms_norm")
     parser.add_argument("--ce", choices=["triton", "torch"], default="triton",
                         help="cross-entropy: the Triton kernels of kernels/fused_ce.py where checked, or torch's over fp32 logits")
     parser.add_argument("--coarse", action="store_true",
@@ -517,12 +520,13 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 def configure(args: argparse.Namespace) -> None:
     """The A/B switches, in this process (a worker gets them passed on)."""
-    from gputwin.kernels import fused_ce, fused_mlp, fused_rotary, multi_lora
+    from gputwin.kernels import fused_ce, fused_mlp, fused_norm, fused_rotary, multi_lora
     from gputwin.train import packing
 
     fused_rotary.TRITON = args.rope == "triton"
     fused_ce.ENABLED = args.ce == "triton"
     fused_mlp.ENABLED = args.mlp == "fused"
+    fused_norm.ENABLED = args.norm == "triton"
     if args.lora_align is not None:
         multi_lora.ALIGN = args.lora_align
     packing.BOUND_BY_SEGMENT = not args.row_bound

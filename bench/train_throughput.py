@@ -17,6 +17,7 @@ AdamW lr 1e-4 with linear decay, clip 1.0, bf16 autocast over bf16 weights, fp32
   engine+torchce, packed+graphs+torchce  the engine / the bench step with torch's cross-entropy over fp32 logits,
                          as before 2026-12-07 (not the Triton kernels of kernels/fused_ce.py)
   engine+hfmlp, packed+graphs+hfmlp  the same with the model's own MLP forward (not kernels/fused_mlp.py's)
+  engine+torchnorm                  the engine with torch's rms_norm kernel (not kernels/fused_norm.py's Triton kernels)
   engine+readlast        the engine with every loss read after the last step (as the bench-only step reads them),
                          not one step late as the trainer reads them
   engine+leancapture     the engine with lean captures: no device sync before a capture, the allocator's cache
@@ -51,7 +52,8 @@ from gputwin.train.shapeplan import need_of
 VARIANTS = ("baseline", "packed+graphs", "packed+graphs+plan", "packed+compile+graphs", "packed", "lean-padded", "engine", "packed+graphs+hfnorm",
             "packed+graphs+peftlora", "packed+graphs+hfrope", "packed+graphs+rollrope", "engine+rollrope",
             "engine+compile", "engine+eagereach", "engine+leancapture", "packed+graphs+lorapercall", "engine+coarse", "engine+readlast",
-            "engine+torchce", "packed+graphs+torchce", "engine+hfmlp", "packed+graphs+hfmlp")
+            "engine+torchce", "packed+graphs+torchce", "engine+hfmlp", "packed+graphs+hfmlp",
+            "engine+torchnorm")
 BATCH = 4
 
 
@@ -348,7 +350,7 @@ def _trace_engine(engine: Any, batches: list[list[Any]], args: argparse.Namespac
 def _switched_off(switch: str, runner: Callable[..., dict]) -> Callable[..., dict]:
     """The runner with one of gputwin.kernels' switches off for its run ("fused_rotary.TRITON": the roll path,
     not liger-kernel's Triton RoPE; "fused_mlp.ENABLED": the model's own MLP; "fused_ce.ENABLED": torch's
-    cross-entropy over fp32 logits)."""
+    cross-entropy over fp32 logits; "fused_norm.ENABLED": torch's rms_norm kernel)."""
     import importlib
 
     module_name, name = switch.split(".")
@@ -382,6 +384,7 @@ RUNNERS: dict[str, Callable[..., dict]] = {
     "engine+readlast": lambda *a: run_engine(*a, read_lag=1 << 30),
     "engine+torchce": _switched_off("fused_ce.ENABLED", run_engine),
     "engine+hfmlp": _switched_off("fused_mlp.ENABLED", run_engine),
+    "engine+torchnorm": _switched_off("fused_norm.ENABLED", run_engine),
     "packed+graphs+hfmlp": _run_fast("packed+graphs+hfmlp", compile=False, graphs=True, fused_mlp=False),
     "packed+graphs+torchce": _switched_off("fused_ce.ENABLED", _run_fast("packed+graphs+torchce", compile=False,
                                                                           graphs=True)),

@@ -1,10 +1,10 @@
 """The packed decoder the fast engine trains and the fast validator decodes with: document-causal (varlen)
-attention over samples packed in one row, torch's fused RMSNorm, and one pass of the decoder body.
+attention over samples packed in one row, fused RMSNorm, and one pass of the decoder body.
 
     varlen_backend(device)          which attention kernel runs (flash varlen, checked against masked SDPA)
     attend_packed(q, k, v, cu_seqlens, max_len)   document-causal attention of a packed row
     flash_decode(q, keys, values, used, ...)      a decode step over each row's used cache slots (and a prefix)
-    fuse_rms_norms(model)           RMSNorm modules on torch's fused kernel, where they compute the same
+    fuse_rms_norms(model)           RMSNorm modules on one fused kernel, where they compute the same
     decoder_parts(model) -> DecoderParts          run_decoder(parts, input_ids, position_ids, ...)
 
 It sits below both the trainer (gputwin.train.fast) and the validator (gputwin.validate.fastgen), which share it.
@@ -21,6 +21,7 @@ from typing import Any, Callable, Iterator, Sequence
 import torch
 import torch.nn.functional as F
 
+from . import fused_norm
 from .fastpaths import rms_norm_matches
 
 ATTENTION_NAME = "gputwin_packed"  # registered with transformers' AttentionInterface below
@@ -328,28 +329,34 @@ _register_attention()
 
 
 def _fused_rms_norm_forward(self: Any, hidden: torch.Tensor) -> torch.Tensor:
-    """An HF RMSNorm's forward (fp32 statistics, scaled by the weight) as torch's one fused kernel."""
+    """An HF RMSNorm's forward (fp32 statistics, scaled by the weight) as one fused kernel (fused_norm.rms_norm)."""
     if hidden.dtype != self.weight.dtype:
         return type(self).forward(self, hidden)
     with torch.autocast(hidden.device.type, enabled=False):  # keep the kernel in the input's dtype
-        return F.rms_norm(hidden, (hidden.shape[-1],), self.weight, self.variance_epsilon)
+        return fused_norm.rms_norm(hidden, self.weight, self.variance_epsilon)
 
 
 def fuse_rms_norms(model: Any) -> int:
-    """Give the model's RMSNorm modules torch's fused rms_norm (forward and backward), in place.
+    """Give the model's RMSNorm modules a fused rms_norm (forward and backward), in place.
 
     HF's RMSNorm is six elementwise kernels forward and about twice that backward; a Qwen3 layer has
     four of them, so at batch 4 they are a good part of a step's kernel launches. The maths is the same
     (statistics in fp32); the output is rounded once instead of twice. Only classes checked to compute
-    rms_norm (fastpaths.rms_norm_matches) are changed. Returns how many modules were changed.
+    rms_norm (fastpaths.rms_norm_matches) are changed. On a GPU, where Triton loads and its kernels match
+    torch's there (fused_norm.check, run here: before any capture), frozen norms take fused_norm's kernels.
+    Returns how many modules were changed.
     """
-    changed = 0
+    changed, widths = 0, {}
     for module in model.modules():
         weight, eps = getattr(module, "weight", None), getattr(module, "variance_epsilon", None)
         if (type(module).__name__.endswith("RMSNorm") and isinstance(weight, torch.nn.Parameter)
                 and weight.dim() == 1 and isinstance(eps, float) and rms_norm_matches(type(module))):
             module.forward = _fused_rms_norm_forward.__get__(module)
             changed += 1
+            if weight.is_cuda and not weight.requires_grad:
+                widths.setdefault((weight.device, weight.dtype), set()).add(weight.shape[0])
+    for (device, dtype), sizes in widths.items():
+        fused_norm.check(device, sorted(sizes), dtype)
     return changed
 
 

@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import fused_norm
 from .fused_lora import lora_matches_peft
 from .fused_mlp import fusable
 
@@ -68,7 +69,9 @@ def norm_status(model: Any, fused: int | None = None) -> dict[str, Any]:
     if differ:
         return status(False, f"{', '.join(differ)} computes something else than torch's rms_norm: its own forward runs")
     names = ", ".join(cls.__name__ for cls in classes)
-    return status(True, f"{names} checked against torch's rms_norm" + (f"; {fused} modules" if fused else ""))
+    kernel = fused_norm.describe(next(model.parameters()).device)
+    return status(True, f"{names} checked against torch's rms_norm" + (f"; {fused} modules" if fused else "")
+                  + (f"; {kernel}" if kernel else ""))
 
 
 # ---------------------------------------------------------------- rotary embeddings
