@@ -88,7 +88,9 @@ def test_on_the_gpu_frozen_norms_take_the_kernels_and_train_as_torch_s() -> None
     assert float((ours - reference).norm() / reference.norm()) < 2e-2
     assert float((ours_in.grad - reference_in.grad).float().norm() / reference_in.grad.float().norm()) < 3e-2
     norm = model.model.norm
-    norm.weight.requires_grad_(True)  # a trained norm weight: torch's kernel, with its gradient
     hidden = torch.randn(3, 32, device="cuda", dtype=torch.bfloat16)
+    with torch.no_grad():  # inference (validation) keeps torch's kernel
+        assert torch.equal(norm(hidden), F.rms_norm(hidden, (32,), norm.weight, norm.variance_epsilon))
+    norm.weight.requires_grad_(True)  # a trained norm weight: torch's kernel, with its gradient
     norm(hidden).float().sum().backward()
     assert norm.weight.grad is not None

@@ -3,17 +3,17 @@
 torch's fused rms_norm (what decoder.fuse_rms_norms gives the model's RMSNorm modules) runs its layer-norm
 kernels: in the co-trained seed step on an H100 they took 2.9 of 30.5 ms of kernel time for 112 norms a step
 (bench/RESULTS.md), three to four times what reading and writing their tensors takes. Qwen3 has four norms
-a layer, two over the hidden size and two over each head (q_norm, k_norm: rows of 128), and the per-head rows
-are where a kernel of one row per program does worst. Here a program takes a block of rows:
+a layer, two over the hidden size and two over each head (q_norm, k_norm: rows of 128). Here a program takes
+a block of rows (8 of 1,024, 64 of 128):
 
     forward    y = x * r * w,  r = 1 / sqrt(mean(x^2) + eps)       (fp32 inside, rounded once; r kept)
     backward   dx = r * u - x * r^3 * mean(u * x),  u = dy * w       (no weight gradient: LoRA freezes it)
 
 the same maths as torch's rms_norm. A weight that trains (requires_grad) keeps torch's kernel.
 
-Used on a CUDA device where Triton loads and the kernels match torch's rms_norm there, forward and backward
-(`triton_rms_norm(device)`, checked once a process, on both row widths of the model it is asked for, before any
-graph capture). ENABLED = False keeps torch's kernel everywhere (the benches' A/B).
+Used in training steps on a CUDA device where Triton loads and the kernels match torch's rms_norm there, forward
+and backward (`check`, once a process for each row width of the model, before any graph capture). Inference
+keeps torch's kernel. ENABLED = False keeps torch's kernel everywhere (the benches' A/B).
 """
 
 from __future__ import annotations
@@ -127,13 +127,12 @@ def _kernels() -> Any | None:
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """rms_norm over the last dim: the Triton kernels where checked for this device and row width and the weight
-    is frozen, else torch's."""
-    if (ENABLED and x.is_cuda and not weight.requires_grad and x.dtype == weight.dtype
+    """rms_norm over the last dim: the Triton kernels in a training step (gradients on) where checked for this
+    device and row width and the weight is frozen; torch's kernel otherwise. Inference (validation's prefill and
+    decode) keeps torch's: the seed's validations ran slower with the Triton kernels (bench/RESULTS.md)."""
+    if (ENABLED and torch.is_grad_enabled() and x.is_cuda and not weight.requires_grad and x.dtype == weight.dtype
             and _CHECKED.get((str(x.device), x.shape[-1]))):
-        if torch.is_grad_enabled() and x.requires_grad:
-            return RMSNormFunction.apply(x, weight, eps)
-        return _forward(x, weight, eps)[0]  # inference (validation's prefill and decode): nothing kept
+        return RMSNormFunction.apply(x, weight, eps)
     return F.rms_norm(x, (x.shape[-1],), weight, eps)
 
 
@@ -179,10 +178,7 @@ def _matches_torch(device: torch.device, width: int, dtype: torch.dtype,
             ref_in = base[..., :width].float().requires_grad_()
             ref = reference(ref_in, weight.float(), 1e-6)
             (ref * upstream).sum().backward()
-            with torch.no_grad():
-                inference = _forward(base[..., :width], weight, 1e-6)[0]
-            pairs = [(ours.detach().float(), ref.detach()), (leaf.grad[..., :width].float(), ref_in.grad),
-                     (inference.float(), ref.detach())]
+            pairs = [(ours.detach().float(), ref.detach()), (leaf.grad[..., :width].float(), ref_in.grad)]
             return all(float((a - b).norm() / b.norm().clamp_min(1e-6)) < 1e-2 for a, b in pairs)
     except Exception:  # noqa: BLE001 - a kernel that fails here is a kernel not to use
         return False
