@@ -93,7 +93,7 @@ def _kernels() -> Any | None:
     # n_rows is not specialised on: every step's row count reuses one compiled kernel (no compilation inside
     # a graph capture when a new packed shape comes)
     @triton.jit(do_not_specialize=["n_rows"])
-    def forward(x_ptr, w_ptr, out_ptr, rstd_ptr, n_rows, width, eps,
+    def rms_norm_forward(x_ptr, w_ptr, out_ptr, rstd_ptr, n_rows, width, eps,
                 BLOCK_ROWS: tl.constexpr, BLOCK_COLS: tl.constexpr):
         rows = tl.program_id(0).to(tl.int64) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
         cols = tl.arange(0, BLOCK_COLS)
@@ -107,7 +107,7 @@ def _kernels() -> Any | None:
         tl.store(rstd_ptr + rows, r, mask=row_in)
 
     @triton.jit(do_not_specialize=["n_rows"])
-    def backward(grad_ptr, x_ptr, w_ptr, rstd_ptr, grad_x_ptr, n_rows, width,
+    def rms_norm_backward(grad_ptr, x_ptr, w_ptr, rstd_ptr, grad_x_ptr, n_rows, width,
                  BLOCK_ROWS: tl.constexpr, BLOCK_COLS: tl.constexpr):
         rows = tl.program_id(0).to(tl.int64) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
         cols = tl.arange(0, BLOCK_COLS)
@@ -123,7 +123,8 @@ def _kernels() -> Any | None:
         grad_x = u * r[:, None] - x * (r * r * r * dot)[:, None]
         tl.store(grad_x_ptr + offsets, grad_x.to(grad_x_ptr.dtype.element_ty), mask=inside)
 
-    return SimpleNamespace(forward=forward, backward=backward)
+    # named for what they do: a profile lists kernels by name
+    return SimpleNamespace(forward=rms_norm_forward, backward=rms_norm_backward)
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
