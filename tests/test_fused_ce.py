@@ -3,21 +3,13 @@ carry no gradient. The kernels run on a GPU, and on a CPU under Triton's interpr
 
 from __future__ import annotations
 
-import importlib.util
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 import torch.nn.functional as F
 
+from interpreter import run_interpreted
 from gputwin.kernels import fused_ce
 from gputwin.kernels.fused_ce import IGNORE_INDEX, TritonCrossEntropy, cross_entropy_rows, gaps_to_torch
-
-HAS_TRITON = importlib.util.find_spec("triton") is not None
-TESTS = Path(__file__).resolve().parent
 
 
 def logits_and_targets(device: str, rows: int = 7, vocab: int = 2 * fused_ce.BLOCK + 77,
@@ -38,18 +30,8 @@ def test_on_the_cpu_it_is_torch_s_cross_entropy() -> None:
 
 
 def interpreted(check: str) -> None:
-    """Run `check` (a test function of this module) with the kernels under Triton's interpreter (numpy on the
-    CPU): their maths, without a GPU. In a process of its own: the interpreter must be on before Triton loads."""
-    if not HAS_TRITON:
-        pytest.skip("Triton is not installed here (it comes with torch's CUDA builds)")
-    if torch.cuda.is_available():
-        pytest.skip("on a GPU the kernels themselves are tested (the GPU test below)")
-    code = (f"import sys; sys.path[:0] = {[str(TESTS), str(TESTS.parent / 'src')]!r}\n"
-            "from gputwin.kernels import fused_ce; fused_ce.BLOCK = 64\n"  # small blocks, several to a row
-            f"import test_fused_ce; test_fused_ce.{check}(); print('checked')")
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
-                          env={**os.environ, "TRITON_INTERPRET": "1"})
-    assert done.returncode == 0 and "checked" in done.stdout, done.stdout[-2000:] + done.stderr[-3000:]
+    """Run `check` (a function of this module) with the kernels under Triton's interpreter, in small blocks."""
+    run_interpreted("test_fused_ce", check, setup="from gputwin.kernels import fused_ce; fused_ce.BLOCK = 64")
 
 
 def kernels_give_torch_s_loss_and_gradient() -> None:

@@ -3,23 +3,15 @@ twice, and the kernels' forward and backward against the module's own (a GPU, or
 
 from __future__ import annotations
 
-import importlib.util
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 from peft import LoraConfig, get_peft_model
 from torch import nn
 from transformers import Qwen3Config, Qwen3ForCausalLM
 
+from interpreter import run_interpreted
 from gputwin.kernels import fused_mlp
 from gputwin.kernels.fused_mlp import fusable, fused_forward, join_weights
-
-HAS_TRITON = importlib.util.find_spec("triton") is not None
-TESTS = Path(__file__).resolve().parent
 
 
 def tiny(targets: tuple[str, ...] = ("q_proj", "v_proj"), act: str = "silu", dtype: torch.dtype = torch.float32) -> nn.Module:
@@ -76,15 +68,7 @@ def fused_matches_own() -> None:
 
 
 def test_the_kernels_give_the_module_s_own_output_and_gradient() -> None:
-    if not HAS_TRITON:
-        pytest.skip("Triton is not installed here (it comes with torch's CUDA builds)")
-    if torch.cuda.is_available():
-        pytest.skip("on a GPU the kernels themselves are tested (the GPU test below)")
-    code = (f"import sys; sys.path[:0] = {[str(TESTS), str(TESTS.parent / 'src')]!r}\n"
-            "import test_fused_mlp; test_fused_mlp.fused_matches_own(); print('checked')")
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
-                          env={**os.environ, "TRITON_INTERPRET": "1"})
-    assert done.returncode == 0 and "checked" in done.stdout, done.stdout[-2000:] + done.stderr[-3000:]
+    run_interpreted("test_fused_mlp", "fused_matches_own")
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="the kernels run on a GPU")

@@ -3,23 +3,15 @@ rms_norm (a GPU, or Triton's interpreter on the CPU where Triton is installed)."
 
 from __future__ import annotations
 
-import importlib.util
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 import torch.nn.functional as F
 from transformers import Qwen3Config, Qwen3ForCausalLM
 
+from interpreter import run_interpreted
 from gputwin.kernels import fused_norm
 from gputwin.kernels.decoder import fuse_rms_norms
 from gputwin.kernels.fastpaths import norm_status
-
-HAS_TRITON = importlib.util.find_spec("triton") is not None
-TESTS = Path(__file__).resolve().parent
 
 
 def tiny(dtype: torch.dtype = torch.float32) -> Qwen3ForCausalLM:
@@ -60,15 +52,7 @@ def kernels_match_torch() -> None:
 
 
 def test_the_kernels_give_torch_s_output_and_gradient() -> None:
-    if not HAS_TRITON:
-        pytest.skip("Triton is not installed here (it comes with torch's CUDA builds)")
-    if torch.cuda.is_available():
-        pytest.skip("on a GPU the kernels themselves are tested (the GPU test below)")
-    code = (f"import sys; sys.path[:0] = {[str(TESTS), str(TESTS.parent / 'src')]!r}\n"
-            "import test_fused_norm; test_fused_norm.kernels_match_torch(); print('checked')")
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
-                          env={**os.environ, "TRITON_INTERPRET": "1"})
-    assert done.returncode == 0 and "checked" in done.stdout, done.stdout[-2000:] + done.stderr[-3000:]
+    run_interpreted("test_fused_norm", "kernels_match_torch")
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="the kernels run on a GPU")
