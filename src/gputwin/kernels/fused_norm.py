@@ -1,7 +1,7 @@
 """RMSNorm in one Triton kernel forward and one backward, for frozen norm weights.
 
 torch's fused rms_norm (what decoder.fuse_rms_norms gives the model's RMSNorm modules) runs its layer-norm
-kernels: in the co-trained seed step on an H100 they took 2.9 of 30.5 ms of kernel time for 112 norms a step
+kernels: in the co-trained seed step on an H100 they took 2.9 of 30.5 ms of kernel time for the step's 113 norms
 (bench/RESULTS.md), three to four times what reading and writing their tensors takes. Qwen3 has four norms
 a layer, two over the hidden size and two over each head (q_norm, k_norm: rows of 128). Here a program takes
 a block of rows (8 of 1,024, 64 of 128):
@@ -57,7 +57,7 @@ class RMSNormFunction(torch.autograd.Function):
             grad_rows = grad_rows.contiguous()
         grad_x = torch.empty_like(rows)
         block_rows, block_cols = _blocks(width)
-        grid = (triton_cdiv(rows.shape[0], block_rows),)
+        grid = (_cdiv(rows.shape[0], block_rows),)
         _kernels().backward[grid](grad_rows, rows, weight, rstd, grad_x, rows.shape[0], width,
                                   BLOCK_ROWS=block_rows, BLOCK_COLS=block_cols)
         return grad_x.view(ctx.shape), None, None
@@ -72,12 +72,12 @@ def _forward(x: torch.Tensor, weight: torch.Tensor, eps: float) -> tuple[torch.T
     out = torch.empty_like(rows)
     rstd = torch.empty(rows.shape[0], dtype=torch.float32, device=x.device)
     block_rows, block_cols = _blocks(width)
-    _kernels().forward[(triton_cdiv(rows.shape[0], block_rows),)](
+    _kernels().forward[(_cdiv(rows.shape[0], block_rows),)](
         rows, weight, out, rstd, rows.shape[0], width, eps, BLOCK_ROWS=block_rows, BLOCK_COLS=block_cols)
     return out.view(x.shape), rows, rstd
 
 
-def triton_cdiv(n: int, d: int) -> int:
+def _cdiv(n: int, d: int) -> int:
     return -(-n // d)
 
 
@@ -94,7 +94,7 @@ def _kernels() -> Any | None:
     # a graph capture when a new packed shape comes)
     @triton.jit(do_not_specialize=["n_rows"])
     def rms_norm_forward(x_ptr, w_ptr, out_ptr, rstd_ptr, n_rows, width, eps,
-                BLOCK_ROWS: tl.constexpr, BLOCK_COLS: tl.constexpr):
+                         BLOCK_ROWS: tl.constexpr, BLOCK_COLS: tl.constexpr):
         rows = tl.program_id(0).to(tl.int64) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
         cols = tl.arange(0, BLOCK_COLS)
         row_in, col_in = rows < n_rows, cols < width
@@ -108,7 +108,7 @@ def _kernels() -> Any | None:
 
     @triton.jit(do_not_specialize=["n_rows"])
     def rms_norm_backward(grad_ptr, x_ptr, w_ptr, rstd_ptr, grad_x_ptr, n_rows, width,
-                 BLOCK_ROWS: tl.constexpr, BLOCK_COLS: tl.constexpr):
+                          BLOCK_ROWS: tl.constexpr, BLOCK_COLS: tl.constexpr):
         rows = tl.program_id(0).to(tl.int64) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
         cols = tl.arange(0, BLOCK_COLS)
         row_in, col_in = rows < n_rows, cols < width
