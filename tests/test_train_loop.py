@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -345,12 +346,45 @@ def test_figures_read_a_step_late_give_the_same_log_in_the_same_order(world: Wor
     for e in evs:
         if e.kind in (events.CHECKPOINT, events.MILESTONE, events.VALIDATION, events.FINISHED):
             logged = [s["step"] for s in evs[:evs.index(e)] if s.kind == events.STEP]
-            if e.get("background"):
+            if e.get("background") and e["step"] != 4:
                 assert logged[-1] >= e["step"] and e["step"] % profile.train.checkpoint_every == 0
             else:
                 assert logged[-1] == e["step"], (e.kind, e["step"], logged[-3:])
-    assert any(e.get("background") for e in evs if e.kind == events.CHECKPOINT)
+    assert any(e.get("background") for e in evs if e.kind == events.CHECKPOINT and e["step"] != 4)
+    # the milestone's checkpoint is written while the model is validated, and says so before the validation does
+    at_milestone = [e for e in evs if e.get("step") == 4 and e.kind != events.STEP]
+    assert [e.kind for e in at_milestone][:3] == [events.MILESTONE, events.CHECKPOINT, events.VALIDATION]
+    assert at_milestone[1].get("background") is True
+    adapter = Path(at_milestone[2]["adapter"])
+    assert adapter.name == "step-000004" and (adapter / "adapter_model.safetensors").is_file()
     assert all(e["step_seconds"] > 0 for e in got)
+
+
+def test_a_validation_that_fails_lets_the_milestone_checkpoint_written_meanwhile_land(world: World,
+                                                                                      tmp_path: Path) -> None:
+    """The milestone's checkpoint is written on a thread while the model is validated: a validation that fails
+    (its test file gone) ends the run only once that checkpoint is on disk, with its event; a resume starts there
+    and validates."""
+    test = tmp_path / "test.jsonl"
+    test.write_bytes(world.test.read_bytes())
+    profile = world.profile("tag", epochs=1, milestone_step=4)
+    profile = dataclasses.replace(profile, data=dataclasses.replace(profile.data, test=str(test)))
+    arm = make_arm(tmp_path / "arms", profile)
+    held = test.rename(tmp_path / "held.jsonl")
+    assert train(arm) != 0
+    evs = log(arm)
+    assert [e.kind for e in evs if e.get("step") == 4 and e.kind != events.STEP] == \
+        [events.MILESTONE, events.CHECKPOINT, events.FAILED]
+    assert "test.jsonl" in evs[-1]["message"]
+    assert (arm / "checkpoints" / "step-000004" / "checkpoint.json").is_file()
+    assert not (arm / "validation" / "step-000004.json").exists()
+
+    held.rename(test)
+    assert train(arm) == 0
+    second = log(arm)[len(evs):]
+    assert second[1].kind == events.RESUMED and Path(second[1]["checkpoint"]).name == "step-000004"
+    validation = next(e for e in second if e.kind == events.VALIDATION)
+    assert validation["step"] == 4 and (arm / "validation" / "step-000004.json").is_file()
 
 
 def test_a_stop_request_with_a_step_in_flight_logs_it_then_stops_there(world: World, tmp_path: Path,

@@ -241,7 +241,13 @@ class BackgroundWrite:
     def result(self) -> Path:
         self._thread.join()
         if self._error is not None:
-            raise self._error
+            # handed over, not kept: a write that failed holds its open files in the error's traceback, and a
+            # reference from here would keep them (and a full disk's space) until a garbage collection
+            error, self._error = self._error, None
+            try:
+                raise error
+            finally:
+                del error  # (the traceback holds this frame: no cycle through it either)
         assert self._path is not None
         return self._path
 

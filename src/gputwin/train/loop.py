@@ -105,7 +105,7 @@ class Trainer:
         self.batches = EpochBatches(len(run.examples), t.batch_size, t.seed)  # the data order, from the seed
         self.saved: dict[str, Any] | None = None  # state of the last checkpoint written or loaded
         self.saved_path: Path | None = None
-        self.saving: tuple[BackgroundWrite, dict[str, Any]] | None = None  # a periodic checkpoint being written
+        self.saving: tuple[BackgroundWrite, dict[str, Any]] | None = None  # a checkpoint being written on a thread
         self.stop_request: control.Request | None = None
         self.issued: Issued | None = None  # a step given to the engine whose event is not written yet
         self.reported_step = 0  # the last step whose event is in the log
@@ -243,14 +243,20 @@ class Trainer:
         return self.state.step == self.run.milestone_step and not self.state.milestone_done
 
     def milestone(self) -> None:
-        """Checkpoint first (a failing validation loses no training), then validate the live model."""
+        """Checkpoint first (a failing validation loses no training), then validate the live model.
+
+        The checkpoint, and the adapter the validation names, are copied off first and written on a thread while
+        the live model is scored (0.2-0.4 s an arm off the way to the verdict on an H100); the checkpoint's event
+        still comes before the validation's, and a validation that fails lets the write land first."""
         self.settle()
         self.finish_saving()  # a periodic checkpoint's event before the milestone's
         self.writer.emit(events.MILESTONE, step=self.state.step)
-        self.checkpoint()
+        adapter = self.adapter_folder()
+        self.checkpoint(background=True, adapter=adapter)
         position = self.position()
         cooldown = probe.wanted(position["lr_fraction"], self.run.profile.milestone.cooldown_steps, self.state.step)
-        self.validate(reason="milestone", by="plan", extra={"schedule": {**position, "probe_steps": cooldown}})
+        self.validate(reason="milestone", by="plan", extra={"schedule": {**position, "probe_steps": cooldown}},
+                      adapter=adapter)
         self.state.milestone_done = True
         self.probe_due = cooldown
         if not self.defer_probes:
@@ -379,19 +385,22 @@ class Trainer:
         self.saved, self.saved_path, self.reported_step = None, None, loaded.step
         return rewind
 
-    def checkpoint(self, *, background: bool = False) -> Path | None:
+    def checkpoint(self, *, background: bool = False, adapter: Path | None = None) -> Path | None:
         """Write a checkpoint unless the last one already holds exactly this state, and return its folder.
 
-        background: copy the state off now and write it on a thread while training goes on (the periodic
-        checkpoints: a write took 0.13-0.58 s on an H100 machine, bench/RESULTS.md); its event comes once it is
-        on disk (finish_saving), and None is returned. Every other checkpoint is written before this returns,
-        after any write in flight."""
+        background: copy the state off now and write it on a thread while the run goes on (periodic checkpoints
+        while it trains, the milestone's while it validates: a write took 0.13-0.58 s on an H100 machine,
+        bench/RESULTS.md); its event comes once it is on disk (finish_saving), and None is returned. Every other
+        checkpoint is written before this returns, after any write in flight. adapter: a folder to write the
+        adapter to as well, from the same copy (the one a validation names)."""
         self.settle()
         self.finish_saving()
         state = self.state.to_dict()
-        if self.saved == state and self.saved_path is not None and self.saved_path.exists():
-            return self.saved_path
         run = self.run
+        if self.saved == state and self.saved_path is not None and self.saved_path.exists():
+            if adapter is not None:
+                save_adapter(run.model, adapter, run.adapter_meta)
+            return self.saved_path
         step = self.state.step
         started = time.perf_counter()
         snapshot = take_snapshot(self.state, run.model, run.optimizer, run.adapter_meta)
@@ -400,6 +409,8 @@ class Trainer:
             path = write_snapshot(run.checkpoint_root, snapshot, run.fingerprint,
                                   half_written=lambda folder: faults.inside_checkpoint(self.fault, step, str(folder)))
             prune(run.checkpoint_root, run.profile.train.keep_checkpoints, protect=path)
+            if adapter is not None:
+                save_adapter(snapshot.model, adapter, snapshot.adapter_meta, state_dict=snapshot.trainable)
             return path
 
         if background:
@@ -422,9 +433,12 @@ class Trainer:
         self.writer.emit(events.CHECKPOINT, step=state["step"], path=str(path), seconds=round(seconds, 3),
                          **({"background": True} if background else {}))
 
+    def adapter_folder(self) -> Path:
+        """Where this step's adapter goes (adapters/step-NNNNNN)."""
+        return make_private_dir(self.run.arm.root / "adapters") / checkpoint_name(self.state.step)
+
     def save_adapter(self) -> Path:
-        folder = make_private_dir(self.run.arm.root / "adapters") / checkpoint_name(self.state.step)
-        return save_adapter(self.run.model, folder, self.run.adapter_meta)
+        return save_adapter(self.run.model, self.adapter_folder(), self.run.adapter_meta)
 
     @contextmanager
     def scoring_model(self) -> Iterator[Any]:
@@ -432,12 +446,15 @@ class Trainer:
         with only its adapter active)."""
         yield self.run.model
 
-    def validate(self, *, reason: str, by: str, extra: dict[str, Any] | None = None) -> dict[str, Any]:
-        """Save the adapter, then score the live model on held-out samples; training resumes unchanged."""
+    def validate(self, *, reason: str, by: str, extra: dict[str, Any] | None = None,
+                 adapter: Path | None = None) -> dict[str, Any]:
+        """Save the adapter (unless `adapter`: a write in flight puts it there), then score the live model on
+        held-out samples; training resumes unchanged. A checkpoint written meanwhile lands, with its event,
+        before the validation's event."""
         from ..validate.run import validate
 
         run, step = self.run, self.state.step
-        adapter = self.save_adapter()
+        adapter = adapter if adapter is not None else self.save_adapter()
         rng = rng_states()  # validation must not shift the training run's random stream
         make_private_dir(run.arm.validation)
         out_path = run.arm.validation_file(step)
@@ -450,6 +467,11 @@ class Trainer:
                               extra=extra if extra is not None else {"schedule": self.position()})
         run.model.train()
         set_rng_states(rng)
+        try:
+            self.finish_saving()
+        except BaseException:  # a score is recorded with its event only: none for a state that was not saved
+            out_path.unlink(missing_ok=True)
+            raise
         self.writer.emit(events.VALIDATION, step=step, precision=result["precision"], recall=result["recall"],
                          f1=result["f1"], path=str(out_path), seconds=result.get("seconds"),
                          per_type=per_type_summary(result.get("per_type", {})), sample_size=result.get("n"),
