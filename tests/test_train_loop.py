@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import json
 from pathlib import Path
 
@@ -256,6 +255,30 @@ def test_the_generate_head_validates_at_the_milestone(world: World, tmp_path: Pa
     assert log(arm)[-1].kind == events.FINISHED
 
 
+def test_the_milestone_validation_finds_its_prompts_prepared_while_training_ran(world: World, tmp_path: Path,
+                                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    """Once training runs, a thread tokenises the validation's prompts; the milestone's validation and the
+    cooldown probe's find them done (encoded once, on that thread) and score as they would have."""
+    import threading
+
+    from gputwin.validate import predict
+
+    threads: list[str] = []
+    encode = predict.encode_prompts
+
+    def recorded(*args, **kwargs):
+        threads.append(threading.current_thread().name)
+        return encode(*args, **kwargs)
+
+    monkeypatch.setattr(predict, "encode_prompts", recorded)
+    arm = make_arm(tmp_path, world.profile("generate", epochs=2, milestone_step=6))
+    assert train(arm) == 0
+    validations = [e for e in log(arm) if e.kind == events.VALIDATION]
+    assert [e["step"] for e in validations] == [6, 12]
+    assert threads == ["gputwin-validation-prep"]
+    assert json.loads(Path(validations[0]["path"]).read_text())["schedule"]["probe_steps"] > 0
+
+
 @pytest.mark.parametrize("task", ["generate", "tag"])
 def test_a_fast_engine_profile_trains_to_the_end(world: World, tmp_path: Path, task: str) -> None:
     """train.engine = "fast" runs wherever the plain engine does (falling back to it where needed)."""
@@ -276,6 +299,9 @@ def test_a_validation_that_fails_loses_no_training_and_runs_again_on_resume(worl
     evs = log(arm)
     assert kinds(evs)[-3:] == [events.MILESTONE, events.CHECKPOINT, events.FAILED]
     assert "missing-test.jsonl" in evs[-1]["message"] and evs[-1]["step"] == 3
+    # the milestone's checkpoint, written on a thread while it validated, landed before the run ended
+    assert evs[-2].get("background") and (arm / "checkpoints" / "step-000003" / "checkpoint.json").is_file()
+    assert not (arm / "validation" / "step-000003.json").exists()
 
     make_arm(tmp_path, profile)  # the test file put right
     assert train(arm) == 0
@@ -358,33 +384,6 @@ def test_figures_read_a_step_late_give_the_same_log_in_the_same_order(world: Wor
     adapter = Path(at_milestone[2]["adapter"])
     assert adapter.name == "step-000004" and (adapter / "adapter_model.safetensors").is_file()
     assert all(e["step_seconds"] > 0 for e in got)
-
-
-def test_a_validation_that_fails_lets_the_milestone_checkpoint_written_meanwhile_land(world: World,
-                                                                                      tmp_path: Path) -> None:
-    """The milestone's checkpoint is written on a thread while the model is validated: a validation that fails
-    (its test file gone) ends the run only once that checkpoint is on disk, with its event; a resume starts there
-    and validates."""
-    test = tmp_path / "test.jsonl"
-    test.write_bytes(world.test.read_bytes())
-    profile = world.profile("tag", epochs=1, milestone_step=4)
-    profile = dataclasses.replace(profile, data=dataclasses.replace(profile.data, test=str(test)))
-    arm = make_arm(tmp_path / "arms", profile)
-    held = test.rename(tmp_path / "held.jsonl")
-    assert train(arm) != 0
-    evs = log(arm)
-    assert [e.kind for e in evs if e.get("step") == 4 and e.kind != events.STEP] == \
-        [events.MILESTONE, events.CHECKPOINT, events.FAILED]
-    assert "test.jsonl" in evs[-1]["message"]
-    assert (arm / "checkpoints" / "step-000004" / "checkpoint.json").is_file()
-    assert not (arm / "validation" / "step-000004.json").exists()
-
-    held.rename(test)
-    assert train(arm) == 0
-    second = log(arm)[len(evs):]
-    assert second[1].kind == events.RESUMED and Path(second[1]["checkpoint"]).name == "step-000004"
-    validation = next(e for e in second if e.kind == events.VALIDATION)
-    assert validation["step"] == 4 and (arm / "validation" / "step-000004.json").is_file()
 
 
 def test_a_stop_request_with_a_step_in_flight_logs_it_then_stops_there(world: World, tmp_path: Path,

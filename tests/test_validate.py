@@ -154,6 +154,47 @@ def test_a_second_validation_reuses_the_prompts_and_vocabulary_sweep(gen, decode
     assert calls["encode"] == 2
 
 
+def test_prepared_prompts_are_what_predict_then_uses_and_a_tokenizer_in_use_waits(gen, monkeypatch):
+    """prepare() (a trainer's thread, while it trains) tokenises the prompts and sweeps the vocabulary ahead:
+    predict() then does neither again and answers the same; while a preparation holds the tokenizer, predict()
+    waits for it instead of using the tokenizer from two threads."""
+    import threading
+
+    from gputwin.validate import predict as predict_module
+
+    model, tok, test = gen
+    tok = copy.deepcopy(tok)
+    samples = load_dataset(test).samples
+    reference = predict(model, copy.deepcopy(tok), samples, task="generate", device="cpu")[1]["outputs"]
+    calls = {"encode": 0}
+    encode = predict_module.encode_prompts
+    release = threading.Event()
+
+    def slow_encode(*args, **kwargs):
+        calls["encode"] += 1
+        release.wait(5)
+        return encode(*args, **kwargs)
+
+    monkeypatch.setattr(predict_module, "encode_prompts", slow_encode)
+    preparing = threading.Thread(target=predict_module.prepare, args=(tok, samples),
+                                 kwargs={"task": "generate", "max_length": 512})
+    preparing.start()
+    while calls["encode"] == 0:  # the preparation holds the tokenizer now
+        preparing.join(0.01)
+    answers: list = []
+    predicting = threading.Thread(target=lambda: answers.append(predict(model, tok, samples, task="generate",
+                                                                        device="cpu")))
+    predicting.start()
+    predicting.join(0.3)
+    assert predicting.is_alive() and not answers  # waiting for the preparation
+    release.set()
+    preparing.join(5)
+    predicting.join(30)
+    assert answers[0][1]["outputs"] == reference and calls["encode"] == 1
+    predict_module.prepare(tok, samples, task="tag", max_length=512)  # nothing to prepare for a tag head
+    assert calls["encode"] == 1
+
+
 def test_random_model_outputs_do_not_depend_on_batching():
     """Left padding must not leak into what a (random, unstopped) model writes."""
     from transformers import Qwen3Config, Qwen3ForCausalLM

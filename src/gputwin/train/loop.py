@@ -235,7 +235,7 @@ class Trainer:
                          tokens=issued.tokens, samples_seen=issued.samples_seen, tokens_seen=issued.tokens_seen,
                          step_seconds=round(seconds, 6), tokens_per_s=round(issued.tokens / max(seconds, 1e-9), 1))
         self.reported_step = issued.step
-        self.run.prefetch_tokenizer()  # training runs: a tokenizer left out of the start-up loads now (once)
+        self.run.prepare_validation()  # training runs: the validation's tokenizer work starts on a thread (once)
 
     # ------------------------------------------------------------------ between steps
 

@@ -2,7 +2,8 @@
 
 Kept apart from the loop so the loop reads as the training story and a faster engine can reuse the
 same setup. Training data found in the tokenised-data cache comes with the tokenizer's special ids, so such a
-run starts without its tokenizer (DeferredTokenizer: loaded on a thread once training runs, for validation).
+run starts without its tokenizer (DeferredTokenizer: loaded on a thread once training runs, for validation,
+with the validation's own tokenizer work: Run.prepare_validation).
 Otherwise the tokenizer loads first and the data is read and tokenised in a worker thread while the model
 loads: the two need nothing from each other, except the tag head, whose size comes from the data's labels,
 so a tag run waits for the data before it loads its model.
@@ -62,15 +63,35 @@ class Run:
     checkpoint_root: Path
     bad_lines: int
     startup: dict[str, float | str]  # seconds of build_run's phases and in total; data_cache: how data was got
+    preparing: threading.Thread | None = None  # prepare_validation's thread, once started
 
     def tokenizer_now(self) -> Any:
         """The tokenizer, waiting for a deferred one to finish loading (validation needs it; training never)."""
         return self.tokenizer.get() if isinstance(self.tokenizer, DeferredTokenizer) else self.tokenizer
 
-    def prefetch_tokenizer(self) -> None:
-        """Start loading a deferred tokenizer on a thread (the loop calls it once its first step is reported)."""
-        if isinstance(self.tokenizer, DeferredTokenizer):
-            self.tokenizer.start()
+    def prepare_validation(self) -> None:
+        """Once training runs (the loop calls this after each step's event; it acts once): on a daemon thread, load
+        a tokenizer left out of the start-up, then work out what the milestone's validation needs of it (its
+        prompts, gputwin.validate.predict.prepare). Anything that fails here is left for the validation itself to
+        meet and report."""
+        if self.preparing is not None:
+            return
+        profile = self.profile
+
+        def work() -> None:
+            from ..validate import predict
+            from ..validate.run import validation_samples
+
+            try:
+                tokenizer = self.tokenizer_now()
+                _, samples = validation_samples(profile.data.test, profile.milestone.sample_size,
+                                                profile.milestone.sample_seed)
+                predict.prepare(tokenizer, samples, task=profile.model.task, max_length=profile.train.max_length)
+            except Exception:  # noqa: BLE001 - the validation meets the same failure and reports it
+                pass
+
+        self.preparing = threading.Thread(target=work, name="gputwin-validation-prep", daemon=True)
+        self.preparing.start()
 
     @property
     def adapter_meta(self) -> dict[str, Any]:
@@ -142,7 +163,8 @@ def load_tokenizer(profile: Profile) -> Any:
 
 
 class DeferredTokenizer:
-    """A tokenizer that training does not need: loaded on a daemon thread after start(), or by the first get().
+    """A tokenizer that training does not need: loaded by the first get(), in the thread that calls it (the run's
+    validation preparation, once training runs: Run.prepare_validation); a get() meanwhile waits for that load.
 
     get() returns the tokenizer, or raises what loading it raised (a ModelLoadError says why, as at start-up)."""
 
@@ -150,40 +172,16 @@ class DeferredTokenizer:
         self._load = load
         self._lock = threading.Lock()
         self._future: Future[Any] | None = None
-        self.seconds: float | None = None  # how long the load took, once done
-
-    def start(self) -> None:
-        with self._lock:
-            if self._future is not None:
-                return
-            self._future = Future()
-        threading.Thread(target=self._run, name="gputwin-tokenizer", daemon=True).start()
-
-    def _run(self) -> None:
-        assert self._future is not None
-        began = time.perf_counter()
-        try:
-            value = self._load()
-        except BaseException as exc:  # handed to get(), in the thread that needs the tokenizer
-            self._future.set_exception(exc)
-        else:
-            self._future.set_result(value)
-        finally:
-            self.seconds = round(time.perf_counter() - began, 3)
 
     def get(self) -> Any:
         with self._lock:
-            inline = self._future is None
-            if inline:
-                self._future = Future()
-        if inline:
-            self._run()
-        assert self._future is not None
+            first, self._future = self._future is None, self._future or Future()
+        if first:
+            try:
+                self._future.set_result(self._load())
+            except BaseException as exc:  # handed to every get(), in the threads that need the tokenizer
+                self._future.set_exception(exc)
         return self._future.result()
-
-    @property
-    def loaded(self) -> bool:
-        return self._future is not None and self._future.done()
 
 
 def seed_everything(seed: int) -> None:

@@ -9,6 +9,7 @@ torch/transformers are imported inside the functions: importing this module cost
 
 from __future__ import annotations
 
+import threading
 import time
 import weakref
 from typing import Any, Callable, Sequence, TypeVar
@@ -53,7 +54,7 @@ def predict(model: Any, tokenizer: Any, samples: Sequence[Sample], *, task: str,
     model.eval()
     started = time.perf_counter()
     try:
-        with torch.inference_mode():
+        with _TOKENIZER_USE, torch.inference_mode():
             if task == "generate":
                 fast = decoder == "fast" and _fast_decoder_fits(model)
                 run = _predict_generate_fast if fast else _predict_generate
@@ -96,6 +97,23 @@ def _remembered(tokenizer: Any, key: Any, make: Callable[[], T]) -> T:
     if key not in known:
         known[key] = make()
     return known[key]
+
+
+# A fast tokenizer is not to be used from two threads at once: prepare() on a trainer's thread and predict()
+# take turns (a validation that meets a preparation still running waits for it, then finds its work done).
+_TOKENIZER_USE = threading.RLock()
+
+
+def prepare(tokenizer: Any, samples: Sequence[Sample], *, task: str, max_length: int) -> None:
+    """Work out now what predicting these samples needs of the tokenizer alone (the encoded prompts, the room
+    for answers, the ids that can close one), remembered for predict(): a trainer does this on a thread while it
+    trains, so that its milestone's validation starts with them ready (0.16 s of the seed's first validation
+    on an H100, more with a 151k-token vocabulary)."""
+    if task != "generate":
+        return
+    with _TOKENIZER_USE:
+        _prompts_and_room(samples, tokenizer, max_length, None)
+        _closing_token_ids(tokenizer)
 
 
 def _closing_token_ids(tokenizer: Any) -> set[int]:

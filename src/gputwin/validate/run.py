@@ -19,7 +19,7 @@ from ..core.errors import UserError
 from .load import load_for_validation, read_meta, resolve_device
 from .predict import model_device, predict
 
-__all__ = ["select_samples", "predict", "validate", "load_for_validation", "cmd_validate", "format_result"]
+__all__ = ["select_samples", "validation_samples", "predict", "validate", "load_for_validation", "cmd_validate", "format_result"]
 
 SCHEMA = 1
 
@@ -33,6 +33,11 @@ def select_samples(dataset: Any, sample_size: int, seed: int) -> tuple[list[int]
     else:
         indices = sorted(random.Random(seed).sample(range(total), sample_size))
     return indices, [dataset.samples[i] for i in indices]
+
+
+def validation_samples(test_path: str | Path, sample_size: int, seed: int) -> tuple[list[int], list[Sample]]:
+    """The seeded held-out sample of test_path that validate() scores (indices into the file, and the samples)."""
+    return select_samples(load_dataset(test_path), sample_size, seed)
 
 
 def _model_name(model: Any) -> str:
@@ -62,8 +67,7 @@ def validate(model: Any, tokenizer: Any, *, task: str, test_path: str | Path, sa
     from ..core.metrics import evaluate
 
     started = time.perf_counter()
-    dataset = load_dataset(test_path)
-    indices, samples = select_samples(dataset, sample_size, seed)
+    indices, samples = validation_samples(test_path, sample_size, seed)
     preds, info = predict(model, tokenizer, samples, task=task, label_names=label_names, device=device,
                           batch_size=batch_size, max_length=max_length, decoder=decoder)
     metrics = evaluate([list(s.entities) for s in samples], preds, texts=[s.text for s in samples],
