@@ -22,6 +22,8 @@
     ("deferred": the cached data holds what training needs of it);
   - then with warm starts on (gputwin.control.warmstart): a first launch that starts cold and leaves a warm
     server starting, and, once it serves, `hot` launches whose supervisor and trainer are its forks (imports done);
+    and a launch `after check`: `gputwin check PROFILE` first (no server before it), the launch once the server
+    that the check left serves (check_s: the check's own seconds; server_ready_s: from the check to the server);
   - the trainer's imports one by one in fresh processes (also alone: `imports`): torch, gputwin's trainer,
     transformers, its tokenizer and modeling modules, peft, the fast engine, each as what it adds to those
     before it; then again with the heavy parts that transformers pulls in (torch._dynamo, torch.distributed,
@@ -245,6 +247,33 @@ def hot_launches(profile: Path, logs: Path, env: dict[str, str], wait_s: float, 
     return out
 
 
+def checked_launch(profile: Path, logs: Path, env: dict[str, str], wait_s: float) -> dict[str, Any]:
+    """`gputwin check PROFILE`, then, once the warm server the check left serves, the launch: the first launch
+    after a quiet spell, started warm because a check came before it (no earlier launch left a server)."""
+    cache = Path(tempfile.mkdtemp(prefix="gw-"))  # short: a socket's path holds 108 bytes
+    check_env = {**env, "GPUTWIN_WARM": "10", "XDG_CACHE_HOME": str(cache)}
+    shutil.rmtree(logs / "startup-checked", ignore_errors=True)
+    try:
+        began = time.perf_counter()
+        subprocess.run([sys.executable, "-m", "gputwin.faces.cli", "check", str(profile)], env=check_env,
+                       capture_output=True, check=True, timeout=300)
+        checked = time.perf_counter() - began
+        sockets = cache / "gputwin" / "warm"
+        while not list(sockets.glob("*.sock")) and time.perf_counter() - began < 300:
+            time.sleep(0.05)
+        ready = time.perf_counter() - began
+        figures = launch(profile, logs, "startup-checked", check_env, wait_s)
+        return {"launch": "after check", "round": 0, "check_s": round(checked, 3), "server_ready_s": round(ready, 3),
+                **figures}
+    finally:
+        for lock in (cache / "gputwin" / "warm").glob("*.lock"):
+            try:
+                os.kill(int(lock.read_text()), signal.SIGTERM)
+            except (OSError, ValueError):
+                pass
+        shutil.rmtree(cache, ignore_errors=True)
+
+
 def _process_began(pid_file: Path) -> float | None:
     """Wall time at which the process in `pid_file` started (Linux: its start in clock ticks since boot,
     exact to a tick; the create time in the pid file rests on a boot time in whole seconds)."""
@@ -434,6 +463,7 @@ def run(*, train: Path, test: Path, model: Path, device: str, tag: str, rounds: 
             result["launches"].append({"launch": kind, "round": round_, **figures})
     if warm_process:
         result["launches"] += hot_launches(profile, logs, env, wait_s, rounds)
+        result["launches"].append(checked_launch(profile, logs, env, wait_s))
     result["imports"] = import_breakdown(env, times=import_times, bytecode_steps=bytecode_steps)
     results.mkdir(parents=True, exist_ok=True)
     path = results / f"startup_{tag}.json"

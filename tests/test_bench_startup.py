@@ -23,16 +23,19 @@ def test_the_startup_benchmark_times_a_cold_and_a_warm_launch_at_toy_sizes(tmp_p
     launcher = result["launcher"]
     assert launcher["heavy_imports"] == [] and len(launcher["runs_s"]) == 3 and launcher["median_s"] > 0
     assert [(r["launch"], r["data_cache"]) for r in result["launches"]] == [
-        ("cold", "written"), ("warm", "hit"), ("first (server starts)", "hit"), ("hot", "hit")]
-    # warm starts on: the first launch starts as fresh Pythons, the hot one as the warm server's forks
-    assert [r["startup_seconds"]["process"] for r in result["launches"]] == ["fresh"] * 3 + ["warm fork"]
+        ("cold", "written"), ("warm", "hit"), ("first (server starts)", "hit"), ("hot", "hit"), ("after check", "hit")]
+    # warm starts on: the first launch starts as fresh Pythons, the hot one as the warm server's forks, and so does
+    # the first launch after a `gputwin check`
+    assert [r["startup_seconds"]["process"] for r in result["launches"]] == ["fresh"] * 3 + ["warm fork"] * 2
+    checked = result["launches"][-1]
+    assert 0 < checked["check_s"] <= checked["server_ready_s"]
     for launch in result["launches"]:
         assert launch["device"] == "cpu" and launch["samples"] == 64
         assert 0 < launch["started_line_s"] and 0 < launch["started_s"] < launch["first_step_s"]
         assert {"imports", "transformers", "tokenizer", "data", "data_wait", "model", "lora", "engine", "total"} \
             <= set(launch["startup_seconds"])
     # the warm launch has the tokenizer's ids with its cached data: its tokenizer loads once training runs
-    assert [r["startup_seconds"]["tokenizer_load"] for r in result["launches"]] == ["startup"] + ["deferred"] * 3
+    assert [r["startup_seconds"]["tokenizer_load"] for r in result["launches"]] == ["startup"] + ["deferred"] * 4
     imports = result["imports"]
     for order in ("trainer_order", "parts_first"):
         seconds = imports[order]["seconds"]

@@ -123,6 +123,50 @@ def test_a_warm_started_arm_trains_to_its_end_and_its_kill_9_is_still_recorded(
 
 
 @pytest.mark.slow
+def test_gputwin_check_leaves_a_server_that_the_run_after_it_forks_from(
+        monkeypatch: pytest.MonkeyPatch, logs: Path, world: Any, capsys: pytest.CaptureFixture[str]) -> None:
+    """`gputwin check` comes before `gputwin run`: it starts the server then, so the first launch starts warm."""
+    from gputwin.faces.cli import main
+    from tiny import make_arm
+
+    cache = tempfile.mkdtemp(prefix="gw-")
+    monkeypatch.setenv("XDG_CACHE_HOME", cache)
+    monkeypatch.setenv("GPUTWIN_WARM", "3")
+    # as a shell has it: torch sets this one on itself once imported (as the check's imports do, and this
+    # process's did); the server must match the environment the check began with, as the run's is
+    monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)
+    seed = str(Path(__file__).resolve().parents[1] / "profiles" / "seed.toml")
+    env = launcher._arm_env(world.profile(), threads=1)
+    socket_path = warmstart.socket_path(env)
+    assert socket_path is not None and not socket_path.exists()
+    check = [sys.executable, "-m", "gputwin.faces.cli", "check", seed]
+    try:  # as a user runs it: its own process (whose imports add to its environment; the server must not see them)
+        done = subprocess.run(check, capture_output=True, text=True, timeout=240, env={**os.environ, "COLUMNS": "200"})
+        assert done.returncode == 0, done.stderr
+        assert "a server is doing a trainer's imports in the background" in done.stdout
+        wait_for(socket_path.exists, "the server to finish its imports and listen", limit_s=240)
+        assert main(["check", seed]) == 0
+        assert "a server for this environment is ready (or starting)" in capsys.readouterr().out
+
+        profile = world.profile(name="after-check")
+        arm = ArmPaths(Path(make_arm(logs / "x", profile)))
+        pid = launcher.spawn_arm(arm, profile, threads=1)
+        assert "gputwin.train.warm" in lineage(pid)[1]  # the first launch after the check: a warm fork
+        wait_for(lambda: supervise.read_exit(arm) is not None, "the arm to end", limit_s=240)
+        assert supervise.read_exit(arm) == 0
+        assert ev.read_events(arm.events).events[0].data["startup_seconds"]["process"] == "warm fork"
+    finally:
+        lock = Path(f"{socket_path}.lock")
+        if lock.exists() and lock.read_text().strip():
+            os.kill(int(lock.read_text()), signal.SIGTERM)
+        shutil.rmtree(cache, ignore_errors=True)
+
+    monkeypatch.setenv("GPUTWIN_WARM", "off")
+    assert main(["check", seed]) == 0
+    assert "warm starts" not in capsys.readouterr().out
+
+
+@pytest.mark.slow
 def test_a_server_stays_while_a_watched_arm_runs_and_goes_after(tmp_path: Path) -> None:
     """An extend at the end of a long run starts warm: the server's idle time counts from when its arms ended."""
     folder = Path(tempfile.mkdtemp(prefix="gw-"))

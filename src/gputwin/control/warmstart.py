@@ -141,14 +141,32 @@ def request(argv: Sequence[str], env: Mapping[str, str], *, stdout: Path, stderr
     return WarmSupervisor(pid)
 
 
-def keep_warm(env: Mapping[str, str], watch: int | None = None) -> None:
+STARTED, RUNNING = "started", "running"  # what keep_warm did: started a server, or found one serving or starting
+
+
+def keep_warm(env: Mapping[str, str], watch: int | None = None) -> str | None:
     """Start a server for this environment in the background, unless warm starts are off or one holds its lock
     (serving, or still importing); watch: a cold-started supervisor's pid, for the server to stay while it runs.
-    Nothing here may fail a launch: a cache folder that cannot be written (say) means no warm starts."""
+    Returns STARTED, RUNNING, or None where there are no warm starts here. Nothing here may fail a launch: a
+    cache folder that cannot be written (say) means no warm starts."""
     try:
-        _keep_warm(env, watch)
+        return _keep_warm(env, watch)
     except (OSError, ValueError, ImportError):
-        pass
+        return None
+
+
+def ahead(env: Mapping[str, str]) -> str:
+    """For `gputwin check`, which comes before a `gputwin run`: a server for this environment, started now where
+    none serves, so that the run forks its arms with their imports done instead of starting fresh Pythons
+    (7-9 s of imports on an H100 machine, bench/RESULTS.md). The line that says so ('' without warm starts)."""
+    done = keep_warm(env)
+    if done is None:
+        return ""
+    minutes = (idle_seconds(env) or 0) / 60
+    if done == RUNNING:
+        return "warm starts: a server for this environment is ready (or starting): `gputwin run` starts its arms warm"
+    return (f"warm starts: a server is doing a trainer's imports in the background; a `gputwin run` within "
+            f"{minutes:g} min of it being ready starts its arms warm (GPUTWIN_WARM=off to skip)")
 
 
 def _watch(path: Path, pid: int) -> None:
@@ -165,13 +183,13 @@ def _watch(path: Path, pid: int) -> None:
         os.close(fd)
 
 
-def _keep_warm(env: Mapping[str, str], watch: int | None) -> None:
+def _keep_warm(env: Mapping[str, str], watch: int | None) -> str | None:
     idle = idle_seconds(env)
     path = socket_path(env) if idle is not None else None
     if idle is None or path is None:
-        return
+        return None
     if Path(f"{path}.refused").exists():  # a server found that forked trainers cannot use CUDA here
-        return
+        return None
     path.parent.mkdir(parents=True, exist_ok=True)
     os.chmod(path.parent, 0o700)  # whoever can reach the socket can start processes as this user
     if watch is not None:
@@ -180,7 +198,7 @@ def _keep_warm(env: Mapping[str, str], watch: int | None) -> None:
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
-        return
+        return RUNNING
     finally:
         os.close(fd)  # (releases the lock if taken: the server takes it for itself)
     server_env = {k: v for k, v in env.items() if k not in PER_ARM}
@@ -189,3 +207,4 @@ def _keep_warm(env: Mapping[str, str], watch: int | None) -> None:
         _servers.append(subprocess.Popen([sys.executable, "-m", "gputwin.train.warm", str(path), "--idle", str(idle)],
                          stdin=subprocess.DEVNULL, stdout=log, stderr=log, env=server_env, cwd=os.getcwd(),
                          start_new_session=True, close_fds=True))
+    return STARTED

@@ -2,15 +2,17 @@
 milestone, LoRA parameters) and which fused paths its model takes, before anything starts.
 
 It builds each model on the meta device (gputwin.train.modelshape), so unlike the other faces it imports torch.
+A check comes before a run: it leaves a warm server starting (gputwin.control.warmstart.ahead), so that the run
+that follows starts its arms with their imports done.
 """
 
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import asdict
 from typing import Any
 
-from ..train.modelshape import fast_paths, plan_with_params
 from ..core.placement import cotrain_groups
 from ..core.profiles import differing_keys, flatten, load_any
 
@@ -52,18 +54,34 @@ def _process_cell(name: str, groups: list[list[str]]) -> str:
     return f"co-trained with {', '.join(others)}" if others else "its own"
 
 
+def _warm_ahead(environment: dict[str, str]) -> str:
+    """A warm server for the run that follows this check (gputwin.control.warmstart.ahead), and the line that says
+    so. `environment`: os.environ as the command began, as a `gputwin run` from this shell will see it (torch's
+    imports here add to os.environ, and a server must match the run's environment to serve it)."""
+    from ..control.bytecode import child_env
+    from ..control.warmstart import ahead
+
+    return ahead(child_env(environment))
+
+
 def cmd_check(args: Any) -> int:
+    environment = dict(os.environ)  # before any import below adds to it
     from rich.console import Console
     from rich.table import Table
 
     experiment = load_any(args.profiles, check_files=True)
+    json_out = getattr(args, "json", False)
+    # arms started here: their imports can be done before the run comes (the server imports beside this check)
+    warm = "" if json_out or experiment.placement.backend == "ray" else _warm_ahead(environment)
+    from ..train.modelshape import fast_paths, plan_with_params  # (torch)
+
     arms = list(experiment.arms)
     plans = [plan_with_params(a) for a in arms]
     paths = [fast_paths(a) for a in arms]
     differ = set(differing_keys(arms))
     placement = experiment.placement
     groups = cotrain_groups(arms, "off" if placement.backend == "ray" else placement.cotrain)  # (a cluster: apart)
-    if getattr(args, "json", False):
+    if json_out:
         reference = None if experiment.reference is None else asdict(experiment.reference)
         print(json.dumps({"experiment": experiment.name, "differing_keys": sorted(differ),
                           "arms": [{"profile": a.to_dict(), "from_adapter": list(a.from_adapter), "plan": asdict(p),
@@ -111,4 +129,6 @@ def cmd_check(args: Any) -> int:
         console.print(f"fast paths: checked against transformers {transformers.__version__} and peft "
                       f"{peft.__version__}; they engage on CUDA", style="dim")
     console.print("≠ marks the keys that differ between arms.", style="dim")
+    if warm:
+        console.print(warm, style="dim")
     return 0
