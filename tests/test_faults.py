@@ -27,6 +27,7 @@ from types import SimpleNamespace
 from typing import Any, Callable, Iterator
 
 import pytest
+import torch
 
 from gputwin.reading.eventlog import EventWriter
 from gputwin.faces import cli, status
@@ -547,6 +548,29 @@ def test_disk_full_in_a_periodic_checkpoint_written_in_the_background_fails_the_
     assert "cannot write checkpoint step-000003" in failed["message"] and "gputwin resume a" in failed["hint"]
     assert 3 <= failed["step"] <= 6 and not any(e.kind == ev.CHECKPOINT for e in evs)  # the milestone waits for it
     assert list((arm / "checkpoints").iterdir()) == []  # the temporary folder is gone
+
+
+@pytest.mark.slow
+def test_a_run_that_fails_while_its_checkpoint_write_fails_too_says_both(
+        world: SimpleNamespace, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Step 3's checkpoint fails on its thread (disk full) while step 4 fails for a reason of its own (out of
+    memory): the failed event names the step's failure, and says the checkpoint is not there either."""
+    arm = make_arm(tmp_path, tag_profile(world))
+    monkeypatch.setenv(faults.ENV_VAR, "fullsave@3")
+    after_step = faults.after_step
+
+    def out_of_memory_at_4(fault: Any, step: int) -> None:
+        after_step(fault, step)
+        if step == 4:
+            raise torch.OutOfMemoryError("CUDA out of memory (injected at step 4)")
+
+    monkeypatch.setattr(faults, "after_step", out_of_memory_at_4)
+    assert train_in_process(arm) == 1
+    failed = ev.read_events(arm / "events.jsonl").events[-1]
+    assert failed.kind == ev.FAILED and failed["error"] == "OutOfMemory"
+    assert "injected at step 4" in failed["message"]
+    assert "the checkpoint being written then failed too" in failed["message"] and "step-000003" in failed["message"]
+    assert list((arm / "checkpoints").iterdir()) == []
 
 
 def _mount_tmpfs(folder: Path, size: int) -> bool:

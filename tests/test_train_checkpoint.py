@@ -48,6 +48,26 @@ def test_a_damaged_newest_checkpoint_is_skipped_for_the_one_before(finished_arm:
     assert "skipping damaged checkpoint" in err and "step-000012" in err
 
 
+def test_a_checkpoint_that_fails_half_way_through_loading_leaves_the_run_as_it_was(
+        finished_arm: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Its weights fit and load, its optimizer state does not: it is skipped, and the run that then starts afresh
+    starts from the base weights, not from the skipped checkpoint's (its first loss is the first run's)."""
+    import torch
+
+    arm = copy_arm(finished_arm, tmp_path)
+    shutil.rmtree(arm / "checkpoints" / "step-000009")
+    state_file = arm / "checkpoints" / "step-000012" / checkpoint.STATE_FILE
+    saved = torch.load(state_file, weights_only=True)
+    saved["optimizer"]["param_groups"][0]["params"] = saved["optimizer"]["param_groups"][0]["params"][:1]
+    torch.save(saved, state_file)
+    first_loss = next(e["loss"] for e in events.read_events(arm / "events.jsonl").events if e.kind == events.STEP)
+    assert train(arm) == 0
+    evs = last_events(arm)
+    assert not any(e.kind == events.RESUMED for e in evs)
+    assert next(e["loss"] for e in evs if e.kind == events.STEP) == first_loss
+    assert "skipping damaged checkpoint" in capsys.readouterr().err
+
+
 def test_half_written_folders_are_cleaned_and_never_resumed(finished_arm: Path, tmp_path: Path) -> None:
     arm = copy_arm(finished_arm, tmp_path)
     root = arm / "checkpoints"

@@ -385,3 +385,13 @@ def test_fast_and_plain_decoders_write_the_same_answers(gen, model_kind):
     assert fast["decoder"] == "fast" and plain["decoder"] == "plain"
     assert fast["outputs"] == plain["outputs"]
     assert any(fast["outputs"])
+
+
+def test_a_result_file_that_cannot_be_written_leaves_nothing_half_written(tmp_path):
+    from gputwin.validate.run import write_json_atomic
+
+    out = tmp_path / "validation" / "step-000010.json"
+    write_json_atomic(out, {"f1": 0.5})
+    with pytest.raises(TypeError):
+        write_json_atomic(out, {"f1": 0.9, "oops": object()})  # fails half way through the dump
+    assert json.loads(out.read_text()) == {"f1": 0.5} and [p.name for p in out.parent.iterdir()] == [out.name]

@@ -298,25 +298,37 @@ def read_manifest(folder: Path) -> dict[str, Any]:
 
 def load_checkpoint(folder: Path, model: Any, optimizer: torch.optim.Optimizer, fingerprint: dict[str, Any],
                     device: torch.device) -> TrainState:
-    """Restore weights, optimizer and RNG from `folder`; the returned state says where to continue."""
+    """Restore weights, optimizer and RNG from `folder`; the returned state says where to continue. A checkpoint
+    that fails to load leaves them as they were (the next older one may then load into a clean run)."""
     manifest = read_manifest(folder)
     if manifest.get("fingerprint") != fingerprint:
         changed = sorted(k for k in fingerprint if manifest.get("fingerprint", {}).get(k) != fingerprint[k])
         raise CheckpointMismatch(
             f"{folder}: checkpoint was written for a different setup (differs in {', '.join(changed) or 'format'})",
             f"resume with the profile it was written with, or move {folder.parent} away to start afresh")
+    state = TrainState.from_dict(manifest["state"])
     saved = torch.load(folder / STATE_FILE, map_location="cpu", weights_only=True)
     params = dict(model.named_parameters())
     wrong = [name for name, t in saved["trainable"].items() if name not in params or params[name].shape != t.shape]
     if wrong:
         raise CheckpointMismatch(f"{folder}: checkpoint weight {wrong[0]} does not fit this model",
                                  f"move {folder.parent} away to start afresh")
-    with torch.no_grad():
-        for name, tensor in saved["trainable"].items():
-            params[name].copy_(tensor.to(device))
-    optimizer.load_state_dict(saved["optimizer"])
-    set_rng_states(saved["rng"])
-    return TrainState.from_dict(manifest["state"])
+    before = ({name: params[name].detach().clone() for name in saved["trainable"]},
+              copy.deepcopy(optimizer.state_dict()), rng_states())
+    try:
+        with torch.no_grad():
+            for name, tensor in saved["trainable"].items():
+                params[name].copy_(tensor.to(device))
+        optimizer.load_state_dict(saved["optimizer"])
+        set_rng_states(saved["rng"])
+    except BaseException:
+        with torch.no_grad():
+            for name, tensor in before[0].items():
+                params[name].copy_(tensor)
+        optimizer.load_state_dict(before[1])
+        set_rng_states(before[2])
+        raise
+    return state
 
 
 def latest_loadable(root: Path, model: Any, optimizer: torch.optim.Optimizer, fingerprint: dict[str, Any],

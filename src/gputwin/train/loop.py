@@ -554,8 +554,10 @@ def report_failure(writer: EventWriter, trainer: Trainer | None, arm: ArmPaths, 
     if trainer is not None:
         with contextlib.suppress(Exception):  # a step that finished before the failure keeps its event
             trainer.settle()
-        with contextlib.suppress(Exception):  # and a checkpoint being written lands, with its event
+        try:  # and a checkpoint being written lands, with its event
             trainer.finish_saving()
+        except Exception as exc:  # noqa: BLE001 - it failed too: say so, the resume starts before it
+            message += f" (and the checkpoint being written then failed too: {exc})"
         step = trainer.reported_step
     unlogged = ""
     try:

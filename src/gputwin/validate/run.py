@@ -50,12 +50,16 @@ def write_json_atomic(path: Path, data: dict[str, Any]) -> None:
     """Readers (UI, report) never see half a file: write beside it, fsync, rename."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "w", encoding="utf-8") as fh:
-        json.dump(data, fh, ensure_ascii=False, indent=2)
-        fh.write("\n")
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "w", encoding="utf-8") as fh:
+            json.dump(data, fh, ensure_ascii=False, indent=2)
+            fh.write("\n")
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:  # (a full disk): no half-written file left to hold its space
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def validate(model: Any, tokenizer: Any, *, task: str, test_path: str | Path, sample_size: int, seed: int,
