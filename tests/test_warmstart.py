@@ -39,6 +39,56 @@ def test_a_server_serves_only_launches_whose_imports_come_out_the_same() -> None
     assert warmstart.key({**env, "PYTHONPATH": "src"}) == warmstart.key({**env, "PYTHONPATH": os.path.abspath("src")})
 
 
+def test_a_server_serves_only_launches_whose_forks_would_come_out_the_same() -> None:
+    """A fork inherits the server's umask, CPUs, limits and batch job: a launch that differs gets its own server."""
+    env = {"HOME": "/home/u"}
+    same = warmstart.key(env)
+    assert warmstart.key({**env, "SLURM_JOB_ID": "17"}) != same  # another job's cgroup: never shared
+    old = os.umask(0o077)
+    try:
+        assert warmstart.key(env) != same
+    finally:
+        os.umask(old)
+    cpus = os.sched_getaffinity(0)
+    if len(cpus) > 1:
+        os.sched_setaffinity(0, {min(cpus)})
+        try:
+            assert warmstart.key(env) != same
+        finally:
+            os.sched_setaffinity(0, cpus)
+    assert warmstart.key(env) == same
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(shutil.which("setpriv") is None, reason="needs util-linux's setpriv")
+def test_a_server_that_may_not_leave_idle_scheduling_still_serves(tmp_path: Path) -> None:
+    """Most users, and root in most containers, may go idle but not come back (no CAP_SYS_NICE, RLIMIT_NICE 0).
+    Such a server imports at the usual priority: it once went idle, failed to come back and died after its
+    imports, so warm starts never happened there."""
+    folder = Path(tempfile.mkdtemp(prefix="gw-"))
+    folder.chmod(0o700)
+    socket_path = folder / "k.sock"
+    src = str(Path(__file__).resolve().parents[1] / "src")
+    server = subprocess.Popen(["setpriv", "--inh-caps=-sys_nice", "--bounding-set=-sys_nice", sys.executable, "-m",
+                               "gputwin.train.warm", str(socket_path), "--idle", "30"],
+                              env={**os.environ, "PYTHONPATH": src}, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                              preexec_fn=lambda: __import__("resource").setrlimit(__import__("resource").RLIMIT_NICE,
+                                                                                  (0, 0)))
+    try:
+        wait_for(lambda: socket_path.exists() or server.poll() is not None, "the server to listen", limit_s=240)
+        assert server.poll() is None and socket_path.exists(), server.stderr.read().decode()[-2000:]  # type: ignore
+        probe = subprocess.run(["setpriv", "--inh-caps=-sys_nice", "--bounding-set=-sys_nice", sys.executable, "-c",
+                                "from gputwin.train.warm import _may_leave_idle; print(_may_leave_idle())"],
+                               env={**os.environ, "PYTHONPATH": src}, capture_output=True, text=True, timeout=60,
+                               preexec_fn=lambda: __import__("resource").setrlimit(
+                                   __import__("resource").RLIMIT_NICE, (0, 0)))
+        assert probe.stdout.strip() == "False", probe.stderr
+    finally:
+        server.kill()
+        server.wait()
+        shutil.rmtree(folder, ignore_errors=True)
+
+
 def test_no_server_means_a_cold_start(tmp_path: Path) -> None:
     cache = tempfile.mkdtemp(prefix="gw-")  # short: a socket's path holds 108 bytes
     env = {"XDG_CACHE_HOME": cache, "GPUTWIN_WARM": "5"}
@@ -120,6 +170,47 @@ def test_a_warm_started_arm_trains_to_its_end_and_its_kill_9_is_still_recorded(
     wait_for(lambda: supervise.read_exit(killed) is not None, "the supervisor to record the kill")
     assert supervise.read_exit(killed) == -signal.SIGKILL
     assert launcher.arm_status(killed) == "crashed"
+
+
+@pytest.mark.slow
+def test_a_launch_that_gave_up_on_a_stalled_server_is_not_started_twice(warm: dict[str, str], tmp_path: Path) -> None:
+    """The launch waits a while for the server's answer, then starts the arm itself; the server, once it runs
+    again, forks for that request, but its fork gets no answer and ends without starting the arm."""
+    socket_path = warmstart.socket_path(warm)
+    assert socket_path is not None
+    server = int(Path(f"{socket_path}.lock").read_text())
+    out, err = tmp_path / "stdout.log", tmp_path / "stderr.log"
+    os.kill(server, signal.SIGSTOP)
+    try:
+        assert warmstart.request(["nowhere"], warm, stdout=out, stderr=err, timeout=0.5) is None
+    finally:
+        os.kill(server, signal.SIGCONT)
+    time.sleep(1.5)  # the server reads the request and forks; the fork waits for the answer that never comes
+    assert not out.exists() and not err.exists()  # it never became a supervisor
+    served = warmstart.request(["nowhere"], warm, stdout=out, stderr=err)
+    assert served is not None  # the server still serves; this fork becomes a supervisor (of nothing here)
+    wait_for(lambda: err.exists(), "the supervisor's log")
+
+
+def test_a_launch_talks_only_to_a_server_folder_of_its_own(tmp_path: Path) -> None:
+    cache = tempfile.mkdtemp(prefix="gw-")
+    env = {"XDG_CACHE_HOME": cache, "GPUTWIN_WARM": "5"}
+    try:
+        path = warmstart.socket_path(env)
+        assert path is not None
+        path.parent.mkdir(parents=True)
+        path.parent.chmod(0o755)  # as another user could have made it, in a shared cache folder
+        import socket as sockets
+
+        with sockets.socket(sockets.AF_UNIX, sockets.SOCK_STREAM) as listener:
+            listener.bind(str(path))
+            listener.listen(1)
+            assert warmstart.request(["arm"], env, stdout=tmp_path / "o", stderr=tmp_path / "e", timeout=0.5) is None
+            listener.settimeout(0.1)
+            with pytest.raises(OSError):
+                listener.accept()  # nothing was sent to it
+    finally:
+        shutil.rmtree(cache, ignore_errors=True)
 
 
 @pytest.mark.slow

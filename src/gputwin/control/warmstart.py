@@ -7,10 +7,12 @@ arms it serves, or the cold-started ones of the launch that left it (KEY.watch),
 after (default 20): an extend or resume at the end of a long run starts warm. `GPUTWIN_WARM=off` turns it off.
 
 A server serves launches whose imports would come out the same: the same Python, the same installed torch,
-transformers, peft and gputwin (by their files' times), and the same environment variables that imports read.
-Anything else gets a server of its own. Servers and their logs live in ~/.cache/gputwin/warm
+transformers, peft, the libraries they import and gputwin (by their files' times), and the same environment
+variables that imports read; and whose forks would come out the same: the same umask, nice value, CPUs,
+resource limits and batch job. Anything else gets a server of its own. Servers and their logs live in ~/.cache/gputwin/warm
 ($XDG_CACHE_HOME honoured), each as KEY.sock, KEY.lock (the server's pid), KEY.log, and KEY.refused where a
-server found that a fork of it could not use CUDA (no server is started for that key again).
+server found that a fork of it could not use CUDA (no server is started for that key for an hour; KEY.log says
+why).
 """
 
 from __future__ import annotations
@@ -21,10 +23,12 @@ import importlib.util
 import json
 import os
 import socket
+import struct
 import subprocess
 import sys
+import time
 from pathlib import Path
-from typing import Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 import psutil
 
@@ -36,7 +40,9 @@ PER_ARM = frozenset({"CUDA_VISIBLE_DEVICES", "CUDA_DEVICE_ORDER", "GPUTWIN_THREA
 # (gputwin's own modules read none at import)
 READ_AT_IMPORT = ("HF_", "HUGGINGFACE_", "TRANSFORMERS_", "PEFT_", "TORCH", "PYTORCH_", "PYTHON", "CUDA_",
                   "NVIDIA_", "LD_", "OMP_", "MKL_", "TOKENIZERS_", "XDG_", "HOME", "USE_")
-PACKAGES = ("torch", "transformers", "peft")
+# what the server imports, whose reinstall must give a new server (each package's __init__ is stamped)
+PACKAGES = ("torch", "transformers", "peft", "tokenizers", "huggingface_hub", "safetensors", "accelerate", "numpy",
+            "jinja2", "triton", "liger_kernel", "kernels", "scipy", "sympy")
 SOCKET_PATH_MAX = 100  # sun_path holds 108 bytes
 
 _servers: list[subprocess.Popen[bytes]] = []  # started here: reaped by the next keep_warm
@@ -81,11 +87,40 @@ def _absolute_path_list(value: str) -> str:
     return os.pathsep.join(os.path.abspath(p) if p else p for p in value.split(os.pathsep))
 
 
+# A batch job's processes live in its control group (its CPU, memory and GPU limits, its end): two jobs of one
+# user on one node must not share a server, so the job's id is part of the key. (Not the control group itself:
+# each SSH login has its own, and a server should serve the next login's launch.)
+BATCH_JOB = ("SLURM_JOB_ID", "PBS_JOBID", "LSB_JOBID", "FLUX_JOB_ID", "JOB_ID")
+
+
+def _process_stamp(env: Mapping[str, str]) -> list[Any]:
+    """What a fork inherits from the server besides its imports and environment: the umask, the nice value, the
+    CPUs it may run on, the resource limits, and the batch job it belongs to. The server is started by the launch
+    that computes its key, so it has this process's."""
+    stamp: list[Any] = [[env.get(name) for name in BATCH_JOB]]
+    try:
+        status = Path("/proc/self/status").read_text()
+        stamp.append(next((line for line in status.splitlines() if line.startswith("Umask:")), None))
+    except OSError:
+        stamp.append(None)
+    stamp.append(os.getpriority(os.PRIO_PROCESS, 0) if hasattr(os, "getpriority") else None)
+    stamp.append(sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None)
+    try:
+        import resource
+
+        stamp.append([resource.getrlimit(getattr(resource, name)) for name in
+                      ("RLIMIT_NOFILE", "RLIMIT_AS", "RLIMIT_DATA", "RLIMIT_STACK", "RLIMIT_MEMLOCK", "RLIMIT_CORE",
+                       "RLIMIT_NPROC") if hasattr(resource, name)])
+    except ImportError:
+        stamp.append(None)
+    return stamp
+
+
 def key(env: Mapping[str, str]) -> str:
-    """What a server's imports depend on, hashed: a server serves only launches with the same key."""
+    """What a server's imports and its forks depend on, hashed: a server serves only launches with the same key."""
     read = sorted((k, _absolute_path_list(v) if k == "PYTHONPATH" else v) for k, v in env.items()
                   if k.startswith(READ_AT_IMPORT) and k not in PER_ARM)
-    blob = json.dumps([sys.executable, sys.version, read, _files_stamp()])
+    blob = json.dumps([sys.executable, sys.version, read, _files_stamp(), _process_stamp(env)])
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
@@ -116,7 +151,11 @@ class WarmSupervisor:
         return self.returncode
 
 
-def request(argv: Sequence[str], env: Mapping[str, str], *, stdout: Path, stderr: Path) -> WarmSupervisor | None:
+GO = b"go\n"  # the answer to the server's pid: take it (gputwin.train.warm waits for it before the fork goes on)
+
+
+def request(argv: Sequence[str], env: Mapping[str, str], *, stdout: Path, stderr: Path,
+            timeout: float = 5.0) -> WarmSupervisor | None:
     """Ask a warm server for a supervisor run with `argv` (supervise's arguments); None when there is none
     serving for this environment, warm starts are off, or anything about the request fails (the launcher then
     starts the supervisor as a fresh Python: a warm start never stops a launch)."""
@@ -130,15 +169,35 @@ def request(argv: Sequence[str], env: Mapping[str, str], *, stdout: Path, stderr
         return None
     message = {"argv": list(argv), "env": dict(env), "cwd": os.getcwd(), "stdout": str(stdout), "stderr": str(stderr)}
     try:
+        if not _ours(path.parent):
+            return None
         with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as conn:
-            conn.settimeout(5.0)
+            conn.settimeout(timeout)
             conn.connect(str(path))
+            if not _peer_is_us(conn):  # the environment it is sent holds this user's secrets (HF_TOKEN, ...)
+                return None
             conn.sendall(json.dumps(message).encode() + b"\n")
             with conn.makefile("rb") as reader:
                 pid = int(json.loads(reader.readline())["pid"])
+            conn.sendall(GO)  # the fork becomes the supervisor only now: had this timed out, it would end
     except (OSError, ValueError, KeyError, TypeError):
         return None
     return WarmSupervisor(pid)
+
+
+def _ours(folder: Path) -> bool:
+    """The servers' folder is this user's alone (mode 700), as the server itself insists."""
+    st = folder.stat()
+    return st.st_uid == os.getuid() and not st.st_mode & 0o077
+
+
+def _peer_is_us(conn: socket.socket) -> bool:
+    """The process listening on the socket runs as this user (Linux: SO_PEERCRED; elsewhere, the folder's check)."""
+    option = getattr(socket, "SO_PEERCRED", None)
+    if option is None:
+        return True
+    _pid, uid, _gid = struct.unpack("3i", conn.getsockopt(socket.SOL_SOCKET, option, struct.calcsize("3i")))
+    return uid == os.getuid()
 
 
 STARTED, RUNNING = "started", "running"  # what keep_warm did: started a server, or found one serving or starting
@@ -183,12 +242,22 @@ def _watch(path: Path, pid: int) -> None:
         os.close(fd)
 
 
+REFUSED_S = 3600.0  # how long a refusal stands: it may have been a moment's trouble (a GPU full, or busy)
+
+
+def _refused_lately(path: Path) -> bool:
+    try:
+        return time.time() - Path(f"{path}.refused").stat().st_mtime < REFUSED_S
+    except OSError:
+        return False
+
+
 def _keep_warm(env: Mapping[str, str], watch: int | None) -> str | None:
     idle = idle_seconds(env)
     path = socket_path(env) if idle is not None else None
     if idle is None or path is None:
         return None
-    if Path(f"{path}.refused").exists():  # a server found that forked trainers cannot use CUDA here
+    if _refused_lately(path):  # a server found that forked trainers could not use CUDA here
         return None
     path.parent.mkdir(parents=True, exist_ok=True)
     os.chmod(path.parent, 0o700)  # whoever can reach the socket can start processes as this user

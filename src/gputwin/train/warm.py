@@ -31,6 +31,7 @@ import traceback
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
+from ..control.warmstart import GO
 from ..reading.liveness import process_alive
 from . import origin
 
@@ -125,6 +126,8 @@ def _become_supervisor(request: dict[str, Any]) -> int:
     os.setsid()
     _name_process("gputwin-superv")
     signal.signal(signal.SIGCHLD, signal.SIG_DFL)  # the server ignores it; a supervisor waits for its trainer
+    if sys.path and sys.path[0] == os.getcwd():  # `python -m` put the server's folder first: the launch's instead
+        sys.path[0] = request["cwd"]
     os.chdir(request["cwd"])
     os.environ.clear()
     os.environ.update(request["env"])
@@ -143,7 +146,9 @@ def _become_supervisor(request: dict[str, Any]) -> int:
 
 
 def _serve_one(conn: socket.socket, listener: socket.socket, lock_fd: int) -> int:
-    """Fork a supervisor for this request; its pid."""
+    """Fork a supervisor for this request; its pid. The fork waits for the launcher's GO after the pid: a launcher
+    that gave up waiting for this server (stalled, swapping) has started the arm itself, and its fork then ends
+    without starting the arm a second time."""
     with conn, conn.makefile("rb") as reader:
         request = json.loads(reader.readline())
         pid = os.fork()
@@ -151,10 +156,13 @@ def _serve_one(conn: socket.socket, listener: socket.socket, lock_fd: int) -> in
             code = 1
             try:
                 listener.close()
-                reader.close()  # (the socket's descriptor stays open while a file made from it is)
-                conn.close()
                 os.close(lock_fd)  # the server's lock is the server's alone
-                code = _become_supervisor(request)
+                if reader.readline() == GO:  # (the connection's timeout bounds the wait)
+                    reader.close()  # (the socket's descriptor stays open while a file made from it is)
+                    conn.close()
+                    code = _become_supervisor(request)
+                else:  # the launcher is gone: it started the arm itself
+                    code = 0
             except BaseException:
                 traceback.print_exc()
             finally:
@@ -204,21 +212,45 @@ def _cuda_problem() -> str | None:
             torch.zeros(1, device="cuda").add_(1)
             torch.cuda.synchronize()
             code = 0
+        except BaseException:  # noqa: BLE001 - why, in the server's log
+            traceback.print_exc()
         finally:
+            _flush()
             os._exit(code)
     _, status = os.waitpid(pid, 0)
     code = os.waitstatus_to_exitcode(status)
     return None if code == 0 else f"a forked process could not use CUDA ({code})"
 
 
+def _may_leave_idle() -> bool:
+    """Whether this process could go back from Linux's idle scheduling to the usual one: root with CAP_SYS_NICE,
+    or an RLIMIT_NICE that allows nice 0; most users and containers cannot. Tried in a throwaway fork: a process
+    that went idle and cannot come back would fork every trainer idle."""
+    if not hasattr(os, "SCHED_IDLE"):
+        return False
+    pid = os.fork()
+    if pid == 0:
+        code = 1
+        try:
+            os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
+            os.sched_setscheduler(0, os.SCHED_OTHER, os.sched_param(0))
+            code = 0
+        except BaseException:  # noqa: BLE001 - (PermissionError where it may not come back)
+            pass
+        finally:
+            os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    return os.waitstatus_to_exitcode(status) == 0
+
+
 @contextlib.contextmanager
 def _idle_priority() -> Iterator[None]:
-    """Linux's idle scheduling inside, the usual one after (which forked trainers inherit); as is elsewhere."""
-    try:
-        os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
-    except (AttributeError, OSError):
+    """Linux's idle scheduling inside, the usual one after (which forked trainers inherit), where this process
+    may come back from it; the usual scheduling throughout elsewhere."""
+    if not _may_leave_idle():
         yield
         return
+    os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
     try:
         yield
     finally:
