@@ -12,11 +12,26 @@ from gputwin.control.bytecode import cache_folder, child_env, ships_bytecode
 NO_PYC = {"PYTHONDONTWRITEBYTECODE": "1", "HOME": "/home/u", "PATH": "/bin"}
 
 
-def test_no_bytecode_allowed_and_none_shipped_gives_a_prefix_and_allows_writes() -> None:
-    env = child_env(NO_PYC, ships=lambda: False)
+def test_no_bytecode_allowed_and_none_shipped_gives_a_prefix_and_allows_writes(tmp_path: Path) -> None:
+    no_pyc = {**NO_PYC, "HOME": str(tmp_path)}
+    env = child_env(no_pyc, ships=lambda: False)
     assert "PYTHONDONTWRITEBYTECODE" not in env
-    assert env["PYTHONPYCACHEPREFIX"] == "/home/u/.cache/gputwin/pycache"
-    assert env["PATH"] == "/bin" and NO_PYC["PYTHONDONTWRITEBYTECODE"] == "1"  # the caller's mapping unchanged
+    assert env["PYTHONPYCACHEPREFIX"] == str(tmp_path / ".cache/gputwin/pycache")
+    assert env["PATH"] == "/bin" and no_pyc["PYTHONDONTWRITEBYTECODE"] == "1"  # the caller's mapping unchanged
+    assert (tmp_path / ".cache/gputwin/pycache").stat().st_mode & 0o777 == 0o700  # made this user's alone
+
+
+def test_a_cache_folder_others_may_write_is_not_used(tmp_path: Path) -> None:
+    """Its bytecode runs in every trainer: a folder another user (or group) can write to is left alone."""
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    shared.chmod(0o777)
+    env = {**NO_PYC, "GPUTWIN_PYCACHE": str(shared)}
+    assert child_env(env, ships=lambda: False) == env
+    blocked = tmp_path / "file"
+    blocked.write_text("not a folder")
+    env = {**NO_PYC, "GPUTWIN_PYCACHE": str(blocked / "pycache")}
+    assert child_env(env, ships=lambda: False) == env
 
 
 def test_the_environment_is_left_alone_where_nothing_needs_changing() -> None:
@@ -29,10 +44,11 @@ def test_the_environment_is_left_alone_where_nothing_needs_changing() -> None:
     assert child_env(off, ships=never) == off
 
 
-def test_the_cache_folder_follows_gputwin_pycache_then_xdg() -> None:
+def test_the_cache_folder_follows_gputwin_pycache_then_xdg(tmp_path: Path) -> None:
     assert cache_folder({**NO_PYC, "GPUTWIN_PYCACHE": "~/pyc"}) == Path("~/pyc").expanduser()
     assert cache_folder({**NO_PYC, "XDG_CACHE_HOME": "/c"}) == Path("/c/gputwin/pycache")
-    assert child_env({**NO_PYC, "GPUTWIN_PYCACHE": "/x"}, ships=lambda: False)["PYTHONPYCACHEPREFIX"] == "/x"
+    chosen = str(tmp_path / "x")
+    assert child_env({**NO_PYC, "GPUTWIN_PYCACHE": chosen}, ships=lambda: False)["PYTHONPYCACHEPREFIX"] == chosen
 
 
 def test_ships_bytecode_looks_beside_the_module(tmp_path: Path) -> None:

@@ -132,6 +132,35 @@ def test_a_changed_data_file_max_length_or_tokenizer_misses(world: World, tmp_pa
     assert tokcache.cache_key(train, str(model), task="generate", max_length=256) == edited
 
 
+def test_a_chat_template_that_writes_todays_date_keys_the_data_by_the_date(world: World, tmp_path: Path,
+                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """Llama 3.1's template puts `strftime_now(...)` into every prompt: tokens cached one day are not the next
+    day's. Such a tokenizer's data is keyed by the date; any other's is not."""
+    import datetime
+
+    train, _ = write_data(tmp_path / "data", train=4, test=2)
+    model = tmp_path / "model"
+    model.mkdir()
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        (model / name).write_bytes((world.qwen / name).read_bytes())
+
+    class Day(datetime.date):
+        today_is = datetime.date(2026, 1, 1)
+
+        @classmethod
+        def today(cls):  # type: ignore[override]
+            return cls.today_is
+
+    monkeypatch.setattr(tokcache.datetime, "date", Day)
+    plain = tokcache.cache_key(train, str(model), task="generate", max_length=256)
+    Day.today_is = datetime.date(2026, 1, 20)
+    assert tokcache.cache_key(train, str(model), task="generate", max_length=256) == plain
+    (model / "chat_template.jinja").write_text("Today Date: {{ strftime_now('%d %b %Y') }}\n{{ messages }}")
+    dated = tokcache.cache_key(train, str(model), task="generate", max_length=256)
+    Day.today_is = datetime.date(2026, 1, 21)
+    assert tokcache.cache_key(train, str(model), task="generate", max_length=256) not in (dated, plain)
+
+
 def test_without_a_folder_or_a_place_to_write_it_tokenises_all_the_same(world: World, tmp_path: Path) -> None:
     expected = tokenised(world, "generate")[0]
     assert load(world, None).cache == tokcache.OFF

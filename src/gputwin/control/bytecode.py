@@ -11,7 +11,8 @@ goes to a folder of gputwin's own (PYTHONPYCACHEPREFIX), never beside the source
     ships_bytecode()      do the installed packages have their .pyc files beside the sources?
 
 Only where they do not: with a prefix set, Python reads bytecode from that folder alone, so an install
-that has its .pyc files would compile everything once more. A PYTHONPYCACHEPREFIX the user set is kept as
+that has its .pyc files would compile everything once more. The folder must be this user's alone (mode 700,
+made so if new): what is in it runs in every trainer. A PYTHONPYCACHEPREFIX the user set is kept as
 it is; GPUTWIN_PYCACHE=off leaves the environment alone, and GPUTWIN_PYCACHE=DIR names the folder
 (default $XDG_CACHE_HOME/gputwin/pycache, else ~/.cache/gputwin/pycache).
 """
@@ -19,6 +20,7 @@ it is; GPUTWIN_PYCACHE=off leaves the environment alone, and GPUTWIN_PYCACHE=DIR
 from __future__ import annotations
 
 import importlib.util
+import os
 import sys
 from pathlib import Path
 from typing import Callable, Mapping
@@ -53,6 +55,20 @@ def child_env(env: Mapping[str, str], ships: Callable[[], bool] = ships_bytecode
     if (not env.get("PYTHONDONTWRITEBYTECODE") or env.get("PYTHONPYCACHEPREFIX")
             or env.get("GPUTWIN_PYCACHE", "").lower() in OFF or ships()):
         return out
+    folder = cache_folder(env)
+    if not _private(folder):  # bytecode there is what the trainers run: nobody else may write it
+        return out
     out.pop("PYTHONDONTWRITEBYTECODE")
-    out["PYTHONPYCACHEPREFIX"] = str(cache_folder(env))
+    out["PYTHONPYCACHEPREFIX"] = str(folder)
     return out
+
+
+def _private(folder: Path) -> bool:
+    """The folder, made if need be, is this user's and only this user's (mode 700); one that is not, or cannot
+    be made, is not used."""
+    try:
+        folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+        info = folder.stat()
+    except OSError:
+        return False
+    return info.st_uid == os.getuid() and not info.st_mode & 0o077

@@ -24,6 +24,7 @@ anything else is ignored and written again. Deleting the folder is always safe.
 
 from __future__ import annotations
 
+import datetime
 import fcntl
 import hashlib
 import importlib
@@ -209,7 +210,23 @@ def key_material(data_digest: str, base: str, *, task: str, max_length: int,
         return None
     return {"format": FORMAT_VERSION, "code": code_digest(), "libraries": library_versions(), "data": data_digest,
             "tokenizer": tokenizer, "task": task, "max_length": int(max_length),
-            "trust_remote_code": bool(trust_remote_code)}
+            "trust_remote_code": bool(trust_remote_code), "date": _template_date(folder)}  # type: ignore[arg-type]
+
+
+def _template_date(folder: Path) -> str | None:
+    """Today's date where the tokenizer's chat template writes it into the prompt (`strftime_now`, as Llama 3.1's
+    does): the same samples tokenise otherwise tomorrow. None for a template that does not."""
+    files = [folder / name for name in ("tokenizer_config.json", "chat_template.jinja", "chat_template.json")]
+    for sub in TEMPLATE_FOLDERS:
+        if (folder / sub).is_dir():
+            files += sorted((folder / sub).iterdir())
+    for path in files:
+        try:
+            if path.is_file() and b"strftime_now" in path.read_bytes():
+                return datetime.date.today().isoformat()
+        except OSError:
+            continue
+    return None
 
 
 def _hash(material: dict[str, Any]) -> str:
