@@ -550,6 +550,9 @@ def test_disk_full_in_a_periodic_checkpoint_written_in_the_background_fails_the_
     assert list((arm / "checkpoints").iterdir()) == []  # the temporary folder is gone
 
 
+@fault("A failure while a background checkpoint write fails too",
+       "The `failed` event names the failure and its hint, and adds that the checkpoint being written failed too "
+       "(a full disk): the resume starts from the checkpoint before it, and nothing half-written is left.")
 @pytest.mark.slow
 def test_a_run_that_fails_while_its_checkpoint_write_fails_too_says_both(
         world: SimpleNamespace, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

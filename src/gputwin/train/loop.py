@@ -135,7 +135,8 @@ class Trainer:
     def begin(self) -> None:
         """Resume from the newest checkpoint that loads (it continues the run exactly), and say so."""
         run = self.run
-        clean_leftovers(run.checkpoint_root)
+        for root in (run.checkpoint_root, self.decay_start_root):
+            clean_leftovers(root)
         resumed = latest_loadable(run.checkpoint_root, run.model, run.optimizer, run.fingerprint, run.device)
         if resumed is not None:
             self.state, self.saved_path = resumed

@@ -8,6 +8,9 @@ hub id that is not in the local cache is a user error with a hint, not a network
 from __future__ import annotations
 
 import json
+import os
+import shutil
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -178,11 +181,22 @@ def save_adapter(model: Any, folder: str | Path, meta: dict[str, Any],
     state_dict: the trainable weights to write, by the names model.named_parameters() gives them (a copy taken
     earlier: train/checkpoint.py's Snapshot); None: the model's own, now."""
     folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(str(folder), **({"state_dict": state_dict} if state_dict is not None else {}))
-    keys = ("task", "base", "label_names", "max_length", "trust_remote_code")
-    record = {key: meta.get(key) for key in keys} | {k: v for k, v in meta.items() if k not in keys}
-    (folder / META_FILE).write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    # written beside it and renamed once whole: a folder of this name is always a complete adapter
+    temp = folder.parent / f".tmp-{folder.name}-{os.getpid()}-{threading.get_ident()}"
+    shutil.rmtree(temp, ignore_errors=True)
+    try:
+        temp.mkdir()
+        model.save_pretrained(str(temp), **({"state_dict": state_dict} if state_dict is not None else {}))
+        keys = ("task", "base", "label_names", "max_length", "trust_remote_code")
+        record = {key: meta.get(key) for key in keys} | {k: v for k, v in meta.items() if k not in keys}
+        (temp / META_FILE).write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
+        if folder.exists():  # the same step's adapter again (a run resumed there validates it again)
+            shutil.rmtree(folder)
+        os.replace(temp, folder)
+    except BaseException:
+        shutil.rmtree(temp, ignore_errors=True)
+        raise
     return folder
 
 
