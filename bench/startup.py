@@ -238,13 +238,18 @@ def hot_launches(profile: Path, logs: Path, env: dict[str, str], wait_s: float, 
             figures = launch(profile, logs, f"startup-hot-{round_}", hot_env, wait_s)
             out.append({"launch": "hot", "round": round_, **figures})
     finally:
-        for lock in (cache / "gputwin" / "warm").glob("*.lock"):
-            try:
-                os.kill(int(lock.read_text()), signal.SIGTERM)
-            except (OSError, ValueError):
-                pass
-        shutil.rmtree(cache, ignore_errors=True)
+        _end_servers(cache)
     return out
+
+
+def _end_servers(cache: Path) -> None:
+    """Stop the warm servers of this cache folder and remove it."""
+    for lock in (cache / "gputwin" / "warm").glob("*.lock"):
+        try:
+            os.kill(int(lock.read_text()), signal.SIGTERM)
+        except (OSError, ValueError):
+            pass
+    shutil.rmtree(cache, ignore_errors=True)
 
 
 def checked_launch(profile: Path, logs: Path, env: dict[str, str], wait_s: float) -> dict[str, Any]:
@@ -266,12 +271,7 @@ def checked_launch(profile: Path, logs: Path, env: dict[str, str], wait_s: float
         return {"launch": "after check", "round": 0, "check_s": round(checked, 3), "server_ready_s": round(ready, 3),
                 **figures}
     finally:
-        for lock in (cache / "gputwin" / "warm").glob("*.lock"):
-            try:
-                os.kill(int(lock.read_text()), signal.SIGTERM)
-            except (OSError, ValueError):
-                pass
-        shutil.rmtree(cache, ignore_errors=True)
+        _end_servers(cache)
 
 
 def _process_began(pid_file: Path) -> float | None:
