@@ -148,6 +148,30 @@ def test_an_arm_whose_loss_diverges_fails_alone_and_the_other_trains_to_its_end(
     assert all(torch.isfinite(torch.tensor(losses(arms[0]))))
 
 
+def test_an_arm_whose_exit_cannot_be_recorded_ends_and_the_other_trains_on(
+        world: World, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    """Recording an ended arm's exit fails (a full disk): that arm has ended all the same, and the other arm of
+    the process trains to its end instead of the whole process failing with it."""
+    from gputwin.train import cotrain
+
+    a, b = pair(world)
+    arms = [make_arm(tmp_path, p) for p in (a, b)]
+    at_step(monkeypatch, {("b", 3): lambda t: control.write_request(ArmPaths(arms[1]).control, control.STOP,
+                                                                    by="test")})
+    real = cotrain.release_arm
+
+    def full_disk(arm: ArmPaths, status: int) -> bool:
+        if arm.name == "b":
+            raise OSError(28, "No space left on device")
+        return real(arm, status)
+
+    monkeypatch.setattr(cotrain, "release_arm", full_disk)
+    assert train_group(arms) == 0
+    assert log(arms[1])[-1].kind == events.STOPPED and log(arms[0])[-1].kind == events.FINISHED
+    assert len(losses(arms[0])) == 12
+    assert "b: cannot record its exit now" in capsys.readouterr().err
+
+
 def test_the_packed_step_of_several_arms_equals_each_arm_packed_alone(world: World) -> None:
     """train/cofast.py eagerly on the CPU (the CUDA graph replays the same body): each arm's loss and gradient
     norm over three steps equal the fast engine's step of that arm alone. (The trainer packs arms together

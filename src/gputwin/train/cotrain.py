@@ -437,7 +437,13 @@ class Group:
         if trainer not in self.live:
             return
         index = self.live.index(trainer)
-        if release_arm(trainer.run.arm, code):
+        try:
+            released = release_arm(trainer.run.arm, code)
+        except OSError as exc:  # (a full disk): it has ended all the same; the process's end records it
+            print(f"gputwin: {trainer.run.arm.name}: cannot record its exit now ({exc}); its supervisor records it "
+                  "when this process ends", file=sys.stderr, flush=True)
+            released = True
+        if released:
             del self.live[index]
             self.codes[trainer.run.profile.name] = code
             return
