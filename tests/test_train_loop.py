@@ -196,6 +196,42 @@ def test_a_missing_dataset_fails_as_a_user_error(world: World, tmp_path: Path) -
     assert failed.kind == events.FAILED and "nope.jsonl" in failed["message"] and failed["hint"]
 
 
+def test_a_start_that_fails_reports_at_once_without_waiting_for_its_data(world: World, tmp_path: Path,
+                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """The data is tokenised beside the model's load; a model that does not load fails the arm then and there,
+    not once the tokenising (minutes, on a large file) is done."""
+    import shutil
+    import threading
+
+    from gputwin.train import tokcache
+
+    model = tmp_path / "tokenizer-only"  # its tokenizer loads; its model does not
+    model.mkdir()
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        if (world.qwen / name).exists():
+            shutil.copy(world.qwen / name, model / name)
+    gate, waited = threading.Event(), []
+    real = tokcache.load_training_data
+
+    def held(*args, **kwargs):
+        waited.append(gate.wait(60))  # let go by the test once train() has returned
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(tokcache, "load_training_data", held)
+    profile = world.profile("generate")
+    arm = make_arm(tmp_path, type(profile).from_dict(profile.to_dict() | {
+        "model": {**profile.to_dict()["model"], "base": str(model)}}))
+    assert train(arm) == 2
+    gate.set()
+    failed = log(arm)[-1]
+    assert failed.kind == events.FAILED and "tokenizer-only" in failed["message"]
+    for _ in range(100):
+        if waited:
+            break
+        threading.Event().wait(0.05)
+    assert waited == [True]  # the data was still being read when the failure was reported
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
 def test_asking_for_a_gpu_without_cuda_fails_clearly(world: World, tmp_path: Path) -> None:
     profile = world.profile("tag")

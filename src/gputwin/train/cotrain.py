@@ -27,7 +27,6 @@ import math
 import sys
 import time
 import traceback
-from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -48,7 +47,8 @@ from .batching import IGNORE_INDEX, Example, collate_padded
 from .engine import NonFiniteLoss, StepOutput, autocast_for, build_optimizer, set_lr
 from .loop import INTERNAL_HINT, Batch, StopSignal, Trainer, known_failure, read_profile, report_failure
 from .multilora import ArmView, Block, NotCoTrainable, SharedModel, adapter_name
-from .setup import Run, TrainFailure, cpu_threads, load_model, load_tokenizer, pick_device, seed_everything
+from .setup import (Run, TrainFailure, cpu_threads, in_background, load_model, load_tokenizer, pick_device,
+                    seed_everything)
 
 T = TypeVar("T")
 COTRAIN_HINT = "train these arms apart: set cotrain = \"off\" in the experiment's [placement] table"
@@ -310,17 +310,16 @@ def build_group(arms: Sequence[ArmPaths], profiles: Sequence[Profile]) -> tuple[
 
     model_dtype = resolve_dtype(first.model.dtype, device)
     # the data is read (or tokenised) in a worker while the model, the adapters and the engine are built
-    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="gputwin-data") as worker:
-        pending = worker.submit(timed, "data", every_arms_data)
-        base = timed("model", lambda: load_model(first, device, None))
-        try:
-            shared = timed("lora", lambda: SharedModel(base, [(p.lora, p.train.seed) for p in profiles]))
-        except NotCoTrainable as exc:
-            raise TrainFailure("NotCoTrainable", str(exc), COTRAIN_HINT) from None
-        shared.model.to(device).train()
-        engine = timed("engine", lambda: GroupEngine(shared, device=device, model_dtype=model_dtype, pad_id=pad_id,
-                                                     fast=all(p.train.engine == "fast" for p in profiles)))
-        data = timed("data_wait", pending.result)
+    pending = in_background(lambda: timed("data", every_arms_data), "gputwin-data")
+    base = timed("model", lambda: load_model(first, device, None))
+    try:
+        shared = timed("lora", lambda: SharedModel(base, [(p.lora, p.train.seed) for p in profiles]))
+    except NotCoTrainable as exc:
+        raise TrainFailure("NotCoTrainable", str(exc), COTRAIN_HINT) from None
+    shared.model.to(device).train()
+    engine = timed("engine", lambda: GroupEngine(shared, device=device, model_dtype=model_dtype, pad_id=pad_id,
+                                                 fast=all(p.train.engine == "fast" for p in profiles)))
+    data = timed("data_wait", pending.result)
     startup["total"] = round(time.perf_counter() - started, 3)
     runs = []
     for i, (arm, profile, training) in enumerate(zip(arms, profiles, data)):

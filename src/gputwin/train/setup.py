@@ -16,7 +16,7 @@ import os
 import random
 import threading
 import time
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, TypeVar
@@ -184,6 +184,21 @@ class DeferredTokenizer:
         return self._future.result()
 
 
+def in_background(work: Callable[[], T], name: str) -> Future[T]:
+    """`work` on a daemon thread; its result (or error) in the future. Unlike a thread pool's worker, it holds up
+    neither a start-up that fails meanwhile (its `failed` event) nor the process's exit."""
+    future: Future[T] = Future()
+
+    def run() -> None:
+        try:
+            future.set_result(work())
+        except BaseException as exc:  # handed to whoever waits for the result
+            future.set_exception(exc)
+
+    threading.Thread(target=run, name=name, daemon=True).start()
+    return future
+
+
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     torch.manual_seed(seed)
@@ -257,32 +272,32 @@ def build_run(arm: ArmPaths, profile: Profile) -> Run:
             profile.data.train, tokenizer, base=spec.base, task=spec.task, max_length=profile.train.max_length,
             trust_remote_code=spec.trust_remote_code, folder=folder)
 
-    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="gputwin-data") as worker:
-        pending = worker.submit(timed, "data", data) if cached is None else worker.submit(data)
-        label_names = None
-        if spec.task == "tag":  # the head's size is the data's label count
-            label_names = timed("data_wait", pending.result).label_names
-        base = timed("model", lambda: load_model(profile, device, label_names))
-        model_dtype = modeling.resolve_dtype(spec.dtype, device)
-        model = timed("lora", lambda: modeling.attach_lora(base, profile.lora, spec.task, spec.init_adapter).to(device))
-        model.train()
+    # the data is read or tokenised beside the model's load (on a daemon thread: a failed start waits for nothing)
+    pending = in_background(lambda: timed("data", data) if cached is None else data(), "gputwin-data")
+    label_names = None
+    if spec.task == "tag":  # the head's size is the data's label count
+        label_names = timed("data_wait", pending.result).label_names
+    base = timed("model", lambda: load_model(profile, device, label_names))
+    model_dtype = modeling.resolve_dtype(spec.dtype, device)
+    model = timed("lora", lambda: modeling.attach_lora(base, profile.lora, spec.task, spec.init_adapter).to(device))
+    model.train()
 
-        # train.compile = "auto" weighs the run's length, which the data gives: a GPU arm's engine waits for it
-        wants_length = profile.train.compile == "auto" and device.type == "cuda" and profile.train.engine == "fast"
-        training = timed("data_wait", pending.result) if wants_length else None
-        compile = compile_decision(profile, device, device_name, model, training, logs_root=logs_root)
+    # train.compile = "auto" weighs the run's length, which the data gives: a GPU arm's engine waits for it
+    wants_length = profile.train.compile == "auto" and device.type == "cuda" and profile.train.engine == "fast"
+    training = timed("data_wait", pending.result) if wants_length else None
+    compile = compile_decision(profile, device, device_name, model, training, logs_root=logs_root)
 
-        def optimizer_and_engine() -> tuple[torch.optim.Optimizer, Engine]:
-            optimizer = build_optimizer(model, lr=profile.train.learning_rate, weight_decay=profile.train.weight_decay,
-                                        device=device)
-            return optimizer, make_engine(profile.train.engine, model, optimizer, device=device,
-                                          model_dtype=model_dtype, grad_clip=profile.train.grad_clip,
-                                          pad_id=pad_id, compile=compile.on)
+    def optimizer_and_engine() -> tuple[torch.optim.Optimizer, Engine]:
+        optimizer = build_optimizer(model, lr=profile.train.learning_rate, weight_decay=profile.train.weight_decay,
+                                    device=device)
+        return optimizer, make_engine(profile.train.engine, model, optimizer, device=device,
+                                      model_dtype=model_dtype, grad_clip=profile.train.grad_clip,
+                                      pad_id=pad_id, compile=compile.on)
 
-        optimizer, engine = timed("engine", optimizer_and_engine)
-        compiling.follow(engine, compile)
-        if training is None:
-            training = timed("data_wait", pending.result)
+    optimizer, engine = timed("engine", optimizer_and_engine)
+    compiling.follow(engine, compile)
+    if training is None:
+        training = timed("data_wait", pending.result)
     startup["data_cache"] = training.cache
     startup["total"] = round(time.perf_counter() - started, 3)
     examples = training.examples
