@@ -432,3 +432,21 @@ def test_a_stop_request_with_a_step_in_flight_logs_it_then_stops_there(world: Wo
     assert [e["step"] for e in steps(evs)] == [1, 2, 3, 4]
     assert evs[-1].kind == events.STOPPED and evs[-1]["step"] == 4
     assert evs[-2].kind == events.CHECKPOINT and evs[-2]["step"] == 4
+
+
+def test_an_old_checkpoint_that_cannot_be_removed_leaves_the_new_one_standing(
+        world: World, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    """Pruning comes after a checkpoint is whole: its failure (a folder made read-only, say) is reported and
+    training goes on, each checkpoint with its event."""
+    from gputwin.train import loop
+
+    def refuse(*args, **kwargs):
+        raise PermissionError(13, "Permission denied", "step-000003")
+
+    monkeypatch.setattr(loop, "prune", refuse)
+    arm = make_arm(tmp_path, world.profile("tag", epochs=2))
+    assert train(arm) == 0
+    evs = log(arm)
+    assert evs[-1].kind == events.FINISHED
+    assert sorted({e["step"] for e in evs if e.kind == events.CHECKPOINT}) == [3, 6, 9, 12]
+    assert "could not remove an old checkpoint" in capsys.readouterr().err

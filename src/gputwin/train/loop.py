@@ -409,7 +409,11 @@ class Trainer:
         def write() -> Path:
             path = write_snapshot(run.checkpoint_root, snapshot, run.fingerprint,
                                   half_written=lambda folder: faults.inside_checkpoint(self.fault, step, str(folder)))
-            prune(run.checkpoint_root, run.profile.train.keep_checkpoints, protect=path)
+            try:
+                prune(run.checkpoint_root, run.profile.train.keep_checkpoints, protect=path)
+            except OSError as exc:  # this checkpoint is whole: the old ones stay until a later prune
+                print(f"gputwin: {run.arm.name}: could not remove an old checkpoint: {exc}", file=sys.stderr,
+                      flush=True)
             if adapter is not None:
                 save_adapter(snapshot.model, adapter, snapshot.adapter_meta, state_dict=snapshot.trainable)
             return path
