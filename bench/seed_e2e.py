@@ -203,6 +203,8 @@ def run(wait_limit: float, tiny: bool = False, tag: str = "both", only: str | No
     path = os.pathsep.join(p for p in (str(src or REPO / "src"), os.environ.get("PYTHONPATH", "")) if p)
     env = dict(os.environ, GPUTWIN_LOGS=str(logs), PYTHONPATH=path, PYTHONUNBUFFERED="1",
                GPUTWIN_WARM="20" if warm else "off")
+    if profile_to and not (only and not warm):  # the trainers profile themselves, forked or not: a folder
+        env["GPUTWIN_CPROFILE"] = profile_to
     if warm:
         serve_warm(env)
     out = open(WORK / f"headless-{tag}.log", "w")
@@ -332,7 +334,8 @@ def main() -> int:
     parser.add_argument("--tag", default="both", help="names the logs folder and result-TAG.json (several runs in a row)")
     parser.add_argument("--only", choices=["conservative", "aggressive"],
                         help="run this arm alone and time it to its validation (an arm with a GPU of its own)")
-    parser.add_argument("--cprofile", metavar="FILE", help="with --only: run the trainer under cProfile, stats to FILE")
+    parser.add_argument("--cprofile", metavar="PATH", help="run the trainers under cProfile: with --only and no --warm, "
+                        "its stats to the file PATH; otherwise each trainer's to PATH/trainer-PID.prof")
     parser.add_argument("--warm", action="store_true",
                         help="start a warm server first (gputwin.control.warmstart): the trainers start as its forks")
     parser.add_argument("--compile", choices=["on", "off", "auto"], help="the arms' train.compile")

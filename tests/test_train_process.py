@@ -96,3 +96,25 @@ def test_the_process_start_it_reports_imports_from_lies_between_spawn_and_exit()
     assert done.returncode == 0, done.stderr[-2000:]
     began = float(done.stdout.strip().splitlines()[-1])
     assert before - 0.02 <= began <= after  # 0.02: the start is known to a clock tick (10 ms)
+
+
+def test_a_trainer_with_gputwin_cprofile_writes_its_profile_and_runs_at_a_short_gil_interval(
+        world: World, tmp_path: Path) -> None:
+    """GPUTWIN_CPROFILE=FOLDER: the trainer's Python profile lands there, also when it fails; and the trainer lets a
+    thread waiting for the GIL have it within SWITCH_INTERVAL_S instead of Python's 5 ms."""
+    import pstats
+
+    from gputwin.train import __main__ as entry
+
+    arm = make_arm(tmp_path, world.profile("tag"))
+    (arm / "profile.json").write_text('{"name": "arm"}')  # fails fast, as a user error
+    folder = tmp_path / "prof"
+    code = ("import sys, os; from gputwin.train.__main__ import main; code = main(sys.argv[1:]); "
+            "print(sys.getswitchinterval()); sys.exit(code)")
+    env = dict(os.environ, CUDA_VISIBLE_DEVICES="", GPUTWIN_CPROFILE=str(folder))
+    done = subprocess.run([sys.executable, "-c", code, str(arm)], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert float(done.stdout.strip().splitlines()[-1]) == pytest.approx(entry.SWITCH_INTERVAL_S)
+    (profile,) = folder.glob("trainer-*.prof")
+    functions = {name for _, _, name in pstats.Stats(str(profile)).stats}  # type: ignore[attr-defined]
+    assert "train" in functions and "read_profile" in functions

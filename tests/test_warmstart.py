@@ -305,3 +305,14 @@ def test_a_watched_supervisor_that_ended_counts_as_gone_before_its_launcher_wait
     finally:
         running.kill()
         ended.wait()
+
+
+def test_the_server_builds_what_every_model_load_would_build_again() -> None:
+    conversion = pytest.importorskip("transformers.conversion_mapping")
+    if not hasattr(conversion, "get_checkpoint_conversion_mapping"):
+        pytest.skip("this transformers builds no conversion table")
+    from gputwin.train import warm as server
+
+    conversion._checkpoint_conversion_mapping_cache = None
+    server.prepare_loading()
+    assert conversion._checkpoint_conversion_mapping_cache  # forks inherit it: their loads find it built

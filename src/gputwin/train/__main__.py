@@ -7,10 +7,20 @@ import argparse
 import os
 import sys
 import time
+from pathlib import Path
+from typing import Callable
 
 import psutil
 
 from .loop import train
+
+PROFILE_SETTING = "GPUTWIN_CPROFILE"  # a folder: each trainer writes its cProfile stats there (`profiled`)
+# How long a thread may hold the GIL while another waits for it (Python's default: 5 ms). The trainer's main
+# thread mostly waits on the GPU and releases the GIL for it; each time it wants it back while a helper thread
+# (the data's tokenising at start-up, a checkpoint's write, the validation's prompts) computes, it waited up to
+# the whole interval. Loading the model beside the data's tokenising took 1.7 s instead of 0.5 s on an H100
+# machine (bench/RESULTS.md).
+SWITCH_INTERVAL_S = 0.0005
 
 
 def process_age() -> float:
@@ -34,15 +44,34 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--group", action="store_true",
                         help="co-train the arms named (one base model for all of them; gputwin.train.cotrain)")
     args = parser.parse_args(argv)
+    sys.setswitchinterval(SWITCH_INTERVAL_S)
     if len(args.arm_dir) > 1 and not args.group:
         parser.error("several arm folders need --group")
     if args.group:
         from .cotrain import train_group  # (it imports transformers, which a lone arm imports in its start-up)
     # process start to here: Python, torch, transformers and the rest imported (reported in `started`)
     imports_seconds = round(process_age(), 3)
-    if args.group:
-        return train_group(args.arm_dir, imports_seconds=imports_seconds)
-    return train(args.arm_dir[0], imports_seconds=imports_seconds)
+
+    def run() -> int:
+        if args.group:
+            return train_group(args.arm_dir, imports_seconds=imports_seconds)
+        return train(args.arm_dir[0], imports_seconds=imports_seconds)
+
+    folder = os.environ.get(PROFILE_SETTING)
+    return profiled(run, Path(folder)) if folder else run()
+
+
+def profiled(run: Callable[[], int], folder: Path) -> int:
+    """run() under cProfile, its stats to FOLDER/trainer-PID.prof (`python -m pstats` reads them): where a
+    trainer's Python time goes, its start-up and first steps included, whether forked warm or started fresh."""
+    import cProfile
+
+    profiler = cProfile.Profile()
+    try:
+        return profiler.runcall(run)
+    finally:
+        folder.mkdir(parents=True, exist_ok=True)
+        profiler.dump_stats(folder / f"trainer-{os.getpid()}.prof")
 
 
 if __name__ == "__main__":

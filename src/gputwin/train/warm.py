@@ -121,6 +121,16 @@ def _flush() -> None:
             pass
 
 
+def prepare_loading() -> None:
+    """What every model load would otherwise redo in each fork, done once here: transformers' table of checkpoint
+    conversions (hundreds of regular expressions compiled; built on the first load of a process)."""
+    try:
+        from transformers.conversion_mapping import get_checkpoint_conversion_mapping
+    except ImportError:  # a transformers without it (4.x) has no such table to build
+        return
+    get_checkpoint_conversion_mapping("llama")
+
+
 def _become_supervisor(request: dict[str, Any]) -> int:
     """In the forked child: the session, folder, environment and log files of `python -m gputwin.control.supervise`."""
     os.setsid()
@@ -278,6 +288,7 @@ def serve(path: Path, idle_seconds: float) -> int:
     with _idle_priority():  # the imports yield to the arms that start cold meanwhile
         for name in IMPORTS:
             importlib.import_module(name)
+        prepare_loading()
     problem = _cuda_problem()
     if problem is not None:
         Path(f"{path}.refused").write_text(problem + "\n")  # the launcher starts no server for this key again
