@@ -480,7 +480,8 @@ def passthrough(args: argparse.Namespace) -> list[str]:
     out = ["--steps", str(args.steps), "--warmup", str(args.warmup), "--samples", str(args.samples),
            "--dropout", str(args.dropout)]
     return (out + (["--smoke"] if args.smoke else []) + (["--profile"] if args.profile else [])
-            + (["--row-bound"] if args.row_bound else []) + (["--coarse"] if args.coarse else []) + ["--rope", args.rope, "--ce", args.ce, "--mlp", args.mlp, "--norm", args.norm])
+            + (["--row-bound"] if args.row_bound else []) + (["--coarse"] if args.coarse else []) + ["--rope", args.rope, "--ce", args.ce, "--mlp", args.mlp, "--norm", args.norm,
+                                                  "--dropout-grad", args.dropout_grad])
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -502,6 +503,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                         help="the MLP: kernels/fused_mlp.py's where checked, or the model's own forward")
     parser.add_argument("--norm", choices=["triton", "torch"], default="triton",
                         help="frozen RMSNorms: kernels/fused_norm.py's Triton kernels where checked, or torch's rms_norm")
+    parser.add_argument("--dropout-grad", choices=["triton", "torch"], default="triton",
+                        help="x's gradient through the LoRA dropout: kernels/lora_dropout_grad.py's kernel where "
+                        "checked, or torch's GEMM and addcmul")
     parser.add_argument("--ce", choices=["triton", "torch"], default="triton",
                         help="cross-entropy: the Triton kernels of kernels/fused_ce.py where checked, or torch's over fp32 logits")
     parser.add_argument("--coarse", action="store_true",
@@ -520,13 +524,14 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 def configure(args: argparse.Namespace) -> None:
     """The A/B switches, in this process (a worker gets them passed on)."""
-    from gputwin.kernels import fused_ce, fused_mlp, fused_norm, fused_rotary, multi_lora
+    from gputwin.kernels import fused_ce, fused_mlp, fused_norm, fused_rotary, lora_dropout_grad, multi_lora
     from gputwin.train import packing
 
     fused_rotary.TRITON = args.rope == "triton"
     fused_ce.ENABLED = args.ce == "triton"
     fused_mlp.ENABLED = args.mlp == "fused"
     fused_norm.ENABLED = args.norm == "triton"
+    lora_dropout_grad.ENABLED = args.dropout_grad == "triton"
     if args.lora_align is not None:
         multi_lora.ALIGN = args.lora_align
     packing.BOUND_BY_SEGMENT = not args.row_bound

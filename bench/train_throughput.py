@@ -18,6 +18,8 @@ AdamW lr 1e-4 with linear decay, clip 1.0, bf16 autocast over bf16 weights, fp32
                          as before 2026-12-07 (not the Triton kernels of kernels/fused_ce.py)
   engine+hfmlp, packed+graphs+hfmlp  the same with the model's own MLP forward (not kernels/fused_mlp.py's)
   engine+torchnorm                  the engine with torch's rms_norm kernel (not kernels/fused_norm.py's Triton kernels)
+  engine+torchdropgrad   the engine with x's gradient through the LoRA dropout as torch's GEMM and addcmul (not the
+                         Triton kernel of kernels/lora_dropout_grad.py)
   engine+readlast        the engine with every loss read after the last step (as the bench-only step reads them),
                          not one step late as the trainer reads them
   engine+leancapture     the engine with lean captures: no device sync before a capture, the allocator's cache
@@ -53,7 +55,7 @@ VARIANTS = ("baseline", "packed+graphs", "packed+graphs+plan", "packed+compile+g
             "packed+graphs+peftlora", "packed+graphs+hfrope", "packed+graphs+rollrope", "engine+rollrope",
             "engine+compile", "engine+eagereach", "engine+leancapture", "packed+graphs+lorapercall", "engine+coarse", "engine+readlast",
             "engine+torchce", "packed+graphs+torchce", "engine+hfmlp", "packed+graphs+hfmlp",
-            "engine+torchnorm")
+            "engine+torchnorm", "engine+torchdropgrad")
 BATCH = 4
 
 
@@ -350,7 +352,8 @@ def _trace_engine(engine: Any, batches: list[list[Any]], args: argparse.Namespac
 def _switched_off(switch: str, runner: Callable[..., dict]) -> Callable[..., dict]:
     """The runner with one of gputwin.kernels' switches off for its run ("fused_rotary.TRITON": the roll path,
     not liger-kernel's Triton RoPE; "fused_mlp.ENABLED": the model's own MLP; "fused_ce.ENABLED": torch's
-    cross-entropy over fp32 logits; "fused_norm.ENABLED": torch's rms_norm kernel)."""
+    cross-entropy over fp32 logits; "fused_norm.ENABLED": torch's rms_norm kernel; "lora_dropout_grad.ENABLED":
+    torch's GEMM and addcmul for x's gradient through the LoRA dropout)."""
     import importlib
 
     module_name, name = switch.split(".")
@@ -385,6 +388,7 @@ RUNNERS: dict[str, Callable[..., dict]] = {
     "engine+torchce": _switched_off("fused_ce.ENABLED", run_engine),
     "engine+hfmlp": _switched_off("fused_mlp.ENABLED", run_engine),
     "engine+torchnorm": _switched_off("fused_norm.ENABLED", run_engine),
+    "engine+torchdropgrad": _switched_off("lora_dropout_grad.ENABLED", run_engine),
     "packed+graphs+hfmlp": _run_fast("packed+graphs+hfmlp", compile=False, graphs=True, fused_mlp=False),
     "packed+graphs+torchce": _switched_off("fused_ce.ENABLED", _run_fast("packed+graphs+torchce", compile=False,
                                                                           graphs=True)),

@@ -274,7 +274,7 @@ def test_bench_cpu_smoke_runs_every_variant_with_matching_losses(tmp_path: Path)
                             "packed+graphs+rollrope", "engine+rollrope", "engine+compile",
                             "engine+eagereach", "engine+leancapture", "packed+graphs+lorapercall", "engine+coarse",
                             "engine+readlast", "engine+torchce", "packed+graphs+torchce", "engine+hfmlp", "packed+graphs+hfmlp",
-                            "engine+torchnorm"}
+                            "engine+torchnorm", "engine+torchdropgrad"}
     for name, r in results.items():
         assert len(r["losses"]) == 4 and r["tokens_per_s"] > 0
         if name != "baseline":

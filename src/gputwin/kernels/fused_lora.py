@@ -28,6 +28,8 @@ from typing import Any, Iterator
 import torch
 from torch import nn
 
+from . import lora_dropout_grad
+
 __all__ = ["AdapterCopies", "LoraLinearFunction", "fuse_lora"]
 
 
@@ -54,7 +56,7 @@ class LoraLinearFunction(torch.autograd.Function):
         y.addmm_(h, b.t(), alpha=b_scale)                         # the adapter's share, added inside the GEMM
         ctx.save_for_backward(flat_dropped, weight, a, b, h, mask)
         ctx.scaling, ctx.b_scale = scaling, b_scale
-        ctx.keep_scale = 1.0 / (1.0 - dropout) if dropout > 0.0 else 1.0
+        ctx.keep = 1.0 - dropout
         ctx.x_shape, ctx.a_dtype, ctx.b_dtype = x.shape, lora_a.dtype, lora_b.dtype
         return y.view(*x.shape[:-1], y.shape[-1])
 
@@ -72,7 +74,7 @@ class LoraLinearFunction(torch.autograd.Function):
             if mask is None:
                 grad_x.addmm_(gh, a)
             else:
-                grad_x.addcmul_(gh @ a, mask, value=ctx.keep_scale)
+                lora_dropout_grad.add_(grad_x, gh, a, mask, ctx.keep)
             grad_x = grad_x.view(ctx.x_shape)
         if need_bias:
             grad_bias = g.sum(0)

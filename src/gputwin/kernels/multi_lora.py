@@ -30,6 +30,8 @@ from typing import Any, Sequence
 
 import torch
 
+from . import lora_dropout_grad
+
 __all__ = ["ALIGN", "MultiLoraFunction", "multi_lora"]
 
 # The adapters' columns side by side are padded with zero columns to a multiple of this: a [tokens, R] bf16
@@ -87,10 +89,8 @@ class MultiLoraFunction(torch.autograd.Function):
             grad_x = g @ weight
             if mask is None:
                 grad_x.addmm_(gh, a)
-            elif keep_tokens is not None:
-                grad_x.add_(torch.where(mask, (gh @ a) / keep_tokens.to(g.dtype), 0.0))
-            else:
-                grad_x.addcmul_(gh @ a, mask, value=1.0 / ctx.keep)
+            else:  # where dropout kept x: in one kernel where checked (kernels/lora_dropout_grad.py)
+                lora_dropout_grad.add_(grad_x, gh, a, mask, keep_tokens if keep_tokens is not None else ctx.keep)
             grad_x = grad_x.view(ctx.x_shape)
         if need_bias:
             grad_bias = g.sum(0)

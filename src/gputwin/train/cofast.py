@@ -22,6 +22,7 @@ from typing import Any, Sequence
 
 import torch
 
+from ..kernels import lora_dropout_grad
 from ..kernels.decoder import decoder_parts, fuse_rms_norms, run_decoder, varlen_backend
 from ..kernels.fused_ce import cross_entropy_rows
 from ..kernels.fused_mlp import fuse_mlps
@@ -96,6 +97,8 @@ class GroupFastStep:
         self.fused_norms = fuse_rms_norms(shared.model) if on_cuda else 0
         self.rotary = rotary_modules(shared.model) if on_cuda else []
         self.fused_mlps = fuse_mlps(shared.model) if on_cuda else 0
+        # the LoRA dropout's share of x's gradient in one kernel, where it matched torch's (before any capture)
+        self.lora_dropout_kernel = on_cuda and lora_dropout_grad.check(device, autocast_dtype or torch.bfloat16)
         self.attention = varlen_backend(device)
         self.graphs = ShapeGraphs(device, eager_first="once", family=lambda key: key[0])  # key[0]: the arms
         self._lr = {adapter: torch.zeros((), dtype=torch.float32, device=device) for adapter in members}

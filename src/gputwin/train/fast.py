@@ -26,7 +26,7 @@ from typing import Any, Callable, Iterable, Iterator, Mapping, NamedTuple, Seque
 
 import torch
 
-from ..kernels import fastpaths
+from ..kernels import fastpaths, lora_dropout_grad
 from ..kernels.decoder import decoder_parts, fuse_rms_norms, varlen_backend
 from ..kernels.fused_ce import triton_ce_ok
 from ..kernels.fused_lora import AdapterCopies, fuse_lora
@@ -133,6 +133,8 @@ class FastStep:
         self._copy_dtype = autocast_dtype or base_dtype  # the dtype the layers compute in
         self.rotary_modules = rotary_modules(model) if want["rotary"] else []
         self.fused_mlps = fuse_mlps(model) if want["mlp"] else 0
+        # the LoRA dropout's share of x's gradient in one kernel, where it matched torch's (before any capture)
+        self.lora_dropout_kernel = bool(self.fused_lora) and lora_dropout_grad.check(self.device, self._copy_dtype)
         self._eager_layers = self.parts.layers
         if self.use_compile:
             self.parts = replace(self.parts, layers=_compiled_layers(self.parts.layers))
@@ -173,6 +175,10 @@ class FastStep:
         paths["cross_entropy"] = fastpaths.status(ce, "two Triton kernels over bf16 logits, checked against torch's"
                                                   if ce else "torch's cross-entropy over fp32 logits (no checked "
                                                   "Triton kernels on this device)")
+        if want["lora"]:
+            paths["lora_dropout"] = fastpaths.status(self.lora_dropout_kernel, "x's gradient through the LoRA "
+                                                     "dropout in one Triton kernel, checked against torch's"
+                                                     if self.lora_dropout_kernel else "torch's GEMM and addcmul")
         paths["cuda_graphs"] = fastpaths.status(self.use_graphs, "one graph per batch shape" if self.use_graphs
                                                 else "they need CUDA and a fused AdamW")
         paths["compile"] = fastpaths.status(self.use_compile, "torch.compile'd decoder layers, one compilation for all"
