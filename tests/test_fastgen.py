@@ -247,3 +247,70 @@ def test_flash_decode_on_cuda_gives_what_reading_every_slot_gives(model, prompts
         flash = greedy_generate(half, batch, max_new_tokens=12, pad_id=PAD, eos_ids=[5], flash=True)
         masked = greedy_generate(half, batch, max_new_tokens=12, pad_id=PAD, eos_ids=[5], flash=False)
         assert sum(a == b for a, b in zip(flash, masked)) >= len(batch) - 2, (flash, masked)  # bf16 near-ties
+
+
+def decode_adapters(model: torch.nn.Module, prompts: list[list[int]], scales: list[float],
+                    keep: object | None) -> list[list[list[int]]]:
+    """Greedy tokens with the adapter's B scaled by each of `scales` in turn (as another arm's or a probe's adapter
+    would be), merged for the decode as validation merges it; with `keep`, into the same tensors each time."""
+    from gputwin.validate.merge import merged_adapter
+
+    lora_b = [p for name, p in model.named_parameters() if "lora_B" in name]
+    saved = [p.detach().clone() for p in lora_b]
+    into: dict[int, torch.Tensor] | None = {} if keep is not None else None
+    out = []
+    try:
+        for scale in scales:
+            with torch.no_grad():
+                for p, original in zip(lora_b, saved):
+                    p.copy_(original * scale)
+            with merged_adapter(model, into=into) as merged:
+                assert merged == 8  # q, k, v, o in both layers
+                out.append(greedy_generate(model, prompts, max_new_tokens=12, pad_id=PAD, keep=keep))
+    finally:
+        with torch.no_grad():
+            for p, original in zip(lora_b, saved):
+                p.copy_(original)
+    return out
+
+
+def test_a_kept_decoder_serves_the_next_call_of_the_same_shapes_and_weights(model, instructed) -> None:
+    from gputwin.validate.fastgen import Kept
+
+    keep = Kept()
+    kept = decode_adapters(model, instructed, [1.0, 4.0, 1.0], keep)
+    assert keep.reused == 2 and keep.decoder is not None
+    assert kept == decode_adapters(model, instructed, [1.0, 4.0, 1.0], None)
+    assert kept[0] != kept[1] and kept[0] == kept[2]  # the adapter changed the tokens, and changed them back
+    greedy_generate(model, instructed[:4], max_new_tokens=12, pad_id=PAD, keep=keep)  # another batch: a new one
+    assert keep.reused == 2
+    greedy_generate(model, instructed, max_new_tokens=12, pad_id=PAD, keep=keep)  # unmerged: other weights read
+    assert keep.reused == 2
+
+
+def test_validations_in_a_keeping_block_share_one_decoder_and_free_it_after() -> None:
+    from gputwin.validate import predict
+
+    assert predict._KEPT.get() is None
+    with predict.keeping_decoders():
+        kept = predict._KEPT.get()
+        with predict.keeping_decoders():  # nested: the same one
+            assert predict._KEPT.get() is kept
+        assert kept is not None and kept.decoder.reused == 0
+    assert predict._KEPT.get() is None
+
+
+@needs_cuda
+def test_a_kept_decoder_s_graph_decodes_the_adapter_merged_now_on_cuda(model, instructed) -> None:
+    """The graph captured for one adapter, replayed for others merged into the same tensors, gives the tokens a
+    fresh decoder gives each of them (bf16, flash decode, shared prefix)."""
+    import copy
+
+    from gputwin.validate.fastgen import Kept
+
+    half = copy.deepcopy(model).to("cuda", torch.bfloat16)
+    keep = Kept()
+    kept = decode_adapters(half, instructed, [1.0, 6.0, 1.0], keep)
+    assert keep.reused == 2
+    assert kept == decode_adapters(half, instructed, [1.0, 6.0, 1.0], None)
+    assert kept[0] != kept[1]

@@ -38,6 +38,7 @@ import torch.nn.functional as F
 from ..reading.eventlog import EventWriter
 from ..kernels.decoder import decoder_parts, varlen_backend
 from ..validate.modeling import resolve_dtype
+from ..validate.predict import keeping_decoders
 from ..core.paths import ArmPaths
 from ..core.plan import milestone_step, steps_for
 from ..core.profiles import Profile
@@ -394,9 +395,10 @@ class Group:
                 outcomes = self.engine.step([(t.adapter, b.examples, b.lr) for t, b in work])
             except Exception as exc:  # the shared step itself (out of memory, ...): every arm in it fails
                 return self.fail_all([t for t, _ in work], exc)
-            for trainer, batch in work:
-                self.arm(trainer, lambda t=trainer, b=batch: self.advance(t, b, outcomes[t.adapter]))
-            self.probes()
+            with keeping_decoders():  # the arms' milestone validations and their probes' share one decoder
+                for trainer, batch in work:
+                    self.arm(trainer, lambda t=trainer, b=batch: self.advance(t, b, outcomes[t.adapter]))
+                self.probes()
         return max(self.codes.values(), default=0)
 
     def probes(self) -> None:

@@ -26,6 +26,7 @@ from ..core import events
 from ..reading.eventlog import EventWriter
 from ..core.errors import UserError
 from ..validate.modeling import count_params, count_trainable, save_adapter
+from ..validate.predict import keeping_decoders
 from ..core.paths import ArmPaths, make_private_dir
 from ..core.profiles import Profile, load_resolved
 from . import faults
@@ -256,12 +257,13 @@ class Trainer:
         self.checkpoint(background=True, adapter=adapter)
         position = self.position()
         cooldown = probe.wanted(position["lr_fraction"], self.run.profile.milestone.cooldown_steps, self.state.step)
-        self.validate(reason="milestone", by="plan", extra={"schedule": {**position, "probe_steps": cooldown}},
-                      adapter=adapter)
-        self.state.milestone_done = True
-        self.probe_due = cooldown
-        if not self.defer_probes:
-            self.run_due_probe()
+        with keeping_decoders():  # the probe's validation decodes with the milestone's decoder, already made
+            self.validate(reason="milestone", by="plan", extra={"schedule": {**position, "probe_steps": cooldown}},
+                          adapter=adapter)
+            self.state.milestone_done = True
+            self.probe_due = cooldown
+            if not self.defer_probes:
+                self.run_due_probe()
 
     def run_due_probe(self) -> None:
         """The cooldown probe the milestone asked for, if it has not run yet (a group runs its arms' probes once

@@ -23,8 +23,11 @@ from ..kernels.fused_lora import fusable, lora_layer_type
 
 
 @contextlib.contextmanager
-def merged_adapter(model: Any) -> Iterator[int]:
-    """Inside, every coverable LoRA layer computes x (W + s B A)^T with one GEMM; yields how many layers do."""
+def merged_adapter(model: Any, into: dict[int, torch.Tensor] | None = None) -> Iterator[int]:
+    """Inside, every coverable LoRA layer computes x (W + s B A)^T with one GEMM; yields how many layers do.
+
+    into: where the merged weights go, by base layer, from one call to the next (a tensor made once, written
+    again each time): a decoder graph captured in one call reads the next call's adapter (fastgen.Kept)."""
     layer_type = lora_layer_type()
     swapped: list[tuple[Any, nn.Linear, nn.Parameter, str]] = []
     try:
@@ -38,7 +41,14 @@ def merged_adapter(model: Any) -> Iterator[int]:
                 base, name = layer.base_layer, active[0]
                 original = base.weight
                 merged = original.float() + layer.get_delta_weight(name).float()
-                base.weight = nn.Parameter(merged.to(original.dtype), requires_grad=False)
+                if into is None:
+                    target = merged.to(original.dtype)
+                else:
+                    target = into.get(id(base))
+                    if target is None or target.shape != original.shape or target.dtype != original.dtype:
+                        target = into[id(base)] = torch.empty_like(original)
+                    target.copy_(merged)
+                base.weight = nn.Parameter(target, requires_grad=False)
                 layer.merged_adapters.append(name)
                 swapped.append((layer, base, original, name))
         yield len(swapped)
