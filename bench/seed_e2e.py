@@ -145,6 +145,8 @@ def serve_warm(env: dict[str, str]) -> None:
 def random_model(model_dir: Path, *, tiny: bool, work: Path | None = None) -> None:
     """Qwen3-0.6B from its config with random weights (tiny: 2 narrow layers, on the CPU), and the tokenizer
     that prepare() trained, saved as a model folder."""
+    if (model_dir / "model.safetensors").is_file() and (model_dir / "tokenizer.json").is_file():
+        return  # built by an earlier run on this machine: the same weights (seed 0), not built again
     import torch
     from transformers import PreTrainedTokenizerFast, Qwen3Config, Qwen3ForCausalLM
 

@@ -314,3 +314,19 @@ def test_a_kept_decoder_s_graph_decodes_the_adapter_merged_now_on_cuda(model, in
     assert keep.reused == 2
     assert kept == decode_adapters(half, instructed, [1.0, 6.0, 1.0], None)
     assert kept[0] != kept[1]
+
+
+def test_the_prompts_decode_in_one_batch_while_their_cache_takes_half_the_free_memory(model, monkeypatch) -> None:
+    from gputwin.kernels.decoder import decoder_parts
+    from gputwin.validate import fastgen
+
+    parts = decoder_parts(model)
+    config = parts.config
+    per_row = 2 * len(parts.layers) * config.num_key_value_heads * 448 * config.head_dim * 2 + 4 * config.vocab_size * 2
+    cuda = torch.device("cuda")
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (int(2.1 * 500 * per_row), 10 ** 12))
+    assert fastgen._auto_batch_size(parts, 500, 448, torch.bfloat16, cuda) == 500
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (int(1.5 * 500 * per_row), 10 ** 12))
+    assert fastgen._auto_batch_size(parts, 500, 448, torch.bfloat16, cuda) == 375  # more would crowd the rest out
+    # a kept decoder's cache is used again or freed first: it counts as free
+    assert fastgen._auto_batch_size(parts, 500, 448, torch.bfloat16, cuda, reclaimable=500 * per_row) == 500
