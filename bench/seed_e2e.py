@@ -97,7 +97,8 @@ def decode_figures(validation: dict[str, Any] | None) -> dict[str, Any]:
     return {"predict_seconds": result.get("predict_seconds"), "decode_room_tokens": result.get("max_new_tokens"),
             "decoded_tokens_per_row": round(result["generated_tokens"] / rows, 1)
             if rows and result.get("generated_tokens") is not None else None,
-            "validation_phases": result.get("phases")}
+            "validation_phases": result.get("phases"), "validation_batches": result.get("batches"),
+            **({"decoder_missed": result["decoder_missed"]} if "decoder_missed" in result else {})}
 
 
 def probe_figures(probe: dict[str, Any] | None) -> dict[str, Any] | None:

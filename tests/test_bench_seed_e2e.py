@@ -31,8 +31,9 @@ def test_the_seed_benchmark_runs_to_a_verdict_at_toy_sizes(tmp_path: Path) -> No
         assert 0 < arm["predict_seconds"] <= arm["validation_seconds"]
         assert 0 < arm["decoded_tokens_per_row"] <= arm["decode_room_tokens"]
         phases = arm["validation_phases"]
-        assert {"prompts_s", "merge_s", "setup_s", "prefill_s", "decode_s", "answers_s"} == set(phases)
-        assert 0 < sum(phases.values()) <= arm["predict_seconds"] + 0.01
+        assert {"prompts_s", "merge_s", "setup_s", "prefill_s", "decode_s", "answers_s", "decoder_kept"} == set(phases)
+        assert 0 < sum(v for k, v in phases.items() if k.endswith("_s")) <= arm["predict_seconds"] + 0.01
+        assert phases["decoder_kept"] == 0 and arm["validation_batches"] == 1  # the milestone's: the process's first
         kinds = [e["kind"] for e in arm["timeline"]]
         assert kinds[0] == "started" and "milestone" in kinds and "validation" in kinds
         assert [e["t"] for e in arm["timeline"]] == sorted(e["t"] for e in arm["timeline"])
@@ -40,6 +41,8 @@ def test_the_seed_benchmark_runs_to_a_verdict_at_toy_sizes(tmp_path: Path) -> No
         assert arm["checkpoint_seconds"]["total"] > 0 and arm["step_seconds_median"] > 0
         if arm["probe"] is not None:  # the fast engine's graphs meanwhile (none captured on a CPU)
             assert arm["probe"]["graphs"] == {"captures": 0, "capture_seconds": 0.0, "eager_steps": 0}
+            # the probe's validation decodes with the milestone validation's decoder
+            assert arm["probe"]["validation_phases"]["decoder_kept"] == 1
     verdict = json.loads((tmp_path / "logs-smoke" / "pii-seed" / "verdict.json").read_text())
     assert verdict and "launch to verdict" in done.stdout
 

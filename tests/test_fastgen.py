@@ -283,9 +283,11 @@ def test_a_kept_decoder_serves_the_next_call_of_the_same_shapes_and_weights(mode
     assert kept == decode_adapters(model, instructed, [1.0, 4.0, 1.0], None)
     assert kept[0] != kept[1] and kept[0] == kept[2]  # the adapter changed the tokens, and changed them back
     greedy_generate(model, instructed[:4], max_new_tokens=12, pad_id=PAD, keep=keep)  # another batch: a new one
-    assert keep.reused == 2
-    greedy_generate(model, instructed, max_new_tokens=12, pad_id=PAD, keep=keep)  # unmerged: other weights read
-    assert keep.reused == 2
+    assert keep.reused == 2 and "rows" in keep.missed
+    greedy_generate(model, instructed[:4], max_new_tokens=12, pad_id=PAD, keep=keep)  # the same again: it serves
+    assert keep.reused == 3 and keep.missed == []
+    decode_adapters(model, instructed[:4], [1.0], keep)  # merged: weight tensors the kept graph does not read
+    assert keep.reused == 3 and keep.missed[0].startswith("weights (") and "q_proj" in keep.missed[0]
 
 
 def test_validations_in_a_keeping_block_share_one_decoder_and_free_it_after() -> None:

@@ -32,7 +32,6 @@ def test_off_a_gpu_torch_s_kernels_run_unchanged() -> None:
     lora_dropout_grad.add_(ours, gh, lora_a, mask, keep)
     assert torch.equal(ours, grad + torch.where(mask, (gh @ lora_a) / keep, 0.0))
     assert not lora_dropout_grad.check("cpu")
-    assert lora_dropout_grad.describe("cpu") == ""
 
 
 def kernel_matches_torch() -> None:
@@ -58,7 +57,6 @@ def test_the_kernel_gives_torch_s_sums() -> None:
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="the kernel runs on a GPU")
 def test_on_the_gpu_lora_layers_with_dropout_take_the_kernel_and_give_torch_s_gradients() -> None:
     assert lora_dropout_grad.check("cuda", torch.bfloat16)
-    assert "Triton" in lora_dropout_grad.describe("cuda")
     torch.manual_seed(0)
     x = torch.randn(300, 96, device="cuda", dtype=torch.bfloat16)
     weight = torch.randn(80, 96, device="cuda", dtype=torch.bfloat16) / 10

@@ -94,17 +94,6 @@ def _kernel() -> Any | None:
     return lora_dropout_grad
 
 
-def describe(device: torch.device | str) -> str:
-    """Which kernels a LoRA layer's dropout gradient runs on this device ("" off a GPU)."""
-    device = torch.device(device)
-    if device.type != "cuda":
-        return ""
-    results = [ok for (where, _), ok in _CHECKED.items() if where == str(device)]
-    if results and all(results) and ENABLED:
-        return "one Triton kernel (gputwin's)"
-    return "torch's GEMM and addcmul"
-
-
 def check(device: torch.device | str, dtype: torch.dtype = torch.bfloat16) -> bool:
     """Check the kernel against torch on this device and dtype (once); True when it matched. Runs work on the
     device: call it before any graph capture."""

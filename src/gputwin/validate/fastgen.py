@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
 import torch
@@ -30,9 +30,9 @@ from ..kernels.decoder import (DecoderParts, SharedPrefix, attend_after_prefix, 
 StopFn = Callable[[list[int]], bool]
 MIN_SHARED_PREFIX = 16  # a shorter common start of the prompts is prefilled and kept with each row
 # The share of the device's free memory a batch's cache may take (decode's temporaries counted with it): the
-# rest stays for prefill's activations and the process. With a third, a co-trained seed process on an 80 GB H100
-# decoded its 500 validation prompts as 431 and 69 (two caches, two captures, two decode loops); with half,
-# as one batch.
+# rest stays for prefill's activations (a chunk's, a layer at a time) and the process. Every extra batch costs a
+# cache, a capture and a decode loop of its own. 500 prompts of Qwen3-0.6B whose own part and answer room need 448
+# slots take 26 GB: more than a third of what a co-trained process leaves free on an 80 GB card, less than half.
 CACHE_SHARE = 0.5
 
 
@@ -45,6 +45,7 @@ class Kept:
     key: tuple[Any, ...] | None = None
     decoder: _BatchDecoder | None = None
     reused: int = 0
+    missed: list[str] = field(default_factory=list)  # why the last call could not use it (what differed)
 
     def nbytes(self) -> int:
         """The device memory the kept decoder's cache holds (the next call may count it as free)."""
@@ -272,6 +273,21 @@ def _ended_at(tokens: list[int], checked: int, eos: set[int], stop: StopFn | Non
     return None
 
 
+KEY_FIELDS = ("model", "rows", "length", "prefix", "max_new_tokens", "eos", "pad", "dtype", "device", "graphs",
+              "flash", "weights")
+
+
+def _unlike(kept: tuple[Any, ...], key: tuple[Any, ...]) -> list[str]:
+    """What differs between a kept decoder's key and this batch's: field names, and for the weights the first
+    tensors (by name) that are not the ones the kept graph reads."""
+    missed = [name for name, a, b in zip(KEY_FIELDS, kept, key) if a != b and name != "weights"]
+    before, now = kept[-1], key[-1]
+    if before != now:
+        moved = [name for (name, a), (_, b) in zip(before, now) if a != b]
+        missed.append(f"weights ({', '.join(moved[:3]) or 'a different set'}{', ...' if len(moved) > 3 else ''})")
+    return missed
+
+
 def _auto_batch_size(parts: DecoderParts, n: int, length: int, dtype: torch.dtype, device: torch.device,
                      reclaimable: int = 0) -> int:
     """All prompts at once unless the cache would take more than CACHE_SHARE of the free GPU memory (reclaimable:
@@ -322,7 +338,8 @@ def greedy_generate(model: Any, prompts: Sequence[Sequence[int]], *, max_new_tok
     flash (default: on CUDA in bf16/fp16 where flash_decode checks out): each decode step reads only the cache
     slots each row has filled, and one slot of a row that has ended (False: every slot of every row, masked).
     The model's train/eval mode is restored afterwards. A `stats` dict, when given, receives the
-    seconds spent in setup (cache, graph capture), prefill and decode (measuring them costs syncs).
+    seconds spent in setup (cache, graph capture), prefill and decode (measuring them costs syncs), the batches
+    decoded, their rows (`batch_rows`) and whether a kept decoder served (`decoder_kept`, 1 or 0).
     keep: the last batch's decoder stays there for the next call, which takes it instead of building one (a cache
     and a capture, 0.1-0.25 s on an H100) when its batch has the same shapes and its model the same weight tensors.
     """
@@ -350,7 +367,8 @@ def greedy_generate(model: Any, prompts: Sequence[Sequence[int]], *, max_new_tok
     size = batch_size or _auto_batch_size(parts, len(prompts), longest, dtype, device,
                                           keep.nbytes() if keep is not None else 0)
     # what a kept decoder's graph read: the same tensors (a merged adapter written into the same ones) or no reuse
-    weights = tuple(t.data_ptr() for t in (*model.parameters(), *model.buffers())) if keep is not None else ()
+    weights = (tuple((name, t.data_ptr()) for name, t in (*model.named_parameters(), *model.named_buffers()))
+               if keep is not None else ())
     eos = set(eos_ids)
     results: list[list[int]] = [[] for _ in prompts]
     was_training = model.training
@@ -366,8 +384,13 @@ def greedy_generate(model: Any, prompts: Sequence[Sequence[int]], *, max_new_tok
                 length = -(-(len(batch[0]) - prefix + max_new_tokens) // 64) * 64  # shared by similar batches
                 key = (id(model), len(rows), length, prefix, max_new_tokens, tuple(eos_ids), pad_id, dtype,
                        str(device), use_graphs, flash, weights)
-                if decoder is None and keep is not None and keep.key == key:
-                    decoder, keep.reused = keep.decoder, keep.reused + 1
+                if decoder is None and keep is not None and keep.key is not None:
+                    keep.missed = _unlike(keep.key, key)
+                    if not keep.missed:
+                        decoder, keep.reused = keep.decoder, keep.reused + 1
+                if stats is not None:
+                    stats["batches"], stats["batch_rows"] = stats.get("batches", 0) + 1, size
+                    stats["decoder_kept"] = float(decoder is not None and keep is not None and decoder is keep.decoder)
                 if (decoder is None or decoder.out.shape[0] != len(rows) or decoder.cache.prefix != prefix
                         or decoder.cache.slot_index.numel() != length):
                     decoder = None  # free the previous batch's cache first

@@ -279,11 +279,14 @@ def _predict_generate_fast(model: Any, tokenizer: Any, samples: Sequence[Sample]
                                     keep=keep)
     parsing = time.perf_counter()
     outputs = [tokenizer.decode(ids, skip_special_tokens=True) for ids in generated]
-    preds, info = _parsed(outputs, batches=1 if batch_size is None else -(-len(samples) // batch_size),
-                          max_new_tokens=max_new_tokens, generated_tokens=sum(len(g) for g in generated),
-                          truncated=sum(1 for _, cut in encoded if cut), batch_size=batch_size or len(samples))
+    batches, rows = int(phases.pop("batches", 1)), int(phases.pop("batch_rows", batch_size or len(samples)))
+    preds, info = _parsed(outputs, batches=batches, max_new_tokens=max_new_tokens,
+                          generated_tokens=sum(len(g) for g in generated),
+                          truncated=sum(1 for _, cut in encoded if cut), batch_size=rows)
     phases["answers_s"] = time.perf_counter() - parsing
     info["phases"] = {name: round(seconds, 3) for name, seconds in phases.items()}
+    if keep is not None and keep.missed:  # why the kept decoder did not serve (what differed)
+        info["decoder_missed"] = list(keep.missed)
     return preds, info
 
 

@@ -93,7 +93,7 @@ def validate(model: Any, tokenizer: Any, *, task: str, test_path: str | Path, sa
         seconds=round(time.perf_counter() - started, 3),
         predict_seconds=info["seconds"],
         # generation's room and use, and where its seconds went
-        **{k: info[k] for k in ("max_new_tokens", "generated_tokens", "phases") if k in info},
+        **{k: info[k] for k in ("max_new_tokens", "generated_tokens", "phases", "decoder_missed") if k in info},
         batches=info["batches"],
         batch_size=info["batch_size"],
         decoder=info.get("decoder"),
