@@ -56,7 +56,9 @@ def test_the_kernel_gives_torch_s_sums() -> None:
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="the kernel runs on a GPU")
 def test_on_the_gpu_lora_layers_with_dropout_take_the_kernel_and_give_torch_s_gradients() -> None:
-    assert lora_dropout_grad.check("cuda", torch.bfloat16)
+    assert lora_dropout_grad.check("cuda", torch.bfloat16)  # "cuda": the current device, as tensors name it
+    grad, gh, lora_a, mask = inputs(300, 96, 8, device="cuda", dtype=torch.bfloat16)
+    assert lora_dropout_grad._fits(grad, gh, lora_a, mask, 0.9)  # the layers below take the kernel
     torch.manual_seed(0)
     x = torch.randn(300, 96, device="cuda", dtype=torch.bfloat16)
     weight = torch.randn(80, 96, device="cuda", dtype=torch.bfloat16) / 10

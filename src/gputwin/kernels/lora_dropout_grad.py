@@ -45,7 +45,8 @@ def _fits(grad_x: torch.Tensor, gh: torch.Tensor, lora_a: torch.Tensor, mask: to
             and grad_x.dim() == 2 and grad_x.is_contiguous() and gh.is_contiguous() and lora_a.is_contiguous()
             and mask.is_contiguous() and mask.dtype == torch.bool and mask.shape == grad_x.shape
             and gh.dtype == lora_a.dtype == grad_x.dtype and 0 < lora_a.shape[0] <= MAX_RANK
-            and (not isinstance(keep, torch.Tensor) or (keep.numel() == grad_x.shape[0] and keep.is_contiguous())))
+            and (not isinstance(keep, torch.Tensor)
+                 or (keep.numel() == grad_x.shape[0] and keep.is_contiguous() and keep.device == grad_x.device)))
 
 
 def _launch(grad_x: torch.Tensor, gh: torch.Tensor, lora_a: torch.Tensor, mask: torch.Tensor,
@@ -100,6 +101,8 @@ def check(device: torch.device | str, dtype: torch.dtype = torch.bfloat16) -> bo
     device = torch.device(device)
     if not ENABLED or device.type != "cuda" or _kernel() is None:
         return False
+    if device.index is None:  # as a tensor's device reads ("cuda:0"), which is what add_ looks up
+        device = torch.device("cuda", torch.cuda.current_device())
     key = (str(device), dtype)
     if key not in _CHECKED:
         _CHECKED[key] = _matches_torch(device, dtype)
