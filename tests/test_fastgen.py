@@ -298,7 +298,7 @@ def test_validations_in_a_keeping_block_share_one_decoder_and_free_it_after() ->
         kept = predict._KEPT.get()
         with predict.keeping_decoders():  # nested: the same one
             assert predict._KEPT.get() is kept
-        assert kept is not None and kept.decoder.reused == 0
+        assert kept is not None and kept.reused == 0
     assert predict._KEPT.get() is None
 
 

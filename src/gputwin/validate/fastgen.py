@@ -19,7 +19,7 @@ from __future__ import annotations
 import os
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, NamedTuple, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -36,14 +36,33 @@ MIN_SHARED_PREFIX = 16  # a shorter common start of the prompts is prefilled and
 CACHE_SHARE = 0.5
 
 
+class DecoderKey(NamedTuple):
+    """What a batch decoder's cache and captured decode step depend on."""
+
+    model: int
+    rows: int
+    length: int
+    prefix: int
+    max_new_tokens: int
+    eos: tuple[int, ...]
+    pad: int
+    dtype: torch.dtype
+    device: str
+    graphs: bool
+    flash: bool
+    weights: tuple[tuple[str, int], ...]  # every parameter's and buffer's storage, by name: what the graph reads
+
+
 @dataclass
 class Kept:
     """A batch decoder (its cache and its captured decode step) kept from one greedy_generate to the next, which
-    uses it again when its batch has the same shapes and its model reads the same weight tensors (the caller
-    writes a merged adapter into the same tensors each time: validate.merge). `reused` counts the times it was."""
+    uses it again when its batch has the same shapes and its model reads the same weight tensors. `merged`: the
+    tensors the caller writes a merged adapter into each time (validate.merge's `into`), kept with the graph that
+    reads them. `reused` counts the times it served."""
 
-    key: tuple[Any, ...] | None = None
+    key: DecoderKey | None = None
     decoder: _BatchDecoder | None = None
+    merged: dict[int, torch.Tensor] = field(default_factory=dict)
     reused: int = 0
     missed: list[str] = field(default_factory=list)  # why the last call could not use it (what differed)
 
@@ -273,17 +292,12 @@ def _ended_at(tokens: list[int], checked: int, eos: set[int], stop: StopFn | Non
     return None
 
 
-KEY_FIELDS = ("model", "rows", "length", "prefix", "max_new_tokens", "eos", "pad", "dtype", "device", "graphs",
-              "flash", "weights")
-
-
-def _unlike(kept: tuple[Any, ...], key: tuple[Any, ...]) -> list[str]:
+def _unlike(kept: DecoderKey, key: DecoderKey) -> list[str]:
     """What differs between a kept decoder's key and this batch's: field names, and for the weights the first
     tensors (by name) that are not the ones the kept graph reads."""
-    missed = [name for name, a, b in zip(KEY_FIELDS, kept, key) if a != b and name != "weights"]
-    before, now = kept[-1], key[-1]
-    if before != now:
-        moved = [name for (name, a), (_, b) in zip(before, now) if a != b]
+    missed = [name for name, a, b in zip(key._fields, kept, key) if a != b and name != "weights"]
+    if kept.weights != key.weights:
+        moved = [name for (name, a), (_, b) in zip(kept.weights, key.weights) if a != b]
         missed.append(f"weights ({', '.join(moved[:3]) or 'a different set'}{', ...' if len(moved) > 3 else ''})")
     return missed
 
@@ -382,8 +396,8 @@ def greedy_generate(model: Any, prompts: Sequence[Sequence[int]], *, max_new_tok
                 batch = [list(prompts[i]) for i in rows]
                 prefix = prefix_of(batch)
                 length = -(-(len(batch[0]) - prefix + max_new_tokens) // 64) * 64  # shared by similar batches
-                key = (id(model), len(rows), length, prefix, max_new_tokens, tuple(eos_ids), pad_id, dtype,
-                       str(device), use_graphs, flash, weights)
+                key = DecoderKey(id(model), len(rows), length, prefix, max_new_tokens, tuple(eos_ids), pad_id, dtype,
+                                 str(device), use_graphs, flash, weights)
                 if decoder is None and keep is not None and keep.key is not None:
                     keep.missed = _unlike(keep.key, key)
                     if not keep.missed:

@@ -56,3 +56,12 @@ def merged_adapter(model: Any, into: dict[int, torch.Tensor] | None = None) -> I
         for layer, base, original, name in reversed(swapped):
             base.weight = original
             layer.merged_adapters.remove(name)
+
+
+def lora_layer_count(model: Any) -> int:
+    """peft LoRA layers of every kind in the model (merged_adapter covers the plain Linear ones)."""
+    try:
+        from peft.tuners.lora import LoraLayer
+    except ImportError:  # pragma: no cover - peft is a dependency
+        return 0
+    return sum(1 for module in model.modules() if isinstance(module, LoraLayer))

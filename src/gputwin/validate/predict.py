@@ -214,48 +214,32 @@ def _fast_decoder_fits(model: Any) -> bool:
     return True
 
 
-class _Kept:
-    """What the validations of a keeping_decoders() block share: the decoder (fastgen.Kept) and the tensors the
-    adapter is merged into (merge.merged_adapter's `into`)."""
-
-    def __init__(self) -> None:
-        from .fastgen import Kept
-
-        self.decoder = Kept()
-        self.weights: dict[int, Any] = {}
-
-
-_KEPT: contextvars.ContextVar[_Kept | None] = contextvars.ContextVar("gputwin_kept_decoders", default=None)
+_KEPT: contextvars.ContextVar[Any] = contextvars.ContextVar("gputwin_kept_decoder", default=None)
 
 
 @contextlib.contextmanager
 def keeping_decoders() -> Iterator[None]:
     """Validations that follow one another here (an arm's milestone and its cooldown probe, the arms of a group)
-    share one decoder: its cache and captured decode step are made by the first and used again by the next of the
-    same batch shapes, for a model whose every adapter is merged. What they hold is freed when the block ends."""
+    share one decoder (fastgen.Kept): its cache and captured decode step are made by the first and used again by
+    the next of the same batch shapes, for a model whose every adapter is merged. What it holds is freed when the
+    block ends."""
     if _KEPT.get() is not None:
         yield
         return
-    token = _KEPT.set(_Kept())
+    from .fastgen import Kept
+
+    token = _KEPT.set(Kept())
     try:
         yield
     finally:
         _KEPT.reset(token)
 
 
-def _lora_layers(model: Any) -> int:
-    try:
-        from peft.tuners.lora import LoraLayer
-    except ImportError:  # pragma: no cover - peft is a dependency
-        return 0
-    return sum(1 for module in model.modules() if isinstance(module, LoraLayer))
-
-
 def _predict_generate_fast(model: Any, tokenizer: Any, samples: Sequence[Sample], *, device: Any,
                            batch_size: int | None, max_length: int,
                            max_new_tokens: int | None) -> tuple[list[list[Entity]], dict]:
     from .fastgen import greedy_generate
-    from .merge import merged_adapter
+    from .merge import lora_layer_count, merged_adapter
 
     started = time.perf_counter()
     encoded, max_new_tokens = _prompts_and_room(samples, tokenizer, max_length, max_new_tokens)
@@ -269,11 +253,11 @@ def _predict_generate_fast(model: Any, tokenizer: Any, samples: Sequence[Sample]
     phases = {"prompts_s": time.perf_counter() - started}
     kept = _KEPT.get()
     # one GEMM per adapted layer while decoding; the weights come back unchanged
-    with merged_adapter(model, into=kept.weights if kept is not None else None) as merged:
+    with merged_adapter(model, into=kept.merged if kept is not None else None) as merged:
         phases["merge_s"] = time.perf_counter() - started - phases["prompts_s"]
         # a kept decoder's graph runs the layers as they were: only where every adapter layer is merged (the
         # graph then reads base weights and merged ones, the same tensors each time)
-        keep = kept.decoder if kept is not None and merged == _lora_layers(model) else None
+        keep = kept if kept is not None and merged == lora_layer_count(model) else None
         generated = greedy_generate(model, [ids for ids, _ in encoded], max_new_tokens=max_new_tokens,
                                     eos_ids=[eos], pad_id=pad, stop=closed, batch_size=batch_size, stats=phases,
                                     keep=keep)
