@@ -9,9 +9,11 @@ the first round). Variants:
     .to(device));
   - `device_map`: from_pretrained(device_map=device), the weights read straight to the device;
 Each variant's parameters and buffers are checked against `gputwin`'s (same names, dtypes, devices and values).
-With --data TRAIN_JSONL --tokenizer DIR, each load also runs beside the trainer's tokenising of that data on a
-thread (as a trainer's start-up does when the data is not cached), at each of --switch-intervals (seconds:
-Python's GIL switch interval, sys.setswitchinterval; the default is 0.005).
+With --data TRAIN_JSONL --tokenizer DIR, each load also runs beside the trainer's tokenising of that data (as a
+trainer's start-up does when the data is not cached), in each of --beside: `thread` (a thread of the loading
+process, as trainers did before) and `process` (a fork of it, gputwin.train.background.in_child: what trainers do
+now), at each of --switch-intervals (seconds: Python's GIL switch interval, sys.setswitchinterval; the default is
+0.005). `data s` is when the data was there, counted from the load's start.
 --prepare-loading: before forking, what a warm server does before it serves (gputwin.train.warm.prepare_loading).
 Prints a table and writes RESULTS/model_load_TAG.json (default bench/results/).
 """
@@ -25,7 +27,6 @@ import os
 import statistics
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -86,7 +87,7 @@ def in_fork(work: Callable[[], dict[str, Any]]) -> dict[str, Any]:
 
 
 def measure(variant: str, model_dir: str, device: str, check: bool, interval: float = 0.005,
-            data: tuple[str, str] | None = None) -> dict[str, Any]:
+            data: tuple[str, str] | None = None, how: str = "thread") -> dict[str, Any]:
     def work() -> dict[str, Any]:
         sys.setswitchinterval(interval)
         begin = time.perf_counter()
@@ -94,14 +95,14 @@ def measure(variant: str, model_dir: str, device: str, check: bool, interval: fl
             torch.zeros(1, device=device)
             torch.cuda.synchronize()
         cuda_s = time.perf_counter() - begin
-        tokenising = beside(*data) if data else None
+        tokenising = beside(*data, how) if data else None
         begin = time.perf_counter()
         model = VARIANTS[variant](model_dir, device)
         if device.startswith("cuda"):
             torch.cuda.synchronize()
         result: dict[str, Any] = {"cuda_start_s": round(cuda_s, 3), "load_s": round(time.perf_counter() - begin, 3)}
         if tokenising is not None:
-            tokenising.join()
+            tokenising()
             result["data_s"] = round(time.perf_counter() - begin, 3)
         if check:
             result["fingerprint"] = fingerprint(model)
@@ -110,22 +111,26 @@ def measure(variant: str, model_dir: str, device: str, check: bool, interval: fl
     return in_fork(work)
 
 
-def beside(train: str, tokenizer_dir: str) -> threading.Thread:
-    """The trainer's tokenising of `train` (tokcache, into a fresh folder) on a thread, started now."""
+def beside(train: str, tokenizer_dir: str, how: str) -> Callable[[], Any]:
+    """The trainer's tokenising of `train` (tokcache, into a fresh folder) on a thread or in a fork, started now;
+    returns what waits for its data."""
     from transformers import AutoTokenizer
 
-    from gputwin.train import tokcache
+    from gputwin.train import background, tokcache
 
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
     folder = Path(tempfile.mkdtemp())
 
-    def work() -> None:
-        tokcache.load_training_data(train, tokenizer, base=tokenizer_dir, task="generate", max_length=512,
-                                    folder=folder)
+    def work() -> tokcache.TrainingData:
+        return tokcache.load_training_data(train, tokenizer, base=tokenizer_dir, task="generate", max_length=512,
+                                           folder=folder)
 
-    thread = threading.Thread(target=work, daemon=True)
-    thread.start()
-    return thread
+    if how == "process":
+        future = background.in_child(work, "data", send=lambda one: tokcache.to_wire([one]),
+                                     receive=lambda raw: tokcache.from_wire(raw)[0])
+    else:
+        future = background.in_background(work, "data")
+    return future.result
 
 
 def main() -> int:
@@ -137,6 +142,7 @@ def main() -> int:
     parser.add_argument("--data", help="a training JSONL to tokenise beside each load (with --tokenizer)")
     parser.add_argument("--tokenizer", help="the tokenizer folder for --data")
     parser.add_argument("--switch-intervals", default="0.005", help="GIL switch intervals to run each load at")
+    parser.add_argument("--beside", default="thread,process", help="where the data is tokenised: thread, process")
     parser.add_argument("--prepare-loading", action="store_true",
                         help="before forking, what a warm server does before serving (warm.prepare_loading)")
     parser.add_argument("--tag", default="local")
@@ -146,7 +152,8 @@ def main() -> int:
     if args.prepare_loading:
         prepare_loading()
     intervals = [float(x) for x in args.switch_intervals.split(",")]
-    cases = [(variant, interval) for variant in args.variants.split(",") for interval in intervals]
+    ways = args.beside.split(",") if data else ["-"]
+    cases = [(variant, interval, how) for variant in args.variants.split(",") for interval in intervals for how in ways]
     reference = measure("gputwin", args.model, args.device, check=True)  # also puts the files in the page cache
     if "error" in reference:
         raise SystemExit(f"gputwin's load failed: {reference['error']}")
@@ -154,22 +161,24 @@ def main() -> int:
     for variant in args.variants.split(","):
         got = measure(variant, args.model, args.device, check=True)
         same[variant] = got.get("fingerprint") == reference["fingerprint"] if "error" not in got else got["error"]
-    rows: dict[tuple[str, float], list[dict[str, Any]]] = {case: [] for case in cases}
+    rows: dict[tuple[str, float, str], list[dict[str, Any]]] = {case: [] for case in cases}
     for _ in range(args.rounds):
-        for variant, interval in cases:  # alternating, so that drift touches every case alike
-            rows[variant, interval].append(measure(variant, args.model, args.device, False, interval, data))
-    print(f"{'variant':12} {'switch s':>9} {'load s (median)':>16} {'each':>24} {'data s (median)':>16}  same weights")
+        for variant, interval, how in cases:  # alternating, so that drift touches every case alike
+            rows[variant, interval, how].append(measure(variant, args.model, args.device, False, interval, data, how))
+    print(f"{'variant':12} {'switch s':>9} {'data in':>8} {'load s (median)':>16} {'each':>24} {'data s (median)':>16}  "
+          "same weights")
     summary = []
-    for (variant, interval), runs in rows.items():
+    for (variant, interval, how), runs in rows.items():
         loads = [r["load_s"] for r in runs if "load_s" in r]
         datas = [r["data_s"] for r in runs if "data_s" in r]
-        row = {"variant": variant, "switch_interval_s": interval, "beside_data": bool(data), "load_s": loads,
+        row = {"variant": variant, "switch_interval_s": interval, "beside_data": bool(data), "data_in": how,
+               "load_s": loads,
                "median_s": statistics.median(loads) if loads else None, "data_s": datas,
                "data_median_s": statistics.median(datas) if datas else None,
                "cuda_start_s": [r.get("cuda_start_s") for r in runs], "same_as_gputwin": same[variant],
                "errors": [r["error"] for r in runs if "error" in r]}
         summary.append(row)
-        print(f"{variant:12} {interval:>9} {row['median_s']!s:>16} {str(loads):>24} {row['data_median_s']!s:>16}  "
+        print(f"{variant:12} {interval:>9} {how:>8} {row['median_s']!s:>16} {str(loads):>24} {row['data_median_s']!s:>16}  "
               f"{same[variant]}")
     import transformers
 

@@ -14,10 +14,8 @@ file logic here is tested as plain Python.
 
 from __future__ import annotations
 
-import ctypes
 import json
 import os
-import signal
 import socket
 import subprocess
 import sys
@@ -25,11 +23,11 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from ..core.paths import make_private_dir, valid_name, write_atomic
+from .parentage import die_with_parent
 
 LOGS = ("events.jsonl", "stdout.log", "stderr.log")  # append-only: shipped as the bytes after an offset
 SHIPPED_FOLDERS = ("validation", "adapters")  # whole files, when new or changed
 PULL_MAX_BYTES = 32 << 20  # at most this much a call; the rest comes with the next one
-PR_SET_PDEATHSIG = 1
 WORK_ENV = "GPUTWIN_RAY_WORK"  # on a node: where arms without a shared path keep their work folders
 DEFAULT_WORK = "~/.cache/gputwin/ray"
 
@@ -49,15 +47,6 @@ def relocate_profile(path: Path, values: dict[str, Any]) -> None:
         table, _, key = dotted.rpartition(".")
         (profile[table] if table else profile)[key] = value
     write_atomic(path, json.dumps(profile, indent=2) + "\n")
-
-
-def _die_with_parent() -> None:
-    """In the trainer, before exec: SIGKILL when the actor's worker process dies, so a lost worker never
-    leaves a trainer writing into a work folder that nobody reads."""
-    try:
-        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
-    except (OSError, AttributeError):  # not Linux: the trainer outlives a killed worker
-        pass
 
 
 def safe_relative(name: str) -> Path:
@@ -151,9 +140,9 @@ class ArmRunner:
         """Start the trainer (again: an extend that arrived as it ended); returns its pid."""
         out = os.open(self.root / "stdout.log", os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
         err = os.open(self.root / "stderr.log", os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
-        try:
+        try:  # the trainer dies with this worker: a lost worker never leaves it writing where nobody reads
             self.proc = subprocess.Popen(self.command, stdin=subprocess.DEVNULL, stdout=out, stderr=err,
-                                         env=self.env, cwd=self.root, close_fds=True, preexec_fn=_die_with_parent)
+                                         env=self.env, cwd=self.root, close_fds=True, preexec_fn=die_with_parent)
         finally:
             os.close(out)
             os.close(err)

@@ -8,6 +8,7 @@ never stops it.
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 from functools import partial
@@ -42,6 +43,7 @@ POLL_S = 0.3  # how often the watcher reads the files (the screen updates only w
 UPDATE_S = 1.0  # at most one screen update a second: a redraw costs tens of ms of CPU, and arms that log
                 # 50 steps/s would otherwise repaint 3 times a second for figures nobody reads that fast
 DEVICE_S = 1.0  # device panels follow the sampler's 1 Hz
+TERMINAL_CHECK_S = 1.0  # how often the UI looks whether its terminal is still there
 VERDICT_NOTICE_S = 8.0  # the verdict's toast: the verdict pane says the same, for good
 ATTACHED_NOTICE_S = 15.0
 DASHBOARD_ACTIONS = frozenset({"stop", "extend", "validate", "apply", "report", "toggle_log", "resume", "help",
@@ -90,6 +92,8 @@ class GputwinApp(App[None]):
         self._sampler_failure_shown = False
         self._updated_at = float("-inf")  # time.monotonic() of the last state update shown
         self._reported: str | None = None  # autoreport.signature of the last verdict the report was kept for
+        self.terminal_gone = False  # the UI ended because its terminal went away (nothing left to print to)
+        self._terminal_fds: tuple[int, ...] = ()
         # The dashboard's widgets, held: a query from the app searches the active screen, which is a
         # dialog while one is open, and the dashboard must keep updating under it.
         self._top = LiveText(f"gputwin · {exp.name} · {display_path(exp.root)}", id="top-bar")
@@ -113,8 +117,19 @@ class GputwinApp(App[None]):
             self.sampler.start()  # type: ignore[attr-defined]
         self.watch_files()
         self.set_interval(DEVICE_S, self._tick_devices)
+        self._terminal_fds = tuple(fd for fd in (0, 1, 2) if os.isatty(fd))
+        if self._terminal_fds:
+            self.set_interval(TERMINAL_CHECK_S, self._check_terminal)
         if self.note:
             self.notify(self.note, title="Attached to a running experiment", timeout=ATTACHED_NOTICE_S)
+
+    def _check_terminal(self) -> None:
+        """End when the terminal has gone (a closed SSH connection or tmux pane: a hung-up terminal is no longer a
+        terminal). SIGHUP does not always say so: started through make, as `make demo` starts it, the UI gets
+        none, since make takes the signal and waits for its child. Training goes on, as after `q`."""
+        if not all(os.isatty(fd) for fd in self._terminal_fds):
+            self.terminal_gone = True
+            self.exit()
 
     def on_unmount(self) -> None:
         self._stop_polling.set()

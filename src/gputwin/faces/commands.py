@@ -27,7 +27,10 @@ def _any_alive(exp: ExperimentPaths) -> bool:
 def _open_ui(exp: ExperimentPaths, note: str | None = None) -> int:
     from .app import make_app
 
-    make_app(exp, note=note).run()
+    app = make_app(exp, note=note)
+    app.run()
+    if app.terminal_gone:
+        return 0  # nobody to tell: the arms train on, detached, as after `q`
     if _any_alive(exp):
         first = exp.arms()[0].name if exp.arms() else "ARM"
         print(f"Detached. Training continues: gputwin attach {exp.name} | gputwin status {exp.name} | "

@@ -43,12 +43,12 @@ from ..core.paths import ArmPaths
 from ..core.plan import milestone_step, steps_for
 from ..core.profiles import Profile
 from ..control.supervise import release_arm
-from . import tokcache
+from . import background, tokcache
 from .batching import IGNORE_INDEX, Example, collate_padded
 from .engine import NonFiniteLoss, StepOutput, autocast_for, build_optimizer, set_lr
 from .loop import INTERNAL_HINT, Batch, StopSignal, Trainer, known_failure, read_profile, report_failure
 from .multilora import ArmView, Block, NotCoTrainable, SharedModel, adapter_name
-from .setup import (Run, TrainFailure, cpu_threads, in_background, load_model, load_tokenizer, pick_device,
+from .setup import (Run, TrainFailure, cpu_threads, load_model, load_tokenizer, pick_device,
                     seed_everything)
 
 T = TypeVar("T")
@@ -281,7 +281,7 @@ def check_group(profiles: Sequence[Profile]) -> None:
 
 def build_group(arms: Sequence[ArmPaths], profiles: Sequence[Profile]) -> tuple[SharedModel, GroupEngine, list[Run]]:
     """Device, tokenizer, every arm's data, the base once with every adapter, each arm's optimizer: each arm's
-    Run (as build_run makes it) over the shared model. The data is read or tokenised in a worker beside `model`,
+    Run (as build_run makes it) over the shared model. The data is read or tokenised in a fork beside `model`,
     `lora` and `engine` (`data_wait`: how long they then waited for it). Every arm's startup_seconds hold the
     group's phases."""
     started = time.perf_counter()
@@ -310,8 +310,10 @@ def build_group(arms: Sequence[ArmPaths], profiles: Sequence[Profile]) -> tuple[
                 for arm, p in zip(arms, profiles)]
 
     model_dtype = resolve_dtype(first.model.dtype, device)
-    # the data is read (or tokenised) in a worker while the model, the adapters and the engine are built
-    pending = in_background(lambda: timed("data", every_arms_data), "gputwin-data")
+    # the data is read (or tokenised) in a fork while the model, the adapters and the engine are built
+    began = time.perf_counter()
+    pending = background.in_child(every_arms_data, "gputwin-data", send=tokcache.to_wire, receive=tokcache.from_wire)
+    pending.add_done_callback(lambda _: startup.update(data=round(time.perf_counter() - began, 3)))
     base = timed("model", lambda: load_model(first, device, None))
     try:
         shared = timed("lora", lambda: SharedModel(base, [(p.lora, p.train.seed) for p in profiles]))

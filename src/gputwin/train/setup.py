@@ -4,9 +4,9 @@ Kept apart from the loop so the loop reads as the training story and a faster en
 same setup. Training data found in the tokenised-data cache comes with the tokenizer's special ids, so such a
 run starts without its tokenizer (DeferredTokenizer: loaded on a thread once training runs, for validation,
 with the validation's own tokenizer work: Run.prepare_validation).
-Otherwise the tokenizer loads first and the data is read and tokenised in a worker thread while the model
-loads: the two need nothing from each other, except the tag head, whose size comes from the data's labels,
-so a tag run waits for the data before it loads its model.
+Otherwise the tokenizer loads first and the data is read and tokenised in a fork of the trainer while the model
+loads (gputwin.train.background.in_child: the two share no GIL): they need nothing from each other, except the tag
+head, whose size comes from the data's labels, so a tag run waits for the data before it loads its model.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ from ..validate import modeling
 from ..core.paths import ArmPaths
 from ..core.plan import milestone_step, steps_for
 from ..core.profiles import Profile
-from . import compiling, tokcache
+from . import background, compiling, tokcache
 from .batching import Example
 from .engine import Engine, build_optimizer, make_engine
 
@@ -184,21 +184,6 @@ class DeferredTokenizer:
         return self._future.result()
 
 
-def in_background(work: Callable[[], T], name: str) -> Future[T]:
-    """`work` on a daemon thread; its result (or error) in the future. Unlike a thread pool's worker, it holds up
-    neither a start-up that fails meanwhile (its `failed` event) nor the process's exit."""
-    future: Future[T] = Future()
-
-    def run() -> None:
-        try:
-            future.set_result(work())
-        except BaseException as exc:  # handed to whoever waits for the result
-            future.set_exception(exc)
-
-    threading.Thread(target=run, name=name, daemon=True).start()
-    return future
-
-
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     torch.manual_seed(seed)
@@ -229,7 +214,7 @@ def build_run(arm: ArmPaths, profile: Profile) -> Run:
 
     startup: seconds of each phase. `data` begins with a look in the cache; `transformers` is its first import.
     With the data in the cache, that look is all of `data` and the tokenizer is left for later (`tokenizer` 0,
-    `tokenizer_load` "deferred"); otherwise `tokenizer` is its load, the rest of `data` runs in a worker beside
+    `tokenizer_load` "deferred"); otherwise `tokenizer` is its load, the rest of `data` runs in a fork beside
     `model`, `lora` and `engine`, and `data_wait` is how long they then waited for it (`tokenizer_load`
     "startup"). `total` is the wall time of it all; `data_cache` says whether the tokenised data came from the
     cache (tokcache's HIT, WRITTEN, REBUILT, UNSAVED or OFF).
@@ -237,10 +222,13 @@ def build_run(arm: ArmPaths, profile: Profile) -> Run:
     started = time.perf_counter()
     startup: dict[str, float | str] = {}
 
+    def add(phase: str, seconds: float) -> None:
+        startup[phase] = round(float(startup.get(phase, 0.0)) + seconds, 3)
+
     def timed(phase: str, work: Callable[[], T]) -> T:
         begin = time.perf_counter()
         result = work()
-        startup[phase] = round(float(startup.get(phase, 0.0)) + time.perf_counter() - begin, 3)
+        add(phase, time.perf_counter() - begin)
         return result
 
     device, device_name = timed("device", lambda: pick_device(profile))
@@ -266,14 +254,18 @@ def build_run(arm: ArmPaths, profile: Profile) -> Run:
         startup["tokenizer_load"] = "startup"
 
     def data() -> tokcache.TrainingData:
-        if cached is not None:
-            return cached
         return tokcache.load_training_data(
             profile.data.train, tokenizer, base=spec.base, task=spec.task, max_length=profile.train.max_length,
             trust_remote_code=spec.trust_remote_code, folder=folder)
 
-    # the data is read or tokenised beside the model's load (on a daemon thread: a failed start waits for nothing)
-    pending = in_background(lambda: timed("data", data) if cached is None else data(), "gputwin-data")
+    pending: Future[tokcache.TrainingData] = Future()
+    if cached is None:  # read or tokenised in a fork, beside the model's load (a failed start waits for nothing)
+        began = time.perf_counter()
+        pending = background.in_child(data, "gputwin-data", send=lambda one: tokcache.to_wire([one]),
+                                      receive=lambda raw: tokcache.from_wire(raw)[0])
+        pending.add_done_callback(lambda _: add("data", time.perf_counter() - began))
+    else:
+        pending.set_result(cached)
     label_names = None
     if spec.task == "tag":  # the head's size is the data's label count
         label_names = timed("data_wait", pending.result).label_names

@@ -6,6 +6,8 @@
     lookup(train_file, ...) -> TrainingData | None   the cached data only (no tokenizer needed): a trainer
                                       whose data is cached starts without loading its tokenizer at all
     cache_folder(logs_root)           logs/.cache/tokenized/: one file per key
+    to_wire(datas) / from_wire(raw)   the data of several files as bytes, in the cache's format, with their status:
+                                      how a fork of the trainer that tokenised them hands them back
 
 Tokenising the seed's 3,516 samples is most of a trainer's start-up, and every arm of every experiment on the
 same data and tokenizer would do the same work again. The key is a SHA-256 of the data file's bytes, the
@@ -323,6 +325,19 @@ def library_versions() -> dict[str, str | None]:
 
 def write_entry(path: Path, key: str, data: TrainingData, *, task: str, max_length: int) -> None:
     """Save `data` under `key` at `path`: a unique temporary file renamed over it (mode 0600)."""
+    entry = entry_bytes(key, data, task=task, max_length=max_length)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(entry)
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+
+
+def entry_bytes(key: str, data: TrainingData, *, task: str, max_length: int) -> bytes:
+    """What write_entry writes: MAGIC, the header's length, the header, the body."""
     lengths = array("i", (e.n_tokens for e in data.examples))
     truncated = bytes(int(e.truncated) for e in data.examples)
     ids, labels = array("i"), array("i")
@@ -336,14 +351,7 @@ def write_entry(path: Path, key: str, data: TrainingData, *, task: str, max_leng
               "itemsize": ids.itemsize, "byteorder": sys.byteorder,
               "body_sha256": hashlib.sha256(body).hexdigest(), "written": round(time.time(), 3)}
     head = json.dumps(header).encode()
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(MAGIC + len(head).to_bytes(8, "little") + head + body)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
+    return MAGIC + len(head).to_bytes(8, "little") + head + body
 
 
 def read_entry(path: Path, key: str) -> TrainingData | None:
@@ -385,6 +393,37 @@ def _parse(raw: bytes, key: str) -> TrainingData | None:
         return None
     return TrainingData(examples, label_names, int(header.get("bad_lines", 0)), HIT,
                         TokenizerFacts.from_dict(header.get("tokenizer")))
+
+
+# ---------------------------------------------------------------- between processes
+# The data of one or more files, as a fork of the trainer that tokenised them hands them back
+# (gputwin.train.background.in_child): per file its cache status, a newline, its entry's length (8 bytes,
+# little-endian) and the entry (entry_bytes, checked by its SHA-256 as a cache file is).
+
+WIRE_KEY = "wire"
+
+
+def to_wire(datas: list[TrainingData]) -> bytes:
+    parts = []
+    for data in datas:
+        entry = entry_bytes(WIRE_KEY, data, task="", max_length=0)
+        parts.append(data.cache.encode() + b"\n" + len(entry).to_bytes(8, "little") + entry)
+    return b"".join(parts)
+
+
+def from_wire(raw: bytes) -> list[TrainingData]:
+    """What to_wire sent, each with its status; ValueError for anything else."""
+    datas, at = [], 0
+    while at < len(raw):
+        end = raw.index(b"\n", at)
+        status = raw[at:end].decode()
+        size = int.from_bytes(raw[end + 1:end + 9], "little")
+        data = _parse(raw[end + 9:end + 9 + size], WIRE_KEY) if end + 9 + size <= len(raw) else None
+        if status not in (HIT, WRITTEN, REBUILT, UNSAVED, OFF) or data is None:
+            raise ValueError("not the tokenised data of a gputwin trainer")
+        datas.append(replace(data, cache=status))
+        at = end + 9 + size
+    return datas
 
 
 # ---------------------------------------------------------------- folder and lock
