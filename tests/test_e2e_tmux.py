@@ -12,7 +12,6 @@ import sys
 import time
 from pathlib import Path
 
-import psutil
 import pytest
 
 from gputwin.core.paths import ArmPaths, ExperimentPaths
@@ -141,27 +140,3 @@ def test_demo_in_tmux_reaches_a_verdict_then_extend_stop_detach_and_reattach(tmp
             again.close()
         _stop_all(tmp_path / "logs")
 
-
-@needs_tmux
-@pytest.mark.skipif(shutil.which("make") is None, reason="make is not installed")
-def test_the_ui_ends_when_its_terminal_goes_away_even_without_a_hangup_signal(tmp_path: Path) -> None:
-    """Started through make, as `make demo` starts it, the UI gets no SIGHUP when its terminal closes (make, the
-    session's leader, takes the signal and waits for its child); it must see for itself that the terminal has
-    gone, and end, instead of running on without one."""
-    shutil.copytree(Path(__file__).parent / "fixtures" / "events" / "seed-verdict", tmp_path / "logs" / "seed-verdict")
-    (tmp_path / "Makefile").write_text(f"ui:\n\t{GPUTWIN} attach {tmp_path / 'logs' / 'seed-verdict'}\n")
-    term = Terminal(f"gputwin-hangup-{os.getpid()}", ["make", "-C", str(tmp_path), "ui"],
-                    {"GPUTWIN_LOGS": str(tmp_path / "logs"), "TERM": "xterm-256color"})
-    try:
-        term.wait_for(r"verdict:", 60)
-        [ui] = [p for p in psutil.process_iter(["cmdline"]) if p.info["cmdline"] and "attach" in p.info["cmdline"]
-                and str(tmp_path) in " ".join(p.info["cmdline"])]
-        make = ui.parent()
-    finally:
-        term.close()  # the terminal goes away
-    _, alive = psutil.wait_procs([ui], timeout=15)
-    for process in alive:
-        process.kill()
-    assert alive == [], f"the UI (pid {ui.pid}) outlived its terminal"
-    _, alive = psutil.wait_procs([make], timeout=10)  # and make, which waited for it, ends too
-    assert alive == []

@@ -16,6 +16,7 @@ import math
 import os
 import pty
 import select
+import shutil
 import signal
 import struct
 import subprocess
@@ -26,6 +27,7 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any, Callable, Iterator
 
+import psutil
 import pytest
 import torch
 
@@ -501,6 +503,38 @@ def test_a_dropped_terminal_and_killed_uis_and_monitors_leave_training_running(
     assert supervise.read_exit(arm) == 0
     last = ev.read_events(arm.events).events[-1]
     assert last.kind == ev.STOPPED and last["by"] == "cli" and Path(last["checkpoint"]).is_dir()
+
+
+
+@fault("The UI's terminal closes without a SIGHUP for the UI (started through make, as `make demo` starts it: make, "
+       "the session's leader, takes the signal and waits for its child)",
+       "The UI looks every second whether its terminal is still one; a hung-up terminal is not, and the UI ends as "
+       "after `q`, training going on; make, which waited for it, ends too.")
+@pytest.mark.skipif(shutil.which("make") is None, reason="make is not installed")
+def test_the_ui_ends_when_its_terminal_goes_away_even_without_a_hangup_signal(
+        tmp_path: Path, terminals: list[Terminal]) -> None:
+    shutil.copytree(Path(__file__).parent / "fixtures" / "events" / "seed-verdict", tmp_path / "seed-verdict")
+    (tmp_path / "Makefile").write_text(f"ui:\n\t{sys.executable} -m gputwin.faces.cli attach {tmp_path / 'seed-verdict'}\n")
+    env = dict(os.environ, TERM="xterm-256color")
+    terminals.append(Terminal([str(shutil.which("make")), "-C", str(tmp_path), "ui"], env))
+    make = terminals[-1]
+    make.wait_for_output(b"Detach")  # the footer: the UI is up (make echoes the command, which names the folder)
+    [ui] = psutil.Process(make.pid).children()
+
+    def ended() -> bool:
+        try:
+            return ui.status() == psutil.STATUS_ZOMBIE
+        except psutil.NoSuchProcess:  # reaped by make
+            return True
+
+    os.close(make.fd)  # the terminal goes away: make, its session's leader, gets SIGHUP; the UI gets none
+    make.fd = -1
+    try:
+        wait_for(ended, "the UI to end without its terminal", limit_s=30)
+    finally:
+        if not ended():
+            ui.kill()
+    wait_for(lambda: not make.alive(), "make to end after the UI", limit_s=30)
 
 
 # ---------------------------------------------------------------- a full disk

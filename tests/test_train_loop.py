@@ -198,10 +198,10 @@ def test_a_missing_dataset_fails_as_a_user_error(world: World, tmp_path: Path) -
 
 def test_a_start_that_fails_reports_at_once_without_waiting_for_its_data(world: World, tmp_path: Path,
                                                                           monkeypatch: pytest.MonkeyPatch) -> None:
-    """The data is tokenised beside the model's load; a model that does not load fails the arm then and there,
-    not once the tokenising (minutes, on a large file) is done."""
+    """The data is tokenised beside the model's load (in a fork); a model that does not load fails the arm then and
+    there, not once the tokenising (minutes, on a large file) is done."""
     import shutil
-    import threading
+    import time
 
     from gputwin.train import tokcache
 
@@ -210,11 +210,16 @@ def test_a_start_that_fails_reports_at_once_without_waiting_for_its_data(world: 
     for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
         if (world.qwen / name).exists():
             shutil.copy(world.qwen / name, model / name)
-    gate, waited = threading.Event(), []
+    gate, record = tmp_path / "go", tmp_path / "tokenising"  # files: the tokenising runs in another process
     real = tokcache.load_training_data
 
     def held(*args, **kwargs):
-        waited.append(gate.wait(60))  # let go by the test once train() has returned
+        deadline = time.monotonic() + 60
+        while not gate.exists() and time.monotonic() < deadline:  # let go by the test once train() has returned
+            time.sleep(0.02)
+        partial = record.with_suffix(".partial")
+        partial.write_text(f"{gate.exists()}")
+        partial.replace(record)  # whole, for the test reading it from another process
         return real(*args, **kwargs)
 
     monkeypatch.setattr(tokcache, "load_training_data", held)
@@ -222,13 +227,14 @@ def test_a_start_that_fails_reports_at_once_without_waiting_for_its_data(world: 
     arm = make_arm(tmp_path, type(profile).from_dict(profile.to_dict() | {
         "model": {**profile.to_dict()["model"], "base": str(model)}}))
     assert train(arm) == 2
-    gate.set()
+    gate.touch()
     failed = log(arm)[-1]
     assert failed.kind == events.FAILED and "tokenizer-only" in failed["message"]
-    for _ in range(100):
-        if waited:
+    for _ in range(200):
+        if record.exists():
             break
-        threading.Event().wait(0.05)
+        time.sleep(0.05)
+    waited = [record.read_text() == "True"] if record.exists() else []
     assert waited == [True]  # the data was still being read when the failure was reported
 
 
