@@ -153,7 +153,8 @@ def main() -> int:
         prepare_loading()
     intervals = [float(x) for x in args.switch_intervals.split(",")]
     ways = args.beside.split(",") if data else ["-"]
-    cases = [(variant, interval, how) for variant in args.variants.split(",") for interval in intervals for how in ways]
+    cases = [(variant, interval, how)
+             for variant in args.variants.split(",") for interval in intervals for how in ways]
     reference = measure("gputwin", args.model, args.device, check=True)  # also puts the files in the page cache
     if "error" in reference:
         raise SystemExit(f"gputwin's load failed: {reference['error']}")
@@ -164,7 +165,8 @@ def main() -> int:
     rows: dict[tuple[str, float, str], list[dict[str, Any]]] = {case: [] for case in cases}
     for _ in range(args.rounds):
         for variant, interval, how in cases:  # alternating, so that drift touches every case alike
-            rows[variant, interval, how].append(measure(variant, args.model, args.device, False, interval, data, how))
+            rows[variant, interval, how].append(
+                measure(variant, args.model, args.device, False, interval, data, how))
     print(f"{'variant':12} {'switch s':>9} {'data in':>8} {'load s (median)':>16} {'each':>24} {'data s (median)':>16}  "
           "same weights")
     summary = []

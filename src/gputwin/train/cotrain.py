@@ -312,7 +312,8 @@ def build_group(arms: Sequence[ArmPaths], profiles: Sequence[Profile]) -> tuple[
     model_dtype = resolve_dtype(first.model.dtype, device)
     # the data is read (or tokenised) in a fork while the model, the adapters and the engine are built
     began = time.perf_counter()
-    pending = background.in_child(every_arms_data, "gputwin-data", send=tokcache.to_wire, receive=tokcache.from_wire)
+    pending = background.in_child(every_arms_data, "gputwin-data", send=tokcache.to_wire,
+                                  receive=tokcache.from_wire)
     pending.add_done_callback(lambda _: startup.update(data=round(time.perf_counter() - began, 3)))
     base = timed("model", lambda: load_model(first, device, None))
     try:
