@@ -5,8 +5,9 @@
                                           work() in a forked child, its result handed back through a pipe as bytes
 
 The trainer's start-up tokenises data that is not in the cache so, beside the model's load. On a thread the two
-share the GIL: on the 2-core CPU machine the load took 1.35-1.43 s beside the tokenising against 0.22 s alone, on
-an H100 machine 1.16 s against 0.49 s (bench/RESULTS.md, `bench/model_load.py`). In a child they share nothing.
+share the GIL: the load took 1.16 s beside the tokenising against 0.22 s alone on the 2-core CPU machine (0.28 s
+with the tokenising in a fork), and 1.16 s against 0.49 s on an H100 machine (bench/RESULTS.md,
+`bench/model_load.py --beside thread,process`). In a child they share nothing.
 
 A child is only a faster way, never the only one: where fork is missing, or the child fails, exits without a
 result or sends one that cannot be read, work() runs again on a thread here, so what it raises is raised here,
