@@ -515,10 +515,14 @@ def test_the_ui_ends_when_its_terminal_goes_away_even_without_a_hangup_signal(
         tmp_path: Path, terminals: list[Terminal]) -> None:
     shutil.copytree(Path(__file__).parent / "fixtures" / "events" / "seed-verdict", tmp_path / "seed-verdict")
     (tmp_path / "Makefile").write_text(f"ui:\n\t{sys.executable} -m gputwin.faces.cli attach {tmp_path / 'seed-verdict'}\n")
-    env = dict(os.environ, TERM="xterm-256color")
+    env = {k: v for k, v in os.environ.items() if k not in ("COLUMNS", "LINES")}  # the terminal's size, not these
+    env.update(TERM="xterm-256color")
     terminals.append(Terminal([str(shutil.which("make")), "-C", str(tmp_path), "ui"], env))
     make = terminals[-1]
-    make.wait_for_output(b"Detach")  # the footer: the UI is up (make echoes the command, which names the folder)
+    try:
+        make.wait_for_output(b"Detach")  # the footer: the UI is up (make echoes the command, which names the folder)
+    except AssertionError:
+        raise AssertionError(bytes(make.output[-3000:]).decode(errors="replace")) from None
     [ui] = psutil.Process(make.pid).children()
 
     def ended() -> bool:
