@@ -48,7 +48,8 @@ def in_background(work: Callable[[], T], name: str) -> Future[T]:
 def in_child(work: Callable[[], T], name: str, *, send: Callable[[T], bytes],
              receive: Callable[[bytes], T]) -> Future[T]:
     """work() in a fork; the child hands back send(result), and the future holds receive() of those bytes (which
-    raises for bytes it cannot read)."""
+    raises for bytes it cannot read). Call it from a thread that outlives the work, such as the main thread: Linux
+    sends the parent-death signal when the forking thread ends."""
     if not hasattr(os, "fork"):
         return in_background(work, name)
     parent = os.getpid()
