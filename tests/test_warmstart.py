@@ -154,6 +154,8 @@ def test_a_warm_started_arm_trains_to_its_end_and_its_kill_9_is_still_recorded(
     assert "gputwin.train.warm" in grand  # the supervisor is the server's fork, the trainer the supervisor's
     assert "gputwin.train.warm" in parent
     if sys.platform == "linux":  # the forks keep the server's command line; their names tell them apart
+        # the fork names itself first thing, which a loaded machine may not have run yet when the pid is known
+        wait_for(lambda: psutil.Process(pid).name() != "gputwin-superv", "the trainer's fork to name itself", limit_s=10)
         assert psutil.Process(pid).name() == "gputwin-train"
         assert psutil.Process(pid).parent().name() == "gputwin-superv"  # type: ignore[union-attr]
     wait_for(lambda: supervise.read_exit(arm) is not None, "the warm-started arm to end", limit_s=240)
